@@ -1,0 +1,39 @@
+"""agentos: a declarative operating layer for fleets of always-on LLM agents.
+
+Agent authors subclass :class:`Agent` and write async ``observe / plan / act /
+learn``; programs operate a fleet through :class:`Client`. The names below are the
+public surface (pinned by ``tests/test_public_api.py``); everything else may change.
+"""
+
+from agentos.client import Client, ClientError, NotFound
+from agentos.engine.base import Completion, EngineError, NoFreeSlot
+from agentos.lifecycle import Phase, StopReason
+from agentos.sdk import LLM, Agent, Context, Message, TaskInfo, Usage
+from agentos.settings import Settings
+from agentos.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "Agent",
+    "AgentResource",
+    "Client",
+    "ClientError",
+    "Completion",
+    "Context",
+    "EngineError",
+    "Message",
+    "NoFreeSlot",
+    "NotFound",
+    "Phase",
+    "QuotaPolicyResource",
+    "Settings",
+    "SpecError",
+    "StopReason",
+    "TaskInfo",
+    "Usage",
+    "__version__",
+    "load_paths",
+    "parse_text",
+]

@@ -1,0 +1,669 @@
+"""The `agentos` command: how operators run the daemon and look at the fleet.
+
+Every command is a thin shell over :class:`agentos.client.Client` or
+:class:`agentos.daemon.Daemon`. Settings come from flags and ``AGENTOS_*`` variables
+here and nowhere else. Exit codes: 0 ok, 1 failure (Redis away, unknown agent, ...),
+2 usage or validation error. Errors are one plain sentence; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, suppress
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from agentos import __version__
+from agentos.client import AgentSummary, Client, ClientError, read_message_arg, resolve_redis_url
+from agentos.daemon import Daemon
+from agentos.durations import parse_duration
+from agentos.engine import EngineError, create_engine
+from agentos.settings import DaemonSettings, Settings, new_daemon_id
+from agentos.spec import Document, SpecError, json_schema, load_paths
+from agentos.store import Event, Store, StoreUnavailable
+from agentos.store.embedded import EmbeddedRedis, EmbeddedRedisError
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="agentos",
+    help="Run and operate fleets of always-on LLM agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+delete_app = typer.Typer(help="Delete an agent or a policy.", no_args_is_help=True)
+app.add_typer(delete_app, name="delete")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Output(enum.StrEnum):
+    """How read commands print."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+class Kind(enum.StrEnum):
+    """What `agentos get` lists."""
+
+    agents = "agents"
+    policies = "policies"
+    daemons = "daemons"
+
+
+class _State:
+    settings: Settings = Settings()
+    debug: bool = False
+
+
+STATE = _State()
+
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="Print as a table, JSON or YAML.")
+]
+FilesOpt = Annotated[
+    list[Path],
+    typer.Option("--file", "-f", help="A YAML file or a folder of them (repeatable)."),
+]
+
+
+@app.callback()
+def _main(
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            envvar="AGENTOS_REDIS_URL",
+            help="Redis URL (redis://, rediss://, unix://). Default: the embedded server "
+            "that `agentos up` starts under AGENTOS_HOME.",
+            show_envvar=True,
+        ),
+    ] = None,
+    namespace: Annotated[
+        str,
+        typer.Option(envvar="AGENTOS_NAMESPACE", help="Key prefix of this fleet in Redis."),
+    ] = "agentos",
+    home: Annotated[
+        Path | None,
+        typer.Option(envvar="AGENTOS_HOME", help="agentos home folder (default ~/.agentos)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    settings = Settings.from_env({}, redis_url=redis, namespace=namespace, home=home)
+    STATE.settings = settings
+    STATE.debug = debug
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine, turning agentos errors into one line and an exit code."""
+    try:
+        return anyio.run(fn)
+    except SpecError as e:
+        for issue in e.issues:
+            err.print(str(issue), markup=False)
+        err.print(f"{len(e.issues)} error(s); nothing was applied", markup=False)
+        raise typer.Exit(2) from None
+    except (ClientError, StoreUnavailable, EmbeddedRedisError, EngineError) as e:
+        if STATE.debug:
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _client() -> Client:
+    return await Client.connect(STATE.settings)
+
+
+def _emit(data: Any, output: Output, table: Callable[[], Table | str]) -> None:
+    if output is Output.json:
+        out.print(json.dumps(data, indent=2, sort_keys=False, default=str), markup=False)
+    elif output is Output.yaml:
+        out.print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip(), markup=False)
+    else:
+        rendered = table()
+        if isinstance(rendered, str):
+            out.print(rendered, markup=False)
+        else:
+            out.print(rendered)
+
+
+def _ago(ts: float | None, now: float | None = None) -> str:
+    if not ts:
+        return "-"
+    delta = max(0.0, (now or time.time()) - ts)
+    if delta < 60:
+        return f"{delta:.0f}s"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m"
+    if delta < 86400:
+        return f"{delta / 3600:.1f}h"
+    return f"{delta / 86400:.1f}d"
+
+
+def _agents_table(agents: Sequence[AgentSummary]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "ACTIVE", "OWNER", "REASON"):
+        table.add_column(col, no_wrap=col != "REASON")
+    colors = {"Running": "green", "Idle": "cyan", "Hibernated": "blue", "Failed": "red"}
+    for a in agents:
+        color = colors.get(a.phase, "yellow")
+        table.add_row(
+            a.name,
+            f"[{color}]{a.phase}[/{color}]",
+            str(a.restarts),
+            str(a.tasks),
+            str(a.steps),
+            _ago(a.last_activity),
+            a.owner or "-",
+            a.reason,
+        )
+    return table
+
+
+def _event_line(e: Event) -> str:
+    stamp = datetime.fromtimestamp(e.time).strftime("%H:%M:%S") if e.time else "--:--:--"
+    who = f"{e.agent}: " if e.agent else ""
+    reason = f" ({e.reason})" if e.reason else ""
+    return f"{stamp} {who}{e.type}{reason} {e.message}".rstrip()
+
+
+def _load(files: Sequence[Path]) -> list[Document]:
+    if not files:
+        _fail("give at least one -f FILE or folder", 2)
+    return load_paths(files)
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if STATE.debug else level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+# ---------------------------------------------------------------------- desired state
+
+
+@app.command()
+def apply(
+    files: FilesOpt,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and show the diff; change nothing.")
+    ] = False,
+) -> None:
+    """Validate every document, then store them all (or none, if any is invalid)."""
+    docs = _run_sync_load(files)
+
+    async def go() -> None:
+        async with await _client() as client:
+            changes = await client.apply(docs, dry_run=dry_run)
+        suffix = " (dry run)" if dry_run else ""
+        for c in changes:
+            out.print(f"{c.kind.lower()}/{c.name} {c.action}{suffix}", markup=False)
+
+    _run(go)
+
+
+def _run_sync_load(files: Sequence[Path]) -> list[Document]:
+    try:
+        return _load(files)
+    except SpecError as e:
+        for issue in e.issues:
+            err.print(str(issue), markup=False)
+        err.print(f"{len(e.issues)} error(s); nothing was applied", markup=False)
+        raise typer.Exit(2) from None
+
+
+@delete_app.command("agent")
+def delete_agent(name: str) -> None:
+    """Delete an agent: it stops, and its state, events and inbox are removed."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await client.delete_agent(name)
+        out.print(f"agent/{name} deleted", markup=False)
+
+    _run(go)
+
+
+@delete_app.command("policy")
+def delete_policy(name: str) -> None:
+    """Delete a QuotaPolicy."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await client.delete_policy(name)
+        out.print(f"quotapolicy/{name} deleted", markup=False)
+
+    _run(go)
+
+
+# ---------------------------------------------------------------------- reading
+
+
+@app.command()
+def get(kind: Kind, output: OutputOpt = Output.table) -> None:
+    """List agents, policies or daemons."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            if kind is Kind.agents:
+                agents = await client.agents()
+                _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            elif kind is Kind.policies:
+                policies = await client.policies()
+                _emit(list(policies.values()), output, lambda: _policies_table(policies))
+            else:
+                daemons = await client.daemons()
+                _emit(
+                    [{"id": k, **v} for k, v in daemons.items()],
+                    output,
+                    lambda: _daemons_table(daemons),
+                )
+
+    _run(go)
+
+
+def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "CLASSES", "RULES"):
+        table.add_column(col)
+    for name, body in sorted(policies.items()):
+        spec = body.get("spec", {})
+        table.add_row(name, ", ".join(spec.get("classes", {})), str(len(spec.get("rules", []))))
+    return table
+
+
+def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "HOST", "PID", "ENGINE", "AGENTS", "SEEN"):
+        table.add_column(col)
+    for did, info in sorted(daemons.items()):
+        table.add_row(
+            did,
+            str(info.get("host", "")),
+            str(info.get("pid", "")),
+            str(info.get("engine", "")),
+            str(info.get("agents", "")),
+            _ago(info.get("seen_at")) + " ago",
+        )
+    return table
+
+
+@app.command()
+def ps(output: OutputOpt = Output.table) -> None:
+    """Show every agent's phase, restarts, tasks and last activity."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            agents = await client.agents()
+        _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+
+    _run(go)
+
+
+@app.command()
+def describe(
+    kind: Annotated[str, typer.Argument(help="Only `agent` for now.")],
+    name: str,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Spec, status, recent events and last error (with traceback) of an agent."""
+    if kind not in ("agent", "agents"):
+        _fail(f"cannot describe {kind!r}: use `describe agent NAME`", 2)
+
+    async def go() -> None:
+        async with await _client() as client:
+            detail = await client.describe(name)
+        _emit(detail.to_dict(), output, lambda: _describe_text(detail.to_dict()))
+
+    _run(go)
+
+
+def _describe_text(d: dict[str, Any]) -> str:
+    status = d["status"]
+    spec = d["spec"]["spec"]
+    lines = [
+        f"Name:          {d['name']}",
+        f"Entrypoint:    {spec.get('entrypoint')}",
+        f"Phase:         {status.get('phase', 'Pending')}"
+        + (f" ({status['reason']})" if status.get("reason") else ""),
+    ]
+    if status.get("message"):
+        lines.append(f"Message:       {status['message']}")
+    lines += [
+        f"Owner:         {status.get('owner') or '-'}",
+        f"Priority:      {spec.get('priority')}   Quota class: {spec.get('quotaClass')}",
+        f"Tasks:         {status.get('tasks_succeeded', 0)} succeeded, "
+        f"{status.get('tasks_failed', 0)} failed; {status.get('steps', 0)} steps",
+        f"Restarts:      {status.get('restarts', 0)}",
+        f"Tokens:        {status.get('tokens_in', 0)} in, {status.get('tokens_out', 0)} out",
+        f"Last activity: {_since(status.get('last_activity'))}",
+        f"Inbox:         {d['inboxDepth']} waiting",
+        "Triggers:      " + (", ".join(_trigger_text(t) for t in spec.get("triggers", [])) or "-"),
+    ]
+    if status.get("last_error"):
+        lines += ["", f"Last error:    {status['last_error']}"]
+        if status.get("last_traceback"):
+            lines += ["", status["last_traceback"].rstrip()]
+    lines += ["", "Events:"]
+    if not d["events"]:
+        lines.append("  <none>")
+    for e in d["events"]:
+        stamp = datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S") if e["time"] else ""
+        reason = f" ({e['reason']})" if e["reason"] else ""
+        lines.append(f"  {stamp}  {e['type']}{reason}  {e['message']}")
+    return "\n".join(lines)
+
+
+def _since(stamp: str | None) -> str:
+    return f"{_ago(float(stamp))} ago" if stamp else "-"
+
+
+def _trigger_text(trigger: dict[str, Any]) -> str:
+    for kind in ("schedule", "heartbeat", "every", "at"):
+        if kind in trigger:
+            return f"{kind} {trigger[kind]}"
+    return "inbox"
+
+
+@app.command()
+def events(
+    name: Annotated[
+        str | None, typer.Argument(help="An agent; the whole fleet if left out.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 50,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Recent events of an agent or the fleet, oldest first."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            if follow:
+                async for e in client.follow_events(name, count=count):
+                    _print_event(e, output)
+                return
+            items = await client.events(name, count=count)
+        if output is Output.table:
+            for e in items:
+                out.print(_event_line(e), markup=False)
+        else:
+            _emit([_event_data(e) for e in items], output, lambda: "")
+
+    _run(go)
+
+
+def _event_data(e: Event) -> dict[str, Any]:
+    return {
+        "time": e.time,
+        "agent": e.agent,
+        "type": e.type,
+        "reason": e.reason,
+        "message": e.message,
+        "daemon": e.daemon,
+    }
+
+
+def _print_event(e: Event, output: Output) -> None:
+    if output is Output.table:
+        out.print(_event_line(e), markup=False)
+    else:
+        out.print(json.dumps(_event_data(e)), markup=False)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@app.command()
+def send(
+    name: str,
+    message: Annotated[str, typer.Argument(help="The text; @FILE reads a file.")],
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: a message with a key is run once.")
+    ] = None,
+    traceparent: Annotated[
+        str | None, typer.Option(help="W3C traceparent to continue the sender's trace.")
+    ] = None,
+) -> None:
+    """Put a message in an agent's inbox."""
+    try:
+        body = read_message_arg(message)
+    except OSError as e:
+        _fail(f"cannot read message file: {e}", 2)
+
+    async def go() -> None:
+        async with await _client() as client:
+            msg_id = await client.send(name, body, key=key, traceparent=traceparent)
+        out.print(f"sent {msg_id} to {name}", markup=False)
+
+    _run(go)
+
+
+@app.command()
+def hibernate(name: str) -> None:
+    """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await client.hibernate(name)
+        out.print(f"agent/{name} hibernation requested", markup=False)
+
+    _run(go)
+
+
+@app.command()
+def wake(name: str) -> None:
+    """Wake an agent (restores its KV); also retries an agent that Failed."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await client.wake(name)
+        out.print(f"agent/{name} wake requested", markup=False)
+
+    _run(go)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of Agent and QuotaPolicy documents (for editors)."""
+    out.print(json.dumps(json_schema(), indent=2), markup=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the agentos version."""
+    out.print(f"agentos {__version__}", markup=False)
+
+
+# ---------------------------------------------------------------------- daemon
+
+
+def _daemon_settings(
+    engine: str, max_agents: int | None, grace: str, daemon_id: str | None
+) -> DaemonSettings:
+    try:
+        grace_s = parse_duration(grace)
+    except ValueError as e:
+        _fail(f"--grace: {e}", 2)
+    return DaemonSettings(
+        daemon_id=daemon_id or new_daemon_id(),
+        engine=engine,
+        max_agents=max_agents,
+        grace_s=grace_s,
+    )
+
+
+EngineOpt = Annotated[str, typer.Option(help="Inference engine: sim (more with extras).")]
+GraceOpt = Annotated[str, typer.Option(help="How long agents get to stop on shutdown.")]
+
+
+@app.command()
+def daemon(
+    engine: EngineOpt = "sim",
+    max_agents: Annotated[
+        int | None, typer.Option(min=1, help="Agents this daemon runs at most.")
+    ] = None,
+    grace: GraceOpt = "10s",
+    daemon_id: Annotated[
+        str | None, typer.Option("--id", help="Daemon id (default host-pid-random).")
+    ] = None,
+) -> None:
+    """Run a daemon against an existing Redis (several may share one)."""
+    _setup_logging(logging.INFO)
+    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id)
+    _run(
+        lambda: _serve(
+            dsettings, files=[], duration_s=None, until_idle=False, embedded=False, live=False
+        )
+    )
+
+
+@app.command()
+def up(
+    files: FilesOpt = [],  # noqa: B006 (typer reads the default)
+    engine: EngineOpt = "sim",
+    for_: Annotated[
+        str | None, typer.Option("--for", help="Stop after this long (e.g. 30s).")
+    ] = None,
+    until_idle: Annotated[
+        bool, typer.Option(help="Stop once nothing is queued or running and no trigger is due.")
+    ] = False,
+    grace: GraceOpt = "10s",
+    table: Annotated[
+        bool | None, typer.Option(help="Live table (default: when a terminal).")
+    ] = None,
+) -> None:
+    """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
+    duration_s = None
+    if for_ is not None:
+        try:
+            duration_s = parse_duration(for_)
+        except ValueError as e:
+            _fail(f"--for: {e}", 2)
+    docs = _run_sync_load(files) if files else []
+    _setup_logging(logging.WARNING)
+    dsettings = _daemon_settings(engine, None, grace, None)
+    live = sys.stdout.isatty() if table is None else table
+    embedded = STATE.settings.redis_url is None
+    _run(lambda: _serve(dsettings, docs, duration_s, until_idle, embedded, live))
+
+
+async def _serve(
+    dsettings: DaemonSettings,
+    files: list[Document],
+    duration_s: float | None,
+    until_idle: bool,
+    embedded: bool,
+    live: bool,
+) -> None:
+    settings = STATE.settings
+    engine = create_engine(dsettings.engine, **dict(dsettings.engine_options))
+    # Agents' entrypoints import relative to where the operator runs agentos.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    async with AsyncExitStack() as stack:
+        if embedded:
+            server = EmbeddedRedis(settings.home)
+            url = server.start()
+            stack.callback(server.stop)
+            err.print(f"embedded Redis at {url} (data in {server.data_dir})", markup=False)
+            settings = replace(settings, redis_url=url)
+        else:
+            url = resolve_redis_url(settings)
+        store = await Store.connect(url, namespace=settings.namespace)
+        stack.push_async_callback(store.close)
+        if files:
+            changes = await Client(store).apply(files)
+            for c in changes:
+                err.print(f"{c.kind.lower()}/{c.name} {c.action}", markup=False)
+        d = Daemon(store, engine, dsettings)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, d)
+            if live:
+                tg.start_soon(_live_table, Client(store))
+            else:
+                tg.start_soon(_print_events, Client(store))
+            await d.run(until_idle=until_idle, duration_s=duration_s)
+            tg.cancel_scope.cancel()
+        if live:
+            out.print(_agents_table(await Client(store).agents()))
+
+
+async def _watch_signals(d: Daemon) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for _ in signals:
+            count += 1
+            if count == 1:
+                err.print("stopping agents (Ctrl-C again to cancel them now)", markup=False)
+                d.request_stop()
+            else:
+                err.print("cancelling agents", markup=False)
+                d.force_stop()
+
+
+async def _live_table(client: Client) -> None:
+    with Live(console=out, refresh_per_second=2, transient=True) as view:
+        while True:
+            with suppress(StoreUnavailable):
+                view.update(_agents_table(await client.agents()))
+            await anyio.sleep(1)
+
+
+async def _print_events(client: Client) -> None:
+    last = None
+    while True:
+        try:
+            if last is None:
+                last = "$"
+                recent = await client.store.events(None, count=1)
+                last = recent[-1].id if recent else "0-0"
+            for e in await client.store.events(None, after_id=last, block_ms=1000, count=100):
+                last = e.id
+                err.print(_event_line(e), markup=False)
+        except StoreUnavailable:
+            await anyio.sleep(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

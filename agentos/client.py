@@ -1,0 +1,307 @@
+"""The programmatic interface to a fleet: apply specs, send messages, read status and events.
+
+The CLI is built on this class and nothing else, so whatever an operator can do at the
+terminal a program can do too. A :class:`Client` talks to Redis only; it works whether
+or not a daemon is running (commands then wait in Redis for one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentos.settings import Settings
+from agentos.spec import AgentResource, Document
+from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
+from agentos.store.embedded import embedded_url
+
+__all__ = [
+    "AgentDetail",
+    "AgentSummary",
+    "Client",
+    "ClientError",
+    "NoRedisConfigured",
+    "NotFound",
+    "resolve_redis_url",
+    "spec_hash",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
+class ClientError(Exception):
+    """A request the fleet cannot carry out, explained in words (exit code 1)."""
+
+
+class NotFound(ClientError):
+    """The named agent or policy does not exist."""
+
+
+class NoRedisConfigured(ClientError):
+    """No Redis URL was given and no embedded server is running for this home."""
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """The Redis URL to use: the configured one, else the running embedded server's.
+
+    Raises :class:`NoRedisConfigured` when there is neither.
+    """
+    if settings.redis_url:
+        return settings.redis_url
+    url = embedded_url(settings.home)
+    if url is None:
+        raise NoRedisConfigured(
+            "no Redis to talk to: start the fleet with `agentos up` (embedded Redis under "
+            f"{settings.home}) or set AGENTOS_REDIS_URL / --redis"
+        )
+    return url
+
+
+def spec_hash(document: dict[str, Any]) -> str:
+    """A short, stable hash of a canonical resource (what `apply` compares)."""
+    body = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSummary:
+    """One row of `agentos ps`."""
+
+    name: str
+    phase: str
+    owner: str
+    reason: str
+    restarts: int
+    tasks: int
+    steps: int
+    last_activity: float | None
+    priority: int
+    labels: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `-o json|yaml`."""
+        return {
+            "name": self.name,
+            "phase": self.phase,
+            "owner": self.owner,
+            "reason": self.reason,
+            "restarts": self.restarts,
+            "tasks": self.tasks,
+            "steps": self.steps,
+            "lastActivity": self.last_activity,
+            "priority": self.priority,
+            "labels": self.labels,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentDetail:
+    """Everything `agentos describe agent` shows."""
+
+    name: str
+    spec: dict[str, Any]
+    status: dict[str, str]
+    events: list[Event] = field(default_factory=list)
+    inbox_depth: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `-o json|yaml`."""
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "status": self.status,
+            "inboxDepth": self.inbox_depth,
+            "events": [_event_dict(e) for e in self.events],
+        }
+
+
+def _event_dict(e: Event) -> dict[str, Any]:
+    return {
+        "time": e.time,
+        "agent": e.agent,
+        "type": e.type,
+        "reason": e.reason,
+        "message": e.message,
+        "daemon": e.daemon,
+    }
+
+
+class Client:
+    """Operate one agentos namespace. Use ``async with await Client.connect(settings)``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Client:
+        """Connect to the fleet's Redis. Raises :class:`ClientError` when it is not there."""
+        url = resolve_redis_url(settings)
+        try:
+            store = await Store.connect(url, namespace=settings.namespace)
+        except StoreUnavailable as e:
+            raise ClientError(str(e)) from None
+        return cls(store)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.store.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ desired state
+
+    async def apply(
+        self, documents: Sequence[Document], *, dry_run: bool = False
+    ) -> list[AppliedChange]:
+        """Store validated documents, all or nothing; returns what changed per resource."""
+        records = []
+        for doc in documents:
+            body = doc.canonical()
+            priority = doc.resource.spec.priority if isinstance(doc.resource, AgentResource) else 0
+            records.append(
+                SpecRecord(
+                    doc.kind, doc.name, json.dumps(body, sort_keys=True), spec_hash(body), priority
+                )
+            )
+        return await self.store.apply(records, dry_run=dry_run)
+
+    async def delete_agent(self, name: str) -> None:
+        """Delete an agent: its spec now, its state and history once its daemon stops it.
+
+        Raises :class:`NotFound` when no such agent is applied.
+        """
+        if not await self.store.delete("Agent", name):
+            raise NotFound(f'agent "{name}" not found')
+
+    async def delete_policy(self, name: str) -> None:
+        """Delete a QuotaPolicy. Raises :class:`NotFound` when there is none by that name."""
+        if not await self.store.delete("QuotaPolicy", name):
+            raise NotFound(f'policy "{name}" not found')
+
+    async def agent_specs(self) -> dict[str, dict[str, Any]]:
+        """Every applied Agent resource by name (canonical form)."""
+        return await self.store.agent_specs()
+
+    async def policies(self) -> dict[str, dict[str, Any]]:
+        """Every applied QuotaPolicy resource by name (canonical form)."""
+        return await self.store.policies()
+
+    # ------------------------------------------------------------------ status
+
+    async def agents(self) -> list[AgentSummary]:
+        """Every applied agent with its status, sorted by name."""
+        specs = await self.store.agent_specs()
+        names = sorted(specs)
+        statuses = await self.store.statuses(names)
+        out = []
+        for name in names:
+            st = statuses.get(name, {})
+            spec = specs[name]
+            last = st.get("last_activity")
+            out.append(
+                AgentSummary(
+                    name=name,
+                    phase=st.get("phase") or "Pending",
+                    owner=st.get("owner", ""),
+                    reason=st.get("reason", ""),
+                    restarts=int(st.get("restarts") or 0),
+                    tasks=int(st.get("tasks_succeeded") or 0),
+                    steps=int(st.get("steps") or 0),
+                    last_activity=float(last) if last else None,
+                    priority=int(spec.get("spec", {}).get("priority", 50)),
+                    labels=dict(spec.get("metadata", {}).get("labels", {})),
+                )
+            )
+        return out
+
+    async def describe(self, name: str, *, events: int = 20) -> AgentDetail:
+        """Spec, status, inbox depth and recent events of one agent.
+
+        Raises :class:`NotFound` when no such agent is applied.
+        """
+        spec = await self.store.agent_spec(name)
+        if spec is None:
+            raise NotFound(f'agent "{name}" not found')
+        return AgentDetail(
+            name=name,
+            spec=spec,
+            status=await self.store.status(name),
+            events=await self.store.events(name, count=events),
+            inbox_depth=await self.store.inbox_depth(name),
+        )
+
+    async def events(self, name: str | None = None, *, count: int = 50) -> list[Event]:
+        """Recent events of one agent, or of the fleet, oldest first."""
+        if name is not None:
+            await self._require(name)
+        return await self.store.events(name, count=count)
+
+    async def follow_events(
+        self, name: str | None = None, *, count: int = 20
+    ) -> AsyncIterator[Event]:
+        """The last ``count`` events, then every new one as it happens (until cancelled)."""
+        if name is not None:
+            await self._require(name)
+        last = "0-0"
+        for e in await self.store.events(name, count=count):
+            last = e.id
+            yield e
+        while True:
+            for e in await self.store.events(name, after_id=last, block_ms=1000, count=100):
+                last = e.id
+                yield e
+
+    # ------------------------------------------------------------------ commands
+
+    async def send(
+        self, name: str, body: str, *, key: str | None = None, traceparent: str | None = None
+    ) -> str:
+        """Put a message in an agent's inbox. Returns the message id.
+
+        Raises :class:`NotFound` for an unknown agent and :class:`ClientError` for a
+        message larger than the agent's inbox limit; nothing is enqueued then.
+        """
+        spec = await self._require(name)
+        limit = DEFAULT_MAX_MESSAGE_BYTES
+        for trigger in spec.get("spec", {}).get("triggers", []):
+            if "inbox" in trigger:
+                limit = int(trigger["inbox"].get("maxMessageBytes", limit))
+        size = len(body.encode())
+        if size > limit:
+            raise ClientError(f'message is {size} bytes; agent "{name}" accepts at most {limit}')
+        return await self.store.send(name, body, key=key, traceparent=traceparent)
+
+    async def hibernate(self, name: str) -> None:
+        """Ask the agent's daemon to hibernate it as soon as it is idle."""
+        await self._require(name)
+        await self.store.signal("hibernate", name)
+
+    async def wake(self, name: str) -> None:
+        """Ask the agent's daemon to wake it (and to retry it if it Failed)."""
+        await self._require(name)
+        await self.store.signal("wake", name)
+
+    async def daemons(self) -> dict[str, dict[str, Any]]:
+        """Heartbeats of the daemons serving this namespace."""
+        return await self.store.daemons()
+
+    async def _require(self, name: str) -> dict[str, Any]:
+        spec = await self.store.agent_spec(name)
+        if spec is None:
+            raise NotFound(f'agent "{name}" not found')
+        return spec
+
+
+def read_message_arg(value: str) -> str:
+    """`agentos send` message text: ``@FILE`` reads a file, ``-`` standard input."""
+    if value.startswith("@"):
+        return Path(value[1:]).read_text()
+    return value

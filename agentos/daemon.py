@@ -1,0 +1,363 @@
+"""The long-running process that keeps the fleet matching its specs.
+
+A daemon reconciles the desired agents in Redis with the runners it supervises, takes
+a lease (with a fencing token) for every agent it runs, renews those leases, reacts to
+signals (apply, delete, messages, wake, hibernate) and flushes step counters. All of
+its state is in Redis: it can be killed at any moment, and a restarted daemon, or
+another one sharing the Redis, adopts the agents once their leases expire.
+
+Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from agentos.engine.base import Engine
+from agentos.lifecycle import StopReason
+from agentos.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
+from agentos.runtime.runner import AgentRunner, SlotArbiter
+from agentos.settings import DaemonSettings
+from agentos.spec import AgentResource, SpecError, parse_resource
+from agentos.store import Store, StoreError, StoreUnavailable
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("agentos.daemon")
+
+
+class Daemon:
+    """Supervises agents of one namespace; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        settings: DaemonSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.settings = settings or DaemonSettings()
+        if self.settings.grace_s >= self.settings.lease_ttl_s:
+            raise ValueError("grace_s must be shorter than lease_ttl_s")
+        self.id = self.settings.daemon_id
+        self.clock = clock
+        self.runners: dict[str, AgentRunner] = {}
+        self.arbiter = SlotArbiter(engine)
+        self.arbiter.runners = self.runners
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._stopping: set[str] = set()
+        self._stop = anyio.Event()
+        self._kick = anyio.Event()
+        self._desired: dict[str, Desired] = {}
+        self._generation = -1
+        self._agents_tg: anyio.abc.TaskGroup | None = None
+        self._leases_checked_at = 0.0
+        self._kicked = True  # look at every lease on the first pass
+        self.started_at = clock()
+
+    # ------------------------------------------------------------------ public
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM and Ctrl-C do)."""
+        self._stop.set()
+
+    def force_stop(self) -> None:
+        """Cancel every agent now, without waiting for the grace period (a second Ctrl-C).
+
+        Each agent still records its stop and releases its lease.
+        """
+        self._stop.set()
+        for scope in list(self._scopes.values()):
+            scope.cancel()
+
+    async def run(self, *, until_idle: bool = False, duration_s: float | None = None) -> None:
+        """Run until :meth:`request_stop`, ``duration_s`` elapses, or (with ``until_idle``)
+        no agent has anything queued or running and no trigger fires within a second.
+
+        Then stops every agent with reason ``shutdown`` (grace period from settings),
+        saves state, releases leases and returns.
+        """
+        log.info(
+            "daemon %s starting (engine %s, namespace %s)",
+            self.id,
+            self.engine.name,
+            self.store.keys.namespace,
+        )
+        async with anyio.create_task_group() as agents:
+            self._agents_tg = agents
+            async with anyio.create_task_group() as control:
+                control.start_soon(self._signals_loop)
+                control.start_soon(self._reconcile_loop, until_idle)
+                control.start_soon(self._flush_loop)
+                control.start_soon(self._lease_loop)
+                with anyio.move_on_after(math.inf if duration_s is None else duration_s):
+                    await self._stop.wait()
+                await self._stop_all(StopReason.SHUTDOWN)
+                control.cancel_scope.cancel()
+        try:
+            await self.store.forget_daemon(self.id)
+        except StoreError as e:
+            log.warning("could not remove the daemon's heartbeat: %s", e)
+        log.info("daemon %s stopped", self.id)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _reconcile_loop(self, until_idle: bool) -> None:
+        delay = 0.1
+        quiet_passes = 0
+        while True:
+            try:
+                await self._reconcile_once()
+                delay = 0.1
+            except StoreUnavailable as e:
+                log.warning("reconcile: %s; retrying in %.1fs", e, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_s)
+                continue
+            except Exception:
+                log.exception("reconcile pass failed")
+            if until_idle:
+                quiet_passes = quiet_passes + 1 if self._fleet_quiet() else 0
+                if quiet_passes >= 3:
+                    log.info("fleet idle; stopping (--until-idle)")
+                    self._stop.set()
+                    return
+            interval = 0.05 if until_idle else self.settings.reconcile_interval_s
+            with anyio.move_on_after(interval):
+                await self._kick.wait()
+            self._kick = anyio.Event()
+
+    async def _reconcile_once(self) -> None:
+        generation = await self.store.generation()
+        if generation != self._generation:
+            index = await self.store.desired_index()
+            self._desired = {n: Desired(n, h, p) for n, (h, p) in index.items()}
+            self._generation = generation
+        now = self.clock()
+        local = {
+            n: Local(n, r.spec_hash) for n, r in self.runners.items() if n not in self._stopping
+        }
+        # Checking the leases of agents we do not run costs a round trip per agent:
+        # do it every third of a lease, or right after a signal.
+        unowned = [n for n in self._desired if n not in self.runners]
+        desired = self._desired
+        leases: dict[str, Lease] = {}
+        if unowned:
+            due = now - self._leases_checked_at >= self.settings.lease_ttl_s / 3
+            if due or self._kicked:
+                infos = await self.store.leases(unowned)
+                leases = {n: Lease(i.owner, now + i.ttl_ms / 1000) for n, i in infos.items()}
+                self._leases_checked_at = now
+            else:
+                # Not time to look at others' leases: only keep our own runners in line.
+                desired = {n: d for n, d in desired.items() if n in self.runners}
+        self._kicked = False
+        actions = reconcile(
+            desired, local, leases, now, daemon_id=self.id, capacity=self.settings.max_agents
+        )
+        starts = [a for a in actions if isinstance(a, Start)]
+        for action in actions:
+            if isinstance(action, Stop):
+                self._spawn(self._stop_one(action.name, action.reason, None))
+            elif isinstance(action, Restart):
+                self._spawn(self._stop_one(action.name, StopReason.RESPEC, action.spec_hash))
+        if starts:
+            await self._start_many([(a.name, a.spec_hash) for a in starts])
+
+    async def _signals_loop(self) -> None:
+        delay = 0.1
+        last = None
+        while True:
+            try:
+                if last is None:
+                    last = await self.store.last_signal_id()
+                batch = await self.store.read_signals(last, block_ms=1000)
+                delay = 0.1
+            except StoreUnavailable as e:
+                log.warning("signals: %s; retrying in %.1fs", e, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_s)
+                continue
+            for entry_id, fields in batch:
+                last = entry_id
+                cmd, agent = fields.get("cmd", ""), fields.get("agent", "")
+                runner = self.runners.get(agent)
+                if cmd in ("applied", "deleted"):
+                    self._kicked = True
+                    self._kick.set()
+                elif runner is not None and cmd in ("message", "wake", "hibernate"):
+                    runner.nudge(cmd)
+                elif cmd in ("message", "wake"):
+                    # Maybe nobody runs it: let reconcile look at its lease now.
+                    self._kicked = True
+                    self._kick.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.status_flush_s)
+            dirty = [r for r in self.runners.values() if r.dirty and r.name not in self._stopping]
+            if not dirty:
+                continue
+            for r in dirty:
+                r.dirty = False
+            try:
+                await self.store.fenced_status_batch(
+                    [(r.name, r.lease_value, r.counters()) for r in dirty]
+                )
+            except StoreUnavailable as e:
+                for r in dirty:
+                    r.dirty = True
+                log.warning("status flush: %s", e)
+
+    async def _lease_loop(self) -> None:
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        while True:
+            try:
+                await self.store.heartbeat(self.id, self._info())
+                held = {n: r.lease_value for n, r in self.runners.items()}
+                results = await self.store.renew_leases(held, ttl_ms)
+                for name, ok in results.items():
+                    runner = self.runners.get(name)
+                    if ok or runner is None:
+                        continue
+                    # Expired (say, Redis was away longer than a lease): take it back if
+                    # nobody else did, else let go.
+                    token = await self.store.acquire_lease(name, self.id, ttl_ms)
+                    if token:
+                        runner.lease_value = f"{self.id}|{token}"
+                        log.warning("%s: lease had expired; re-acquired", name)
+                    else:
+                        log.warning("%s: lease taken by another daemon; stopping it here", name)
+                        runner.request_stop(StopReason.LEASE_LOST)
+            except StoreUnavailable as e:
+                log.warning("lease renewal: %s", e)
+            await anyio.sleep(self.settings.lease_ttl_s / 3)
+
+    # ------------------------------------------------------------------ agents
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._agents_tg is not None
+        self._agents_tg.start_soon(_run_coro, coro)
+
+    async def _start_many(self, wanted: list[tuple[str, str]]) -> None:
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        for name, spec_hash in wanted:
+            if self._stop.is_set():
+                return
+            token = await self.store.acquire_lease(name, self.id, ttl_ms)
+            if not token:
+                continue
+            lease_value = f"{self.id}|{token}"
+            body = await self.store.agent_spec(name)
+            if body is None:  # deleted meanwhile
+                await self.store.release_lease(name, lease_value)
+                continue
+            try:
+                resource = parse_resource(body)
+            except SpecError as e:
+                log.error("%s: stored spec no longer validates: %s", name, e)
+                await self.store.release_lease(name, lease_value)
+                continue
+            assert isinstance(resource, AgentResource)
+            runner = AgentRunner(
+                resource=resource,
+                spec_hash=spec_hash,
+                lease_value=lease_value,
+                store=self.store,
+                engine=self.engine,
+                arbiter=self.arbiter,
+                daemon_id=self.id,
+                clock=self.clock,
+                retry_max_s=self.settings.redis_retry_max_s,
+            )
+            self.runners[name] = runner
+            self._spawn(self._supervise(runner))
+
+    async def _supervise(self, runner: AgentRunner) -> None:
+        scope = anyio.CancelScope()
+        self._scopes[runner.name] = scope
+        try:
+            with scope:
+                await runner.run()
+        except Exception:
+            log.exception(
+                "%s: supervisor crashed; the agent restarts on the next reconcile", runner.name
+            )
+        finally:
+            if self.runners.get(runner.name) is runner:
+                del self.runners[runner.name]
+                self._scopes.pop(runner.name, None)
+            self._kick.set()
+
+    async def _stop_one(self, name: str, reason: StopReason, restart_hash: str | None) -> None:
+        runner = self.runners.get(name)
+        if runner is None or name in self._stopping:
+            return
+        self._stopping.add(name)
+        try:
+            runner.request_stop(reason)
+            with anyio.move_on_after(self.settings.grace_s):
+                await runner.done.wait()
+            if not runner.done.is_set():
+                log.warning(
+                    "%s: did not stop within %.0fs; cancelling it", name, self.settings.grace_s
+                )
+                self._scopes[name].cancel()
+                await runner.done.wait()
+        finally:
+            self._stopping.discard(name)
+        if restart_hash is not None and not self._stop.is_set():
+            await self._start_many([(name, restart_hash)])
+
+    async def _stop_all(self, reason: StopReason) -> None:
+        runners = list(self.runners.values())
+        for r in runners:
+            r.request_stop(reason)
+        with anyio.move_on_after(self.settings.grace_s):
+            for r in runners:
+                await r.done.wait()
+        for r in runners:
+            if not r.done.is_set():
+                log.warning("%s: did not stop within the grace period; cancelling it", r.name)
+                scope = self._scopes.get(r.name)
+                if scope is not None:
+                    scope.cancel()
+        for r in runners:
+            await r.done.wait()
+
+    # ------------------------------------------------------------------ state
+
+    def _fleet_quiet(self) -> bool:
+        if any(n not in self.runners for n in self._desired):
+            # Desired agents nobody runs yet (or that another daemon runs).
+            return False
+        horizon = self.clock() + 1.0
+        return all(
+            r.quiet and (r.next_fire_at is None or r.next_fire_at > horizon)
+            for r in self.runners.values()
+        )
+
+    def _info(self) -> dict[str, object]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "engine": self.engine.name,
+            "agents": len(self.runners),
+            "started_at": self.started_at,
+            "seen_at": self.clock(),
+        }
+
+
+async def _run_coro(coro: Any) -> None:
+    await coro

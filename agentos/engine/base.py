@@ -1,0 +1,184 @@
+"""The contract every inference backend meets, so the runtime never knows which one it drives.
+
+An engine holds one model and lends *sessions* to agents: a session is an agent's
+context in the engine (a llama.cpp sequence, a remote conversation, a simulated
+cache). A session's KV cache can be exported to bytes and imported back, so that an
+idle agent can give its slot back and later continue without re-prefilling its whole
+history. Engines that cannot export KV (a remote OpenAI-compatible server) return
+``None`` from :meth:`Engine.export_kv`; the runtime then keeps only the token history
+and re-prefills on wake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineError",
+    "KVSnapshot",
+    "NoFreeSlot",
+    "SessionInfo",
+    "StreamChunk",
+]
+
+
+class EngineError(Exception):
+    """An engine could not do what was asked (bad session, context overflow, backend error)."""
+
+
+class NoFreeSlot(EngineError):
+    """Every slot of the engine is held by a session; free one (hibernate) or wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """A piece of generated text and the token ids behind it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", None while streaming
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of one inference call on a session."""
+
+    text: str
+    input_tokens: int  # tokens of the prompt that were prefilled by this call
+    output_tokens: int
+    finish_reason: str  # "stop" or "length"
+    time_to_first_token_s: float
+    duration_s: float
+    cached_tokens: int = 0  # prompt tokens already in the session's KV (not re-prefilled)
+
+
+@dataclass(frozen=True, slots=True)
+class KVSnapshot:
+    """A session's exported state: KV bytes plus what is needed to trust or rebuild them.
+
+    ``fingerprint`` identifies the engine build and configuration that produced
+    ``data``; a snapshot is only imported into an engine with the same fingerprint.
+    ``tokens`` is the full token history of the session, enough to re-prefill when
+    the bytes cannot be used.
+    """
+
+    fingerprint: str
+    tokens: tuple[int, ...]
+    data: bytes | None  # None when the engine cannot export its KV
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What the runtime may read about a session without touching the engine."""
+
+    session_id: str
+    n_tokens: int
+    kv_bytes: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference backend shared by every agent a daemon runs.
+
+    Sessions are opaque string ids chosen by the caller (the agent name). Every
+    method that takes a session raises :class:`EngineError` for an unknown one.
+    """
+
+    @property
+    def name(self) -> str:
+        """Backend name, e.g. ``sim`` or ``llama``."""
+        ...
+
+    @property
+    def model(self) -> str:
+        """Model name as reported in traces (``gen_ai.request.model``)."""
+        ...
+
+    @property
+    def slots(self) -> int:
+        """How many sessions may be open at once."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Identity of the model build and cache layout; KV is portable only between equals."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` encodes to with this model's tokenizer."""
+        ...
+
+    def open_session(self, session_id: str) -> None:
+        """Take a slot for ``session_id`` with an empty context.
+
+        Raises :class:`NoFreeSlot` when every slot is held; opening an already open
+        session is an error.
+        """
+        ...
+
+    def close_session(self, session_id: str) -> None:
+        """Free the session's slot and forget its KV. Closing an unknown session is a no-op."""
+        ...
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether ``session_id`` currently holds a slot."""
+        ...
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        """Token count and KV size of an open session."""
+        ...
+
+    def stream(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Append ``prompt`` to the session's context and stream a continuation.
+
+        The generated tokens stay in the session's context. The last chunk has
+        ``finished=True``.
+        """
+        ...
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> Completion:
+        """Like :meth:`stream`, collected into one :class:`Completion`."""
+        ...
+
+    async def reset_session(self, session_id: str) -> None:
+        """Empty the session's context, keeping its slot."""
+        ...
+
+    async def export_kv(self, session_id: str) -> KVSnapshot:
+        """Export the session's state. ``data`` is None when the backend has no KV to give."""
+        ...
+
+    async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
+        """Load ``snapshot`` into an open, empty session.
+
+        Returns False (and leaves the session empty) when the bytes cannot be used:
+        another fingerprint, a truncated or corrupt blob, no data. The caller then
+        re-prefills with :meth:`prefill`.
+        """
+        ...
+
+    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
+        """Rebuild the session's context from a token history; returns the seconds it took."""
+        ...

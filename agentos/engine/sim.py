@@ -1,0 +1,498 @@
+"""A deterministic engine with no model, so the runtime can be tested and demoed without a GPU.
+
+``SimEngine`` meets the :class:`~agentos.engine.base.Engine` contract for real: it
+tokenizes, keeps a per-session context, streams a continuation, charges optional
+prefill/decode time, and exports KV bytes that :meth:`SimEngine.import_kv` verifies
+byte for byte. What it generates is nonsense made of plain English words, but it is
+*reproducible* nonsense: the continuation is a pure function of the engine's seed and
+the session's current context tokens. A session that was hibernated (exported,
+closed, reopened, imported or re-prefilled) therefore continues exactly like one that
+never slept, which is the property the runtime's tests lean on.
+
+Behaviour callers should know:
+
+* Tokens: text is split into words and punctuation, with spaces and tabs attached to
+  the piece that follows them and every newline a token of its own; a token id is a
+  blake2b hash of the piece modulo ``vocab_size``. ``decode(encode(text)) == text``
+  for generated text always, and for any other text unless two of its pieces collide
+  (decode then returns the first piece registered under the id).
+* ``temperature`` is ignored: sampling is always the deterministic draw described above.
+* ``grammar`` is accepted and ignored; the output is always plain words, ``.`` and
+  newlines, so a caller that asked for a grammar must not expect it to be honoured here.
+* Stop strings are never emitted; the tokens sampled up to and including the one that
+  completed a stop string stay in the context (as in llama.cpp), and count as output.
+* When the context would exceed ``n_ctx`` the oldest tokens are dropped (a sliding
+  window); the continuation then depends on the window only.
+* One call at a time per session: the runtime drives a session from one agent, so no
+  locking is done here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+
+from agentos.engine.base import (
+    Completion,
+    Engine,
+    EngineError,
+    KVSnapshot,
+    NoFreeSlot,
+    SessionInfo,
+    StreamChunk,
+)
+
+__all__ = ["SimEngine", "SimStats"]
+
+# Newlines stand alone so that a generated "\n" followed by a bare word re-tokenizes to
+# the same two tokens; other whitespace rides on the next piece like in BPE vocabularies.
+_PIECE_RE = re.compile(r"\n|[^\S\n]*(?:\w+|[^\w\s])|[^\S\n]+")
+
+_KV_MAGIC = b"AOSIMKV1"
+# magic, fingerprint digest, token count, checksum of tokens + body.
+_KV_HEADER = struct.Struct("<8s16sQ32s")
+_KV_FORMAT_VERSION = 1
+
+# The synthetic continuation draws from these; plain lowercase words so output is easy
+# to read in traces and can never be mistaken for structured data.
+_WORD_TEXT = (
+    "the a an and or but if then so because while when where which who what how why "
+    "this that these those it its they them their we us our you your he she his her "
+    "is are was were be been being have has had do does did will would can could "
+    "should may might must shall not no yes all some many few more most less other "
+    "same new old good bad big small long short high low early late first last next "
+    "time day night year week hour moment world life work home place way thing part "
+    "people person agent task plan note idea story word line page book letter list "
+    "water fire earth air light dark stone tree river hill road city field garden "
+    "house room door window table chair paper glass metal wood cloud rain snow wind "
+    "sun moon star sky sea ship train car bird fish horse dog cat mouse bread apple "
+    "tea milk salt sugar song voice sound color shape number answer question reason "
+    "result change start end side center edge top bottom front back left right "
+    "make take give find keep hold bring send read write speak listen watch wait "
+    "walk run move turn open close begin finish build break fix learn teach help "
+    "call ask tell show try use need want like know think feel see hear seem become "
+    "quiet loud warm cold soft hard quick slow bright clear simple strange gentle "
+    "careful ready busy free full empty near far always often sometimes never again "
+    "still already soon later here there today together alone"
+)
+_WORDS = _WORD_TEXT.split()
+_PERIOD_PER_MILLE = 90
+_NEWLINE_PER_MILLE = 25
+_MIN_WORDS = 32
+_MIN_KV_BYTES_PER_TOKEN = _KV_HEADER.size
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Counters for tests and the runtime's metrics; they only ever grow."""
+
+    prefill_tokens: int = 0  # prompt tokens prefilled by stream/generate plus prefill()
+    decode_tokens: int = 0  # tokens sampled
+    generations: int = 0  # stream/generate calls that started
+    exports: int = 0
+    imports_accepted: int = 0
+    imports_rejected: int = 0
+    last_reject_reason: str | None = None  # why the latest rejected import_kv said False
+
+
+@dataclass(slots=True)
+class _Session:
+    tokens: list[int] = field(default_factory=list)
+    # Running hash of ``tokens``; None after the window slid, rebuilt on demand.
+    hasher: hashlib.blake2b | None = field(default_factory=lambda: hashlib.blake2b(digest_size=32))
+
+    def extend(self, ids: Sequence[int], n_ctx: int) -> None:
+        self.tokens.extend(ids)
+        if len(self.tokens) > n_ctx:
+            del self.tokens[: len(self.tokens) - n_ctx]
+            self.hasher = None
+        elif self.hasher is not None:
+            self.hasher.update(_pack(ids))
+
+    def clear(self) -> None:
+        self.tokens.clear()
+        self.hasher = hashlib.blake2b(digest_size=32)
+
+    def digest(self) -> bytes:
+        if self.hasher is None:
+            self.hasher = hashlib.blake2b(_pack(self.tokens), digest_size=32)
+        return self.hasher.digest()
+
+
+def _pack(ids: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(ids)}I", *ids)
+
+
+def _piece_hash(piece: str) -> int:
+    return int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=8).digest(), "little")
+
+
+class SimEngine:
+    """A model-free engine whose output is a deterministic function of seed and context."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        slots: int = 64,
+        n_ctx: int = 8192,
+        kv_bytes_per_token: int = 2048,
+        prefill_s_per_token: float = 0.0,
+        decode_s_per_token: float = 0.0,
+        model: str = "sim-1",
+        vocab_size: int = 32000,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        if kv_bytes_per_token < _MIN_KV_BYTES_PER_TOKEN:
+            raise ValueError(
+                f"kv_bytes_per_token must be >= {_MIN_KV_BYTES_PER_TOKEN} (the snapshot "
+                f"header lives in the first token's bytes), got {kv_bytes_per_token}"
+            )
+        if prefill_s_per_token < 0 or decode_s_per_token < 0:
+            raise ValueError("per-token costs must be >= 0")
+        if not 1 <= vocab_size <= 2**32:
+            raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+        self._seed = seed
+        self._slots = slots
+        self._n_ctx = n_ctx
+        self._kv_bytes_per_token = kv_bytes_per_token
+        self._prefill_s = prefill_s_per_token
+        self._decode_s = decode_s_per_token
+        self._model = model
+        self._vocab_size = vocab_size
+        self._sessions: dict[str, _Session] = {}
+        self._pieces: dict[int, str] = {}
+        self.stats = SimStats()
+
+        self._fingerprint = (
+            "sim:"
+            + hashlib.blake2b(
+                f"{_KV_FORMAT_VERSION}|{model}|{seed}|{n_ctx}|{kv_bytes_per_token}|{vocab_size}".encode(),
+                digest_size=8,
+            ).hexdigest()
+        )
+        self._fingerprint_digest = hashlib.blake2b(
+            self._fingerprint.encode(), digest_size=16
+        ).digest()
+        self._seed_key = hashlib.blake2b(f"sim-seed|{seed}".encode(), digest_size=16).digest()
+
+        self._period = self._register(".")
+        self._newline = self._register("\n")
+        # Keep only words whose both forms have ids of their own, so every generated token
+        # decodes to the piece that was emitted for it.
+        self._words: list[tuple[int, str, int, str]] = []
+        for word in _WORDS:
+            bare, spaced = word, " " + word
+            bare_id, spaced_id = self._piece_id(bare), self._piece_id(spaced)
+            if bare_id == spaced_id or bare_id in self._pieces or spaced_id in self._pieces:
+                continue
+            self._pieces[bare_id] = bare
+            self._pieces[spaced_id] = spaced
+            self._words.append((bare_id, bare, spaced_id, spaced))
+        if len(self._words) < _MIN_WORDS:
+            raise ValueError(f"vocab_size {vocab_size} is too small for the sim vocabulary")
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return "sim"
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self._kv_bytes_per_token
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    # -- tokenizer --------------------------------------------------------------------
+
+    def _piece_id(self, piece: str) -> int:
+        return _piece_hash(piece) % self._vocab_size
+
+    def _register(self, piece: str) -> int:
+        token = self._piece_id(piece)
+        self._pieces.setdefault(token, piece)
+        return token
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; pieces are remembered so :meth:`decode` can map them back."""
+        return [self._register(piece) for piece in _PIECE_RE.findall(text)]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids``; an id this engine never saw decodes as ``<tok:ID>``."""
+        return "".join(self._pieces.get(t, f"<tok:{t}>") for t in token_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(_PIECE_RE.findall(text))
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise EngineError(f"unknown session {session_id!r}") from None
+
+    def open_session(self, session_id: str) -> None:
+        if session_id in self._sessions:
+            raise EngineError(f"session {session_id!r} is already open")
+        if len(self._sessions) >= self._slots:
+            raise NoFreeSlot(
+                f"all {self._slots} slots are held; cannot open session {session_id!r}"
+            )
+        self._sessions[session_id] = _Session()
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        n = len(self._session(session_id).tokens)
+        return SessionInfo(session_id, n, n * self._kv_bytes_per_token)
+
+    def context_tokens(self, session_id: str) -> tuple[int, ...]:
+        """The session's current context (a sim-only window into its state, for tests)."""
+        return tuple(self._session(session_id).tokens)
+
+    async def reset_session(self, session_id: str) -> None:
+        self._session(session_id).clear()
+        await anyio.lowlevel.checkpoint()
+
+    # -- generation -------------------------------------------------------------------
+
+    def _next_token(self, session: _Session) -> tuple[int, str]:
+        draw = int.from_bytes(
+            hashlib.blake2b(session.digest(), key=self._seed_key, digest_size=8).digest(),
+            "little",
+        )
+        after_newline = not session.tokens or session.tokens[-1] == self._newline
+        roll = draw % 1000
+        if roll < _PERIOD_PER_MILLE and not after_newline:
+            return self._period, "."
+        if roll < _PERIOD_PER_MILLE + _NEWLINE_PER_MILLE and not after_newline:
+            return self._newline, "\n"
+        bare_id, bare, spaced_id, spaced = self._words[(draw // 1000) % len(self._words)]
+        return (bare_id, bare) if after_newline else (spaced_id, spaced)
+
+    def stream(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Prefill ``prompt`` and stream a continuation; ``temperature`` and ``grammar`` are
+        ignored (see the module docstring). Bad arguments raise here, not on first ``anext``.
+        """
+        session = self._session(session_id)
+        if max_tokens < 0:
+            raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
+        return self._stream(session, prompt, max_tokens, tuple(s for s in stop if s))
+
+    async def _stream(
+        self, session: _Session, prompt: str, max_tokens: int, stops: tuple[str, ...]
+    ) -> AsyncGenerator[StreamChunk, None]:
+        self.stats.generations += 1
+        prompt_ids = self.encode(prompt)
+        session.extend(prompt_ids, self._n_ctx)
+        self.stats.prefill_tokens += len(prompt_ids)
+        await anyio.lowlevel.checkpoint()
+        if self._prefill_s > 0 and prompt_ids:
+            await anyio.sleep(self._prefill_s * len(prompt_ids))
+
+        out = ""  # everything sampled this call
+        sent = 0  # how much of ``out`` has been yielded
+        pending: list[int] = []  # sampled ids not yet reported in a chunk
+        for i in range(max_tokens):
+            if self._decode_s > 0:
+                await anyio.sleep(self._decode_s)
+            token, piece = self._next_token(session)
+            session.extend((token,), self._n_ctx)
+            self.stats.decode_tokens += 1
+            pending.append(token)
+            out += piece
+
+            # A stop string can only start in unsent text: anything that could begin one
+            # was held back below.
+            hits = [at for s in stops if (at := out.find(s, sent)) >= 0]
+            if hits:
+                yield StreamChunk(out[sent : min(hits)], tuple(pending), True, "stop")
+                return
+            if i == max_tokens - 1:
+                break
+            safe = len(out) - _stop_prefix_len(out, stops)
+            if safe > sent:
+                yield StreamChunk(out[sent:safe], tuple(pending))
+                sent, pending = safe, []
+        yield StreamChunk(out[sent:], tuple(pending), True, "length")
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> Completion:
+        start = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        n_out = 0
+        reason = "length"
+        # Counted up front: other sessions may move the shared stats while this one streams.
+        n_in = self.count_tokens(prompt)
+        chunks = self.stream(
+            session_id,
+            prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            grammar=grammar,
+        )
+        async for chunk in chunks:
+            if first is None and chunk.token_ids:
+                first = time.perf_counter()
+            parts.append(chunk.text)
+            n_out += len(chunk.token_ids)
+            if chunk.finished:
+                reason = chunk.finish_reason or "length"
+        end = time.perf_counter()
+        return Completion(
+            text="".join(parts),
+            input_tokens=n_in,
+            output_tokens=n_out,
+            finish_reason=reason,
+            time_to_first_token_s=(first if first is not None else end) - start,
+            duration_s=end - start,
+        )
+
+    # -- KV ---------------------------------------------------------------------------
+
+    def _kv_bytes(self, tokens: Sequence[int]) -> bytes:
+        # Each token contributes a block derived from its id, so the blob is a function of
+        # the token sequence and any edit to either side shows up in the comparison.
+        if not tokens:
+            return b""
+        size = self._kv_bytes_per_token
+        reps = -(-size // 64)
+        body = b"".join(
+            (
+                hashlib.blake2b(
+                    struct.pack("<I", t), key=self._fingerprint_digest, digest_size=64
+                ).digest()
+                * reps
+            )[:size]
+            for t in tokens
+        )
+        rest = body[_KV_HEADER.size :]
+        checksum = hashlib.blake2b(_pack(tokens) + rest, digest_size=32).digest()
+        header = _KV_HEADER.pack(_KV_MAGIC, self._fingerprint_digest, len(tokens), checksum)
+        return header + rest
+
+    async def export_kv(self, session_id: str) -> KVSnapshot:
+        session = self._session(session_id)
+        await anyio.lowlevel.checkpoint()
+        tokens = tuple(session.tokens)
+        self.stats.exports += 1
+        return KVSnapshot(self._fingerprint, tokens, self._kv_bytes(tokens))
+
+    def _reject_reason(self, snapshot: KVSnapshot) -> str | None:
+        if snapshot.fingerprint != self._fingerprint:
+            return f"fingerprint {snapshot.fingerprint!r} != {self._fingerprint!r}"
+        data = snapshot.data
+        if data is None:
+            return "snapshot has no KV data"
+        n = len(snapshot.tokens)
+        if n > self._n_ctx:
+            return f"{n} tokens exceed n_ctx {self._n_ctx}"
+        if any(not 0 <= t < self._vocab_size for t in snapshot.tokens):
+            return "token id out of vocabulary"
+        if len(data) != n * self._kv_bytes_per_token:
+            return f"data is {len(data)} bytes, expected {n * self._kv_bytes_per_token}"
+        if n == 0:
+            return None
+        magic, fp, count, _ = _KV_HEADER.unpack_from(data)
+        if magic != _KV_MAGIC:
+            return "bad magic"
+        if fp != self._fingerprint_digest:
+            return "data was written by another engine configuration"
+        if count != n:
+            return f"data holds {count} tokens, snapshot lists {n}"
+        if data != self._kv_bytes(snapshot.tokens):
+            return "data does not match the tokens (corrupt or edited)"
+        return None
+
+    async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
+        session = self._session(session_id)
+        if session.tokens:
+            raise EngineError(f"session {session_id!r} is not empty; reset it before import_kv")
+        await anyio.lowlevel.checkpoint()
+        reason = self._reject_reason(snapshot)
+        if reason is not None:
+            self.stats.imports_rejected += 1
+            self.stats.last_reject_reason = reason
+            return False
+        session.extend(snapshot.tokens, self._n_ctx)
+        self.stats.imports_accepted += 1
+        return True
+
+    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
+        """Append ``tokens`` to the context (on an empty session: rebuild it), paying
+        ``prefill_s_per_token`` each; returns the seconds taken."""
+        session = self._session(session_id)
+        bad = [t for t in tokens if not 0 <= t < self._vocab_size]
+        if bad:
+            raise EngineError(f"token ids out of vocabulary for session {session_id!r}: {bad[:5]}")
+        start = time.perf_counter()
+        await anyio.lowlevel.checkpoint()
+        if self._prefill_s > 0 and tokens:
+            await anyio.sleep(self._prefill_s * len(tokens))
+        session.extend(tokens, self._n_ctx)
+        self.stats.prefill_tokens += len(tokens)
+        return time.perf_counter() - start
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-k:]):
+                longest = k
+                break
+    return longest
+
+
+if TYPE_CHECKING:
+    _protocol_check: Engine = SimEngine()

@@ -1,0 +1,756 @@
+"""The supervisor of one agent inside a daemon: its loop, its restarts, its sleep and wake.
+
+A runner owns an agent while its daemon holds the agent's lease. It turns wake-ups
+(the start, inbox messages, heartbeats, schedules, an operator's `wake`) into tasks,
+runs each task's observe/plan/act/learn loop, saves the agent's state after every
+iteration that changed it, restarts the agent with exponential backoff when its code
+raises, and gives up (``Failed``) after ``crashLoopAfter`` failures in a row. An idle
+agent is hibernated after ``idleAfter``: its engine KV goes to Redis and its slot is
+freed; the next task restores it.
+
+Every write goes through the store's fenced script with the runner's lease value, so a
+runner whose daemon lost the lease cannot overwrite the agent's new owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from agentos.engine.base import Completion, Engine, KVSnapshot, NoFreeSlot
+from agentos.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
+from agentos.runtime.loop import AgentCodeError, EntrypointError, load_agent_class, run_task
+from agentos.sdk import (
+    LLM,
+    Agent,
+    Context,
+    Message,
+    StateCodec,
+    TaskInfo,
+    agent_logger,
+    freeze_config,
+)
+from agentos.spec import AgentResource
+from agentos.store import InboxMessage, Store, StoreUnavailable
+from agentos.triggers import TriggerClock
+
+__all__ = ["AgentRunner", "LeaseLost", "SlotArbiter"]
+
+log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
+
+
+class LeaseLost(Exception):
+    """The agent's lease is no longer ours; stop touching it."""
+
+
+class SlotArbiter:
+    """Frees engine slots by hibernating idle agents when a runner needs one.
+
+    The victim is an idle agent holding a session, of the lowest priority, least
+    recently active first; never one in the middle of a task.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.runners: dict[str, AgentRunner] = {}
+
+    async def open(self, requester: AgentRunner, *, timeout_s: float = 30.0) -> None:
+        """Open ``requester``'s session, hibernating others to make room if needed.
+
+        Raises :class:`NoFreeSlot` when no slot frees up within ``timeout_s``.
+        """
+        with anyio.move_on_after(timeout_s):
+            while True:
+                try:
+                    self.engine.open_session(requester.name)
+                    return
+                except NoFreeSlot:
+                    pass
+                victim = self._choose(requester)
+                if victim is not None:
+                    victim.request_hibernate("slot needed by " + requester.name)
+                await anyio.sleep(0.02)
+        raise NoFreeSlot(f"no engine slot became free within {timeout_s:g}s for {requester.name}")
+
+    def _choose(self, requester: AgentRunner) -> AgentRunner | None:
+        candidates = [
+            r
+            for r in self.runners.values()
+            if r is not requester
+            and r.phase is Phase.IDLE
+            and not r.hibernate_requested
+            and self.engine.has_session(r.name)
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (r.priority, r.last_activity))
+
+
+@dataclass(slots=True)
+class _Work:
+    trigger: str
+    message: InboxMessage | None = None
+
+
+class AgentRunner:
+    """Runs one agent for as long as this daemon holds its lease."""
+
+    def __init__(
+        self,
+        *,
+        resource: AgentResource,
+        spec_hash: str,
+        lease_value: str,
+        store: Store,
+        engine: Engine,
+        arbiter: SlotArbiter,
+        daemon_id: str,
+        clock: Callable[[], float] = time.time,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.resource = resource
+        self.name = resource.metadata.name
+        self.spec_hash = spec_hash
+        self.lease_value = lease_value
+        self.store = store
+        self.engine = engine
+        self.arbiter = arbiter
+        self.daemon_id = daemon_id
+        self.clock = clock
+        self.retry_max_s = retry_max_s
+        spec = resource.spec
+        self.priority = spec.priority
+        self.phase = Phase.PENDING
+        self.stop_reason: StopReason | None = None
+        self.hibernate_requested: str | None = None
+        self.failed = False
+        self.busy = False
+        self.last_activity = clock()
+        self.done = anyio.Event()
+        self._nudged = anyio.Event()
+        self._queue: deque[_Work] = deque()
+        self._cmds: set[str] = set()
+        self._triggers = TriggerClock(spec.triggers, now=clock())
+        # counters flushed to the status hash by the daemon
+        self.steps = 0
+        self.tasks_succeeded = 0
+        self.tasks_failed = 0
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.dirty = False
+        self._saved_state: bytes | None = None
+        self.agent: Agent | None = None
+        self.ctx: Context | None = None
+        self.codec: StateCodec | None = None
+        self._agent_cls: type[Agent] | None = None
+        self._unacked: str | None = None
+        self._interrupted = False  # cancelled in the middle of an iteration
+
+    # ------------------------------------------------------------------ control
+
+    def nudge(self, cmd: str) -> None:
+        """Tell the runner something happened: ``message``, ``wake`` or ``hibernate``."""
+        if cmd == "hibernate":
+            self.request_hibernate("requested by operator")
+        else:
+            self._cmds.add(cmd)
+        self._nudged.set()
+
+    def request_hibernate(self, why: str) -> None:
+        """Hibernate as soon as the agent is idle."""
+        self.hibernate_requested = why
+        self._nudged.set()
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop at the next loop boundary; the agent sees ``reason`` as ``ctx.stopping``."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            if self.ctx is not None:
+                self.ctx.stopping = reason
+        self._nudged.set()
+
+    @property
+    def next_fire_at(self) -> float | None:
+        """When the next time trigger fires (epoch seconds), if any."""
+        return self._triggers.next_at
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing running, nothing queued: what `up --until-idle` waits for."""
+        if self.failed:
+            return True
+        return (
+            not self.busy and not self._queue and not self._cmds and self.phase is not Phase.PENDING
+        )
+
+    def counters(self) -> dict[str, object]:
+        """Status fields the daemon flushes periodically."""
+        return {
+            "steps": self.steps,
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "restarts": self.restarts,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "last_activity": repr(self.last_activity),
+        }
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> None:
+        """Supervise the agent until it is asked to stop (or cancelled after a grace period).
+
+        Agent faults never escape; the agent's status says what happened.
+        """
+        try:
+            try:
+                await self._start()
+                await self._loop()
+            except LeaseLost:
+                self.stop_reason = StopReason.LEASE_LOST
+            finally:
+                # Runs on cancellation too: a daemon past its grace period still
+                # records the stop and releases the lease.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    try:
+                        await self._finish()
+                    except LeaseLost:
+                        log.warning("%s: lease lost while stopping", self.name)
+                    except StoreUnavailable as e:
+                        log.warning("%s: could not record the stop: %s", self.name, e)
+        finally:
+            self.done.set()
+
+    async def _start(self) -> None:
+        prior = await self._retry(lambda: self.store.status(self.name))
+        self.restarts = int(prior.get("restarts", 0) or 0)
+        self.tasks_succeeded = int(prior.get("tasks_succeeded", 0) or 0)
+        self.tasks_failed = int(prior.get("tasks_failed", 0) or 0)
+        self.steps = int(prior.get("steps", 0) or 0)
+        self.tokens_in = int(prior.get("tokens_in", 0) or 0)
+        self.tokens_out = int(prior.get("tokens_out", 0) or 0)
+        previous_owner = prior.get("owner", "")
+        was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
+        try:
+            self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
+            self.codec = StateCodec(self._agent_cls.State)
+        except (EntrypointError, TypeError) as e:
+            await self._fail("EntrypointError", str(e), "")
+            return
+        if not await self._instantiate():
+            return
+        await self._retry(lambda: self.store.ensure_inbox(self.name))
+        claimed = await self._retry(lambda: self.store.claim_inbox(self.name, self.daemon_id))
+        pending = await self._retry(
+            lambda: self.store.read_inbox(self.name, self.daemon_id, count=10_000, pending=True)
+        )
+        for msg in pending:
+            self._queue.append(_Work("inbox", msg))
+        self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
+        self.phase = transition(self.phase, PhaseEvent.START)
+        adopted = bool(previous_owner) and previous_owner != self.daemon_id
+        message = f"started by {self.daemon_id}"
+        if adopted:
+            message = f"adopted from {previous_owner} by {self.daemon_id}"
+        if claimed:
+            message += f"; {claimed} unacknowledged message(s) taken over"
+        await self._write(
+            status={
+                "phase": self.phase.value,
+                "owner": self.daemon_id,
+                "spec_hash": self.spec_hash,
+                "started_at": repr(self.clock()),
+                "reason": "Adopted" if adopted else "Started",
+                "message": message,
+            },
+            clear=("last_error", "last_traceback") if prior.get("phase") != "Failed" else (),
+            event=self._event("Adopted" if adopted else "Started", "", message),
+        )
+        if not was_hibernated and not pending:
+            self._queue.append(_Work("start"))
+        # Messages that arrived while no daemon ran the agent.
+        self._cmds.add("message")
+        self._nudged.set()
+
+    async def _instantiate(self) -> bool:
+        """Create a fresh agent instance and load its state from Redis."""
+        assert self._agent_cls is not None
+        assert self.codec is not None
+        raw = await self._retry(lambda: self.store.load_state(self.name))
+        try:
+            state = self.codec.decode(raw) if raw is not None else self.codec.new()
+        except Exception as e:
+            await self._fail(
+                "StateError",
+                f"stored state does not fit {self._agent_cls.__name__}.State: {e}",
+                "",
+            )
+            return False
+        try:
+            self.agent = self._agent_cls()
+        except Exception as e:
+            err = AgentCodeError("__init__", e)
+            await self._fail("AgentError", str(err), err.tb)
+            return False
+        self._saved_state = raw
+        spec = self.resource.spec
+        llm = LLM(
+            self.engine, self.name, ensure_session=self._ensure_session, on_usage=self._on_usage
+        )
+        self.ctx = Context(
+            name=self.name,
+            llm=llm,
+            state=state,
+            config=freeze_config(spec.config),
+            task=TaskInfo(id="", trigger="start"),
+            log=agent_logger(self.name),
+            stopping=self.stop_reason,
+            _sender=self._send,
+        )
+        return True
+
+    async def _loop(self) -> None:
+        while self.stop_reason is None:
+            if self.failed:
+                await self._wait(None)
+                if "wake" in self._cmds:
+                    self._cmds.discard("wake")
+                    await self._recover()
+                continue
+            work = self._queue.popleft() if self._queue else None
+            if work is not None:
+                await self._run_work(work)
+                continue
+            if self.hibernate_requested and self.phase is Phase.IDLE:
+                await self._hibernate(self.hibernate_requested)
+                continue
+            self.hibernate_requested = (
+                None if self.phase is Phase.HIBERNATED else self.hibernate_requested
+            )
+            now = self.clock()
+            deadline = self._triggers.next_at
+            idle_after = self.resource.spec.hibernation.idle_after
+            if self.phase is Phase.IDLE:
+                idle_deadline = self.last_activity + idle_after
+                if idle_deadline <= now:
+                    await self._hibernate(f"idle for {idle_after:g}s")
+                    continue
+                deadline = idle_deadline if deadline is None else min(deadline, idle_deadline)
+            await self._wait(None if deadline is None else max(0.0, deadline - now))
+            await self._collect()
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        if self._nudged.is_set():
+            self._nudged = anyio.Event()
+            return
+        with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            await self._nudged.wait()
+        self._nudged = anyio.Event()
+
+    async def _collect(self) -> None:
+        """Turn commands and due triggers into queued work."""
+        if "message" in self._cmds:
+            self._cmds.discard("message")
+            new = await self._retry(
+                lambda: self.store.read_inbox(self.name, self.daemon_id, count=100)
+            )
+            self._queue.extend(_Work("inbox", m) for m in new)
+            if len(new) == 100:
+                self._cmds.add("message")
+                self._nudged.set()
+        if "wake" in self._cmds:
+            self._cmds.discard("wake")
+            self._queue.append(_Work("wake"))
+        for trigger in self._triggers.due(self.clock()):
+            self._queue.append(_Work(trigger))
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _run_work(self, work: _Work) -> None:
+        assert self.agent is not None
+        assert self.ctx is not None
+        message = None
+        if work.message is not None:
+            m = work.message
+            message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
+        task = TaskInfo(
+            id=uuid.uuid4().hex, trigger=work.trigger, message=message, started_at=self.clock()
+        )
+        self.ctx.begin(task)
+        first_observation: Any = None
+        if work.trigger == "heartbeat":
+            # A heartbeat only asks; an agent with nothing to do stays asleep and costs nothing.
+            try:
+                first_observation = await self.agent.observe(self.ctx)
+            except Exception as e:
+                await self._crashed(AgentCodeError("observe", e), work)
+                return
+            if first_observation is None:
+                return
+        if self.phase is Phase.HIBERNATED:
+            await self._wake(work.trigger)
+        self.busy = True
+        try:
+            await self._set_phase(
+                PhaseEvent.TASK, status={"task": task.id, "trigger": task.trigger}
+            )
+            self._unacked = work.message.id if work.message is not None else None
+            try:
+                result = await run_task(
+                    self.agent,
+                    self.ctx,
+                    after_step=self._after_step,
+                    first_observation=first_observation,
+                )
+            except AgentCodeError as e:
+                await self._crashed(e, work)
+                return
+            except anyio.get_cancelled_exc_class():
+                self._interrupted = True
+                raise
+            if result.stopped and result.steps == 0:
+                # Stopped before doing anything: the message stays for the next owner.
+                self._unacked = None
+                self._queue.appendleft(work)
+                self.phase = transition(self.phase, PhaseEvent.IDLE)
+                return
+            self.consecutive_failures = 0
+            if result.steps:
+                # A wake-up whose first observe found nothing to do is not a task.
+                self.tasks_succeeded += 1
+            self.last_activity = self.clock()
+            state = self._encode_state()
+            await self._set_phase(
+                PhaseEvent.IDLE,
+                status={**self.counters(), "consecutive_failures": 0},
+                state=state,
+                ack_id=self._unacked,
+            )
+            self._unacked = None
+            if state is not None:
+                self._saved_state = state
+        finally:
+            self.busy = False
+
+    async def _after_step(self, step: int, outcome: Any) -> None:
+        self.steps += 1
+        self.last_activity = self.clock()
+        self.dirty = True
+        state = self._encode_state()
+        # The message that started the task is acknowledged in the same atomic write
+        # as the first state it produced: a crash can never keep one without the other.
+        ack = self._unacked if self.ctx is not None and self.ctx.message_taken else None
+        if state is not None or ack is not None:
+            await self._write(state=state, ack_id=ack)
+            if ack is not None:
+                self._unacked = None
+            if state is not None:
+                self._saved_state = state
+
+    def _encode_state(self) -> bytes | None:
+        """The state's bytes if they differ from what Redis holds, else None."""
+        assert self.codec is not None
+        assert self.ctx is not None
+        data = self.codec.encode(self.ctx.state)
+        return None if data == self._saved_state else data
+
+    async def _crashed(self, error: AgentCodeError, work: _Work) -> None:
+        spec = self.resource.spec.restart_policy
+        decision = on_failure(
+            self.consecutive_failures,
+            crash_loop_after=spec.crash_loop_after,
+            initial_s=spec.backoff.initial,
+            max_s=spec.backoff.max,
+        )
+        self.consecutive_failures = decision.consecutive_failures
+        self.tasks_failed += 1
+        self.restarts += 1
+        self.ctx_log_error(error)
+        if decision.failed:
+            # The message stays unacknowledged: it is retried when an operator wakes the agent.
+            self._queue.appendleft(work)
+            await self._fail(
+                "CrashLoop",
+                f"{error} ({decision.consecutive_failures} failures in a row)",
+                error.tb,
+            )
+            return
+        await self._set_phase(
+            PhaseEvent.CRASH,
+            status={
+                **self.counters(),
+                "consecutive_failures": self.consecutive_failures,
+                "last_error": str(error),
+                "last_traceback": error.tb,
+                "last_error_at": repr(self.clock()),
+                "reason": "BackOff",
+                "message": f"restarting in {decision.delay_s:g}s after: {error}",
+            },
+            event=self._event("BackOff", error.phase, f"{error}; restart in {decision.delay_s:g}s"),
+        )
+        with anyio.move_on_after(decision.delay_s):
+            while self.stop_reason is None:
+                await self._wait(None)
+        if self.stop_reason is not None:
+            return
+        if await self._instantiate():
+            self.phase = transition(self.phase, PhaseEvent.START)
+            await self._write(status={"phase": self.phase.value, "reason": "Restarted"})
+            work_again = _Work(work.trigger, work.message)
+            self._queue.appendleft(work_again)
+
+    def ctx_log_error(self, error: AgentCodeError) -> None:
+        log.warning("agent %s: %s", self.name, error)
+
+    async def _fail(self, reason: str, message: str, tb: str) -> None:
+        self.failed = True
+        self.phase = transition(self.phase, PhaseEvent.FAIL)
+        await self._write(
+            status={
+                **self.counters(),
+                "phase": self.phase.value,
+                "owner": self.daemon_id,
+                "reason": reason,
+                "message": message,
+                "last_error": message,
+                "last_traceback": tb,
+                "last_error_at": repr(self.clock()),
+                "consecutive_failures": self.consecutive_failures,
+            },
+            event=self._event("Failed", reason, message),
+        )
+
+    async def _recover(self) -> None:
+        """An operator woke a Failed agent: start over with a clean failure count."""
+        self.failed = False
+        self.consecutive_failures = 0
+        if self._agent_cls is None:
+            try:
+                self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
+                self.codec = StateCodec(self._agent_cls.State)
+            except (EntrypointError, TypeError) as e:
+                await self._fail("EntrypointError", str(e), "")
+                return
+        if not await self._instantiate():
+            return
+        self.phase = transition(self.phase, PhaseEvent.START)
+        await self._write(
+            status={"phase": self.phase.value, "reason": "Recovered", "consecutive_failures": 0},
+            event=self._event("Recovered", "wake", "woken by operator after failure"),
+        )
+        if not self._queue:
+            self._queue.append(_Work("wake"))
+
+    # ------------------------------------------------------------------ hibernation
+
+    async def _ensure_session(self) -> None:
+        if self.phase is Phase.HIBERNATED:
+            await self._wake("llm")
+        if not self.engine.has_session(self.name):
+            await self.arbiter.open(self)
+
+    def _on_usage(self, completion: Completion) -> None:
+        self.tokens_in += completion.input_tokens
+        self.tokens_out += completion.output_tokens
+        self.dirty = True
+
+    async def _hibernate(self, why: str) -> None:
+        started = time.perf_counter()
+        self.hibernate_requested = None
+        await self._set_phase(
+            PhaseEvent.HIBERNATE, status={"reason": "Hibernating", "message": why}
+        )
+        kv_bytes = 0
+        tokens = 0
+        if self.engine.has_session(self.name):
+            snapshot = await self.engine.export_kv(self.name)
+            blob = msgspec.msgpack.encode(
+                {
+                    "fingerprint": snapshot.fingerprint,
+                    "tokens": list(snapshot.tokens),
+                    "data": snapshot.data,
+                }
+            )
+            if not await self._retry(lambda: self.store.save_kv(self.name, self.lease_value, blob)):
+                raise LeaseLost(self.name)
+            kv_bytes, tokens = len(snapshot.data or b""), len(snapshot.tokens)
+            self.engine.close_session(self.name)
+        took_ms = (time.perf_counter() - started) * 1000
+        await self._set_phase(
+            PhaseEvent.HIBERNATED,
+            status={
+                "reason": "Hibernated",
+                "message": why,
+                "kv_bytes": kv_bytes,
+                "kv_tokens": tokens,
+                "hibernated_at": repr(self.clock()),
+                **self.counters(),
+            },
+            event=self._event(
+                "Hibernated", why, f"{kv_bytes} KV bytes, {tokens} tokens, {took_ms:.1f} ms"
+            ),
+        )
+
+    async def _wake(self, trigger: str) -> None:
+        started = time.perf_counter()
+        await self._set_phase(
+            PhaseEvent.WAKE, status={"reason": "Waking", "message": f"woken by {trigger}"}
+        )
+        blob = await self._retry(lambda: self.store.load_kv(self.name))
+        path, why = "empty", "no KV snapshot"
+        if blob is not None:
+            if not self.engine.has_session(self.name):
+                await self.arbiter.open(self)
+            try:
+                raw = msgspec.msgpack.decode(blob)
+                snapshot = KVSnapshot(
+                    fingerprint=str(raw["fingerprint"]),
+                    tokens=tuple(int(t) for t in raw["tokens"]),
+                    data=raw.get("data"),
+                )
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError) as e:
+                path, why = "empty", f"snapshot unreadable ({e}); context starts empty"
+            else:
+                if snapshot.fingerprint != self.engine.fingerprint():
+                    ok, why = False, "snapshot from another engine build"
+                else:
+                    ok = await self.engine.import_kv(self.name, snapshot)
+                    why = "KV restored" if ok else "KV rejected by engine"
+                if ok:
+                    path = "restore"
+                else:
+                    await self.engine.prefill(self.name, snapshot.tokens)
+                    path = "recompute"
+                    why += f"; re-prefilled {len(snapshot.tokens)} tokens"
+            await self._retry(lambda: self.store.delete_kv(self.name))
+        took_ms = (time.perf_counter() - started) * 1000
+        await self._set_phase(
+            PhaseEvent.WOKE,
+            status={"reason": "Woke", "message": why, "wake_path": path, "kv_bytes": 0},
+            event=self._event("Woke", path, f"{why} in {took_ms:.1f} ms (trigger {trigger})"),
+        )
+
+    # ------------------------------------------------------------------ stopping
+
+    async def _finish(self) -> None:
+        reason = self.stop_reason or StopReason.SHUTDOWN
+        if reason is StopReason.LEASE_LOST:
+            log.warning("%s: lease lost; another daemon owns it now", self.name)
+            return
+        # Cut off mid-iteration (grace period over): the half-done iteration's state is
+        # not saved; the state of the last complete iteration already is.
+        if self.agent is not None and self.ctx is not None and not self._interrupted:
+            self.ctx.stopping = reason
+            try:
+                with anyio.move_on_after(5):
+                    await self.agent.on_stop(self.ctx, reason)
+            except Exception as e:
+                log.warning("%s: on_stop raised %s: %s", self.name, type(e).__name__, e)
+            state = self._encode_state()
+            if state is not None:
+                await self._write(state=state)
+        if reason is StopReason.SHUTDOWN and self.engine.has_session(self.name):
+            # Hand the next owner a KV snapshot, so it can wake without re-prefill. A task
+            # cut short by the grace period is abandoned; its message is redelivered.
+            if self.phase is Phase.RUNNING:
+                self.phase = Phase.IDLE
+            if self.phase is Phase.IDLE:
+                await self._hibernate("daemon shutting down")
+        if reason is StopReason.DELETE:
+            self.engine.close_session(self.name)
+            await self.store.release_lease(self.name, self.lease_value)
+            await self.store.purge_agent(self.name)
+            return
+        if reason is StopReason.RESPEC:
+            # The session stays open: the restarted runner continues the same context.
+            await self.store.release_lease(self.name, self.lease_value)
+            return
+        self.engine.close_session(self.name)
+        status: dict[str, object] = {**self.counters(), "owner": ""}
+        if self.phase is not Phase.HIBERNATED and self.phase is not Phase.FAILED:
+            self.phase = transition(self.phase, PhaseEvent.STOP)
+            status.update(
+                phase=self.phase.value, reason="Stopped", message=f"stopped: {reason.value}"
+            )
+        await self._write(
+            status=status,
+            event=self._event(
+                "Stopped", reason.value, f"daemon {self.daemon_id} let go of the agent"
+            ),
+        )
+        await self.store.release_lease(self.name, self.lease_value)
+
+    # ------------------------------------------------------------------ I/O helpers
+
+    async def _set_phase(
+        self,
+        edge: PhaseEvent,
+        *,
+        status: dict[str, object] | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+        event: dict[str, str] | None = None,
+    ) -> None:
+        self.phase = transition(self.phase, edge)
+        fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
+        if status:
+            fields.update(status)
+        await self._write(status=fields, state=state, ack_id=ack_id, event=event)
+
+    async def _write(
+        self,
+        *,
+        status: dict[str, object] | None = None,
+        clear: tuple[str, ...] = (),
+        event: dict[str, str] | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+    ) -> None:
+        ok = await self._retry(
+            lambda: self.store.fenced_write(
+                self.name,
+                self.lease_value,
+                status=status,
+                clear=clear,
+                event=event,
+                state=state,
+                ack_id=ack_id,
+            )
+        )
+        if not ok:
+            raise LeaseLost(self.name)
+
+    async def _retry(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a store operation until Redis answers; a Redis outage must not lose state."""
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except StoreUnavailable as e:
+                log.warning("%s: %s; retrying in %.1fs", self.name, e, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    def _event(self, type_: str, reason: str, message: str) -> dict[str, str]:
+        return {
+            "time": repr(self.clock()),
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "daemon": self.daemon_id,
+        }
+
+    async def _send(self, agent: str, body: str) -> str:
+        return await self._retry(lambda: self.store.send(agent, body))

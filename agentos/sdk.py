@@ -1,0 +1,353 @@
+"""What an agent author writes against: the Agent base class and the Context it is given.
+
+An agent is a class with four async methods, called in a loop by the runtime:
+``observe`` (is there anything to do? ``None`` means no, and the agent goes idle),
+``plan``, ``act`` and ``learn``. Everything the agent may touch arrives through its
+:class:`Context`: the model (``ctx.llm``), durable state (``ctx.state``), its config,
+the task that woke it, a logger, and why it is being stopped. The runtime (a daemon,
+or :mod:`agentos.testing`) builds the context; this module does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import msgspec
+import pydantic
+
+from agentos.engine.base import Completion, Engine
+from agentos.lifecycle import StopReason
+
+__all__ = [
+    "LLM",
+    "Agent",
+    "Context",
+    "Message",
+    "StateCodec",
+    "TaskInfo",
+    "Usage",
+    "agent_logger",
+    "freeze_config",
+]
+
+
+class Agent:
+    """Base class of every agent. Override the four loop methods; all are optional.
+
+    Declare durable state with a class attribute ``State``: a ``msgspec.Struct`` or a
+    pydantic model whose fields all have defaults. ``ctx.state`` is an instance of it,
+    saved to Redis after every loop iteration that changed it and restored when the
+    agent restarts, hibernates or moves to another daemon. Without ``State``,
+    ``ctx.state`` is a plain JSON-serialisable dict.
+    """
+
+    State: ClassVar[type[Any] | None] = None
+
+    async def observe(self, ctx: Context) -> Any | None:
+        """Look at the world; return what to work on, or None when there is nothing to do."""
+        return ctx.take_message()
+
+    async def plan(self, ctx: Context, observation: Any) -> Any:
+        """Decide what to do about ``observation``. Returns the plan handed to ``act``."""
+        return observation
+
+    async def act(self, ctx: Context, plan: Any) -> Any:
+        """Carry out ``plan``. Returns the outcome handed to ``learn``."""
+        return plan
+
+    async def learn(self, ctx: Context, outcome: Any) -> None:
+        """Update ``ctx.state`` from ``outcome``."""
+
+    async def on_stop(self, ctx: Context, reason: StopReason) -> None:
+        """Called once before the agent stops (shutdown, delete, respec, hibernate)."""
+
+
+class StateCodec:
+    """Encodes and decodes an agent class's durable state (msgspec JSON bytes)."""
+
+    def __init__(self, state_type: type[Any] | None) -> None:
+        if state_type is not None and not (
+            (isinstance(state_type, type) and issubclass(state_type, msgspec.Struct))
+            or (isinstance(state_type, type) and issubclass(state_type, pydantic.BaseModel))
+        ):
+            raise TypeError(
+                f"Agent.State must be a msgspec.Struct or a pydantic model, not {state_type!r}"
+            )
+        self.state_type = state_type
+
+    def new(self) -> Any:
+        """A fresh state value (the type's defaults, or an empty dict)."""
+        if self.state_type is None:
+            return {}
+        return self.state_type()
+
+    def encode(self, value: Any) -> bytes:
+        """Serialise ``value``; raises TypeError when it does not fit the declared type."""
+        if isinstance(value, pydantic.BaseModel):
+            return value.model_dump_json().encode()
+        try:
+            return msgspec.json.encode(value)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise TypeError(f"agent state is not serialisable: {e}") from None
+
+    def decode(self, data: bytes) -> Any:
+        """Rebuild a state value from :meth:`encode`'s bytes."""
+        if self.state_type is None:
+            return msgspec.json.decode(data)
+        if issubclass(self.state_type, pydantic.BaseModel):
+            return self.state_type.model_validate_json(data)
+        return msgspec.json.decode(data, type=self.state_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message from an agent's inbox."""
+
+    id: str
+    body: str
+    key: str | None = None
+    sent_at: float = 0.0
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """The task being worked on: one wake-up of the agent and its loop iterations."""
+
+    id: str
+    trigger: str  # start, inbox, heartbeat, schedule, every, at, wake, test
+    attempt: int = 1
+    message: Message | None = None
+    started_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens and calls an agent used, summed by the LLM handle."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, completion: Completion) -> None:
+        """Count one finished inference."""
+        self.calls += 1
+        self.input_tokens += completion.input_tokens
+        self.output_tokens += completion.output_tokens
+
+
+SessionGuard = Callable[[], Awaitable[None]]
+
+
+class LLM:
+    """The model as one agent sees it: its own context (session) in the shared engine.
+
+    Every call appends to the agent's context, so a later call sees what earlier ones
+    said; that context is what hibernation keeps. :meth:`reset` starts over.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        session_id: str,
+        *,
+        ensure_session: SessionGuard | None = None,
+        on_usage: Callable[[Completion], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._session = session_id
+        self._ensure = ensure_session or self._open_plain
+        self._on_usage = on_usage
+        self.usage = Usage()
+
+    @property
+    def model(self) -> str:
+        """The model's name, as traces report it."""
+        return self._engine.model
+
+    async def _open_plain(self) -> None:
+        if not self._engine.has_session(self._session):
+            self._engine.open_session(self._session)
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens in the agent's context now (0 before the first call or after reset)."""
+        if not self._engine.has_session(self._session):
+            return 0
+        return self._engine.session_info(self._session).n_tokens
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is for this model."""
+        return self._engine.count_tokens(text)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> Completion:
+        """Append ``prompt`` to the context and return the model's continuation.
+
+        ``grammar`` (GBNF) constrains the output on engines that support it.
+        Raises :class:`agentos.engine.EngineError` when the engine fails.
+        """
+        await self._ensure()
+        completion = await self._engine.generate(
+            self._session,
+            prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            grammar=grammar,
+        )
+        self._count(completion)
+        return completion
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> AsyncIterator[str]:
+        """Like :meth:`generate`, yielding text as the model produces it."""
+        await self._ensure()
+        started = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        output_tokens = 0
+        reason = "stop"
+        async for chunk in self._engine.stream(
+            self._session,
+            prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            grammar=grammar,
+        ):
+            if chunk.text:
+                if first is None:
+                    first = time.perf_counter() - started
+                text.append(chunk.text)
+                yield chunk.text
+            output_tokens += len(chunk.token_ids)
+            if chunk.finished:
+                reason = chunk.finish_reason or reason
+        self._count(
+            Completion(
+                text="".join(text),
+                input_tokens=self._engine.count_tokens(prompt),
+                output_tokens=output_tokens,
+                finish_reason=reason,
+                time_to_first_token_s=first or 0.0,
+                duration_s=time.perf_counter() - started,
+            )
+        )
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+    ) -> Completion:
+        """Send chat turns (``{"role": ..., "content": ...}``) and return the reply.
+
+        Turns are rendered as ``role: content`` lines ending with ``assistant:``, which
+        a base model continues; generation stops at the next ``user:`` turn.
+        """
+        lines = []
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or content is None:
+                raise ValueError(
+                    f"messages[{i}] needs role system|user|assistant and content, got {dict(m)!r}"
+                )
+            lines.append(f"{role}: {content}\n")
+        prompt = "".join(lines) + "assistant:"
+        return await self.generate(
+            prompt,
+            max_tokens=max_tokens,
+            stop=(*stop, "\nuser:"),
+            temperature=temperature,
+            grammar=grammar,
+        )
+
+    async def reset(self) -> None:
+        """Forget the context: the next call starts from an empty one."""
+        if self._engine.has_session(self._session):
+            await self._engine.reset_session(self._session)
+
+    def _count(self, completion: Completion) -> None:
+        self.usage.add(completion)
+        if self._on_usage is not None:
+            self._on_usage(completion)
+
+
+Sender = Callable[[str, str], Awaitable[str]]
+
+
+async def _no_sender(agent: str, body: str) -> str:
+    raise RuntimeError("this context cannot send messages")
+
+
+@dataclass(eq=False)
+class Context:
+    """Everything an agent may use during a task. Built by the runtime, one per agent."""
+
+    name: str
+    llm: LLM
+    state: Any
+    config: Mapping[str, Any]
+    task: TaskInfo
+    log: logging.LoggerAdapter[logging.Logger]
+    stopping: StopReason | None = None
+    _message_taken: bool = field(default=False, repr=False)
+    _sender: Sender = field(default=_no_sender, repr=False)
+
+    def take_message(self) -> Message | None:
+        """The message that started this task, the first time it is asked for; then None.
+
+        The default :meth:`Agent.observe` returns it, so an agent that only answers
+        messages needs no observe of its own.
+        """
+        if self._message_taken or self.task.message is None:
+            return None
+        self._message_taken = True
+        return self.task.message
+
+    @property
+    def message_taken(self) -> bool:
+        """Whether the agent has taken this task's message (the runtime acks it then)."""
+        return self._message_taken
+
+    async def send(self, agent: str, body: str) -> str:
+        """Send a message to another agent's inbox. Returns the message id."""
+        return await self._sender(agent, body)
+
+    def begin(self, task: TaskInfo) -> None:
+        """Runtime hook: switch the context to a new task."""
+        self.task = task
+        self._message_taken = False
+
+
+def agent_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """The logger handed to an agent as ``ctx.log`` (logger ``agentos.agent.NAME``)."""
+    return logging.LoggerAdapter(logging.getLogger(f"agentos.agent.{name}"), {"agent": name})
+
+
+def freeze_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only view of an agent's config, so agent code cannot mutate the spec."""
+    return MappingProxyType(dict(config))

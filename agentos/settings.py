@@ -1,0 +1,68 @@
+"""One typed settings object, read from flags and the environment once, at the edge.
+
+Nothing below the CLI reads ``os.environ``: the daemon, the client and the runtime are
+handed a :class:`Settings`, so tests build one directly and two daemons in one
+process can differ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["DaemonSettings", "Settings", "default_home", "new_daemon_id"]
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    """The agentos home folder: ``$AGENTOS_HOME``, else ``~/.agentos``."""
+    env = os.environ if env is None else env
+    return Path(env.get("AGENTOS_HOME") or Path.home() / ".agentos").expanduser()
+
+
+def new_daemon_id() -> str:
+    """A daemon id unique across hosts and restarts: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """How a daemon runs its fleet. Durations in seconds."""
+
+    daemon_id: str = field(default_factory=new_daemon_id)
+    lease_ttl_s: float = 15.0  # another daemon may adopt an agent this long after we die
+    reconcile_interval_s: float = 1.0
+    status_flush_s: float = 1.0  # how often step counters reach Redis
+    grace_s: float = 10.0  # how long agents get to stop on shutdown
+    max_agents: int | None = None  # per daemon; None = no limit
+    engine: str = "sim"
+    engine_options: Mapping[str, object] = field(default_factory=dict)
+    redis_retry_max_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where Redis is and which namespace of it this fleet uses."""
+
+    redis_url: str | None = None  # None: the embedded server under ``home``
+    namespace: str = "agentos"
+    home: Path = field(default_factory=default_home)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``AGENTOS_REDIS_URL``, ``AGENTOS_NAMESPACE``, ``AGENTOS_HOME``.
+
+        Keyword overrides that are not None win over the environment.
+        """
+        env = os.environ if env is None else env
+        base = cls(
+            redis_url=env.get("AGENTOS_REDIS_URL") or None,
+            namespace=env.get("AGENTOS_NAMESPACE") or "agentos",
+            home=default_home(env),
+        )
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return replace(base, **clean)  # type: ignore[arg-type]

@@ -1,0 +1,938 @@
+"""The declarative resources (Agent, QuotaPolicy): their schema and how to load them.
+
+Operators describe agents and quota policies in YAML; ``agentos apply`` must validate a
+whole set of files before it changes anything and, when something is wrong, name every
+problem with its file, line and field. This module owns that contract: the pydantic
+models are the schema (also exported as JSON Schema for editors), and the loaders turn
+YAML text into validated resources or one :class:`SpecError` listing all issues.
+
+It is a pure core: no I/O besides reading the files it is asked to read, and no imports
+of the async or storage layers.
+"""
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, time
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias, Union, get_args, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from agentos.durations import Duration, PositiveDuration, format_duration
+
+__all__ = [
+    "API_VERSION",
+    "KINDS",
+    "METRICS",
+    "NAME_PATTERN",
+    "TRIGGER_KINDS",
+    "AgentResource",
+    "AgentSpec",
+    "Backoff",
+    "CatchUp",
+    "Document",
+    "Hibernation",
+    "Inbox",
+    "KeepKV",
+    "Metadata",
+    "Metric",
+    "Overlap",
+    "QuotaClass",
+    "QuotaLimits",
+    "QuotaPolicyResource",
+    "QuotaPolicySpec",
+    "Resource",
+    "RestartPolicy",
+    "Rule",
+    "RuleThen",
+    "RuleWhen",
+    "SpecError",
+    "SpecIssue",
+    "Trigger",
+    "TriggerKind",
+    "Weekday",
+    "canonical",
+    "json_schema",
+    "load_paths",
+    "parse_resource",
+    "parse_text",
+]
+
+API_VERSION: Final = "agentos/v1"
+
+NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+"""Names of resources, quota classes and rules: lowercase DNS labels, 1-63 characters.
+
+They end up inside Redis hash tags (``{agent-name}``), so braces must never get in."""
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_ENTRYPOINT_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+)
+_HOURS_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
+
+# Errors raised by our own validators carry the precise sub-paths they are about in their
+# context, so that the loader can point at ``spec.rules[2].then.class`` even though the
+# check had to run on the whole policy. Several issues can travel in one error because a
+# validator can raise only once, and the loader must still report all of them.
+_ERROR_TYPE: Final = "agentos_spec"
+_ISSUES_KEY: Final = "agentos_issues"
+
+_SubPath: TypeAlias = tuple[str | int, ...]
+
+
+def _errors(issues: Sequence[tuple[_SubPath, str]]) -> PydanticCustomError:
+    message = "; ".join((f"{_render_path(sub)}: {text}" if sub else text) for sub, text in issues)
+    return PydanticCustomError(_ERROR_TYPE, message, {_ISSUES_KEY: list(issues)})
+
+
+def _error(message: str, *subpath: str | int) -> PydanticCustomError:
+    return _errors([(subpath, message)])
+
+
+def _show(value: object) -> str:
+    """Render an input value the way it would look in YAML, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
+
+
+def _render_path(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            # pydantic's marker for "the key itself was invalid": the key is already
+            # the last part of the path, which is what a reader wants to see.
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _check_name(value: str) -> str:
+    if len(value) > 63 or not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            "expected a lowercase DNS label (1-63 characters of a-z, 0-9 and '-', starting "
+            f"and ending with a letter or digit); got {_show(value)}"
+        )
+    return value
+
+
+Name = Annotated[
+    str,
+    AfterValidator(_check_name),
+    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "minLength": 1, "maxLength": 63}),
+]
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f'unknown time zone {_show(value)} (expected an IANA name such as "UTC" or '
+            '"Europe/Paris")'
+        ) from None
+    return value
+
+
+TimeZoneName = Annotated[
+    str,
+    AfterValidator(_check_timezone),
+    WithJsonSchema({"type": "string", "description": 'IANA time zone, e.g. "UTC".'}),
+]
+
+
+def _check_cron(value: str) -> str:
+    if not value.strip() or not croniter.is_valid(value):
+        raise ValueError(
+            f"invalid cron expression {_show(value)} (expected 5 fields: minute hour "
+            'day-of-month month day-of-week, e.g. "*/15 * * * *")'
+        )
+    return value
+
+
+CronExpression = Annotated[
+    str,
+    AfterValidator(_check_cron),
+    WithJsonSchema({"type": "string", "description": 'Cron expression, e.g. "*/15 * * * *".'}),
+]
+
+
+def _check_entrypoint(value: str) -> str:
+    if not _ENTRYPOINT_RE.fullmatch(value):
+        raise ValueError(
+            'expected an import path like "package.module:ClassName"; got ' + _show(value)
+        )
+    return value
+
+
+Entrypoint = Annotated[
+    str,
+    AfterValidator(_check_entrypoint),
+    WithJsonSchema({"type": "string", "pattern": f"^{_ENTRYPOINT_RE.pattern}$"}),
+]
+
+
+def _check_aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            'expected a date and time with a time zone, like "2026-12-01T09:00:00Z" '
+            '(add "Z" or an offset such as "+02:00")'
+        )
+    return value
+
+
+AwareDateTime = Annotated[datetime, AfterValidator(_check_aware)]
+
+Metric = Literal[
+    "queue_wait_p95_s", "slot_utilisation", "budget_burn_rate", "error_rate", "throttle_rate"
+]
+METRICS: Final[tuple[Metric, ...]] = get_args(Metric)
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+CatchUp = Literal["skip", "one", "all"]
+Overlap = Literal["skip", "queue", "cancelPrevious"]
+KeepKV = Literal["auto", "always", "never"]
+TriggerKind = Literal["schedule", "heartbeat", "every", "at", "inbox"]
+TRIGGER_KINDS: Final[tuple[TriggerKind, ...]] = get_args(TriggerKind)
+
+# Options that only mean something for triggers that recur on a clock.
+_CLOCK_TRIGGERS: Final = ("schedule", "every")
+_CLOCK_OPTIONS: Final = ("timezone", "catch_up", "overlap")
+_CLOCK_OPTION_KEYS: Final = frozenset({"timezone", "catchUp", "catch_up", "overlap"})
+
+
+# ---------------------------------------------------------------------------- the models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class Metadata(_Model):
+    """Identity of a resource: its name (unique per kind) and free-form labels."""
+
+    name: Name
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Inbox(_Model):
+    """Options of an ``inbox`` trigger (messages delivered through a Redis stream)."""
+
+    max_message_bytes: int = Field(default=1_048_576, gt=0, strict=True)
+
+
+class Trigger(_Model):
+    """One way an agent is woken. Exactly one of the five kind fields is set; see ``kind``.
+
+    ``timezone``, ``catchUp`` and ``overlap`` apply to ``schedule`` and ``every`` triggers
+    only (giving them on another kind is an error); on other kinds they keep their
+    defaults and are left out when the trigger is written back. ``at`` must carry a time
+    zone ("Z" or an offset); a naive time is an error rather than a guess.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": [kind]} for kind in TRIGGER_KINDS]}
+    )
+
+    schedule: CronExpression | None = None
+    heartbeat: PositiveDuration | None = None
+    every: PositiveDuration | None = None
+    at: AwareDateTime | None = None
+    inbox: Inbox | None = None
+    timezone: TimeZoneName = "UTC"
+    catch_up: CatchUp = "one"
+    overlap: Overlap = "skip"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one_kind(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        kinds = [kind for kind in TRIGGER_KINDS if kind in data]
+        allowed = ", ".join(TRIGGER_KINDS)
+        if not kinds:
+            others = [str(key) for key in data]
+            hint = ""
+            for key in others:
+                close = difflib.get_close_matches(key, TRIGGER_KINDS, n=1)
+                if close:
+                    hint = f'; did you mean "{close[0]}"?'
+                    break
+            got = f" (got: {', '.join(others)})" if others else ""
+            raise _error(f"a trigger needs one of: {allowed}{got}{hint}")
+        if len(kinds) > 1:
+            raise _error(
+                f"a trigger takes exactly one of: {allowed}; got {', '.join(kinds)} "
+                "(write each as its own list item)"
+            )
+        kind = kinds[0]
+        if kind not in _CLOCK_TRIGGERS:
+            misplaced = [key for key in data if key in _CLOCK_OPTION_KEYS]
+            if misplaced:
+                raise _errors(
+                    [
+                        ((key,), f"only schedule and every triggers take {key}, not {kind}")
+                        for key in misplaced
+                    ]
+                )
+        if kind == "inbox" and data["inbox"] is None:
+            # `- inbox:` with nothing after it reads as null in YAML; it means "defaults".
+            return {**data, "inbox": {}}
+        return data
+
+    @property
+    def kind(self) -> TriggerKind:
+        """Which kind of trigger this is: the name of the one kind field that is set."""
+        for kind in TRIGGER_KINDS:
+            if getattr(self, kind) is not None:
+                return kind
+        raise AssertionError("a validated Trigger always has a kind")  # pragma: no cover
+
+    @model_serializer(mode="wrap")
+    def _serialize_set_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Write only what belongs to this kind, so that the output validates again
+        # (clock options on a heartbeat would be rejected) and reads like the input.
+        data: dict[str, Any] = handler(self)
+        keep: set[str] = {self.kind}
+        if self.kind in _CLOCK_TRIGGERS:
+            keep.update(_CLOCK_OPTIONS)
+        fields = type(self).model_fields
+        keys = keep | {fields[name].alias or name for name in keep}
+        return {key: value for key, value in data.items() if key in keys}
+
+
+class Hibernation(_Model):
+    """When an idle agent is swapped out, and whether its KV cache is kept."""
+
+    idle_after: Duration = 60.0
+    keep_kv: KeepKV = Field(default="auto", alias="keepKV")
+
+
+class Backoff(_Model):
+    """Exponential restart delay: starts at ``initial`` seconds, capped at ``max``."""
+
+    initial: PositiveDuration = 1.0
+    max: PositiveDuration = 300.0
+
+    @model_validator(mode="after")
+    def _initial_not_above_max(self) -> Self:
+        if self.initial > self.max:
+            raise _error(
+                f"initial ({format_duration(self.initial)}) must not be longer than max "
+                f"({format_duration(self.max)})",
+                "initial",
+            )
+        return self
+
+
+class RestartPolicy(_Model):
+    """How a crashed agent is restarted, and after how many crashes it is crash-looping."""
+
+    backoff: Backoff = Field(default_factory=Backoff)
+    crash_loop_after: int = Field(default=5, ge=1, strict=True)
+
+
+class AgentSpec(_Model):
+    """The desired state of one agent."""
+
+    entrypoint: Entrypoint
+    model: str = Field(default="default", min_length=1)
+    triggers: tuple[Trigger, ...] = ()
+    hibernation: Hibernation = Field(default_factory=Hibernation)
+    quota_class: Name = "standard"
+    priority: int = Field(default=50, ge=0, le=1000, strict=True)
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentResource(_Model):
+    """``kind: Agent``."""
+
+    api_version: Literal["agentos/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Agent"] = "Agent"
+    metadata: Metadata
+    spec: AgentSpec
+
+
+class QuotaLimits(_Model):
+    """Limits of a quota class; a limit left out (``None``) is unlimited."""
+
+    tokens_per_minute: int | None = Field(default=None, gt=0, strict=True)
+    max_concurrent: int | None = Field(default=None, gt=0, strict=True)
+    daily_tokens: int | None = Field(default=None, gt=0, strict=True)
+    daily_agent_seconds: int | None = Field(default=None, gt=0, strict=True)
+
+
+QuotaClass = QuotaLimits
+"""A quota class is just a named set of limits."""
+
+
+class RuleWhen(_Model):
+    """The condition of a rule: a metric threshold, a time window, or both."""
+
+    metric: Metric | None = None
+    above: float | None = Field(default=None, allow_inf_nan=False)
+    below: float | None = Field(default=None, allow_inf_nan=False)
+    for_: Duration = Field(default=0.0, alias="for")
+    hours: str | None = None
+    weekdays: tuple[Weekday, ...] | None = Field(default=None, min_length=1)
+
+    @field_validator("hours")
+    @classmethod
+    def _valid_hours(cls, value: str | None) -> str | None:
+        if value is not None:
+            match = _HOURS_RE.fullmatch(value)
+            if not match:
+                raise ValueError(f'expected a time window like "09:00-18:00"; got {_show(value)}')
+            if value[:5] == value[6:]:
+                raise ValueError(f"the time window {_show(value)} is empty (start equals end)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.metric is None:
+            orphans = [
+                ((key,), "only makes sense with a metric")
+                for key, value in (("above", self.above), ("below", self.below))
+                if value is not None
+            ]
+            if self.for_ > 0:
+                orphans.append((("for",), "only makes sense with a metric"))
+            if orphans:
+                raise _errors(orphans)
+            if self.hours is None and self.weekdays is None:
+                raise _error(
+                    "needs a metric (with above or below) and/or a time window (hours, weekdays)"
+                )
+        elif (self.above is None) == (self.below is None):
+            raise _error(f"metric {self.metric} needs exactly one of: above, below")
+        return self
+
+    @property
+    def hours_window(self) -> tuple[time, time] | None:
+        """The ``hours`` window as (start, end) local times; end < start wraps midnight."""
+        if self.hours is None:
+            return None
+        start, end = self.hours.split("-")
+        return time.fromisoformat(start), time.fromisoformat(end)
+
+
+class RuleThen(_Model):
+    """The effect of a rule on one quota class: scale it or set limits, then clamp."""
+
+    class_: Name = Field(alias="class")
+    scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    set: QuotaLimits | None = None
+    min: QuotaLimits | None = None
+    max: QuotaLimits | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        issues: list[tuple[_SubPath, str]] = []
+        if (self.scale is None) == (self.set is None):
+            issues.append(((), "needs exactly one of: scale, set"))
+        if self.min is not None and self.max is not None:
+            for name, field in QuotaLimits.model_fields.items():
+                low, high = getattr(self.min, name), getattr(self.max, name)
+                if low is not None and high is not None and low > high:
+                    key = field.alias or name
+                    issues.append((("min", key), f"min ({low}) is greater than max ({high})"))
+        if issues:
+            raise _errors(issues)
+        return self
+
+
+class Rule(_Model):
+    """A dynamic rescaling rule of a quota policy."""
+
+    name: Name
+    when: RuleWhen
+    then: RuleThen
+    cooldown: Duration = 0.0
+    stabilization: Duration = 0.0
+
+
+class QuotaPolicySpec(_Model):
+    """Quota classes and the rules that rescale them while the fleet runs."""
+
+    timezone: TimeZoneName = "UTC"
+    classes: dict[Name, QuotaLimits] = Field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+    @model_validator(mode="after")
+    def _rules_fit_classes(self) -> Self:
+        issues: list[tuple[_SubPath, str]] = []
+        first: dict[str, int] = {}
+        known = ", ".join(sorted(self.classes)) or "none are defined"
+        for index, rule in enumerate(self.rules):
+            if rule.name in first:
+                issues.append(
+                    (
+                        ("rules", index, "name"),
+                        f'duplicate rule name "{rule.name}" '
+                        f"(first used by rules[{first[rule.name]}])",
+                    )
+                )
+            else:
+                first[rule.name] = index
+            if rule.then.class_ not in self.classes:
+                issues.append(
+                    (
+                        ("rules", index, "then", "class"),
+                        f'unknown class "{rule.then.class_}" (expected one of the classes '
+                        f"of this policy: {known})",
+                    )
+                )
+        if issues:
+            raise _errors(issues)
+        return self
+
+
+class QuotaPolicyResource(_Model):
+    """``kind: QuotaPolicy``."""
+
+    api_version: Literal["agentos/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["QuotaPolicy"] = "QuotaPolicy"
+    metadata: Metadata
+    spec: QuotaPolicySpec
+
+
+Resource = Annotated[AgentResource | QuotaPolicyResource, Field(discriminator="kind")]
+"""Any resource, told apart by ``kind``."""
+
+_MODELS: Final[dict[str, type[AgentResource] | type[QuotaPolicyResource]]] = {
+    "Agent": AgentResource,
+    "QuotaPolicy": QuotaPolicyResource,
+}
+KINDS: Final[tuple[str, ...]] = tuple(_MODELS)
+
+
+def canonical(resource: AgentResource | QuotaPolicyResource) -> dict[str, Any]:
+    """Return the resource as plain JSON-compatible data with YAML key names.
+
+    The form is stable (every default written out, durations as strings, unset limits
+    left out) and :func:`parse_resource` on it gives an equal resource, so it is what
+    gets stored and compared.
+    """
+    return resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of a resource document, for editor completion."""
+    schema = TypeAdapter(Resource).json_schema(by_alias=True)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "agentos resource",
+        **schema,
+    }
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecIssue:
+    """One problem found while loading specs.
+
+    ``line`` is 1-based; 0 means the problem has no line (a missing path, data that did
+    not come from a file). ``path`` uses YAML key names, e.g. ``spec.triggers[0].schedule``;
+    empty when the problem is with the file or document as a whole.
+    """
+
+    source: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line > 0 else self.source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """Specs failed to load; ``issues`` lists every problem found, in file order."""
+
+    def __init__(self, issues: Sequence[SpecIssue]) -> None:
+        self.issues: list[SpecIssue] = list(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """A validated resource and where it was read from (``line``: 1-based document start)."""
+
+    resource: AgentResource | QuotaPolicyResource
+    source: str
+    line: int
+
+    @property
+    def kind(self) -> str:
+        """The resource kind: ``"Agent"`` or ``"QuotaPolicy"``."""
+        return self.resource.kind
+
+    @property
+    def name(self) -> str:
+        """The resource name (``metadata.name``)."""
+        return self.resource.metadata.name
+
+    def canonical(self) -> dict[str, Any]:
+        """Return :func:`canonical` of the resource."""
+        return canonical(self.resource)
+
+
+_Lines: TypeAlias = dict[tuple[str | int, ...], int]
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """Accumulates documents and issues across every file of one load."""
+
+    documents: list[tuple[Document, int]] = dataclasses.field(default_factory=list)
+    issues: list[SpecIssue] = dataclasses.field(default_factory=list)
+
+    def result(self) -> list[Document]:
+        seen: dict[tuple[str, str], Document] = {}
+        for document, name_line in self.documents:
+            key = (document.kind, document.name)
+            first = seen.get(key)
+            if first is None:
+                seen[key] = document
+                continue
+            self.issues.append(
+                SpecIssue(
+                    document.source,
+                    name_line,
+                    "metadata.name",
+                    f'duplicate {document.kind} "{document.name}" (first defined at '
+                    f"{first.source}:{first.line})",
+                )
+            )
+        if self.issues:
+            order: dict[str, int] = {}
+            for issue in self.issues:
+                order.setdefault(issue.source, len(order))
+            raise SpecError(sorted(self.issues, key=lambda i: (order[i.source], i.line)))
+        return [document for document, _ in self.documents]
+
+
+def _index_lines(
+    node: yaml.Node,
+    path: tuple[str | int, ...],
+    lines: _Lines,
+    issues: list[SpecIssue],
+    source: str,
+    active: frozenset[int] = frozenset(),
+) -> None:
+    # A key maps to the line of the key itself (where a reader looks for the field), a
+    # list item to the line where the item starts.
+    if id(node) in active:  # a recursive alias; its lines are already known
+        return
+    active = active | {id(node)}
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            child = (*path, key)
+            if key in first_line:
+                # PyYAML silently keeps the last one; a repeated key is nearly always a
+                # paste error that would drop half a spec without anyone noticing.
+                issues.append(
+                    SpecIssue(
+                        source,
+                        line,
+                        _render_path(child),
+                        f"duplicate key (first at line {first_line[key]})",
+                    )
+                )
+                continue
+            first_line[key] = line
+            lines[child] = line
+            _index_lines(value_node, child, lines, issues, source, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _index_lines(item, (*path, index), lines, issues, source, active)
+
+
+def _read_yaml(text: str, source: str, loaded: _Loaded) -> None:
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:  # pragma: no cover - check_node() said there is one
+                continue
+            lines: _Lines = {}
+            _index_lines(node, (), lines, loaded.issues, source)
+            data = loader.construct_document(node)
+            if data is None:
+                continue
+            _validate_document(data, source, node.start_mark.line + 1, lines, loaded)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = ", ".join(part for part in (exc.context, exc.problem) if part)
+        loaded.issues.append(
+            SpecIssue(source, mark.line + 1 if mark else 0, "", f"invalid YAML: {what}")
+        )
+    except yaml.YAMLError as exc:
+        loaded.issues.append(SpecIssue(source, 0, "", f"invalid YAML: {exc}"))
+    finally:
+        loader.dispose()
+
+
+def _validate_document(data: Any, source: str, line: int, lines: _Lines, loaded: _Loaded) -> None:
+    resource, issues = _validate(data, source, line, lines)
+    loaded.issues.extend(issues)
+    if resource is not None:
+        loaded.documents.append(
+            (Document(resource, source, line), _line_for(("metadata", "name"), lines, line))
+        )
+
+
+def _validate(
+    data: Any, source: str, line: int, lines: _Lines
+) -> tuple[AgentResource | QuotaPolicyResource | None, list[SpecIssue]]:
+    def issue(path: Sequence[str | int], message: str) -> SpecIssue:
+        return SpecIssue(source, _line_for(path, lines, line), _render_path(path), message)
+
+    if not isinstance(data, Mapping):
+        return None, [
+            issue(
+                (),
+                f"expected a mapping with apiVersion, kind, metadata and spec; got {_show(data)}",
+            )
+        ]
+    issues: list[SpecIssue] = []
+    if "apiVersion" not in data:
+        issues.append(issue(("apiVersion",), f'missing (expected "{API_VERSION}")'))
+    elif data["apiVersion"] != API_VERSION:
+        issues.append(
+            issue(
+                ("apiVersion",),
+                f'unsupported apiVersion {_show(data["apiVersion"])} (expected "{API_VERSION}")',
+            )
+        )
+    kinds = ", ".join(KINDS)
+    kind = data.get("kind")
+    model = _MODELS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        if "kind" not in data:
+            issues.append(issue(("kind",), f"missing (expected one of: {kinds})"))
+        else:
+            issues.append(
+                issue(("kind",), f"unknown kind {_show(kind)} (expected one of: {kinds})")
+            )
+        return None, issues
+
+    # apiVersion is already checked above with a better message; validating the rest
+    # anyway means one run reports everything that is wrong with the document.
+    payload = {**data, "apiVersion": API_VERSION}
+    try:
+        resource = model.model_validate(payload)
+    except ValidationError as exc:
+        for error in exc.errors():
+            for path, message in _explain(error, model):
+                issues.append(issue(path, message))
+        return None, issues
+    return (None if issues else resource), issues
+
+
+def _line_for(path: Sequence[str | int], lines: _Lines, default: int) -> int:
+    """Return the line of the deepest YAML node that exists along ``path``."""
+    parts = tuple(part for part in path if part != "[key]")
+    for end in range(len(parts), -1, -1):
+        found = lines.get(parts[:end])
+        if found is not None:
+            return found
+    return default
+
+
+def _explain(error: ErrorDetails, root: type[BaseModel]) -> list[tuple[_SubPath, str]]:
+    """Turn one pydantic error into (path, message) pairs that say what was expected."""
+    loc: _SubPath = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == _ERROR_TYPE:
+        return [((*loc, *sub), text) for sub, text in ctx[_ISSUES_KEY]]
+    message = error["msg"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(root, loc[:-1])
+        if model is None:
+            return [(loc, "unknown field")]
+        expected = [field.alias or name for name, field in model.model_fields.items()]
+        close = difflib.get_close_matches(str(loc[-1]), expected, n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else ""
+        return [(loc, f"unknown field (expected one of: {', '.join(expected)}){hint}")]
+    if kind == "missing":
+        return [(loc, "required field is missing")]
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        return [(loc, f"expected one of: {choices}; got {_show(value)}")]
+    for noise in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(noise)
+    if message.startswith("Input should be "):
+        message = "expected " + message.removeprefix("Input should be ")
+        if message.startswith(("expected greater", "expected less")):
+            message = message.replace("expected ", "expected a value ", 1)
+        message = message.replace("a valid dictionary", "a mapping")
+        if value is None or isinstance(value, str | int | float | bool | list | tuple | dict):
+            message += f"; got {_show(value)}"
+    return [(loc, message)]
+
+
+def _strip_optional(annotation: Any) -> Any:
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or origin is types.UnionType:
+            args = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _model_at(root: type[BaseModel], loc: _SubPath) -> type[BaseModel] | None:
+    """Return the model class that validates the value at ``loc``, if there is one."""
+    current: Any = root
+    for part in loc:
+        current = _strip_optional(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            for name, field in current.model_fields.items():
+                if part in (name, field.alias):
+                    current = field.annotation
+                    break
+            else:
+                return None
+        elif get_origin(current) in (list, tuple) and isinstance(part, int):
+            current = get_args(current)[0]
+        elif get_origin(current) is dict and isinstance(part, str):
+            current = get_args(current)[1]
+        else:
+            return None
+    current = _strip_optional(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return current
+    return None
+
+
+def parse_text(text: str, source: str = "<stdin>") -> list[Document]:
+    """Return the validated resources in ``text``, a (multi-document) YAML string.
+
+    Empty documents are skipped. ``source`` names the text in issues.
+
+    Raises:
+        SpecError: listing every problem found (nothing is returned partially).
+    """
+    loaded = _Loaded()
+    _read_yaml(text, source, loaded)
+    return loaded.result()
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def load_paths(paths: Iterable[str | Path]) -> list[Document]:
+    """Return the validated resources in the given files and directories, in order.
+
+    A directory contributes every ``*.yaml`` / ``*.yml`` file below it, recursively, in
+    sorted order, skipping hidden files and directories (names starting with "."). A file
+    reached twice is read once. Documents of the same kind may not share a name.
+
+    Raises:
+        SpecError: listing every problem in every file (nothing is returned partially),
+            including paths that do not exist and directories without YAML files.
+    """
+    loaded = _Loaded()
+    read: set[Path] = set()
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files = sorted(
+                candidate
+                for candidate in path.rglob("*")
+                if candidate.suffix in (".yaml", ".yml")
+                and candidate.is_file()
+                and not _is_hidden(candidate, path)
+            )
+            if not files:
+                loaded.issues.append(
+                    SpecIssue(str(path), 0, "", "directory contains no .yaml or .yml files")
+                )
+        elif path.exists():
+            files = [path]
+        else:
+            loaded.issues.append(SpecIssue(str(path), 0, "", "no such file or directory"))
+            continue
+        for file in files:
+            identity = file.resolve()
+            if identity in read:
+                continue
+            read.add(identity)
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                loaded.issues.append(SpecIssue(str(file), 0, "", f"cannot read: {exc}"))
+                continue
+            _read_yaml(text, str(file), loaded)
+    return loaded.result()
+
+
+def parse_resource(data: Mapping[str, Any]) -> AgentResource | QuotaPolicyResource:
+    """Return the resource described by ``data`` (e.g. :func:`canonical` output read back).
+
+    Raises:
+        SpecError: listing every problem, with source ``"<data>"`` and no line numbers.
+    """
+    resource, issues = _validate(data, "<data>", 0, {})
+    if resource is None:
+        raise SpecError(issues)
+    return resource

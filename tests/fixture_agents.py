@@ -1,0 +1,84 @@
+"""Small agents the daemon and CLI tests run (entrypoints ``tests.fixture_agents:NAME``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+
+import agentos
+
+
+class CountState(msgspec.Struct):
+    n: int = 0
+    texts: list[str] = msgspec.field(default_factory=list)
+
+
+class Counter(agentos.Agent):
+    """Counts to ``config.limit`` (default 3), one model call per step."""
+
+    State = CountState
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        return True if ctx.state.n < int(ctx.config.get("limit", 3)) else None
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        completion = await ctx.llm.generate(f"step {ctx.state.n}", max_tokens=4)
+        ctx.state.n += 1
+        return completion.text
+
+
+class EchoState(msgspec.Struct):
+    bodies: list[str] = msgspec.field(default_factory=list)
+    replies: list[str] = msgspec.field(default_factory=list)
+    stopped_with: str = ""
+
+
+class Echo(agentos.Agent):
+    """Records every message body; asks the model about it when config.llm is set."""
+
+    State = EchoState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        assert isinstance(plan, agentos.Message)
+        ctx.state.bodies.append(plan.body)
+        if ctx.config.get("llm"):
+            completion = await ctx.llm.generate(plan.body, max_tokens=8)
+            ctx.state.replies.append(completion.text)
+        return plan.body
+
+    async def on_stop(self, ctx: agentos.Context, reason: agentos.StopReason) -> None:
+        ctx.state.stopped_with = reason.value
+
+
+class Crasher(agentos.Agent):
+    """Fails in act every time."""
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        return True
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        raise RuntimeError("boom: the tool is broken")
+
+
+class Busy(agentos.Agent):
+    """Never idle: one no-op step after another (for throughput and shutdown tests)."""
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        return True
+
+
+class Slow(agentos.Agent):
+    """Each step sleeps ``config.sleep`` seconds, ignoring ctx.stopping."""
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        return True
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await anyio.sleep(float(ctx.config.get("sleep", 60)))
+        return None
+
+
+class NotAnAgent:
+    """An entrypoint that is not an Agent subclass."""

@@ -1,0 +1,68 @@
+"""Test helpers: build specs, run an in-process daemon, wait for a condition."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from agentos.client import Client
+from agentos.daemon import Daemon
+from agentos.engine import Engine, SimEngine
+from agentos.settings import DaemonSettings
+from agentos.spec import Document, parse_text
+from agentos.store import Store
+
+FAST = {"lease_ttl_s": 2.0, "grace_s": 1.0, "reconcile_interval_s": 0.05, "status_flush_s": 0.1}
+
+
+def agent_doc(name: str, entrypoint: str, **spec: Any) -> Document:
+    """One Agent document, written as YAML (JSON is YAML) and loaded like a file."""
+    body = {
+        "apiVersion": "agentos/v1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {"entrypoint": entrypoint, **spec},
+    }
+    (doc,) = parse_text(json.dumps(body), source=f"<{name}>")
+    return doc
+
+
+async def apply(store: Store, *docs: Document) -> None:
+    await Client(store).apply(list(docs))
+
+
+@asynccontextmanager
+async def running_daemon(
+    store: Store, engine: Engine | None = None, **settings: Any
+) -> AsyncIterator[Daemon]:
+    """A daemon running in the background of the test; stopped gracefully on exit."""
+    d = Daemon(store, engine or SimEngine(), DaemonSettings(**{**FAST, **settings}))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        try:
+            yield d
+        finally:
+            d.request_stop()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], *, within: float = 10.0, what: str = "condition"
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    last: Any = None
+    with anyio.move_on_after(within):
+        while True:
+            last = await check()
+            if last:
+                return last
+            await anyio.sleep(0.02)
+    raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
+
+
+async def status_is(store: Store, name: str, **expected: str) -> dict[str, str] | None:
+    st = await store.status(name)
+    return st if all(st.get(k) == v for k, v in expected.items()) else None

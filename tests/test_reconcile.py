@@ -1,0 +1,260 @@
+"""Tests for agentos.reconcile: desired fleet + local agents + leases -> actions."""
+
+import pytest
+
+from agentos.lifecycle import StopReason
+from agentos.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
+
+ME = "daemon-a"
+OTHER = "daemon-b"
+NOW = 1_000.0
+
+
+def _desired(*items: Desired) -> dict[str, Desired]:
+    return {d.name: d for d in items}
+
+
+def _local(*items: Local) -> dict[str, Local]:
+    return {x.name: x for x in items}
+
+
+CASES = [
+    pytest.param(
+        _desired(Desired("a", "h1")), {}, {}, None, [Start("a", "h1")], id="new-agent-no-lease"
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        {},
+        {"a": Lease(OTHER, NOW + 10)},
+        None,
+        [],
+        id="leased-by-other-live-daemon",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        {},
+        {"a": Lease(OTHER, NOW + 0.001)},
+        None,
+        [],
+        id="lease-expires-just-after-now",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        {},
+        {"a": Lease(OTHER, NOW - 5)},
+        None,
+        [Start("a", "h1")],
+        id="lease-expired",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        {},
+        {"a": Lease(OTHER, NOW)},
+        None,
+        [Start("a", "h1")],
+        id="lease-expires-exactly-now",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        {},
+        {"a": Lease(ME, NOW + 30)},
+        None,
+        [Start("a", "h1")],
+        id="own-leftover-lease",
+    ),
+    pytest.param(
+        {},
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        None,
+        [Stop("a", StopReason.DELETE)],
+        id="local-deleted",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h2")),
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        None,
+        [Restart("a", "h2")],
+        id="spec-changed",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        None,
+        [],
+        id="unchanged-local",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1")),
+        _local(Local("a", "h1")),
+        {},
+        None,
+        [],
+        id="unchanged-local-without-lease",
+    ),
+    pytest.param({}, {}, {}, None, [], id="empty"),
+    pytest.param({}, {}, {}, 0, [], id="empty-zero-capacity"),
+    pytest.param(_desired(Desired("a", "h1")), {}, {}, 0, [], id="zero-capacity-starts-nothing"),
+    pytest.param(
+        _desired(Desired("a", "h1"), Desired("b", "h1"), Desired("c", "h1")),
+        {},
+        {},
+        2,
+        [Start("a", "h1"), Start("b", "h1")],
+        id="capacity-limits-starts-by-name",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1", 10), Desired("b", "h1", 90), Desired("c", "h1", 50)),
+        {},
+        {},
+        2,
+        [Start("b", "h1"), Start("c", "h1")],
+        id="capacity-prefers-priority",
+    ),
+    pytest.param(
+        _desired(
+            Desired("z", "h1", 50),
+            Desired("m", "h1", 80),
+            Desired("b", "h1", 50),
+            Desired("a", "h1", 10),
+        ),
+        {},
+        {},
+        3,
+        [Start("m", "h1"), Start("b", "h1"), Start("z", "h1")],
+        id="capacity-priority-then-name",
+    ),
+    pytest.param(
+        _desired(
+            Desired("z", "h1", 50),
+            Desired("m", "h1", 80),
+            Desired("b", "h1", 50),
+            Desired("a", "h1", 10),
+        ),
+        {},
+        {},
+        None,
+        [Start("m", "h1"), Start("b", "h1"), Start("z", "h1"), Start("a", "h1")],
+        id="unlimited-starts-in-priority-order",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1"), Desired("b", "h1"), Desired("c", "h1")),
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        2,
+        [Start("b", "h1")],
+        id="capacity-counts-running-agents",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h2"), Desired("b", "h1")),
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        1,
+        [Restart("a", "h2")],
+        id="restart-keeps-its-slot",
+    ),
+    pytest.param(
+        _desired(Desired("b", "h1")),
+        _local(Local("a", "h1")),
+        {"a": Lease(ME, NOW + 30)},
+        1,
+        [Stop("a", StopReason.DELETE), Start("b", "h1")],
+        id="stop-frees-capacity-in-same-pass",
+    ),
+    pytest.param(
+        _desired(Desired("c", "h1"), Desired("d", "h1"), Desired("e", "h1")),
+        _local(Local("a", "h1"), Local("b", "h1")),
+        {},
+        2,
+        [
+            Stop("a", StopReason.DELETE),
+            Stop("b", StopReason.DELETE),
+            Start("c", "h1"),
+            Start("d", "h1"),
+        ],
+        id="two-stops-free-two-slots",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1"), Desired("b", "h1")),
+        _local(Local("x", "h1"), Local("y", "h1"), Local("z", "h1")),
+        {},
+        2,
+        [
+            Stop("x", StopReason.DELETE),
+            Stop("y", StopReason.DELETE),
+            Stop("z", StopReason.DELETE),
+            Start("a", "h1"),
+            Start("b", "h1"),
+        ],
+        id="over-capacity-all-deleted",
+    ),
+    pytest.param(
+        _desired(Desired("x", "h1"), Desired("y", "h1"), Desired("a", "h1")),
+        _local(Local("x", "h1"), Local("y", "h1"), Local("z", "h1")),
+        {},
+        2,
+        [Stop("z", StopReason.DELETE)],
+        id="still-over-capacity-starts-nothing",
+    ),
+    pytest.param(
+        _desired(Desired("a", "h1"), Desired("b", "h2"), Desired("new", "h1", 99)),
+        _local(Local("b", "h1"), Local("gone", "h1")),
+        {"a": Lease(OTHER, NOW - 1)},
+        None,
+        [Stop("gone", StopReason.DELETE), Restart("b", "h2"), Start("new", "h1"), Start("a", "h1")],
+        id="stops-then-restarts-then-starts",
+    ),
+    pytest.param(
+        _desired(
+            Desired("taken", "h1", 99),
+            Desired("expired", "h1", 10),
+            Desired("mine", "h1", 20),
+            Desired("free", "h1", 30),
+        ),
+        {},
+        {
+            "taken": Lease(OTHER, NOW + 60),
+            "expired": Lease(OTHER, NOW - 60),
+            "mine": Lease(ME, NOW + 60),
+        },
+        2,
+        [Start("free", "h1"), Start("mine", "h1")],
+        id="leased-elsewhere-does-not-use-capacity",
+    ),
+]
+
+
+@pytest.mark.parametrize(("desired", "local", "leases", "capacity", "expected"), CASES)
+def test_reconcile(
+    desired: dict[str, Desired],
+    local: dict[str, Local],
+    leases: dict[str, Lease],
+    capacity: int | None,
+    expected: list[Start | Stop | Restart],
+) -> None:
+    assert reconcile(desired, local, leases, NOW, daemon_id=ME, capacity=capacity) == expected
+
+
+def test_stops_are_ordered_before_starts_regardless_of_name() -> None:
+    desired = _desired(Desired("a", "h1"), Desired("m", "h2"))
+    local = _local(Local("m", "h1"), Local("z", "h1"))
+    actions = reconcile(desired, local, {}, NOW, daemon_id=ME)
+    kinds = [type(action) for action in actions]
+    assert kinds == [Stop, Restart, Start]
+
+
+def test_reconcile_does_not_mutate_inputs() -> None:
+    desired = _desired(Desired("a", "h1", 1), Desired("b", "h1", 2))
+    local = _local(Local("c", "h1"))
+    leases = {"a": Lease(OTHER, NOW - 1)}
+    snapshot = (dict(desired), dict(local), dict(leases))
+    reconcile(desired, local, leases, NOW, daemon_id=ME, capacity=1)
+    assert (desired, local, leases) == snapshot
+
+
+def test_same_leases_seen_by_other_daemon() -> None:
+    desired = _desired(Desired("a", "h1"))
+    leases = {"a": Lease(ME, NOW + 30)}
+    assert reconcile(desired, {}, leases, NOW, daemon_id=OTHER) == []
