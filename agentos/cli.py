@@ -514,22 +514,31 @@ def version() -> None:
 
 
 def _daemon_settings(
-    engine: str, max_agents: int | None, grace: str, daemon_id: str | None
+    engine: str, max_agents: int | None, grace: str, daemon_id: str | None, lease_ttl: str
 ) -> DaemonSettings:
-    try:
-        grace_s = parse_duration(grace)
-    except ValueError as e:
-        _fail(f"--grace: {e}", 2)
+    values = {}
+    for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl)):
+        try:
+            values[flag] = parse_duration(text)
+        except ValueError as e:
+            _fail(f"{flag}: {e}", 2)
+    if values["--grace"] >= values["--lease-ttl"]:
+        _fail("--grace must be shorter than --lease-ttl", 2)
     return DaemonSettings(
         daemon_id=daemon_id or new_daemon_id(),
         engine=engine,
         max_agents=max_agents,
-        grace_s=grace_s,
+        grace_s=values["--grace"],
+        lease_ttl_s=values["--lease-ttl"],
     )
 
 
 EngineOpt = Annotated[str, typer.Option(help="Inference engine: sim (more with extras).")]
 GraceOpt = Annotated[str, typer.Option(help="How long agents get to stop on shutdown.")]
+LeaseOpt = Annotated[
+    str,
+    typer.Option(help="Agent lease length: how soon another daemon adopts this one's agents."),
+]
 
 
 @app.command()
@@ -539,13 +548,14 @@ def daemon(
         int | None, typer.Option(min=1, help="Agents this daemon runs at most.")
     ] = None,
     grace: GraceOpt = "10s",
+    lease_ttl: LeaseOpt = "15s",
     daemon_id: Annotated[
         str | None, typer.Option("--id", help="Daemon id (default host-pid-random).")
     ] = None,
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(logging.INFO)
-    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id)
+    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl)
     _run(
         lambda: _serve(
             dsettings, files=[], duration_s=None, until_idle=False, embedded=False, live=False
@@ -564,6 +574,7 @@ def up(
         bool, typer.Option(help="Stop once nothing is queued or running and no trigger is due.")
     ] = False,
     grace: GraceOpt = "10s",
+    lease_ttl: LeaseOpt = "15s",
     table: Annotated[
         bool | None, typer.Option(help="Live table (default: when a terminal).")
     ] = None,
@@ -577,7 +588,7 @@ def up(
             _fail(f"--for: {e}", 2)
     docs = _run_sync_load(files) if files else []
     _setup_logging(logging.WARNING)
-    dsettings = _daemon_settings(engine, None, grace, None)
+    dsettings = _daemon_settings(engine, None, grace, None, lease_ttl)
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None
     _run(lambda: _serve(dsettings, docs, duration_s, until_idle, embedded, live))

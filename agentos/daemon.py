@@ -252,37 +252,45 @@ class Daemon:
 
     async def _start_many(self, wanted: list[tuple[str, str]]) -> None:
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
-        for name, spec_hash in wanted:
+        # Leases and specs in a few pipelines: starting 10,000 agents must not take
+        # 20,000 sequential round trips.
+        for i in range(0, len(wanted), 500):
             if self._stop.is_set():
                 return
-            token = await self.store.acquire_lease(name, self.id, ttl_ms)
-            if not token:
-                continue
-            lease_value = f"{self.id}|{token}"
-            body = await self.store.agent_spec(name)
-            if body is None:  # deleted meanwhile
-                await self.store.release_lease(name, lease_value)
-                continue
-            try:
-                resource = parse_resource(body)
-            except SpecError as e:
-                log.error("%s: stored spec no longer validates: %s", name, e)
-                await self.store.release_lease(name, lease_value)
-                continue
-            assert isinstance(resource, AgentResource)
-            runner = AgentRunner(
-                resource=resource,
-                spec_hash=spec_hash,
-                lease_value=lease_value,
-                store=self.store,
-                engine=self.engine,
-                arbiter=self.arbiter,
-                daemon_id=self.id,
-                clock=self.clock,
-                retry_max_s=self.settings.redis_retry_max_s,
-            )
-            self.runners[name] = runner
-            self._spawn(self._supervise(runner))
+            chunk = dict(wanted[i : i + 500])
+            tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
+            won = [n for n, t in tokens.items() if t]
+            bodies = await self.store.agent_specs_of(won)
+            for name in won:
+                lease_value = f"{self.id}|{tokens[name]}"
+                resource = self._parse(name, bodies.get(name))
+                if resource is None:
+                    await self.store.release_lease(name, lease_value)
+                    continue
+                runner = AgentRunner(
+                    resource=resource,
+                    spec_hash=chunk[name],
+                    lease_value=lease_value,
+                    store=self.store,
+                    engine=self.engine,
+                    arbiter=self.arbiter,
+                    daemon_id=self.id,
+                    clock=self.clock,
+                    retry_max_s=self.settings.redis_retry_max_s,
+                )
+                self.runners[name] = runner
+                self._spawn(self._supervise(runner))
+
+    @staticmethod
+    def _parse(name: str, body: dict[str, Any] | None) -> AgentResource | None:
+        if body is None:  # deleted meanwhile
+            return None
+        try:
+            resource = parse_resource(body)
+        except SpecError as e:
+            log.error("%s: stored spec no longer validates: %s", name, e)
+            return None
+        return resource if isinstance(resource, AgentResource) else None
 
     async def _supervise(self, runner: AgentRunner) -> None:
         scope = anyio.CancelScope()

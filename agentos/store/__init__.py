@@ -179,7 +179,13 @@ class Store:
 
     @classmethod
     async def connect(
-        cls, url: str, *, namespace: str = "agentos", check: bool = True, timeout_s: float = 5.0
+        cls,
+        url: str,
+        *,
+        namespace: str = "agentos",
+        check: bool = True,
+        timeout_s: float = 5.0,
+        max_connections: int = 64,
     ) -> Store:
         """Open a connection pool to ``url`` and check it with PING.
 
@@ -189,13 +195,18 @@ class Store:
         """
         shown = redact_url(url)
         try:
-            client = aredis.Redis.from_url(
+            # A bounded, blocking pool: ten thousand agents starting at once queue
+            # for 64 connections instead of opening ten thousand sockets.
+            pool = aredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=None,
                 decode_responses=False,
                 socket_connect_timeout=timeout_s,
                 socket_timeout=max(timeout_s, 10.0),
                 health_check_interval=30,
             )
+            client = aredis.Redis.from_pool(pool)
         except ValueError as e:
             raise StoreUnavailable(f"invalid Redis URL {shown}: {e}") from None
         store = cls(client, Keys(namespace), shown)
@@ -431,6 +442,30 @@ class Store:
         k = self.keys
         token = await self._acquire(keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms])
         return int(token)
+
+    @translate
+    async def acquire_leases(
+        self, names: Sequence[str], daemon_id: str, ttl_ms: int
+    ) -> dict[str, int]:
+        """:meth:`acquire_lease` for many agents in one pipeline; returns the tokens (0 = taken)."""
+        if not names:
+            return {}
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._acquire(
+                    keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms], client=pipe
+                )
+            tokens = await pipe.execute()
+        return {name: int(t) for name, t in zip(names, tokens, strict=True)}
+
+    @translate
+    async def agent_specs_of(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored Agent resources of ``names`` (missing ones are left out)."""
+        if not names:
+            return {}
+        raw = await self._r.hmget(self.keys.specs, list(names))
+        return {n: json.loads(v) for n, v in zip(names, raw, strict=True) if v is not None}
 
     @translate
     async def renew_leases(self, held: Mapping[str, str], ttl_ms: int) -> dict[str, bool]:

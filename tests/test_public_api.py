@@ -1,0 +1,38 @@
+"""The SDK's public surface is pinned: changing it must be a deliberate, visible act."""
+
+from __future__ import annotations
+
+import agentos
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(agentos.__all__) == sorted(
+        [
+            "LLM",
+            "Agent",
+            "AgentResource",
+            "Client",
+            "ClientError",
+            "Completion",
+            "Context",
+            "EngineError",
+            "Message",
+            "NoFreeSlot",
+            "NotFound",
+            "Phase",
+            "QuotaPolicyResource",
+            "Settings",
+            "SpecError",
+            "StopReason",
+            "TaskInfo",
+            "Usage",
+            "__version__",
+            "load_paths",
+            "parse_text",
+        ]
+    )
+
+
+def test_every_public_name_exists() -> None:
+    for name in agentos.__all__:
+        assert getattr(agentos, name) is not None

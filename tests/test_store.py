@@ -1,0 +1,122 @@
+"""The Redis control plane against a real server: apply, leases and fencing, inbox, events."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentos.client import Client, ClientError, NotFound
+from agentos.settings import Settings
+from agentos.store import Keys, Store, StoreUnavailable, redact_url
+from tests.helpers import agent_doc
+
+pytestmark = pytest.mark.anyio
+
+ECHO = "tests.fixture_agents:Echo"
+
+
+async def test_apply_reports_created_configured_unchanged_and_dry_run_writes_nothing(
+    store: Store,
+) -> None:
+    client = Client(store)
+    first = await client.apply([agent_doc("a", ECHO), agent_doc("b", ECHO)])
+    assert [(c.name, c.action) for c in first] == [("a", "created"), ("b", "created")]
+    generation = await store.generation()
+
+    again = await client.apply([agent_doc("a", ECHO), agent_doc("b", ECHO, priority=90)])
+    assert [(c.name, c.action) for c in again] == [("a", "unchanged"), ("b", "configured")]
+    assert await store.generation() == generation + 1
+
+    before = await store.namespace_keys()
+    spec_before = await store.agent_spec("a")
+    dry = await client.apply([agent_doc("a", ECHO, priority=1), agent_doc("c", ECHO)], dry_run=True)
+    assert [(c.name, c.action) for c in dry] == [("a", "configured"), ("c", "created")]
+    assert await store.namespace_keys() == before
+    assert await store.agent_spec("a") == spec_before
+    assert (await store.desired_index())["b"] == ((await store.desired_index())["b"][0], 90)
+
+
+async def test_a_stale_lease_holder_cannot_write(store: Store) -> None:
+    token = await store.acquire_lease("x", "d1", 60_000)
+    assert token > 0
+    assert await store.acquire_lease("x", "d2", 60_000) == 0
+    assert await store.acquire_lease("x", "d1", 60_000) == token  # our own: extended
+    mine = f"d1|{token}"
+    assert await store.fenced_write("x", mine, status={"phase": "Idle"}, state=b"{}")
+
+    # d1 loses the lease (it expired); d2 takes it with a new fencing token.
+    assert await store.release_lease("x", mine)
+    token2 = await store.acquire_lease("x", "d2", 60_000)
+    assert token2 > token
+    assert not await store.fenced_write("x", mine, status={"phase": "Running"}, state=b"stale")
+    assert await store.renew_leases({"x": mine}, 60_000) == {"x": False}
+    assert (await store.status("x"))["phase"] == "Idle"
+    assert await store.load_state("x") == b"{}"
+    assert await store.release_lease("x", mine) is False
+
+
+async def test_state_and_inbox_ack_are_written_together(store: Store) -> None:
+    await store.ensure_inbox("x")
+    await Client(store).store.send("x", "hello")
+    (msg,) = await store.read_inbox("x", "d1", count=10)
+    assert await store.inbox_depth("x") == 1
+    token = await store.acquire_lease("x", "d1", 60_000)
+    assert await store.fenced_write("x", f"d1|{token}", state=b'{"n":1}', ack_id=msg.id)
+    assert await store.inbox_depth("x") == 0
+    assert await store.load_state("x") == b'{"n":1}'
+
+
+async def test_a_new_reader_takes_over_a_dead_readers_pending_messages(store: Store) -> None:
+    await store.ensure_inbox("x")
+    for body in ("one", "two"):
+        await store.send("x", body)
+    assert len(await store.read_inbox("x", "dead-daemon", count=10)) == 2
+    assert await store.claim_inbox("x", "new-daemon") == 2
+    pending = await store.read_inbox("x", "new-daemon", count=10, pending=True)
+    assert [m.body for m in pending] == ["one", "two"]
+
+
+async def test_every_agent_key_carries_the_agent_hash_tag() -> None:
+    keys = Keys("ns")
+    for key in [*keys.agent_keys("repo-watcher"), keys.fence("repo-watcher")]:
+        assert "{repo-watcher}" in key
+        assert key.startswith("ns:")
+    fleet = [keys.specs, keys.index, keys.generation, keys.signals, keys.fleet_events]
+    assert all("{fleet}" in k for k in fleet)
+    with pytest.raises(ValueError, match="invalid namespace"):
+        Keys("a{b}")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+        ("rediss://user:pw@host/1", "rediss://user:***@host/1"),
+        ("redis://host:6379", "redis://host:6379"),
+        ("unix:///tmp/v.sock", "unix:///tmp/v.sock"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+async def test_unreachable_redis_names_the_url_without_the_password() -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        await Store.connect("redis://user:hunter2@127.0.0.1:1/0", timeout_s=1)
+    assert "127.0.0.1:1" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_client_refuses_unknown_agents_and_oversized_messages(store: Store) -> None:
+    client = Client(store)
+    await client.apply([agent_doc("small", ECHO, triggers=[{"inbox": {"maxMessageBytes": 5}}])])
+    before = await store.namespace_keys()
+    with pytest.raises(NotFound, match='agent "nobody" not found'):
+        await client.send("nobody", "hi")
+    with pytest.raises(ClientError, match="accepts at most 5"):
+        await client.send("small", "too long")
+    assert await store.namespace_keys() == before
+
+
+async def test_client_without_redis_says_how_to_get_one(tmp_path: object) -> None:
+    with pytest.raises(ClientError, match="agentos up"):
+        await Client.connect(Settings(redis_url=None, home=tmp_path))  # type: ignore[arg-type]
