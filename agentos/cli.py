@@ -452,7 +452,7 @@ def _print_event(e: Event, output: Output) -> None:
 @app.command()
 def send(
     name: str,
-    message: Annotated[str, typer.Argument(help="The text; @FILE reads a file.")],
+    message: Annotated[str, typer.Argument(help="The text; @FILE reads a file, - reads stdin.")],
     key: Annotated[
         str | None, typer.Option(help="Idempotency key: a message with a key is run once.")
     ] = None,

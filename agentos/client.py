@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +303,8 @@ class Client:
 
 def read_message_arg(value: str) -> str:
     """`agentos send` message text: ``@FILE`` reads a file, ``-`` standard input."""
+    if value == "-":
+        return sys.stdin.read()
     if value.startswith("@"):
         return Path(value[1:]).read_text()
     return value

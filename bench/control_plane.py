@@ -79,7 +79,9 @@ def _daemon(url: str, namespace: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def _wait_started(store: Store, names: list[str], phases: set[str], timeout_s: float) -> float:
+async def _wait_started(
+    store: Store, names: list[str], phases: set[str], timeout_s: float
+) -> float:
     started = time.perf_counter()
     with anyio.fail_after(timeout_s):
         while True:

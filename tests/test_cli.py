@@ -36,7 +36,6 @@ from tests.helpers import agent_doc, apply, status_is, wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 ROOT = Path(__file__).resolve().parent.parent
-COUNTER = "tests.fixture_agents:Counter"
 ECHO = "tests.fixture_agents:Echo"
 CRASHER = "tests.fixture_agents:Crasher"
 TIMEOUT_S = 30.0
@@ -360,10 +359,6 @@ async def test_send_reads_the_message_from_a_file(
     assert await store.inbox_depth("echo") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_message_arg documents `-` as standard input but sends a literal '-'",
-)
 async def test_send_dash_reads_the_message_from_stdin(env: dict[str, str], store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
 

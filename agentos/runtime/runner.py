@@ -100,6 +100,7 @@ class SlotArbiter:
 class _Work:
     trigger: str
     message: InboxMessage | None = None
+    attempt: int = 1
 
 
 class AgentRunner:
@@ -386,7 +387,11 @@ class AgentRunner:
             m = work.message
             message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
         task = TaskInfo(
-            id=uuid.uuid4().hex, trigger=work.trigger, message=message, started_at=self.clock()
+            id=uuid.uuid4().hex,
+            trigger=work.trigger,
+            attempt=work.attempt,
+            message=message,
+            started_at=self.clock(),
         )
         self.ctx.begin(task)
         first_observation: Any = None
@@ -508,7 +513,7 @@ class AgentRunner:
         if await self._instantiate():
             self.phase = transition(self.phase, PhaseEvent.START)
             await self._write(status={"phase": self.phase.value, "reason": "Restarted"})
-            work_again = _Work(work.trigger, work.message)
+            work_again = _Work(work.trigger, work.message, work.attempt + 1)
             self._queue.appendleft(work_again)
 
     def ctx_log_error(self, error: AgentCodeError) -> None:
