@@ -65,9 +65,17 @@ async def test_daemon_survives_a_redis_outage_longer_than_a_lease(
             servers[-1].start()
 
             await Client(store).send("echo", "after")
-            await wait_until(
-                lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="2"), within=15
-            )
+            try:
+                await wait_until(
+                    lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="2"), within=15
+                )
+            except AssertionError:
+                runner = daemon.runners.get("echo")
+                raise AssertionError(
+                    f"status={await store.status('echo')} depth={await store.inbox_depth('echo')} "
+                    f"runner={runner and (runner.phase, runner._cmds, len(runner._queue), runner.busy, runner.lease_value)}"
+                    f" lease={await store.leases(['echo'])}"
+                ) from None
             assert "echo" in daemon.runners
             lease = (await store.leases(["echo"]))["echo"]
             assert lease.owner == daemon.id

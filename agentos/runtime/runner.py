@@ -235,7 +235,8 @@ class AgentRunner:
             self.done.set()
 
     async def _start(self) -> None:
-        prior = await self._retry(lambda: self.store.status(self.name))
+        snapshot = await self._retry(lambda: self.store.open_agent(self.name, self.daemon_id))
+        prior = snapshot.status
         self.restarts = int(prior.get("restarts", 0) or 0)
         self.tasks_succeeded = int(prior.get("tasks_succeeded", 0) or 0)
         self.tasks_failed = int(prior.get("tasks_failed", 0) or 0)
@@ -250,13 +251,9 @@ class AgentRunner:
         except (EntrypointError, TypeError) as e:
             await self._fail("EntrypointError", str(e), "")
             return
-        if not await self._instantiate():
+        if not await self._instantiate(snapshot.state):
             return
-        await self._retry(lambda: self.store.ensure_inbox(self.name))
-        claimed = await self._retry(lambda: self.store.claim_inbox(self.name, self.daemon_id))
-        pending = await self._retry(
-            lambda: self.store.read_inbox(self.name, self.daemon_id, count=10_000, pending=True)
-        )
+        claimed, pending = snapshot.claimed, snapshot.pending
         for msg in pending:
             self._queue.append(_Work("inbox", msg))
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
@@ -285,11 +282,12 @@ class AgentRunner:
         self._cmds.add("message")
         self._nudged.set()
 
-    async def _instantiate(self) -> bool:
-        """Create a fresh agent instance and load its state from Redis."""
+    async def _instantiate(self, raw: bytes | None = None) -> bool:
+        """Create a fresh agent instance with its saved state (given, or read from Redis)."""
         assert self._agent_cls is not None
         assert self.codec is not None
-        raw = await self._retry(lambda: self.store.load_state(self.name))
+        if raw is None:
+            raw = await self._retry(lambda: self.store.load_state(self.name))
         try:
             state = self.codec.decode(raw) if raw is not None else self.codec.new()
         except Exception as e:
@@ -694,8 +692,8 @@ class AgentRunner:
             event=self._event(
                 "Stopped", reason.value, f"daemon {self.daemon_id} let go of the agent"
             ),
+            release=True,
         )
-        await self.store.release_lease(self.name, self.lease_value)
 
     # ------------------------------------------------------------------ I/O helpers
 
@@ -722,6 +720,7 @@ class AgentRunner:
         event: dict[str, str] | None = None,
         state: bytes | None = None,
         ack_id: str | None = None,
+        release: bool = False,
     ) -> None:
         ok = await self._retry(
             lambda: self.store.fenced_write(
@@ -732,6 +731,7 @@ class AgentRunner:
                 event=event,
                 state=state,
                 ack_id=ack_id,
+                release=release,
             )
         )
         if not ok:

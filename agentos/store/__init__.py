@@ -20,11 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from agentos.store.keys import INBOX_GROUP, Keys
 
 __all__ = [
     "INBOX_GROUP",
+    "AgentSnapshot",
     "AppliedChange",
     "Event",
     "InboxMessage",
@@ -117,6 +120,16 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    """What a daemon reads when it takes an agent: status, state, its pending messages."""
+
+    status: dict[str, str]
+    state: bytes | None
+    pending: list[InboxMessage]
+    claimed: int
+
+
+@dataclass(frozen=True, slots=True)
 class InboxMessage:
     """A message waiting in an agent's inbox."""
 
@@ -205,6 +218,10 @@ class Store:
                 socket_connect_timeout=timeout_s,
                 socket_timeout=max(timeout_s, 10.0),
                 health_check_interval=30,
+                # A pooled connection to a server that restarted fails once; retry it
+                # on a fresh connection instead of surfacing the stale socket.
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+                retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
             )
             client = aredis.Redis.from_pool(pool)
         except ValueError as e:
@@ -522,8 +539,11 @@ class Store:
         event: Mapping[str, str] | None = None,
         state: bytes | None = None,
         ack_id: str | None = None,
+        release: bool = False,
     ) -> bool:
         """Write status fields, an event, the durable state and an inbox ack atomically.
+
+        With ``release`` the lease is dropped in the same step (a clean stop).
 
         Happens only while ``lease_value`` is still the agent's lease; returns False
         (and writes nothing) when it is not. The event is also copied to the fleet
@@ -545,6 +565,7 @@ class Store:
                 INBOX_GROUP if ack_id else "",
                 ack_id or "",
                 json.dumps(list(clear)) if clear else "",
+                "1" if release else "0",
             ],
         )
         if ok and event is not None:
@@ -584,6 +605,7 @@ class Store:
                         "",
                         "",
                         "",
+                        "0",
                     ],
                     client=pipe,
                 )
@@ -698,6 +720,39 @@ class Store:
         return _s(msg_id)
 
     @translate
+    async def open_agent(self, name: str, consumer: str) -> AgentSnapshot:
+        """Everything a new owner reads about an agent, in one round trip.
+
+        Creates the inbox consumer group if missing and takes over the pending
+        messages of any earlier reader (only the lease holder calls this).
+        """
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.status(name))
+            pipe.get(k.state(name))
+            pipe.xgroup_create(k.inbox(name), INBOX_GROUP, id="0", mkstream=True)
+            pipe.xautoclaim(k.inbox(name), INBOX_GROUP, consumer, 0, start_id="0-0", count=1000)
+            pipe.xreadgroup(INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000)
+            status, state, created, claim, pending = await pipe.execute(raise_on_error=False)
+        for reply in (status, state, claim, pending):
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(created, Exception) and "BUSYGROUP" not in str(created):
+            raise created
+        claimed = len(claim[1])
+        if _s(claim[0]) != "0-0":  # more than one batch pending: rare, finish the job
+            claimed += await self.claim_inbox(name, consumer)
+            pending = await self._r.xreadgroup(
+                INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000
+            )
+        return AgentSnapshot(
+            status={_s(a): _s(b) for a, b in status.items()},
+            state=bytes(state) if state is not None else None,
+            pending=_messages(pending),
+            claimed=claimed,
+        )
+
+    @translate
     async def ensure_inbox(self, name: str) -> None:
         """Create the inbox stream and its consumer group if missing."""
         try:
@@ -738,22 +793,7 @@ class Store:
         reply = await self._r.xreadgroup(
             INBOX_GROUP, consumer, {self.keys.inbox(name): "0" if pending else ">"}, count=count
         )
-        out = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if not fields:  # deleted while pending
-                    continue
-                f = {_s(a): _s(b) for a, b in fields.items()}
-                out.append(
-                    InboxMessage(
-                        id=_s(entry_id),
-                        body=f.get("body", ""),
-                        key=f.get("key"),
-                        sent_at=float(f.get("sent_at", "0")),
-                        traceparent=f.get("traceparent"),
-                    )
-                )
-        return out
+        return _messages(reply)
 
     @translate
     async def inbox_depth(self, name: str) -> int:
@@ -830,6 +870,25 @@ class Store:
         for i in range(0, len(keys), 500):
             await self._r.delete(*keys[i : i + 500])
         return len(keys)
+
+
+def _messages(reply: Any) -> list[InboxMessage]:
+    out = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending
+                continue
+            f = {_s(a): _s(b) for a, b in fields.items()}
+            out.append(
+                InboxMessage(
+                    id=_s(entry_id),
+                    body=f.get("body", ""),
+                    key=f.get("key"),
+                    sent_at=float(f.get("sent_at", "0")),
+                    traceparent=f.get("traceparent"),
+                )
+            )
+    return out
 
 
 def _verdict(old_hash: str | None, new_hash: str) -> str:

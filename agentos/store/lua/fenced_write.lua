@@ -8,6 +8,7 @@
 -- ARGV[5] "1" to write state, ARGV[6] state bytes
 -- ARGV[7] inbox group ("" = no ack), ARGV[8] message id
 -- ARGV[9] status fields to delete, JSON array ("" = none)
+-- ARGV[10] "1" to release the lease after writing (a clean stop)
 -- Returns 1 when written, 0 when the lease is not the caller's.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
@@ -37,5 +38,8 @@ if ARGV[5] == '1' then
 end
 if ARGV[7] ~= '' then
   redis.call('XACK', KEYS[5], ARGV[7], ARGV[8])
+end
+if ARGV[10] == '1' then
+  redis.call('DEL', KEYS[1])
 end
 return 1
