@@ -153,15 +153,14 @@ class Daemon:
         unowned = [n for n in self._desired if n not in self.runners]
         desired = self._desired
         leases: dict[str, Lease] = {}
-        if unowned:
-            due = now - self._leases_checked_at >= self.settings.lease_ttl_s / 3
-            if due or self._kicked:
-                infos = await self.store.leases(unowned)
-                leases = {n: Lease(i.owner, now + i.ttl_ms / 1000) for n, i in infos.items()}
-                self._leases_checked_at = now
-            else:
-                # Not time to look at others' leases: only keep our own runners in line.
-                desired = {n: d for n, d in desired.items() if n in self.runners}
+        if self._kicked or now - self._leases_checked_at >= self.settings.lease_ttl_s / 3:
+            self._leases_checked_at = now
+            await self._purge_deleted()
+            infos = await self.store.leases(unowned)
+            leases = {n: Lease(i.owner, now + i.ttl_ms / 1000) for n, i in infos.items()}
+        else:
+            # Not time to look at others' leases: only keep our own runners in line.
+            desired = {n: d for n, d in desired.items() if n in self.runners}
         self._kicked = False
         actions = reconcile(
             desired, local, leases, now, daemon_id=self.id, capacity=self.settings.max_agents
@@ -174,6 +173,19 @@ class Daemon:
                 self._spawn(self._stop_one(action.name, StopReason.RESPEC, action.spec_hash))
         if starts:
             await self._start_many([(a.name, a.spec_hash) for a in starts])
+
+    async def _purge_deleted(self) -> None:
+        """Remove the keys of deleted agents whose daemon died before it could."""
+        pending = [
+            n
+            for n in await self.store.pending_purges()
+            if n not in self._desired and n not in self.runners
+        ]
+        if pending:
+            held = await self.store.leases(pending)
+            for name in pending:
+                if name not in held:
+                    await self.store.purge_agent(name)
 
     async def _signals_loop(self) -> None:
         delay = 0.1
@@ -222,7 +234,14 @@ class Daemon:
 
     async def _lease_loop(self) -> None:
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        swept_at = self.clock()
         while True:
+            if self.clock() - swept_at >= self.settings.inbox_sweep_s:
+                # Signals are a fast path; a message whose signal was trimmed or lost
+                # is still found here.
+                swept_at = self.clock()
+                for r in self.runners.values():
+                    r.nudge("message")
             try:
                 await self.store.heartbeat(self.id, self._info())
                 held = {n: r.lease_value for n, r in self.runners.items()}

@@ -41,6 +41,7 @@ class DaemonSettings:
     engine: str = "sim"
     engine_options: Mapping[str, object] = field(default_factory=dict)
     redis_retry_max_s: float = 5.0
+    inbox_sweep_s: float = 30.0  # look in every inbox this often, in case a signal was lost
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,3 +235,30 @@ async def test_a_new_spec_restarts_the_agent_with_it(store: Store) -> None:
             return isinstance(state, CountState) and state.n == 5
 
         await wait_until(counted_to_five, what="count to the new limit")
+
+
+async def test_deleting_an_agent_whose_daemon_is_gone_purges_it_later(store: Store) -> None:
+    await apply(store, agent_doc("orphan", ECHO))
+    token = await store.acquire_lease("orphan", "dead-daemon", 300)
+    assert await store.fenced_write("orphan", f"dead-daemon|{token}", state=b"{}")
+    await Client(store).delete_agent("orphan")
+    assert await store.pending_purges() == {"orphan"}  # its owner still holds the lease
+    async with running_daemon(store):
+
+        async def purged() -> bool:
+            return not await store.pending_purges() and await store.load_state("orphan") is None
+
+        await wait_until(purged, what="the orphan's keys to be purged")
+
+
+async def test_a_message_whose_signal_was_lost_is_found_by_the_inbox_sweep(store: Store) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    async with running_daemon(store, inbox_sweep_s=0.3):
+        await wait_until(lambda: status_is(store, "echo", phase="Idle"))
+        await store._r.xadd(store.keys.inbox("echo"), {"body": "quiet", "sent_at": "0"})
+
+        async def seen() -> bool:
+            state = await state_of(store, "echo", EchoState)
+            return isinstance(state, EchoState) and state.bodies == ["quiet"]
+
+        await wait_until(seen, what="the sweep to deliver the message")

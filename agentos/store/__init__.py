@@ -340,9 +340,14 @@ class Store:
                         approximate=True,
                     )
                     await pipe.execute()
-                    return changes
+                    break
                 except rexc.WatchError:
                     continue
+        # An agent deleted and created again starts afresh, not with the old one's state.
+        created = {c.name for c in changes if c.kind == "Agent" and c.action == "created"}
+        for name in created & await self.pending_purges():
+            await self.purge_agent(name)
+        return changes
 
     @translate
     async def delete(self, kind: str, name: str, *, purge_if_unowned: bool = True) -> bool:
@@ -360,6 +365,7 @@ class Store:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hdel(k.specs, name)
             pipe.hdel(k.index, name)
+            pipe.sadd(k.deleted, name)
             pipe.incr(k.generation)
             pipe.xadd(
                 k.signals,
@@ -382,6 +388,12 @@ class Store:
     async def purge_agent(self, name: str) -> None:
         """Delete every runtime key of an agent (not its spec)."""
         await self._r.delete(*self.keys.agent_keys(name))
+        await self._r.srem(self.keys.deleted, name)
+
+    @translate
+    async def pending_purges(self) -> set[str]:
+        """Deleted agents whose runtime keys are still there."""
+        return {_s(n) for n in await self._r.smembers(self.keys.deleted)}
 
     @translate
     async def generation(self) -> int:

@@ -60,6 +60,11 @@ class Keys:
         return f"{self.namespace}:{{fleet}}:events"
 
     @property
+    def deleted(self) -> str:
+        """Set: deleted agents whose runtime keys are not yet removed (owner was busy or dead)."""
+        return f"{self.namespace}:{{fleet}}:deleted"
+
+    @property
     def daemons(self) -> str:
         """Hash: daemon id -> JSON heartbeat (host, pid, agents, last seen)."""
         return f"{self.namespace}:{{fleet}}:daemons"
