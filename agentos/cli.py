@@ -128,17 +128,34 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning agentos errors into one line and an exit code."""
     try:
         return anyio.run(fn)
-    except SpecError as e:
-        for issue in e.issues:
-            err.print(str(issue), markup=False)
-        err.print(f"{len(e.issues)} error(s); nothing was applied", markup=False)
-        raise typer.Exit(2) from None
-    except (ClientError, StoreUnavailable, EmbeddedRedisError, EngineError) as e:
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as e:
+        error = _leaf(e)
+        if isinstance(error, (typer.Exit, SystemExit)):
+            raise error from None
+        if isinstance(error, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        if isinstance(error, SpecError):
+            for issue in error.issues:
+                err.print(str(issue), markup=False)
+            err.print(f"{len(error.issues)} error(s); nothing was applied", markup=False)
+            raise typer.Exit(2) from None
         if STATE.debug:
             raise
-        _fail(str(e))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        if isinstance(error, (ClientError, StoreUnavailable, EmbeddedRedisError, EngineError)):
+            _fail(str(error))
+        _fail(
+            f"internal error: {type(error).__name__}: {error} "
+            "(run again with --debug for the traceback)"
+        )
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The one real error inside task-group exception groups."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def _client() -> Client:
@@ -231,7 +248,8 @@ def apply(
             changes = await client.apply(docs, dry_run=dry_run)
         suffix = " (dry run)" if dry_run else ""
         for c in changes:
-            out.print(f"{c.kind.lower()}/{c.name} {c.action}{suffix}", markup=False)
+            changed = f" ({', '.join(c.fields)})" if c.fields else ""
+            out.print(f"{c.kind.lower()}/{c.name} {c.action}{changed}{suffix}", markup=False)
 
     _run(go)
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,14 @@ class Client:
         self, documents: Sequence[Document], *, dry_run: bool = False
     ) -> list[AppliedChange]:
         """Store validated documents, all or nothing; returns what changed per resource."""
+        stored_agents = await self.store.agent_specs_of(
+            [d.name for d in documents if d.kind == "Agent"]
+        )
+        stored_policies = (
+            await self.store.policies() if any(d.kind == "QuotaPolicy" for d in documents) else {}
+        )
+        before = {("Agent", n): b for n, b in stored_agents.items()}
+        before |= {("QuotaPolicy", n): b for n, b in stored_policies.items()}
         records = []
         for doc in documents:
             body = doc.canonical()
@@ -172,7 +180,14 @@ class Client:
                     doc.kind, doc.name, json.dumps(body, sort_keys=True), spec_hash(body), priority
                 )
             )
-        return await self.store.apply(records, dry_run=dry_run)
+        changes = await self.store.apply(records, dry_run=dry_run)
+        by_key = {(d.kind, d.name): d.canonical() for d in documents}
+        return [
+            replace(c, fields=tuple(diff_paths(before[(c.kind, c.name)], by_key[(c.kind, c.name)])))
+            if c.action == "configured" and (c.kind, c.name) in before
+            else c
+            for c in changes
+        ]
 
     async def delete_agent(self, name: str) -> None:
         """Delete an agent: its spec now, its state and history once its daemon stops it.
@@ -299,6 +314,26 @@ class Client:
         if spec is None:
             raise NotFound(f'agent "{name}" not found')
         return spec
+
+
+def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths (``spec.config.limit``, ``spec.triggers[0]``) where two documents differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(path)
+            else:
+                out.extend(diff_paths(old[key], new[key], path))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            p
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for p in diff_paths(a, b, f"{prefix}[{i}]")
+        ]
+    return [] if old == new else [prefix or "."]
 
 
 def read_message_arg(value: str) -> str:

@@ -120,3 +120,13 @@ async def test_client_refuses_unknown_agents_and_oversized_messages(store: Store
 async def test_client_without_redis_says_how_to_get_one(tmp_path: object) -> None:
     with pytest.raises(ClientError, match="agentos up"):
         await Client.connect(Settings(redis_url=None, home=tmp_path))  # type: ignore[arg-type]
+
+
+async def test_configured_changes_name_the_fields_that_changed(store: Store) -> None:
+    client = Client(store)
+    await client.apply([agent_doc("a", ECHO, config={"limit": 1, "keep": True})])
+    (change,) = await client.apply(
+        [agent_doc("a", ECHO, priority=7, config={"limit": 2, "keep": True})], dry_run=True
+    )
+    assert change.action == "configured"
+    assert change.fields == ("spec.config.limit", "spec.priority")

@@ -95,6 +95,7 @@ class AppliedChange:
     kind: str
     name: str
     action: str
+    fields: tuple[str, ...] = ()  # for "configured": the paths that changed
 
 
 @dataclass(frozen=True, slots=True)
