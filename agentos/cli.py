@@ -190,7 +190,7 @@ def _ago(ts: float | None, now: float | None = None) -> str:
 
 def _agents_table(agents: Sequence[AgentSummary]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "ACTIVE", "OWNER", "REASON"):
+    for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"):
         table.add_column(col, no_wrap=col != "REASON")
     colors = {"Running": "green", "Idle": "cyan", "Hibernated": "blue", "Failed": "red"}
     for a in agents:
@@ -201,11 +201,25 @@ def _agents_table(agents: Sequence[AgentSummary]) -> Table:
             str(a.restarts),
             str(a.tasks),
             str(a.steps),
+            _size(a.kv_bytes),
             _ago(a.last_activity),
             a.owner or "-",
             a.reason,
         )
     return table
+
+
+def _size(nbytes: int) -> str:
+    if nbytes <= 0:
+        return "-"
+    if nbytes < 1024:
+        return f"{nbytes}B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f}{unit}"
 
 
 def _event_line(e: Event) -> str:
@@ -390,6 +404,8 @@ def _describe_text(d: dict[str, Any]) -> str:
         f"Tokens:        {status.get('tokens_in', 0)} in, {status.get('tokens_out', 0)} out",
         f"Last activity: {_since(status.get('last_activity'))}",
         f"Inbox:         {d['inboxDepth']} waiting",
+        f"Snapshot:      {_snapshot_text(status)}",
+        f"Last wake:     {_wake_text(status)}",
         "Triggers:      " + (", ".join(_trigger_text(t) for t in spec.get("triggers", [])) or "-"),
     ]
     if status.get("last_error"):
@@ -404,6 +420,24 @@ def _describe_text(d: dict[str, Any]) -> str:
         reason = f" ({e['reason']})" if e["reason"] else ""
         lines.append(f"  {stamp}  {e['type']}{reason}  {e['message']}")
     return "\n".join(lines)
+
+
+def _snapshot_text(status: dict[str, str]) -> str:
+    if not status.get("snapshot_at"):
+        return "-"
+    kept = "KV kept" if status.get("kv_kept") == "1" else "token history only"
+    return (
+        f"{_size(int(status.get('kv_bytes') or 0))}, {status.get('kv_tokens', 0)} tokens, "
+        f"{kept}, taken {_since(status.get('snapshot_at'))}"
+    )
+
+
+def _wake_text(status: dict[str, str]) -> str:
+    if not status.get("wake_path"):
+        return "-"
+    return (
+        f"{status['wake_path']} in {status.get('wake_ms', '?')} ms, {_since(status.get('woke_at'))}"
+    )
 
 
 def _since(stamp: str | None) -> str:

@@ -82,10 +82,12 @@ class AgentSummary:
     last_activity: float | None
     priority: int
     labels: dict[str, str]
+    kv_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `-o json|yaml`."""
         return {
+            "kvBytes": self.kv_bytes,
             "name": self.name,
             "phase": self.phase,
             "owner": self.owner,
@@ -234,6 +236,7 @@ class Client:
                     last_activity=float(last) if last else None,
                     priority=int(spec.get("spec", {}).get("priority", 50)),
                     labels=dict(spec.get("metadata", {}).get("labels", {})),
+                    kv_bytes=int(st.get("kv_bytes") or 0),
                 )
             )
         return out

@@ -218,7 +218,7 @@ class Daemon:
     async def _flush_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.status_flush_s)
-            dirty = [r for r in self.runners.values() if r.dirty and r.name not in self._stopping]
+            dirty = [r for r in self.runners.values() if r.dirty and r.stop_reason is None]
             if not dirty:
                 continue
             for r in dirty:

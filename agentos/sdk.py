@@ -193,10 +193,12 @@ class LLM:
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> Completion:
         """Append ``prompt`` to the context and return the model's continuation.
 
-        ``grammar`` (GBNF) constrains the output on engines that support it.
+        ``grammar`` (GBNF) or ``json_schema`` (a JSON Schema dict) constrain the output
+        on engines that support them (llama; the sim engine ignores both).
         Raises :class:`agentos.engine.EngineError` when the engine fails.
         """
         await self._ensure()
@@ -207,6 +209,7 @@ class LLM:
             stop=stop,
             temperature=temperature,
             grammar=grammar,
+            json_schema=json_schema,
         )
         self._count(completion)
         return completion
@@ -219,6 +222,7 @@ class LLM:
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[str]:
         """Like :meth:`generate`, yielding text as the model produces it."""
         await self._ensure()
@@ -234,6 +238,7 @@ class LLM:
             stop=stop,
             temperature=temperature,
             grammar=grammar,
+            json_schema=json_schema,
         ):
             if chunk.text:
                 if first is None:
@@ -262,6 +267,7 @@ class LLM:
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> Completion:
         """Send chat turns (``{"role": ..., "content": ...}``) and return the reply.
 
@@ -283,6 +289,7 @@ class LLM:
             stop=(*stop, "\nuser:"),
             temperature=temperature,
             grammar=grammar,
+            json_schema=json_schema,
         )
 
     async def reset(self) -> None:

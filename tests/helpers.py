@@ -63,6 +63,13 @@ async def wait_until(
     raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
 
 
+class _Mismatch(dict[str, str]):
+    """A status that did not match; falsy, but shows itself in timeout messages."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
 async def status_is(store: Store, name: str, **expected: str) -> dict[str, str] | None:
     st = await store.status(name)
-    return st if all(st.get(k) == v for k, v in expected.items()) else None
+    return st if all(st.get(k) == v for k, v in expected.items()) else _Mismatch(st)

@@ -204,7 +204,10 @@ async def test_apply_reports_created_unchanged_configured_and_dry_run(
 
     write(spec, COUNTER_YAML.format(limit=3))
     changed = await cli(env, "apply", "-f", str(spec))
-    assert (changed.returncode, changed.stdout) == (0, "agent/counter configured\n"), show(changed)
+    assert (changed.returncode, changed.stdout) == (
+        0,
+        "agent/counter configured (spec.config.limit)\n",
+    ), show(changed)
     configured = await store.agent_spec("counter")
     assert configured is not None
     assert configured["spec"]["config"] == {"limit": 3}
@@ -212,7 +215,10 @@ async def test_apply_reports_created_unchanged_configured_and_dry_run(
     write(spec, COUNTER_YAML.format(limit=4))
     keys = await store.namespace_keys()
     dry = await cli(env, "apply", "--dry-run", "-f", str(spec))
-    assert (dry.returncode, dry.stdout) == (0, "agent/counter configured (dry run)\n"), show(dry)
+    assert (dry.returncode, dry.stdout) == (
+        0,
+        "agent/counter configured (spec.config.limit) (dry run)\n",
+    ), show(dry)
     assert await store.agent_spec("counter") == configured
     assert await store.namespace_keys() == keys
 
@@ -242,8 +248,8 @@ async def test_up_until_idle_runs_the_fleet_and_the_read_commands_show_it(
 
     table = await cli(env, "ps")
     assert table.returncode == 0, show(table)
-    assert table.stdout.split()[:8] == [
-        *("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "ACTIVE", "OWNER", "REASON"),
+    assert table.stdout.split()[:9] == [
+        *("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"),
     ]
     assert re.search(rf"^counter\s+{row['phase']}\s+0\s+1\s+2\s", table.stdout, re.M)
 

@@ -30,6 +30,8 @@ async def test_agent_runs_its_loop_and_saves_state(store: Store) -> None:
         st = await wait_until(
             lambda: status_is(store, "counter", phase="Idle", tasks_succeeded="1"), what="idle"
         )
+        # Step and token counters arrive with the daemon's periodic status flush.
+        st = await wait_until(lambda: status_is(store, "counter", steps="3"), what="steps")
         state = await state_of(store, "counter", CountState)
     assert isinstance(state, CountState)
     assert state.n == 3
@@ -170,14 +172,15 @@ async def test_a_corrupt_snapshot_is_recomputed_and_the_event_says_why(store: St
         await wait_until(lambda: status_is(store, "chat", phase="Idle", tasks_succeeded="1"))
         await client.hibernate("chat")
         await wait_until(lambda: status_is(store, "chat", phase="Hibernated"))
-        blob = msgspec.msgpack.decode(await store.load_kv("chat"))
-        blob["data"] = blob["data"][: len(blob["data"]) // 2]  # truncated KV bytes
-        await store._r.set(store.keys.kv("chat"), msgspec.msgpack.encode(blob))
+        manifest = await store.snapshot_manifest("chat")
+        assert manifest is not None
+        assert manifest.kept_kv
+        await store._r.setrange(manifest.chunks[0].key, 100, b"garbage")  # bit rot
         await client.send("chat", "second question")
         await wait_until(lambda: status_is(store, "chat", phase="Idle", tasks_succeeded="2"))
     woke = [e for e in await store.events("chat") if e.type == "Woke"]
     assert woke[0].reason == "recompute"
-    assert "rejected" in woke[0].message
+    assert "chunk 0 of 1 corrupt" in woke[0].message
     assert "re-prefilled" in woke[0].message
     state = await state_of(store, "chat", EchoState)
     reference = SimEngine(seed=7)

@@ -11,9 +11,9 @@ and re-prefills on wake.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Completion",
@@ -141,11 +141,13 @@ class Engine(Protocol):
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Append ``prompt`` to the session's context and stream a continuation.
 
         The generated tokens stay in the session's context. The last chunk has
-        ``finished=True``.
+        ``finished=True``. ``grammar`` (GBNF) or ``json_schema`` constrain the output
+        on engines that support it; ``prompt`` must not be empty.
         """
         ...
 
@@ -158,6 +160,7 @@ class Engine(Protocol):
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> Completion:
         """Like :meth:`stream`, collected into one :class:`Completion`."""
         ...

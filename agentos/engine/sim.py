@@ -33,9 +33,9 @@ import hashlib
 import re
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -309,6 +309,7 @@ class SimEngine:
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Prefill ``prompt`` and stream a continuation; ``temperature`` and ``grammar`` are
         ignored (see the module docstring). Bad arguments raise here, not on first ``anext``.
@@ -364,6 +365,7 @@ class SimEngine:
         stop: Sequence[str] = (),
         temperature: float = 0.0,
         grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> Completion:
         start = time.perf_counter()
         first: float | None = None
@@ -379,6 +381,7 @@ class SimEngine:
             stop=stop,
             temperature=temperature,
             grammar=grammar,
+            json_schema=json_schema,
         )
         async for chunk in chunks:
             if first is None and chunk.token_ids:

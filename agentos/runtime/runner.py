@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-import msgspec
 
-from agentos.engine.base import Completion, Engine, KVSnapshot, NoFreeSlot
+from agentos.engine.base import Completion, Engine, EngineError, NoFreeSlot
+from agentos.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
 from agentos.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
 from agentos.runtime.loop import AgentCodeError, EntrypointError, load_agent_class, run_task
 from agentos.sdk import (
@@ -40,7 +40,7 @@ from agentos.sdk import (
     freeze_config,
 )
 from agentos.spec import AgentResource
-from agentos.store import InboxMessage, Store, StoreUnavailable
+from agentos.store import InboxMessage, LoadedSnapshot, Store, StoreUnavailable
 from agentos.triggers import TriggerClock
 
 __all__ = ["AgentRunner", "LeaseLost", "SlotArbiter"]
@@ -63,6 +63,7 @@ class SlotArbiter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.runners: dict[str, AgentRunner] = {}
+        self.meter = CostMeter()  # store bandwidth and prefill speed, measured as we go
 
     async def open(self, requester: AgentRunner, *, timeout_s: float = 30.0) -> None:
         """Open ``requester``'s session, hibernating others to make room if needed.
@@ -83,17 +84,18 @@ class SlotArbiter:
         raise NoFreeSlot(f"no engine slot became free within {timeout_s:g}s for {requester.name}")
 
     def _choose(self, requester: AgentRunner) -> AgentRunner | None:
-        candidates = [
-            r
+        holders = [
+            SlotHolder(
+                r.name,
+                r.priority,
+                r.last_activity,
+                idle=r.phase is Phase.IDLE and not r.hibernate_requested,
+            )
             for r in self.runners.values()
-            if r is not requester
-            and r.phase is Phase.IDLE
-            and not r.hibernate_requested
-            and self.engine.has_session(r.name)
+            if self.engine.has_session(r.name)
         ]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda r: (r.priority, r.last_activity))
+        victim = choose_victim(holders, exclude=requester.name)
+        return None if victim is None else self.runners[victim]
 
 
 @dataclass(slots=True)
@@ -158,6 +160,7 @@ class AgentRunner:
         self._agent_cls: type[Agent] | None = None
         self._unacked: str | None = None
         self._interrupted = False  # cancelled in the middle of an iteration
+        self._snapshot_tokens = -1  # context length covered by the stored snapshot
 
     # ------------------------------------------------------------------ control
 
@@ -197,15 +200,25 @@ class AgentRunner:
         )
 
     def counters(self) -> dict[str, object]:
-        """Status fields the daemon flushes periodically."""
+        """Fast-moving status fields, written only by the daemon's periodic flush.
+
+        Every status field has one writer: these from the flush, task counts and phase
+        from the runner itself, so a flush in flight can never overwrite a newer value.
+        """
         return {
             "steps": self.steps,
-            "tasks_succeeded": self.tasks_succeeded,
-            "tasks_failed": self.tasks_failed,
-            "restarts": self.restarts,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "last_activity": repr(self.last_activity),
+        }
+
+    def task_counters(self) -> dict[str, object]:
+        """Task outcome fields, written with the phase change that produced them."""
+        return {
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "restarts": self.restarts,
+            "consecutive_failures": self.consecutive_failures,
         }
 
     # ------------------------------------------------------------------ main
@@ -437,7 +450,7 @@ class AgentRunner:
             state = self._encode_state()
             await self._set_phase(
                 PhaseEvent.IDLE,
-                status={**self.counters(), "consecutive_failures": 0},
+                status=self.task_counters(),
                 state=state,
                 ack_id=self._unacked,
             )
@@ -493,7 +506,7 @@ class AgentRunner:
         await self._set_phase(
             PhaseEvent.CRASH,
             status={
-                **self.counters(),
+                **self.task_counters(),
                 "consecutive_failures": self.consecutive_failures,
                 "last_error": str(error),
                 "last_traceback": error.tb,
@@ -522,7 +535,7 @@ class AgentRunner:
         self.phase = transition(self.phase, PhaseEvent.FAIL)
         await self._write(
             status={
-                **self.counters(),
+                **self.task_counters(),
                 "phase": self.phase.value,
                 "owner": self.daemon_id,
                 "reason": reason,
@@ -575,20 +588,15 @@ class AgentRunner:
         await self._set_phase(
             PhaseEvent.HIBERNATE, status={"reason": "Hibernating", "message": why}
         )
-        kv_bytes = 0
-        tokens = 0
+        status: dict[str, object] = {}
+        detail = "no engine session"
         if self.engine.has_session(self.name):
-            snapshot = await self.engine.export_kv(self.name)
-            blob = msgspec.msgpack.encode(
-                {
-                    "fingerprint": snapshot.fingerprint,
-                    "tokens": list(snapshot.tokens),
-                    "data": snapshot.data,
-                }
-            )
-            if not await self._retry(lambda: self.store.save_kv(self.name, self.lease_value, blob)):
-                raise LeaseLost(self.name)
-            kv_bytes, tokens = len(snapshot.data or b""), len(snapshot.tokens)
+            info = self.engine.session_info(self.name)
+            if info.n_tokens == self._snapshot_tokens:
+                # Nothing was added since the last snapshot (woken, but the model unused).
+                detail = f"snapshot unchanged ({info.n_tokens} tokens)"
+            else:
+                status, detail = await self._save_snapshot()
             self.engine.close_session(self.name)
         took_ms = (time.perf_counter() - started) * 1000
         await self._set_phase(
@@ -596,54 +604,108 @@ class AgentRunner:
             status={
                 "reason": "Hibernated",
                 "message": why,
-                "kv_bytes": kv_bytes,
-                "kv_tokens": tokens,
                 "hibernated_at": repr(self.clock()),
-                **self.counters(),
+                "hibernate_ms": f"{took_ms:.1f}",
+                **status,
+                **self.task_counters(),
             },
-            event=self._event(
-                "Hibernated", why, f"{kv_bytes} KV bytes, {tokens} tokens, {took_ms:.1f} ms"
-            ),
+            event=self._event("Hibernated", why, f"{detail}; {took_ms:.1f} ms"),
         )
+
+    async def _save_snapshot(self) -> tuple[dict[str, object], str]:
+        snapshot = await self.engine.export_kv(self.name)
+        nbytes, n_tokens = len(snapshot.data or b""), len(snapshot.tokens)
+        meter = self.arbiter.meter
+        decision = decide_keep_kv(
+            self.resource.spec.hibernation.keep_kv,
+            nbytes,
+            n_tokens,
+            read_bps=meter.read_bps,
+            prefill_tps=meter.prefill_tps,
+        )
+        saved = await self._retry(
+            lambda: self.store.save_snapshot(
+                self.name,
+                self.lease_value,
+                snapshot,
+                keep_kv=decision.keep,
+                reason=decision.reason,
+            )
+        )
+        if saved is None:
+            raise LeaseLost(self.name)
+        meter.observe_write(saved.manifest.total_bytes, saved.seconds)
+        self._snapshot_tokens = n_tokens
+        stored = saved.manifest.total_bytes
+        detail = (
+            f"{stored} KV bytes, {n_tokens} tokens, {decision.reason}"
+            if decision.keep
+            else f"token history only ({n_tokens} tokens), {decision.reason}"
+        )
+        status: dict[str, object] = {
+            "kv_bytes": stored,
+            "kv_tokens": n_tokens,
+            "kv_kept": int(decision.keep),
+            "snapshot_at": repr(saved.manifest.created_at),
+        }
+        return status, detail
 
     async def _wake(self, trigger: str) -> None:
         started = time.perf_counter()
         await self._set_phase(
             PhaseEvent.WAKE, status={"reason": "Waking", "message": f"woken by {trigger}"}
         )
-        blob = await self._retry(lambda: self.store.load_kv(self.name))
-        path, why = "empty", "no KV snapshot"
-        if blob is not None:
+        loaded = await self._retry(lambda: self.store.load_snapshot(self.name))
+        path, why = "empty", loaded.reason
+        if loaded.manifest is not None:
             if not self.engine.has_session(self.name):
                 await self.arbiter.open(self)
-            try:
-                raw = msgspec.msgpack.decode(blob)
-                snapshot = KVSnapshot(
-                    fingerprint=str(raw["fingerprint"]),
-                    tokens=tuple(int(t) for t in raw["tokens"]),
-                    data=raw.get("data"),
-                )
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError) as e:
-                path, why = "empty", f"snapshot unreadable ({e}); context starts empty"
-            else:
-                if snapshot.fingerprint != self.engine.fingerprint():
-                    ok, why = False, "snapshot from another engine build"
-                else:
-                    ok = await self.engine.import_kv(self.name, snapshot)
-                    why = "KV restored" if ok else "KV rejected by engine"
-                if ok:
-                    path = "restore"
-                else:
-                    await self.engine.prefill(self.name, snapshot.tokens)
-                    path = "recompute"
-                    why += f"; re-prefilled {len(snapshot.tokens)} tokens"
-            await self._retry(lambda: self.store.delete_kv(self.name))
-        took_ms = (time.perf_counter() - started) * 1000
+            path, why = await self._restore(loaded)
+        took_s = time.perf_counter() - started
         await self._set_phase(
             PhaseEvent.WOKE,
-            status={"reason": "Woke", "message": why, "wake_path": path, "kv_bytes": 0},
-            event=self._event("Woke", path, f"{why} in {took_ms:.1f} ms (trigger {trigger})"),
+            status={
+                "reason": "Woke",
+                "message": why,
+                "wake_path": path,
+                "wake_ms": f"{took_s * 1000:.1f}",
+                "woke_at": repr(self.clock()),
+            },
+            event=self._event("Woke", path, f"{why} in {took_s * 1000:.1f} ms (trigger {trigger})"),
         )
+
+    async def _restore(self, loaded: LoadedSnapshot) -> tuple[str, str]:
+        """Restore the KV if it is valid for this engine, else re-prefill; never raises."""
+        meter = self.arbiter.meter
+        snapshot = loaded.snapshot
+        why = loaded.reason
+        if snapshot is not None:
+            if snapshot.fingerprint != self.engine.fingerprint():
+                why = "snapshot from another engine build or configuration"
+            else:
+                try:
+                    ok = await self.engine.import_kv(self.name, snapshot)
+                except EngineError as e:
+                    ok, why = False, f"engine refused the KV: {e}"
+                else:
+                    why = "KV restored" if ok else "KV rejected by the engine"
+                if ok:
+                    meter.observe_read(loaded.nbytes, loaded.seconds)
+                    self._snapshot_tokens = len(snapshot.tokens)
+                    return (
+                        "restore",
+                        f"{why} ({loaded.nbytes} bytes, {len(snapshot.tokens)} tokens)",
+                    )
+        if not loaded.tokens:
+            return "empty", f"{why}; context starts empty"
+        try:
+            seconds = await self.engine.prefill(self.name, loaded.tokens)
+        except EngineError as e:
+            self.engine.close_session(self.name)
+            return "empty", f"{why}; re-prefill failed ({e}); context starts empty"
+        meter.observe_prefill(len(loaded.tokens), seconds)
+        self._snapshot_tokens = len(loaded.tokens)
+        return "recompute", f"{why}; re-prefilled {len(loaded.tokens)} tokens"
 
     # ------------------------------------------------------------------ stopping
 
@@ -681,7 +743,8 @@ class AgentRunner:
             await self.store.release_lease(self.name, self.lease_value)
             return
         self.engine.close_session(self.name)
-        status: dict[str, object] = {**self.counters(), "owner": ""}
+        # The flush loop skips stopping runners: this write carries every counter.
+        status: dict[str, object] = {**self.counters(), **self.task_counters(), "owner": ""}
         if self.phase is not Phase.HIBERNATED and self.phase is not Phase.FAILED:
             self.phase = transition(self.phase, PhaseEvent.STOP)
             status.update(

@@ -23,7 +23,9 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from agentos.engine.base import KVSnapshot
 from agentos.store.keys import INBOX_GROUP, Keys
+from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 
 __all__ = [
     "INBOX_GROUP",
@@ -33,6 +35,9 @@ __all__ = [
     "InboxMessage",
     "Keys",
     "LeaseInfo",
+    "LoadedSnapshot",
+    "Manifest",
+    "SavedSnapshot",
     "SpecRecord",
     "Store",
     "StoreError",
@@ -190,6 +195,7 @@ class Store:
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
         self._fenced = client.register_script(_load_script("fenced_write"))
+        self.snapshots = Snapshots(client, keys, client.register_script(_load_script("kv_commit")))
 
     @classmethod
     async def connect(
@@ -387,7 +393,8 @@ class Store:
 
     @translate
     async def purge_agent(self, name: str) -> None:
-        """Delete every runtime key of an agent (not its spec)."""
+        """Delete every runtime key of an agent (not its spec), its snapshot included."""
+        await self.snapshots.delete(name)
         await self._r.delete(*self.keys.agent_keys(name))
         await self._r.srem(self.keys.deleted, name)
 
@@ -824,32 +831,23 @@ class Store:
     # ---------------------------------------------------------------- hibernated KV
 
     @translate
-    async def save_kv(self, name: str, lease_value: str, blob: bytes) -> bool:
-        """Store the agent's engine snapshot while we hold its lease."""
-        k = self.keys
-        async with self._r.pipeline(transaction=True) as pipe:
-            await pipe.watch(k.lease(name))
-            if _s(await pipe.get(k.lease(name))) != lease_value:
-                await pipe.unwatch()
-                return False
-            pipe.multi()
-            pipe.set(k.kv(name), blob)
-            try:
-                await pipe.execute()
-            except rexc.WatchError:
-                return False
-        return True
+    async def save_snapshot(
+        self, name: str, lease_value: str, snapshot: KVSnapshot, *, keep_kv: bool, reason: str = ""
+    ) -> SavedSnapshot | None:
+        """Write and commit the agent's KV snapshot; None when the lease is not ours."""
+        return await self.snapshots.save(
+            name, lease_value, snapshot, keep_kv=keep_kv, reason=reason
+        )
 
     @translate
-    async def load_kv(self, name: str) -> bytes | None:
-        """The agent's stored engine snapshot, or None."""
-        value = await self._r.get(self.keys.kv(name))
-        return bytes(value) if value is not None else None
+    async def load_snapshot(self, name: str) -> LoadedSnapshot:
+        """Read and verify the agent's snapshot (invalid ones come back with a reason)."""
+        return await self.snapshots.load(name)
 
     @translate
-    async def delete_kv(self, name: str) -> None:
-        """Drop the stored snapshot (after a successful wake)."""
-        await self._r.delete(self.keys.kv(name))
+    async def snapshot_manifest(self, name: str) -> Manifest | None:
+        """The committed snapshot's manifest, or None."""
+        return await self.snapshots.manifest(name)
 
     # ---------------------------------------------------------------- daemons
 

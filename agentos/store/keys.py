@@ -97,9 +97,17 @@ class Keys:
         """Stream: messages for the agent, read through the INBOX_GROUP consumer group."""
         return self._agent(name, "inbox")
 
-    def kv(self, name: str) -> str:
-        """String: the agent's hibernated engine snapshot."""
+    def kv_manifest(self, name: str) -> str:
+        """String: the manifest (msgspec) of the agent's committed KV snapshot."""
         return self._agent(name, "kv")
+
+    def kv_pending(self, name: str) -> str:
+        """String: id and chunk count of a snapshot being written (for clean-up after a crash)."""
+        return self._agent(name, "kv:pending")
+
+    def kv_chunk(self, name: str, snapshot_id: str, index: int) -> str:
+        """String: one chunk (about 1 MiB) of a KV snapshot."""
+        return self._agent(name, f"kv:{snapshot_id}:{index}")
 
     def agent_keys(self, name: str) -> list[str]:
         """Every key that belongs to one agent, for deletion.
@@ -113,5 +121,6 @@ class Keys:
             self.events(name),
             self.state(name),
             self.inbox(name),
-            self.kv(name),
+            self.kv_manifest(name),
+            self.kv_pending(name),
         ]

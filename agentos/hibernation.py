@@ -1,0 +1,107 @@
+"""Which agents to swap out, and whether their KV cache is worth keeping: pure decisions.
+
+Restoring an agent's KV pays off when reading the snapshot back beats recomputing it:
+``kv_bytes / read_bandwidth < tokens / prefill_speed`` (the InferCept / Continuum
+idea). Both speeds are measured online by :class:`CostMeter` from real hibernations,
+wakes and prefills, so the choice follows the machine and the Redis it actually has.
+When slots run out, :func:`choose_victim` names the idle agent to swap out: lowest
+priority first, then least recently active; never one that is mid-task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CostMeter", "KVDecision", "SlotHolder", "choose_victim", "decide_keep_kv"]
+
+# Starting points until the first measurements arrive (FACTS: loopback Redis, 2 cores).
+DEFAULT_READ_BPS = 500e6
+DEFAULT_WRITE_BPS = 200e6
+DEFAULT_PREFILL_TPS = 650.0
+IMPORT_OVERHEAD_S = 0.01  # llama.cpp's per-sequence import, measured at 4-10 ms
+
+
+@dataclass(frozen=True, slots=True)
+class KVDecision:
+    """Whether to store the KV bytes, with the estimates behind the choice."""
+
+    keep: bool
+    restore_s: float
+    recompute_s: float
+    reason: str
+
+
+def decide_keep_kv(
+    policy: str, kv_bytes: int, tokens: int, *, read_bps: float, prefill_tps: float
+) -> KVDecision:
+    """Decide for ``keepKV`` = ``always`` | ``never`` | ``auto``.
+
+    ``auto`` keeps the bytes only when restoring them (read + import) is estimated to
+    be faster than re-prefilling ``tokens``. Without KV bytes there is nothing to keep.
+    """
+    restore_s = kv_bytes / max(read_bps, 1.0) + IMPORT_OVERHEAD_S
+    recompute_s = tokens / max(prefill_tps, 1e-9)
+    if kv_bytes <= 0:
+        return KVDecision(False, restore_s, recompute_s, "no KV to keep")
+    if policy == "always":
+        return KVDecision(True, restore_s, recompute_s, "keepKV: always")
+    if policy == "never":
+        return KVDecision(False, restore_s, recompute_s, "keepKV: never")
+    keep = restore_s < recompute_s
+    verdict = "restore beats recompute" if keep else "recompute is as cheap as restore"
+    return KVDecision(
+        keep,
+        restore_s,
+        recompute_s,
+        f"keepKV: auto ({verdict}: {restore_s * 1000:.1f} ms vs {recompute_s * 1000:.1f} ms)",
+    )
+
+
+class CostMeter:
+    """Exponentially weighted estimates of store bandwidth and prefill speed."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.read_bps = DEFAULT_READ_BPS
+        self.write_bps = DEFAULT_WRITE_BPS
+        self.prefill_tps = DEFAULT_PREFILL_TPS
+
+    def _mix(self, old: float, new: float) -> float:
+        return (1 - self.alpha) * old + self.alpha * new
+
+    def observe_read(self, nbytes: int, seconds: float) -> None:
+        """A snapshot of ``nbytes`` was read back in ``seconds``."""
+        if nbytes >= 1 << 20 and seconds > 0:  # small reads measure latency, not bandwidth
+            self.read_bps = self._mix(self.read_bps, nbytes / seconds)
+
+    def observe_write(self, nbytes: int, seconds: float) -> None:
+        """A snapshot of ``nbytes`` was written in ``seconds``."""
+        if nbytes >= 1 << 20 and seconds > 0:
+            self.write_bps = self._mix(self.write_bps, nbytes / seconds)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """``tokens`` were prefilled in ``seconds``."""
+        if tokens >= 32 and seconds > 0:
+            self.prefill_tps = self._mix(self.prefill_tps, tokens / seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotHolder:
+    """An agent holding an engine slot, as the slot arbiter sees it."""
+
+    name: str
+    priority: int
+    last_activity: float
+    idle: bool  # False while it runs a task: never swapped out then
+
+
+def choose_victim(holders: Sequence[SlotHolder], *, exclude: str = "") -> str | None:
+    """The agent to hibernate to free a slot, or None when every holder is busy.
+
+    Lowest priority first; among equals the least recently active; ties by name.
+    """
+    candidates = [h for h in holders if h.idle and h.name != exclude]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda h: (h.priority, h.last_activity, h.name)).name
