@@ -1,5 +1,7 @@
 # One target per habit. `make run` and `make test` create .venv on first use (and
 # again whenever pyproject.toml changes), so a fresh clone needs only Python 3.11+.
+# The llama extra compiles llama.cpp the first time (about 5 minutes on 2 cores);
+# pip caches the wheel after that.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,11 +15,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "agentos needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,llama]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/agentos up -f examples/ -f policies/
+	$(BIN)/agentos up -f examples/ -f policies/ --engine llama
 
 test: lint
 	$(BIN)/pytest

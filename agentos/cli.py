@@ -565,8 +565,30 @@ def version() -> None:
 # ---------------------------------------------------------------------- daemon
 
 
+def _engine_options(
+    engine: str, model: Path | None, slots: int | None, n_ctx: int | None
+) -> dict[str, object]:
+    options: dict[str, object] = {}
+    if slots is not None:
+        options["slots"] = slots
+    if engine == "llama":
+        options["home"] = STATE.settings.home
+        if model is not None:
+            options["model_path"] = model
+        if n_ctx is not None:
+            options["n_ctx"] = n_ctx
+    elif model is not None or n_ctx is not None:
+        _fail(f"--model and --n-ctx apply to the llama engine, not {engine!r}", 2)
+    return options
+
+
 def _daemon_settings(
-    engine: str, max_agents: int | None, grace: str, daemon_id: str | None, lease_ttl: str
+    engine: str,
+    max_agents: int | None,
+    grace: str,
+    daemon_id: str | None,
+    lease_ttl: str,
+    engine_options: dict[str, object],
 ) -> DaemonSettings:
     values = {}
     for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl)):
@@ -582,10 +604,22 @@ def _daemon_settings(
         max_agents=max_agents,
         grace_s=values["--grace"],
         lease_ttl_s=values["--lease-ttl"],
+        engine_options=engine_options,
     )
 
 
-EngineOpt = Annotated[str, typer.Option(help="Inference engine: sim (more with extras).")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(help="Inference engine: llama (the real model, extra agentos[llama]) or sim."),
+]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(help="GGUF model file (llama). Default: Gemma 3 270M from PyPI, in AGENTOS_HOME."),
+]
+SlotsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Agents holding the model at once (engine slots).")
+]
+NCtxOpt = Annotated[int | None, typer.Option(min=256, help="Context tokens per agent (llama).")]
 GraceOpt = Annotated[str, typer.Option(help="How long agents get to stop on shutdown.")]
 LeaseOpt = Annotated[
     str,
@@ -596,6 +630,9 @@ LeaseOpt = Annotated[
 @app.command()
 def daemon(
     engine: EngineOpt = "sim",
+    model: ModelOpt = None,
+    slots: SlotsOpt = None,
+    n_ctx: NCtxOpt = None,
     max_agents: Annotated[
         int | None, typer.Option(min=1, help="Agents this daemon runs at most.")
     ] = None,
@@ -607,7 +644,8 @@ def daemon(
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(logging.INFO)
-    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl)
+    options = _engine_options(engine, model, slots, n_ctx)
+    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl, options)
     _run(
         lambda: _serve(
             dsettings, files=[], duration_s=None, until_idle=False, embedded=False, live=False
@@ -619,6 +657,9 @@ def daemon(
 def up(
     files: FilesOpt = [],  # noqa: B006 (typer reads the default)
     engine: EngineOpt = "sim",
+    model: ModelOpt = None,
+    slots: SlotsOpt = None,
+    n_ctx: NCtxOpt = None,
     for_: Annotated[
         str | None, typer.Option("--for", help="Stop after this long (e.g. 30s).")
     ] = None,
@@ -640,7 +681,8 @@ def up(
             _fail(f"--for: {e}", 2)
     docs = _run_sync_load(files) if files else []
     _setup_logging(logging.WARNING)
-    dsettings = _daemon_settings(engine, None, grace, None, lease_ttl)
+    options = _engine_options(engine, model, slots, n_ctx)
+    dsettings = _daemon_settings(engine, None, grace, None, lease_ttl, options)
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None
     _run(lambda: _serve(dsettings, docs, duration_s, until_idle, embedded, live))

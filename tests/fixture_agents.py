@@ -82,3 +82,34 @@ class Slow(agentos.Agent):
 
 class NotAnAgent:
     """An entrypoint that is not an Agent subclass."""
+
+
+class ReaderState(msgspec.Struct):
+    replies: list[str] = msgspec.field(default_factory=list)
+
+
+def long_text(words: int) -> str:
+    """A deterministic, varied text of about ``words`` words (the context to hibernate)."""
+    subjects = ["The river", "A small robot", "The old library", "Our team", "The garden"]
+    verbs = ["remembers", "measures", "describes", "repairs", "watches"]
+    objects = ["the morning light", "a broken clock", "seven letters", "the north wall", "rain"]
+    parts = []
+    for i in range(words // 6 + 1):
+        parts.append(f"{subjects[i % 5]} {verbs[(i * 3) % 5]} {objects[(i * 7) % 5]} on day {i}.")
+    return " ".join(parts)
+
+
+class Reader(agentos.Agent):
+    """Reads a long text into its context on "read N", then answers "continue"."""
+
+    State = ReaderState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        assert isinstance(plan, agentos.Message)
+        if plan.body.startswith("read "):
+            prompt = long_text(int(plan.body.split()[1])) + "\nSummary:"
+        else:
+            prompt = "\nQuestion: what happens next?\nAnswer:"
+        completion = await ctx.llm.generate(prompt, max_tokens=16)
+        ctx.state.replies.append(completion.text)
+        return completion.text

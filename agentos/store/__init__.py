@@ -42,6 +42,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "TaskWrite",
     "redact_url",
 ]
 
@@ -126,6 +127,20 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskWrite:
+    """A task record update that rides along with a fenced write.
+
+    ``created_at`` (on the first write) indexes the task; ``idempotency_key`` marks the
+    key as completed, in the same atomic step as the state and the inbox ack.
+    """
+
+    id: str
+    fields: Mapping[str, object]
+    created_at: float | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSnapshot:
     """What a daemon reads when it takes an agent: status, state, its pending messages."""
 
@@ -194,7 +209,7 @@ class Store:
         self._acquire = client.register_script(_load_script("lease_acquire"))
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
-        self._fenced = client.register_script(_load_script("fenced_write"))
+        self._fenced = client.register_script(_load_script("fenced_ops"))
         self.snapshots = Snapshots(client, keys, client.register_script(_load_script("kv_commit")))
 
     @classmethod
@@ -548,6 +563,74 @@ class Store:
 
     # ---------------------------------------------------------------- status, events, state
 
+    def _ops(
+        self,
+        name: str,
+        *,
+        status: Mapping[str, object] | None = None,
+        clear: Sequence[str] = (),
+        event_json: str | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+        task: TaskWrite | None = None,
+        schedule: Mapping[str, float] | None = None,
+        release: bool = False,
+    ) -> tuple[list[str], list[str | bytes]]:
+        """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)."""
+        k = self.keys
+        keys = [k.lease(name)]
+        ops: list[list[object]] = []
+
+        def key(name_: str) -> int:
+            if name_ not in keys:
+                keys.append(name_)
+            return keys.index(name_) + 1
+
+        if status:
+            flat: list[object] = ["HSET", key(k.status(name))]
+            for f, v in status.items():
+                flat += [f, str(v)]
+            ops.append(flat)
+        if clear:
+            ops.append(["HDEL", key(k.status(name)), *clear])
+        if event_json is not None:
+            ops.append(
+                [
+                    "XADD",
+                    key(k.events(name)),
+                    "MAXLEN",
+                    "~",
+                    EVENTS_MAXLEN,
+                    "*",
+                    "event",
+                    event_json,
+                ]
+            )
+        if state is not None:
+            ops.append(["SET", key(k.state(name)), {"argv": 3}])
+        if ack_id:
+            ops.append(["XACK", key(k.inbox(name)), INBOX_GROUP, ack_id])
+        if task is not None:
+            flat = ["HSET", key(k.task(name, task.id))]
+            for f, v in task.fields.items():
+                flat += [f, str(v)]
+            ops.append(flat)
+            if task.created_at is not None:
+                ops.append(["ZADD", key(k.tasks(name)), repr(task.created_at), task.id])
+            if task.idempotency_key:
+                ops.append(
+                    ["ZADD", key(k.idempotency(name)), repr(time.time()), task.idempotency_key]
+                )
+        if schedule:
+            flat = ["HSET", key(k.schedule(name))]
+            for f, at in schedule.items():
+                flat += [f, repr(at)]
+            ops.append(flat)
+        if release:
+            ops.append(["DEL", key(k.lease(name))])
+        encoded = json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
+        return keys, [encoded, state if state is not None else b""]
+
     @translate
     async def fenced_write(
         self,
@@ -559,38 +642,34 @@ class Store:
         event: Mapping[str, str] | None = None,
         state: bytes | None = None,
         ack_id: str | None = None,
+        task: TaskWrite | None = None,
+        schedule: Mapping[str, float] | None = None,
         release: bool = False,
     ) -> bool:
-        """Write status fields, an event, the durable state and an inbox ack atomically.
-
-        With ``release`` the lease is dropped in the same step (a clean stop).
+        """Write status fields, an event, the durable state, an inbox ack, a task record
+        and schedule times atomically.
 
         Happens only while ``lease_value`` is still the agent's lease; returns False
-        (and writes nothing) when it is not. The event is also copied to the fleet
-        feed (outside the atomic part: on Cluster it lives in another slot).
+        (and writes nothing) when it is not. With ``release`` the lease is dropped in
+        the same step (a clean stop). The event is also copied to the fleet feed
+        (outside the atomic part: on Cluster it lives in another slot).
         """
-        k = self.keys
-        event_json = ""
-        if event is not None:
-            event_json = json.dumps(dict(event))
-        ok = await self._fenced(
-            keys=[k.lease(name), k.status(name), k.events(name), k.state(name), k.inbox(name)],
-            args=[
-                lease_value,
-                json.dumps({f: str(v) for f, v in status.items()}) if status else "",
-                event_json,
-                EVENTS_MAXLEN,
-                "1" if state is not None else "0",
-                state if state is not None else b"",
-                INBOX_GROUP if ack_id else "",
-                ack_id or "",
-                json.dumps(list(clear)) if clear else "",
-                "1" if release else "0",
-            ],
+        event_json = json.dumps(dict(event)) if event is not None else None
+        keys, ops = self._ops(
+            name,
+            status=status,
+            clear=clear,
+            event_json=event_json,
+            state=state,
+            ack_id=ack_id,
+            task=task,
+            schedule=schedule,
+            release=release,
         )
-        if ok and event is not None:
+        ok = await self._fenced(keys=keys, args=[lease_value, *ops])
+        if ok and event_json is not None:
             await self._r.xadd(
-                k.fleet_events,
+                self.keys.fleet_events,
                 {"agent": name, "event": event_json},
                 maxlen=FLEET_EVENTS_MAXLEN,
                 approximate=True,
@@ -604,31 +683,10 @@ class Store:
         """Many status-only fenced writes in one pipeline: (agent, lease value, fields)."""
         if not updates:
             return []
-        k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for name, lease_value, fields in updates:
-                await self._fenced(
-                    keys=[
-                        k.lease(name),
-                        k.status(name),
-                        k.events(name),
-                        k.state(name),
-                        k.inbox(name),
-                    ],
-                    args=[
-                        lease_value,
-                        json.dumps({f: str(v) for f, v in fields.items()}),
-                        "",
-                        EVENTS_MAXLEN,
-                        "0",
-                        b"",
-                        "",
-                        "",
-                        "",
-                        "0",
-                    ],
-                    client=pipe,
-                )
+                keys, ops = self._ops(name, status=fields)
+                await self._fenced(keys=keys, args=[lease_value, *ops], client=pipe)
             return [bool(x) for x in await pipe.execute()]
 
     @translate

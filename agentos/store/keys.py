@@ -109,6 +109,22 @@ class Keys:
         """String: one chunk (about 1 MiB) of a KV snapshot."""
         return self._agent(name, f"kv:{snapshot_id}:{index}")
 
+    def task(self, name: str, task_id: str) -> str:
+        """Hash: one task record (trigger, times, attempt, status, error, tokens, result)."""
+        return self._agent(name, f"task:{task_id}")
+
+    def tasks(self, name: str) -> str:
+        """Sorted set: the agent's task ids by creation time (for listing and retention)."""
+        return self._agent(name, "tasks")
+
+    def idempotency(self, name: str) -> str:
+        """Sorted set: idempotency keys of completed messages, scored by completion time."""
+        return self._agent(name, "idempotency")
+
+    def schedule(self, name: str) -> str:
+        """Hash: trigger index -> next fire time, so a restarted daemon continues the schedule."""
+        return self._agent(name, "schedule")
+
     def agent_keys(self, name: str) -> list[str]:
         """Every key that belongs to one agent, for deletion.
 
@@ -123,4 +139,7 @@ class Keys:
             self.inbox(name),
             self.kv_manifest(name),
             self.kv_pending(name),
+            self.tasks(name),
+            self.idempotency(name),
+            self.schedule(name),
         ]
