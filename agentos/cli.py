@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -412,6 +413,11 @@ def _describe_text(d: dict[str, Any]) -> str:
         lines += ["", f"Last error:    {status['last_error']}"]
         if status.get("last_traceback"):
             lines += ["", status["last_traceback"].rstrip()]
+    lines += ["", "Recent tasks:"]
+    if not d.get("tasks"):
+        lines.append("  <none>")
+    for row in d.get("tasks", []):
+        lines.append("  " + _task_line(row))
     lines += ["", "Events:"]
     if not d["events"]:
         lines.append("  <none>")
@@ -511,8 +517,14 @@ def send(
     traceparent: Annotated[
         str | None, typer.Option(help="W3C traceparent to continue the sender's trace.")
     ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the task and print its result.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long --wait waits.")] = "60s",
 ) -> None:
     """Put a message in an agent's inbox."""
+    try:
+        timeout_s = parse_duration(timeout)
+    except ValueError as e:
+        _fail(f"--timeout: {e}", 2)
     try:
         body = read_message_arg(message)
     except OSError as e:
@@ -521,9 +533,72 @@ def send(
     async def go() -> None:
         async with await _client() as client:
             msg_id = await client.send(name, body, key=key, traceparent=traceparent)
-        out.print(f"sent {msg_id} to {name}", markup=False)
+            if not wait:
+                out.print(f"sent {msg_id} to {name}", markup=False)
+                return
+            record = await client.wait_task(name, f"m-{msg_id}", timeout_s=timeout_s)
+        if record.get("status") == "failed":
+            _fail(f"task m-{msg_id} failed: {record.get('error', '')}")
+        out.print(record.get("result", ""), markup=False)
 
     _run(go)
+
+
+@app.command()
+def tasks(
+    name: Annotated[str | None, typer.Argument(help="An agent; every agent if left out.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep refreshing.")] = False,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Recent tasks (one per wake-up) with their trigger, status, attempt and result."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            seen: dict[str, str] = {}
+            while True:
+                rows = await client.tasks(name, count=count)
+                if not follow:
+                    _emit(rows, output, partial(_tasks_table, rows))
+                    return
+                for row in reversed(rows):
+                    key = row.get("id", "")
+                    if seen.get(key) != row.get("status"):
+                        seen[key] = row.get("status", "")
+                        out.print(_task_line(row), markup=False)
+                await anyio.sleep(1)
+
+    _run(go)
+
+
+def _tasks_table(rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT"):
+        table.add_column(col, no_wrap=col != "RESULT")
+    for row in rows:
+        table.add_row(*_task_cells(row))
+    return table
+
+
+def _task_cells(row: dict[str, str]) -> list[str]:
+    started, finished = row.get("started_at"), row.get("finished_at")
+    took = f"{float(finished) - float(started):.2f}s" if started and finished else "-"
+    detail = row.get("error") or row.get("result") or row.get("payload", "")
+    return [
+        row.get("agent", ""),
+        row.get("id", ""),
+        row.get("trigger", ""),
+        row.get("status", ""),
+        row.get("attempt", ""),
+        _ago(float(row["created_at"])) if row.get("created_at") else "-",
+        took,
+        detail.replace("\n", " ")[:80],
+    ]
+
+
+def _task_line(row: dict[str, str]) -> str:
+    agent, task_id, trigger, status, attempt, _, took, detail = _task_cells(row)
+    return f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}) {detail}".rstrip()
 
 
 @app.command()

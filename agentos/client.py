@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from agentos.settings import Settings
 from agentos.spec import AgentResource, Document
 from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
@@ -110,6 +112,7 @@ class AgentDetail:
     status: dict[str, str]
     events: list[Event] = field(default_factory=list)
     inbox_depth: int = 0
+    tasks: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `-o json|yaml`."""
@@ -118,6 +121,7 @@ class AgentDetail:
             "spec": self.spec,
             "status": self.status,
             "inboxDepth": self.inbox_depth,
+            "tasks": self.tasks,
             "events": [_event_dict(e) for e in self.events],
         }
 
@@ -255,6 +259,7 @@ class Client:
             status=await self.store.status(name),
             events=await self.store.events(name, count=events),
             inbox_depth=await self.store.inbox_depth(name),
+            tasks=await self.store.tasks(name, count=5),
         )
 
     async def events(self, name: str | None = None, *, count: int = 50) -> list[Event]:
@@ -307,6 +312,34 @@ class Client:
         """Ask the agent's daemon to wake it (and to retry it if it Failed)."""
         await self._require(name)
         await self.store.signal("wake", name)
+
+    async def tasks(self, name: str | None = None, *, count: int = 20) -> list[dict[str, str]]:
+        """Recent task records of one agent, or of every agent, newest first."""
+        if name is not None:
+            await self._require(name)
+            return await self.store.tasks(name, count=count)
+        rows: list[dict[str, str]] = []
+        for agent in sorted(await self.store.agent_specs()):
+            rows += await self.store.tasks(agent, count=count)
+        rows.sort(key=lambda t: float(t.get("created_at") or 0), reverse=True)
+        return rows[:count]
+
+    async def wait_task(
+        self, name: str, task_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.1
+    ) -> dict[str, str]:
+        """Wait until a task ends (succeeded, failed, skipped, cancelled) and return its record.
+
+        Raises :class:`ClientError` after ``timeout_s``, saying where the task got to.
+        """
+        done = {"succeeded", "failed", "skipped", "cancelled"}
+        with anyio.move_on_after(timeout_s):
+            while True:
+                record = await self.store.task(name, task_id)
+                if record.get("status") in done:
+                    return record
+                await anyio.sleep(poll_s)
+        status = (await self.store.task(name, task_id)).get("status", "not started")
+        raise ClientError(f"task {task_id} of {name} is still {status} after {timeout_s:g}s")
 
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""

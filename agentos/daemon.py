@@ -296,6 +296,10 @@ class Daemon:
                     daemon_id=self.id,
                     clock=self.clock,
                     retry_max_s=self.settings.redis_retry_max_s,
+                    task_retention=(
+                        self.settings.task_retention_count,
+                        self.settings.task_retention_s,
+                    ),
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))

@@ -42,6 +42,8 @@ class DaemonSettings:
     engine_options: Mapping[str, object] = field(default_factory=dict)
     redis_retry_max_s: float = 5.0
     inbox_sweep_s: float = 30.0  # look in every inbox this often, in case a signal was lost
+    task_retention_count: int = 1000  # task records kept per agent
+    task_retention_s: float = 7 * 86400.0  # and for at most this long (idempotency keys too)
 
 
 @dataclass(frozen=True, slots=True)

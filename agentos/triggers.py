@@ -8,7 +8,8 @@ arithmetic is here so that it can be tested as a table without sleeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -16,7 +17,7 @@ from croniter import croniter
 
 from agentos.spec import Trigger
 
-__all__ = ["TriggerClock", "next_fire"]
+__all__ = ["DONE", "MAX_CATCH_UP", "Fire", "Missed", "TriggerClock", "next_fire"]
 
 
 def next_fire(trigger: Trigger, after: float) -> float | None:
@@ -52,28 +53,100 @@ def _second_of_repeated_hour(moment: datetime, zone: ZoneInfo) -> bool:
     return ambiguous and moment.utcoffset() == second.utcoffset()
 
 
-class TriggerClock:
-    """The next fire time of each time trigger of one agent."""
+MAX_CATCH_UP = 100  # fires run after downtime with catchUp: all, at most
+DONE = -1.0  # stored "next fire" of a one-shot trigger that has fired
 
-    def __init__(self, triggers: Iterable[Trigger], *, now: float) -> None:
-        self._next: list[tuple[Trigger, float | None]] = [
-            (t, next_fire(t, now)) for t in triggers if t.kind != "inbox"
-        ]
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """One firing of a time trigger: which trigger, of what kind, and when it was due."""
+
+    index: int
+    kind: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """Fires that passed while no daemon ran the agent, and what catchUp made of them."""
+
+    index: int
+    kind: str
+    count: int  # how many fire times passed (counted up to MAX_CATCH_UP + 1)
+    policy: str
+    run: int  # how many of them run now
+
+
+class TriggerClock:
+    """The next fire time of each time trigger of one agent.
+
+    ``stored`` holds the next fire times a previous owner persisted (trigger index ->
+    epoch seconds, :data:`DONE` for a one-shot that fired); fire times that passed while
+    nobody ran the agent are handled by each trigger's ``catchUp`` policy, and are in
+    :attr:`catch_up` (to run now) and :attr:`missed` (to report). Heartbeats are not
+    persisted: they only ask whether there is work.
+    """
+
+    def __init__(
+        self, triggers: Iterable[Trigger], *, now: float, stored: Mapping[str, float] | None = None
+    ) -> None:
+        stored = stored or {}
+        self.triggers = list(triggers)
+        self._next: dict[int, float | None] = {}
+        self.catch_up: list[Fire] = []
+        self.missed: list[Missed] = []
+        for i, trigger in enumerate(self.triggers):
+            if trigger.kind == "inbox":
+                continue
+            saved = stored.get(str(i))
+            if saved is None or trigger.kind == "heartbeat":
+                self._next[i] = next_fire(trigger, now)
+            elif saved == DONE:
+                self._next[i] = None
+            elif saved > now:
+                self._next[i] = saved
+            else:
+                self._catch_up(i, trigger, saved, now)
+
+    def _catch_up(self, index: int, trigger: Trigger, first: float, now: float) -> None:
+        passed: list[float] = []
+        at: float | None = first
+        while at is not None and at <= now and len(passed) <= MAX_CATCH_UP:
+            passed.append(at)
+            at = next_fire(trigger, at)
+        policy = trigger.catch_up
+        run = {"skip": [], "one": passed[-1:], "all": passed[:MAX_CATCH_UP]}[policy]
+        self.catch_up += [Fire(index, trigger.kind, t) for t in run]
+        self.missed.append(Missed(index, trigger.kind, len(passed), policy, len(run)))
+        self._next[index] = next_fire(trigger, now)
 
     @property
     def next_at(self) -> float | None:
         """The earliest pending fire time, or None when nothing is scheduled."""
-        times = [at for _, at in self._next if at is not None]
+        times = [at for at in self._next.values() if at is not None]
         return min(times) if times else None
 
-    def due(self, now: float) -> list[str]:
-        """Kinds of the triggers due at ``now`` (each once), rescheduling them after ``now``.
+    def due_fires(self, now: float) -> list[Fire]:
+        """The triggers due at ``now`` (each once), rescheduled after ``now``.
 
         A trigger that missed several fire times while the agent was busy fires once.
         """
-        fired: list[str] = []
-        for i, (trigger, at) in enumerate(self._next):
+        fired: list[Fire] = []
+        for i, at in self._next.items():
             if at is not None and at <= now:
-                fired.append(trigger.kind)
-                self._next[i] = (trigger, next_fire(trigger, now))
+                trigger = self.triggers[i]
+                fired.append(Fire(i, trigger.kind, at))
+                self._next[i] = next_fire(trigger, now)
         return fired
+
+    def due(self, now: float) -> list[str]:
+        """Kinds of the triggers due at ``now``; see :meth:`due_fires`."""
+        return [f.kind for f in self.due_fires(now)]
+
+    def persisted(self) -> dict[str, float]:
+        """Next fire times to store, so another owner continues without duplicates."""
+        return {
+            str(i): DONE if at is None else at
+            for i, at in self._next.items()
+            if self.triggers[i].kind != "heartbeat"
+        }

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -28,7 +28,13 @@ import anyio
 from agentos.engine.base import Completion, Engine, EngineError, NoFreeSlot
 from agentos.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
 from agentos.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
-from agentos.runtime.loop import AgentCodeError, EntrypointError, load_agent_class, run_task
+from agentos.runtime.loop import (
+    AgentCodeError,
+    EntrypointError,
+    TaskResult,
+    load_agent_class,
+    run_task,
+)
 from agentos.sdk import (
     LLM,
     Agent,
@@ -40,7 +46,7 @@ from agentos.sdk import (
     freeze_config,
 )
 from agentos.spec import AgentResource
-from agentos.store import InboxMessage, LoadedSnapshot, Store, StoreUnavailable
+from agentos.store import InboxMessage, LoadedSnapshot, Store, StoreUnavailable, TaskWrite
 from agentos.triggers import TriggerClock
 
 __all__ = ["AgentRunner", "LeaseLost", "SlotArbiter"]
@@ -100,9 +106,25 @@ class SlotArbiter:
 
 @dataclass(slots=True)
 class _Work:
+    """A wake-up waiting to run; ``id`` is its task record's id."""
+
     trigger: str
     message: InboxMessage | None = None
     attempt: int = 1
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    scheduled_at: float | None = None
+    index: int | None = None  # the time trigger that fired, if any
+    recorded: bool = False  # a task record exists already (queued)
+
+
+def _inbox_work(message: InboxMessage) -> _Work:
+    # The message id is the task id: a redelivered message is the same task, retried.
+    return _Work("inbox", message, id=f"m-{message.id}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class AgentRunner:
@@ -120,6 +142,7 @@ class AgentRunner:
         daemon_id: str,
         clock: Callable[[], float] = time.time,
         retry_max_s: float = 5.0,
+        task_retention: tuple[int, float] = (1000, 7 * 86400.0),
     ) -> None:
         self.resource = resource
         self.name = resource.metadata.name
@@ -131,6 +154,7 @@ class AgentRunner:
         self.daemon_id = daemon_id
         self.clock = clock
         self.retry_max_s = retry_max_s
+        self.task_retention = task_retention
         spec = resource.spec
         self.priority = spec.priority
         self.phase = Phase.PENDING
@@ -159,6 +183,9 @@ class AgentRunner:
         self.codec: StateCodec | None = None
         self._agent_cls: type[Agent] | None = None
         self._unacked: str | None = None
+        self._unacked_key: str | None = None
+        self._task_tokens = (0, 0)
+        self._completed = 0
         self._interrupted = False  # cancelled in the middle of an iteration
         self._snapshot_tokens = -1  # context length covered by the stored snapshot
 
@@ -268,7 +295,11 @@ class AgentRunner:
             return
         claimed, pending = snapshot.claimed, snapshot.pending
         for msg in pending:
-            self._queue.append(_Work("inbox", msg))
+            self._queue.append(_inbox_work(msg))
+        self._triggers = TriggerClock(
+            self.resource.spec.triggers, now=self.clock(), stored=snapshot.schedule
+        )
+        await self._resume_unfinished(snapshot.unfinished, {m.id for m in pending})
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
         self.phase = transition(self.phase, PhaseEvent.START)
         adopted = bool(previous_owner) and previous_owner != self.daemon_id
@@ -289,11 +320,104 @@ class AgentRunner:
             clear=("last_error", "last_traceback") if prior.get("phase") != "Failed" else (),
             event=self._event("Adopted" if adopted else "Started", "", message),
         )
-        if not was_hibernated and not pending:
+        await self._catch_up()
+        if not was_hibernated and not self._queue:
             self._queue.append(_Work("start"))
         # Messages that arrived while no daemon ran the agent.
         self._cmds.add("message")
         self._nudged.set()
+
+    async def _resume_unfinished(self, records: list[dict[str, str]], pending: set[str]) -> None:
+        """Deal with tasks a dead owner left queued or running: run them again, or close them."""
+        for record in records:
+            task_id, trigger = record.get("id", ""), record.get("trigger", "")
+            if trigger == "inbox":
+                if record.get("message_id") in pending:
+                    continue  # the message is pending: it runs again as the same task
+                # Its message was acknowledged with the state it produced: the work is done;
+                # only the record's last write was lost with the old owner.
+                await self._write(
+                    task=TaskWrite(
+                        task_id,
+                        {
+                            "status": "succeeded",
+                            "finished_at": repr(self.clock()),
+                            "result": "completed; its owner died before recording the end",
+                        },
+                    )
+                )
+                continue
+            attempt = int(record.get("attempt") or 0) + 1
+            index = record.get("trigger_index")
+            scheduled = record.get("scheduled_at")
+            self._queue.append(
+                _Work(
+                    trigger,
+                    attempt=attempt,
+                    id=task_id,
+                    index=int(index) if index else None,
+                    scheduled_at=float(scheduled) if scheduled else None,
+                    recorded=True,
+                )
+            )
+
+    async def _catch_up(self) -> None:
+        """Fires that passed while no daemon ran the agent, per each trigger's catchUp."""
+        clock = self._triggers
+        for missed in clock.missed:
+            verdict = {
+                "skip": "none run",
+                "one": "the latest runs",
+                "all": f"{missed.run} run",
+            }[missed.policy]
+            await self._write(
+                event=self._event(
+                    "MissedFires",
+                    f"catchUp: {missed.policy}",
+                    f"{missed.count} fire(s) of {missed.kind} trigger #{missed.index} passed "
+                    f"while no daemon ran the agent; {verdict}",
+                )
+            )
+        works = [_Work(f.kind, scheduled_at=f.at, index=f.index) for f in clock.catch_up]
+        await self._enqueue(works, persist_schedule=True)
+
+    async def _enqueue(self, works: list[_Work], *, persist_schedule: bool = False) -> None:
+        """Record each wake-up as a queued task before it runs, then queue it.
+
+        With ``persist_schedule`` the triggers' next fire times are stored in the same
+        write, so a fire is never both lost and moved past.
+        """
+        schedule = self._triggers.persisted() if persist_schedule else None
+        for i, work in enumerate(works):
+            await self._write(
+                task=self._queued_record(work), schedule=schedule if i == len(works) - 1 else None
+            )
+            work.recorded = True
+            self._queue.append(work)
+        if not works and schedule:
+            await self._write(schedule=schedule)
+
+    def _queued_record(self, work: _Work) -> TaskWrite:
+        now = self.clock()
+        fields: dict[str, object] = {
+            "id": work.id,
+            "agent": self.name,
+            "trigger": work.trigger,
+            "status": "queued",
+            "created_at": repr(now),
+            "attempt": work.attempt - 1,
+        }
+        if work.message is not None:
+            fields |= {
+                "message_id": work.message.id,
+                "payload": _short(work.message.body),
+                "key": work.message.key or "",
+            }
+        if work.scheduled_at is not None:
+            fields["scheduled_at"] = repr(work.scheduled_at)
+        if work.index is not None:
+            fields["trigger_index"] = work.index
+        return TaskWrite(work.id, fields, created_at=now)
 
     async def _instantiate(self, raw: bytes | None = None) -> bool:
         """Create a fresh agent instance with its saved state (given, or read from Redis)."""
@@ -378,15 +502,23 @@ class AgentRunner:
             new = await self._retry(
                 lambda: self.store.read_inbox(self.name, self.daemon_id, count=100)
             )
-            self._queue.extend(_Work("inbox", m) for m in new)
+            await self._enqueue([_inbox_work(m) for m in new])
             if len(new) == 100:
                 self._cmds.add("message")
                 self._nudged.set()
         if "wake" in self._cmds:
             self._cmds.discard("wake")
-            self._queue.append(_Work("wake"))
-        for trigger in self._triggers.due(self.clock()):
-            self._queue.append(_Work(trigger))
+            await self._enqueue([_Work("wake")])
+        fires = self._triggers.due_fires(self.clock())
+        if fires:
+            # Heartbeats only ask observe: they get a record if it finds work.
+            self._queue.extend(_Work("heartbeat") for f in fires if f.kind == "heartbeat")
+            timed = [
+                _Work(f.kind, scheduled_at=f.at, index=f.index)
+                for f in fires
+                if f.kind != "heartbeat"
+            ]
+            await self._enqueue(timed, persist_schedule=True)
 
     # ------------------------------------------------------------------ tasks
 
@@ -397,8 +529,26 @@ class AgentRunner:
         if work.message is not None:
             m = work.message
             message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
+            key = m.key or ""
+            done = bool(key) and await self._retry(
+                lambda: self.store.idempotency_done(self.name, key)
+            )
+            if done:
+                await self._write(
+                    ack_id=m.id,
+                    task=TaskWrite(
+                        work.id,
+                        {
+                            "status": "skipped",
+                            "finished_at": repr(self.clock()),
+                            "result": f"duplicate: idempotency key {m.key!r} already completed",
+                        },
+                        created_at=None if work.recorded else self.clock(),
+                    ),
+                )
+                return
         task = TaskInfo(
-            id=uuid.uuid4().hex,
+            id=work.id,
             trigger=work.trigger,
             attempt=work.attempt,
             message=message,
@@ -418,47 +568,146 @@ class AgentRunner:
         if self.phase is Phase.HIBERNATED:
             await self._wake(work.trigger)
         self.busy = True
+        self._task_tokens = (self.tokens_in, self.tokens_out)
+        started = self.clock()
+        record: dict[str, object] = {
+            "status": "running",
+            "started_at": repr(started),
+            "attempt": work.attempt,
+        }
+        if not work.recorded:
+            record = {**self._queued_record(work).fields, **record}
         try:
             await self._set_phase(
-                PhaseEvent.TASK, status={"task": task.id, "trigger": task.trigger}
+                PhaseEvent.TASK,
+                status={"task": task.id, "trigger": task.trigger},
+                task=TaskWrite(work.id, record, created_at=None if work.recorded else started),
             )
+            work.recorded = True
             self._unacked = work.message.id if work.message is not None else None
+            self._unacked_key = work.message.key if work.message is not None else None
+            scope = anyio.CancelScope()
+            result: TaskResult | None = None
+            failure: AgentCodeError | None = None
+            agent, ctx = self.agent, self.ctx
+
+            async def body(tg: anyio.abc.TaskGroup) -> None:
+                nonlocal result, failure
+                with scope:
+                    try:
+                        result = await run_task(
+                            agent,
+                            ctx,
+                            after_step=self._after_step,
+                            first_observation=first_observation,
+                        )
+                    except AgentCodeError as e:
+                        failure = e
+                tg.cancel_scope.cancel()
+
             try:
-                result = await run_task(
-                    self.agent,
-                    self.ctx,
-                    after_step=self._after_step,
-                    first_observation=first_observation,
-                )
-            except AgentCodeError as e:
-                await self._crashed(e, work)
-                return
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_overlaps, work, scope)
+                    await body(tg)
             except anyio.get_cancelled_exc_class():
                 self._interrupted = True
                 raise
+            if failure is not None:
+                await self._crashed(failure, work)
+                return
+            if result is None:  # cancelled by a newer fire of the same trigger
+                await self._finish_task(work, "cancelled", "cancelled by a newer fire (overlap)")
+                return
             if result.stopped and result.steps == 0:
-                # Stopped before doing anything: the message stays for the next owner.
+                # Stopped before doing anything: the task stays queued for the next owner.
                 self._unacked = None
                 self._queue.appendleft(work)
                 self.phase = transition(self.phase, PhaseEvent.IDLE)
+                await self._write(task=TaskWrite(work.id, {"status": "queued"}))
                 return
             self.consecutive_failures = 0
             if result.steps:
                 # A wake-up whose first observe found nothing to do is not a task.
                 self.tasks_succeeded += 1
             self.last_activity = self.clock()
-            state = self._encode_state()
-            await self._set_phase(
-                PhaseEvent.IDLE,
-                status=self.task_counters(),
-                state=state,
-                ack_id=self._unacked,
-            )
-            self._unacked = None
-            if state is not None:
-                self._saved_state = state
+            summary = _short(result.outcome) if result.steps else "nothing to do"
+            await self._finish_task(work, "succeeded", summary, steps=result.steps)
+            self._completed += 1
+            if self._completed % 50 == 0:
+                keep, age = self.task_retention
+                await self._retry(
+                    lambda: self.store.trim_tasks(self.name, keep=keep, max_age_s=age)
+                )
         finally:
             self.busy = False
+
+    async def _finish_task(self, work: _Work, status: str, result: str, *, steps: int = 0) -> None:
+        """Back to Idle, with the task's outcome, its state and its ack in one write."""
+        state = self._encode_state()
+        tokens_in = self.tokens_in - self._task_tokens[0]
+        tokens_out = self.tokens_out - self._task_tokens[1]
+        await self._set_phase(
+            PhaseEvent.IDLE,
+            status=self.task_counters(),
+            state=state,
+            ack_id=self._unacked,
+            task=TaskWrite(
+                work.id,
+                {
+                    "status": status,
+                    "finished_at": repr(self.clock()),
+                    "steps": steps,
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "result": result,
+                    "error": "",
+                },
+                idempotency_key=self._unacked_key if self._unacked else None,
+            ),
+        )
+        self._unacked = None
+        self._unacked_key = None
+        if state is not None:
+            self._saved_state = state
+
+    async def _watch_overlaps(self, current: _Work, scope: anyio.CancelScope) -> None:
+        """While a task runs, apply each time trigger's overlap policy to its fires."""
+        while True:
+            next_at = self._triggers.next_at
+            await anyio.sleep(60.0 if next_at is None else max(0.0, next_at - self.clock()))
+            fires = [f for f in self._triggers.due_fires(self.clock()) if f.kind != "heartbeat"]
+            if not fires:
+                continue
+            schedule = self._triggers.persisted()
+            for fire in fires:
+                trigger = self._triggers.triggers[fire.index]
+                work = _Work(fire.kind, scheduled_at=fire.at, index=fire.index)
+                record = self._queued_record(work)
+                if trigger.overlap == "skip":
+                    skipped = {
+                        "status": "skipped",
+                        "result": "previous run still going (overlap: skip)",
+                    }
+                    await self._write(
+                        task=TaskWrite(
+                            work.id, {**record.fields, **skipped}, created_at=record.created_at
+                        ),
+                        schedule=schedule,
+                        event=self._event(
+                            "FireSkipped",
+                            "overlap: skip",
+                            f"{fire.kind} trigger #{fire.index} fired while a task ran",
+                        ),
+                    )
+                    continue
+                await self._write(task=record, schedule=schedule)
+                work.recorded = True
+                if trigger.overlap == "cancelPrevious":
+                    self._queue.appendleft(work)
+                    if current.index == fire.index:
+                        scope.cancel()
+                else:
+                    self._queue.append(work)
 
     async def _after_step(self, step: int, outcome: Any) -> None:
         self.steps += 1
@@ -469,7 +718,15 @@ class AgentRunner:
         # as the first state it produced: a crash can never keep one without the other.
         ack = self._unacked if self.ctx is not None and self.ctx.message_taken else None
         if state is not None or ack is not None:
-            await self._write(state=state, ack_id=ack)
+            task = None
+            if ack is not None and self.ctx is not None:
+                # Completing the key with the ack: a redelivered duplicate is skipped.
+                task = TaskWrite(
+                    self.ctx.task.id,
+                    {"acked_at": repr(self.clock())},
+                    idempotency_key=self._unacked_key,
+                )
+            await self._write(state=state, ack_id=ack, task=task)
             if ack is not None:
                 self._unacked = None
             if state is not None:
@@ -494,9 +751,15 @@ class AgentRunner:
         self.tasks_failed += 1
         self.restarts += 1
         self.ctx_log_error(error)
+        outcome = {
+            "status": "failed" if decision.failed else "retrying",
+            "error": _short(str(error), 500),
+            "finished_at": repr(self.clock()),
+        }
+        await self._write(task=TaskWrite(work.id, outcome))
         if decision.failed:
             # The message stays unacknowledged: it is retried when an operator wakes the agent.
-            self._queue.appendleft(work)
+            self._queue.appendleft(replace(work, attempt=work.attempt + 1, recorded=True))
             await self._fail(
                 "CrashLoop",
                 f"{error} ({decision.consecutive_failures} failures in a row)",
@@ -524,8 +787,7 @@ class AgentRunner:
         if await self._instantiate():
             self.phase = transition(self.phase, PhaseEvent.START)
             await self._write(status={"phase": self.phase.value, "reason": "Restarted"})
-            work_again = _Work(work.trigger, work.message, work.attempt + 1)
-            self._queue.appendleft(work_again)
+            self._queue.appendleft(replace(work, attempt=work.attempt + 1, recorded=True))
 
     def ctx_log_error(self, error: AgentCodeError) -> None:
         log.warning("agent %s: %s", self.name, error)
@@ -768,12 +1030,13 @@ class AgentRunner:
         state: bytes | None = None,
         ack_id: str | None = None,
         event: dict[str, str] | None = None,
+        task: TaskWrite | None = None,
     ) -> None:
         self.phase = transition(self.phase, edge)
         fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
         if status:
             fields.update(status)
-        await self._write(status=fields, state=state, ack_id=ack_id, event=event)
+        await self._write(status=fields, state=state, ack_id=ack_id, event=event, task=task)
 
     async def _write(
         self,
@@ -783,6 +1046,8 @@ class AgentRunner:
         event: dict[str, str] | None = None,
         state: bytes | None = None,
         ack_id: str | None = None,
+        task: TaskWrite | None = None,
+        schedule: dict[str, float] | None = None,
         release: bool = False,
     ) -> None:
         ok = await self._retry(
@@ -794,6 +1059,8 @@ class AgentRunner:
                 event=event,
                 state=state,
                 ack_id=ack_id,
+                task=task,
+                schedule=schedule,
                 release=release,
             )
         )

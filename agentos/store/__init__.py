@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 EVENTS_MAXLEN = 1000
+UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
 FLEET_EVENTS_MAXLEN = 10_000
 SIGNALS_MAXLEN = 10_000
 
@@ -148,6 +149,8 @@ class AgentSnapshot:
     state: bytes | None
     pending: list[InboxMessage]
     claimed: int
+    schedule: dict[str, float] = field(default_factory=dict)  # trigger index -> next fire
+    unfinished: list[dict[str, str]] = field(default_factory=list)  # queued/running records
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,8 +411,11 @@ class Store:
 
     @translate
     async def purge_agent(self, name: str) -> None:
-        """Delete every runtime key of an agent (not its spec), its snapshot included."""
+        """Delete every runtime key of an agent (not its spec), snapshot and tasks included."""
         await self.snapshots.delete(name)
+        ids = [_s(i) for i in await self._r.zrange(self.keys.tasks(name), 0, -1)]
+        for i in range(0, len(ids), 500):
+            await self._r.delete(*(self.keys.task(name, t) for t in ids[i : i + 500]))
         await self._r.delete(*self.keys.agent_keys(name))
         await self._r.srem(self.keys.deleted, name)
 
@@ -811,8 +817,11 @@ class Store:
             pipe.xgroup_create(k.inbox(name), INBOX_GROUP, id="0", mkstream=True)
             pipe.xautoclaim(k.inbox(name), INBOX_GROUP, consumer, 0, start_id="0-0", count=1000)
             pipe.xreadgroup(INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000)
-            status, state, created, claim, pending = await pipe.execute(raise_on_error=False)
-        for reply in (status, state, claim, pending):
+            pipe.hgetall(k.schedule(name))
+            pipe.zrevrange(k.tasks(name), 0, UNFINISHED_SCAN - 1)
+            replies = await pipe.execute(raise_on_error=False)
+        status, state, created, claim, pending, schedule, recent = replies
+        for reply in (status, state, claim, pending, schedule, recent):
             if isinstance(reply, Exception):
                 raise reply
         if isinstance(created, Exception) and "BUSYGROUP" not in str(created):
@@ -828,7 +837,57 @@ class Store:
             state=bytes(state) if state is not None else None,
             pending=_messages(pending),
             claimed=claimed,
+            schedule={_s(a): float(b) for a, b in schedule.items()},
+            unfinished=[
+                t
+                for t in await self._task_records(name, [_s(i) for i in recent])
+                if t.get("status") in ("queued", "running")
+            ],
         )
+
+    async def _task_records(self, name: str, ids: Sequence[str]) -> list[dict[str, str]]:
+        if not ids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(name, task_id))
+            raw = await pipe.execute()
+        return [{_s(a): _s(b) for a, b in h.items()} for h in raw if h]
+
+    @translate
+    async def tasks(self, name: str, *, count: int = 20) -> list[dict[str, str]]:
+        """The agent's most recent task records, newest first."""
+        ids = await self._r.zrevrange(self.keys.tasks(name), 0, count - 1)
+        return await self._task_records(name, [_s(i) for i in ids])
+
+    @translate
+    async def task(self, name: str, task_id: str) -> dict[str, str]:
+        """One task record (empty when unknown)."""
+        raw = await self._r.hgetall(self.keys.task(name, task_id))
+        return {_s(a): _s(b) for a, b in raw.items()}
+
+    @translate
+    async def idempotency_done(self, name: str, key: str) -> bool:
+        """Whether a message with this idempotency key already completed."""
+        return await self._r.zscore(self.keys.idempotency(name), key) is not None
+
+    @translate
+    async def trim_tasks(self, name: str, *, keep: int, max_age_s: float) -> int:
+        """Drop task records beyond the newest ``keep`` or older than ``max_age_s``, and
+        idempotency keys older than ``max_age_s``. Returns how many records went."""
+        k = self.keys
+        cutoff = time.time() - max_age_s
+        old = await self._r.zrangebyscore(k.tasks(name), "-inf", f"({cutoff!r}")
+        extra = await self._r.zrange(k.tasks(name), 0, -keep - 1) if keep > 0 else []
+        ids = {_s(i) for i in [*old, *extra]}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.delete(k.task(name, task_id))
+            if ids:
+                pipe.zrem(k.tasks(name), *ids)
+            pipe.zremrangebyscore(k.idempotency(name), "-inf", f"({cutoff!r}")
+            await pipe.execute()
+        return len(ids)
 
     @translate
     async def ensure_inbox(self, name: str) -> None:
