@@ -9,15 +9,17 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from agentos.client import AgentSummary, Client, ClientError, read_message_arg, 
 from agentos.daemon import Daemon
 from agentos.durations import parse_duration
 from agentos.engine import EngineError, create_engine
+from agentos.ingress import build_app, is_loopback
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
 from agentos.spec import Document, SpecError, json_schema, load_paths
 from agentos.store import Event, Store, StoreUnavailable
@@ -716,16 +719,15 @@ def daemon(
     daemon_id: Annotated[
         str | None, typer.Option("--id", help="Daemon id (default host-pid-random).")
     ] = None,
+    http: HttpOpt = None,
+    http_token_file: HttpTokenOpt = None,
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(logging.INFO)
     options = _engine_options(engine, model, slots, n_ctx)
     dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl, options)
-    _run(
-        lambda: _serve(
-            dsettings, files=[], duration_s=None, until_idle=False, embedded=False, live=False
-        )
-    )
+    where, token = _http_options(http, http_token_file)
+    _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token)))
 
 
 @app.command()
@@ -746,6 +748,8 @@ def up(
     table: Annotated[
         bool | None, typer.Option(help="Live table (default: when a terminal).")
     ] = None,
+    http: HttpOpt = None,
+    http_token_file: HttpTokenOpt = None,
 ) -> None:
     """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
     duration_s = None
@@ -760,24 +764,69 @@ def up(
     dsettings = _daemon_settings(engine, None, grace, None, lease_ttl, options)
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None
-    _run(lambda: _serve(dsettings, docs, duration_s, until_idle, embedded, live))
+    where, token = _http_options(http, http_token_file)
+    opts = _Serve(dsettings, docs, duration_s, until_idle, embedded, live, where, token)
+    _run(lambda: _serve(opts))
 
 
-async def _serve(
-    dsettings: DaemonSettings,
-    files: list[Document],
-    duration_s: float | None,
-    until_idle: bool,
-    embedded: bool,
-    live: bool,
-) -> None:
+@dataclass(frozen=True)
+class _Serve:
+    """What `up` and `daemon` run: a daemon, and optionally Redis, specs and HTTP ingress."""
+
+    daemon: DaemonSettings
+    files: list[Document] = field(default_factory=list)
+    duration_s: float | None = None
+    until_idle: bool = False
+    embedded: bool = False
+    live: bool = False
+    http: tuple[str, int] | None = None
+    http_token: str | None = None
+
+
+def _http_options(
+    http: str | None, token_file: Path | None
+) -> tuple[tuple[str, int] | None, str | None]:
+    """Parse --http HOST:PORT and find the bearer token (required off loopback)."""
+    if http is None:
+        return None, None
+    host, sep, port = http.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"--http: expected HOST:PORT such as 127.0.0.1:8080, got {http!r}", 2)
+    host = host.strip("[]")
+    token = os.environ.get("AGENTOS_HTTP_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip() or None
+        except OSError as e:
+            _fail(f"--http-token-file: {e}", 2)
+    if token is None and not is_loopback(host):
+        _fail(
+            f"--http {http}: a bearer token is required when listening beyond loopback; "
+            "set AGENTOS_HTTP_TOKEN or --http-token-file",
+            2,
+        )
+    return (host, int(port)), token
+
+
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(help="Serve webhooks and health checks on HOST:PORT (e.g. 127.0.0.1:8080)."),
+]
+HttpTokenOpt = Annotated[
+    Path | None,
+    typer.Option(help="File holding the bearer token for --http (or AGENTOS_HTTP_TOKEN)."),
+]
+
+
+async def _serve(opts: _Serve) -> None:
     settings = STATE.settings
+    dsettings = opts.daemon
     engine = create_engine(dsettings.engine, **dict(dsettings.engine_options))
     # Agents' entrypoints import relative to where the operator runs agentos.
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     async with AsyncExitStack() as stack:
-        if embedded:
+        if opts.embedded:
             server = EmbeddedRedis(settings.home)
             url = server.start()
             stack.callback(server.stop)
@@ -787,21 +836,65 @@ async def _serve(
             url = resolve_redis_url(settings)
         store = await Store.connect(url, namespace=settings.namespace)
         stack.push_async_callback(store.close)
-        if files:
-            changes = await Client(store).apply(files)
+        if opts.files:
+            changes = await Client(store).apply(opts.files)
             for c in changes:
                 err.print(f"{c.kind.lower()}/{c.name} {c.action}", markup=False)
         d = Daemon(store, engine, dsettings)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, d)
-            if live:
+            if opts.live:
                 tg.start_soon(_live_table, Client(store))
             else:
                 tg.start_soon(_print_events, Client(store))
-            await d.run(until_idle=until_idle, duration_s=duration_s)
+            if opts.http is not None:
+                await tg.start(_serve_http, Client(store), d, opts.http, opts.http_token)
+            await d.run(until_idle=opts.until_idle, duration_s=opts.duration_s)
             tg.cancel_scope.cancel()
-        if live:
+        if opts.live:
             out.print(_agents_table(await Client(store).agents()))
+
+
+async def _serve_http(
+    client: Client,
+    d: Daemon,
+    where: tuple[str, int],
+    token: str | None,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    import uvicorn
+
+    app = build_app(client, token=token, ready=lambda: d.ready)
+    config = uvicorn.Config(
+        app, host=where[0], port=where[1], log_level="warning", lifespan="off", access_log=False
+    )
+    server = uvicorn.Server(config)
+    # Signals belong to the daemon (graceful agent shutdown), not to uvicorn.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's answer to a port it cannot bind
+            pass
+        finally:
+            stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        # uvicorn exposes readiness as a plain attribute, not an event.
+        while not server.started and not stopped.is_set():  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+        if not server.started:
+            raise ClientError(f"--http: cannot listen on {where[0]}:{where[1]}")
+        err.print(f"HTTP ingress on http://{where[0]}:{where[1]}", markup=False)
+        task_status.started()
+        try:
+            await stopped.wait()
+        finally:
+            server.should_exit = True
 
 
 async def _watch_signals(d: Daemon) -> None:

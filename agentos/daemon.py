@@ -65,6 +65,7 @@ class Daemon:
         self._leases_checked_at = 0.0
         self._kicked = True  # look at every lease on the first pass
         self.started_at = clock()
+        self.ready = False  # set after the first reconcile pass (for /readyz)
 
     # ------------------------------------------------------------------ public
 
@@ -119,6 +120,7 @@ class Daemon:
         while True:
             try:
                 await self._reconcile_once()
+                self.ready = True
                 delay = 0.1
             except StoreUnavailable as e:
                 log.warning("reconcile: %s; retrying in %.1fs", e, delay)

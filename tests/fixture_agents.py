@@ -113,3 +113,25 @@ class Reader(agentos.Agent):
         completion = await ctx.llm.generate(prompt, max_tokens=16)
         ctx.state.replies.append(completion.text)
         return completion.text
+
+
+class TickState(msgspec.Struct):
+    fires: list[str] = msgspec.field(default_factory=list)
+    last_task: str = ""
+
+
+class Ticker(agentos.Agent):
+    """Counts the time-trigger tasks it runs (one step each); ``config.sleep`` per step."""
+
+    State = TickState
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        if ctx.task.trigger in ("every", "schedule", "at") and ctx.state.last_task != ctx.task.id:
+            return ctx.task.trigger
+        return None
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await anyio.sleep(float(ctx.config.get("sleep", 0)))
+        ctx.state.last_task = ctx.task.id
+        ctx.state.fires.append(ctx.task.id)
+        return plan

@@ -40,6 +40,7 @@ __all__ = [
 # of one backend only fails when that backend is chosen.
 BACKENDS: dict[str, str] = {
     "sim": "agentos.engine.sim:SimEngine",
+    "llama": "agentos.engine.llama:LlamaEngine",
 }
 
 

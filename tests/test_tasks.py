@@ -1,0 +1,134 @@
+"""Durable tasks: records, idempotency keys, schedules that survive downtime, overlaps."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+from agentos.client import Client
+from agentos.store import Store
+from tests.fixture_agents import EchoState, TickState
+from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
+
+pytestmark = pytest.mark.anyio
+
+ECHO = "tests.fixture_agents:Echo"
+TICKER = "tests.fixture_agents:Ticker"
+
+
+async def decode(store: Store, name: str, type_: type) -> object:
+    raw = await store.load_state(name)
+    return None if raw is None else msgspec.json.decode(raw, type=type_)
+
+
+async def test_every_message_gets_a_task_record_and_duplicates_are_skipped(store: Store) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    client = Client(store)
+    async with running_daemon(store):
+        first = await client.send("echo", "pay invoice 7", key="invoice-7")
+        done = await client.wait_task("echo", f"m-{first}", timeout_s=10)
+        again = await client.send("echo", "pay invoice 7", key="invoice-7")
+        skipped = await client.wait_task("echo", f"m-{again}", timeout_s=10)
+    assert done["status"] == "succeeded"
+    assert done["trigger"] == "inbox"
+    assert done["attempt"] == "1"
+    assert done["result"] == "pay invoice 7"
+    assert done["key"] == "invoice-7"
+    assert float(done["finished_at"]) >= float(done["started_at"]) >= float(done["created_at"])
+    assert skipped["status"] == "skipped"
+    assert "duplicate" in skipped["result"]
+    state = await decode(store, "echo", EchoState)
+    assert isinstance(state, EchoState)
+    assert state.bodies == ["pay invoice 7"]
+    assert await store.inbox_depth("echo") == 0
+    rows = await client.tasks("echo")
+    assert [r["status"] for r in rows if r["trigger"] == "inbox"] == ["skipped", "succeeded"]
+
+
+async def test_a_failing_task_is_retried_then_recorded_as_failed(store: Store) -> None:
+    await apply(
+        store,
+        agent_doc(
+            "crasher",
+            "tests.fixture_agents:Crasher",
+            restartPolicy={"backoff": {"initial": "20ms", "max": "40ms"}, "crashLoopAfter": 2},
+        ),
+    )
+    async with running_daemon(store):
+        await wait_until(lambda: status_is(store, "crasher", phase="Failed"))
+    (record,) = await store.tasks("crasher")
+    assert record["status"] == "failed"
+    assert record["attempt"] == "2"
+    assert "boom" in record["error"]
+
+
+@pytest.mark.parametrize(("policy", "runs"), [("skip", 0), ("one", 1), ("all", 3)])
+async def test_fires_missed_while_no_daemon_ran_follow_catch_up(
+    store: Store, policy: str, runs: int
+) -> None:
+    trigger = {"every": "1s", "catchUp": policy}
+    await apply(store, agent_doc("ticker", TICKER, triggers=[trigger]))
+
+    async def fires() -> list[str]:
+        state = await decode(store, "ticker", TickState)
+        return state.fires if isinstance(state, TickState) else []
+
+    async with running_daemon(store):
+        await wait_until(fires, what="a first fire")
+    before = len(await fires())
+    stored = await store._r.hget(store.keys.schedule("ticker"), "0")
+    assert stored is not None
+    await anyio.sleep(3.3)  # three fire times pass with no daemon
+    async with running_daemon(store):
+        await wait_until(
+            lambda: _has_event(store, "ticker", "MissedFires"), what="the missed fires event"
+        )
+        await anyio.sleep(0.3)  # let catch-up runs finish; the next regular fire is ~1s away
+        after = len(await fires())
+    missed = [e for e in await store.events("ticker") if e.type == "MissedFires"]
+    assert missed[0].reason == f"catchUp: {policy}"
+    assert "3 fire(s)" in missed[0].message or "4 fire(s)" in missed[0].message
+    assert after - before in (runs, runs + 1) if policy != "all" else after - before >= 3
+
+
+async def _has_event(store: Store, name: str, type_: str) -> bool:
+    return any(e.type == type_ for e in await store.events(name))
+
+
+async def test_a_restarted_daemon_neither_skips_nor_repeats_a_schedule(store: Store) -> None:
+    await apply(store, agent_doc("ticker", TICKER, triggers=[{"every": "500ms"}]))
+    async with running_daemon(store):
+        await anyio.sleep(1.2)
+    async with running_daemon(store):
+        await anyio.sleep(1.2)
+    state = await decode(store, "ticker", TickState)
+    assert isinstance(state, TickState)
+    tasks = await store.tasks("ticker", count=50)
+    scheduled = sorted(float(t["scheduled_at"]) for t in tasks if t.get("scheduled_at"))
+    assert len(scheduled) == len(set(scheduled))  # never the same fire twice
+    ran = [t for t in tasks if t["trigger"] == "every" and t["status"] == "succeeded"]
+    assert len(state.fires) == len(ran) >= 3
+
+
+@pytest.mark.parametrize(
+    ("overlap", "statuses"),
+    [
+        ("skip", {"skipped"}),
+        ("queue", {"queued", "running", "succeeded"}),
+        ("cancelPrevious", {"cancelled"}),
+    ],
+)
+async def test_fires_during_a_running_task_follow_overlap(
+    store: Store, overlap: str, statuses: set[str]
+) -> None:
+    trigger = {"every": "300ms", "overlap": overlap}
+    await apply(store, agent_doc("slow", TICKER, triggers=[trigger], config={"sleep": 1.0}))
+    async with running_daemon(store):
+        await anyio.sleep(2.0)
+        tasks = await store.tasks("slow", count=50)
+    seen = {t["status"] for t in tasks}
+    assert statuses & seen, seen
+    if overlap == "skip":
+        assert "cancelled" not in seen
+        assert any(e.type == "FireSkipped" for e in await store.events("slow"))
