@@ -135,3 +135,29 @@ class Ticker(agentos.Agent):
         ctx.state.last_task = ctx.task.id
         ctx.state.fires.append(ctx.task.id)
         return plan
+
+
+class WatchState(msgspec.Struct):
+    pending: int = 0
+    handled: int = 0
+    checks: int = 0
+
+
+class Watcher(agentos.Agent):
+    """Heartbeat agent: work exists only when ``state.pending`` > 0 (set by a message)."""
+
+    State = WatchState
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        message = ctx.take_message()
+        if message is not None:
+            ctx.state.pending += int(message.body)
+        if ctx.task.trigger == "heartbeat":
+            ctx.state.checks += 1  # not saved unless a task runs: observe-only costs nothing
+        return True if ctx.state.pending else None
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await ctx.llm.generate("one more item", max_tokens=2)
+        ctx.state.pending -= 1
+        ctx.state.handled += 1
+        return ctx.state.handled

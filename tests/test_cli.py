@@ -540,3 +540,28 @@ async def test_up_starts_an_embedded_redis_when_none_is_configured(tmp_path: Pat
         assert "`agentos up`" in ps.stderr
         assert "AGENTOS_REDIS_URL" in ps.stderr
         assert "Traceback" not in ps.stderr
+
+
+async def test_send_wait_prints_the_result_and_tasks_lists_it(
+    env: dict[str, str], store: Store, tmp_path: Path
+) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    with spawn(env, tmp_path / "daemon.log", "daemon", "--grace", "1s", "--lease-ttl", "2s"):
+        sent = await cli(env, "send", "echo", "ping 42", "--key", "p-42", "--wait")
+        assert (sent.returncode, sent.stdout.strip()) == (0, "ping 42"), show(sent)
+        again = await cli(env, "send", "echo", "ping 42", "--key", "p-42", "--wait")
+        assert again.returncode == 0, show(again)
+        assert "duplicate" in again.stdout
+        listed = await cli(env, "tasks", "echo", "-o", "json")
+        table = await cli(env, "tasks")
+    assert listed.returncode == 0, show(listed)
+    rows = [r for r in json.loads(listed.stdout) if r["trigger"] == "inbox"]
+    assert [(r["status"], r["payload"]) for r in rows] == [
+        ("skipped", "ping 42"),
+        ("succeeded", "ping 42"),
+    ]
+    assert table.returncode == 0, show(table)
+    assert table.stdout.split()[:8] == [
+        *("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT")
+    ]
+    assert "succeeded" in table.stdout

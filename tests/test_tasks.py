@@ -8,7 +8,7 @@ import pytest
 
 from agentos.client import Client
 from agentos.store import Store
-from tests.fixture_agents import EchoState, TickState
+from tests.fixture_agents import EchoState, TickState, WatchState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -132,3 +132,32 @@ async def test_fires_during_a_running_task_follow_overlap(
     if overlap == "skip":
         assert "cancelled" not in seen
         assert any(e.type == "FireSkipped" for e in await store.events("slow"))
+
+
+async def test_a_heartbeat_with_nothing_to_do_creates_no_task_and_no_model_call(
+    store: Store,
+) -> None:
+    from agentos.engine import SimEngine
+
+    engine = SimEngine()
+    spec = {
+        "triggers": [{"heartbeat": "100ms"}, {"inbox": {}}],
+        "hibernation": {"idleAfter": "50ms"},
+    }
+    await apply(store, agent_doc("watcher", "tests.fixture_agents:Watcher", **spec))
+    async with running_daemon(store, engine):
+        await wait_until(lambda: status_is(store, "watcher", phase="Hibernated"))
+        generations = engine.stats.generations
+        await anyio.sleep(0.8)  # about eight heartbeats
+        assert engine.stats.generations == generations
+        assert (await store.status("watcher"))["phase"] == "Hibernated"
+        heartbeat_tasks = [t for t in await store.tasks("watcher") if t["trigger"] == "heartbeat"]
+        assert heartbeat_tasks == []
+        await Client(store).send("watcher", "2")  # now there is work
+
+        async def handled() -> bool:
+            state = await decode(store, "watcher", WatchState)
+            return isinstance(state, WatchState) and state.handled == 2
+
+        await wait_until(handled, what="the work to be done")
+    assert engine.stats.generations == generations + 2
