@@ -38,10 +38,12 @@ from agentos.daemon import Daemon
 from agentos.durations import parse_duration
 from agentos.engine import EngineError, create_engine
 from agentos.ingress import build_app, is_loopback
+from agentos.metering import Prices, UsageRow, total
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
 from agentos.spec import Document, SpecError, json_schema, load_paths
 from agentos.store import Event, Store, StoreUnavailable
 from agentos.store.embedded import EmbeddedRedis, EmbeddedRedisError
+from agentos.telemetry import Telemetry
 
 __all__ = ["app", "main"]
 
@@ -75,6 +77,28 @@ class Kind(enum.StrEnum):
     agents = "agents"
     policies = "policies"
     daemons = "daemons"
+
+
+class OtelMode(enum.StrEnum):
+    """Where traces and metrics go."""
+
+    auto = "auto"
+    console = "console"
+    none = "none"
+
+
+OtelOpt = Annotated[
+    OtelMode,
+    typer.Option(help="auto: OTLP when OTEL_EXPORTER_OTLP_* is set; console: stderr; none."),
+]
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(help="Serve webhooks and health checks on HOST:PORT (e.g. 127.0.0.1:8080)."),
+]
+HttpTokenOpt = Annotated[
+    Path | None,
+    typer.Option(help="File holding the bearer token for --http (or AGENTOS_HTTP_TOKEN)."),
+]
 
 
 class _State:
@@ -604,6 +628,87 @@ def _task_line(row: dict[str, str]) -> str:
     return f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}) {detail}".rstrip()
 
 
+class UsageBy(enum.StrEnum):
+    """How `agentos usage` groups."""
+
+    agent = "agent"
+    class_ = "class"
+    day = "day"
+
+
+def _load_prices(path: Path | None) -> Prices:
+    path = path or STATE.settings.home / "prices.yaml"
+    if not path.exists():
+        if path != STATE.settings.home / "prices.yaml":
+            _fail(f"--prices: {path} does not exist", 2)
+        return Prices()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return Prices.model_validate(data)
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"{path}: {e}", 2)
+    except ValueError as e:
+        _fail(f"{path}: {str(e).splitlines()[0]}: {'; '.join(str(e).splitlines()[1:3])}", 2)
+
+
+@app.command()
+def usage(
+    by: Annotated[
+        UsageBy, typer.Option("--by", help="Group by agent, class or day.")
+    ] = UsageBy.agent,
+    since: Annotated[str, typer.Option(help="How far back, in whole days (e.g. 7d, 30d).")] = "7d",
+    prices: Annotated[
+        Path | None,
+        typer.Option(help="Price table YAML (default AGENTOS_HOME/prices.yaml if present)."),
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Agent-hours, tokens, KV storage, tasks completed and cost per completed task."""
+    try:
+        days = max(1, round(parse_duration(since) / 86400))
+    except ValueError as e:
+        _fail(f"--since: {e}", 2)
+    table_prices = _load_prices(prices)
+
+    async def go() -> None:
+        async with await _client() as client:
+            rows = await client.usage(by=by.value, since_days=days, prices=table_prices)
+        everything = [*rows, total(rows)] if rows else []
+        _emit([r.to_dict() for r in everything], output, partial(_usage_table, everything, by))
+
+    _run(go)
+
+
+def _usage_table(rows: Sequence[UsageRow], by: UsageBy) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in (
+        by.value.upper(),
+        "AGENT-HOURS",
+        "TOKENS-IN",
+        "TOKENS-OUT",
+        "KV-GB-H",
+        "TASKS",
+        "FAILED",
+        "COST",
+        "COST/TASK",
+    ):
+        table.add_column(col, justify="left" if col == by.value.upper() else "right")
+    for r in rows:
+        per = "-" if r.cost_per_task is None else f"{r.cost_per_task:.6f}"
+        table.add_row(
+            r.key,
+            f"{r.agent_hours:.4f}",
+            str(r.tokens_in),
+            str(r.tokens_out),
+            f"{r.kv_gb_hours:.6f}",
+            str(r.tasks_succeeded),
+            str(r.tasks_failed),
+            f"{r.cost:.6f}",
+            per,
+        )
+    return table
+
+
 @app.command()
 def hibernate(name: str) -> None:
     """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
@@ -721,13 +826,14 @@ def daemon(
     ] = None,
     http: HttpOpt = None,
     http_token_file: HttpTokenOpt = None,
+    otel: OtelOpt = OtelMode.auto,
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(logging.INFO)
     options = _engine_options(engine, model, slots, n_ctx)
     dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl, options)
     where, token = _http_options(http, http_token_file)
-    _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token)))
+    _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token, otel=otel.value)))
 
 
 @app.command()
@@ -750,6 +856,7 @@ def up(
     ] = None,
     http: HttpOpt = None,
     http_token_file: HttpTokenOpt = None,
+    otel: OtelOpt = OtelMode.auto,
 ) -> None:
     """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
     duration_s = None
@@ -765,7 +872,7 @@ def up(
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None
     where, token = _http_options(http, http_token_file)
-    opts = _Serve(dsettings, docs, duration_s, until_idle, embedded, live, where, token)
+    opts = _Serve(dsettings, docs, duration_s, until_idle, embedded, live, where, token, otel.value)
     _run(lambda: _serve(opts))
 
 
@@ -781,6 +888,7 @@ class _Serve:
     live: bool = False
     http: tuple[str, int] | None = None
     http_token: str | None = None
+    otel: str = "auto"
 
 
 def _http_options(
@@ -808,16 +916,6 @@ def _http_options(
     return (host, int(port)), token
 
 
-HttpOpt = Annotated[
-    str | None,
-    typer.Option(help="Serve webhooks and health checks on HOST:PORT (e.g. 127.0.0.1:8080)."),
-]
-HttpTokenOpt = Annotated[
-    Path | None,
-    typer.Option(help="File holding the bearer token for --http (or AGENTOS_HTTP_TOKEN)."),
-]
-
-
 async def _serve(opts: _Serve) -> None:
     settings = STATE.settings
     dsettings = opts.daemon
@@ -840,7 +938,9 @@ async def _serve(opts: _Serve) -> None:
             changes = await Client(store).apply(opts.files)
             for c in changes:
                 err.print(f"{c.kind.lower()}/{c.name} {c.action}", markup=False)
-        d = Daemon(store, engine, dsettings)
+        telemetry = Telemetry.from_env(opts.otel)
+        stack.callback(telemetry.shutdown)
+        d = Daemon(store, engine, dsettings, telemetry=telemetry)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, d)
             if opts.live:

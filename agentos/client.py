@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from agentos.metering import Prices, UsageRow, aggregate
 from agentos.settings import Settings
 from agentos.spec import AgentResource, Document
 from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
@@ -340,6 +342,25 @@ class Client:
                 await anyio.sleep(poll_s)
         status = (await self.store.task(name, task_id)).get("status", "not started")
         raise ClientError(f"task {task_id} of {name} is still {status} after {timeout_s:g}s")
+
+    async def usage(
+        self,
+        *,
+        by: str = "agent",
+        since_days: int = 7,
+        prices: Prices | None = None,
+        now: float | None = None,
+    ) -> list[UsageRow]:
+        """Metered usage of the last ``since_days`` UTC days (today included), summed by
+        ``agent``, ``class`` or ``day`` and priced with ``prices``."""
+        specs = await self.store.agent_specs()
+        classes = {
+            n: str(b.get("spec", {}).get("quotaClass", "standard")) for n, b in specs.items()
+        }
+        end = time.time() if now is None else now
+        days = [time.strftime("%Y-%m-%d", time.gmtime(end - 86400 * i)) for i in range(since_days)]
+        records = await self.store.usage(sorted(specs), days)
+        return aggregate(records, by=by, classes=classes, prices=prices or Prices())
 
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""

@@ -28,6 +28,7 @@ from agentos.runtime.runner import AgentRunner, SlotArbiter
 from agentos.settings import DaemonSettings
 from agentos.spec import AgentResource, SpecError, parse_resource
 from agentos.store import Store, StoreError, StoreUnavailable
+from agentos.telemetry import Telemetry
 
 __all__ = ["Daemon"]
 
@@ -44,6 +45,7 @@ class Daemon:
         settings: DaemonSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -65,6 +67,7 @@ class Daemon:
         self._leases_checked_at = 0.0
         self._kicked = True  # look at every lease on the first pass
         self.started_at = clock()
+        self.telemetry = telemetry or Telemetry.disabled()
         self.ready = False  # set after the first reconcile pass (for /readyz)
 
     # ------------------------------------------------------------------ public
@@ -218,20 +221,28 @@ class Daemon:
                     self._kick.set()
 
     async def _flush_loop(self) -> None:
+        metered_at = self.clock()
         while True:
             await anyio.sleep(self.settings.status_flush_s)
-            dirty = [r for r in self.runners.values() if r.dirty and r.stop_reason is None]
-            if not dirty:
+            # Idle and hibernated agents accrue metered time too: flush everyone now and then.
+            everyone = self.clock() - metered_at >= self.settings.metering_flush_s
+            if everyone:
+                metered_at = self.clock()
+            batch = [
+                r for r in self.runners.values() if (r.dirty or everyone) and r.stop_reason is None
+            ]
+            if not batch:
                 continue
-            for r in dirty:
+            for r in batch:
                 r.dirty = False
+            updates = [(r.name, r.lease_value, r.counters(), r.usage_delta()) for r in batch]
             try:
-                await self.store.fenced_status_batch(
-                    [(r.name, r.lease_value, r.counters()) for r in dirty]
-                )
+                for k in range(0, len(updates), 1000):
+                    await self.store.fenced_status_batch(updates[k : k + 1000])
             except StoreUnavailable as e:
-                for r in dirty:
+                for r, (_, _, _, (_, usage)) in zip(batch, updates, strict=True):
                     r.dirty = True
+                    r.restore_usage(usage)  # not lost: written with the next flush
                 log.warning("status flush: %s", e)
 
     async def _lease_loop(self) -> None:
@@ -302,6 +313,7 @@ class Daemon:
                         self.settings.task_retention_count,
                         self.settings.task_retention_s,
                     ),
+                    telemetry=self.telemetry,
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ import pydantic
 
 from agentos.engine.base import Completion, Engine
 from agentos.lifecycle import StopReason
+from agentos.telemetry import Telemetry
 
 __all__ = [
     "LLM",
@@ -158,12 +160,15 @@ class LLM:
         *,
         ensure_session: SessionGuard | None = None,
         on_usage: Callable[[Completion], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._engine = engine
         self._session = session_id
         self._ensure = ensure_session or self._open_plain
         self._on_usage = on_usage
+        self._telemetry = telemetry or Telemetry.disabled()
         self.usage = Usage()
+        self.kv_restored = False  # set by the runtime after a wake restored the KV
 
     @property
     def model(self) -> str:
@@ -201,16 +206,43 @@ class LLM:
         on engines that support them (llama; the sim engine ignores both).
         Raises :class:`agentos.engine.EngineError` when the engine fails.
         """
-        await self._ensure()
-        completion = await self._engine.generate(
-            self._session,
-            prompt,
-            max_tokens=max_tokens,
-            stop=stop,
-            temperature=temperature,
-            grammar=grammar,
-            json_schema=json_schema,
+        return await self._generate(
+            "text_completion", prompt, max_tokens, stop, temperature, grammar, json_schema
         )
+
+    async def _generate(
+        self,
+        operation: str,
+        prompt: str,
+        max_tokens: int,
+        stop: Sequence[str],
+        temperature: float,
+        grammar: str | None,
+        json_schema: Mapping[str, Any] | None,
+    ) -> Completion:
+        queued = time.perf_counter()
+        await self._ensure()
+        queue_wait = time.perf_counter() - queued
+        with self._telemetry.inference(
+            model=self._engine.model, provider=self._engine.name, operation=operation, prompt=prompt
+        ) as inference:
+            completion = await self._engine.generate(
+                self._session,
+                prompt,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+                grammar=grammar,
+                json_schema=json_schema,
+            )
+            inference.finish(
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+                time_to_first_token_s=completion.time_to_first_token_s,
+                kv_restored=self.kv_restored,
+                queue_wait_s=queue_wait,
+            )
+        self.kv_restored = False
         self._count(completion)
         return completion
 
@@ -283,13 +315,8 @@ class LLM:
                 )
             lines.append(f"{role}: {content}\n")
         prompt = "".join(lines) + "assistant:"
-        return await self.generate(
-            prompt,
-            max_tokens=max_tokens,
-            stop=(*stop, "\nuser:"),
-            temperature=temperature,
-            grammar=grammar,
-            json_schema=json_schema,
+        return await self._generate(
+            "chat", prompt, max_tokens, (*stop, "\nuser:"), temperature, grammar, json_schema
         )
 
     async def reset(self) -> None:
@@ -323,6 +350,7 @@ class Context:
     stopping: StopReason | None = None
     _message_taken: bool = field(default=False, repr=False)
     _sender: Sender = field(default=_no_sender, repr=False)
+    _telemetry: Telemetry = field(default_factory=Telemetry.disabled, repr=False)
 
     def take_message(self) -> Message | None:
         """The message that started this task, the first time it is asked for; then None.
@@ -343,6 +371,13 @@ class Context:
     async def send(self, agent: str, body: str) -> str:
         """Send a message to another agent's inbox. Returns the message id."""
         return await self._sender(agent, body)
+
+    def tool(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        """Trace a tool call: ``with ctx.tool("grep"): ...`` opens ``execute_tool grep``.
+
+        An exception inside marks the span failed and propagates.
+        """
+        return self._telemetry.tool(name, **attributes)
 
     def begin(self, task: TaskInfo) -> None:
         """Runtime hook: switch the context to a new task."""

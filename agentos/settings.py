@@ -44,6 +44,7 @@ class DaemonSettings:
     inbox_sweep_s: float = 30.0  # look in every inbox this often, in case a signal was lost
     task_retention_count: int = 1000  # task records kept per agent
     task_retention_s: float = 7 * 86400.0  # and for at most this long (idempotency keys too)
+    metering_flush_s: float = 30.0  # idle and hibernated agents' usage reaches Redis this often
 
 
 @dataclass(frozen=True, slots=True)

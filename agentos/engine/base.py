@@ -70,6 +70,9 @@ class KVSnapshot:
     fingerprint: str
     tokens: tuple[int, ...]
     data: bytes | None  # None when the engine cannot export its KV
+    # How many leading tokens the bytes cover (None: all). An engine may leave the last
+    # sampled token pending, to decode it with the next prompt as if never exported.
+    n_kv: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ behind llama-cpp-python 0.3.36; the machines are noisy, read numbers as +-30 %):
   the capacity promised per session is guaranteed (no session can starve another) and
   attention for a session reads only its own cells. That isolation is why it was chosen:
   with ``kv_unified=True`` two sessions fed the *same* prompt produced *different*
-  greedy tokens within 16 tokens (cell placement in the shared buffer changes the float
-  summation order), so a session's output depended on what its neighbours held; with
-  separate streams both sessions, and a session exported and imported into another
-  slot, continued bit-identically. Cost: the SWA cache is per stream (120 MiB instead
-  of 67.5 MiB for 8 slots) and ``seq_cp`` of partial sequences is not possible (not
-  used here). Prefill (~270 tok/s) and decode (~45 tok/s) measured the same in both.
+  greedy tokens within 16 tokens (where a session's cells land in the shared buffer
+  changes the float summation order), so a session's output depended on what its
+  neighbours held; with separate streams they were bit-identical. Cost: the SWA cache
+  is per stream (120 MiB instead of 67.5 MiB for 8 slots) and ``seq_cp`` of partial
+  sequences is not possible (not used here). Prefill (~270 tok/s) and decode
+  (~45 tok/s raw, 2 threads) measured the same in both.
 * ``swa_full=False``: the 15 sliding-window layers keep ``512 + n_batch`` cells per
   stream instead of ``n_ctx``: 120 MiB instead of 480 MiB for 8 x 4,096, with equal
   per-sequence state sizes and speed. The price is that a sequence cannot be rewound
@@ -34,8 +34,19 @@ behind llama-cpp-python 0.3.36; the machines are noisy, read numbers as +-30 %):
 
 Memory: KV is ``slots * n_ctx * 3 KiB`` (3 full-attention layers) plus
 ``slots * 15 MiB`` (sliding-window layers), e.g. 312 MiB for the default 8 x 8,192, plus
-the 253 MB model (mmapped). Per-session state: 9.5 MB at 512 tokens, 14.0 MB at 2,000;
-export ~15-30 ms, import ~2 ms.
+the 253 MB model (mmapped). Per-session state: 9.45 MB at 512 tokens, 14.04 MB at 2,000
+(the window layers keep only their last 512 positions); export 8-23 ms, import 2-3 ms,
+against ~2 s / ~8 s to re-prefill 512 / 2,000 tokens (220-290 tok/s on 2 threads).
+
+Reproducibility: a session's tokens are a pure function of its history, the batches it
+was decoded in and where its cells sit in its stream. Two sessions given the same calls
+agree exactly, whatever other sessions do; an imported session continues bit-identically
+while its context fits the 512-token sliding window. Past the window the imported window
+cells sit elsewhere than the original's, and a history re-prefilled with :meth:`prefill`
+decodes in 512-token batches what was sampled one token at a time, whose kernels round
+differently: logits then move by up to ~1.5 and greedy decoding can branch at a near-tie
+(measured: 3 of 7 imports past the window, 4 of 5 re-prefills of sampled text). The
+continuation stays a fluent continuation of the same context; compare with a tolerance.
 
 Behaviour callers should know:
 
@@ -64,8 +75,9 @@ Behaviour callers should know:
   K/V payload is accepted silently, so the snapshot store must checksum what it keeps.
 * Every llama call runs in a worker thread under one lock, so the event loop stays
   responsive during a multi-second prefill; calls of different sessions interleave
-  token by token, each decode holding one session's tokens only (outputs therefore do
-  not depend on what other sessions do).
+  token by token, each decode holding one session's tokens only. (Batching several
+  sessions' decode steps into one ``llama_decode`` would raise aggregate throughput
+  about 2x at 8 sessions, at the price of batch-dependent outputs; not done here.)
 * llama.cpp's log goes to a sink that keeps the last error lines for error messages;
   nothing is printed to stdout (a GBNF parse error is still written to stderr by
   llama.cpp itself).
@@ -74,6 +86,7 @@ Behaviour callers should know:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -103,6 +116,7 @@ from agentos.engine.base import (
     StreamChunk,
 )
 
+_SWA_FULL = __import__("os").environ.get("AGENTOS_SWA_FULL") == "1"
 __all__ = [
     "DEFAULT_MODEL_FILE",
     "LlamaEngine",
@@ -279,7 +293,8 @@ class _Grammar:
         _LOG_TAIL.clear()
         ptr = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
         if not ptr:
-            raise EngineError(f"invalid grammar{_last_llama_error()}")
+            # The parser prints its reason to stderr itself; pass on what the log kept.
+            raise EngineError(f"invalid grammar: llama.cpp could not parse it{_last_llama_error()}")
         self.ptr: Any = ptr
 
     def close(self) -> None:
@@ -288,10 +303,9 @@ class _Grammar:
             self.ptr = None
 
     def __del__(self) -> None:
-        try:
+        # Interpreter shutdown may have torn llama_cpp down already.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # interpreter shutdown may have torn llama_cpp down already
-            pass
 
 
 @dataclass(slots=True, eq=False)
@@ -404,7 +418,7 @@ class LlamaEngine:
         params.type_k = llama_cpp.GGML_TYPE_F16
         params.type_v = llama_cpp.GGML_TYPE_F16
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.swa_full = False
+        params.swa_full = _SWA_FULL
         params.kv_unified = False
         params.no_perf = True
         self._params = params
@@ -652,6 +666,7 @@ class LlamaEngine:
             if self._decode(session.seq, session.tokens[:start], 0, False) == 0:
                 session.n_kv = start
             else:
+                llama_cpp.llama_memory_seq_rm(self._mem, session.seq, -1, -1)
                 session.tokens.clear()
             session.kv_bytes = int(llama_cpp.llama_state_seq_get_size(self._ctx, session.seq))
             lost = "" if session.tokens else "; its context was lost"
@@ -766,9 +781,7 @@ class LlamaEngine:
 
     def _grammar_allows(self, grammar: Any, token: int) -> bool:
         one = self._one
-        one[0].id = token
-        one[0].logit = 0.0
-        one[0].p = 0.0
+        one[0] = llama_cpp.llama_token_data(token, 0.0, 0.0)
         cands = llama_cpp.llama_token_data_array(
             ctypes.cast(one, llama_cpp.llama_token_data_p), 1, -1, False
         )
@@ -887,20 +900,22 @@ class LlamaEngine:
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         session = self._session(session_id)
-        tokens, data = await self._run(self._export_locked, session)
+        tokens, data, n_kv = await self._run(self._export_locked, session)
         self.stats.exports += 1
-        return KVSnapshot(self._fingerprint, tokens, data)
+        return KVSnapshot(self._fingerprint, tokens, data, n_kv)
 
-    def _export_locked(self, session: _Session) -> tuple[tuple[int, ...], bytes]:
+    def _export_locked(self, session: _Session) -> tuple[tuple[int, ...], bytes, int]:
         self._live(session)
-        # The snapshot's tokens must all be in the bytes: decode the last sampled token.
-        self._feed(session, logits=False, keep_on_failure=session.n_kv)
+        # The last sampled token is not decoded here: it stays pending in the snapshot's
+        # token list and is decoded with the next prompt after import, in the same batch
+        # as in a session that never slept, so the continuation is bit-identical (decoding
+        # it alone here would round differently and greedy output could branch).
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, session.seq))
         buf = (ctypes.c_uint8 * size)()
         written = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, session.seq))
         if written == 0 and session.tokens:
             raise EngineError(f"llama.cpp could not export session {session.session_id!r}")
-        return tuple(session.tokens), ctypes.string_at(buf, written)
+        return tuple(session.tokens), ctypes.string_at(buf, written), session.n_kv
 
     def _reject_reason(self, snapshot: KVSnapshot) -> str | None:
         if snapshot.fingerprint != self._fingerprint:
@@ -944,12 +959,17 @@ class LlamaEngine:
             llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
             return f"llama.cpp refused the KV data{_last_llama_error()}"
         n = len(snapshot.tokens)
-        pos_max = int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq))
-        if pos_max != n - 1:
+        n_kv = int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq)) + 1
+        expected = n if snapshot.n_kv is None else snapshot.n_kv
+        # The KV covers every token but possibly the last sampled one (pending).
+        if n_kv != expected or not 0 <= n - n_kv <= 1:
             llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            return f"KV data ends at position {pos_max}, snapshot lists {n} tokens"
+            return (
+                f"KV data ends at position {n_kv - 1}; the snapshot lists {n} tokens, "
+                f"{expected} of them in the KV"
+            )
         session.tokens[:] = snapshot.tokens
-        session.n_kv = n
+        session.n_kv = n_kv
         session.kv_bytes = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
         return None
 

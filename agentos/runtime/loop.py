@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,11 @@ class TaskResult:
 
 
 StepHook = Callable[[int, Any], Awaitable[None]]
+PhaseSpan = Callable[[str], AbstractContextManager[Any]]
+
+
+def _no_span(phase: str) -> AbstractContextManager[Any]:
+    return nullcontext()
 
 
 def load_agent_class(entrypoint: str) -> type[Agent]:
@@ -89,12 +95,14 @@ async def run_task(
     after_step: StepHook,
     first_observation: Any = None,
     max_steps: int | None = None,
+    phase_span: PhaseSpan = _no_span,
 ) -> TaskResult:
     """Run loop iterations until ``observe`` returns None or the agent is stopping.
 
     ``after_step(step, outcome)`` runs after each complete iteration (the runtime
     saves state there). When ``first_observation`` is given, the first iteration
     uses it instead of calling observe (a heartbeat has already observed).
+    ``phase_span(name)`` wraps each agent call (the daemon opens a tracing span).
     Raises :class:`AgentCodeError` when agent code raises.
     """
     steps = 0
@@ -102,12 +110,12 @@ async def run_task(
     observation = first_observation
     while ctx.stopping is None and (max_steps is None or steps < max_steps):
         if observation is None:
-            observation = await _call("observe", agent.observe(ctx))
+            observation = await _call("observe", agent.observe(ctx), phase_span)
             if observation is None:
                 return TaskResult(steps, outcome, stopped=False)
-        plan = await _call("plan", agent.plan(ctx, observation))
-        outcome = await _call("act", agent.act(ctx, plan))
-        await _call("learn", agent.learn(ctx, outcome))
+        plan = await _call("plan", agent.plan(ctx, observation), phase_span)
+        outcome = await _call("act", agent.act(ctx, plan), phase_span)
+        await _call("learn", agent.learn(ctx, outcome), phase_span)
         steps += 1
         observation = None
         await after_step(steps, outcome)
@@ -116,10 +124,11 @@ async def run_task(
     return TaskResult(steps, outcome, stopped=ctx.stopping is not None)
 
 
-async def _call(phase: str, awaitable: Awaitable[Any]) -> Any:
-    try:
-        return await awaitable
-    except anyio.get_cancelled_exc_class():
-        raise
-    except Exception as e:
-        raise AgentCodeError(phase, e) from e
+async def _call(phase: str, awaitable: Awaitable[Any], span: PhaseSpan) -> Any:
+    with span(phase):
+        try:
+            return await awaitable
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as e:
+            raise AgentCodeError(phase, e) from e

@@ -47,12 +47,14 @@ from agentos.sdk import (
 )
 from agentos.spec import AgentResource
 from agentos.store import InboxMessage, LoadedSnapshot, Store, StoreUnavailable, TaskWrite
+from agentos.telemetry import Telemetry
 from agentos.triggers import TriggerClock
 
 __all__ = ["AgentRunner", "LeaseLost", "SlotArbiter"]
 
 log = logging.getLogger("agentos.runner")
 _T = TypeVar("_T")
+_ACTIVE = {Phase.RUNNING, Phase.IDLE, Phase.WAKING, Phase.HIBERNATING}
 
 
 class LeaseLost(Exception):
@@ -115,6 +117,7 @@ class _Work:
     scheduled_at: float | None = None
     index: int | None = None  # the time trigger that fired, if any
     recorded: bool = False  # a task record exists already (queued)
+    queued_at: float | None = None
 
 
 def _inbox_work(message: InboxMessage) -> _Work:
@@ -143,6 +146,7 @@ class AgentRunner:
         clock: Callable[[], float] = time.time,
         retry_max_s: float = 5.0,
         task_retention: tuple[int, float] = (1000, 7 * 86400.0),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.resource = resource
         self.name = resource.metadata.name
@@ -155,6 +159,12 @@ class AgentRunner:
         self.clock = clock
         self.retry_max_s = retry_max_s
         self.task_retention = task_retention
+        self.telemetry = telemetry or Telemetry.disabled()
+        # Metering: amounts not yet written to the agent's daily usage hash.
+        self._usage: dict[str, float] = {}
+        self._phase_since = clock()
+        self._metered_at = clock()
+        self._kv_stored = 0  # bytes of the committed snapshot in Redis
         spec = resource.spec
         self.priority = spec.priority
         self.phase = Phase.PENDING
@@ -184,6 +194,7 @@ class AgentRunner:
         self._agent_cls: type[Agent] | None = None
         self._unacked: str | None = None
         self._unacked_key: str | None = None
+        self._span: Any = None
         self._task_tokens = (0, 0)
         self._completed = 0
         self._interrupted = False  # cancelled in the middle of an iteration
@@ -239,6 +250,40 @@ class AgentRunner:
             "last_activity": repr(self.last_activity),
         }
 
+    def usage_delta(self) -> tuple[str, dict[str, float]]:
+        """Usage since the last call, for the daily usage hash (UTC day), and reset it.
+
+        Active time is wall time not hibernated (nor stopped, failed or pending); KV
+        byte-seconds accrue for the committed snapshot while it is stored.
+        """
+        now = self.clock()
+        if self.phase in _ACTIVE:
+            self._usage["active_s"] = self._usage.get("active_s", 0.0) + now - self._phase_since
+        self._phase_since = now
+        self.usage_flush_kv()
+        delta, self._usage = self._usage, {}
+        if delta.get("active_s"):
+            self.telemetry.active_seconds.add(delta["active_s"], {"gen_ai.agent.name": self.name})
+        return time.strftime("%Y-%m-%d", time.gmtime(now)), delta
+
+    def usage_flush_kv(self) -> None:
+        """Accrue KV byte-seconds for the stored size up to now (before it changes)."""
+        now = self.clock()
+        self._usage["kv_byte_s"] = self._usage.get("kv_byte_s", 0.0) + self._kv_stored * (
+            now - self._metered_at
+        )
+        self._metered_at = now
+
+    def restore_usage(self, amounts: dict[str, float]) -> None:
+        """Put back usage a failed flush could not write."""
+        for k, v in amounts.items():
+            self._usage[k] = self._usage.get(k, 0.0) + v
+
+    def _meter(self, **amounts: float) -> None:
+        for k, v in amounts.items():
+            self._usage[k] = self._usage.get(k, 0.0) + v
+        self.dirty = True
+
     def task_counters(self) -> dict[str, object]:
         """Task outcome fields, written with the phase change that produced them."""
         return {
@@ -284,6 +329,7 @@ class AgentRunner:
         self.tokens_in = int(prior.get("tokens_in", 0) or 0)
         self.tokens_out = int(prior.get("tokens_out", 0) or 0)
         previous_owner = prior.get("owner", "")
+        self._kv_stored = int(prior.get("kv_bytes") or 0)
         was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
         try:
             self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
@@ -393,6 +439,7 @@ class AgentRunner:
                 task=self._queued_record(work), schedule=schedule if i == len(works) - 1 else None
             )
             work.recorded = True
+            work.queued_at = self.clock()
             self._queue.append(work)
         if not works and schedule:
             await self._write(schedule=schedule)
@@ -443,7 +490,11 @@ class AgentRunner:
         self._saved_state = raw
         spec = self.resource.spec
         llm = LLM(
-            self.engine, self.name, ensure_session=self._ensure_session, on_usage=self._on_usage
+            self.engine,
+            self.name,
+            ensure_session=self._ensure_session,
+            on_usage=self._on_usage,
+            telemetry=self.telemetry,
         )
         self.ctx = Context(
             name=self.name,
@@ -454,6 +505,7 @@ class AgentRunner:
             log=agent_logger(self.name),
             stopping=self.stop_reason,
             _sender=self._send,
+            _telemetry=self.telemetry,
         )
         return True
 
@@ -567,82 +619,106 @@ class AgentRunner:
                 return
         if self.phase is Phase.HIBERNATED:
             await self._wake(work.trigger)
-        self.busy = True
-        self._task_tokens = (self.tokens_in, self.tokens_out)
-        started = self.clock()
-        record: dict[str, object] = {
-            "status": "running",
-            "started_at": repr(started),
-            "attempt": work.attempt,
-        }
-        if not work.recorded:
-            record = {**self._queued_record(work).fields, **record}
-        try:
-            await self._set_phase(
-                PhaseEvent.TASK,
-                status={"task": task.id, "trigger": task.trigger},
-                task=TaskWrite(work.id, record, created_at=None if work.recorded else started),
-            )
-            work.recorded = True
-            self._unacked = work.message.id if work.message is not None else None
-            self._unacked_key = work.message.key if work.message is not None else None
-            scope = anyio.CancelScope()
-            result: TaskResult | None = None
-            failure: AgentCodeError | None = None
-            agent, ctx = self.agent, self.ctx
-
-            async def body(tg: anyio.abc.TaskGroup) -> None:
-                nonlocal result, failure
-                with scope:
-                    try:
-                        result = await run_task(
-                            agent,
-                            ctx,
-                            after_step=self._after_step,
-                            first_observation=first_observation,
-                        )
-                    except AgentCodeError as e:
-                        failure = e
-                tg.cancel_scope.cancel()
-
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watch_overlaps, work, scope)
-                    await body(tg)
-            except anyio.get_cancelled_exc_class():
-                self._interrupted = True
-                raise
-            if failure is not None:
-                await self._crashed(failure, work)
-                return
-            if result is None:  # cancelled by a newer fire of the same trigger
-                await self._finish_task(work, "cancelled", "cancelled by a newer fire (overlap)")
-                return
-            if result.stopped and result.steps == 0:
-                # Stopped before doing anything: the task stays queued for the next owner.
-                self._unacked = None
-                self._queue.appendleft(work)
-                self.phase = transition(self.phase, PhaseEvent.IDLE)
-                await self._write(task=TaskWrite(work.id, {"status": "queued"}))
-                return
-            self.consecutive_failures = 0
-            if result.steps:
-                # A wake-up whose first observe found nothing to do is not a task.
-                self.tasks_succeeded += 1
-            self.last_activity = self.clock()
-            summary = _short(result.outcome) if result.steps else "nothing to do"
-            await self._finish_task(work, "succeeded", summary, steps=result.steps)
-            self._completed += 1
-            if self._completed % 50 == 0:
-                keep, age = self.task_retention
-                await self._retry(
-                    lambda: self.store.trim_tasks(self.name, keep=keep, max_age_s=age)
+        traceparent = work.message.traceparent if work.message is not None else None
+        with self.telemetry.task(
+            agent=self.name,
+            agent_id=self.resource.metadata.name,
+            task_id=work.id,
+            trigger=work.trigger,
+            attempt=work.attempt,
+            daemon_id=self.daemon_id,
+            provider=self.engine.name,
+            traceparent=traceparent,
+        ) as span:
+            self._span = span
+            self.busy = True
+            self._task_tokens = (self.tokens_in, self.tokens_out)
+            started = self.clock()
+            if work.queued_at is not None:
+                self.telemetry.queue_wait.record(
+                    started - work.queued_at, {"gen_ai.agent.name": self.name}
                 )
-        finally:
-            self.busy = False
+            record: dict[str, object] = {
+                "status": "running",
+                "started_at": repr(started),
+                "attempt": work.attempt,
+            }
+            if not work.recorded:
+                record = {**self._queued_record(work).fields, **record}
+            try:
+                await self._set_phase(
+                    PhaseEvent.TASK,
+                    status={"task": task.id, "trigger": task.trigger},
+                    task=TaskWrite(work.id, record, created_at=None if work.recorded else started),
+                )
+                work.recorded = True
+                self._unacked = work.message.id if work.message is not None else None
+                self._unacked_key = work.message.key if work.message is not None else None
+                scope = anyio.CancelScope()
+                result: TaskResult | None = None
+                failure: AgentCodeError | None = None
+                agent, ctx = self.agent, self.ctx
+
+                async def body(tg: anyio.abc.TaskGroup) -> None:
+                    nonlocal result, failure
+                    with scope:
+                        try:
+                            result = await run_task(
+                                agent,
+                                ctx,
+                                after_step=self._after_step,
+                                first_observation=first_observation,
+                                phase_span=self.telemetry.span,
+                            )
+                        except AgentCodeError as e:
+                            failure = e
+                    tg.cancel_scope.cancel()
+
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._watch_overlaps, work, scope)
+                        await body(tg)
+                except anyio.get_cancelled_exc_class():
+                    self._interrupted = True
+                    raise
+                if failure is not None:
+                    Telemetry.fail(span, failure.error)
+                    span.set_attribute("agentos.task.phase", failure.phase)
+                    await self._crashed(failure, work)
+                    return
+                if result is None:  # cancelled by a newer fire of the same trigger
+                    await self._finish_task(
+                        work, "cancelled", "cancelled by a newer fire (overlap)"
+                    )
+                    return
+                if result.stopped and result.steps == 0:
+                    # Stopped before doing anything: the task stays queued for the next owner.
+                    self._unacked = None
+                    self._queue.appendleft(work)
+                    self.phase = transition(self.phase, PhaseEvent.IDLE)
+                    await self._write(task=TaskWrite(work.id, {"status": "queued"}))
+                    return
+                self.consecutive_failures = 0
+                if result.steps:
+                    # A wake-up whose first observe found nothing to do is not a task.
+                    self.tasks_succeeded += 1
+                    self._meter(tasks_succeeded=1)
+                span.set_attribute("agentos.task.steps", result.steps)
+                self.last_activity = self.clock()
+                summary = _short(result.outcome) if result.steps else "nothing to do"
+                await self._finish_task(work, "succeeded", summary, steps=result.steps)
+                self._completed += 1
+                if self._completed % 50 == 0:
+                    keep, age = self.task_retention
+                    await self._retry(
+                        lambda: self.store.trim_tasks(self.name, keep=keep, max_age_s=age)
+                    )
+            finally:
+                self.busy = False
 
     async def _finish_task(self, work: _Work, status: str, result: str, *, steps: int = 0) -> None:
         """Back to Idle, with the task's outcome, its state and its ack in one write."""
+        self.telemetry.tasks.add(1, {"agentos.task.status": status, "gen_ai.agent.name": self.name})
         state = self._encode_state()
         tokens_in = self.tokens_in - self._task_tokens[0]
         tokens_out = self.tokens_out - self._task_tokens[1]
@@ -751,6 +827,15 @@ class AgentRunner:
         self.tasks_failed += 1
         self.restarts += 1
         self.ctx_log_error(error)
+        if decision.failed:
+            self._meter(tasks_failed=1)
+        self.telemetry.tasks.add(
+            1,
+            {
+                "agentos.task.status": "failed" if decision.failed else "retrying",
+                "gen_ai.agent.name": self.name,
+            },
+        )
         outcome = {
             "status": "failed" if decision.failed else "retrying",
             "error": _short(str(error), 500),
@@ -842,9 +927,13 @@ class AgentRunner:
     def _on_usage(self, completion: Completion) -> None:
         self.tokens_in += completion.input_tokens
         self.tokens_out += completion.output_tokens
-        self.dirty = True
+        self._meter(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)
 
     async def _hibernate(self, why: str) -> None:
+        with self.telemetry.span("agentos.hibernate", **{"gen_ai.agent.name": self.name}) as span:
+            await self._hibernate_traced(why, span)
+
+    async def _hibernate_traced(self, why: str, span: Any) -> None:
         started = time.perf_counter()
         self.hibernate_requested = None
         await self._set_phase(
@@ -861,6 +950,10 @@ class AgentRunner:
                 status, detail = await self._save_snapshot()
             self.engine.close_session(self.name)
         took_ms = (time.perf_counter() - started) * 1000
+        span.set_attribute("agentos.kv.bytes", self._kv_stored)
+        span.set_attribute("agentos.hibernate.detail", detail)
+        self.telemetry.hibernations.add(1, {"gen_ai.agent.name": self.name})
+        self.telemetry.hibernate_latency.record(took_ms / 1000, {"gen_ai.agent.name": self.name})
         await self._set_phase(
             PhaseEvent.HIBERNATED,
             status={
@@ -897,6 +990,9 @@ class AgentRunner:
         if saved is None:
             raise LeaseLost(self.name)
         meter.observe_write(saved.manifest.total_bytes, saved.seconds)
+        self.telemetry.kv_bytes.add(saved.manifest.total_bytes - self._kv_stored)
+        self.usage_flush_kv()  # the old size accrues up to now
+        self._kv_stored = saved.manifest.total_bytes
         self._snapshot_tokens = n_tokens
         stored = saved.manifest.total_bytes
         detail = (
@@ -913,6 +1009,10 @@ class AgentRunner:
         return status, detail
 
     async def _wake(self, trigger: str) -> None:
+        with self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name}) as span:
+            await self._wake_traced(trigger, span)
+
+    async def _wake_traced(self, trigger: str, span: Any) -> None:
         started = time.perf_counter()
         await self._set_phase(
             PhaseEvent.WAKE, status={"reason": "Waking", "message": f"woken by {trigger}"}
@@ -924,6 +1024,14 @@ class AgentRunner:
                 await self.arbiter.open(self)
             path, why = await self._restore(loaded)
         took_s = time.perf_counter() - started
+        span.set_attribute("agentos.wake.path", path)
+        span.set_attribute("agentos.wake.reason", why)
+        span.set_attribute("agentos.kv.bytes", loaded.nbytes)
+        attrs = {"gen_ai.agent.name": self.name, "agentos.wake.path": path}
+        self.telemetry.wakes.add(1, attrs)
+        self.telemetry.wake_latency.record(took_s, attrs)
+        if path == "restore" and self.ctx is not None:
+            self.ctx.llm.kv_restored = True
         await self._set_phase(
             PhaseEvent.WOKE,
             status={
@@ -1017,6 +1125,7 @@ class AgentRunner:
             event=self._event(
                 "Stopped", reason.value, f"daemon {self.daemon_id} let go of the agent"
             ),
+            usage=self.usage_delta(),
             release=True,
         )
 
@@ -1032,8 +1141,12 @@ class AgentRunner:
         event: dict[str, str] | None = None,
         task: TaskWrite | None = None,
     ) -> None:
+        now = self.clock()
+        if self.phase in _ACTIVE:
+            self._usage["active_s"] = self._usage.get("active_s", 0.0) + now - self._phase_since
+        self._phase_since = now
         self.phase = transition(self.phase, edge)
-        fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
+        fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(now)}
         if status:
             fields.update(status)
         await self._write(status=fields, state=state, ack_id=ack_id, event=event, task=task)
@@ -1048,6 +1161,7 @@ class AgentRunner:
         ack_id: str | None = None,
         task: TaskWrite | None = None,
         schedule: dict[str, float] | None = None,
+        usage: tuple[str, dict[str, float]] | None = None,
         release: bool = False,
     ) -> None:
         ok = await self._retry(
@@ -1061,6 +1175,7 @@ class AgentRunner:
                 ack_id=ack_id,
                 task=task,
                 schedule=schedule,
+                usage=usage,
                 release=release,
             )
         )

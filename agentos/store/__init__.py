@@ -413,6 +413,9 @@ class Store:
     async def purge_agent(self, name: str) -> None:
         """Delete every runtime key of an agent (not its spec), snapshot and tasks included."""
         await self.snapshots.delete(name)
+        days = [_s(d) for d in await self._r.smembers(self.keys.usage_days(name))]
+        if days:
+            await self._r.delete(*(self.keys.usage(name, d) for d in days))
         ids = [_s(i) for i in await self._r.zrange(self.keys.tasks(name), 0, -1)]
         for i in range(0, len(ids), 500):
             await self._r.delete(*(self.keys.task(name, t) for t in ids[i : i + 500]))
@@ -580,6 +583,7 @@ class Store:
         ack_id: str | None = None,
         task: TaskWrite | None = None,
         schedule: Mapping[str, float] | None = None,
+        usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
     ) -> tuple[list[str], list[str | bytes]]:
         """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)."""
@@ -632,6 +636,12 @@ class Store:
             for f, at in schedule.items():
                 flat += [f, repr(at)]
             ops.append(flat)
+        if usage is not None:
+            day, amounts = usage
+            for f, amount in amounts.items():
+                if amount:
+                    ops.append(["HINCRBYFLOAT", key(k.usage(name, day)), f, repr(float(amount))])
+            ops.append(["SADD", key(k.usage_days(name)), day])
         if release:
             ops.append(["DEL", key(k.lease(name))])
         encoded = json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
@@ -650,6 +660,7 @@ class Store:
         ack_id: str | None = None,
         task: TaskWrite | None = None,
         schedule: Mapping[str, float] | None = None,
+        usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
     ) -> bool:
         """Write status fields, an event, the durable state, an inbox ack, a task record
@@ -670,6 +681,7 @@ class Store:
             ack_id=ack_id,
             task=task,
             schedule=schedule,
+            usage=usage,
             release=release,
         )
         ok = await self._fenced(keys=keys, args=[lease_value, *ops])
@@ -684,14 +696,15 @@ class Store:
 
     @translate
     async def fenced_status_batch(
-        self, updates: Sequence[tuple[str, str, Mapping[str, object]]]
+        self,
+        updates: Sequence[tuple[str, str, Mapping[str, object], tuple[str, Mapping[str, float]]]],
     ) -> list[bool]:
-        """Many status-only fenced writes in one pipeline: (agent, lease value, fields)."""
+        """Many fenced status + usage writes in one pipeline: (agent, lease, fields, usage)."""
         if not updates:
             return []
         async with self._r.pipeline(transaction=False) as pipe:
-            for name, lease_value, fields in updates:
-                keys, ops = self._ops(name, status=fields)
+            for name, lease_value, fields, usage in updates:
+                keys, ops = self._ops(name, status=fields, usage=usage)
                 await self._fenced(keys=keys, args=[lease_value, *ops], client=pipe)
             return [bool(x) for x in await pipe.execute()]
 
@@ -865,6 +878,24 @@ class Store:
         """One task record (empty when unknown)."""
         raw = await self._r.hgetall(self.keys.task(name, task_id))
         return {_s(a): _s(b) for a, b in raw.items()}
+
+    @translate
+    async def usage(
+        self, names: Sequence[str], days: Sequence[str]
+    ) -> dict[tuple[str, str], dict[str, float]]:
+        """Metered usage per (agent, day) for the given agents and UTC days (missing: left out)."""
+        pairs = [(n, d) for n in names for d in days]
+        if not pairs:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for n, d in pairs:
+                pipe.hgetall(self.keys.usage(n, d))
+            raw = await pipe.execute()
+        return {
+            pair: {_s(a): float(b) for a, b in h.items()}
+            for pair, h in zip(pairs, raw, strict=True)
+            if h
+        }
 
     @translate
     async def idempotency_done(self, name: str, key: str) -> bool:

@@ -125,6 +125,14 @@ class Keys:
         """Hash: trigger index -> next fire time, so a restarted daemon continues the schedule."""
         return self._agent(name, "schedule")
 
+    def usage(self, name: str, day: str) -> str:
+        """Hash: metered usage of one UTC day (active_s, tokens_in/out, kv_byte_s, tasks_*)."""
+        return self._agent(name, f"usage:{day}")
+
+    def usage_days(self, name: str) -> str:
+        """Set: the days that have a usage hash (for reports and deletion)."""
+        return self._agent(name, "usage-days")
+
     def agent_keys(self, name: str) -> list[str]:
         """Every key that belongs to one agent, for deletion.
 
@@ -142,4 +150,5 @@ class Keys:
             self.tasks(name),
             self.idempotency(name),
             self.schedule(name),
+            self.usage_days(name),
         ]

@@ -51,6 +51,7 @@ class Manifest(msgspec.Struct, frozen=True):
     kept_kv: bool
     created_at: float
     reason: str = ""
+    n_kv: int | None = None  # leading tokens the KV covers (None: all)
 
 
 class _Pending(msgspec.Struct, frozen=True):
@@ -134,6 +135,7 @@ class Snapshots:
             kept_kv=keep_kv and bool(data),
             created_at=time.time(),
             reason=reason,
+            n_kv=snapshot.n_kv,
         )
         reply = await self._commit(
             keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name)],
@@ -182,7 +184,9 @@ class Snapshots:
             buf += part
         if len(buf) != manifest.total_bytes:
             return result(None, manifest, "snapshot size does not match its manifest")
-        snapshot = KVSnapshot(manifest.fingerprint, tuple(manifest.tokens), bytes(buf))
+        snapshot = KVSnapshot(
+            manifest.fingerprint, tuple(manifest.tokens), bytes(buf), manifest.n_kv
+        )
         return result(snapshot, manifest, "valid")
 
     async def manifest(self, name: str) -> Manifest | None:

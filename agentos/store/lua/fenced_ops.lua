@@ -9,7 +9,7 @@
 -- Returns 1 when applied, 0 when the lease is not the caller's.
 local allowed = {
   HSET = true, HDEL = true, SET = true, DEL = true, XADD = true, XACK = true,
-  ZADD = true, ZREM = true, ZREMRANGEBYSCORE = true,
+  ZADD = true, ZREM = true, ZREMRANGEBYSCORE = true, HINCRBYFLOAT = true, SADD = true,
 }
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
