@@ -161,3 +161,20 @@ class Watcher(agentos.Agent):
         ctx.state.pending -= 1
         ctx.state.handled += 1
         return ctx.state.handled
+
+
+class Researcher(agentos.Agent):
+    """All four phases, two model calls and one tool call per message (for tracing tests)."""
+
+    async def plan(self, ctx: agentos.Context, observation: Any) -> Any:
+        completion = await ctx.llm.generate(f"Plan: {observation.body}", max_tokens=4)
+        return completion.text
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        with ctx.tool("search", query=str(plan)[:20]):
+            found = ["result"]
+        reply = await ctx.llm.chat([{"role": "user", "content": f"{plan} {found}"}], max_tokens=4)
+        return reply.text
+
+    async def learn(self, ctx: agentos.Context, outcome: Any) -> None:
+        ctx.state["last"] = outcome

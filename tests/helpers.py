@@ -15,6 +15,7 @@ from agentos.engine import Engine, SimEngine
 from agentos.settings import DaemonSettings
 from agentos.spec import Document, parse_text
 from agentos.store import Store
+from agentos.telemetry import Telemetry
 
 FAST = {"lease_ttl_s": 2.0, "grace_s": 1.0, "reconcile_interval_s": 0.05, "status_flush_s": 0.1}
 
@@ -37,10 +38,16 @@ async def apply(store: Store, *docs: Document) -> None:
 
 @asynccontextmanager
 async def running_daemon(
-    store: Store, engine: Engine | None = None, **settings: Any
+    store: Store,
+    engine: Engine | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Daemon]:
     """A daemon running in the background of the test; stopped gracefully on exit."""
-    d = Daemon(store, engine or SimEngine(), DaemonSettings(**{**FAST, **settings}))
+    d = Daemon(
+        store, engine or SimEngine(), DaemonSettings(**{**FAST, **settings}), telemetry=telemetry
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.run)
         try:
