@@ -74,14 +74,24 @@ def _capture_content(env: Mapping[str, str]) -> bool:
 
 
 def _otlp_exporters(env: Mapping[str, str]) -> tuple[SpanExporter | None, Any | None]:
-    """OTLP exporters chosen by the standard variables, or (None, None) when not configured."""
-    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    metrics = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    """OTLP exporters chosen by the standard variables, or (None, None) when not configured.
+
+    Endpoints are resolved here from ``env`` (so tests and embedders can pass their own);
+    headers, timeouts, compression and certificates are read by the exporters from the
+    process environment as usual.
+    """
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").rstrip("/")
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    metrics = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    if protocol == "grpc":
+        traces, metrics = traces or base or None, metrics or base or None
+    else:
+        # Per the spec, signal paths are appended to the base endpoint for OTLP/HTTP.
+        traces = traces or (f"{base}/v1/traces" if base else None)
+        metrics = metrics or (f"{base}/v1/metrics" if base else None)
     if not traces and not metrics:
         return None, None
-    protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -92,9 +102,10 @@ def _otlp_exporters(env: Mapping[str, str]) -> tuple[SpanExporter | None, Any | 
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    # Endpoint, headers, timeouts and compression are read by the exporters themselves
-    # from the same OTEL_* variables.
-    return (OTLPSpanExporter() if traces else None), (OTLPMetricExporter() if metrics else None)
+    return (
+        OTLPSpanExporter(endpoint=traces) if traces else None,
+        OTLPMetricExporter(endpoint=metrics) if metrics else None,
+    )
 
 
 @dataclass

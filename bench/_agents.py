@@ -19,3 +19,12 @@ class Dormant(agentos.Agent):
 
     async def observe(self, ctx: agentos.Context) -> Any:
         return None
+
+
+class Answerer(agentos.Agent):
+    """Answers each message with one short model call (a task that does real work)."""
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        completion = await ctx.llm.generate(plan.body, max_tokens=4)
+        await ctx.llm.reset()
+        return completion.text
