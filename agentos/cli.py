@@ -508,27 +508,16 @@ def events(
             for e in items:
                 out.print(_event_line(e), markup=False)
         else:
-            _emit([_event_data(e) for e in items], output, lambda: "")
+            _emit([e.to_dict() for e in items], output, lambda: "")
 
     _run(go)
-
-
-def _event_data(e: Event) -> dict[str, Any]:
-    return {
-        "time": e.time,
-        "agent": e.agent,
-        "type": e.type,
-        "reason": e.reason,
-        "message": e.message,
-        "daemon": e.daemon,
-    }
 
 
 def _print_event(e: Event, output: Output) -> None:
     if output is Output.table:
         out.print(_event_line(e), markup=False)
     else:
-        out.print(json.dumps(_event_data(e)), markup=False)
+        out.print(json.dumps(e.to_dict()), markup=False)
 
 
 # ---------------------------------------------------------------------- commands

@@ -124,19 +124,8 @@ class AgentDetail:
             "status": self.status,
             "inboxDepth": self.inbox_depth,
             "tasks": self.tasks,
-            "events": [_event_dict(e) for e in self.events],
+            "events": [e.to_dict() for e in self.events],
         }
-
-
-def _event_dict(e: Event) -> dict[str, Any]:
-    return {
-        "time": e.time,
-        "agent": e.agent,
-        "type": e.type,
-        "reason": e.reason,
-        "message": e.message,
-        "daemon": e.daemon,
-    }
 
 
 class Client:

@@ -39,6 +39,7 @@ from agentos.store import Store
 SIZES = [int(x) for x in os.environ.get("BENCH_WAKE_SIZES", "512,2048,4096,8192").split(",")]
 NEW_PROMPT = "\nQuestion: what happens next?\nAnswer:"
 REPEATS = int(os.environ.get("BENCH_WAKE_REPEATS", "3"))
+NAIVE_PART = 256 << 20
 
 
 def _context_tokens(engine: LlamaEngine, n: int) -> str:
@@ -128,10 +129,21 @@ def naive(model_path: Path, url_path: str, n_ctx: int, text: str) -> float:
     client = redis.Redis(unix_socket_path=url_path)
     tokens = llm.tokenize(text.encode(), add_bos=True)
     llm.eval(tokens)
-    client.set("bench:naive", pickle.dumps(llm.save_state()))
+    blob = pickle.dumps(llm.save_state())
+    # Redis caps one value at 512 MB and this state carries a scores array of
+    # n_batch x vocab floats: it has to be split to be stored at all.
+    parts = [blob[i : i + NAIVE_PART] for i in range(0, len(blob), NAIVE_PART)]
+    pipe = client.pipeline(transaction=False)
+    for i, part in enumerate(parts):
+        pipe.set(f"bench:naive:{i}", part)
+    pipe.execute()
+    del blob
     llm.reset()
     started = time.perf_counter()
-    state = pickle.loads(client.get("bench:naive"))
+    pipe = client.pipeline(transaction=False)
+    for i in range(len(parts)):
+        pipe.get(f"bench:naive:{i}")
+    state = pickle.loads(b"".join(pipe.execute()))
     llm.load_state(state)
     llm.eval(llm.tokenize(NEW_PROMPT.encode(), add_bos=False))
     llm.sample()

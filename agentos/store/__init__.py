@@ -126,6 +126,17 @@ class Event:
     message: str
     daemon: str
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON and YAML output."""
+        return {
+            "time": self.time,
+            "agent": self.agent,
+            "type": self.type,
+            "reason": self.reason,
+            "message": self.message,
+            "daemon": self.daemon,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class TaskWrite:

@@ -13,13 +13,13 @@ Compression is off: zstd gained under 8% on this data (FACTS), not worth the CPU
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import xxhash
 
 from agentos.engine.base import KVSnapshot
 from agentos.store.keys import Keys
@@ -27,11 +27,11 @@ from agentos.store.keys import Keys
 __all__ = ["CHUNK_BYTES", "ChunkRef", "LoadedSnapshot", "Manifest", "SavedSnapshot", "Snapshots"]
 
 CHUNK_BYTES = 1 << 20
-FORMAT = 1
+FORMAT = 2
 
 
 class ChunkRef(msgspec.Struct, frozen=True):
-    """One chunk of a snapshot: its key, size and BLAKE2b-128 digest."""
+    """One chunk of a snapshot: its key, size and XXH3-128 digest."""
 
     key: str
     size: int
@@ -85,7 +85,9 @@ class LoadedSnapshot:
 
 
 def _digest(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    # XXH3-128 checks ~20 MB in well under a millisecond; BLAKE2b took ~45 ms, a third
+    # of a wake. The threat is bit rot and partial writes, not an adversary.
+    return str(xxhash.xxh3_128_hexdigest(data))
 
 
 class Snapshots:
@@ -175,18 +177,15 @@ class Snapshots:
                 None, manifest, "KV not kept" + (f" ({manifest.reason})" if manifest.reason else "")
             )
         parts = await self._r.mget([c.key for c in manifest.chunks]) if manifest.chunks else []
-        buf = bytearray()
         for i, (ref, part) in enumerate(zip(manifest.chunks, parts, strict=True)):
             if part is None:
                 return result(None, manifest, f"chunk {i} of {len(manifest.chunks)} missing")
             if len(part) != ref.size or _digest(part) != ref.digest:
                 return result(None, manifest, f"chunk {i} of {len(manifest.chunks)} corrupt")
-            buf += part
-        if len(buf) != manifest.total_bytes:
+        data = b"".join(parts)  # one copy
+        if len(data) != manifest.total_bytes:
             return result(None, manifest, "snapshot size does not match its manifest")
-        snapshot = KVSnapshot(
-            manifest.fingerprint, tuple(manifest.tokens), bytes(buf), manifest.n_kv
-        )
+        snapshot = KVSnapshot(manifest.fingerprint, tuple(manifest.tokens), data, manifest.n_kv)
         return result(snapshot, manifest, "valid")
 
     async def manifest(self, name: str) -> Manifest | None:
