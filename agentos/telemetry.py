@@ -150,6 +150,7 @@ class Telemetry:
         capture_content: bool = False,
         owned: tuple[Any, ...] = (),
     ) -> None:
+        self.enabled = tracer_provider is not None or meter_provider is not None
         self._tracer_provider = tracer_provider or NoOpTracerProvider()
         self._meter_provider = meter_provider or NoOpMeterProvider()
         self._owned = owned

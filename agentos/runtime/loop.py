@@ -54,7 +54,7 @@ StepHook = Callable[[int, Any], Awaitable[None]]
 PhaseSpan = Callable[[str], AbstractContextManager[Any]]
 
 
-def _no_span(phase: str) -> AbstractContextManager[Any]:
+def no_span(phase: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
@@ -95,7 +95,7 @@ async def run_task(
     after_step: StepHook,
     first_observation: Any = None,
     max_steps: int | None = None,
-    phase_span: PhaseSpan = _no_span,
+    phase_span: PhaseSpan = no_span,
 ) -> TaskResult:
     """Run loop iterations until ``observe`` returns None or the agent is stopping.
 

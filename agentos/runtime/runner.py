@@ -33,6 +33,7 @@ from agentos.runtime.loop import (
     EntrypointError,
     TaskResult,
     load_agent_class,
+    no_span,
     run_task,
 )
 from agentos.sdk import (
@@ -668,7 +669,10 @@ class AgentRunner:
                                 ctx,
                                 after_step=self._after_step,
                                 first_observation=first_observation,
-                                phase_span=self.telemetry.span,
+                                # Disabled telemetry must cost nothing per loop step.
+                                phase_span=self.telemetry.span
+                                if self.telemetry.enabled
+                                else no_span,
                             )
                         except AgentCodeError as e:
                             failure = e
