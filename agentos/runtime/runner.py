@@ -609,8 +609,9 @@ class AgentRunner:
         )
         self.ctx.begin(task)
         first_observation: Any = None
-        if work.trigger == "heartbeat":
-            # A heartbeat only asks; an agent with nothing to do stays asleep and costs nothing.
+        if work.trigger in ("heartbeat", "start"):
+            # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
+            # is, asleep or idle, and costs nothing: no task, no record, no model call.
             try:
                 first_observation = await self.agent.observe(self.ctx)
             except Exception as e:
