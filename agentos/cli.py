@@ -87,6 +87,10 @@ class OtelMode(enum.StrEnum):
     none = "none"
 
 
+KeepOpt = Annotated[int, typer.Option(min=1, help="Task records kept per agent.")]
+MaxAgeOpt = Annotated[
+    str, typer.Option(help="Task records and idempotency keys are kept this long.")
+]
 OtelOpt = Annotated[
     OtelMode,
     typer.Option(help="auto: OTLP when OTEL_EXPORTER_OTLP_* is set; console: stderr; none."),
@@ -761,9 +765,11 @@ def _daemon_settings(
     daemon_id: str | None,
     lease_ttl: str,
     engine_options: dict[str, object],
+    retention: tuple[int, str] = (1000, "7d"),
 ) -> DaemonSettings:
     values = {}
-    for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl)):
+    keep, max_age = retention
+    for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl), ("--task-max-age", max_age)):
         try:
             values[flag] = parse_duration(text)
         except ValueError as e:
@@ -777,6 +783,8 @@ def _daemon_settings(
         grace_s=values["--grace"],
         lease_ttl_s=values["--lease-ttl"],
         engine_options=engine_options,
+        task_retention_count=keep,
+        task_retention_s=values["--task-max-age"],
     )
 
 
@@ -816,11 +824,15 @@ def daemon(
     http: HttpOpt = None,
     http_token_file: HttpTokenOpt = None,
     otel: OtelOpt = OtelMode.auto,
+    task_retention: KeepOpt = 1000,
+    task_max_age: MaxAgeOpt = "7d",
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(logging.INFO)
     options = _engine_options(engine, model, slots, n_ctx)
-    dsettings = _daemon_settings(engine, max_agents, grace, daemon_id, lease_ttl, options)
+    dsettings = _daemon_settings(
+        engine, max_agents, grace, daemon_id, lease_ttl, options, (task_retention, task_max_age)
+    )
     where, token = _http_options(http, http_token_file)
     _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token, otel=otel.value)))
 
@@ -846,6 +858,8 @@ def up(
     http: HttpOpt = None,
     http_token_file: HttpTokenOpt = None,
     otel: OtelOpt = OtelMode.auto,
+    task_retention: KeepOpt = 1000,
+    task_max_age: MaxAgeOpt = "7d",
 ) -> None:
     """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
     duration_s = None
@@ -857,7 +871,9 @@ def up(
     docs = _run_sync_load(files) if files else []
     _setup_logging(logging.WARNING)
     options = _engine_options(engine, model, slots, n_ctx)
-    dsettings = _daemon_settings(engine, None, grace, None, lease_ttl, options)
+    dsettings = _daemon_settings(
+        engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age)
+    )
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None
     where, token = _http_options(http, http_token_file)

@@ -265,3 +265,29 @@ async def test_a_message_whose_signal_was_lost_is_found_by_the_inbox_sweep(store
             return isinstance(state, EchoState) and state.bodies == ["quiet"]
 
         await wait_until(seen, what="the sweep to deliver the message")
+
+
+async def test_when_slots_run_out_the_lowest_priority_idle_agent_is_swapped_out(
+    store: Store,
+) -> None:
+    spec = {"triggers": [{"inbox": {}}], "config": {"llm": True}}
+    await apply(
+        store,
+        agent_doc("low", ECHO, priority=10, **spec),
+        agent_doc("high", ECHO, priority=90, **spec),
+        agent_doc("urgent", ECHO, priority=50, **spec),
+    )
+    client = Client(store)
+    engine = SimEngine(slots=2)
+    async with running_daemon(store, engine):
+        for name in ("low", "high"):
+            await client.send(name, "hello")
+            await wait_until(lambda n=name: status_is(store, n, phase="Idle", tasks_succeeded="1"))
+        assert engine.has_session("low")
+        assert engine.has_session("high")
+        await client.send("urgent", "I need a slot")  # both slots are held
+        await wait_until(lambda: status_is(store, "urgent", phase="Idle", tasks_succeeded="1"))
+        low = await wait_until(lambda: status_is(store, "low", phase="Hibernated"))
+        assert "slot needed by urgent" in low["message"]
+        assert (await store.status("high"))["phase"] == "Idle"
+        assert not engine.has_session("low")

@@ -130,3 +130,23 @@ async def test_configured_changes_name_the_fields_that_changed(store: Store) -> 
     )
     assert change.action == "configured"
     assert change.fields == ("spec.config.limit", "spec.priority")
+
+
+async def test_task_records_are_trimmed_by_count_and_age(store: Store) -> None:
+    import time
+
+    from agentos.store import TaskWrite
+
+    held = f"d1|{await store.acquire_lease('x', 'd1', 60_000)}"
+    now = time.time()
+    for i in range(6):
+        created = now - 86400 * 10 if i == 0 else now - 10 + i  # the first is ten days old
+        record = TaskWrite(f"t{i}", {"id": f"t{i}", "status": "succeeded"}, created_at=created)
+        assert await store.fenced_write("x", held, task=record)
+    await store._r.zadd(store.keys.idempotency("x"), {"old-key": now - 86400 * 10, "new": now})
+    removed = await store.trim_tasks("x", keep=3, max_age_s=7 * 86400)
+    assert removed == 3
+    assert [t["id"] for t in await store.tasks("x", count=10)] == ["t5", "t4", "t3"]
+    assert await store.task("x", "t0") == {}
+    assert not await store.idempotency_done("x", "old-key")
+    assert await store.idempotency_done("x", "new")

@@ -66,6 +66,7 @@ async def test_a_task_is_one_trace_with_phases_inferences_and_a_tool(
     assert attrs["gen_ai.agent.name"] == "scout"
     assert attrs["gen_ai.conversation.id"] == f"m-{msg_id}"
     assert attrs["agentos.task.trigger"] == "inbox"
+    assert attrs["agentos.phase_path"] == "Idle > Running > Idle"
     tree = [s for s in exporter.get_finished_spans() if s.context.trace_id == root.context.trace_id]
     by_parent: dict[int | None, list[str]] = {}
     for s in tree:

@@ -196,6 +196,7 @@ class AgentRunner:
         self._unacked: str | None = None
         self._unacked_key: str | None = None
         self._span: Any = None
+        self._phase_path: list[str] = []
         self._task_tokens = (0, 0)
         self._completed = 0
         self._interrupted = False  # cancelled in the middle of an iteration
@@ -619,6 +620,7 @@ class AgentRunner:
                 return
             if first_observation is None:
                 return
+        self._phase_path = [self.phase.value]
         if self.phase is Phase.HIBERNATED:
             await self._wake(work.trigger)
         traceparent = work.message.traceparent if work.message is not None else None
@@ -720,6 +722,7 @@ class AgentRunner:
                     )
             finally:
                 self.busy = False
+                span.set_attribute("agentos.phase_path", " > ".join(self._phase_path))
 
     async def _finish_task(self, work: _Work, status: str, result: str, *, steps: int = 0) -> None:
         """Back to Idle, with the task's outcome, its state and its ack in one write."""
@@ -1151,6 +1154,7 @@ class AgentRunner:
             self._usage["active_s"] = self._usage.get("active_s", 0.0) + now - self._phase_since
         self._phase_since = now
         self.phase = transition(self.phase, edge)
+        self._phase_path.append(self.phase.value)
         fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(now)}
         if status:
             fields.update(status)
