@@ -190,6 +190,17 @@ def _leaf(error: BaseException) -> BaseException:
     return error
 
 
+def _command(action: Callable[[Client], Awaitable[object]], done: str) -> None:
+    """Run one client call and print what was done."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await action(client)
+        out.print(done, markup=False)
+
+    _run(go)
+
+
 async def _client() -> Client:
     return await Client.connect(STATE.settings)
 
@@ -314,24 +325,14 @@ def _run_sync_load(files: Sequence[Path]) -> list[Document]:
 def delete_agent(name: str) -> None:
     """Delete an agent: it stops, and its state, events and inbox are removed."""
 
-    async def go() -> None:
-        async with await _client() as client:
-            await client.delete_agent(name)
-        out.print(f"agent/{name} deleted", markup=False)
-
-    _run(go)
+    _command(lambda client: client.delete_agent(name), f"agent/{name} deleted")
 
 
 @delete_app.command("policy")
 def delete_policy(name: str) -> None:
     """Delete a QuotaPolicy."""
 
-    async def go() -> None:
-        async with await _client() as client:
-            await client.delete_policy(name)
-        out.print(f"quotapolicy/{name} deleted", markup=False)
-
-    _run(go)
+    _command(lambda client: client.delete_policy(name), f"quotapolicy/{name} deleted")
 
 
 # ---------------------------------------------------------------------- reading
@@ -706,24 +707,14 @@ def _usage_table(rows: Sequence[UsageRow], by: UsageBy) -> Table:
 def hibernate(name: str) -> None:
     """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
 
-    async def go() -> None:
-        async with await _client() as client:
-            await client.hibernate(name)
-        out.print(f"agent/{name} hibernation requested", markup=False)
-
-    _run(go)
+    _command(lambda client: client.hibernate(name), f"agent/{name} hibernation requested")
 
 
 @app.command()
 def wake(name: str) -> None:
     """Wake an agent (restores its KV); also retries an agent that Failed."""
 
-    async def go() -> None:
-        async with await _client() as client:
-            await client.wake(name)
-        out.print(f"agent/{name} wake requested", markup=False)
-
-    _run(go)
+    _command(lambda client: client.wake(name), f"agent/{name} wake requested")
 
 
 @app.command()
