@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -98,13 +100,27 @@ async def _stop(proc: subprocess.Popen[bytes]) -> float:
     return time.perf_counter() - started
 
 
-async def busy(url: str) -> dict[str, float]:
-    store = await Store.connect(url, namespace="bench-busy")
+@asynccontextmanager
+async def _fleet(
+    url: str, prefix: str, entrypoint: str, count: int
+) -> AsyncIterator[tuple[Store, list[str], subprocess.Popen[bytes]]]:
+    """``count`` agents applied in their own namespace and a daemon subprocess running them."""
+    namespace = f"bench-{prefix}"
+    store = await Store.connect(url, namespace=namespace)
     await store.drop_namespace()
-    await Client(store).apply(parse_text(_docs("busy", "_agents:Noop", BUSY)))
-    names = [f"busy-{i}" for i in range(BUSY)]
-    proc = _daemon(url, "bench-busy")
+    await Client(store).apply(parse_text(_docs(prefix, entrypoint, count)))
+    proc = _daemon(url, namespace)
     try:
+        yield store, [f"{prefix}-{i}" for i in range(count)], proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await store.drop_namespace()
+        await store.close()
+
+
+async def busy(url: str) -> dict[str, float]:
+    async with _fleet(url, "busy", "_agents:Noop", BUSY) as (store, names, proc):
         startup_s = await _wait_started(store, names, {"Running"}, 300)
         await anyio.sleep(2)  # let every agent reach its steady state
         before, t0 = await _steps(store, names), time.perf_counter()
@@ -112,11 +128,6 @@ async def busy(url: str) -> dict[str, float]:
         after, t1 = await _steps(store, names), time.perf_counter()
         rss = _rss_mb(proc.pid)
         stop_s = await _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    await store.drop_namespace()
-    await store.close()
     return {
         "busy_agents": BUSY,
         "steps_per_s": round((after - before) / (t1 - t0)),
@@ -128,21 +139,11 @@ async def busy(url: str) -> dict[str, float]:
 
 
 async def idle(url: str) -> dict[str, float]:
-    store = await Store.connect(url, namespace="bench-idle")
-    await store.drop_namespace()
-    await Client(store).apply(parse_text(_docs("idle", "_agents:Dormant", IDLE)))
-    names = [f"idle-{i}" for i in range(IDLE)]
-    proc = _daemon(url, "bench-idle")
-    try:
+    async with _fleet(url, "idle", "_agents:Dormant", IDLE) as (store, names, proc):
         startup_s = await _wait_started(store, names, {"Idle"}, 600)
         await anyio.sleep(3)
         rss = _rss_mb(proc.pid)
         stop_s = await _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    await store.drop_namespace()
-    await store.close()
     return {
         "idle_agents": IDLE,
         "idle_rss_mb": round(rss, 1),

@@ -834,7 +834,7 @@ class AgentRunner:
         self.consecutive_failures = decision.consecutive_failures
         self.tasks_failed += 1
         self.restarts += 1
-        self.ctx_log_error(error)
+        log.warning("agent %s: %s", self.name, error)
         if decision.failed:
             self._meter(tasks_failed=1)
         self.telemetry.tasks.add(
@@ -881,9 +881,6 @@ class AgentRunner:
             self.phase = transition(self.phase, PhaseEvent.START)
             await self._write(status={"phase": self.phase.value, "reason": "Restarted"})
             self._queue.appendleft(replace(work, attempt=work.attempt + 1, recorded=True))
-
-    def ctx_log_error(self, error: AgentCodeError) -> None:
-        log.warning("agent %s: %s", self.name, error)
 
     async def _fail(self, reason: str, message: str, tb: str) -> None:
         self.failed = True

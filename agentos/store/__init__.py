@@ -297,12 +297,6 @@ class Store:
                 ) from None
             raise
 
-    @translate
-    async def server_time(self) -> float:
-        """The Redis server's clock, in seconds since the epoch."""
-        secs, micros = await self._r.time()
-        return float(secs) + float(micros) / 1e6
-
     # ---------------------------------------------------------------- desired state
 
     @translate
@@ -720,11 +714,6 @@ class Store:
             return [bool(x) for x in await pipe.execute()]
 
     @translate
-    async def write_status(self, name: str, fields: Mapping[str, object]) -> None:
-        """Unfenced status write, for agents no daemon holds (e.g. Failed at apply)."""
-        await self._r.hset(self.keys.status(name), mapping={f: str(v) for f, v in fields.items()})
-
-    @translate
     async def status(self, name: str) -> dict[str, str]:
         """The agent's status hash (empty when it never ran)."""
         raw = await self._r.hgetall(self.keys.status(name))
@@ -742,22 +731,6 @@ class Store:
         return {
             name: {_s(a): _s(b) for a, b in h.items()} for name, h in zip(names, raw, strict=True)
         }
-
-    @translate
-    async def add_event(self, name: str, event: Mapping[str, str]) -> None:
-        """Append an event outside any lease (client-side facts, such as a refused wake)."""
-        body = json.dumps(dict(event))
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                self.keys.events(name), {"event": body}, maxlen=EVENTS_MAXLEN, approximate=True
-            )
-            pipe.xadd(
-                self.keys.fleet_events,
-                {"agent": name, "event": body},
-                maxlen=FLEET_EVENTS_MAXLEN,
-                approximate=True,
-            )
-            await pipe.execute()
 
     @translate
     async def events(
