@@ -51,6 +51,7 @@ __all__ = [
     "AgentSpec",
     "Backoff",
     "CatchUp",
+    "ClassLimits",
     "Document",
     "Hibernation",
     "Inbox",
@@ -405,8 +406,19 @@ class QuotaLimits(_Model):
     daily_agent_seconds: int | None = Field(default=None, gt=0, strict=True)
 
 
-QuotaClass = QuotaLimits
-"""A quota class is just a named set of limits."""
+class ClassLimits(QuotaLimits):
+    """Limits of a quota class.
+
+    The class-level limits are shared by all agents of the class together; ``perAgent``
+    limits apply to each agent of the class on its own (so one busy agent cannot take
+    the whole class's share).
+    """
+
+    per_agent: QuotaLimits | None = Field(default=None, alias="perAgent")
+
+
+QuotaClass = ClassLimits
+"""A quota class is a named set of limits (shared, and optionally per agent)."""
 
 
 class RuleWhen(_Model):
@@ -498,7 +510,7 @@ class QuotaPolicySpec(_Model):
     """Quota classes and the rules that rescale them while the fleet runs."""
 
     timezone: TimeZoneName = "UTC"
-    classes: dict[Name, QuotaLimits] = Field(default_factory=dict)
+    classes: dict[Name, ClassLimits] = Field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
 
     @model_validator(mode="after")
@@ -525,9 +537,77 @@ class QuotaPolicySpec(_Model):
                         f"of this policy: {known})",
                     )
                 )
+        issues.extend(_overlapping_rules(self.rules))
         if issues:
             raise _errors(issues)
         return self
+
+
+# The limits each kind of effect changes: a scale moves the load limits only (daily
+# budgets are money, not load), a set changes exactly what it gives.
+_SCALED_FIELDS: Final = ("tokens_per_minute", "max_concurrent")
+
+
+def _touched_fields(then: RuleThen) -> tuple[str, ...]:
+    if then.set is None:
+        return _SCALED_FIELDS
+    return tuple(name for name in QuotaLimits.model_fields if getattr(then.set, name) is not None)
+
+
+def _minute_ranges(window: tuple[time, time]) -> list[tuple[int, int]]:
+    """Return an hours window as half-open minute-of-day ranges (two if it wraps)."""
+    start, end = (moment.hour * 60 + moment.minute for moment in window)
+    return [(start, end)] if start < end else [(start, 24 * 60), (0, end)]
+
+
+def _exclusive(first: RuleWhen, second: RuleWhen) -> bool:
+    """Whether the two conditions provably never hold at the same time."""
+    if (
+        first.weekdays is not None
+        and second.weekdays is not None
+        and not set(first.weekdays) & set(second.weekdays)
+    ):
+        return True
+    if first.hours_window is not None and second.hours_window is not None:
+        others = _minute_ranges(second.hours_window)
+        if not any(
+            start < other_end and other_start < end
+            for start, end in _minute_ranges(first.hours_window)
+            for other_start, other_end in others
+        ):
+            return True
+    if first.metric is not None and first.metric == second.metric:
+        # "value > a" and "value < b" cannot both be true when b <= a.
+        for high, low in ((first, second), (second, first)):
+            if high.above is not None and low.below is not None and low.below <= high.above:
+                return True
+    return False
+
+
+def _overlapping_rules(rules: Sequence[Rule]) -> list[tuple[_SubPath, str]]:
+    # Two rules moving the same limit of one class at the same time would fight, and
+    # which one wins would depend on their order in the list.
+    issues: list[tuple[_SubPath, str]] = []
+    for index, rule in enumerate(rules):
+        touched = _touched_fields(rule.then)
+        for earlier_index, earlier in enumerate(rules[:index]):
+            if earlier.then.class_ != rule.then.class_ or _exclusive(earlier.when, rule.when):
+                continue
+            common = [name for name in _touched_fields(earlier.then) if name in touched]
+            if not common:
+                continue
+            keys = " and ".join(QuotaLimits.model_fields[name].alias or name for name in common)
+            verb = "scales" if rule.then.set is None else "sets"
+            issues.append(
+                (
+                    ("rules", index, "then"),
+                    f'{verb} {keys} of class "{rule.then.class_}" like rules[{earlier_index}] '
+                    f'("{earlier.name}") and their conditions can hold at the same time; '
+                    "give them disjoint hours/weekdays or merge them",
+                )
+            )
+            break
+    return issues
 
 
 class QuotaPolicyResource(_Model):

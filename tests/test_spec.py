@@ -11,7 +11,9 @@ from pydantic import ValidationError
 from agentos.spec import (
     AgentResource,
     AgentSpec,
+    ClassLimits,
     Document,
+    QuotaClass,
     QuotaPolicyResource,
     RuleWhen,
     SpecError,
@@ -165,9 +167,15 @@ GOOD_DOCUMENTS = {
       then: {class: batch, scale: 2}
       stabilization: 5m
     - name: errors-at-weekends
-      when: {metric: error_rate, below: 0.1, weekdays: [sat, sun]}
+      when: {metric: error_rate, below: 0.1, weekdays: [sat, sun], hours: "06:00-22:00"}
       then: {class: batch, scale: 0.25, min: {maxConcurrent: 1}, max: {maxConcurrent: 3}}
       cooldown: 1h
+""",
+    "class with per-agent limits": POLICY_HEAD
+    + """\
+    shared:
+      tokensPerMinute: 1000
+      perAgent: {tokensPerMinute: 200, maxConcurrent: 1, dailyTokens: 5000}
 """,
     "leading comments and empty documents": "# header\n---\n---\n" + AGENT_HEAD + "---\n",
 }
@@ -533,7 +541,37 @@ BAD_DOCUMENTS = [
         6,
         "spec.classes.standard.tokensPerMinit",
         "unknown field (expected one of: tokensPerMinute, maxConcurrent, dailyTokens, "
-        'dailyAgentSeconds); did you mean "tokensPerMinute"?',
+        'dailyAgentSeconds, perAgent); did you mean "tokensPerMinute"?',
+    ),
+    (
+        "unknown per-agent limit",
+        POLICY_HEAD + "    shared:\n      perAgent:\n        maxConcurent: 1\n",
+        10,
+        "spec.classes.shared.perAgent.maxConcurent",
+        "unknown field (expected one of: tokensPerMinute, maxConcurrent, dailyTokens, "
+        'dailyAgentSeconds); did you mean "maxConcurrent"?',
+    ),
+    (
+        "per-agent limits do not nest",
+        POLICY_HEAD + "    shared:\n      perAgent:\n        perAgent: {}\n",
+        10,
+        "spec.classes.shared.perAgent.perAgent",
+        "unknown field (expected one of: tokensPerMinute, maxConcurrent, dailyTokens, "
+        "dailyAgentSeconds)",
+    ),
+    (
+        "bad per-agent limit",
+        POLICY_HEAD + "    shared: {perAgent: {tokensPerMinute: 0}}\n",
+        8,
+        "spec.classes.shared.perAgent.tokensPerMinute",
+        "expected a value greater than 0; got 0",
+    ),
+    (
+        "per-agent limits not a mapping",
+        POLICY_HEAD + "    shared: {perAgent: 5}\n",
+        8,
+        "spec.classes.shared.perAgent",
+        "expected a mapping",
     ),
     (
         "bad class name",
@@ -735,6 +773,200 @@ def test_all_issues_of_a_rule_are_reported_together() -> None:
     ]
 
 
+def test_per_agent_limits() -> None:
+    (document,) = parse_text(
+        POLICY_HEAD + "    shared: {tokensPerMinute: 1000, perAgent: {tokensPerMinute: 200}}\n"
+    )
+    policy = document.resource
+    assert isinstance(policy, QuotaPolicyResource)
+    shared = policy.spec.classes["shared"]
+    assert isinstance(shared, ClassLimits)
+    assert QuotaClass is ClassLimits
+    assert shared.tokens_per_minute == 1000
+    assert shared.per_agent is not None
+    assert (shared.per_agent.tokens_per_minute, shared.per_agent.max_concurrent) == (200, None)
+    assert policy.spec.classes["batch"].per_agent is None
+    assert document.canonical()["spec"]["classes"] == {
+        "standard": {"tokensPerMinute": 100},
+        "batch": {"tokensPerMinute": 10, "maxConcurrent": 1},
+        "shared": {"tokensPerMinute": 1000, "perAgent": {"tokensPerMinute": 200}},
+    }
+
+
+# Rules of POLICY_HEAD's classes, three lines each: rules[i].then is on line 11 + 3 * i.
+def _rules(*rules: tuple[str, str]) -> str:
+    text = POLICY_HEAD + "  rules:\n"
+    for index, (when, then) in enumerate(rules):
+        text += f"    - name: r{index}\n      when: {when}\n      then: {then}\n"
+    return text
+
+
+SCALE_BATCH = "{class: batch, scale: 0.5}"
+
+DISJOINT_RULES = {
+    "other classes": [
+        ("{metric: error_rate, above: 1}", SCALE_BATCH),
+        ("{metric: error_rate, above: 1}", "{class: standard, scale: 0.5}"),
+    ],
+    "disjoint weekdays": [
+        ("{metric: error_rate, above: 1, weekdays: [mon, tue]}", SCALE_BATCH),
+        ("{metric: queue_wait_p95_s, above: 2, weekdays: [sat, sun]}", SCALE_BATCH),
+    ],
+    "hours that touch but do not overlap": [
+        ("{hours: '09:00-18:00'}", SCALE_BATCH),
+        ("{hours: '18:00-09:00'}", "{class: batch, scale: 2}"),
+    ],
+    "hours wrapping past midnight": [
+        ("{hours: '22:00-06:00'}", SCALE_BATCH),
+        ("{hours: '06:00-07:30', weekdays: [mon]}", SCALE_BATCH),
+        ("{hours: '12:00-22:00', metric: error_rate, above: 1}", SCALE_BATCH),
+    ],
+    "same metric, opposite thresholds": [
+        ("{metric: queue_wait_p95_s, above: 2, for: 30s}", SCALE_BATCH),
+        ("{metric: queue_wait_p95_s, below: 0.5, for: 5m}", "{class: batch, scale: 2}"),
+    ],
+    "same metric, thresholds meeting": [
+        ("{metric: error_rate, below: 0.1}", "{class: batch, scale: 2}"),
+        ("{metric: error_rate, above: 0.1}", SCALE_BATCH),
+    ],
+    "different limits": [
+        ("{metric: error_rate, above: 1}", SCALE_BATCH),
+        ("{metric: error_rate, above: 1}", "{class: batch, set: {dailyTokens: 10}}"),
+        ("{metric: budget_burn_rate, above: 1}", "{class: batch, set: {dailyAgentSeconds: 60}}"),
+    ],
+    "sets of different limits": [
+        ("{hours: '09:00-18:00'}", "{class: batch, set: {tokensPerMinute: 5}}"),
+        ("{hours: '10:00-11:00'}", "{class: batch, set: {maxConcurrent: 2}}"),
+    ],
+}
+
+
+@pytest.mark.parametrize("rules", DISJOINT_RULES.values(), ids=DISJOINT_RULES.keys())
+def test_rules_that_cannot_fight_are_accepted(rules: list[tuple[str, str]]) -> None:
+    (document,) = parse_text(_rules(*rules))
+    assert isinstance(document.resource, QuotaPolicyResource)
+    assert len(document.resource.spec.rules) == len(rules)
+
+
+OVERLAPPING_RULES = [
+    # (id, rules, index of the rule reported, message)
+    (
+        "same condition",
+        [("{metric: error_rate, above: 1}", SCALE_BATCH)] * 2,
+        1,
+        'scales tokensPerMinute and maxConcurrent of class "batch" like rules[0] ("r0") and '
+        "their conditions can hold at the same time; give them disjoint hours/weekdays or "
+        "merge them",
+    ),
+    (
+        "different metrics",
+        [
+            ("{metric: error_rate, above: 1}", "{class: batch, set: {tokensPerMinute: 5}}"),
+            ("{metric: queue_wait_p95_s, above: 2}", SCALE_BATCH),
+        ],
+        1,
+        'scales tokensPerMinute of class "batch" like rules[0] ("r0")',
+    ),
+    (
+        "a set and a scale",
+        [
+            ("{metric: error_rate, above: 1}", SCALE_BATCH),
+            ("{metric: error_rate, above: 2}", "{class: batch, set: {maxConcurrent: 5}}"),
+        ],
+        1,
+        'sets maxConcurrent of class "batch" like rules[0] ("r0")',
+    ),
+    (
+        "same metric, thresholds leaving a gap",
+        [
+            ("{metric: error_rate, above: 0.1}", SCALE_BATCH),
+            ("{metric: error_rate, below: 0.2}", "{class: batch, scale: 2}"),
+        ],
+        1,
+        'like rules[0] ("r0")',
+    ),
+    (
+        "overlapping hours",
+        [
+            ("{hours: '09:00-18:00'}", "{class: batch, set: {tokensPerMinute: 5}}"),
+            ("{hours: '17:59-20:00'}", "{class: batch, set: {tokensPerMinute: 7}}"),
+        ],
+        1,
+        'sets tokensPerMinute of class "batch" like rules[0] ("r0")',
+    ),
+    (
+        "hours overlapping past midnight",
+        [
+            ("{hours: '22:00-06:00'}", SCALE_BATCH),
+            ("{hours: '05:00-07:00'}", SCALE_BATCH),
+        ],
+        1,
+        'like rules[0] ("r0")',
+    ),
+    (
+        "overlapping weekdays",
+        [
+            ("{weekdays: [mon, fri]}", SCALE_BATCH),
+            ("{weekdays: [fri, sat]}", SCALE_BATCH),
+        ],
+        1,
+        'like rules[0] ("r0")',
+    ),
+    (
+        "hours against weekdays",
+        [
+            ("{hours: '09:00-18:00'}", SCALE_BATCH),
+            ("{weekdays: [sat]}", SCALE_BATCH),
+        ],
+        1,
+        'like rules[0] ("r0")',
+    ),
+    (
+        "a time window against a metric",
+        [
+            ("{metric: error_rate, above: 1}", SCALE_BATCH),
+            ("{hours: '09:00-18:00', weekdays: [mon]}", SCALE_BATCH),
+        ],
+        1,
+        'like rules[0] ("r0")',
+    ),
+    (
+        "a third rule against the first",
+        [
+            ("{weekdays: [mon]}", SCALE_BATCH),
+            ("{weekdays: [tue]}", SCALE_BATCH),
+            ("{weekdays: [mon, wed]}", SCALE_BATCH),
+        ],
+        2,
+        'like rules[0] ("r0")',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rules", "index", "message"),
+    [case[1:] for case in OVERLAPPING_RULES],
+    ids=[case[0] for case in OVERLAPPING_RULES],
+)
+def test_rules_that_set_the_same_limit_at_the_same_time_are_rejected(
+    rules: list[tuple[str, str]], index: int, message: str
+) -> None:
+    issues = _issues(_rules(*rules))
+    assert [(i.source, i.line, i.path) for i in issues] == [
+        ("x.yaml", 11 + 3 * index, f"spec.rules[{index}].then")
+    ]
+    assert message in issues[0].message
+
+
+def test_each_overlapping_rule_is_reported_once() -> None:
+    issues = _issues(_rules(*[("{metric: error_rate, above: 1}", SCALE_BATCH)] * 3))
+    assert [(i.line, i.path) for i in issues] == [
+        (14, "spec.rules[1].then"),
+        (17, "spec.rules[2].then"),
+    ]
+    assert all('like rules[0] ("r0")' in issue.message for issue in issues)
+
+
 def test_yaml_error_stops_the_file_but_keeps_earlier_issues() -> None:
     text = AGENT_HEAD.replace("name: a", "name: A") + "---\nkey: [unclosed\n"
     assert [(i.line, i.path) for i in _issues(text)] == [(3, "metadata.name"), (8, "")]
@@ -916,6 +1148,9 @@ def test_json_schema() -> None:
     assert "keepKV" in definitions["Hibernation"]["properties"]
     assert "for" in definitions["RuleWhen"]["properties"]
     assert "class" in definitions["RuleThen"]["properties"]
+    classes = definitions["QuotaPolicySpec"]["properties"]["classes"]
+    assert list(classes["patternProperties"].values()) == [{"$ref": "#/$defs/ClassLimits"}]
+    assert "perAgent" in definitions["ClassLimits"]["properties"]
     assert definitions["AgentSpec"]["additionalProperties"] is False
     assert definitions["Trigger"]["oneOf"] == [
         {"required": [kind]} for kind in ("schedule", "heartbeat", "every", "at", "inbox")

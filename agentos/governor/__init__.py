@@ -1,0 +1,1 @@
+"""Quota governance: admission of inference calls, fair scheduling, policy rules."""
