@@ -37,6 +37,7 @@ from agentos.client import AgentSummary, Client, ClientError, read_message_arg, 
 from agentos.daemon import Daemon
 from agentos.durations import parse_duration
 from agentos.engine import EngineError, create_engine
+from agentos.governor.policy import ClassQuota, RuleStatus
 from agentos.ingress import build_app, is_loopback
 from agentos.metering import Prices, UsageRow, total
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
@@ -58,6 +59,8 @@ app = typer.Typer(
 )
 delete_app = typer.Typer(help="Delete an agent or a policy.", no_args_is_help=True)
 app.add_typer(delete_app, name="delete")
+policy_app = typer.Typer(help="Explain quota policies.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -303,12 +306,33 @@ def apply(
     async def go() -> None:
         async with await _client() as client:
             changes = await client.apply(docs, dry_run=dry_run)
+            preview = None
+            if dry_run and any(d.kind == "QuotaPolicy" for d in docs):
+                preview, _, _ = await client.explain(documents=docs)
         suffix = " (dry run)" if dry_run else ""
         for c in changes:
             changed = f" ({', '.join(c.fields)})" if c.fields else ""
             out.print(f"{c.kind.lower()}/{c.name} {c.action}{changed}{suffix}", markup=False)
+        if preview is not None:
+            out.print("\neffective quotas after this apply (with the fleet's metrics now):")
+            out.print(_effective_table(list(preview.quotas.values())))
 
     _run(go)
+
+
+def _effective_table(quotas: Sequence[ClassQuota]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("CLASS", "POLICY", "LIMITS", "PER AGENT", "RULES IN EFFECT"):
+        table.add_column(col)
+    for q in sorted(quotas, key=lambda q: q.name):
+        limits = q.limits.describe()
+        if q.limits != q.base:
+            limits += f" (declared {q.base.describe()})"
+        per_agent = q.per_agent.describe()
+        if q.per_agent != q.base_per_agent:
+            per_agent += f" (declared {q.base_per_agent.describe()})"
+        table.add_row(q.name, q.policy, limits, per_agent, ", ".join(q.rules) or "-")
+    return table
 
 
 def _run_sync_load(files: Sequence[Path]) -> list[Document]:
@@ -319,6 +343,119 @@ def _run_sync_load(files: Sequence[Path]) -> list[Document]:
             err.print(str(issue), markup=False)
         err.print(f"{len(e.issues)} error(s); nothing was applied", markup=False)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def quota(output: OutputOpt = Output.table) -> None:
+    """Effective limits per quota class and agent, usage now, and who is waiting."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            view = await client.quota()
+        _emit(view, output, lambda: _quota_text(view))
+
+    _run(go)
+
+
+def _limit_cell(value: float, limit: int | None) -> str:
+    shown = f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+    return f"{shown}/{limit:,}" if limit else shown
+
+
+def _quota_text(view: dict[str, Any]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("CLASS/AGENT", "PRIO", "TOKENS/MIN", "IN FLIGHT", "TOKENS TODAY", "SECONDS TODAY",
+                "WAITING", "RULES IN EFFECT"):  # fmt: skip
+        table.add_column(col)
+    for c in view["classes"]:
+        lim, per, use = c["limits"], c["perAgent"], c["usage"]
+        waiting = len(use["queued"]) + len(use["paced"])
+        table.add_row(
+            f"[bold]{c['name']}[/bold]" + (f" ({c['policy']})" if c["policy"] else " (unlimited)"),
+            "",
+            _limit_cell(use["tokensLastMinute"], lim.get("tokensPerMinute")),
+            _limit_cell(use["inFlight"], lim.get("maxConcurrent")),
+            _limit_cell(use["dayTokens"], lim.get("dailyTokens")),
+            _limit_cell(use["dayAgentSeconds"], lim.get("dailyAgentSeconds")),
+            str(waiting) if waiting else "-",
+            ", ".join(c["rules"]) or "-",
+        )
+        for a in c["agents"]:
+            table.add_row(
+                f"  {a['name']}",
+                str(a["priority"]),
+                _limit_cell(a["tokensLastMinute"], per.get("tokensPerMinute")),
+                _limit_cell(a["inFlight"], per.get("maxConcurrent")),
+                _limit_cell(a["dayTokens"], per.get("dailyTokens")),
+                _limit_cell(a["dayAgentSeconds"], per.get("dailyAgentSeconds")),
+                a["waiting"] or "-",
+                "",
+            )
+    return table
+
+
+@policy_app.command("explain")
+def policy_explain(
+    name: Annotated[str | None, typer.Argument(help="A policy; every policy if left out.")] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Every rule: its metric now, whether it holds, its state, and what it would change."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            result, metrics, measured_at = await client.explain(name)
+        rules = [_rule_dict(r) for r in result.rules]
+        data = {"metrics": metrics, "measuredAt": measured_at, "rules": rules}
+        _emit(data, output, lambda: _explain_text(result.rules, metrics, measured_at))
+
+    _run(go)
+
+
+def _rule_dict(r: RuleStatus) -> dict[str, Any]:
+    return {
+        "policy": r.policy,
+        "rule": r.rule,
+        "class": r.class_,
+        "metric": r.metric,
+        "value": r.value,
+        "condition": r.condition,
+        "holds": r.holds,
+        "heldFor": r.held_for_s,
+        "state": r.state,
+        "steps": r.steps,
+        "waitFor": r.wait_s,
+        "current": r.current.to_json(),
+        "next": r.next.to_json() if r.next is not None else None,
+        "message": r.message,
+    }
+
+
+def _explain_text(
+    rules: Sequence[RuleStatus], metrics: dict[str, float], measured_at: float | None
+) -> str:
+    lines = []
+    if measured_at is None:
+        lines.append("fleet metrics: none yet (no daemon has evaluated the policies)")
+    else:
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(metrics.items())) or "no data"
+        lines.append(f"fleet metrics ({_ago(measured_at)} ago): {shown}")
+    if not rules:
+        lines.append("no rules")
+    for r in rules:
+        value = "no data" if r.value is None else f"{r.value:.3g}"
+        lines.append("")
+        lines.append(f"{r.policy}/{r.rule} -> class {r.class_}: {r.state}")
+        lines.append(f"  when:  {r.condition}")
+        now = f"{r.metric} = {value}, " if r.metric else ""
+        held = f" for {r.held_for_s:.0f}s" if r.holds else ""
+        lines.append(f"  now:   {now}{'holds' if r.holds else 'does not hold'}{held}")
+        lines.append(f"  limits now: {r.current.describe()}")
+        if r.next is not None:
+            lines.append(f"  next change: {r.next.describe()}")
+        if r.wait_s > 0:
+            lines.append(f"  waits {r.wait_s:.0f}s more")
+        lines.append(f"  {r.message}")
+    return "\n".join(lines)
 
 
 @delete_app.command("agent")

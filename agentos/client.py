@@ -18,9 +18,18 @@ from typing import Any
 
 import anyio
 
+from agentos.governor.core import day_window
+from agentos.governor.evaluator import stored_policies
+from agentos.governor.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
 from agentos.metering import Prices, UsageRow, aggregate
 from agentos.settings import Settings
-from agentos.spec import AgentResource, Document
+from agentos.spec import (
+    AgentResource,
+    Document,
+    QuotaPolicyResource,
+    SpecError,
+    SpecIssue,
+)
 from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
 from agentos.store.embedded import embedded_url
 
@@ -44,6 +53,10 @@ class ClientError(Exception):
 
 class NotFound(ClientError):
     """The named agent or policy does not exist."""
+
+
+class InUse(ClientError):
+    """The resource is still needed by others (a policy whose classes agents use)."""
 
 
 class NoRedisConfigured(ClientError):
@@ -159,7 +172,13 @@ class Client:
     async def apply(
         self, documents: Sequence[Document], *, dry_run: bool = False
     ) -> list[AppliedChange]:
-        """Store validated documents, all or nothing; returns what changed per resource."""
+        """Store validated documents, all or nothing; returns what changed per resource.
+
+        Raises :class:`SpecError` (with file:line) when the documents do not fit the
+        fleet: an agent naming a quota class no policy defines, two policies defining
+        one class, or a policy dropping a class that agents still use.
+        """
+        await self._check_fleet(documents)
         stored_agents = await self.store.agent_specs_of(
             [d.name for d in documents if d.kind == "Agent"]
         )
@@ -186,6 +205,16 @@ class Client:
             for c in changes
         ]
 
+    async def _check_fleet(self, documents: Sequence[Document]) -> None:
+        agents = {
+            name: str(body.get("spec", {}).get("quotaClass", DEFAULT_CLASS))
+            for name, body in (await self.store.agent_specs()).items()
+        }
+        policies = stored_policies(await self.store.policies())
+        issues = fleet_issues(documents, agents, policies)
+        if issues:
+            raise SpecError(issues)
+
     async def delete_agent(self, name: str) -> None:
         """Delete an agent: its spec now, its state and history once its daemon stops it.
 
@@ -195,7 +224,22 @@ class Client:
             raise NotFound(f'agent "{name}" not found')
 
     async def delete_policy(self, name: str) -> None:
-        """Delete a QuotaPolicy. Raises :class:`NotFound` when there is none by that name."""
+        """Delete a QuotaPolicy. Raises :class:`NotFound` when there is none by that name,
+        :class:`InUse` when agents use one of its classes."""
+        policies = stored_policies(await self.store.policies())
+        policy = policies.get(name)
+        if policy is not None:
+            users = sorted(
+                agent
+                for agent, body in (await self.store.agent_specs()).items()
+                if body.get("spec", {}).get("quotaClass", DEFAULT_CLASS) in policy.spec.classes
+                and body.get("spec", {}).get("quotaClass", DEFAULT_CLASS) != DEFAULT_CLASS
+            )
+            if users:
+                raise InUse(
+                    f'policy "{name}" defines quota classes used by agents '
+                    f"{', '.join(users)}; move them to another class or delete them first"
+                )
         if not await self.store.delete("QuotaPolicy", name):
             raise NotFound(f'policy "{name}" not found')
 
@@ -206,6 +250,108 @@ class Client:
     async def policies(self) -> dict[str, dict[str, Any]]:
         """Every applied QuotaPolicy resource by name (canonical form)."""
         return await self.store.policies()
+
+    # ------------------------------------------------------------------ quotas
+
+    async def _quotas_now(self) -> dict[str, ClassQuota]:
+        effective = await self.store.quota_effective()
+        if effective is not None:
+            return effective
+        return base_quotas(stored_policies(await self.store.policies()))
+
+    async def quota(self, *, now: float | None = None) -> dict[str, Any]:
+        """Effective limits per class and per agent, usage now, and who is waiting."""
+        now = time.time() if now is None else now
+        quotas = await self._quotas_now()
+        specs = await self.store.agent_specs()
+        members: dict[str, list[tuple[str, int]]] = {}
+        for agent, body in sorted(specs.items()):
+            spec = body.get("spec", {})
+            members.setdefault(str(spec.get("quotaClass", DEFAULT_CLASS)), []).append(
+                (agent, int(spec.get("priority", 50)))
+            )
+        days = {n: day_window(q.timezone, now)[0] for n, q in quotas.items()}
+        usage = await self.store.quota_usage(days, now=now)
+        classes = []
+        for name in sorted(set(quotas) | set(members)):
+            q = quotas.get(name)
+            u = usage.get(name)
+            agents = []
+            for agent, priority in members.get(name, []):
+                waiting = ""
+                if u is not None and agent in u.queued:
+                    waiting = "queued"
+                elif u is not None and agent in u.pacing:
+                    waiting = "paced"
+                agents.append(
+                    {
+                        "name": agent,
+                        "priority": priority,
+                        "tokensLastMinute": u.agent_tokens_last_minute.get(agent, 0) if u else 0,
+                        "dayTokens": u.agent_day_tokens.get(agent, 0) if u else 0,
+                        "dayAgentSeconds": round(u.agent_day_seconds.get(agent, 0.0), 1)
+                        if u
+                        else 0,
+                        "inFlight": u.in_flight.get(agent, 0) if u else 0,
+                        "waiting": waiting,
+                    }
+                )
+            classes.append(
+                {
+                    "name": name,
+                    "policy": q.policy if q else None,
+                    "timezone": q.timezone if q else None,
+                    "day": days.get(name),
+                    "limits": q.limits.to_json() if q else {},
+                    "perAgent": q.per_agent.to_json() if q else {},
+                    "base": q.base.to_json() if q else {},
+                    "basePerAgent": q.base_per_agent.to_json() if q else {},
+                    "rules": list(q.rules) if q else [],
+                    "usage": {
+                        "tokensLastMinute": u.tokens_last_minute if u else 0,
+                        "inFlight": sum(u.in_flight.values()) if u else 0,
+                        "queued": u.queued if u else [],
+                        "paced": u.pacing if u else [],
+                        "dayTokens": u.day_tokens if u else 0,
+                        "dayAgentSeconds": round(u.day_seconds, 1) if u else 0,
+                    },
+                    "agents": agents,
+                }
+            )
+        effective_at = None
+        raw = await self.store.quota_state()
+        if raw[1]:
+            effective_at = raw[1].get("at")
+        return {"at": now, "evaluatedAt": effective_at, "classes": classes}
+
+    async def explain(
+        self,
+        name: str | None = None,
+        *,
+        documents: Sequence[Document] = (),
+        now: float | None = None,
+    ) -> tuple[Evaluation, dict[str, float], float | None]:
+        """Evaluate the policies now, without writing anything.
+
+        Uses the fleet metrics and rule memory the evaluator last stored. ``documents``
+        (QuotaPolicy ones) stand in for the stored policies of the same name: what
+        ``apply --dry-run`` shows. With ``name``, only that policy's rules are listed.
+        Returns the evaluation, the metrics used and when they were measured.
+        """
+        now = time.time() if now is None else now
+        policies = stored_policies(await self.store.policies())
+        for doc in documents:
+            if isinstance(doc.resource, QuotaPolicyResource):
+                policies[doc.name] = doc.resource
+        if name is not None and name not in policies:
+            raise NotFound(f'policy "{name}" not found')
+        memory, metrics_doc = await self.store.quota_state()
+        metrics = {k: float(v) for k, v in metrics_doc.get("values", {}).items()}
+        result = evaluate(policies, metrics, now, memory)
+        if name is not None:
+            rules: tuple[RuleStatus, ...] = tuple(r for r in result.rules if r.policy == name)
+            result = Evaluation(result.quotas, result.memory, result.changes, rules)
+        return result, metrics, metrics_doc.get("at")
 
     # ------------------------------------------------------------------ status
 
@@ -360,6 +506,74 @@ class Client:
         if spec is None:
             raise NotFound(f'agent "{name}" not found')
         return spec
+
+
+DEFAULT_CLASS = "standard"
+"""The quota class agents get when they name none; it exists (unlimited) without a policy."""
+
+
+def fleet_issues(
+    documents: Sequence[Document],
+    agents: dict[str, str],
+    policies: dict[str, QuotaPolicyResource],
+) -> list[SpecIssue]:
+    """Problems applying ``documents`` would cause with the stored ``agents`` (name ->
+    quota class) and ``policies``: each reported at its document."""
+    issues: list[SpecIssue] = []
+    after = dict(policies)
+    policy_docs: dict[str, Document] = {}
+    for doc in documents:
+        if isinstance(doc.resource, QuotaPolicyResource):
+            after[doc.name] = doc.resource
+            policy_docs[doc.name] = doc
+    owner: dict[str, str] = {}
+    for pname in sorted(after, key=lambda n: (n in policy_docs, n)):  # stored ones first
+        for cname in after[pname].spec.classes:
+            if cname in owner and pname in policy_docs:
+                doc = policy_docs[pname]
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line,
+                        f"spec.classes.{cname}",
+                        f'quota class "{cname}" is already defined by policy "{owner[cname]}"; '
+                        "class names are fleet-wide",
+                    )
+                )
+            owner.setdefault(cname, pname)
+    known = set(owner) | {DEFAULT_CLASS}
+    wanted = dict(agents)
+    for doc in documents:
+        if isinstance(doc.resource, AgentResource):
+            wanted[doc.name] = doc.resource.spec.quota_class
+            cname = doc.resource.spec.quota_class
+            if cname not in known:
+                defined = ", ".join(sorted(known))
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line,
+                        "spec.quotaClass",
+                        f'unknown quota class "{cname}" (defined: {defined}); '
+                        "apply a QuotaPolicy that defines it first, or with this agent",
+                    )
+                )
+    for pname, doc in policy_docs.items():
+        before = policies.get(pname)
+        if before is None:
+            continue
+        for cname in sorted(set(before.spec.classes) - set(after[pname].spec.classes)):
+            users = sorted(a for a, c in wanted.items() if c == cname and cname not in known)
+            if users:
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line,
+                        "spec.classes",
+                        f'removes quota class "{cname}" that agents still use: {", ".join(users)}',
+                    )
+                )
+    return issues
 
 
 def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 
 from agentos.engine.base import Engine
+from agentos.governor.admission import Governor
+from agentos.governor.evaluator import Evaluator
 from agentos.lifecycle import StopReason
 from agentos.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 from agentos.runtime.runner import AgentRunner, SlotArbiter
@@ -55,7 +57,25 @@ class Daemon:
         self.id = self.settings.daemon_id
         self.clock = clock
         self.runners: dict[str, AgentRunner] = {}
-        self.arbiter = SlotArbiter(engine)
+        self.telemetry = telemetry or Telemetry.disabled()
+        self.governor = Governor(
+            store,
+            daemon_id=self.id,
+            parallel=engine.parallel,
+            slot_lease_s=self.settings.quota_slot_lease_s,
+            window_s=self.settings.quota_window_s,
+            telemetry=self.telemetry,
+            clock=clock,
+        )
+        self.evaluator = Evaluator(
+            store,
+            daemon_id=self.id,
+            period_s=self.settings.quota_eval_s,
+            window_s=self.settings.quota_window_s,
+            lease_ttl_s=self.settings.lease_ttl_s,
+            clock=clock,
+        )
+        self.arbiter = SlotArbiter(engine, self.governor)
         self.arbiter.runners = self.runners
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
@@ -67,7 +87,7 @@ class Daemon:
         self._leases_checked_at = 0.0
         self._kicked = True  # look at every lease on the first pass
         self.started_at = clock()
-        self.telemetry = telemetry or Telemetry.disabled()
+        self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
 
     # ------------------------------------------------------------------ public
@@ -105,6 +125,8 @@ class Daemon:
                 control.start_soon(self._reconcile_loop, until_idle)
                 control.start_soon(self._flush_loop)
                 control.start_soon(self._lease_loop)
+                control.start_soon(self._quota_loop)
+                control.start_soon(self.evaluator.run)
                 with anyio.move_on_after(math.inf if duration_s is None else duration_s):
                     await self._stop.wait()
                 await self._stop_all(StopReason.SHUTDOWN)
@@ -213,6 +235,8 @@ class Daemon:
                 if cmd in ("applied", "deleted"):
                     self._kicked = True
                     self._kick.set()
+                    self.evaluator.nudge()
+                    self._quota_kick.set()
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
                 elif cmd in ("message", "wake"):
@@ -239,11 +263,34 @@ class Daemon:
             try:
                 for k in range(0, len(updates), 1000):
                     await self.store.fenced_status_batch(updates[k : k + 1000])
+                await self.governor.charge_seconds(
+                    {
+                        (r.name, r.resource.spec.quota_class): usage.get("active_s", 0.0)
+                        for r, (_, _, _, (_, usage)) in zip(batch, updates, strict=True)
+                    }
+                )
             except StoreUnavailable as e:
                 for r, (_, _, _, (_, usage)) in zip(batch, updates, strict=True):
                     r.dirty = True
                     r.restore_usage(usage)  # not lost: written with the next flush
                 log.warning("status flush: %s", e)
+
+    async def _quota_loop(self) -> None:
+        """Reload effective limits and publish this daemon's inference samples."""
+        while True:
+            try:
+                await self.governor.refresh()
+                await self.governor.renew()
+                held = sum(1 for name in self.runners if self.engine.has_session(name))
+                await self.store.quota_report(
+                    self.id,
+                    self.governor.sample(slots_held=held, slots_total=self.engine.slots),
+                )
+            except StoreError as e:
+                log.warning("quota refresh: %s", e)
+            with anyio.move_on_after(self.settings.quota_refresh_s):
+                await self._quota_kick.wait()
+            self._quota_kick = anyio.Event()
 
     async def _lease_loop(self) -> None:
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
@@ -314,6 +361,7 @@ class Daemon:
                         self.settings.task_retention_s,
                     ),
                     telemetry=self.telemetry,
+                    governor=self.governor,
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))

@@ -5,7 +5,9 @@ Restoring an agent's KV pays off when reading the snapshot back beats recomputin
 idea). Both speeds are measured online by :class:`CostMeter` from real hibernations,
 wakes and prefills, so the choice follows the machine and the Redis it actually has.
 When slots run out, :func:`choose_victim` names the idle agent to swap out: lowest
-priority first, then least recently active; never one that is mid-task.
+priority first; among equals the one that attained the most service lately (it has had
+its share, as in the governor's fair scheduling), then the least recently active; never
+one that is mid-task.
 """
 
 from __future__ import annotations
@@ -94,14 +96,19 @@ class SlotHolder:
     priority: int
     last_activity: float
     idle: bool  # False while it runs a task: never swapped out then
+    attained: float = 0.0  # tokens used recently (decayed), see agentos.governor.core
 
 
 def choose_victim(holders: Sequence[SlotHolder], *, exclude: str = "") -> str | None:
     """The agent to hibernate to free a slot, or None when every holder is busy.
 
-    Lowest priority first; among equals the least recently active; ties by name.
+    Lowest priority first; among equals the most attained service (whole tokens, so
+    long-idle agents whose usage has decayed away tie), then the least recently active;
+    ties by name.
     """
     candidates = [h for h in holders if h.idle and h.name != exclude]
     if not candidates:
         return None
-    return min(candidates, key=lambda h: (h.priority, h.last_activity, h.name)).name
+    return min(
+        candidates, key=lambda h: (h.priority, -int(h.attained), h.last_activity, h.name)
+    ).name

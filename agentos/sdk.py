@@ -10,18 +10,20 @@ or :mod:`agentos.testing`) builds the context; this module does no I/O of its ow
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final, Protocol
 
 import msgspec
 import pydantic
 
 from agentos.engine.base import Completion, Engine
+from agentos.governor.core import QuotaExceeded
 from agentos.lifecycle import StopReason
 from agentos.telemetry import Telemetry
 
@@ -30,6 +32,7 @@ __all__ = [
     "Agent",
     "Context",
     "Message",
+    "QuotaExceeded",
     "StateCodec",
     "TaskInfo",
     "Usage",
@@ -146,6 +149,44 @@ class Usage:
 SessionGuard = Callable[[], Awaitable[None]]
 
 
+class Admission(Protocol):
+    """What the runtime's quota governor hands out per call (see ``agentos.governor``)."""
+
+    def start(self) -> None:
+        """The engine begins the call now."""
+
+    def used(self, tokens: int) -> None:
+        """The call used ``tokens`` (input + output)."""
+
+
+Admitter = Callable[[Callable[[], int], "float | None"], AbstractAsyncContextManager[Admission]]
+"""``admit(estimate, timeout_s)``: an async context manager around one inference call that
+waits for (or refuses, with :class:`QuotaExceeded`) its quota; ``estimate()`` gives the
+tokens the call may use at most."""
+
+
+class _Default(enum.Enum):
+    TOKEN = 0
+
+
+_DEFAULT: Final = _Default.TOKEN
+
+
+class _Unmetered:
+    def start(self) -> None:
+        pass
+
+    def used(self, tokens: int) -> None:
+        pass
+
+
+@asynccontextmanager
+async def _admit_all(
+    estimate: Callable[[], int], timeout_s: float | None
+) -> AsyncIterator[Admission]:
+    yield _Unmetered()
+
+
 class LLM:
     """The model as one agent sees it: its own context (session) in the shared engine.
 
@@ -161,14 +202,19 @@ class LLM:
         ensure_session: SessionGuard | None = None,
         on_usage: Callable[[Completion], None] | None = None,
         telemetry: Telemetry | None = None,
+        admit: Admitter | None = None,
     ) -> None:
         self._engine = engine
+        self._admit = admit or _admit_all
         self._session = session_id
         self._ensure = ensure_session or self._open_plain
         self._on_usage = on_usage
         self._telemetry = telemetry or Telemetry.disabled()
         self.usage = Usage()
         self.kv_restored = False  # set by the runtime after a wake restored the KV
+        self.quota_timeout_s: float | None = 60.0
+        """How long a call may wait for its quota before :class:`QuotaExceeded` (None: no
+        limit); a ``quota_timeout_s=`` argument overrides it for one call."""
 
     @property
     def model(self) -> str:
@@ -199,16 +245,31 @@ class LLM:
         temperature: float = 0.0,
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
+        quota_timeout_s: float | _Default | None = _DEFAULT,
     ) -> Completion:
         """Append ``prompt`` to the context and return the model's continuation.
 
         ``grammar`` (GBNF) or ``json_schema`` (a JSON Schema dict) constrain the output
         on engines that support them (llama; the sim engine ignores both).
-        Raises :class:`agentos.engine.EngineError` when the engine fails.
+        The call is admitted by the agent's quota first: it may wait up to
+        ``quota_timeout_s`` (default :attr:`quota_timeout_s`) for a rate limit or a
+        slot. Raises :class:`QuotaExceeded` (with ``retry_after_s``) when it cannot be
+        admitted in time or a daily budget is spent, and
+        :class:`agentos.engine.EngineError` when the engine fails.
         """
         return await self._generate(
-            "text_completion", prompt, max_tokens, stop, temperature, grammar, json_schema
+            "text_completion",
+            prompt,
+            max_tokens,
+            stop,
+            temperature,
+            grammar,
+            json_schema,
+            self._timeout(quota_timeout_s),
         )
+
+    def _timeout(self, value: float | _Default | None) -> float | None:
+        return self.quota_timeout_s if isinstance(value, _Default) else value
 
     async def _generate(
         self,
@@ -219,29 +280,38 @@ class LLM:
         temperature: float,
         grammar: str | None,
         json_schema: Mapping[str, Any] | None,
+        quota_timeout_s: float | None,
     ) -> Completion:
         queued = time.perf_counter()
-        await self._ensure()
-        queue_wait = time.perf_counter() - queued
-        with self._telemetry.inference(
-            model=self._engine.model, provider=self._engine.name, operation=operation, prompt=prompt
-        ) as inference:
-            completion = await self._engine.generate(
-                self._session,
-                prompt,
-                max_tokens=max_tokens,
-                stop=stop,
-                temperature=temperature,
-                grammar=grammar,
-                json_schema=json_schema,
-            )
-            inference.finish(
-                input_tokens=completion.input_tokens,
-                output_tokens=completion.output_tokens,
-                time_to_first_token_s=completion.time_to_first_token_s,
-                kv_restored=self.kv_restored,
-                queue_wait_s=queue_wait,
-            )
+        async with self._admit(
+            lambda: self._engine.count_tokens(prompt) + max_tokens, quota_timeout_s
+        ) as admission:
+            await self._ensure()
+            queue_wait = time.perf_counter() - queued
+            admission.start()
+            with self._telemetry.inference(
+                model=self._engine.model,
+                provider=self._engine.name,
+                operation=operation,
+                prompt=prompt,
+            ) as inference:
+                completion = await self._engine.generate(
+                    self._session,
+                    prompt,
+                    max_tokens=max_tokens,
+                    stop=stop,
+                    temperature=temperature,
+                    grammar=grammar,
+                    json_schema=json_schema,
+                )
+                admission.used(completion.input_tokens + completion.output_tokens)
+                inference.finish(
+                    input_tokens=completion.input_tokens,
+                    output_tokens=completion.output_tokens,
+                    time_to_first_token_s=completion.time_to_first_token_s,
+                    kv_restored=self.kv_restored,
+                    queue_wait_s=queue_wait,
+                )
         self.kv_restored = False
         self._count(completion)
         return completion
@@ -255,35 +325,44 @@ class LLM:
         temperature: float = 0.0,
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
+        quota_timeout_s: float | _Default | None = _DEFAULT,
     ) -> AsyncIterator[str]:
         """Like :meth:`generate`, yielding text as the model produces it."""
-        await self._ensure()
-        started = time.perf_counter()
+        input_tokens = self._engine.count_tokens(prompt)
         first: float | None = None
         text: list[str] = []
         output_tokens = 0
         reason = "stop"
-        async for chunk in self._engine.stream(
-            self._session,
-            prompt,
-            max_tokens=max_tokens,
-            stop=stop,
-            temperature=temperature,
-            grammar=grammar,
-            json_schema=json_schema,
-        ):
-            if chunk.text:
-                if first is None:
-                    first = time.perf_counter() - started
-                text.append(chunk.text)
-                yield chunk.text
-            output_tokens += len(chunk.token_ids)
-            if chunk.finished:
-                reason = chunk.finish_reason or reason
+        async with self._admit(
+            lambda: input_tokens + max_tokens, self._timeout(quota_timeout_s)
+        ) as admission:
+            await self._ensure()
+            admission.start()
+            started = time.perf_counter()
+            try:
+                async for chunk in self._engine.stream(
+                    self._session,
+                    prompt,
+                    max_tokens=max_tokens,
+                    stop=stop,
+                    temperature=temperature,
+                    grammar=grammar,
+                    json_schema=json_schema,
+                ):
+                    if chunk.text:
+                        if first is None:
+                            first = time.perf_counter() - started
+                        text.append(chunk.text)
+                        yield chunk.text
+                    output_tokens += len(chunk.token_ids)
+                    if chunk.finished:
+                        reason = chunk.finish_reason or reason
+            finally:
+                admission.used(input_tokens + output_tokens)
         self._count(
             Completion(
                 text="".join(text),
-                input_tokens=self._engine.count_tokens(prompt),
+                input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 finish_reason=reason,
                 time_to_first_token_s=first or 0.0,
@@ -300,6 +379,7 @@ class LLM:
         temperature: float = 0.0,
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
+        quota_timeout_s: float | _Default | None = _DEFAULT,
     ) -> Completion:
         """Send chat turns (``{"role": ..., "content": ...}``) and return the reply.
 
@@ -316,7 +396,14 @@ class LLM:
             lines.append(f"{role}: {content}\n")
         prompt = "".join(lines) + "assistant:"
         return await self._generate(
-            "chat", prompt, max_tokens, (*stop, "\nuser:"), temperature, grammar, json_schema
+            "chat",
+            prompt,
+            max_tokens,
+            (*stop, "\nuser:"),
+            temperature,
+            grammar,
+            json_schema,
+            self._timeout(quota_timeout_s),
         )
 
     async def reset(self) -> None:

@@ -45,6 +45,10 @@ class DaemonSettings:
     task_retention_count: int = 1000  # task records kept per agent
     task_retention_s: float = 7 * 86400.0  # and for at most this long (idempotency keys too)
     metering_flush_s: float = 30.0  # idle and hibernated agents' usage reaches Redis this often
+    quota_eval_s: float = 2.0  # how often the evaluator daemon applies the policies' rules
+    quota_window_s: float = 60.0  # fleet metrics (queue wait p95, rates) cover this long
+    quota_refresh_s: float = 1.0  # how often each daemon reloads effective limits
+    quota_slot_lease_s: float = 30.0  # a dead daemon's concurrency slots return after this
 
 
 @dataclass(frozen=True, slots=True)

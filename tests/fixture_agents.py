@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -178,3 +179,20 @@ class Researcher(agentos.Agent):
 
     async def learn(self, ctx: agentos.Context, outcome: Any) -> None:
         ctx.state["last"] = outcome
+
+
+class Hammer(agentos.Agent):
+    """Never idle: one model call after another, each logged as "end-time tokens" to
+    ``config.log_dir/NAME`` (for quota tests that count what was admitted)."""
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        return True
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await ctx.llm.reset()  # keep the context short: only the rate matters here
+        c = await ctx.llm.generate("go", max_tokens=int(ctx.config.get("max_tokens", 20)))
+        log_dir = ctx.config.get("log_dir")
+        if log_dir:
+            async with await anyio.open_file(f"{log_dir}/{ctx.name}", "a") as f:
+                await f.write(f"{time.time():.4f} {c.input_tokens + c.output_tokens}\n")
+        return None

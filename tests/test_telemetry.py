@@ -25,6 +25,7 @@ from starlette.routing import Route
 from agentos.client import Client
 from agentos.engine import SimEngine
 from agentos.metering import Prices
+from agentos.spec import parse_text
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
@@ -139,7 +140,15 @@ async def test_a_dead_collector_does_not_hold_agents_up(store: Store) -> None:
 
 async def test_usage_matches_the_engines_token_counts_exactly(store: Store) -> None:
     engine = SimEngine()
-    await apply(store, agent_doc("scout", RESEARCHER, triggers=[{"inbox": {}}], quotaClass="batch"))
+    (batch,) = parse_text(
+        "apiVersion: agentos/v1\nkind: QuotaPolicy\nmetadata: {name: p}\n"
+        "spec: {classes: {batch: {tokensPerMinute: 100000}}}\n"
+    )
+    await apply(
+        store,
+        batch,
+        agent_doc("scout", RESEARCHER, triggers=[{"inbox": {}}], quotaClass="batch"),
+    )
     client = Client(store)
     async with running_daemon(store, engine):
         for i in range(3):

@@ -107,6 +107,11 @@ class Engine(Protocol):
         """How many sessions may be open at once."""
         ...
 
+    @property
+    def parallel(self) -> int:
+        """How many calls the engine works on at once; the governor queues the rest fairly."""
+        ...
+
     def fingerprint(self) -> str:
         """Identity of the model build and cache layout; KV is portable only between equals."""
         ...

@@ -493,6 +493,10 @@ class LlamaEngine:
         return self._slots
 
     @property
+    def parallel(self) -> int:
+        return 1  # one context, one lock: decodes run one at a time
+
+    @property
     def n_ctx(self) -> int:
         """Tokens each session can hold (guaranteed, not shared)."""
         return self._n_ctx

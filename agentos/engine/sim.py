@@ -218,6 +218,10 @@ class SimEngine:
         return self._slots
 
     @property
+    def parallel(self) -> int:
+        return self._slots  # simulated calls only sleep: every session may run at once
+
+    @property
     def n_ctx(self) -> int:
         return self._n_ctx
 

@@ -20,12 +20,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
 
 from agentos.engine.base import Completion, Engine, EngineError, NoFreeSlot
+from agentos.governor.admission import Governor, Ticket
+from agentos.governor.core import QuotaExceeded, Waiter, pick
 from agentos.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
 from agentos.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
 from agentos.runtime.loop import (
@@ -63,33 +66,50 @@ class LeaseLost(Exception):
 
 
 class SlotArbiter:
-    """Frees engine slots by hibernating idle agents when a runner needs one.
+    """Hands out engine slots fairly, hibernating idle agents when a runner needs one.
 
-    The victim is an idle agent holding a session, of the lowest priority, least
-    recently active first; never one in the middle of a task.
+    Runners waiting for a slot are served in the governor's fair order (strict
+    priority, then least attained service, then longest waiting). The victim is an idle
+    agent holding a session: lowest priority, most attained service, least recently
+    active first; never one in the middle of a task.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, governor: Governor | None = None) -> None:
         self.engine = engine
+        self.governor = governor
         self.runners: dict[str, AgentRunner] = {}
         self.meter = CostMeter()  # store bandwidth and prefill speed, measured as we go
+        self.waiting: dict[str, Waiter] = {}
+
+    def attained(self, name: str) -> float:
+        """Recent service of ``name`` as the governor measured it (0 without one)."""
+        return 0.0 if self.governor is None else self.governor.attained.value(name, time.time())
 
     async def open(self, requester: AgentRunner, *, timeout_s: float = 30.0) -> None:
         """Open ``requester``'s session, hibernating others to make room if needed.
 
         Raises :class:`NoFreeSlot` when no slot frees up within ``timeout_s``.
         """
-        with anyio.move_on_after(timeout_s):
-            while True:
-                try:
-                    self.engine.open_session(requester.name)
-                    return
-                except NoFreeSlot:
-                    pass
-                victim = self._choose(requester)
-                if victim is not None:
-                    victim.request_hibernate("slot needed by " + requester.name)
-                await anyio.sleep(0.02)
+        me = Waiter(
+            requester.name, requester.priority, self.attained(requester.name), time.monotonic()
+        )
+        self.waiting[requester.name] = me
+        try:
+            with anyio.move_on_after(timeout_s):
+                while True:
+                    if pick(list(self.waiting.values())) is me:
+                        try:
+                            self.engine.open_session(requester.name)
+                            return
+                        except NoFreeSlot:
+                            pass
+                        victim = self._choose(requester)
+                        if victim is not None:
+                            victim.request_hibernate("slot needed by " + requester.name)
+                    await anyio.sleep(0.02)
+        finally:
+            if self.waiting.get(requester.name) is me:
+                del self.waiting[requester.name]
         raise NoFreeSlot(f"no engine slot became free within {timeout_s:g}s for {requester.name}")
 
     def _choose(self, requester: AgentRunner) -> AgentRunner | None:
@@ -99,6 +119,7 @@ class SlotArbiter:
                 r.priority,
                 r.last_activity,
                 idle=r.phase is Phase.IDLE and not r.hibernate_requested,
+                attained=self.attained(r.name),
             )
             for r in self.runners.values()
             if self.engine.has_session(r.name)
@@ -148,8 +169,10 @@ class AgentRunner:
         retry_max_s: float = 5.0,
         task_retention: tuple[int, float] = (1000, 7 * 86400.0),
         telemetry: Telemetry | None = None,
+        governor: Governor | None = None,
     ) -> None:
         self.resource = resource
+        self.governor = governor
         self.name = resource.metadata.name
         self.spec_hash = spec_hash
         self.lease_value = lease_value
@@ -497,6 +520,7 @@ class AgentRunner:
             ensure_session=self._ensure_session,
             on_usage=self._on_usage,
             telemetry=self.telemetry,
+            admit=self._admit if self.governor is not None else None,
         )
         self.ctx = Context(
             name=self.name,
@@ -691,7 +715,10 @@ class AgentRunner:
                 if failure is not None:
                     Telemetry.fail(span, failure.error)
                     span.set_attribute("agentos.task.phase", failure.phase)
-                    await self._crashed(failure, work)
+                    if isinstance(failure.error, QuotaExceeded):
+                        await self._throttled(failure.error, work)
+                    else:
+                        await self._crashed(failure, work)
                     return
                 if result is None:  # cancelled by a newer fire of the same trigger
                     await self._finish_task(
@@ -822,6 +849,42 @@ class AgentRunner:
         assert self.ctx is not None
         data = self.codec.encode(self.ctx.state)
         return None if data == self._saved_state else data
+
+    async def _throttled(self, error: QuotaExceeded, work: _Work) -> None:
+        """A quota refused a call the agent did not handle: not a crash. The task is
+        retried (same message, attempt + 1) once the quota allows it again."""
+        delay = max(error.retry_after_s, 1.0)
+        await self._set_phase(
+            PhaseEvent.IDLE,
+            status={"reason": "QuotaExceeded", "message": f"{error}; retrying in {delay:.0f}s"},
+            task=TaskWrite(
+                work.id,
+                {
+                    "status": "retrying",
+                    "error": _short(str(error), 500),
+                    "finished_at": repr(self.clock()),
+                },
+            ),
+            event=self._event("QuotaExceeded", error.kind, f"{error}; task {work.id} retried"),
+        )
+        self._unacked = None
+        self._unacked_key = None
+        with anyio.move_on_after(delay):
+            while self.stop_reason is None:
+                await self._wait(None)
+        self._queue.appendleft(replace(work, attempt=work.attempt + 1, recorded=True))
+
+    def _admit(
+        self, estimate: Callable[[], int], timeout_s: float | None
+    ) -> AbstractAsyncContextManager[Ticket]:
+        assert self.governor is not None
+        return self.governor.call(
+            agent=self.name,
+            quota_class=self.resource.spec.quota_class,
+            priority=self.priority,
+            estimate=estimate,
+            timeout_s=timeout_s,
+        )
 
     async def _crashed(self, error: AgentCodeError, work: _Work) -> None:
         spec = self.resource.spec.restart_policy

@@ -9,13 +9,12 @@ redis-py type, so the rest of the code base does not depend on the client librar
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
@@ -24,13 +23,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from agentos.engine.base import KVSnapshot
+from agentos.store.errors import StoreError, StoreUnavailable, translate
+from agentos.store.errors import reason as _reason
 from agentos.store.keys import INBOX_GROUP, Keys
+from agentos.store.keys import event_fields as _event_fields
+from agentos.store.quota import AdmitReply, ClassUsage, QuotaOps
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 
 __all__ = [
     "INBOX_GROUP",
+    "AdmitReply",
     "AgentSnapshot",
     "AppliedChange",
+    "ClassUsage",
     "Event",
     "InboxMessage",
     "Keys",
@@ -50,17 +55,6 @@ EVENTS_MAXLEN = 1000
 UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
 FLEET_EVENTS_MAXLEN = 10_000
 SIGNALS_MAXLEN = 10_000
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """Redis answered with an error agentos did not expect."""
-
-
-class StoreUnavailable(StoreError):
-    """Redis could not be reached; the message names the URL without its password."""
 
 
 def redact_url(url: str) -> str:
@@ -176,39 +170,11 @@ class InboxMessage:
     deliveries: int = 1
 
 
-def _translate(
-    url_for_errors: Callable[[Any], str],
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
-    def wrap(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        @functools.wraps(fn)
-        async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-            try:
-                return await fn(*args, **kwargs)
-            except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError) as e:
-                where = url_for_errors(args[0])
-                raise StoreUnavailable(f"cannot reach Redis at {where}: {_reason(e)}") from e
-            except rexc.RedisError as e:
-                raise StoreError(f"Redis error: {e}") from e
-
-        return inner
-
-    return wrap
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    # redis-py repeats the address it tried; keep the first clause only.
-    return text.splitlines()[0][:200]
-
-
-translate = _translate(lambda store: store.display_url)
-
-
 def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
 
-class Store:
+class Store(QuotaOps):
     """Async access to one agentos namespace on one Redis server.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).
@@ -225,6 +191,7 @@ class Store:
         self._release = client.register_script(_load_script("lease_release"))
         self._fenced = client.register_script(_load_script("fenced_ops"))
         self.snapshots = Snapshots(client, keys, client.register_script(_load_script("kv_commit")))
+        self._quota_scripts(client, _load_script)
 
     @classmethod
     async def connect(
@@ -1038,14 +1005,3 @@ def _verdict(old_hash: str | None, new_hash: str) -> str:
     if old_hash is None:
         return "created"
     return "unchanged" if old_hash == new_hash else "configured"
-
-
-def _event_fields(
-    agent: str, now: float, type_: str, reason: str, message: str, daemon: str
-) -> dict[str, str]:
-    return {
-        "agent": agent,
-        "event": json.dumps(
-            {"time": now, "type": type_, "reason": reason, "message": message, "daemon": daemon}
-        ),
-    }

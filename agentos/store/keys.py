@@ -9,9 +9,10 @@ A namespace prefix lets several fleets (or tests) share one server.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-__all__ = ["INBOX_GROUP", "Keys"]
+__all__ = ["INBOX_GROUP", "Keys", "event_fields"]
 
 INBOX_GROUP = "agentos"  # the consumer group every daemon reads agent inboxes through
 
@@ -68,6 +69,56 @@ class Keys:
     def daemons(self) -> str:
         """Hash: daemon id -> JSON heartbeat (host, pid, agents, last seen)."""
         return f"{self.namespace}:{{fleet}}:daemons"
+
+    # quota governance: fleet-wide documents, then per-class counters
+    @property
+    def quota_effective(self) -> str:
+        """String: JSON of every quota class's effective limits (written by the evaluator)."""
+        return f"{self.namespace}:{{fleet}}:quota:effective"
+
+    @property
+    def quota_memory(self) -> str:
+        """String: JSON of each rule's memory (since when it holds, steps, last change)."""
+        return f"{self.namespace}:{{fleet}}:quota:memory"
+
+    @property
+    def quota_metrics(self) -> str:
+        """Hash: daemon id -> JSON of its recent inference samples (for the evaluator)."""
+        return f"{self.namespace}:{{fleet}}:quota:metrics"
+
+    @property
+    def quota_fleet_metrics(self) -> str:
+        """String: JSON of the fleet metrics the evaluator last used, with their time."""
+        return f"{self.namespace}:{{fleet}}:quota:fleet-metrics"
+
+    @property
+    def quota_lease(self) -> str:
+        """String with a TTL: the daemon that evaluates quota policies now."""
+        return f"{self.namespace}:{{fleet}}:quota:lease"
+
+    @property
+    def quota_fence(self) -> str:
+        """Counter: fencing tokens of the evaluator lease."""
+        return f"{self.namespace}:{{fleet}}:quota:fence"
+
+    def quota(self, quota_class: str, what: str) -> str:
+        """A counter of one quota class; all share the ``{quota:CLASS}`` hash tag so the
+        admission script can touch the class's and its agents' counters together."""
+        return f"{self.namespace}:{{quota:{quota_class}}}:{what}"
+
+    def quota_admit_keys(self, quota_class: str, agent: str, day: str) -> list[str]:
+        """KEYS of quota_admit.lua, in order."""
+        q = self.quota
+        return [
+            q(quota_class, "tat"),
+            q(quota_class, f"tat:{agent}"),
+            q(quota_class, "holders"),
+            q(quota_class, f"holders:{agent}"),
+            q(quota_class, "waiters"),
+            q(quota_class, "waiters:ttl"),
+            q(quota_class, f"day:{day}"),
+            q(quota_class, "sleepers"),
+        ]
 
     # one agent
     def _agent(self, name: str, what: str) -> str:
@@ -152,3 +203,15 @@ class Keys:
             self.schedule(name),
             self.usage_days(name),
         ]
+
+
+def event_fields(
+    agent: str, now: float, type_: str, reason: str, message: str, daemon: str
+) -> dict[str, str]:
+    """The fields of one entry of an event stream (an agent's own, or the fleet's)."""
+    return {
+        "agent": agent,
+        "event": json.dumps(
+            {"time": now, "type": type_, "reason": reason, "message": message, "daemon": daemon}
+        ),
+    }

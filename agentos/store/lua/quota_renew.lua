@@ -1,0 +1,7 @@
+-- Extend the lease of a running call's concurrency slot (long generations).
+-- KEYS: 1 class holders  2 agent holders; ARGV: 1 agent  2 call id  3 lease ms
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[1] .. '|' .. ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', until_ms, ARGV[2])
+return 1

@@ -1,0 +1,360 @@
+"""Quota counters in Redis: admission, settlement, budgets and the fleet's quota documents.
+
+Admission is one Lua script (``lua/quota_admit.lua``) per attempt, on the server's clock,
+touching only keys with the class's ``{quota:CLASS}`` hash tag: the class's and the
+agent's GCRA tokens-per-minute state, concurrency holders with lease expiries, a fair
+waiting queue, and today's budget counters. Several daemons admitting against one class
+therefore see one truth, and a daemon that dies mid-call gives its slots back when their
+leases run out. ``quota_settle.lua`` replaces a call's estimate with what it really used.
+
+The fleet-wide documents (effective limits, the rules' memory, published metrics) share
+the ``{fleet}`` tag and are written by the one daemon that holds the evaluator lease.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentos.governor.policy import ClassQuota, Limits, RuleMemory
+from agentos.store.errors import translate
+from agentos.store.keys import Keys, event_fields
+
+__all__ = ["AdmitReply", "ClassUsage", "QuotaOps"]
+
+FLEET_EVENTS_MAXLEN = 10_000
+BUDGET_TTL_S = 3 * 86_400  # a day's counters outlive the day, for `agentos quota` and reports
+WAITER_TTL_MS = 2_000  # a queued caller that stops asking for this long loses its place
+BURST_S = 10.0
+"""A tokens-per-minute limit lets this many seconds' worth of tokens through at once (the
+GCRA burst tolerance): over any minute at most 70/60 of the limit, over longer exactly it."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitReply:
+    """One admission attempt: ``status`` 1 admitted (sleep ``ms`` first), 0 queued (ask
+    again in ``ms``), -1 rate limit past the caller's wait, -2 budget spent."""
+
+    status: int
+    ms: int
+    what: str
+
+
+@dataclass(slots=True)
+class ClassUsage:
+    """What one quota class is using now, as `agentos quota` shows it."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)  # agent -> calls holding slots
+    queued: list[str] = field(default_factory=list)  # agents waiting for a slot, in order
+    pacing: list[str] = field(default_factory=list)  # agents sleeping on a rate reservation
+    day_tokens: int = 0
+    day_seconds: float = 0.0
+    agent_day_tokens: dict[str, int] = field(default_factory=dict)
+    agent_day_seconds: dict[str, float] = field(default_factory=dict)
+    tokens_last_minute: int = 0
+    agent_tokens_last_minute: dict[str, int] = field(default_factory=dict)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _minute_tokens(current: Mapping[str, int], previous: Mapping[str, int], frac: float) -> int:
+    # Sliding window over two fixed minutes: all of this one, the unexpired part of the last.
+    return round(sum(current.values()) + sum(previous.values()) * (1.0 - frac))
+
+
+class QuotaOps:
+    """Quota methods of :class:`agentos.store.Store` (mixed in; uses its client and keys)."""
+
+    _r: Any
+    _acquire: Any
+    _release: Any
+    keys: Keys
+    display_url: str
+
+    def _quota_scripts(self, client: Any, load: Any) -> None:
+        self._q_admit = client.register_script(load("quota_admit"))
+        self._q_settle = client.register_script(load("quota_settle"))
+        self._q_renew = client.register_script(load("quota_renew"))
+
+    # ------------------------------------------------------------------ admission
+
+    @translate
+    async def quota_admit(
+        self,
+        *,
+        quota_class: str,
+        agent: str,
+        call: str,
+        estimate: int,
+        max_wait_s: float,
+        lease_s: float,
+        score: float,
+        limits: Limits,
+        agent_limits: Limits,
+        day: str,
+        day_left_s: float,
+    ) -> AdmitReply:
+        """One admission attempt (see ``quota_admit.lua``)."""
+
+        def nums(lim: Limits) -> list[int]:
+            return [
+                lim.tokens_per_minute or 0,
+                lim.max_concurrent or 0,
+                lim.daily_tokens or 0,
+                lim.daily_agent_seconds or 0,
+            ]
+
+        reply = await self._q_admit(
+            keys=self.keys.quota_admit_keys(quota_class, agent, day),
+            args=[
+                agent,
+                call,
+                max(0, int(estimate)),
+                max(0, int(max_wait_s * 1000)),
+                max(1, int(lease_s * 1000)),
+                repr(float(score)),
+                WAITER_TTL_MS,
+                *nums(limits),
+                *nums(agent_limits),
+                max(0, int(day_left_s * 1000)),
+                BUDGET_TTL_S,
+                int(BURST_S * 1000),
+            ],
+        )
+        return AdmitReply(int(reply[0]), int(reply[1]), _s(reply[2]))
+
+    @translate
+    async def quota_settle(
+        self,
+        *,
+        quota_class: str,
+        agent: str,
+        call: str,
+        estimate: int,
+        actual: int,
+        limits: Limits,
+        agent_limits: Limits,
+        day: str,
+        minute: int,
+    ) -> None:
+        """Free the call's slot and correct its estimate to ``actual`` tokens."""
+        q = self.keys.quota
+        await self._q_settle(
+            keys=[
+                q(quota_class, "tat"),
+                q(quota_class, f"tat:{agent}"),
+                q(quota_class, "holders"),
+                q(quota_class, f"holders:{agent}"),
+                q(quota_class, f"day:{day}"),
+                q(quota_class, f"min:{minute}"),
+                q(quota_class, "sleepers"),
+            ],
+            args=[
+                agent,
+                call,
+                int(estimate),
+                int(actual),
+                limits.tokens_per_minute or 0,
+                agent_limits.tokens_per_minute or 0,
+                BUDGET_TTL_S,
+                0,
+            ],
+        )
+
+    @translate
+    async def quota_renew(
+        self, calls: Sequence[tuple[str, tuple[str, str]]], *, lease_s: float
+    ) -> None:
+        """Extend running calls' concurrency leases: (call id, (class, agent)) each."""
+        q = self.keys.quota
+        async with self._r.pipeline(transaction=False) as pipe:
+            for call, (quota_class, agent) in calls:
+                await self._q_renew(
+                    keys=[q(quota_class, "holders"), q(quota_class, f"holders:{agent}")],
+                    args=[agent, call, max(1, int(lease_s * 1000))],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    @translate
+    async def quota_unqueue(self, *, quota_class: str, agent: str, call: str) -> None:
+        """Leave the class's waiting queue (the caller gave up)."""
+        q = self.keys.quota
+        member = f"{agent}|{call}"
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zrem(q(quota_class, "waiters"), member)
+            pipe.zrem(q(quota_class, "waiters:ttl"), member)
+            await pipe.execute()
+
+    @translate
+    async def quota_charge_seconds(self, charges: Sequence[tuple[str, str, str, float]]) -> None:
+        """Add active agent-seconds to daily budgets: (class, agent, day, seconds) each."""
+        if not charges:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for quota_class, agent, day, seconds in charges:
+                key = self.keys.quota(quota_class, f"day:{day}")
+                pipe.hincrbyfloat(key, "seconds", seconds)
+                pipe.hincrbyfloat(key, f"seconds:{agent}", seconds)
+                pipe.expire(key, BUDGET_TTL_S)
+            await pipe.execute()
+
+    # ------------------------------------------------------------------ reading usage
+
+    @translate
+    async def quota_usage(
+        self, days: Mapping[str, str], *, now: float | None = None
+    ) -> dict[str, ClassUsage]:
+        """What each class in ``days`` (class -> its current budget day) is using now."""
+        now = time.time() if now is None else now
+        now_ms = int(now * 1000)
+        minute = int(now // 60)
+        frac = (now % 60) / 60
+        classes = list(days)
+        q = self.keys.quota
+        async with self._r.pipeline(transaction=False) as pipe:
+            for c in classes:
+                pipe.zrangebyscore(q(c, "holders"), now_ms, "+inf")
+                pipe.zrange(q(c, "waiters"), 0, -1)
+                pipe.zrangebyscore(q(c, "waiters:ttl"), now_ms, "+inf")
+                pipe.zrangebyscore(q(c, "sleepers"), now_ms, "+inf")
+                pipe.hgetall(q(c, f"day:{days[c]}"))
+                pipe.hgetall(q(c, f"min:{minute}"))
+                pipe.hgetall(q(c, f"min:{minute - 1}"))
+            raw = await pipe.execute()
+        out: dict[str, ClassUsage] = {}
+        for i, c in enumerate(classes):
+            holders, waiters, alive, sleepers, day, cur, prev = raw[7 * i : 7 * i + 7]
+            u = ClassUsage()
+            for m in holders:
+                name = _s(m).rsplit("|", 1)[0]
+                u.in_flight[name] = u.in_flight.get(name, 0) + 1
+            live = {_s(m) for m in alive}
+            u.queued = list(
+                dict.fromkeys(_s(m).rsplit("|", 1)[0] for m in waiters if _s(m) in live)
+            )
+            u.pacing = [_s(m) for m in sleepers]
+            for key, value in ((_s(a), _s(b)) for a, b in day.items()):
+                if key == "tokens":
+                    u.day_tokens = int(float(value))
+                elif key == "seconds":
+                    u.day_seconds = float(value)
+                elif key.startswith("tokens:"):
+                    u.agent_day_tokens[key[7:]] = int(float(value))
+                elif key.startswith("seconds:"):
+                    u.agent_day_seconds[key[8:]] = float(value)
+            now_counts = {_s(a): int(b) for a, b in cur.items()}
+            prev_counts = {_s(a): int(b) for a, b in prev.items()}
+            u.tokens_last_minute = _minute_tokens(
+                {"": now_counts.get("", 0)}, {"": prev_counts.get("", 0)}, frac
+            )
+            for name in (set(now_counts) | set(prev_counts)) - {""}:
+                u.agent_tokens_last_minute[name] = _minute_tokens(
+                    {name: now_counts.get(name, 0)}, {name: prev_counts.get(name, 0)}, frac
+                )
+            out[c] = u
+        return out
+
+    # ------------------------------------------------------------------ fleet documents
+
+    @translate
+    async def quota_effective(self) -> dict[str, ClassQuota] | None:
+        """The effective limits the evaluator last wrote, or None before it first ran."""
+        raw = await self._r.get(self.keys.quota_effective)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return {name: ClassQuota.from_json(body) for name, body in data["classes"].items()}
+
+    @translate
+    async def quota_state(self) -> tuple[dict[str, RuleMemory], dict[str, Any]]:
+        """The rules' memory and the fleet metrics the evaluator last used (with ``at``)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.quota_memory)
+            pipe.get(self.keys.quota_fleet_metrics)
+            memory_raw, metrics_raw = await pipe.execute()
+        memory = {k: RuleMemory.from_json(v) for k, v in json.loads(memory_raw or "{}").items()}
+        return memory, json.loads(metrics_raw or "{}")
+
+    @translate
+    async def quota_publish(
+        self,
+        *,
+        quotas: Mapping[str, ClassQuota],
+        memory: Mapping[str, RuleMemory],
+        metrics: Mapping[str, Any],
+        events: Sequence[tuple[str, str, str, str]],
+    ) -> None:
+        """Write the evaluator's result and its rescale events (policy, type, reason,
+        message) in one transaction."""
+        k = self.keys
+        now = time.time()
+        doc = {"at": now, "classes": {n: q.to_json() for n, q in quotas.items()}}
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(k.quota_effective, json.dumps(doc, sort_keys=True))
+            pipe.set(
+                k.quota_memory,
+                json.dumps({n: m.to_json() for n, m in memory.items()}, sort_keys=True),
+            )
+            pipe.set(k.quota_fleet_metrics, json.dumps(dict(metrics), sort_keys=True))
+            for policy, type_, reason, message in events:
+                pipe.xadd(
+                    k.fleet_events,
+                    event_fields(policy, now, type_, reason, message, ""),
+                    maxlen=FLEET_EVENTS_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    @translate
+    async def quota_evaluator_lease(self, daemon_id: str, ttl_ms: int) -> str | None:
+        """Take or extend the evaluator lease; returns its value ("daemon|token") or None."""
+        k = self.keys
+        token = int(
+            await self._acquire(keys=[k.quota_lease, k.quota_fence], args=[daemon_id, ttl_ms])
+        )
+        return f"{daemon_id}|{token}" if token else None
+
+    @translate
+    async def quota_evaluator_release(self, value: str) -> None:
+        """Give the evaluator lease up (at shutdown), if it is still ours."""
+        await self._release(keys=[self.keys.quota_lease], args=[value])
+
+    @translate
+    async def quota_report(self, daemon_id: str, sample: Mapping[str, Any]) -> None:
+        """Publish this daemon's recent inference samples for the evaluator."""
+        await self._r.hset(self.keys.quota_metrics, daemon_id, json.dumps(dict(sample)))
+
+    @translate
+    async def quota_reports(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+        """Every daemon's published samples younger than ``max_age_s``; stale ones are removed."""
+        raw = await self._r.hgetall(self.keys.quota_metrics)
+        now = time.time()
+        fresh: dict[str, dict[str, Any]] = {}
+        stale: list[str] = []
+        for a, b in raw.items():
+            body = json.loads(b)
+            if now - float(body.get("at", 0)) <= max_age_s:
+                fresh[_s(a)] = body
+            else:
+                stale.append(_s(a))
+        if stale:
+            await self._r.hdel(self.keys.quota_metrics, *stale)
+        return fresh
+
+    @translate
+    async def quota_budget_used(self, days: Mapping[str, str]) -> dict[str, tuple[int, float]]:
+        """Class -> (tokens, agent-seconds) used on its current day."""
+        classes = list(days)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for c in classes:
+                pipe.hmget(self.keys.quota(c, f"day:{days[c]}"), "tokens", "seconds")
+            raw = await pipe.execute()
+        return {
+            c: (int(float(r[0] or 0)), float(r[1] or 0)) for c, r in zip(classes, raw, strict=True)
+        }
