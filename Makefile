@@ -34,8 +34,16 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+# Benchmark peers get their own venv, so their pins never reach agentos's.
+PEERS := .venv-bench-peers
+
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet 'limits[redis]>=3.13,<6'
+	touch $@
+
+bench: $(STAMP) $(PEERS)/.installed
 	@for f in bench/[!_]*.py; do echo "== $$f" >&2; $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+	rm -rf $(VENV) $(PEERS) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

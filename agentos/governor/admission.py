@@ -3,8 +3,10 @@
 One :class:`Governor` per daemon. Before an agent's ``ctx.llm`` call reaches the engine,
 :meth:`Governor.call`:
 
-1. admits it against its quota class and its agent (``Store.quota_admit``: tokens per
-   minute, concurrency, daily budgets, on the server's clock, shared by every daemon).
+1. admits it against its quota class and its agent (``Store.quota_admit_many``: tokens
+   per minute, concurrency, daily budgets, on the server's clock, shared by every
+   daemon; the calls of a class that ask in the same event-loop tick share one round
+   trip).
    A rate limit reserves the call's place and the caller sleeps until then, unless that
    would take longer than its timeout (then :class:`QuotaExceeded` with retry-after); a
    full class queues the caller fairly across daemons; a spent budget refuses at once;
@@ -29,9 +31,11 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from agentos.governor.core import (
     AttainedService,
@@ -43,7 +47,7 @@ from agentos.governor.core import (
 )
 from agentos.governor.evaluator import stored_policies
 from agentos.governor.policy import ClassQuota, base_quotas
-from agentos.store import Store, StoreError
+from agentos.store import AdmitReply, AdmitRequest, Store, StoreError
 from agentos.telemetry import Telemetry
 
 __all__ = ["FairGate", "Governor", "Ticket"]
@@ -96,6 +100,16 @@ class FairGate:
             _, event = self._waiting.pop(ticket)
             self.busy += 1
             event.set()
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Admission requests of one class collected during one event-loop tick."""
+
+    requests: list[AdmitRequest]
+    replies: list[AdmitReply] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
 
 
 class Ticket:
@@ -156,6 +170,7 @@ class Governor:
         self.attained = AttainedService(half_life_s)
         self.gate = FairGate(parallel)
         self.in_flight: dict[str, tuple[str, str]] = {}  # call id -> (class, agent), admitted
+        self._open: dict[tuple[str, str], _Batch] = {}  # (class, day) -> batch being collected
         # (time, queue wait s, throttled, failed) of recent calls, for fleet metrics
         self._samples: deque[tuple[float, float, bool, bool]] = deque(maxlen=_MAX_SAMPLES)
 
@@ -245,18 +260,18 @@ class Governor:
                 now = self.clock()
                 day, left = day_window(quota.timezone, now)
                 waited = time.monotonic() - started
-                reply = await self.store.quota_admit(
-                    quota_class=quota.name,
-                    agent=agent,
-                    call=call_id,
-                    estimate=estimate,
-                    max_wait_s=min(limit_s - waited, 86_400.0),
-                    lease_s=self.slot_lease_s,
-                    score=fair_score(priority, self.attained.value(agent, now)),
-                    limits=quota.limits,
-                    agent_limits=quota.per_agent,
-                    day=day,
-                    day_left_s=left,
+                reply = await self._submit(
+                    quota,
+                    day,
+                    left,
+                    AdmitRequest(
+                        agent,
+                        call_id,
+                        estimate,
+                        min(limit_s - waited, 86_400.0),
+                        fair_score(priority, self.attained.value(agent, now)),
+                        quota.per_agent,
+                    ),
                 )
                 if reply.status == 1:
                     queued = False
@@ -282,6 +297,47 @@ class Governor:
                     await self.store.quota_unqueue(
                         quota_class=quota.name, agent=agent, call=call_id
                     )
+
+    async def _submit(
+        self, quota: ClassQuota, day: str, left: float, request: AdmitRequest
+    ) -> AdmitReply:
+        """Ask Redis about ``request``, batched with every other call of the class that
+        asks in the same event-loop tick: one round trip admits them all."""
+        key = (quota.name, day)
+        batch = self._open.get(key)
+        if batch is not None:
+            index = len(batch.requests)
+            batch.requests.append(request)
+            with anyio.CancelScope(shield=True):  # one round trip; an admission is not lost
+                await batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+            return batch.replies[index]
+        batch = self._open[key] = _Batch([request])
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.lowlevel.checkpoint()  # let this tick's other callers join
+                del self._open[key]
+                order = sorted(range(len(batch.requests)), key=lambda i: batch.requests[i].score)
+                replies = await self.store.quota_admit_many(
+                    quota_class=quota.name,
+                    limits=quota.limits,
+                    day=day,
+                    day_left_s=left,
+                    lease_s=self.slot_lease_s,
+                    requests=[batch.requests[i] for i in order],
+                )
+                batch.replies = [replies[0]] * len(order)
+                for position, i in enumerate(order):
+                    batch.replies[i] = replies[position]
+            except BaseException as e:
+                if self._open.get(key) is batch:
+                    del self._open[key]
+                batch.error = e
+                raise
+            finally:
+                batch.done.set()
+        return batch.replies[0]
 
     @staticmethod
     def _exceeded(

@@ -27,12 +27,13 @@ from agentos.store.errors import StoreError, StoreUnavailable, translate
 from agentos.store.errors import reason as _reason
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.keys import event_fields as _event_fields
-from agentos.store.quota import AdmitReply, ClassUsage, QuotaOps
+from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, QuotaOps
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 
 __all__ = [
     "INBOX_GROUP",
     "AdmitReply",
+    "AdmitRequest",
     "AgentSnapshot",
     "AppliedChange",
     "ClassUsage",

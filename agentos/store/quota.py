@@ -23,7 +23,7 @@ from agentos.governor.policy import ClassQuota, Limits, RuleMemory
 from agentos.store.errors import translate
 from agentos.store.keys import Keys, event_fields
 
-__all__ = ["AdmitReply", "ClassUsage", "QuotaOps"]
+__all__ = ["AdmitReply", "AdmitRequest", "ClassUsage", "QuotaOps"]
 
 FLEET_EVENTS_MAXLEN = 10_000
 BUDGET_TTL_S = 3 * 86_400  # a day's counters outlive the day, for `agentos quota` and reports
@@ -56,6 +56,27 @@ class ClassUsage:
     agent_day_seconds: dict[str, float] = field(default_factory=dict)
     tokens_last_minute: int = 0
     agent_tokens_last_minute: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    """One call asking for admission (see :meth:`QuotaOps.quota_admit_many`)."""
+
+    agent: str
+    call: str
+    estimate: int
+    max_wait_s: float
+    score: float
+    agent_limits: Limits
+
+
+def _limit_args(lim: Limits) -> list[int]:
+    return [
+        lim.tokens_per_minute or 0,
+        lim.max_concurrent or 0,
+        lim.daily_tokens or 0,
+        lim.daily_agent_seconds or 0,
+    ]
 
 
 def _s(value: Any) -> str:
@@ -100,33 +121,61 @@ class QuotaOps:
         day_left_s: float,
     ) -> AdmitReply:
         """One admission attempt (see ``quota_admit.lua``)."""
-
-        def nums(lim: Limits) -> list[int]:
-            return [
-                lim.tokens_per_minute or 0,
-                lim.max_concurrent or 0,
-                lim.daily_tokens or 0,
-                lim.daily_agent_seconds or 0,
-            ]
-
-        reply = await self._q_admit(
-            keys=self.keys.quota_admit_keys(quota_class, agent, day),
-            args=[
-                agent,
-                call,
-                max(0, int(estimate)),
-                max(0, int(max_wait_s * 1000)),
-                max(1, int(lease_s * 1000)),
-                repr(float(score)),
-                WAITER_TTL_MS,
-                *nums(limits),
-                *nums(agent_limits),
-                max(0, int(day_left_s * 1000)),
-                BUDGET_TTL_S,
-                int(BURST_S * 1000),
-            ],
+        (reply,) = await self.quota_admit_many(
+            quota_class=quota_class,
+            limits=limits,
+            day=day,
+            day_left_s=day_left_s,
+            lease_s=lease_s,
+            requests=[AdmitRequest(agent, call, estimate, max_wait_s, score, agent_limits)],
         )
-        return AdmitReply(int(reply[0]), int(reply[1]), _s(reply[2]))
+        return reply
+
+    @translate
+    async def quota_admit_many(
+        self,
+        *,
+        quota_class: str,
+        limits: Limits,
+        day: str,
+        day_left_s: float,
+        lease_s: float,
+        requests: Sequence[AdmitRequest],
+    ) -> list[AdmitReply]:
+        """Admission attempts for several calls of one class in one round trip, decided
+        in the order given (callers sort them fairly)."""
+        q = self.keys.quota
+        keys = [
+            q(quota_class, "tat"),
+            q(quota_class, "holders"),
+            q(quota_class, "waiters"),
+            q(quota_class, "waiters:ttl"),
+            q(quota_class, f"day:{day}"),
+            q(quota_class, "sleepers"),
+        ]
+        args: list[object] = [
+            len(requests),
+            max(1, int(lease_s * 1000)),
+            WAITER_TTL_MS,
+            *_limit_args(limits),
+            max(0, int(day_left_s * 1000)),
+            BUDGET_TTL_S,
+            int(BURST_S * 1000),
+        ]
+        for r in requests:
+            keys += [q(quota_class, f"tat:{r.agent}"), q(quota_class, f"holders:{r.agent}")]
+            args += [
+                r.agent,
+                r.call,
+                max(0, int(r.estimate)),
+                max(0, int(r.max_wait_s * 1000)),
+                repr(float(r.score)),
+                *_limit_args(r.agent_limits),
+            ]
+        raw = await self._q_admit(keys=keys, args=args)
+        return [
+            AdmitReply(int(raw[i]), int(raw[i + 1]), _s(raw[i + 2])) for i in range(0, len(raw), 3)
+        ]
 
     @translate
     async def quota_settle(
