@@ -8,7 +8,7 @@ public surface (pinned by ``tests/test_public_api.py``); everything else may cha
 from agentos.client import Client, ClientError, NotFound
 from agentos.engine.base import Completion, EngineError, NoFreeSlot
 from agentos.lifecycle import Phase, StopReason
-from agentos.sdk import LLM, Agent, Context, Message, TaskInfo, Usage
+from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage
 from agentos.settings import Settings
 from agentos.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 
@@ -27,6 +27,7 @@ __all__ = [
     "NoFreeSlot",
     "NotFound",
     "Phase",
+    "QuotaExceeded",
     "QuotaPolicyResource",
     "Settings",
     "SpecError",

@@ -534,7 +534,7 @@ def fleet_issues(
                 issues.append(
                     SpecIssue(
                         doc.source,
-                        doc.line,
+                        doc.line_of("spec", "classes", cname),
                         f"spec.classes.{cname}",
                         f'quota class "{cname}" is already defined by policy "{owner[cname]}"; '
                         "class names are fleet-wide",
@@ -552,7 +552,7 @@ def fleet_issues(
                 issues.append(
                     SpecIssue(
                         doc.source,
-                        doc.line,
+                        doc.line_of("spec", "quotaClass"),
                         "spec.quotaClass",
                         f'unknown quota class "{cname}" (defined: {defined}); '
                         "apply a QuotaPolicy that defines it first, or with this agent",
@@ -568,7 +568,7 @@ def fleet_issues(
                 issues.append(
                     SpecIssue(
                         doc.source,
-                        doc.line,
+                        doc.line_of("spec", "classes"),
                         "spec.classes",
                         f'removes quota class "{cname}" that agents still use: {", ".join(users)}',
                     )

@@ -686,6 +686,9 @@ class Document:
     resource: AgentResource | QuotaPolicyResource
     source: str
     line: int
+    lines: Mapping[tuple[str | int, ...], int] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )  # YAML path -> line, for errors found after loading (see line_of)
 
     @property
     def kind(self) -> str:
@@ -696,6 +699,11 @@ class Document:
     def name(self) -> str:
         """The resource name (``metadata.name``)."""
         return self.resource.metadata.name
+
+    def line_of(self, *path: str | int) -> int:
+        """The line of the YAML node at ``path`` (YAML key names), else of the nearest
+        parent that has one, else the document's."""
+        return _line_for(path, dict(self.lines), self.line)
 
     def canonical(self) -> dict[str, Any]:
         """Return :func:`canonical` of the resource."""
@@ -809,7 +817,10 @@ def _validate_document(data: Any, source: str, line: int, lines: _Lines, loaded:
     loaded.issues.extend(issues)
     if resource is not None:
         loaded.documents.append(
-            (Document(resource, source, line), _line_for(("metadata", "name"), lines, line))
+            (
+                Document(resource, source, line, dict(lines)),
+                _line_for(("metadata", "name"), lines, line),
+            )
         )
 
 

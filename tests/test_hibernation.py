@@ -61,6 +61,29 @@ def test_the_meter_learns_from_large_observations_only() -> None:
         ([SlotHolder("a", 50, 5.0, idle=True), SlotHolder("b", 50, 5.0, idle=True)], "a"),
         ([SlotHolder("low", 1, 0.0, idle=False), SlotHolder("hi", 90, 0.0, idle=True)], "hi"),
         ([SlotHolder("me", 1, 0.0, idle=True), SlotHolder("x", 90, 0.0, idle=True)], "x"),
+        # Among equals, the one that was served most lately gives way, before recency...
+        (
+            [
+                SlotHolder("quiet", 50, 1.0, idle=True, attained=3.0),
+                SlotHolder("heavy", 50, 9.0, idle=True, attained=5000.0),
+            ],
+            "heavy",
+        ),
+        # ...but never before priority; and usage decayed below one token is a tie.
+        (
+            [
+                SlotHolder("heavy", 60, 1.0, idle=True, attained=5000.0),
+                SlotHolder("quiet", 50, 9.0, idle=True, attained=0.0),
+            ],
+            "quiet",
+        ),
+        (
+            [
+                SlotHolder("old", 50, 1.0, idle=True, attained=0.4),
+                SlotHolder("new", 50, 9.0, idle=True, attained=0.1),
+            ],
+            "old",
+        ),
     ],
     ids=[
         "none",
@@ -70,6 +93,9 @@ def test_the_meter_learns_from_large_observations_only() -> None:
         "tie-by-name",
         "never-mid-task",
         "not-the-requester",
+        "most-served-first",
+        "priority-before-service",
+        "decayed-service-ties",
     ],
 )
 def test_choose_victim(holders: list[SlotHolder], victim: str | None) -> None:

@@ -20,6 +20,7 @@ def test_all_is_pinned() -> None:
             "NoFreeSlot",
             "NotFound",
             "Phase",
+            "QuotaExceeded",
             "QuotaPolicyResource",
             "Settings",
             "SpecError",

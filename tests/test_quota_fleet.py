@@ -223,7 +223,7 @@ async def test_apply_refuses_unknown_quota_classes_and_policy_deletes_in_use(
     )
     with pytest.raises(SpecError) as info:
         await client.apply(twin)
-    assert str(info.value.issues[0]).startswith("q.yaml:1: spec.classes.premium:")
+    assert str(info.value.issues[0]).startswith("q.yaml:4: spec.classes.premium:")
     # Dropping a class agents use, or deleting its policy, is refused.
     emptied = policy(
         "apiVersion: agentos/v1\nkind: QuotaPolicy\nmetadata: {name: p}\nspec: {classes: {}}\n"
