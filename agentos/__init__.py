@@ -6,11 +6,11 @@ public surface (pinned by ``tests/test_public_api.py``); everything else may cha
 """
 
 from agentos.client import Client, ClientError, NotFound
+from agentos.core.lifecycle import Phase, StopReason
+from agentos.core.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 from agentos.engine.base import Completion, EngineError, NoFreeSlot
-from agentos.lifecycle import Phase, StopReason
 from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage
 from agentos.settings import Settings
-from agentos.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 
 __version__ = "0.1.0"
 

@@ -34,14 +34,14 @@ from rich.table import Table
 
 from agentos import __version__
 from agentos.client import AgentSummary, Client, ClientError, read_message_arg, resolve_redis_url
+from agentos.core.durations import parse_duration
+from agentos.core.metering import Prices, UsageRow, total
+from agentos.core.policy import ClassQuota, RuleStatus
+from agentos.core.spec import Document, SpecError, json_schema, load_paths
 from agentos.daemon import Daemon
-from agentos.durations import parse_duration
 from agentos.engine import EngineError, create_engine
-from agentos.governor.policy import ClassQuota, RuleStatus
 from agentos.ingress import build_app, is_loopback
-from agentos.metering import Prices, UsageRow, total
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
-from agentos.spec import Document, SpecError, json_schema, load_paths
 from agentos.store import Event, Store, StoreUnavailable
 from agentos.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from agentos.telemetry import Telemetry

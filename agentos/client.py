@@ -18,18 +18,18 @@ from typing import Any
 
 import anyio
 
-from agentos.governor.core import day_window
-from agentos.governor.evaluator import stored_policies
-from agentos.governor.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
-from agentos.metering import Prices, UsageRow, aggregate
-from agentos.settings import Settings
-from agentos.spec import (
+from agentos.core.fairness import day_window
+from agentos.core.metering import Prices, UsageRow, aggregate
+from agentos.core.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
+from agentos.core.spec import (
     AgentResource,
     Document,
     QuotaPolicyResource,
     SpecError,
     SpecIssue,
 )
+from agentos.governor.evaluator import stored_policies
+from agentos.settings import Settings
 from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
 from agentos.store.embedded import embedded_url
 

@@ -21,14 +21,14 @@ from typing import Any
 
 import anyio
 
+from agentos.core.lifecycle import StopReason
+from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
+from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import Engine
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
-from agentos.lifecycle import StopReason
-from agentos.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 from agentos.runtime.runner import AgentRunner, SlotArbiter
 from agentos.settings import DaemonSettings
-from agentos.spec import AgentResource, SpecError, parse_resource
 from agentos.store import Store, StoreError, StoreUnavailable
 from agentos.telemetry import Telemetry
 

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Final, Protocol
 import msgspec
 import pydantic
 
+from agentos.core.fairness import QuotaExceeded
+from agentos.core.lifecycle import StopReason
 from agentos.engine.base import Completion, Engine
-from agentos.governor.core import QuotaExceeded
-from agentos.lifecycle import StopReason
 from agentos.telemetry import Telemetry
 
 __all__ = [

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentos.core.lifecycle import StopReason
 from agentos.engine.base import Engine
 from agentos.engine.sim import SimEngine
-from agentos.lifecycle import StopReason
 from agentos.runtime.loop import TaskResult, run_task
 from agentos.sdk import (
     LLM,

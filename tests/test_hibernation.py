@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentos.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
+from agentos.core.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
 
 MB = 1_000_000
 

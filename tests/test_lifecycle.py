@@ -1,8 +1,8 @@
-"""Tests for agentos.lifecycle: the phase machine, backoff arithmetic and crash loops."""
+"""Tests for agentos.core.lifecycle: the phase machine, backoff arithmetic and crash loops."""
 
 import pytest
 
-from agentos.lifecycle import (
+from agentos.core.lifecycle import (
     IllegalTransition,
     Phase,
     PhaseEvent,

@@ -1,4 +1,4 @@
-"""Tests for agentos.governor.policy: policies + metrics + time + memory -> quotas."""
+"""Tests for agentos.core.policy: policies + metrics + time + memory -> quotas."""
 
 import json
 import math
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agentos.governor.policy import (
+from agentos.core.policy import (
     METRIC_HELP,
     ClassQuota,
     Evaluation,
@@ -17,7 +17,7 @@ from agentos.governor.policy import (
     base_quotas,
     evaluate,
 )
-from agentos.spec import METRICS, QuotaPolicyResource
+from agentos.core.spec import METRICS, QuotaPolicyResource
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC).timestamp()  # a Monday, noon UTC
 

@@ -12,9 +12,9 @@ import anyio
 import pytest
 
 from agentos.client import Client, InUse
+from agentos.core.policy import Limits
+from agentos.core.spec import SpecError, parse_text
 from agentos.engine.sim import SimEngine
-from agentos.governor.policy import Limits
-from agentos.spec import SpecError, parse_text
 from agentos.store import Store
 from agentos.store.quota import BURST_S
 from tests.helpers import agent_doc, apply, running_daemon, wait_until

@@ -1,9 +1,9 @@
-"""Tests for agentos.reconcile: desired fleet + local agents + leases -> actions."""
+"""Tests for agentos.core.reconcile: desired fleet + local agents + leases -> actions."""
 
 import pytest
 
-from agentos.lifecycle import StopReason
-from agentos.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
+from agentos.core.lifecycle import StopReason
+from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 
 ME = "daemon-a"
 OTHER = "daemon-b"

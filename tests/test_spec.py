@@ -1,4 +1,4 @@
-"""Tests for agentos.spec: the resource models, the YAML loaders and their error reports."""
+"""Tests for agentos.core.spec: the resource models, the YAML loaders and their error reports."""
 
 import json
 import textwrap
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agentos.spec import (
+from agentos.core.spec import (
     AgentResource,
     AgentSpec,
     ClassLimits,

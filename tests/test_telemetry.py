@@ -23,9 +23,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from agentos.client import Client
+from agentos.core.metering import Prices
+from agentos.core.spec import parse_text
 from agentos.engine import SimEngine
-from agentos.metering import Prices
-from agentos.spec import parse_text
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until

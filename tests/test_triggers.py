@@ -1,12 +1,12 @@
-"""Tests for agentos.triggers: next fire times and the per-agent trigger clock."""
+"""Tests for agentos.core.triggers: next fire times and the per-agent trigger clock."""
 
 from datetime import datetime
 from typing import Any
 
 import pytest
 
-from agentos.spec import Trigger
-from agentos.triggers import TriggerClock, next_fire
+from agentos.core.spec import Trigger
+from agentos.core.triggers import TriggerClock, next_fire
 
 
 def _t(data: dict[str, Any]) -> Trigger:

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from agentos.governor.core import (
+from agentos.core.fairness import (
     AttainedService,
     QuotaExceeded,
     Waiter,
@@ -45,8 +45,8 @@ from agentos.governor.core import (
     fair_score,
     pick,
 )
+from agentos.core.policy import ClassQuota, base_quotas
 from agentos.governor.evaluator import stored_policies
-from agentos.governor.policy import ClassQuota, base_quotas
 from agentos.store import AdmitReply, AdmitRequest, Store, StoreError
 from agentos.telemetry import Telemetry
 

@@ -3,7 +3,7 @@
 Every daemon runs :meth:`Evaluator.run`, but only the holder of the evaluator lease
 (a fenced lease in Redis, like an agent's) evaluates: every ``period_s`` it merges the
 samples each daemon published, adds the budget burn rate, runs the pure
-:func:`agentos.governor.policy.evaluate` with the rules' memory, and writes the effective
+:func:`agentos.core.policy.evaluate` with the rules' memory, and writes the effective
 limits, the new memory and one event per rescale in one transaction. Every daemon's
 :class:`~agentos.governor.admission.Governor` reads the effective limits from there, so
 all of them enforce the same numbers. When the holder dies its lease runs out and
@@ -20,9 +20,9 @@ from typing import Any
 
 import anyio
 
-from agentos.governor.core import burn_rate, day_window, fleet_metrics
-from agentos.governor.policy import ClassQuota, Evaluation, evaluate
-from agentos.spec import QuotaPolicyResource, parse_resource
+from agentos.core.fairness import burn_rate, day_window, fleet_metrics
+from agentos.core.policy import ClassQuota, Evaluation, evaluate
+from agentos.core.spec import QuotaPolicyResource, parse_resource
 from agentos.store import Store, StoreError
 
 __all__ = ["Evaluator", "fleet_snapshot", "stored_policies"]

@@ -26,11 +26,13 @@ from typing import Any, TypeVar
 
 import anyio
 
+from agentos.core.fairness import QuotaExceeded, Waiter, pick
+from agentos.core.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
+from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
+from agentos.core.spec import AgentResource
+from agentos.core.triggers import TriggerClock
 from agentos.engine.base import Completion, Engine, EngineError, NoFreeSlot
 from agentos.governor.admission import Governor, Ticket
-from agentos.governor.core import QuotaExceeded, Waiter, pick
-from agentos.hibernation import CostMeter, SlotHolder, choose_victim, decide_keep_kv
-from agentos.lifecycle import Phase, PhaseEvent, StopReason, on_failure, transition
 from agentos.runtime.loop import (
     AgentCodeError,
     EntrypointError,
@@ -49,10 +51,8 @@ from agentos.sdk import (
     agent_logger,
     freeze_config,
 )
-from agentos.spec import AgentResource
 from agentos.store import InboxMessage, LoadedSnapshot, Store, StoreUnavailable, TaskWrite
 from agentos.telemetry import Telemetry
-from agentos.triggers import TriggerClock
 
 __all__ = ["AgentRunner", "LeaseLost", "SlotArbiter"]
 

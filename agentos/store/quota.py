@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentos.governor.policy import ClassQuota, Limits, RuleMemory
+from agentos.core.policy import ClassQuota, Limits, RuleMemory
 from agentos.store.errors import translate
 from agentos.store.keys import Keys, event_fields
 

@@ -32,8 +32,8 @@ from datetime import datetime
 from typing import Any, Final, get_args
 from zoneinfo import ZoneInfo
 
-from agentos.durations import format_duration
-from agentos.spec import QuotaLimits, QuotaPolicyResource, Rule, RuleWhen, Weekday
+from agentos.core.durations import format_duration
+from agentos.core.spec import QuotaLimits, QuotaPolicyResource, Rule, RuleWhen, Weekday
 
 __all__ = [
     "METRIC_HELP",

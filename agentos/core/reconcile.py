@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agentos.lifecycle import StopReason
+from agentos.core.lifecycle import StopReason
 
 __all__ = ["Desired", "Lease", "Local", "Restart", "Start", "Stop", "reconcile"]
 

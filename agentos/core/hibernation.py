@@ -96,7 +96,7 @@ class SlotHolder:
     priority: int
     last_activity: float
     idle: bool  # False while it runs a task: never swapped out then
-    attained: float = 0.0  # tokens used recently (decayed), see agentos.governor.core
+    attained: float = 0.0  # tokens used recently (decayed), see agentos.core.fairness
 
 
 def choose_victim(holders: Sequence[SlotHolder], *, exclude: str = "") -> str | None:

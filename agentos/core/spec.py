@@ -39,7 +39,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from agentos.durations import Duration, PositiveDuration, format_duration
+from agentos.core.durations import Duration, PositiveDuration, format_duration
 
 __all__ = [
     "API_VERSION",
