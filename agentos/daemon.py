@@ -27,7 +27,9 @@ from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import Engine
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
-from agentos.runtime.runner import AgentRunner, SlotArbiter
+from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.runner import AgentRunner
+from agentos.runtime.slots import SlotArbiter
 from agentos.settings import DaemonSettings
 from agentos.store import Store, StoreError, StoreUnavailable
 from agentos.telemetry import Telemetry
@@ -75,8 +77,10 @@ class Daemon:
             lease_ttl_s=self.settings.lease_ttl_s,
             clock=clock,
         )
-        self.arbiter = SlotArbiter(engine, self.governor)
-        self.arbiter.runners = self.runners
+        self.arbiter = SlotArbiter(
+            engine, attained=lambda name: self.governor.attained.value(name, time.time())
+        )
+        self.hibernator = Hibernator(engine)
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
         self._stop = anyio.Event()
@@ -279,7 +283,9 @@ class Daemon:
         """Reload effective limits and publish this daemon's inference samples."""
         while True:
             try:
-                await self.governor.refresh()
+                if await self.governor.refresh():
+                    for runner in self.runners.values():
+                        runner.quota_changed()
                 await self.governor.renew()
                 held = sum(1 for name in self.runners if self.engine.has_session(name))
                 await self.store.quota_report(
@@ -310,15 +316,13 @@ class Daemon:
                     runner = self.runners.get(name)
                     if ok or runner is None:
                         continue
-                    # Expired (say, Redis was away longer than a lease): take it back if
-                    # nobody else did, else let go.
-                    token = await self.store.acquire_lease(name, self.id, ttl_ms)
-                    if token:
-                        runner.lease_value = f"{self.id}|{token}"
-                        log.warning("%s: lease had expired; re-acquired", name)
-                    else:
-                        log.warning("%s: lease taken by another daemon; stopping it here", name)
-                        runner.request_stop(StopReason.LEASE_LOST)
+                    # Expired (say, Redis was away longer than a lease). Another daemon
+                    # may have adopted, changed and released the agent meanwhile, so this
+                    # runner's memory is stale: never re-arm it with a new token. It
+                    # stops, and reconcile starts a fresh one from Redis if the agent is
+                    # still free.
+                    log.warning("%s: lease expired; stopping it here", name)
+                    runner.request_stop(StopReason.LEASE_LOST)
             except StoreUnavailable as e:
                 log.warning("lease renewal: %s", e)
             await anyio.sleep(self.settings.lease_ttl_s / 3)
@@ -353,13 +357,10 @@ class Daemon:
                     store=self.store,
                     engine=self.engine,
                     arbiter=self.arbiter,
+                    hibernator=self.hibernator,
                     daemon_id=self.id,
                     clock=self.clock,
                     retry_max_s=self.settings.redis_retry_max_s,
-                    task_retention=(
-                        self.settings.task_retention_count,
-                        self.settings.task_retention_s,
-                    ),
                     telemetry=self.telemetry,
                     governor=self.governor,
                 )

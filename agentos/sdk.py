@@ -33,6 +33,7 @@ __all__ = [
     "Context",
     "Message",
     "QuotaExceeded",
+    "SessionProvider",
     "StateCodec",
     "TaskInfo",
     "Usage",
@@ -146,7 +147,28 @@ class Usage:
         self.output_tokens += completion.output_tokens
 
 
-SessionGuard = Callable[[], Awaitable[None]]
+class SessionProvider(Protocol):
+    """Where the model handle gets the agent's engine session from.
+
+    In a daemon the runtime opens the session (slot and restored context) before agent
+    code runs, so :meth:`ensure` finds it open; it only does work as a fallback.
+    """
+
+    async def ensure(self) -> object:
+        """Make sure the agent holds an engine session with its context in it."""
+        ...
+
+
+class _PlainSession:
+    """A session opened on first use, for engines driven without a runtime (tests)."""
+
+    def __init__(self, engine: Engine, session_id: str) -> None:
+        self._engine = engine
+        self._id = session_id
+
+    async def ensure(self) -> None:
+        if not self._engine.has_session(self._id):
+            self._engine.open_session(self._id)
 
 
 class Admission(Protocol):
@@ -199,7 +221,7 @@ class LLM:
         engine: Engine,
         session_id: str,
         *,
-        ensure_session: SessionGuard | None = None,
+        session: SessionProvider | None = None,
         on_usage: Callable[[Completion], None] | None = None,
         telemetry: Telemetry | None = None,
         admit: Admitter | None = None,
@@ -207,7 +229,7 @@ class LLM:
         self._engine = engine
         self._admit = admit or _admit_all
         self._session = session_id
-        self._ensure = ensure_session or self._open_plain
+        self._provider = session or _PlainSession(engine, session_id)
         self._on_usage = on_usage
         self._telemetry = telemetry or Telemetry.disabled()
         self.usage = Usage()
@@ -220,10 +242,6 @@ class LLM:
     def model(self) -> str:
         """The model's name, as traces report it."""
         return self._engine.model
-
-    async def _open_plain(self) -> None:
-        if not self._engine.has_session(self._session):
-            self._engine.open_session(self._session)
 
     @property
     def context_tokens(self) -> int:
@@ -283,10 +301,12 @@ class LLM:
         quota_timeout_s: float | None,
     ) -> Completion:
         queued = time.perf_counter()
+        # The session first: a call never waits for a slot while it holds a quota
+        # admission or an engine turn (agents holding slots need those turns).
+        await self._provider.ensure()
         async with self._admit(
             lambda: self._engine.count_tokens(prompt) + max_tokens, quota_timeout_s
         ) as admission:
-            await self._ensure()
             queue_wait = time.perf_counter() - queued
             admission.start()
             with self._telemetry.inference(
@@ -333,10 +353,10 @@ class LLM:
         text: list[str] = []
         output_tokens = 0
         reason = "stop"
+        await self._provider.ensure()
         async with self._admit(
             lambda: input_tokens + max_tokens, self._timeout(quota_timeout_s)
         ) as admission:
-            await self._ensure()
             admission.start()
             started = time.perf_counter()
             try:

@@ -196,3 +196,49 @@ class Hammer(agentos.Agent):
             async with await anyio.open_file(f"{log_dir}/{ctx.name}", "a") as f:
                 await f.write(f"{time.time():.4f} {c.input_tokens + c.output_tokens}\n")
         return None
+
+
+class Caller(agentos.Agent):
+    """Per message: ``config.calls`` model calls (default 5), ``config.gap`` s apart (0.2)."""
+
+    State = CountState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        calls, gap = int(ctx.config.get("calls", 5)), float(ctx.config.get("gap", 0.2))
+        for i in range(calls):
+            completion = await ctx.llm.generate(f"call {i}", max_tokens=4)
+            ctx.state.texts.append(completion.text)
+            if i < calls - 1:
+                await anyio.sleep(gap)
+        ctx.state.n += 1
+        return f"{calls} calls"
+
+
+# Events a test sets to release a Gate agent's act: agent name -> event.
+GATES: dict[str, anyio.Event] = {}
+
+
+class Gate(agentos.Agent):
+    """Per message: one model call, then waits until the test sets ``GATES[name]``."""
+
+    State = CountState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await ctx.llm.generate("before the gate", max_tokens=2)
+        gate = GATES.setdefault(ctx.name, anyio.Event())
+        await gate.wait()
+        ctx.state.n += 1
+        return "through"
+
+
+class Parity(agentos.Agent):
+    """Counts messages; crashes on odd bodies when ``config.crash_odd`` is set."""
+
+    State = CountState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        await ctx.llm.generate(f"n={ctx.state.n}", max_tokens=2)
+        if ctx.config.get("crash_odd") and int(plan.body) % 2:
+            raise ValueError(f"odd: {plan.body}")
+        ctx.state.n += 1
+        return ctx.state.n

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import msgspec
 
 from agentos.client import Client
 from agentos.core.spec import Document, parse_text
@@ -30,6 +31,18 @@ def agent_doc(name: str, entrypoint: str, **spec: Any) -> Document:
     }
     (doc,) = parse_text(json.dumps(body), source=f"<{name}>")
     return doc
+
+
+def policy_doc(body: dict[str, Any]) -> Document:
+    """One QuotaPolicy (or any) resource given as a dict, loaded like a file."""
+    (doc,) = parse_text(json.dumps(body), source=f"<{body['metadata']['name']}>")
+    return doc
+
+
+async def state_of(store: Store, name: str, type_: type) -> object | None:
+    """An agent's durable state decoded as ``type_`` (None before its first save)."""
+    raw = await store.load_state(name)
+    return None if raw is None else msgspec.json.decode(raw, type=type_)
 
 
 async def apply(store: Store, *docs: Document) -> None:

@@ -14,8 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["CostMeter", "KVDecision", "SlotHolder", "choose_victim", "decide_keep_kv"]
+__all__ = [
+    "CostMeter",
+    "KVDecision",
+    "SlotHolder",
+    "WakePlan",
+    "choose_victim",
+    "decide_keep_kv",
+    "plan_wake",
+]
 
 # Starting points until the first measurements arrive (FACTS: loopback Redis, 2 cores).
 DEFAULT_READ_BPS = 500e6
@@ -112,3 +121,37 @@ def choose_victim(holders: Sequence[SlotHolder], *, exclude: str = "") -> str | 
     return min(
         candidates, key=lambda h: (h.priority, -int(h.attained), h.last_activity, h.name)
     ).name
+
+
+@dataclass(frozen=True, slots=True)
+class WakePlan:
+    """How to bring a hibernated context back: try the KV bytes first, or go straight
+    to the fallback (re-prefill from the token history, or start empty)."""
+
+    try_restore: bool
+    fallback: Literal["recompute", "empty"]
+    reason: str  # why not restore, when ``try_restore`` is False
+
+
+def plan_wake(
+    *,
+    has_kv: bool,
+    snapshot_fingerprint: str | None,
+    engine_fingerprint: str,
+    n_tokens: int,
+    reason: str,
+) -> WakePlan:
+    """Decide the wake path from what the snapshot store returned.
+
+    ``has_kv``: the snapshot verified and carries KV bytes; ``reason``: the store's
+    word on it (missing, corrupt, partial, token history only). KV is restored only
+    into the engine build and layout that wrote it; otherwise, and whenever the
+    restore is refused, the token history is re-prefilled (or, without one, the
+    context starts empty).
+    """
+    fallback: Literal["recompute", "empty"] = "recompute" if n_tokens else "empty"
+    if not has_kv:
+        return WakePlan(False, fallback, reason)
+    if snapshot_fingerprint != engine_fingerprint:
+        return WakePlan(False, fallback, "snapshot from another engine build or configuration")
+    return WakePlan(True, fallback, reason)

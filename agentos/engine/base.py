@@ -19,6 +19,7 @@ __all__ = [
     "Completion",
     "Engine",
     "EngineError",
+    "EngineUnavailable",
     "KVSnapshot",
     "NoFreeSlot",
     "SessionInfo",
@@ -32,6 +33,11 @@ class EngineError(Exception):
 
 class NoFreeSlot(EngineError):
     """Every slot of the engine is held by a session; free one (hibernate) or wait."""
+
+
+class EngineUnavailable(EngineError):
+    """The backend cannot serve now (down, restarting, overloaded): the infrastructure's
+    fault, never the agent's; the runtime retries the task later."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,12 +176,17 @@ class Governor:
 
     # ------------------------------------------------------------------ limits
 
-    async def refresh(self) -> None:
-        """Load the effective limits (or, before any evaluator ran, the declared ones)."""
+    async def refresh(self) -> bool:
+        """Load the effective limits (or, before any evaluator ran, the declared ones).
+
+        Returns whether they changed (parked tasks may then be admitted).
+        """
         effective = await self.store.quota_effective()
         if effective is None:
             effective = base_quotas(stored_policies(await self.store.policies()))
+        changed = bool(self.quotas) and effective != self.quotas
         self.quotas = effective
+        return changed
 
     def quota_of(self, quota_class: str) -> ClassQuota | None:
         """The class's effective quota, or None when the class is ungoverned."""

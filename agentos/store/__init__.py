@@ -635,6 +635,7 @@ class Store(QuotaOps):
         schedule: Mapping[str, float] | None = None,
         usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
+        op_id: str | None = None,
     ) -> bool:
         """Write status fields, an event, the durable state, an inbox ack, a task record
         and schedule times atomically.

@@ -1,0 +1,163 @@
+"""Task bookkeeping as pure functions: a wake-up's record, what a new owner resumes, overlaps.
+
+A *task* is one wake-up of an agent (a message, a fire, a start, an operator's wake)
+with a durable record in Redis. These functions decide what the record says and what
+to do with records a dead owner left behind; the runner writes what they return. They
+take ``now`` and plain data, and are tested by tables.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "Close",
+    "MessageLike",
+    "Requeue",
+    "Work",
+    "inbox_work",
+    "overlap_action",
+    "queued_record",
+    "resume_plan",
+    "short",
+]
+
+
+class MessageLike(Protocol):
+    """An inbox message as the task bookkeeping sees it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def key(self) -> str | None: ...
+
+
+@dataclass(slots=True)
+class Work:
+    """A wake-up waiting to run; ``id`` is its task record's id."""
+
+    trigger: str
+    message: Any = None  # a MessageLike for inbox work
+    attempt: int = 1
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    scheduled_at: float | None = None
+    index: int | None = None  # the time trigger that fired, if any
+    recorded: bool = False  # a task record exists already (queued)
+    queued_at: float | None = None
+    not_before: float = 0.0  # parked until then (a quota, a budget, an infrastructure retry)
+    infra_attempts: int = 0  # infrastructure retries in a row (never counted as crashes)
+
+
+def inbox_work(message: MessageLike) -> Work:
+    """The work a message starts. The message id is the task id, so a redelivered
+    message is the same task, retried."""
+    return Work("inbox", message, id=f"m-{message.id}")
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """``value`` as text cut to ``limit`` characters (for payloads and errors)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def queued_record(work: Work, agent: str, now: float) -> dict[str, object]:
+    """The fields of ``work``'s record when it is queued (its first write)."""
+    fields: dict[str, object] = {
+        "id": work.id,
+        "agent": agent,
+        "trigger": work.trigger,
+        "status": "queued",
+        "created_at": repr(now),
+        "attempt": work.attempt - 1,
+    }
+    if work.message is not None:
+        fields |= {
+            "message_id": work.message.id,
+            "payload": short(work.message.body),
+            "key": work.message.key or "",
+        }
+    if work.scheduled_at is not None:
+        fields["scheduled_at"] = repr(work.scheduled_at)
+    if work.index is not None:
+        fields["trigger_index"] = work.index
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Mark a record finished: its work is done, only its last write was lost."""
+
+    task_id: str
+    fields: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Run a dead owner's unfinished work again (same record, next attempt)."""
+
+    work: Work
+
+
+def resume_plan(
+    records: Iterable[Mapping[str, str]], pending: set[str], now: float
+) -> list[Close | Requeue]:
+    """What a new owner does with the queued or running records a dead owner left.
+
+    An inbox task whose message is still ``pending`` runs again as the same task when
+    the message is redelivered, so nothing is planned for it. One whose message was
+    acknowledged is done (the ack is atomic with the state it produced); only its
+    closing write was lost. Any other trigger runs again as its next attempt.
+    """
+    plan: list[Close | Requeue] = []
+    for record in records:
+        task_id, trigger = record.get("id", ""), record.get("trigger", "")
+        if trigger == "inbox":
+            if record.get("message_id") in pending:
+                continue
+            plan.append(
+                Close(
+                    task_id,
+                    {
+                        "status": "succeeded",
+                        "finished_at": repr(now),
+                        "result": "completed; its owner died before recording the end",
+                    },
+                )
+            )
+            continue
+        index = record.get("trigger_index")
+        scheduled = record.get("scheduled_at")
+        plan.append(
+            Requeue(
+                Work(
+                    trigger,
+                    attempt=int(record.get("attempt") or 0) + 1,
+                    id=task_id,
+                    index=int(index) if index else None,
+                    scheduled_at=float(scheduled) if scheduled else None,
+                    recorded=True,
+                )
+            )
+        )
+    return plan
+
+
+def overlap_action(
+    policy: str, *, running_index: int | None, fire_index: int
+) -> Literal["skip", "queue", "cancel-previous", "queue-first"]:
+    """What a fire does while a task runs, by the trigger's ``overlap`` policy.
+
+    ``cancel-previous`` when the running task came from the same trigger (cancel it,
+    run the fire next); ``queue-first`` when ``cancelPrevious`` meets a task of another
+    trigger (nothing to cancel: run the fire next).
+    """
+    if policy == "skip":
+        return "skip"
+    if policy == "cancelPrevious":
+        return "cancel-previous" if running_index == fire_index else "queue-first"
+    return "queue"

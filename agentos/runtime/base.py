@@ -1,0 +1,343 @@
+"""What every part of an agent's runner shares: its fields, its controls, its I/O helpers.
+
+:class:`RunnerBase` holds the runner's state (phase, queue, counters, session, writer)
+and the small operations every job of the runner uses: phase changes written through
+the fenced writer, waits that a stop request interrupts, state encoding, giving the
+engine slot back. The jobs themselves are in :mod:`.tasking` (running a task),
+:mod:`.faults` (what happens when one fails) and :mod:`.runner` (the loop, start,
+hibernation and stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+import anyio
+
+from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
+from agentos.core.spec import AgentResource
+from agentos.core.supervisor import RestartPolicy
+from agentos.core.tasks import (
+    Work,
+    queued_record,
+)
+from agentos.core.triggers import TriggerClock
+from agentos.engine.base import Completion, Engine, EngineError, EngineUnavailable, NoFreeSlot
+from agentos.governor.admission import Governor, Ticket
+from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.loop import (
+    AgentCodeError,
+)
+from agentos.runtime.session import AgentSession
+from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.usage import UsageMeter
+from agentos.runtime.writer import Writer
+from agentos.sdk import (
+    Agent,
+    Context,
+    StateCodec,
+)
+from agentos.store import Store, StoreError, TaskWrite
+from agentos.telemetry import Telemetry
+
+__all__ = ["RunnerBase"]
+
+log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
+# Errors raised under agent code that are the infrastructure's, never the agent's.
+_INFRA = (NoFreeSlot, EngineUnavailable, StoreError)
+
+
+class RunnerBase:
+    """The state and helpers of one agent's runner (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        resource: AgentResource,
+        spec_hash: str,
+        lease_value: str,
+        store: Store,
+        engine: Engine,
+        arbiter: SlotArbiter,
+        hibernator: Hibernator,
+        daemon_id: str,
+        clock: Callable[[], float] = time.time,
+        retry_max_s: float = 5.0,
+        telemetry: Telemetry | None = None,
+        governor: Governor | None = None,
+    ) -> None:
+        self.resource = resource
+        self.governor = governor
+        self.name = resource.metadata.name
+        self.spec_hash = spec_hash
+        self.lease_value = lease_value
+        self.store = store
+        self.engine = engine
+        self.arbiter = arbiter
+        self.daemon_id = daemon_id
+        self.clock = clock
+        self.telemetry = telemetry or Telemetry.disabled()
+        self.writer = Writer(
+            store, self.name, lease_value, daemon_id=daemon_id, clock=clock, retry_max_s=retry_max_s
+        )
+        self.session = AgentSession(
+            self,
+            engine=engine,
+            arbiter=arbiter,
+            hibernator=hibernator,
+            writer=self.writer,
+            keep_kv=resource.spec.hibernation.keep_kv,
+            on_slow=self._slot_slow,
+        )
+        self.usage = UsageMeter(self.name, clock, self.telemetry)
+        spec = resource.spec
+        self.priority = spec.priority
+        self._policy = RestartPolicy(
+            spec.restart_policy.crash_loop_after,
+            spec.restart_policy.backoff.initial,
+            spec.restart_policy.backoff.max,
+        )
+        self.phase = Phase.PENDING
+        self.stop_reason: StopReason | None = None
+        self.hibernate_requested: str | None = None
+        self._evicting = False  # the slot arbiter asked for our slot
+        self.failed = False
+        self.busy = False
+        self.last_activity = clock()
+        self.done = anyio.Event()
+        self._nudged = anyio.Event()
+        self._queue: deque[Work] = deque()
+        self._cmds: set[str] = set()
+        self._triggers = TriggerClock(spec.triggers, now=clock())
+        self._stop_scopes: set[anyio.CancelScope] = set()
+        self._slow_slot = False
+        # counters flushed to the status hash by the daemon
+        self.steps = 0
+        self.tasks_succeeded = 0
+        self.tasks_failed = 0
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.dirty = False
+        self._saved_state: bytes | None = None
+        self.agent: Agent | None = None
+        self.ctx: Context | None = None
+        self.codec: StateCodec | None = None
+        self._agent_cls: type[Agent] | None = None
+        self._unacked: str | None = None
+        self._unacked_key: str | None = None
+        self._phase_path: list[str] = []
+        self._task_tokens = (0, 0)
+        self._interrupted = False  # cancelled in the middle of an iteration
+
+    def nudge(self, cmd: str) -> None:
+        """Tell the runner something happened: ``message``, ``wake`` or ``hibernate``."""
+        if cmd == "hibernate":
+            self.request_hibernate("requested by operator")
+        else:
+            self._cmds.add(cmd)
+        self._nudged.set()
+
+    def request_hibernate(self, why: str) -> None:
+        """Hibernate as soon as the agent is idle."""
+        self.hibernate_requested = why
+        self._nudged.set()
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop at the next loop boundary; the agent sees ``reason`` as ``ctx.stopping``.
+
+        A wait for a slot or a parked task's wait ends at once.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            if self.ctx is not None:
+                self.ctx.stopping = reason
+        for scope in self._stop_scopes:
+            scope.cancel()
+        self._nudged.set()
+
+    def quota_changed(self) -> None:
+        """The effective quotas changed: parked tasks may be admitted now."""
+        for work in self._queue:
+            work.not_before = 0.0
+        self._nudged.set()
+
+    # The slot arbiter's view (agentos.runtime.slots.Holder).
+
+    @property
+    def evictable(self) -> bool:
+        """Idle with nothing due: may be asked to give its slot back."""
+        return (
+            self.phase is Phase.IDLE
+            and not self.busy
+            and self.stop_reason is None
+            and self.hibernate_requested is None
+            and self._next_due(pop=False) is None
+        )
+
+    def evict(self, why: str) -> None:
+        """The arbiter needs our slot: hibernate now (we are idle)."""
+        self._evicting = True
+        self.request_hibernate(why)
+
+    @property
+    def next_fire_at(self) -> float | None:
+        """When the next time trigger fires (epoch seconds), if any."""
+        return self._triggers.next_at
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing running, nothing due, nothing queued: what `up --until-idle` waits for."""
+        if self.failed:
+            return True
+        return (
+            not self.busy and not self._queue and not self._cmds and self.phase is not Phase.PENDING
+        )
+
+    def counters(self) -> dict[str, object]:
+        """Fast-moving status fields, written only by the daemon's periodic flush.
+
+        Every status field has one writer: these from the flush, task counts and phase
+        from the runner itself, so a flush in flight can never overwrite a newer value.
+        """
+        return {
+            "steps": self.steps,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "last_activity": repr(self.last_activity),
+        }
+
+    def usage_delta(self) -> tuple[str, dict[str, float]]:
+        """Usage since the last call, for the daily usage hash (UTC day), and reset it."""
+        return self.usage.delta(self.phase)
+
+    def restore_usage(self, amounts: dict[str, float]) -> None:
+        """Put back usage a failed flush could not write."""
+        self.usage.restore(amounts)
+
+    def task_counters(self) -> dict[str, object]:
+        """Task outcome fields, written with the phase change that produced them."""
+        return {
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "restarts": self.restarts,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+    def _queued_write(self, work: Work) -> TaskWrite:
+        now = self.clock()
+        return TaskWrite(work.id, queued_record(work, self.name, now), created_at=now)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        if self._nudged.is_set():
+            self._nudged = anyio.Event()
+            return
+        with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            await self._nudged.wait()
+        self._nudged = anyio.Event()
+
+    async def _until_stopped(self, op: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None]:
+        """Run ``op`` unless a stop is requested first (then it is cancelled): (done, result)."""
+        if self.stop_reason is not None:
+            return False, None
+        with anyio.CancelScope() as scope:
+            self._stop_scopes.add(scope)
+            try:
+                return True, await op()
+            finally:
+                self._stop_scopes.discard(scope)
+        return False, None
+
+    def _slot_slow(self) -> None:
+        self._slow_slot = True
+        log.info("%s: still waiting for an engine slot", self.name)
+
+    def _encode_state(self) -> bytes | None:
+        """The state's bytes if they differ from what Redis holds, else None."""
+        assert self.codec is not None
+        assert self.ctx is not None
+        data = self.codec.encode(self.ctx.state)
+        return None if data == self._saved_state else data
+
+    def _admit(
+        self, estimate: Callable[[], int], timeout_s: float | None
+    ) -> AbstractAsyncContextManager[Ticket]:
+        assert self.governor is not None
+        return self.governor.call(
+            agent=self.name,
+            quota_class=self.resource.spec.quota_class,
+            priority=self.priority,
+            estimate=estimate,
+            timeout_s=timeout_s,
+        )
+
+    def _on_usage(self, completion: Completion) -> None:
+        self.tokens_in += completion.input_tokens
+        self.tokens_out += completion.output_tokens
+        self.usage.add(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)
+        self.dirty = True
+
+    async def _release_slot(self) -> dict[str, object]:
+        """Save the context (if it changed) and give the slot back; status fields to write."""
+        if not self.session.open:
+            return {}
+        try:
+            saved = await self.session.release()
+        except EngineError as e:
+            log.warning("%s: could not export the KV (%s); the context is not saved", self.name, e)
+            return {}
+        if saved is None:
+            return {}
+        self.telemetry.kv_bytes.add(saved.stored_bytes - self.usage.kv_stored)
+        self.usage.set_kv_stored(saved.stored_bytes)
+        return saved.status
+
+    async def _set_phase(
+        self,
+        edge: PhaseEvent,
+        *,
+        status: dict[str, object] | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+        event: dict[str, str] | None = None,
+        task: TaskWrite | None = None,
+    ) -> None:
+        self.usage.phase_ends(self.phase)
+        self.phase = transition(self.phase, edge)
+        self._phase_path.append(self.phase.value)
+        fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
+        if status:
+            fields.update(status)
+        await self.writer.write(status=fields, state=state, ack_id=ack_id, event=event, task=task)
+
+    async def _send(self, agent: str, body: str) -> str:
+        return await self.writer.call(lambda: self.store.send(agent, body), "send")
+
+    def _next_due(self, *, pop: bool) -> Work | None:
+        """The first queued work not parked into the future (taken off the queue if ``pop``)."""
+        now = self.clock()
+        for i, work in enumerate(self._queue):
+            if work.not_before <= now:
+                if pop:
+                    del self._queue[i]
+                return work
+        return None
+
+    # Jobs of the other parts, called across them.
+
+    async def _on_fault(self, failure: AgentCodeError, work: Work) -> None:
+        raise NotImplementedError  # agentos.runtime.faults
+
+    async def _fail(self, reason: str, message: str, tb: str) -> None:
+        raise NotImplementedError  # agentos.runtime.faults
+
+    async def _instantiate(self, raw: bytes | None = None) -> bool:
+        raise NotImplementedError  # agentos.runtime.runner

@@ -1,0 +1,209 @@
+"""When a task does not succeed: restart, fail, retry later or park, as the supervisor decides.
+
+The decision is pure (:func:`agentos.core.supervisor.decide`); this module classifies
+the error and performs the decision. Only the agent's own exceptions count toward its
+crash loop; quota, budget and infrastructure faults park the task (its slot given
+back) and run it again later, with an event that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import replace
+from typing import TypeVar
+
+import anyio
+
+from agentos.core.fairness import QuotaExceeded
+from agentos.core.lifecycle import Phase, PhaseEvent, transition
+from agentos.core.supervisor import Action, Fault, Verdict, decide
+from agentos.core.tasks import (
+    Work,
+    short,
+)
+from agentos.engine.base import EngineError
+from agentos.runtime.base import _INFRA, RunnerBase
+from agentos.runtime.loop import (
+    AgentCodeError,
+    EntrypointError,
+    load_agent_class,
+)
+from agentos.sdk import (
+    StateCodec,
+)
+from agentos.store import TaskWrite
+
+__all__ = ["FaultMixin"]
+
+log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
+
+
+class FaultMixin(RunnerBase):
+    """The fault-handling job of the runner."""
+
+    async def _on_fault(self, failure: AgentCodeError, work: Work) -> None:
+        """A task did not finish: restart, fail, retry or park, as the supervisor decides."""
+        error = failure.error
+        retry_after = 0.0
+        if isinstance(error, QuotaExceeded):
+            fault = Fault.BUDGET if error.kind == "budget" else Fault.RATE
+            retry_after = error.retry_after_s
+        elif isinstance(error, _INFRA) or (
+            isinstance(error, EngineError) and isinstance(error.__cause__, _INFRA)
+        ):
+            fault = Fault.INFRA
+        else:
+            fault = Fault.AGENT
+        verdict = decide(
+            fault,
+            now=self.clock(),
+            policy=self._policy,
+            consecutive_failures=self.consecutive_failures,
+            infra_attempts=work.infra_attempts,
+            retry_after_s=retry_after,
+        )
+        if verdict.crashed:
+            await self._crashed(failure, work, verdict)
+        else:
+            await self._park(error, fault, work, verdict)
+
+    async def _park(self, error: BaseException, fault: Fault, work: Work, verdict: Verdict) -> None:
+        """Not the agent's fault: the task runs again later, the slot goes back meanwhile."""
+        self._unacked = None
+        self._unacked_key = None
+        kind = {
+            Fault.RATE: "QuotaExceeded",
+            Fault.BUDGET: "BudgetExhausted",
+            Fault.INFRA: "InfrastructureError",
+        }[fault]
+        until = time.strftime("%H:%M:%S", time.localtime(verdict.resume_at))
+        what = f"{type(error).__name__}: {error}" if fault is Fault.INFRA else str(error)
+        saved = await self._release_slot()
+        write = self.writer.write
+        if self.phase is Phase.RUNNING:  # else it failed in a heartbeat's observe
+            write = functools.partial(self._set_phase, PhaseEvent.IDLE)
+        await write(
+            status={
+                **saved,
+                "reason": kind,
+                "message": f"{what}; task {work.id} resumes at {until} or sooner",
+            },
+            task=TaskWrite(
+                work.id,
+                {
+                    "status": "parked" if verdict.action is Action.PARK else "retrying",
+                    "error": short(what, 500),
+                    "finished_at": repr(self.clock()),
+                    "resume_at": repr(verdict.resume_at),
+                },
+            ),
+            event=self.writer.event(
+                kind,
+                getattr(error, "kind", fault.value),
+                f"{what}; task {work.id} parked for {verdict.delay_s:.0f}s (not a crash)",
+            ),
+        )
+        self._queue.appendleft(
+            replace(
+                work,
+                attempt=work.attempt + 1,
+                recorded=True,
+                not_before=verdict.resume_at,
+                infra_attempts=verdict.infra_attempts,
+            )
+        )
+
+    async def _crashed(self, error: AgentCodeError, work: Work, verdict: Verdict) -> None:
+        self.consecutive_failures = verdict.consecutive_failures
+        self.tasks_failed += 1
+        self.restarts += 1
+        log.warning("agent %s: %s", self.name, error)
+        failed = verdict.action is Action.FAIL
+        if failed:
+            self.usage.add(tasks_failed=1)
+            self.dirty = True
+        status = "failed" if failed else "retrying"
+        self.telemetry.tasks.add(1, {"agentos.task.status": status, "gen_ai.agent.name": self.name})
+        outcome = {
+            "status": status,
+            "error": short(str(error), 500),
+            "finished_at": repr(self.clock()),
+        }
+        await self.writer.write(task=TaskWrite(work.id, outcome))
+        # The message stays unacknowledged: the next attempt (or, after Failed, the
+        # operator's wake) runs it again.
+        retry = replace(work, attempt=work.attempt + 1, recorded=True, not_before=0.0)
+        if failed:
+            self._queue.appendleft(retry)
+            await self._fail(
+                "CrashLoop", f"{error} ({verdict.consecutive_failures} failures in a row)", error.tb
+            )
+            return
+        saved = await self._release_slot()
+        await self._set_phase(
+            PhaseEvent.CRASH,
+            status={
+                **saved,
+                **self.task_counters(),
+                "last_error": str(error),
+                "last_traceback": error.tb,
+                "last_error_at": repr(self.clock()),
+                "reason": "BackOff",
+                "message": f"restarting in {verdict.delay_s:g}s after: {error}",
+            },
+            event=self.writer.event(
+                "BackOff", error.phase, f"{error}; restart in {verdict.delay_s:g}s"
+            ),
+        )
+        await self._until_stopped(lambda: anyio.sleep(verdict.delay_s))
+        if self.stop_reason is not None:
+            self._queue.appendleft(retry)
+            return
+        if await self._instantiate():
+            self.phase = transition(self.phase, PhaseEvent.START)
+            await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
+            self._queue.appendleft(retry)
+
+    async def _fail(self, reason: str, message: str, tb: str) -> None:
+        self.failed = True
+        saved = await self._release_slot() if self.agent is not None else {}
+        self.usage.phase_ends(self.phase)
+        self.phase = transition(self.phase, PhaseEvent.FAIL)
+        await self.writer.write(
+            status={
+                **saved,
+                **self.task_counters(),
+                "phase": self.phase.value,
+                "owner": self.daemon_id,
+                "reason": reason,
+                "message": message,
+                "last_error": message,
+                "last_traceback": tb,
+                "last_error_at": repr(self.clock()),
+            },
+            event=self.writer.event("Failed", reason, message),
+        )
+
+    async def _recover(self) -> None:
+        """An operator woke a Failed agent: start over with a clean failure count."""
+        self.failed = False
+        self.consecutive_failures = 0
+        if self._agent_cls is None:
+            try:
+                self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
+                self.codec = StateCodec(self._agent_cls.State)
+            except (EntrypointError, TypeError) as e:
+                await self._fail("EntrypointError", str(e), "")
+                return
+        if not await self._instantiate():
+            return
+        self.phase = transition(self.phase, PhaseEvent.START)
+        await self.writer.write(
+            status={"phase": self.phase.value, "reason": "Recovered", "consecutive_failures": 0},
+            event=self.writer.event("Recovered", "wake", "woken by operator after failure"),
+        )
+        if not self._queue:
+            self._queue.append(Work("wake"))

@@ -1,0 +1,366 @@
+"""Running one task of an agent: secure the session, record it, run the loop, close it.
+
+A task secures the agent's engine session (a slot, its context restored) before any
+agent code runs, records itself as running, runs observe/plan/act/learn until observe
+says there is nothing left, acknowledges its message with the first state it
+produced, and closes with its outcome in one fenced write. While it runs, time
+triggers that fire follow their ``overlap`` policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, TypeVar
+
+import anyio
+
+from agentos.core.lifecycle import Phase, PhaseEvent
+from agentos.core.tasks import (
+    Work,
+    overlap_action,
+    queued_record,
+    short,
+)
+from agentos.runtime.base import RunnerBase
+from agentos.runtime.hibernator import Restored
+from agentos.runtime.loop import (
+    AgentCodeError,
+    TaskResult,
+    no_span,
+    run_task,
+)
+from agentos.runtime.writer import LeaseLost
+from agentos.sdk import (
+    Message,
+    TaskInfo,
+)
+from agentos.store import TaskWrite
+from agentos.telemetry import Telemetry
+
+__all__ = ["TaskMixin"]
+
+log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
+
+
+class TaskMixin(RunnerBase):
+    """The task job of the runner."""
+
+    async def _run_work(self, work: Work) -> None:
+        assert self.agent is not None
+        assert self.ctx is not None
+        message = None
+        if work.message is not None:
+            m = work.message
+            message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
+            key = m.key or ""
+            done = bool(key) and await self.writer.call(
+                lambda: self.store.idempotency_done(self.name, key), "idempotency"
+            )
+            if done:
+                await self.writer.write(
+                    ack_id=m.id,
+                    task=TaskWrite(
+                        work.id,
+                        {
+                            "status": "skipped",
+                            "finished_at": repr(self.clock()),
+                            "result": f"duplicate: idempotency key {m.key!r} already completed",
+                        },
+                        created_at=None if work.recorded else self.clock(),
+                    ),
+                )
+                return
+        task = TaskInfo(
+            id=work.id,
+            trigger=work.trigger,
+            attempt=work.attempt,
+            message=message,
+            started_at=self.clock(),
+        )
+        self.ctx.begin(task)
+        first_observation: Any = None
+        if work.trigger in ("heartbeat", "start"):
+            # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
+            # is, asleep or idle, and costs nothing: no task, no record, no slot.
+            try:
+                first_observation = await self.agent.observe(self.ctx)
+            except Exception as e:
+                await self._on_fault(AgentCodeError("observe", e), work)
+                return
+            if first_observation is None:
+                return
+        self._phase_path = [self.phase.value]
+        # The session before any agent code that may call the model.
+        if not await self._secure(work.trigger):
+            self._queue.appendleft(work)  # stopping: the task stays queued for the next owner
+            return
+        traceparent = work.message.traceparent if work.message is not None else None
+        with self.telemetry.task(
+            agent=self.name,
+            agent_id=self.resource.metadata.name,
+            task_id=work.id,
+            trigger=work.trigger,
+            attempt=work.attempt,
+            daemon_id=self.daemon_id,
+            provider=self.engine.name,
+            traceparent=traceparent,
+        ) as span:
+            self.busy = True
+            try:
+                await self._run_traced(work, first_observation, span)
+            finally:
+                self.busy = False
+                span.set_attribute("agentos.phase_path", " > ".join(self._phase_path))
+                self.arbiter.holder_idle()
+
+    async def _run_traced(self, work: Work, first_observation: Any, span: Any) -> None:
+        assert self.agent is not None
+        assert self.ctx is not None
+        self._task_tokens = (self.tokens_in, self.tokens_out)
+        started = self.clock()
+        if work.queued_at is not None:
+            self.telemetry.queue_wait.record(
+                started - work.queued_at, {"gen_ai.agent.name": self.name}
+            )
+        record: dict[str, object] = {
+            "status": "running",
+            "started_at": repr(started),
+            "attempt": work.attempt,
+        }
+        if not work.recorded:
+            record = {**queued_record(work, self.name, started), **record}
+        await self._set_phase(
+            PhaseEvent.TASK,
+            status={"task": work.id, "trigger": work.trigger},
+            task=TaskWrite(work.id, record, created_at=None if work.recorded else started),
+        )
+        work.recorded = True
+        self._unacked = work.message.id if work.message is not None else None
+        self._unacked_key = work.message.key if work.message is not None else None
+        scope = anyio.CancelScope()
+        result: TaskResult | None = None
+        failure: AgentCodeError | None = None
+        lost: LeaseLost | None = None
+        agent, ctx = self.agent, self.ctx
+
+        async def body(tg: anyio.abc.TaskGroup) -> None:
+            # Errors are kept, not raised: inside a task group they would arrive as an
+            # ExceptionGroup, and a handler for LeaseLost would silently never run.
+            nonlocal result, failure, lost
+            with scope:
+                try:
+                    result = await run_task(
+                        agent,
+                        ctx,
+                        after_step=self._after_step,
+                        first_observation=first_observation,
+                        # Disabled telemetry must cost nothing per loop step.
+                        phase_span=self.telemetry.span if self.telemetry.enabled else no_span,
+                    )
+                except AgentCodeError as e:
+                    failure = e
+                except LeaseLost as e:
+                    lost = e
+            tg.cancel_scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_overlaps, work, scope)
+                await body(tg)
+        except anyio.get_cancelled_exc_class():
+            self._interrupted = True
+            raise
+        if lost is not None:
+            raise lost
+        if failure is not None:
+            Telemetry.fail(span, failure.error)
+            span.set_attribute("agentos.task.phase", failure.phase)
+            await self._on_fault(failure, work)
+            return
+        if result is None:  # cancelled by a newer fire of the same trigger
+            await self._finish_task(work, "cancelled", "cancelled by a newer fire (overlap)")
+            return
+        if result.stopped and result.steps == 0:
+            # Stopped before doing anything: the task stays queued for the next owner.
+            self._unacked = None
+            self._queue.appendleft(work)
+            await self._set_phase(PhaseEvent.IDLE, task=TaskWrite(work.id, {"status": "queued"}))
+            return
+        self.consecutive_failures = 0
+        if result.steps:
+            # A wake-up whose first observe found nothing to do is not a task.
+            self.tasks_succeeded += 1
+            self.usage.add(tasks_succeeded=1)
+            self.dirty = True
+        span.set_attribute("agentos.task.steps", result.steps)
+        self.last_activity = self.clock()
+        summary = short(result.outcome) if result.steps else "nothing to do"
+        await self._finish_task(work, "succeeded", summary, steps=result.steps)
+
+    async def _secure(self, trigger: str) -> bool:
+        """Hold the engine session, with the context restored, before agent code runs.
+
+        Waits for a slot as long as it takes (in the fair order), but not past a stop
+        request: returns False then.
+        """
+        if self.session.open:
+            return True
+        hibernated = self.phase is Phase.HIBERNATED
+        if hibernated:
+            await self._set_phase(
+                PhaseEvent.WAKE, status={"reason": "Waking", "message": f"woken by {trigger}"}
+            )
+        if self.session.would_wait:
+            await self.writer.write(
+                status={
+                    "reason": "WaitingForSlot",
+                    "message": f"waiting for one of {self.engine.slots} engine slot(s)",
+                }
+            )
+        waited = time.perf_counter()
+        self._slow_slot = False
+        with self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name}) as span:
+            ok, restored = await self._until_stopped(self.session.ensure)
+            if not ok:
+                return False
+            took_s = time.perf_counter() - waited
+            if self._slow_slot:
+                await self.writer.write(
+                    event=self.writer.event(
+                        "SlotWait", "slots", f"waited {took_s:.1f}s for an engine slot"
+                    )
+                )
+            if restored is None and not hibernated:
+                return True
+            await self._woke(trigger, restored, took_s, hibernated, span)
+        return True
+
+    async def _woke(
+        self, trigger: str, restored: Restored | None, took_s: float, hibernated: bool, span: Any
+    ) -> None:
+        path = restored.path if restored is not None else "empty"
+        why = restored.why if restored is not None else "no snapshot; context starts empty"
+        span.set_attribute("agentos.wake.path", path)
+        span.set_attribute("agentos.wake.reason", why)
+        span.set_attribute("agentos.kv.bytes", restored.nbytes if restored is not None else 0)
+        attrs = {"gen_ai.agent.name": self.name, "agentos.wake.path": path}
+        self.telemetry.wakes.add(1, attrs)
+        self.telemetry.wake_latency.record(took_s, attrs)
+        if path == "restore" and self.ctx is not None:
+            self.ctx.llm.kv_restored = True
+        status: dict[str, object] = {
+            "reason": "Woke",
+            "message": why,
+            "wake_path": path,
+            "wake_ms": f"{took_s * 1000:.1f}",
+            "woke_at": repr(self.clock()),
+        }
+        event = self.writer.event(
+            "Woke", path, f"{why} in {took_s * 1000:.1f} ms (trigger {trigger})"
+        )
+        if hibernated:
+            await self._set_phase(PhaseEvent.WOKE, status=status, event=event)
+        else:
+            await self.writer.write(status=status, event=event)
+
+    async def _finish_task(self, work: Work, status: str, result: str, *, steps: int = 0) -> None:
+        """Back to Idle, with the task's outcome, its state and its ack in one write."""
+        self.telemetry.tasks.add(1, {"agentos.task.status": status, "gen_ai.agent.name": self.name})
+        state = self._encode_state()
+        tokens_in = self.tokens_in - self._task_tokens[0]
+        tokens_out = self.tokens_out - self._task_tokens[1]
+        await self._set_phase(
+            PhaseEvent.IDLE,
+            status=self.task_counters(),
+            state=state,
+            ack_id=self._unacked,
+            task=TaskWrite(
+                work.id,
+                {
+                    "status": status,
+                    "finished_at": repr(self.clock()),
+                    "steps": steps,
+                    "tokens_in": tokens_in,
+                    "tokens_out": tokens_out,
+                    "result": result,
+                    "error": "",
+                },
+                idempotency_key=self._unacked_key if self._unacked else None,
+            ),
+        )
+        self._unacked = None
+        self._unacked_key = None
+        if state is not None:
+            self._saved_state = state
+
+    async def _watch_overlaps(self, current: Work, scope: anyio.CancelScope) -> None:
+        """While a task runs, apply each time trigger's overlap policy to its fires."""
+        try:
+            while True:
+                next_at = self._triggers.next_at
+                await anyio.sleep(60.0 if next_at is None else max(0.0, next_at - self.clock()))
+                fires = [f for f in self._triggers.due_fires(self.clock()) if f.kind != "heartbeat"]
+                if fires:
+                    await self._overlapping(fires, current, scope)
+        except LeaseLost:
+            scope.cancel()  # the task's body sees the lease is gone on its next write
+
+    async def _overlapping(self, fires: list[Any], current: Work, scope: anyio.CancelScope) -> None:
+        schedule = self._triggers.persisted()
+        for fire in fires:
+            trigger = self._triggers.triggers[fire.index]
+            work = Work(fire.kind, scheduled_at=fire.at, index=fire.index)
+            record = self._queued_write(work)
+            action = overlap_action(
+                trigger.overlap, running_index=current.index, fire_index=fire.index
+            )
+            if action == "skip":
+                skipped = {
+                    "status": "skipped",
+                    "result": "previous run still going (overlap: skip)",
+                }
+                await self.writer.write(
+                    task=TaskWrite(
+                        work.id, {**record.fields, **skipped}, created_at=record.created_at
+                    ),
+                    schedule=schedule,
+                    event=self.writer.event(
+                        "FireSkipped",
+                        "overlap: skip",
+                        f"{fire.kind} trigger #{fire.index} fired while a task ran",
+                    ),
+                )
+                continue
+            await self.writer.write(task=record, schedule=schedule)
+            work.recorded = True
+            if action == "queue":
+                self._queue.append(work)
+            else:
+                self._queue.appendleft(work)
+                if action == "cancel-previous":
+                    scope.cancel()
+
+    async def _after_step(self, step: int, outcome: Any) -> None:
+        self.steps += 1
+        self.last_activity = self.clock()
+        self.dirty = True
+        state = self._encode_state()
+        # The message that started the task is acknowledged in the same atomic write
+        # as the first state it produced: a crash can never keep one without the other.
+        ack = self._unacked if self.ctx is not None and self.ctx.message_taken else None
+        if state is not None or ack is not None:
+            task = None
+            if ack is not None and self.ctx is not None:
+                # Completing the key with the ack: a redelivered duplicate is skipped.
+                task = TaskWrite(
+                    self.ctx.task.id,
+                    {"acked_at": repr(self.clock())},
+                    idempotency_key=self._unacked_key,
+                )
+            await self.writer.write(state=state, ack_id=ack, task=task)
+            if ack is not None:
+                self._unacked = None
+            if state is not None:
+                self._saved_state = state

@@ -1,0 +1,256 @@
+"""The runtime under pressure: more busy agents than slots, lost leases, parked tasks.
+
+Every test runs a real daemon on a real Redis with the sim engine playing llama's
+limits (one call at a time, hibernations that take 100 ms), because a faster or more
+permissive engine hides exactly the stalls these tests are about.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import pytest
+
+from agentos.client import Client
+from agentos.engine import SimEngine
+from agentos.store import Store
+from tests.fixture_agents import GATES, CountState
+from tests.helpers import (
+    agent_doc,
+    apply,
+    policy_doc,
+    running_daemon,
+    state_of,
+    status_is,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+CALLER = "tests.fixture_agents:Caller"
+GATE = "tests.fixture_agents:Gate"
+PARITY = "tests.fixture_agents:Parity"
+INBOX = {"triggers": [{"inbox": {}}]}
+
+
+def like_llama(slots: int) -> SimEngine:
+    """llama's constraints: one call at a time, 100 ms to export or import a context."""
+    return SimEngine(slots=slots, parallel=1, export_latency_s=0.1, import_latency_s=0.1)
+
+
+async def _all_succeeded(store: Store, names: list[str], n: str = "1") -> bool:
+    for name in names:
+        if (await store.status(name)).get("tasks_succeeded") != n:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("agents", "slots"), [(4, 2), (8, 2)])
+async def test_more_busy_agents_than_slots_all_finish_without_a_restart(
+    store: Store, agents: int, slots: int
+) -> None:
+    calls, gap = 5, 0.2
+    serial_s = agents * calls * gap  # every task run one after another
+    names = [f"caller-{i}" for i in range(agents)]
+    cfg = {"calls": calls, "gap": gap}
+    await apply(store, *(agent_doc(n, CALLER, config=cfg, **INBOX) for n in names))
+    engine = like_llama(slots)
+    async with running_daemon(store, engine, grace_s=3.0, lease_ttl_s=5.0):
+        await wait_until(lambda: _all_idle(store, names))
+        client = Client(store)
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(client.send, name, "go")
+        await wait_until(
+            lambda: _all_succeeded(store, names), within=3 * serial_s, what="every task"
+        )
+        took = time.monotonic() - started
+    assert took < 3 * serial_s
+    for name in names:
+        status = await store.status(name)
+        assert status["restarts"] == "0", (name, status.get("last_error"))
+        events = {e.type for e in await store.events(name, count=200)}
+        assert not events & {"BackOff", "Failed", "InfrastructureError"}, (name, events)
+        state = await state_of(store, name, CountState)
+        assert isinstance(state, CountState)
+        assert state.n == 1
+
+
+async def _all_idle(store: Store, names: list[str]) -> bool:
+    for name in names:
+        if (await store.status(name)).get("phase") not in ("Idle", "Hibernated"):
+            return False
+    return True
+
+
+async def test_one_slot_request_hibernates_exactly_one_agent(store: Store) -> None:
+    spec = {"triggers": [{"inbox": {}}], "config": {"calls": 1}}
+    await apply(
+        store,
+        agent_doc("a", CALLER, priority=10, **spec),
+        agent_doc("b", CALLER, priority=20, **spec),
+        agent_doc("c", CALLER, priority=30, **spec),
+    )
+    engine = like_llama(2)
+    client = Client(store)
+    async with running_daemon(store, engine) as d:
+        for name in ("a", "b"):
+            await client.send(name, "hold a slot")
+            await wait_until(lambda n=name: status_is(store, n, phase="Idle", tasks_succeeded="1"))
+        assert engine.has_session("a")
+        assert engine.has_session("b")
+        await client.send("c", "I need a slot")
+        await wait_until(lambda: status_is(store, "c", phase="Idle", tasks_succeeded="1"))
+        assert d.arbiter.evictions == 1
+    hibernated = [
+        name
+        for name in ("a", "b")
+        for e in await store.events(name)
+        if e.type == "Hibernated" and "slot needed by c" in e.reason
+    ]
+    assert hibernated == ["a"]  # the lowest priority, and only it
+
+
+async def test_lease_lost_mid_task_stops_the_agent_and_frees_its_slot(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    GATES.pop("gated", None)
+    await apply(store, agent_doc("gated", GATE, **INBOX))
+    engine = like_llama(2)
+    caplog.set_level(logging.WARNING)
+    async with running_daemon(store, engine, lease_ttl_s=30.0) as d:
+        await wait_until(lambda: status_is(store, "gated", phase="Idle"))
+        await Client(store).send("gated", "go")
+        await wait_until(lambda: status_is(store, "gated", phase="Running"))
+        assert engine.has_session("gated")
+        # Another daemon takes the agent while its task runs.
+        lease = (await store.leases(["gated"]))["gated"]
+        assert await store.release_lease("gated", f"{lease.owner}|{lease.token}")
+        assert await store.acquire_lease("gated", "thief", 60_000)
+        GATES.setdefault("gated", anyio.Event()).set()  # the next write finds the lease gone
+        await wait_until(lambda: _gone(d, "gated"), what="the runner to stop")
+        assert not engine.has_session("gated")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("lease lost" in m for m in messages), messages
+    assert not any("supervisor crashed" in m for m in messages), messages
+
+
+async def _gone(d: object, name: str) -> bool:
+    return name not in d.runners  # type: ignore[attr-defined]
+
+
+async def test_an_expired_lease_is_never_rearmed_for_stale_memory(store: Store) -> None:
+    """d1's lease runs out; d2 adopts, counts on and releases; d1's old runner, whose
+    memory is stale, must write nothing: the count goes on from what d2 left."""
+    await apply(store, agent_doc("parity", PARITY, **INBOX))
+    client = Client(store)
+    engine1 = like_llama(2)
+    async with running_daemon(store, engine1, daemon_id="d1", lease_ttl_s=3.0) as d1:
+        for i in range(3):
+            await client.send("parity", str(2 * i))
+        await wait_until(lambda: status_is(store, "parity", tasks_succeeded="3"))
+        old = d1.runners["parity"]
+        # The lease "expires" (as when Redis was away longer than a lease) and d2 has it.
+        lease = (await store.leases(["parity"]))["parity"]
+        assert await store.release_lease("parity", f"{lease.owner}|{lease.token}")
+        assert await store.acquire_lease("parity", "d2", 3000)
+        async with running_daemon(store, like_llama(2), daemon_id="d2", lease_ttl_s=3.0):
+            await wait_until(lambda: status_is(store, "parity", owner="d2"))
+            await client.send("parity", "6")
+            await wait_until(lambda: status_is(store, "parity", tasks_succeeded="4"))
+            await wait_until(lambda: old.done.is_set(), what="d1's stale runner to stop")
+        assert old.stop_reason is not None
+        assert old.stop_reason.value == "lease-lost"
+        assert not engine1.has_session("parity") or d1.runners.get("parity") is not old
+        # d1 may take the agent again, fresh from Redis.
+        await client.send("parity", "8")
+        await wait_until(lambda: status_is(store, "parity", tasks_succeeded="5"), within=15)
+    state = await state_of(store, "parity", CountState)
+    assert isinstance(state, CountState)
+    assert state.n == 5
+
+
+async def test_a_crash_backoff_gives_the_slot_back(store: Store) -> None:
+    await apply(
+        store,
+        agent_doc(
+            "odd",
+            PARITY,
+            config={"crash_odd": True},
+            restartPolicy={"backoff": {"initial": "30s", "max": "30s"}, "crashLoopAfter": 5},
+            **INBOX,
+        ),
+    )
+    engine = like_llama(2)
+    async with running_daemon(store, engine):
+        await Client(store).send("odd", "1")
+        await wait_until(lambda: status_is(store, "odd", reason="BackOff"))
+        assert not engine.has_session("odd")
+
+
+async def test_a_failed_agent_holds_no_slot(store: Store) -> None:
+    await apply(
+        store,
+        agent_doc(
+            "odd",
+            PARITY,
+            config={"crash_odd": True},
+            restartPolicy={"backoff": {"initial": "10ms", "max": "10ms"}, "crashLoopAfter": 2},
+            **INBOX,
+        ),
+    )
+    engine = like_llama(2)
+    async with running_daemon(store, engine):
+        await Client(store).send("odd", "1")
+        await wait_until(lambda: status_is(store, "odd", phase="Failed"))
+        assert not engine.has_session("odd")
+
+
+async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store: Store) -> None:
+    await apply(store, agent_doc("parity", PARITY, **INBOX))
+    engine = like_llama(2)
+    client = Client(store)
+    async with running_daemon(store, engine):
+        await client.send("parity", "0")
+        await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="1"))
+        exports = engine.stats.exports
+        await apply(store, agent_doc("parity", PARITY, priority=60, **INBOX))
+        await client.send("parity", "2")
+        await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="2"))
+        assert engine.stats.exports == exports + 1
+        woke = [e for e in await store.events("parity") if e.type == "Woke"]
+        assert woke
+        assert woke[-1].reason == "restore"
+
+
+async def test_a_spent_budget_parks_the_task_without_a_slot_until_the_policy_allows(
+    store: Store,
+) -> None:
+    policy = {
+        "apiVersion": "agentos/v1",
+        "kind": "QuotaPolicy",
+        "metadata": {"name": "tight"},
+        "spec": {"classes": {"tiny": {"dailyTokens": 5}}},
+    }
+    await apply(store, policy_doc(policy))
+    await apply(store, agent_doc("spender", PARITY, quotaClass="tiny", **INBOX))
+    engine = like_llama(2)
+    client = Client(store)
+    async with running_daemon(store, engine, quota_refresh_s=0.1):
+        await client.send("spender", "0")  # spends the budget
+        await wait_until(lambda: status_is(store, "spender", tasks_succeeded="1"))
+        await client.send("spender", "2")
+        await wait_until(lambda: status_is(store, "spender", reason="BudgetExhausted"))
+        assert not engine.has_session("spender")
+        tasks = await store.tasks("spender")
+        assert tasks[0]["status"] == "parked"
+        events = [e.type for e in await store.events("spender")]
+        assert "BackOff" not in events
+        assert (await store.status("spender"))["restarts"] == "0"
+        # An operator raises the budget: the parked task runs now, not at midnight.
+        policy["spec"] = {"classes": {"tiny": {"dailyTokens": 1_000_000}}}
+        await apply(store, policy_doc(policy))
+        await wait_until(lambda: status_is(store, "spender", tasks_succeeded="2"), within=15)
