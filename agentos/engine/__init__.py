@@ -13,6 +13,7 @@ from typing import Any
 
 from agentos.engine.base import (
     Completion,
+    ContextOverflow,
     Engine,
     EngineError,
     EngineUnavailable,
@@ -26,6 +27,7 @@ from agentos.engine.sim import SimEngine, SimStats
 __all__ = [
     "BACKENDS",
     "Completion",
+    "ContextOverflow",
     "Engine",
     "EngineError",
     "EngineUnavailable",
