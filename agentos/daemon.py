@@ -176,9 +176,10 @@ class Daemon:
             self._desired = {n: Desired(n, h, p) for n, (h, p) in index.items()}
             self._generation = generation
         now = self.clock()
-        local = {
-            n: Local(n, r.spec_hash) for n, r in self.runners.items() if n not in self._stopping
-        }
+        # Runners being stopped count as running: starting a second runner for an agent
+        # whose first one is still saving its context would put two owners on one
+        # engine session (a respec restarts the agent itself once the first is done).
+        local = {n: Local(n, r.spec_hash) for n, r in self.runners.items()}
         # Checking the leases of agents we do not run costs a round trip per agent:
         # do it every third of a lease, or right after a signal.
         unowned = [n for n in self._desired if n not in self.runners]

@@ -37,7 +37,7 @@ INBOX = {"triggers": [{"inbox": {}}]}
 
 def like_llama(slots: int) -> SimEngine:
     """llama's constraints: one call at a time, 100 ms to export or import a context."""
-    return SimEngine(slots=slots, parallel=1, export_latency_s=0.1, import_latency_s=0.1)
+    return SimEngine.like_llama(slots=slots)
 
 
 async def _all_succeeded(store: Store, names: list[str], n: str = "1") -> bool:
@@ -138,6 +138,10 @@ async def test_lease_lost_mid_task_stops_the_agent_and_frees_its_slot(
     assert not any("supervisor crashed" in m for m in messages), messages
 
 
+async def _done(runner: object) -> bool:
+    return runner.done.is_set()  # type: ignore[attr-defined]
+
+
 async def _gone(d: object, name: str) -> bool:
     return name not in d.runners  # type: ignore[attr-defined]
 
@@ -161,7 +165,7 @@ async def test_an_expired_lease_is_never_rearmed_for_stale_memory(store: Store) 
             await wait_until(lambda: status_is(store, "parity", owner="d2"))
             await client.send("parity", "6")
             await wait_until(lambda: status_is(store, "parity", tasks_succeeded="4"))
-            await wait_until(lambda: old.done.is_set(), what="d1's stale runner to stop")
+            await wait_until(lambda: _done(old), what="d1's stale runner to stop")
         assert old.stop_reason is not None
         assert old.stop_reason.value == "lease-lost"
         assert not engine1.has_session("parity") or d1.runners.get("parity") is not old
@@ -210,14 +214,15 @@ async def test_a_failed_agent_holds_no_slot(store: Store) -> None:
 
 
 async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store: Store) -> None:
-    await apply(store, agent_doc("parity", PARITY, **INBOX))
+    keep = {"hibernation": {"keepKV": "always"}}
+    await apply(store, agent_doc("parity", PARITY, **keep, **INBOX))
     engine = like_llama(2)
     client = Client(store)
     async with running_daemon(store, engine):
         await client.send("parity", "0")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="1"))
         exports = engine.stats.exports
-        await apply(store, agent_doc("parity", PARITY, priority=60, **INBOX))
+        await apply(store, agent_doc("parity", PARITY, priority=60, **keep, **INBOX))
         await client.send("parity", "2")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="2"))
         assert engine.stats.exports == exports + 1
@@ -254,3 +259,37 @@ async def test_a_spent_budget_parks_the_task_without_a_slot_until_the_policy_all
         policy["spec"] = {"classes": {"tiny": {"dailyTokens": 1_000_000}}}
         await apply(store, policy_doc(policy))
         await wait_until(lambda: status_is(store, "spender", tasks_succeeded="2"), within=15)
+
+
+async def test_a_rate_quota_that_cannot_wait_parks_the_task_without_a_slot(store: Store) -> None:
+    policy = {
+        "apiVersion": "agentos/v1",
+        "kind": "QuotaPolicy",
+        "metadata": {"name": "slow"},
+        "spec": {"classes": {"trickle": {"tokensPerMinute": 1}}},
+    }
+    await apply(store, policy_doc(policy))
+    await apply(store, agent_doc("sipper", PARITY, quotaClass="trickle", **INBOX))
+    engine = like_llama(2)
+    async with running_daemon(store, engine, quota_refresh_s=0.1):
+        await Client(store).send("sipper", "0")
+        await wait_until(lambda: status_is(store, "sipper", reason="QuotaExceeded"))
+        assert not engine.has_session("sipper")
+        assert (await store.tasks("sipper"))[0]["status"] == "retrying"
+        assert (await store.status("sipper")).get("restarts", "0") == "0"
+
+
+@pytest.mark.parametrize("how", ["delete", "shutdown"])
+async def test_delete_and_shutdown_close_the_session(store: Store, how: str) -> None:
+    await apply(store, agent_doc("parity", PARITY, **INBOX))
+    engine = like_llama(2)
+    async with running_daemon(store, engine) as d:
+        await Client(store).send("parity", "0")
+        await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="1"))
+        assert engine.has_session("parity")
+        if how == "delete":
+            await Client(store).delete_agent("parity")
+            await wait_until(lambda: _gone(d, "parity"), what="the runner to stop")
+            assert not engine.has_session("parity")
+    assert not engine.has_session("parity")
+    assert not d.arbiter.holders
