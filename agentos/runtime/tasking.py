@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import anyio
@@ -42,6 +43,14 @@ __all__ = ["TaskMixin"]
 
 log = logging.getLogger("agentos.runner")
 _T = TypeVar("_T")
+
+
+class _NoSpan:
+    def set_attribute(self, key: str, value: object) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
 
 
 class TaskMixin(RunnerBase):
@@ -221,7 +230,9 @@ class TaskMixin(RunnerBase):
             )
         waited = time.perf_counter()
         self._slow_slot = False
-        with self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name}) as span:
+        waking = hibernated or self.session.has_snapshot
+        traced = self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name})
+        with traced if waking else nullcontext(_NO_SPAN) as span:
             ok, restored = await self._until_stopped(self.session.ensure)
             if not ok:
                 return False
