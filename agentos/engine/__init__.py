@@ -13,6 +13,7 @@ from typing import Any
 
 from agentos.engine.base import (
     Completion,
+    ContextOverflow,
     Engine,
     EngineError,
     KVSnapshot,
@@ -25,6 +26,7 @@ from agentos.engine.sim import SimEngine, SimStats
 __all__ = [
     "BACKENDS",
     "Completion",
+    "ContextOverflow",
     "Engine",
     "EngineError",
     "KVSnapshot",

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Completion",
+    "ContextOverflow",
     "Engine",
     "EngineError",
     "KVSnapshot",
@@ -28,6 +29,13 @@ __all__ = [
 
 class EngineError(Exception):
     """An engine could not do what was asked (bad session, context overflow, backend error)."""
+
+
+class ContextOverflow(EngineError):
+    """A prompt or prefill does not fit the session's ``n_ctx``; the session is unchanged.
+
+    The caller must act: compact the history and re-prefill, or use a larger context.
+    """
 
 
 class NoFreeSlot(EngineError):

@@ -51,7 +51,7 @@ continuation stays a fluent continuation of the same context; compare with a tol
 Behaviour callers should know:
 
 * ``n_ctx`` is the capacity of each session, guaranteed. A prompt that does not fit
-  (with room for one generated token) raises :class:`EngineError`; a generation that
+  (with room for one generated token) raises :class:`ContextOverflow`; a generation that
   fills the session ends with ``finish_reason == "length"``. Nothing is ever dropped
   or shifted: compact the history and re-prefill instead.
 * Tokens: prompts are tokenized with special tokens parsed (``<start_of_turn>`` in a
@@ -108,6 +108,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from agentos.engine.base import (
     Completion,
+    ContextOverflow,
     Engine,
     EngineError,
     KVSnapshot,
@@ -686,8 +687,8 @@ class LlamaEngine:
                 rate if old is None else old + _PREFILL_RATE_ALPHA * (rate - old)
             )
 
-    def _overflow(self, session: _Session, extra: int) -> EngineError:
-        return EngineError(
+    def _overflow(self, session: _Session, extra: int) -> ContextOverflow:
+        return ContextOverflow(
             f"context overflow in session {session.session_id!r}: {len(session.tokens)} "
             f"tokens held + {extra} needed > n_ctx {self._n_ctx}; compact the history "
             "and re-prefill, or use a larger n_ctx"

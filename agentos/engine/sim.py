@@ -21,27 +21,46 @@ Behaviour callers should know:
   newlines, so a caller that asked for a grammar must not expect it to be honoured here.
 * Stop strings are never emitted; the tokens sampled up to and including the one that
   completed a stop string stay in the context (as in llama.cpp), and count as output.
-* When the context would exceed ``n_ctx`` the oldest tokens are dropped (a sliding
-  window); the continuation then depends on the window only.
-* One call at a time per session: the runtime drives a session from one agent, so no
-  locking is done here.
+* ``overflow="slide"`` (the default): when the context would exceed ``n_ctx`` the
+  oldest tokens are dropped (a sliding window); the continuation then depends on the
+  window only. ``overflow="raise"`` behaves like llama.cpp: a prompt or prefill that does
+  not fit (a prompt with room for one generated token) raises :class:`ContextOverflow`
+  and leaves the session unchanged; a generation that fills the session ends with
+  ``finish_reason == "length"``.
+* ``parallel=None`` (the default): every session may run a call at once and nothing is
+  checked. ``parallel=N`` behaves like llama.cpp's one context under one lock (N=1):
+  at most N calls do engine work at a time, the others wait their turn step by step
+  (prefill, each token, export, import, reset), and a second call on a session that
+  already has one in flight raises :class:`EngineError` instead of interleaving
+  tokens into one context as llama.cpp would; a call whose session was closed under it
+  raises too. A stream holds its session from its first ``anext`` until it finishes
+  or is closed.
+* ``export_latency_s`` / ``import_latency_s`` are slept by every export / import, so
+  hibernation and wake cost time as llama.cpp's do. :meth:`SimEngine.like_llama` sets
+  all of the above as the llama engine has them.
+
+Stricter defaults would make most runtime tests slower without testing more; tests of
+slot pressure, overflow and hibernation timing should use ``SimEngine.like_llama()``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.lowlevel
 
 from agentos.engine.base import (
     Completion,
+    ContextOverflow,
     Engine,
     EngineError,
     KVSnapshot,
@@ -50,7 +69,9 @@ from agentos.engine.base import (
     StreamChunk,
 )
 
-__all__ = ["SimEngine", "SimStats"]
+__all__ = ["Overflow", "SimEngine", "SimStats"]
+
+Overflow = Literal["slide", "raise"]
 
 # Newlines stand alone so that a generated "\n" followed by a bare word re-tokenizes to
 # the same two tokens; other whitespace rides on the next piece like in BPE vocabularies.
@@ -103,11 +124,13 @@ class SimStats:
     last_reject_reason: str | None = None  # why the latest rejected import_kv said False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Session:
+    session_id: str = ""
     tokens: list[int] = field(default_factory=list)
     # Running hash of ``tokens``; None after the window slid, rebuilt on demand.
     hasher: hashlib.blake2b | None = field(default_factory=lambda: hashlib.blake2b(digest_size=32))
+    busy: str | None = None  # the call in flight under parallel=N, named in errors
 
     def extend(self, ids: Sequence[int], n_ctx: int) -> None:
         self.tokens.extend(ids)
@@ -149,6 +172,10 @@ class SimEngine:
         decode_s_per_token: float = 0.0,
         model: str = "sim-1",
         vocab_size: int = 32000,
+        parallel: int | None = None,
+        overflow: Overflow = "slide",
+        export_latency_s: float = 0.0,
+        import_latency_s: float = 0.0,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -163,6 +190,13 @@ class SimEngine:
             raise ValueError("per-token costs must be >= 0")
         if not 1 <= vocab_size <= 2**32:
             raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+        if parallel is not None and not 1 <= parallel <= slots:
+            raise ValueError(f"parallel must be None or in [1, slots={slots}], got {parallel}")
+        if overflow not in ("slide", "raise"):
+            raise ValueError(f"overflow must be 'slide' or 'raise', got {overflow!r}")
+        for what, latency in (("export", export_latency_s), ("import", import_latency_s)):
+            if not (math.isfinite(latency) and latency >= 0):
+                raise ValueError(f"{what}_latency_s must be a finite number >= 0, got {latency}")
         self._seed = seed
         self._slots = slots
         self._n_ctx = n_ctx
@@ -171,6 +205,12 @@ class SimEngine:
         self._decode_s = decode_s_per_token
         self._model = model
         self._vocab_size = vocab_size
+        self._parallel = parallel
+        self._overflow = overflow
+        self._export_s = export_latency_s
+        self._import_s = import_latency_s
+        # Only with parallel=N: calls take turns here like llama.cpp's calls on its lock.
+        self._gate = anyio.CapacityLimiter(parallel) if parallel is not None else None
         self._sessions: dict[str, _Session] = {}
         self._pieces: dict[int, str] = {}
         self.stats = SimStats()
@@ -203,6 +243,25 @@ class SimEngine:
         if len(self._words) < _MIN_WORDS:
             raise ValueError(f"vocab_size {vocab_size} is too small for the sim vocabulary")
 
+    @classmethod
+    def like_llama(cls, **overrides: Any) -> SimEngine:
+        """A sim engine with the llama engine's constraints, for tests that must see them.
+
+        One call at a time (``parallel=1``), overflow raises, 0.1 s per KV export and
+        import, 8 slots of 2,048 tokens; ``overrides`` are passed on to the constructor
+        (e.g. ``n_ctx=256`` or ``decode_s_per_token=0.02`` for llama's CPU speed).
+        """
+        options: dict[str, Any] = {
+            "slots": 8,
+            "n_ctx": 2048,
+            "parallel": 1,
+            "overflow": "raise",
+            "export_latency_s": 0.1,
+            "import_latency_s": 0.1,
+        }
+        options.update(overrides)
+        return cls(**options)
+
     # -- identity ---------------------------------------------------------------------
 
     @property
@@ -219,7 +278,12 @@ class SimEngine:
 
     @property
     def parallel(self) -> int:
-        return self._slots  # simulated calls only sleep: every session may run at once
+        # Without a limit, simulated calls only sleep: every session may run at once.
+        return self._slots if self._parallel is None else self._parallel
+
+    @property
+    def overflow(self) -> Overflow:
+        return self._overflow
 
     @property
     def n_ctx(self) -> int:
@@ -268,7 +332,7 @@ class SimEngine:
             raise NoFreeSlot(
                 f"all {self._slots} slots are held; cannot open session {session_id!r}"
             )
-        self._sessions[session_id] = _Session()
+        self._sessions[session_id] = _Session(session_id)
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
@@ -285,8 +349,52 @@ class SimEngine:
         return tuple(self._session(session_id).tokens)
 
     async def reset_session(self, session_id: str) -> None:
-        self._session(session_id).clear()
-        await anyio.lowlevel.checkpoint()
+        session = self._session(session_id)
+        async with self._call(session, "reset_session"), self._step(session):
+            session.clear()
+            await anyio.lowlevel.checkpoint()
+
+    # -- llama's constraints (parallel=N, overflow="raise") ----------------------------
+
+    def _check_idle(self, session: _Session, what: str) -> None:
+        if self._gate is not None and session.busy is not None:
+            raise EngineError(
+                f"{what} on session {session.session_id!r} while its {session.busy} is in "
+                "flight: one call at a time per session (llama.cpp would mix both into "
+                "one context)"
+            )
+
+    @asynccontextmanager
+    async def _call(self, session: _Session, what: str) -> AsyncIterator[None]:
+        """Hold ``session`` for one whole call (a stream: until it finishes or closes)."""
+        if self._gate is None:
+            yield
+            return
+        self._check_idle(session, what)
+        session.busy = what
+        try:
+            yield
+        finally:
+            session.busy = None
+
+    @asynccontextmanager
+    async def _step(self, session: _Session) -> AsyncIterator[None]:
+        """One locked section, as llama.cpp holds its context lock per decode or export."""
+        if self._gate is None:
+            yield
+            return
+        async with self._gate:
+            if self._sessions.get(session.session_id) is not session:
+                raise EngineError(f"session {session.session_id!r} was closed")
+            yield
+
+    def _check_fits(self, session: _Session, extra: int) -> None:
+        if self._overflow == "raise" and len(session.tokens) + extra > self._n_ctx:
+            raise ContextOverflow(
+                f"context overflow in session {session.session_id!r}: {len(session.tokens)} "
+                f"tokens held + {extra} needed > n_ctx {self._n_ctx}; compact the history "
+                "and re-prefill, or use a larger n_ctx"
+            )
 
     # -- generation -------------------------------------------------------------------
 
@@ -316,32 +424,47 @@ class SimEngine:
         json_schema: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Prefill ``prompt`` and stream a continuation; ``temperature`` and ``grammar`` are
-        ignored (see the module docstring). Bad arguments raise here, not on first ``anext``.
+        ignored (see the module docstring). Bad arguments, a busy session (``parallel=N``)
+        and context overflow (``overflow="raise"``) raise here, not on first ``anext``.
         """
         session = self._session(session_id)
         if max_tokens < 0:
             raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
+        self._check_idle(session, "stream")
+        self._check_fits(session, self.count_tokens(prompt) + (1 if max_tokens > 0 else 0))
         return self._stream(session, prompt, max_tokens, tuple(s for s in stop if s))
 
     async def _stream(
         self, session: _Session, prompt: str, max_tokens: int, stops: tuple[str, ...]
     ) -> AsyncGenerator[StreamChunk, None]:
+        generation = self._generation(session, prompt, max_tokens, stops)
+        async with self._call(session, "stream"), aclosing(generation):
+            async for chunk in generation:
+                yield chunk
+
+    async def _generation(
+        self, session: _Session, prompt: str, max_tokens: int, stops: tuple[str, ...]
+    ) -> AsyncGenerator[StreamChunk, None]:
         self.stats.generations += 1
         prompt_ids = self.encode(prompt)
-        session.extend(prompt_ids, self._n_ctx)
-        self.stats.prefill_tokens += len(prompt_ids)
-        await anyio.lowlevel.checkpoint()
-        if self._prefill_s > 0 and prompt_ids:
-            await anyio.sleep(self._prefill_s * len(prompt_ids))
+        async with self._step(session):
+            # Again: without parallel=N another call may have grown the context since.
+            self._check_fits(session, len(prompt_ids) + (1 if max_tokens > 0 else 0))
+            session.extend(prompt_ids, self._n_ctx)
+            self.stats.prefill_tokens += len(prompt_ids)
+            await anyio.lowlevel.checkpoint()
+            if self._prefill_s > 0 and prompt_ids:
+                await anyio.sleep(self._prefill_s * len(prompt_ids))
 
         out = ""  # everything sampled this call
         sent = 0  # how much of ``out`` has been yielded
         pending: list[int] = []  # sampled ids not yet reported in a chunk
         for i in range(max_tokens):
-            if self._decode_s > 0:
-                await anyio.sleep(self._decode_s)
-            token, piece = self._next_token(session)
-            session.extend((token,), self._n_ctx)
+            async with self._step(session):
+                if self._decode_s > 0:
+                    await anyio.sleep(self._decode_s)
+                token, piece = self._next_token(session)
+                session.extend((token,), self._n_ctx)
             self.stats.decode_tokens += 1
             pending.append(token)
             out += piece
@@ -352,7 +475,8 @@ class SimEngine:
             if hits:
                 yield StreamChunk(out[sent : min(hits)], tuple(pending), True, "stop")
                 return
-            if i == max_tokens - 1:
+            full = self._overflow == "raise" and len(session.tokens) >= self._n_ctx
+            if i == max_tokens - 1 or full:
                 break
             safe = len(out) - _stop_prefix_len(out, stops)
             if safe > sent:
@@ -429,8 +553,11 @@ class SimEngine:
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         session = self._session(session_id)
-        await anyio.lowlevel.checkpoint()
-        tokens = tuple(session.tokens)
+        async with self._call(session, "export_kv"), self._step(session):
+            await anyio.lowlevel.checkpoint()
+            if self._export_s > 0:
+                await anyio.sleep(self._export_s)
+            tokens = tuple(session.tokens)
         self.stats.exports += 1
         return KVSnapshot(self._fingerprint, tokens, self._kv_bytes(tokens))
 
@@ -464,13 +591,17 @@ class SimEngine:
         session = self._session(session_id)
         if session.tokens:
             raise EngineError(f"session {session_id!r} is not empty; reset it before import_kv")
-        await anyio.lowlevel.checkpoint()
-        reason = self._reject_reason(snapshot)
+        async with self._call(session, "import_kv"), self._step(session):
+            await anyio.lowlevel.checkpoint()
+            if self._import_s > 0:
+                await anyio.sleep(self._import_s)
+            reason = self._reject_reason(snapshot)
+            if reason is None:
+                session.extend(snapshot.tokens, self._n_ctx)
         if reason is not None:
             self.stats.imports_rejected += 1
             self.stats.last_reject_reason = reason
             return False
-        session.extend(snapshot.tokens, self._n_ctx)
         self.stats.imports_accepted += 1
         return True
 
@@ -481,11 +612,14 @@ class SimEngine:
         bad = [t for t in tokens if not 0 <= t < self._vocab_size]
         if bad:
             raise EngineError(f"token ids out of vocabulary for session {session_id!r}: {bad[:5]}")
+        self._check_fits(session, len(tokens))
         start = time.perf_counter()
-        await anyio.lowlevel.checkpoint()
-        if self._prefill_s > 0 and tokens:
-            await anyio.sleep(self._prefill_s * len(tokens))
-        session.extend(tokens, self._n_ctx)
+        async with self._call(session, "prefill"), self._step(session):
+            await anyio.lowlevel.checkpoint()
+            if self._prefill_s > 0 and tokens:
+                await anyio.sleep(self._prefill_s * len(tokens))
+            self._check_fits(session, len(tokens))
+            session.extend(tokens, self._n_ctx)
         self.stats.prefill_tokens += len(tokens)
         return time.perf_counter() - start
 
