@@ -565,3 +565,70 @@ async def test_send_wait_prints_the_result_and_tasks_lists_it(
         *("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT")
     ]
     assert "succeeded" in table.stdout
+
+
+async def test_send_wait_prints_the_result_as_stored_and_o_json_the_whole_record(
+    env: dict[str, str], store: Store, tmp_path: Path
+) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    # Text that rich would take for markup and emoji codes must come out untouched.
+    body = '{"answer": [1, 2]} [bold]not bold[/bold] :smile:\nsecond line'
+    with spawn(env, tmp_path / "daemon.log", "daemon", "--grace", "1s", "--lease-ttl", "2s"):
+        raw = await cli(env, "send", "echo", body, "--key", "k-1", "--wait")
+        record = await cli(env, "send", "echo", "again", "--wait", "-o", "json")
+        table = await cli(env, "tasks", "echo")
+        described = await cli(env, "describe", "agent", "echo")
+        listed = await cli(env, "tasks", "echo", "-o", "json")
+    assert (raw.returncode, raw.stdout) == (0, body + "\n"), show(raw)
+    assert record.returncode == 0, show(record)
+    task = json.loads(record.stdout)
+    assert (task["agent"], task["status"], task["result"], task["trigger"]) == (
+        "echo",
+        "succeeded",
+        "again",
+        "inbox",
+    )
+    assert task["id"].startswith("m-")
+    # Tables show a result on one line; the record keeps it whole.
+    assert table.returncode == 0, show(table)
+    (row,) = [line for line in table.stdout.splitlines() if "[bold]" in line]
+    assert row.endswith('{"answer": [1, 2]} [bold]not bold[/bold] :smile: second line')
+    assert described.returncode == 0, show(described)
+    assert "[bold]not bold[/bold] :smile: second line" in described.stdout
+    assert body in [r["result"] for r in json.loads(listed.stdout)]
+
+
+LONG_NAME = "an-agent-with-a-name-long-enough-to-push-every-table-past-80-cols"[:63]
+
+
+async def test_piped_tables_print_whole_columns(env: dict[str, str], store: Store) -> None:
+    await apply(store, agent_doc(LONG_NAME, ECHO, triggers=[{"inbox": {}}]))
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    await store._r.hset(
+        store.keys.usage(LONG_NAME, day),
+        mapping={
+            "active_s": 123456789.0,
+            "tokens_in": 98765432109,
+            "tokens_out": 12345678901,
+            "tasks_succeeded": 7,
+        },
+    )
+    narrow = {**env, "COLUMNS": "80"}
+    usage = await cli(narrow, "usage")
+    ps = await cli(narrow, "ps")
+
+    assert usage.returncode == 0, show(usage)
+    header, row, total_row = usage.stdout.splitlines()
+    assert header.split() == [
+        *("AGENT", "AGENT-HOURS", "TOKENS-IN", "TOKENS-OUT", "KV-GB-H", "TASKS", "FAILED"),
+        *("COST", "COST/TASK"),
+    ]
+    assert row.split()[:4] == [LONG_NAME, "34293.5525", "98765432109", "12345678901"]
+    assert len(row) > 80
+    assert total_row.split()[0] == "total"
+    assert ps.returncode == 0, show(ps)
+    assert ps.stdout.splitlines()[0].split()[:2] == ["NAME", "PHASE"]
+    assert ps.stdout.splitlines()[1].split()[0] == LONG_NAME
+    for proc in (usage, ps):
+        assert "…" not in proc.stdout
+        assert all(line == line.rstrip() for line in proc.stdout.splitlines())
