@@ -632,3 +632,19 @@ async def test_piped_tables_print_whole_columns(env: dict[str, str], store: Stor
     for proc in (usage, ps):
         assert "…" not in proc.stdout
         assert all(line == line.rstrip() for line in proc.stdout.splitlines())
+
+
+async def test_apply_refuses_an_alias_bomb_at_once_and_applies_nothing(
+    env: dict[str, str], store: Store, tmp_path: Path
+) -> None:
+    rows = ['a0: &a0 "lol"'] + [
+        f"a{n}: &a{n} [{','.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 10)
+    ]
+    bomb = write(tmp_path / "bomb.yaml", "\n".join(rows) + "\n")
+    started = time.monotonic()
+    proc = await cli(env, "apply", "-f", str(bomb), limit_s=10)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 2, show(proc)
+    assert proc.stderr.startswith(f"{bomb}:1: aliases expand this document to "), show(proc)
+    assert "nothing was applied" in proc.stderr
+    assert await store.namespace_keys() == []
