@@ -46,7 +46,7 @@ from agentos.daemon import Daemon
 from agentos.engine import EngineError, create_engine
 from agentos.ingress import build_app, is_loopback
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
-from agentos.store import Event, Store, StoreUnavailable
+from agentos.store import Event, Store, StoreUnavailable, redact_url
 from agentos.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from agentos.telemetry import Telemetry
 
@@ -1106,7 +1106,8 @@ async def _serve(opts: _Serve) -> None:
             server = EmbeddedRedis(settings.home)
             url = server.start()
             stack.callback(server.stop)
-            err.print(f"embedded Redis at {url} (data in {server.data_dir})", markup=False)
+            shown = redact_url(url)
+            err.print(f"embedded Redis at {shown} (data in {server.data_dir})", markup=False)
             settings = replace(settings, redis_url=url)
         else:
             url = resolve_redis_url(settings)

@@ -648,3 +648,15 @@ async def test_apply_refuses_an_alias_bomb_at_once_and_applies_nothing(
     assert proc.stderr.startswith(f"{bomb}:1: aliases expand this document to "), show(proc)
     assert "nothing was applied" in proc.stderr
     assert await store.namespace_keys() == []
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+async def test_a_password_in_the_query_string_is_never_printed(
+    env: dict[str, str], debug: list[str]
+) -> None:
+    secret = {**env, "AGENTOS_REDIS_URL": "redis://127.0.0.1:1/0?password=hunter2"}
+    proc = await cli(secret, *debug, "ps")
+
+    assert proc.returncode == 1, show(proc)
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert "redis://127.0.0.1:1/0?password=***" in proc.stderr
