@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -1104,7 +1104,8 @@ async def _serve(opts: _Serve) -> None:
     async with AsyncExitStack() as stack:
         if opts.embedded:
             server = EmbeddedRedis(settings.home)
-            url = server.start()
+            with _deaf_to_ctrl_c():
+                url = server.start()
             stack.callback(server.stop)
             shown = redact_url(url)
             err.print(f"embedded Redis at {shown} (data in {server.data_dir})", markup=False)
@@ -1132,6 +1133,26 @@ async def _serve(opts: _Serve) -> None:
             tg.cancel_scope.cancel()
         if opts.live:
             _print_table(_agents_table(await Client(store).agents()))
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c() -> Iterator[None]:
+    """Child processes started inside do not stop on the terminal's Ctrl-C.
+
+    Ctrl-C sends SIGINT to the whole foreground process group, so the embedded
+    valkey-server used to shut down at once, while the daemon still had agents' state to
+    save, leases to release and its heartbeat to remove ("cannot reach Redis"). Started
+    with SIGINT blocked (a mask it inherits and never clears), the server stops only when
+    `up` stops it with SIGTERM, after the daemon's and the live table's last calls.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 async def _serve_http(

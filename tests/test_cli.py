@@ -8,20 +8,24 @@ session's server and the test's own namespace, and looks at Redis through the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import textwrap
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 import anyio
 import anyio.to_thread
@@ -30,7 +34,8 @@ import pytest
 import yaml
 
 from agentos.store import Store
-from tests.fixture_agents import EchoState
+from agentos.store.embedded import EmbeddedRedis, embedded_url
+from tests.fixture_agents import EchoState, FlushState
 from tests.helpers import agent_doc, apply, status_is, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -660,3 +665,169 @@ async def test_a_password_in_the_query_string_is_never_printed(
     assert proc.returncode == 1, show(proc)
     assert "hunter2" not in proc.stdout + proc.stderr
     assert "redis://127.0.0.1:1/0?password=***" in proc.stderr
+
+
+# ---------------------------------------------------------------------- Ctrl-C on `up`
+
+FLEET_YAML = """\
+apiVersion: agentos/v1
+kind: Agent
+metadata: {name: echo}
+spec:
+  entrypoint: tests.fixture_agents:Echo
+  triggers: [{inbox: {}}]
+---
+apiVersion: agentos/v1
+kind: Agent
+metadata: {name: counter}
+spec:
+  entrypoint: tests.fixture_agents:Counter
+  config: {limit: 2}
+---
+apiVersion: agentos/v1
+kind: Agent
+metadata: {name: flusher}
+spec:
+  entrypoint: tests.fixture_agents:Flusher
+"""
+FLEET = ("echo", "counter", "flusher")
+
+UP_ARGS = ("up", "--engine", "sim", "--grace", "2s", "--lease-ttl", "3s")
+
+# Runs in the child: take the pty on stdin as the controlling terminal of the new
+# session (so the pty's ^C reaches its foreground group), then become `agentos`.
+TAKE_TTY = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'agentos.cli', *sys.argv[1:]])"
+)
+
+
+async def _fleet_is_up(home: Path) -> None:
+    """Wait until `up` has applied the fleet and both agents are Idle."""
+
+    async def socket() -> str | None:
+        return embedded_url(home)
+
+    url = await wait_until(socket, within=20, what="the embedded Redis socket")
+    async with await Store.connect(url, namespace="agentos") as store:
+        for name in FLEET:
+            idle = partial(status_is, store, name, phase="Idle")
+            await wait_until(idle, within=20, what=f"{name} Idle")
+
+
+async def _assert_stopped_cleanly(home: Path) -> None:
+    """The server is gone, and what the daemon wrote last is in it: the state the
+    flusher saved half a second into the stop, no lease, no owner, no heartbeat."""
+    assert embedded_url(home) is None
+    server = EmbeddedRedis(home)
+    url = server.start()
+    try:
+        async with await Store.connect(url, namespace="agentos") as store:
+            raw = await store.load_state("flusher")
+            assert raw is not None
+            assert msgspec.json.decode(raw, type=FlushState).flushed_with == "shutdown"
+            assert await store.leases(FLEET) == {}
+            assert await store.daemons() == {}
+            for name in FLEET:
+                assert (await store.status(name))["owner"] == ""
+    finally:
+        server.stop()
+
+
+def _spawn_session(args: list[str], home: Path, out: int | IO[bytes]) -> subprocess.Popen[bytes]:
+    """``python ARGS`` in a session of its own, with ``out`` as stdio (stdin too if a pty).
+
+    SIGINT to its process group is then what a terminal's Ctrl-C is: it reaches `up`
+    and the embedded server `up` started, since that is in the group too.
+    """
+    is_tty = isinstance(out, int)
+    env = {**base_env(home), "TERM": "xterm-256color"}
+    if is_tty:
+        env.pop("COLUMNS")  # the pty's own size
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=out if is_tty else subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT if not is_tty else out,
+        start_new_session=True,
+    )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    with suppress(ProcessLookupError):  # the server, if `up` left it behind
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _clean_stop_problems(output: str) -> list[str]:
+    bad = ("error", "cannot reach Redis", "WARNING", "Traceback")
+    return [word for word in bad if word in output]
+
+
+async def test_ctrl_c_on_up_stops_cleanly(tmp_path: Path) -> None:
+    spec = write(tmp_path / "fleet.yaml", FLEET_YAML)
+    with short_home(tmp_path) as home:
+        log = tmp_path / "up.log"
+        with log.open("wb") as out:
+            proc = _spawn_session(["-m", "agentos.cli", *UP_ARGS, "-f", str(spec)], home, out)
+        try:
+            await _fleet_is_up(home)
+            os.killpg(proc.pid, signal.SIGINT)
+            code = await exited(proc, within=20)
+        finally:
+            _kill_group(proc)
+        output = log.read_text()
+        assert code == 0, output
+        assert "stopping agents" in output
+        assert _clean_stop_problems(output) == [], output
+        await _assert_stopped_cleanly(home)
+
+
+async def test_ctrl_c_on_up_with_the_live_table_in_a_terminal_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    spec = write(tmp_path / "fleet.yaml", FLEET_YAML)
+    with short_home(tmp_path) as home:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        proc = _spawn_session(["-c", TAKE_TTY, *UP_ARGS, "-f", str(spec)], home, slave)
+        os.close(slave)
+        seen = bytearray()
+
+        async def table_shown() -> bool:
+            return b"counter" in seen
+
+        async def drain() -> None:
+            while True:
+                await anyio.wait_readable(master)
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal is gone
+                    return
+                if not chunk:
+                    return
+                seen.extend(chunk)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain)
+                await _fleet_is_up(home)
+                await wait_until(table_shown, within=10, what="the live table")
+                os.write(master, b"\x03")  # Ctrl-C, through the terminal's line discipline
+                code = await exited(proc, within=20)
+                tg.cancel_scope.cancel()
+        finally:
+            _kill_group(proc)
+            os.close(master)
+        output = seen.decode(errors="replace")
+        assert code == 0, output
+        assert "stopping agents" in output
+        final = output.rsplit("stopping agents", 1)[1]
+        assert "NAME" in final, output  # the last table was printed...
+        assert "counter" in final, output  # ...which needed Redis after the daemon stopped
+        assert _clean_stop_problems(output) == [], output
+        await _assert_stopped_cleanly(home)
