@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import io
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -30,19 +31,22 @@ import typer
 import yaml
 from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from agentos import __version__
 from agentos.client import AgentSummary, Client, ClientError, read_message_arg, resolve_redis_url
 from agentos.core.durations import parse_duration
 from agentos.core.metering import Prices, UsageRow, total
 from agentos.core.policy import ClassQuota, RuleStatus
+from agentos.core.results import summarize
 from agentos.core.spec import Document, SpecError, json_schema, load_paths
 from agentos.daemon import Daemon
 from agentos.engine import EngineError, create_engine
 from agentos.ingress import build_app, is_loopback
 from agentos.settings import DaemonSettings, Settings, new_daemon_id
-from agentos.store import Event, Store, StoreUnavailable
+from agentos.store import Event, Store, StoreUnavailable, redact_url
 from agentos.store.embedded import EmbeddedRedis, EmbeddedRedisError
 from agentos.telemetry import Telemetry
 
@@ -62,8 +66,9 @@ app.add_typer(delete_app, name="delete")
 policy_app = typer.Typer(help="Explain quota policies.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Agent names, results and errors are data: never emoji codes (":smile:") to replace.
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 class Output(enum.StrEnum):
@@ -218,7 +223,34 @@ def _emit(data: Any, output: Output, table: Callable[[], Table | str]) -> None:
         if isinstance(rendered, str):
             out.print(rendered, markup=False)
         else:
-            out.print(rendered)
+            _print_table(rendered)
+
+
+_UNBOUNDED = 1 << 20
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` fitted to the terminal, or with whole columns when piped.
+
+    A pipe has no width: cutting to rich's default 80 columns would hand ``grep`` and
+    ``awk`` ellipses (``AGENT-…``), so, like kubectl, a table that does not go to a
+    terminal is rendered at its natural width, without trailing blanks.
+    """
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = Measurement.get(out, out.options.update_width(_UNBOUNDED), table).maximum
+    buffer = io.StringIO()
+    wide = Console(file=buffer, width=max(natural, 1), highlight=False, emoji=False)
+    wide.print(table)
+    out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    out.file.flush()
+
+
+def _print_text(text: str) -> None:
+    """Print ``text`` exactly (no markup, emoji codes or wrapping), then a newline."""
+    out.file.write(text if text.endswith("\n") else text + "\n")
+    out.file.flush()
 
 
 def _ago(ts: float | None, now: float | None = None) -> str:
@@ -315,7 +347,7 @@ def apply(
             out.print(f"{c.kind.lower()}/{c.name} {c.action}{changed}{suffix}", markup=False)
         if preview is not None:
             out.print("\neffective quotas after this apply (with the fleet's metrics now):")
-            out.print(_effective_table(list(preview.quotas.values())))
+            _print_table(_effective_table(list(preview.quotas.values())))
 
     _run(go)
 
@@ -677,8 +709,14 @@ def send(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the task and print its result.")] = False,
     timeout: Annotated[str, typer.Option(help="How long --wait waits.")] = "60s",
+    output: Annotated[
+        Output,
+        typer.Option(
+            "--output", "-o", help="table: the result as stored; json|yaml: the task record."
+        ),
+    ] = Output.table,
 ) -> None:
-    """Put a message in an agent's inbox."""
+    """Put a message in an agent's inbox; with --wait, print the task's result."""
     try:
         timeout_s = parse_duration(timeout)
     except ValueError as e:
@@ -692,12 +730,16 @@ def send(
         async with await _client() as client:
             msg_id = await client.send(name, body, key=key, traceparent=traceparent)
             if not wait:
-                out.print(f"sent {msg_id} to {name}", markup=False)
+                sent = {"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}
+                _emit(sent, output, lambda: f"sent {msg_id} to {name}")
                 return
             record = await client.wait_task(name, f"m-{msg_id}", timeout_s=timeout_s)
+        if output is not Output.table:
+            _emit(record, output, lambda: "")
         if record.get("status") == "failed":
             _fail(f"task m-{msg_id} failed: {record.get('error', '')}")
-        out.print(record.get("result", ""), markup=False)
+        if output is Output.table:
+            _print_text(record.get("result", ""))
 
     _run(go)
 
@@ -732,9 +774,9 @@ def tasks(
 def _tasks_table(rows: Sequence[dict[str, str]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT"):
-        table.add_column(col, no_wrap=col != "RESULT")
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
     for row in rows:
-        table.add_row(*_task_cells(row))
+        table.add_row(*(Text(cell) for cell in _task_cells(row)))  # data, never markup
     return table
 
 
@@ -750,8 +792,11 @@ def _task_cells(row: dict[str, str]) -> list[str]:
         row.get("attempt", ""),
         _ago(float(row["created_at"])) if row.get("created_at") else "-",
         took,
-        detail.replace("\n", " ")[:80],
+        summarize(detail, _RESULT_CELL),
     ]
+
+
+_RESULT_CELL = 80  # characters of a result in a table; `tasks NAME -o json` has it all
 
 
 def _task_line(row: dict[str, str]) -> str:
@@ -1059,9 +1104,11 @@ async def _serve(opts: _Serve) -> None:
     async with AsyncExitStack() as stack:
         if opts.embedded:
             server = EmbeddedRedis(settings.home)
-            url = server.start()
+            with _deaf_to_ctrl_c():
+                url = server.start()
             stack.callback(server.stop)
-            err.print(f"embedded Redis at {url} (data in {server.data_dir})", markup=False)
+            shown = redact_url(url)
+            err.print(f"embedded Redis at {shown} (data in {server.data_dir})", markup=False)
             settings = replace(settings, redis_url=url)
         else:
             url = resolve_redis_url(settings)
@@ -1085,7 +1132,27 @@ async def _serve(opts: _Serve) -> None:
             await d.run(until_idle=opts.until_idle, duration_s=opts.duration_s)
             tg.cancel_scope.cancel()
         if opts.live:
-            out.print(_agents_table(await Client(store).agents()))
+            _print_table(_agents_table(await Client(store).agents()))
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c() -> Iterator[None]:
+    """Child processes started inside do not stop on the terminal's Ctrl-C.
+
+    Ctrl-C sends SIGINT to the whole foreground process group, so the embedded
+    valkey-server used to shut down at once, while the daemon still had agents' state to
+    save, leases to release and its heartbeat to remove ("cannot reach Redis"). Started
+    with SIGINT blocked (a mask it inherits and never clears), the server stops only when
+    `up` stops it with SIGTERM, after the daemon's and the live table's last calls.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 async def _serve_http(

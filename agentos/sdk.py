@@ -456,6 +456,8 @@ class Context:
     log: logging.LoggerAdapter[logging.Logger]
     stopping: StopReason | None = None
     _message_taken: bool = field(default=False, repr=False)
+    _result: Any = field(default=None, repr=False)
+    _has_result: bool = field(default=False, repr=False)
     _sender: Sender = field(default=_no_sender, repr=False)
     _telemetry: Telemetry = field(default_factory=Telemetry.disabled, repr=False)
 
@@ -486,10 +488,32 @@ class Context:
         """
         return self._telemetry.tool(name, **attributes)
 
+    def set_result(self, value: Any) -> None:
+        """Make ``value`` this task's result, instead of what ``act`` returned last.
+
+        The record keeps it as text: a ``str`` as is, data (a pydantic model, a Struct,
+        a dataclass, a dict...) as JSON; ``agentos send --wait`` prints it. The latest
+        call wins; None sets an empty result.
+        """
+        self._result = value
+        self._has_result = True
+
+    @property
+    def result(self) -> Any:
+        """What :meth:`set_result` was last given in this task (None if it was not called)."""
+        return self._result
+
+    @property
+    def has_result(self) -> bool:
+        """Whether :meth:`set_result` was called in this task."""
+        return self._has_result
+
     def begin(self, task: TaskInfo) -> None:
         """Runtime hook: switch the context to a new task."""
         self.task = task
         self._message_taken = False
+        self._result = None
+        self._has_result = False
 
 
 def agent_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:

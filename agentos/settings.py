@@ -55,7 +55,8 @@ class DaemonSettings:
 class Settings:
     """Where Redis is and which namespace of it this fleet uses."""
 
-    redis_url: str | None = None  # None: the embedded server under ``home``
+    # None: the embedded server under ``home``. Out of reprs: it may hold a password.
+    redis_url: str | None = field(default=None, repr=False)
     namespace: str = "agentos"
     home: Path = field(default_factory=default_home)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)

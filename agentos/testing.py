@@ -9,10 +9,14 @@ survive a restart fails the test.
     harness = AgentHarness(Echo, config={"prefix": ">"})
     result = await harness.message("hello")
     assert harness.state["last"] == "hello"
+
+The module is also a pytest plugin: ``pytest_plugins = ["agentos.testing"]`` in a
+project's ``conftest.py`` runs its ``async def`` tests (see :mod:`agentos.testing_plugin`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +38,14 @@ from agentos.sdk import (
 )
 
 __all__ = ["AgentHarness", "SentMessage"]
+
+# The pytest hooks, for `pytest_plugins = ["agentos.testing"]`; AgentHarness needs no pytest.
+with contextlib.suppress(ImportError):
+    from agentos.testing_plugin import (  # noqa: F401
+        anyio_backend,
+        pytest_configure,
+        pytest_pycollect_makeitem,
+    )
 
 
 @dataclass(frozen=True, slots=True)

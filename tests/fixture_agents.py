@@ -81,6 +81,21 @@ class Slow(agentos.Agent):
         return None
 
 
+class FlushState(msgspec.Struct):
+    flushed_with: str = ""
+
+
+class Flusher(agentos.Agent):
+    """Idle until stopped; its on_stop takes ``config.flush_s`` (default 0.5) seconds of
+    "flushing" before it records why it stopped: the last write of a stopping daemon."""
+
+    State = FlushState
+
+    async def on_stop(self, ctx: agentos.Context, reason: agentos.StopReason) -> None:
+        await anyio.sleep(float(ctx.config.get("flush_s", 0.5)))
+        ctx.state.flushed_with = reason.value
+
+
 class NotAnAgent:
     """An entrypoint that is not an Agent subclass."""
 

@@ -4,11 +4,13 @@ import json
 import textwrap
 from datetime import UTC, datetime, time
 from pathlib import Path
+from time import perf_counter
 
 import pytest
 from pydantic import ValidationError
 
 from agentos.core.spec import (
+    MAX_EXPANDED_NODES,
     AgentResource,
     AgentSpec,
     ClassLimits,
@@ -970,6 +972,63 @@ def test_each_overlapping_rule_is_reported_once() -> None:
 def test_yaml_error_stops_the_file_but_keeps_earlier_issues() -> None:
     text = AGENT_HEAD.replace("name: a", "name: A") + "---\nkey: [unclosed\n"
     assert [(i.line, i.path) for i in _issues(text)] == [(3, "metadata.name"), (8, "")]
+
+
+def _alias_bomb(levels: int = 10, fanout: int = 9) -> str:
+    """``levels`` anchors, each a list of ``fanout`` aliases of the one before: fanout**levels
+    nodes in about 60 bytes a level (the "billion laughs")."""
+    rows = ['a0: &a0 "lol"']
+    for level in range(1, levels):
+        aliases = ",".join([f"*a{level - 1}"] * fanout)
+        rows.append(f"a{level}: &a{level} [{aliases}]")
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (_alias_bomb(), 1),
+        (AGENT_HEAD + "---\n" + _alias_bomb(), 7),  # a later document: its own start line
+        (_alias_bomb(levels=4, fanout=23), 1),  # 23**3 = 12,167 nodes: just past the limit
+    ],
+)
+def test_alias_bombs_are_refused_at_once(text: str, line: int) -> None:
+    started = perf_counter()
+    with pytest.raises(SpecError) as info:
+        parse_text(text, source="bomb.yaml")
+    assert perf_counter() - started < 1.0
+    (issue,) = [i for i in info.value.issues if "aliases" in i.message]
+    assert (issue.source, issue.line, issue.path) == ("bomb.yaml", line, "")
+    assert str(issue).startswith(f"bomb.yaml:{line}: aliases expand this document to ")
+    assert f"at most {MAX_EXPANDED_NODES:,}" in issue.message
+
+
+def test_a_few_aliases_still_load() -> None:
+    text = """\
+        apiVersion: agentos/v1
+        kind: Agent
+        metadata: {name: a, labels: &labels {team: docs}}
+        spec:
+          entrypoint: pkg.mod:A
+          restartPolicy: {backoff: &backoff {initial: 1s, max: 5m}}
+          config:
+            defaults: &defaults {path: ./var, tags: [x, y]}
+            other: {<<: *defaults, path: ./other}
+            labels: *labels
+            retry: *backoff
+        """
+    (doc,) = parse_text(textwrap.dedent(text))
+    config = doc.resource.spec.config
+    assert config["other"] == {"path": "./other", "tags": ["x", "y"]}
+    assert config["labels"] == doc.resource.metadata.labels == {"team": "docs"}
+    assert config["retry"] == {"initial": "1s", "max": "5m"}
+
+
+def test_a_large_document_written_out_is_not_an_alias_bomb() -> None:
+    items = "".join(f"\n    - item-{i}" for i in range(MAX_EXPANDED_NODES))
+    text = AGENT_HEAD + "  config:\n    items:" + items.replace("\n    -", "\n      -") + "\n"
+    (doc,) = parse_text(text)
+    assert len(doc.resource.spec.config["items"]) == MAX_EXPANDED_NODES
 
 
 # ------------------------------------------------------------------------- load_paths

@@ -44,6 +44,7 @@ from agentos.core.durations import Duration, PositiveDuration, format_duration
 __all__ = [
     "API_VERSION",
     "KINDS",
+    "MAX_EXPANDED_NODES",
     "METRICS",
     "NAME_PATTERN",
     "TRIGGER_KINDS",
@@ -787,12 +788,58 @@ def _index_lines(
             _index_lines(item, (*path, index), lines, issues, source, active)
 
 
+MAX_EXPANDED_NODES = 10_000
+"""How many YAML nodes aliases may make a document stand for (more if it is written larger).
+
+PyYAML composes an alias as a second reference to the anchored node, so a few hundred
+bytes of anchors of anchors (the "billion laughs") stand for billions of nodes, which
+the line index and validation would each walk: ``apply`` hung. A real spec is a few
+hundred nodes; one that needs more can write them out.
+"""
+
+
+def _node_counts(root: yaml.Node) -> tuple[int, int]:
+    """``(written, expanded)``: distinct nodes of ``root``'s graph, and how many it stands
+    for once every alias is expanded (a recursive alias counts once, as it is indexed)."""
+    expanded: dict[int, int] = {}
+
+    def walk(node: yaml.Node, active: frozenset[int]) -> int:
+        key = id(node)
+        if key in active:
+            return 1
+        if key not in expanded:
+            inner = active | {key}
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            expanded[key] = 1 + sum(walk(child, inner) for child in children)
+        return expanded[key]
+
+    total = walk(root, frozenset())
+    return len(expanded), total
+
+
 def _read_yaml(text: str, source: str, loaded: _Loaded) -> None:
     loader = yaml.SafeLoader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:  # pragma: no cover - check_node() said there is one
+                continue
+            written, expanded = _node_counts(node)
+            if expanded > max(MAX_EXPANDED_NODES, written):
+                loaded.issues.append(
+                    SpecIssue(
+                        source,
+                        node.start_mark.line + 1,
+                        "",
+                        f"aliases expand this document to {expanded:,} YAML nodes (at most "
+                        f"{MAX_EXPANDED_NODES:,}, or as many as are written: {written:,}); "
+                        "write the repeated parts out or use fewer aliases",
+                    )
+                )
                 continue
             lines: _Lines = {}
             _index_lines(node, (), lines, loaded.issues, source)

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
 from redis import exceptions as rexc
@@ -29,6 +28,7 @@ from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.keys import event_fields as _event_fields
 from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, QuotaOps
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
+from agentos.store.urls import redact_url
 
 __all__ = [
     "INBOX_GROUP",
@@ -56,21 +56,6 @@ EVENTS_MAXLEN = 1000
 UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
 FLEET_EVENTS_MAXLEN = 10_000
 SIGNALS_MAXLEN = 10_000
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to print and log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
 def _s(value: bytes | str | None) -> str:
