@@ -257,3 +257,17 @@ class Parity(agentos.Agent):
             raise ValueError(f"odd: {plan.body}")
         ctx.state.n += 1
         return ctx.state.n
+
+
+class Outcome(msgspec.Struct):
+    answer: str
+    n: int
+
+
+class Reporter(agentos.Agent):
+    """Answers a message with a structured outcome, or sets its result explicitly."""
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        if ctx.config.get("explicit"):
+            ctx.set_result({"a": 1, "body": plan.body})
+        return Outcome(answer=plan.body.upper(), n=len(plan.body))

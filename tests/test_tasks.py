@@ -161,3 +161,32 @@ async def test_a_heartbeat_with_nothing_to_do_creates_no_task_and_no_model_call(
 
         await wait_until(handled, what="the work to be done")
     assert engine.stats.generations == generations + 2
+
+
+@pytest.mark.parametrize(
+    ("explicit", "expected"),
+    [(False, '{"answer":"HI","n":2}'), (True, '{"a":1,"body":"hi"}')],
+)
+async def test_a_task_result_is_json_or_what_the_agent_set(
+    store: Store, explicit: bool, expected: str
+) -> None:
+    await apply(
+        store,
+        agent_doc(
+            "rep",
+            "tests.fixture_agents:Reporter",
+            config={"explicit": explicit},
+            triggers=[{"inbox": {}}],
+        ),
+    )
+    async with running_daemon(store):
+        msg_id = await Client(store).send("rep", "hi")
+        record = await wait_until(
+            lambda: _finished(store, "rep", f"m-{msg_id}"), what="the task to finish"
+        )
+    assert record["result"] == expected
+
+
+async def _finished(store: Store, name: str, task_id: str) -> dict[str, str] | None:
+    record = await store.task(name, task_id)
+    return record if record.get("status") == "succeeded" else None

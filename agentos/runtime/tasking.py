@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import anyio
 
 from agentos.core.lifecycle import Phase, PhaseEvent
+from agentos.core.results import render_result
 from agentos.core.tasks import (
     Work,
     overlap_action,
     queued_record,
-    short,
 )
 from agentos.runtime.base import RunnerBase
 from agentos.runtime.hibernator import Restored
@@ -205,7 +205,10 @@ class TaskMixin(RunnerBase):
             self.dirty = True
         span.set_attribute("agentos.task.steps", result.steps)
         self.last_activity = self.clock()
-        summary = short(result.outcome) if result.steps else "nothing to do"
+        if ctx.has_result:
+            summary = render_result(ctx.result)
+        else:
+            summary = render_result(result.outcome) if result.steps else "nothing to do"
         await self._finish_task(work, "succeeded", summary, steps=result.steps)
 
     async def _secure(self, trigger: str) -> bool:
