@@ -222,7 +222,13 @@ class Store(QuotaOps):
         self._send_once = client.register_script(_load_script("inbox_send"))
         self._heartbeat = client.register_script(_load_script("daemon_heartbeat"))
         self.retention = Retention()
-        self.snapshots = Snapshots(client, keys, client.register_script(_load_script("kv_commit")))
+        self.snapshots = Snapshots(
+            client,
+            keys,
+            client.register_script(_load_script("kv_commit")),
+            client.register_script(_load_script("kv_begin")),
+            self._release,
+        )
         self._quota_scripts(client, _load_script)
 
     @classmethod
@@ -315,7 +321,7 @@ class Store(QuotaOps):
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(k.generation)
+                    await pipe.watch(k.generation, k.deleted)
                     current_agents = (
                         await pipe.hmget(k.index, [r.name for r in agents]) if agents else []
                     )
@@ -337,7 +343,19 @@ class Store(QuotaOps):
                     if dry_run or not touched:
                         await pipe.unwatch()
                         return changes
+                    # An agent deleted and created again starts afresh, not with the old
+                    # one's state: its old keys go in the same transaction as the new
+                    # spec, so no daemon can start it on the old state in between.
+                    created = {
+                        c.name for c in touched if c.kind == "Agent" and c.action == "created"
+                    }
+                    stale = created & {_s(n) for n in await pipe.smembers(k.deleted)}
+                    purge: list[str] = []
+                    for name in sorted(stale):
+                        purge += await self._purge_keys(pipe, name)
                     pipe.multi()
+                    if stale:
+                        self._queue_purge(pipe, sorted(stale), purge)
                     now = time.time()
                     by_name = {(r.kind, r.name): r for r in records}
                     for change in touched:
@@ -373,10 +391,6 @@ class Store(QuotaOps):
                     break
                 except rexc.WatchError:
                     continue
-        # An agent deleted and created again starts afresh, not with the old one's state.
-        created = {c.name for c in changes if c.kind == "Agent" and c.action == "created"}
-        for name in created & await self.pending_purges():
-            await self.purge_agent(name)
         return changes
 
     @translate
@@ -416,16 +430,40 @@ class Store(QuotaOps):
 
     @translate
     async def purge_agent(self, name: str) -> None:
-        """Delete every runtime key of an agent (not its spec), snapshot and tasks included."""
-        await self.snapshots.delete(name)
-        days = [_s(d) for d in await self._r.smembers(self.keys.usage_days(name))]
-        if days:
-            await self._r.delete(*(self.keys.usage(name, d) for d in days))
-        ids = [_s(i) for i in await self._r.zrange(self.keys.tasks(name), 0, -1)]
-        for i in range(0, len(ids), 500):
-            await self._r.delete(*(self.keys.task(name, t) for t in ids[i : i + 500]))
-        await self._r.delete(*self.keys.agent_keys(name))
-        await self._r.srem(self.keys.deleted, name)
+        """Delete every runtime key of an agent (not its spec), snapshot and tasks included,
+        in one transaction."""
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    keys = await self._purge_keys(pipe, name)
+                    pipe.multi()
+                    self._queue_purge(pipe, [name], keys)
+                    await pipe.execute()
+                    return
+                except rexc.WatchError:
+                    continue
+
+    async def _purge_keys(self, pipe: Any, name: str) -> list[str]:
+        """WATCH what lists an agent's keys and read them: every key a purge deletes."""
+        k = self.keys
+        listing = [k.usage_days(name), k.tasks(name), k.kv_manifest(name), k.kv_pending(name)]
+        await pipe.watch(*listing)
+        days = [_s(d) for d in await pipe.smembers(k.usage_days(name))]
+        ids = [_s(i) for i in await pipe.zrange(k.tasks(name), 0, -1)]
+        manifest_raw, pending_raw = await pipe.mget([k.kv_manifest(name), k.kv_pending(name)])
+        return [
+            *self.snapshots.keys_of(name, manifest_raw, pending_raw),
+            *(k.usage(name, d) for d in days),
+            *(k.task(name, t) for t in ids),
+            *k.agent_keys(name),
+        ]
+
+    def _queue_purge(self, pipe: Any, names: Sequence[str], keys: Sequence[str]) -> None:
+        # One transaction over the agent's slot and {fleet}: fine on a single Redis; on
+        # Redis Cluster it has to be split per slot (the Cluster issue).
+        for i in range(0, len(keys), 500):
+            pipe.delete(*keys[i : i + 500])
+        pipe.srem(self.keys.deleted, *names)
 
     @translate
     async def pending_purges(self) -> set[str]:
@@ -1018,7 +1056,12 @@ class Store(QuotaOps):
         for g in groups:
             if _s(g.get("name")) == INBOX_GROUP:
                 lag = g.get("lag")
-                return int(g.get("pending", 0)) + int(lag or 0)
+                if lag is None:
+                    # Redis cannot tell the lag when an entry after the group's last
+                    # delivered one was deleted (acks delete out of order): count them.
+                    last = _s(g.get("last-delivered-id")) or "0-0"
+                    lag = len(await self._r.xrange(self.keys.inbox(name), min=f"({last}"))
+                return int(g.get("pending", 0)) + int(lag)
         return int(await self._r.xlen(self.keys.inbox(name)))
 
     # ---------------------------------------------------------------- hibernated KV
