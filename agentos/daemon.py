@@ -2,9 +2,13 @@
 
 A daemon reconciles the desired agents in Redis with the runners it supervises, takes
 a lease (with a fencing token) for every agent it runs, renews those leases, reacts to
-signals (apply, delete, messages, wake, hibernate) and flushes step counters. All of
-its state is in Redis: it can be killed at any moment, and a restarted daemon, or
-another one sharing the Redis, adopts the agents once their leases expire.
+signals (apply, delete, messages, wake, hibernate), flushes step counters and usage
+(each batch with op ids, so a batch whose reply was lost is sent again unchanged and
+counted once) and trims its agents' task records on a timer. All of its state is in
+Redis: it can be killed at any moment, and a restarted daemon, or another one sharing
+the Redis, adopts the agents once their leases expire. A Redis that is away or full
+(at ``maxmemory``) delays that work, never ends the daemon; once writes go through
+again, one ``RedisFull`` fleet event says for how long they were refused.
 
 Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
 """

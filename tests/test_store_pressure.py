@@ -134,6 +134,29 @@ async def test_a_status_batch_retried_unchanged_counts_usage_once(
     assert (await store.status("a"))["steps"] == "7"
 
 
+async def test_a_daemon_resends_a_flush_whose_reply_was_lost_and_counts_it_once(
+    cut_store: Store, cut_proxy: CutProxy
+) -> None:
+    store = cut_store
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    async with running_daemon(store, metering_flush_s=0.2):
+        await wait_until(lambda: status_is(store, "echo", phase="Idle"))
+        # Only the flush meters a finished task as usage ("1.0"; status fields say "1").
+        cut_proxy.cut_after(b'"tasks_succeeded", "1.0"')
+        await Client(store).send("echo", "hi")
+        assert await anyio.to_thread.run_sync(cut_proxy.cut.wait, 10.0)
+        ops = int(await store._r.zcard(store.keys.ops("echo")))
+
+        async def next_batch_written() -> bool:
+            return int(await store._r.zcard(store.keys.ops("echo"))) > ops
+
+        await wait_until(next_batch_written, what="the flush after the re-sent batch")
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        usage = (await store.usage(["echo"], [day]))[("echo", day)]
+        assert usage["tasks_succeeded"] == 1.0
+    assert cut_proxy.cuts == 1
+
+
 async def test_the_client_never_resends_a_command_whose_connection_was_cut(
     cut_store: Store, cut_proxy: CutProxy
 ) -> None:
