@@ -1,9 +1,10 @@
 """A TCP proxy on loopback that loses one reply on purpose.
 
 Between a Store and a real Redis it forwards bytes both ways; armed with a marker, it
-forwards the next request that contains the marker, drops the client's connection at
-once and swallows the server's reply. The client sees a cut connection, the server has
-applied the command: exactly the case a retry must not turn into a double write.
+forwards the next request that contains the marker, and when the server answers it
+swallows the reply and drops the client's connection. The client sees a cut
+connection, the server has applied the command: exactly the case a retry must not
+turn into a double write.
 Threads, not the test's event loop, so the client under test cannot starve it.
 """
 
@@ -37,7 +38,8 @@ class CutProxy:
         return f"redis://127.0.0.1:{self.port}{self._db}"
 
     def cut_after(self, marker: bytes) -> None:
-        """Cut the connection that sends the next request containing ``marker``."""
+        """Cut the connection that sends the next request containing ``marker`` (at most
+        64 bytes) once the server has answered it."""
         with self._lock:
             self.cut.clear()
             self._marker = marker
@@ -69,6 +71,7 @@ class CutProxy:
     def _up(
         self, client: socket.socket, upstream: socket.socket, dropping: threading.Event
     ) -> None:
+        tail = b""  # a marker may straddle two reads
         while True:
             try:
                 data = client.recv(65536)
@@ -78,17 +81,15 @@ class CutProxy:
                 _close(upstream)
                 return
             with self._lock:
-                hit = self._marker is not None and self._marker in data
-                if hit:
+                window = tail + data
+                if self._marker is not None and self._marker in window:
                     self._marker = None
                     self.cuts += 1
                     dropping.set()  # before forwarding: the reply must never reach the client
+                tail = window[-64:]
             try:
                 upstream.sendall(data)
             except OSError:
-                _close(client)
-                return
-            if hit:
                 _close(client)
                 return
 
@@ -100,9 +101,11 @@ class CutProxy:
                 data = upstream.recv(65536)
             except OSError:
                 data = b""
-            if not data or dropping.is_set():
-                if data:
-                    self.cut.set()
+            if data and dropping.is_set():
+                # The server answered the marked request: it was applied. Lose the reply.
+                self.cut.set()
+                data = b""
+            if not data:
                 _close(upstream)
                 _close(client)
                 return
