@@ -139,11 +139,10 @@ async def test_a_daemon_resends_a_flush_whose_reply_was_lost_and_counts_it_once(
 ) -> None:
     store = cut_store
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    # Only the flush meters a finished task as usage ("1.0"; status fields say "1").
+    cut_proxy.cut_after(b'"tasks_succeeded", "1.0"')
+    await Client(store).send("echo", "hi")  # read by the runner as it starts
     async with running_daemon(store, metering_flush_s=0.2):
-        await wait_until(lambda: status_is(store, "echo", phase="Idle"))
-        # Only the flush meters a finished task as usage ("1.0"; status fields say "1").
-        cut_proxy.cut_after(b'"tasks_succeeded", "1.0"')
-        await Client(store).send("echo", "hi")
         assert await anyio.to_thread.run_sync(cut_proxy.cut.wait, 10.0)
         ops = int(await store._r.zcard(store.keys.ops("echo")))
 
@@ -268,9 +267,9 @@ async def test_heartbeats_forget_daemons_not_seen_for_a_while(store: Store) -> N
 async def test_the_daemon_trims_task_records_on_a_timer(store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
     client = Client(store)
+    for i in range(5):
+        await client.send("echo", f"m{i}")
     async with running_daemon(store, task_retention_count=2, task_trim_interval_s=0.1):
-        for i in range(5):
-            await client.send("echo", f"m{i}")
         await wait_until(lambda: status_is(store, "echo", tasks_succeeded="5"), what="5 tasks")
 
         async def trimmed() -> bool:
@@ -312,8 +311,8 @@ async def test_a_full_redis_never_ends_the_daemon_and_is_reported_once(
     try:
         await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
         client = Client(store)
+        await client.send("echo", "before")  # read by the runner as it starts
         async with running_daemon(store, lease_ttl_s=1.5, metering_flush_s=0.2) as daemon:
-            await client.send("echo", "before")
             await wait_until(lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="1"))
 
             used = int((await r.info("memory"))["used_memory"])
