@@ -2,9 +2,13 @@
 
 A daemon reconciles the desired agents in Redis with the runners it supervises, takes
 a lease (with a fencing token) for every agent it runs, renews those leases, reacts to
-signals (apply, delete, messages, wake, hibernate) and flushes step counters. All of
-its state is in Redis: it can be killed at any moment, and a restarted daemon, or
-another one sharing the Redis, adopts the agents once their leases expire.
+signals (apply, delete, messages, wake, hibernate), flushes step counters and usage
+(each batch with op ids, so a batch whose reply was lost is sent again unchanged and
+counted once) and trims its agents' task records on a timer. All of its state is in
+Redis: it can be killed at any moment, and a restarted daemon, or another one sharing
+the Redis, adopts the agents once their leases expire. A Redis that is away or full
+(at ``maxmemory``) delays that work, never ends the daemon; once writes go through
+again, one ``RedisFull`` fleet event says for how long they were refused.
 
 Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
 """
@@ -17,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -31,12 +36,25 @@ from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
 from agentos.settings import DaemonSettings
-from agentos.store import Store, StoreError, StoreUnavailable
+from agentos.store import Retention, StatusUpdate, Store, StoreError, StoreFull
+from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("agentos.daemon")
+
+
+@dataclass(slots=True)
+class _Flush:
+    """One status flush: fenced updates with op ids, then budget seconds to charge."""
+
+    updates: list[StatusUpdate]
+    seconds: dict[tuple[str, str], float]
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class Daemon:
@@ -56,6 +74,11 @@ class Daemon:
         self.settings = settings or DaemonSettings()
         if self.settings.grace_s >= self.settings.lease_ttl_s:
             raise ValueError("grace_s must be shorter than lease_ttl_s")
+        # The daemon owns the retention of what its agents write (usage, task records).
+        store.retention = Retention(
+            usage_s=self.settings.usage_retention_days * 86_400.0,
+            tasks_s=self.settings.task_retention_s,
+        )
         self.id = self.settings.daemon_id
         self.clock = clock
         self.runners: dict[str, AgentRunner] = {}
@@ -93,6 +116,9 @@ class Daemon:
         self.started_at = clock()
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
+        # Redis at maxmemory: when writes were first and last refused (None: they are not).
+        self._full_since: float | None = None
+        self._full_last = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -130,6 +156,7 @@ class Daemon:
                 control.start_soon(self._flush_loop)
                 control.start_soon(self._lease_loop)
                 control.start_soon(self._quota_loop)
+                control.start_soon(self._retention_loop)
                 control.start_soon(self.evaluator.run)
                 with anyio.move_on_after(math.inf if duration_s is None else duration_s):
                     await self._stop.wait()
@@ -151,8 +178,8 @@ class Daemon:
                 await self._reconcile_once()
                 self.ready = True
                 delay = 0.1
-            except StoreUnavailable as e:
-                log.warning("reconcile: %s; retrying in %.1fs", e, delay)
+            except StoreError as e:
+                self._store_failed("reconcile", e, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_s)
                 continue
@@ -228,8 +255,8 @@ class Daemon:
                     last = await self.store.last_signal_id()
                 batch = await self.store.read_signals(last, block_ms=1000)
                 delay = 0.1
-            except StoreUnavailable as e:
-                log.warning("signals: %s; retrying in %.1fs", e, delay)
+            except StoreError as e:
+                self._store_failed("signals", e, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_s)
                 continue
@@ -251,8 +278,19 @@ class Daemon:
 
     async def _flush_loop(self) -> None:
         metered_at = self.clock()
+        unsent: _Flush | None = None  # a batch that failed: it may have been applied
+        every = self.settings.status_flush_s
+        delay = every
         while True:
-            await anyio.sleep(self.settings.status_flush_s)
+            await anyio.sleep(delay)
+            if unsent is not None:
+                # The same amounts with the same op ids: applied once, whatever the first
+                # attempt did. New usage waits in the runners until this one is through.
+                if not await self._send_flush(unsent):
+                    delay = min(max(every, delay * 2), max(every, self.settings.redis_retry_max_s))
+                    continue
+                unsent = None
+                delay = every
             # Idle and hibernated agents accrue metered time too: flush everyone now and then.
             everyone = self.clock() - metered_at >= self.settings.metering_flush_s
             if everyone:
@@ -264,21 +302,50 @@ class Daemon:
                 continue
             for r in batch:
                 r.dirty = False
-            updates = [(r.name, r.lease_value, r.counters(), r.usage_delta()) for r in batch]
-            try:
+            flush = _Flush(
+                updates=[
+                    (r.name, r.lease_value, r.counters(), r.usage_delta(), new_op_id())
+                    for r in batch
+                ],
+                seconds={},
+            )
+            for r, (_, _, _, (_, usage), _) in zip(batch, flush.updates, strict=True):
+                key = (r.name, r.resource.spec.quota_class)
+                flush.seconds[key] = flush.seconds.get(key, 0.0) + usage.get("active_s", 0.0)
+            if not await self._send_flush(flush):
+                unsent = flush
+                delay = min(max(every, delay * 2), max(every, self.settings.redis_retry_max_s))
+
+    async def _send_flush(self, flush: _Flush) -> bool:
+        """Write one flush batch; False (and the batch kept as it is) when Redis failed."""
+        try:
+            if flush.updates:
+                # A runner whose lease was re-acquired since writes under its new value;
+                # an update applied before is recognised by its op id, lease or not.
+                updates = [
+                    (n, self._lease_of(n, lease), fields, usage, op_id)
+                    for n, lease, fields, usage, op_id in flush.updates
+                ]
                 for k in range(0, len(updates), 1000):
                     await self.store.fenced_status_batch(updates[k : k + 1000])
-                await self.governor.charge_seconds(
-                    {
-                        (r.name, r.resource.spec.quota_class): usage.get("active_s", 0.0)
-                        for r, (_, _, _, (_, usage)) in zip(batch, updates, strict=True)
-                    }
-                )
-            except StoreUnavailable as e:
-                for r, (_, _, _, (_, usage)) in zip(batch, updates, strict=True):
-                    r.dirty = True
-                    r.restore_usage(usage)  # not lost: written with the next flush
-                log.warning("status flush: %s", e)
+                flush.updates = []
+            if flush.seconds:
+                # Budget charges carry no op id: a lost reply here may charge twice.
+                await self.governor.charge_seconds(flush.seconds)
+                flush.seconds = {}
+            await self._store_recovered()
+        except StoreError as e:
+            for name, *_ in flush.updates:
+                runner = self.runners.get(name)
+                if runner is not None:
+                    runner.dirty = True
+            self._store_failed("status flush", e)
+            return False
+        return True
+
+    def _lease_of(self, name: str, lease_value: str) -> str:
+        runner = self.runners.get(name)
+        return runner.lease_value if runner is not None else lease_value
 
     async def _quota_loop(self) -> None:
         """Reload effective limits and publish this daemon's inference samples."""
@@ -294,7 +361,7 @@ class Daemon:
                     self.governor.sample(slots_held=held, slots_total=self.engine.slots),
                 )
             except StoreError as e:
-                log.warning("quota refresh: %s", e)
+                self._store_failed("quota refresh", e)
             with anyio.move_on_after(self.settings.quota_refresh_s):
                 await self._quota_kick.wait()
             self._quota_kick = anyio.Event()
@@ -310,7 +377,13 @@ class Daemon:
                 for r in self.runners.values():
                     r.nudge("message")
             try:
-                await self.store.heartbeat(self.id, self._info())
+                await self.store.heartbeat(
+                    self.id,
+                    self._info(),
+                    now=self.clock(),
+                    forget_after_s=self.settings.daemon_forget_after_s,
+                )
+                await self._store_recovered()
                 held = {n: r.lease_value for n, r in self.runners.items()}
                 results = await self.store.renew_leases(held, ttl_ms)
                 for name, ok in results.items():
@@ -324,9 +397,56 @@ class Daemon:
                     # still free.
                     log.warning("%s: lease expired; stopping it here", name)
                     runner.request_stop(StopReason.LEASE_LOST)
-            except StoreUnavailable as e:
-                log.warning("lease renewal: %s", e)
+            except StoreError as e:
+                self._store_failed("lease renewal", e)
             await anyio.sleep(self.settings.lease_ttl_s / 3)
+
+    async def _retention_loop(self) -> None:
+        """Trim the task records of the agents this daemon runs, on a timer."""
+        while True:
+            await anyio.sleep(self.settings.task_trim_interval_s)
+            names = list(self.runners)
+            if not names:
+                continue
+            try:
+                await self.store.trim_tasks_many(
+                    names,
+                    keep=self.settings.task_retention_count,
+                    max_age_s=self.settings.task_retention_s,
+                )
+            except StoreError as e:
+                self._store_failed("task retention", e)
+
+    # ------------------------------------------------------------------ Redis faults
+
+    def _store_failed(self, where: str, e: StoreError, delay: float | None = None) -> None:
+        """Log a failed store call once, clearly; remember when Redis started refusing writes."""
+        then = "" if delay is None else f"; retrying in {delay:.1f}s"
+        if not isinstance(e, StoreFull):
+            log.warning("%s: %s%s", where, e, then)
+            return
+        self._full_last = self.clock()
+        if self._full_since is None:
+            self._full_since = self._full_last
+            log.error("%s; the daemon keeps running and retries (%s)", e, where)
+        else:
+            log.debug("%s: Redis still full%s", where, then)
+
+    async def _store_recovered(self) -> None:
+        """After a write went through: if Redis was full, say in the fleet feed for how long."""
+        if self._full_since is None:
+            return
+        since, until = self._full_since, max(self._full_last, self._full_since)
+        await self.store.record_fleet_event(
+            "",
+            "RedisFull",
+            "maxmemory",
+            f"Redis refused writes from {_utc(since)} to {_utc(until)} "
+            f"({until - since:.0f}s): it was at maxmemory",
+            self.id,
+        )
+        self._full_since = None
+        log.warning("Redis accepts writes again (it refused them for %.0fs)", until - since)
 
     # ------------------------------------------------------------------ agents
 

@@ -44,6 +44,9 @@ class DaemonSettings:
     inbox_sweep_s: float = 30.0  # look in every inbox this often, in case a signal was lost
     task_retention_count: int = 1000  # task records kept per agent
     task_retention_s: float = 7 * 86400.0  # and for at most this long (idempotency keys too)
+    task_trim_interval_s: float = 60.0  # how often the daemon trims its agents' task records
+    usage_retention_days: float = 400.0  # a day's usage hash lives this long after its last write
+    daemon_forget_after_s: float = 600.0  # a daemon not seen this long leaves the daemons list
     metering_flush_s: float = 30.0  # idle and hibernated agents' usage reaches Redis this often
     quota_eval_s: float = 2.0  # how often the evaluator daemon applies the policies' rules
     quota_window_s: float = 60.0  # fleet metrics (queue wait p95, rates) cover this long

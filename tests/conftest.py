@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agentos.store import Store
+from tests.proxy import CutProxy
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +48,27 @@ def namespace() -> str:
 @pytest.fixture
 async def store(redis_url: str, namespace: str) -> AsyncIterator[Store]:
     s = await Store.connect(redis_url, namespace=namespace)
+    try:
+        yield s
+    finally:
+        await s.drop_namespace()
+        await s.close()
+
+
+@pytest.fixture
+def cut_proxy(redis_url: str) -> Iterator[CutProxy]:
+    """A proxy to the test server that can lose a reply on purpose (see tests/proxy.py)."""
+    proxy = CutProxy(redis_url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+async def cut_store(cut_proxy: CutProxy, namespace: str) -> AsyncIterator[Store]:
+    """A store of the test's namespace whose connections go through ``cut_proxy``."""
+    s = await Store.connect(cut_proxy.url, namespace=namespace, timeout_s=2)
     try:
         yield s
     finally:

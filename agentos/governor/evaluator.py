@@ -110,7 +110,10 @@ class Evaluator:
                     await self.store.quota_evaluator_release(self.lease)
 
     async def step(self) -> Evaluation:
-        """One evaluation: read, decide (pure), write."""
+        """One evaluation: read, decide (pure), write (fenced by the evaluator lease,
+        which the caller holds)."""
+        if self.lease is None:
+            raise RuntimeError("Evaluator.step needs the evaluator lease")
         now = self.clock()
         policies = stored_policies(await self.store.policies())
         memory, _ = await self.store.quota_state()
@@ -119,7 +122,8 @@ class Evaluator:
             self.store, previous, max_age_s=max(3 * self.period_s, 5.0), now=now
         )
         result = evaluate(policies, metrics, now, memory)
-        await self.store.quota_publish(
+        published = await self.store.quota_publish(
+            lease_value=self.lease,
             quotas=result.quotas,
             memory=result.memory,
             metrics={"at": now, "values": metrics},
@@ -133,6 +137,12 @@ class Evaluator:
                 for c in result.changes
             ],
         )
+        if not published:
+            # Another daemon took the lease over (we were paused past its TTL): its
+            # result stands, ours is dropped.
+            log.warning("quota evaluator lease lost; result not published")
+            self.lease = None
+            return result
         for c in result.changes:
             log.info("quota %s %s by rule %s: %s", c.class_, c.action, c.rule, c.reason)
         self.last = result

@@ -44,6 +44,7 @@ from agentos.sdk import (
     StateCodec,
 )
 from agentos.store import Store, StoreError, TaskWrite
+from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
 __all__ = ["RunnerBase"]
@@ -219,10 +220,6 @@ class RunnerBase:
         """Usage since the last call, for the daily usage hash (UTC day), and reset it."""
         return self.usage.delta(self.phase)
 
-    def restore_usage(self, amounts: dict[str, float]) -> None:
-        """Put back usage a failed flush could not write."""
-        self.usage.restore(amounts)
-
     def task_counters(self) -> dict[str, object]:
         """Task outcome fields, written with the phase change that produced them."""
         return {
@@ -319,7 +316,9 @@ class RunnerBase:
         await self.writer.write(status=fields, state=state, ack_id=ack_id, event=event, task=task)
 
     async def _send(self, agent: str, body: str) -> str:
-        return await self.writer.call(lambda: self.store.send(agent, body), "send")
+        # One send id for every retry: a send whose reply was lost is not sent twice.
+        send_id = new_op_id()
+        return await self.writer.call(lambda: self.store.send(agent, body, send_id=send_id), "send")
 
     def _next_due(self, *, pop: bool) -> Work | None:
         """The first queued work not parked into the future (taken off the queue if ``pop``)."""

@@ -9,7 +9,7 @@ snapshot for as long as it is stored.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from agentos.core.lifecycle import Phase
 from agentos.telemetry import Telemetry
@@ -61,7 +61,3 @@ class UsageMeter:
         if delta.get("active_s"):
             self.telemetry.active_seconds.add(delta["active_s"], {"gen_ai.agent.name": self.name})
         return time.strftime("%Y-%m-%d", time.gmtime(self.clock())), delta
-
-    def restore(self, amounts: Mapping[str, float]) -> None:
-        """Put back amounts a failed flush could not write."""
-        self.add(**amounts)

@@ -2,14 +2,17 @@
 
 Everything a daemon needs to resume lives here: desired specs, agent status, leases
 with fencing tokens, event streams, durable agent state, inboxes and hibernated KV.
-Callers get plain Python values and two exception types (:class:`StoreUnavailable`
-when the server cannot be reached, :class:`StoreError` for anything else), never a
-redis-py type, so the rest of the code base does not depend on the client library.
+Callers get plain Python values and three exception types (:class:`StoreUnavailable`
+when the server cannot be reached, :class:`StoreFull` when it refuses writes at
+``maxmemory``, :class:`StoreError` for anything else), never a redis-py type, so the
+rest of the code base does not depend on the client library. Nothing here retries:
+:mod:`agentos.store.retry` is the one retry policy, for operations safe to repeat.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +22,10 @@ from typing import Any
 import redis.asyncio as aredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 
 from agentos.engine.base import KVSnapshot
-from agentos.store.errors import StoreError, StoreUnavailable, translate
+from agentos.store.errors import StoreError, StoreFull, StoreUnavailable, translate
 from agentos.store.errors import reason as _reason
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.keys import event_fields as _event_fields
@@ -43,16 +46,24 @@ __all__ = [
     "LeaseInfo",
     "LoadedSnapshot",
     "Manifest",
+    "Retention",
     "SavedSnapshot",
     "SpecRecord",
+    "StatusUpdate",
     "Store",
     "StoreError",
+    "StoreFull",
     "StoreUnavailable",
     "TaskWrite",
     "redact_url",
 ]
 
 EVENTS_MAXLEN = 1000
+OP_IDS_KEPT = 64  # a retry must come before this many later writes of the same agent
+OP_IDS_TTL_S = 3600
+SEND_DEDUPE_TTL_S = 3600  # a send retried later than this is a new message
+USAGE_RETENTION_S = 400 * 86_400.0
+TASK_RETENTION_S = 7 * 86_400.0
 UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
 FLEET_EVENTS_MAXLEN = 10_000
 SIGNALS_MAXLEN = 10_000
@@ -156,6 +167,23 @@ class InboxMessage:
     deliveries: int = 1
 
 
+StatusUpdate = tuple[str, str, Mapping[str, object], tuple[str, Mapping[str, float]], str | None]
+"""One entry of :meth:`Store.fenced_status_batch`: (agent, lease, fields, usage, op id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long data with a lifetime lives in Redis, in seconds.
+
+    Usage hashes and the usage-days set are kept ``usage_s`` after their last write; task
+    records and idempotency keys ``tasks_s`` (trimming removes them earlier; the TTL is
+    the bound when trimming never runs). The daemon sets it from its settings.
+    """
+
+    usage_s: float = USAGE_RETENTION_S
+    tasks_s: float = TASK_RETENTION_S
+
+
 def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
@@ -176,7 +204,16 @@ class Store(QuotaOps):
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
         self._fenced = client.register_script(_load_script("fenced_ops"))
-        self.snapshots = Snapshots(client, keys, client.register_script(_load_script("kv_commit")))
+        self._send_once = client.register_script(_load_script("inbox_send"))
+        self._heartbeat = client.register_script(_load_script("daemon_heartbeat"))
+        self.retention = Retention()
+        self.snapshots = Snapshots(
+            client,
+            keys,
+            client.register_script(_load_script("kv_commit")),
+            client.register_script(_load_script("kv_begin")),
+            self._release,
+        )
         self._quota_scripts(client, _load_script)
 
     @classmethod
@@ -207,10 +244,11 @@ class Store(QuotaOps):
                 socket_connect_timeout=timeout_s,
                 socket_timeout=max(timeout_s, 10.0),
                 health_check_interval=30,
-                # A pooled connection to a server that restarted fails once; retry it
-                # on a fresh connection instead of surfacing the stale socket.
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
-                retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
+                # No client-level retry: redis-py would re-send a script, an XADD or a
+                # MULTI/EXEC whose reply was lost after the server applied it. Callers
+                # retry through agentos.store.retry, with operation ids.
+                retry=Retry(NoBackoff(), 0),
+                retry_on_error=[],
             )
             client = aredis.Redis.from_pool(pool)
         except ValueError as e:
@@ -268,7 +306,7 @@ class Store(QuotaOps):
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(k.generation)
+                    await pipe.watch(k.generation, k.deleted)
                     current_agents = (
                         await pipe.hmget(k.index, [r.name for r in agents]) if agents else []
                     )
@@ -290,7 +328,19 @@ class Store(QuotaOps):
                     if dry_run or not touched:
                         await pipe.unwatch()
                         return changes
+                    # An agent deleted and created again starts afresh, not with the old
+                    # one's state: its old keys go in the same transaction as the new
+                    # spec, so no daemon can start it on the old state in between.
+                    created = {
+                        c.name for c in touched if c.kind == "Agent" and c.action == "created"
+                    }
+                    stale = created & {_s(n) for n in await pipe.smembers(k.deleted)}
+                    purge: list[str] = []
+                    for name in sorted(stale):
+                        purge += await self._purge_keys(pipe, name)
                     pipe.multi()
+                    if stale:
+                        self._queue_purge(pipe, sorted(stale), purge)
                     now = time.time()
                     by_name = {(r.kind, r.name): r for r in records}
                     for change in touched:
@@ -326,10 +376,6 @@ class Store(QuotaOps):
                     break
                 except rexc.WatchError:
                     continue
-        # An agent deleted and created again starts afresh, not with the old one's state.
-        created = {c.name for c in changes if c.kind == "Agent" and c.action == "created"}
-        for name in created & await self.pending_purges():
-            await self.purge_agent(name)
         return changes
 
     @translate
@@ -369,16 +415,40 @@ class Store(QuotaOps):
 
     @translate
     async def purge_agent(self, name: str) -> None:
-        """Delete every runtime key of an agent (not its spec), snapshot and tasks included."""
-        await self.snapshots.delete(name)
-        days = [_s(d) for d in await self._r.smembers(self.keys.usage_days(name))]
-        if days:
-            await self._r.delete(*(self.keys.usage(name, d) for d in days))
-        ids = [_s(i) for i in await self._r.zrange(self.keys.tasks(name), 0, -1)]
-        for i in range(0, len(ids), 500):
-            await self._r.delete(*(self.keys.task(name, t) for t in ids[i : i + 500]))
-        await self._r.delete(*self.keys.agent_keys(name))
-        await self._r.srem(self.keys.deleted, name)
+        """Delete every runtime key of an agent (not its spec), snapshot and tasks included,
+        in one transaction."""
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    keys = await self._purge_keys(pipe, name)
+                    pipe.multi()
+                    self._queue_purge(pipe, [name], keys)
+                    await pipe.execute()
+                    return
+                except rexc.WatchError:
+                    continue
+
+    async def _purge_keys(self, pipe: Any, name: str) -> list[str]:
+        """WATCH what lists an agent's keys and read them: every key a purge deletes."""
+        k = self.keys
+        listing = [k.usage_days(name), k.tasks(name), k.kv_manifest(name), k.kv_pending(name)]
+        await pipe.watch(*listing)
+        days = [_s(d) for d in await pipe.smembers(k.usage_days(name))]
+        ids = [_s(i) for i in await pipe.zrange(k.tasks(name), 0, -1)]
+        manifest_raw, pending_raw = await pipe.mget([k.kv_manifest(name), k.kv_pending(name)])
+        return [
+            *self.snapshots.keys_of(name, manifest_raw, pending_raw),
+            *(k.usage(name, d) for d in days),
+            *(k.task(name, t) for t in ids),
+            *k.agent_keys(name),
+        ]
+
+    def _queue_purge(self, pipe: Any, names: Sequence[str], keys: Sequence[str]) -> None:
+        # One transaction over the agent's slot and {fleet}: fine on a single Redis; on
+        # Redis Cluster it has to be split per slot (the Cluster issue).
+        for i in range(0, len(keys), 500):
+            pipe.delete(*keys[i : i + 500])
+        pipe.srem(self.keys.deleted, *names)
 
     @translate
     async def pending_purges(self) -> set[str]:
@@ -543,11 +613,14 @@ class Store(QuotaOps):
         schedule: Mapping[str, float] | None = None,
         usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
+        op_id: str | None = None,
     ) -> tuple[list[str], list[str | bytes]]:
         """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)."""
         k = self.keys
-        keys = [k.lease(name)]
+        keys = [k.lease(name), k.ops(name)]
         ops: list[list[object]] = []
+        tasks_ttl = str(max(1, math.ceil(self.retention.tasks_s)))
+        usage_ttl = str(max(1, math.ceil(self.retention.usage_s)))
 
         def key(name_: str) -> int:
             if name_ not in keys:
@@ -562,14 +635,18 @@ class Store(QuotaOps):
         if clear:
             ops.append(["HDEL", key(k.status(name)), *clear])
         if event_json is not None:
+            stream = key(k.events(name))
+            ops.append(["XADD", stream, "MAXLEN", "~", EVENTS_MAXLEN, "*", "event", event_json])
             ops.append(
                 [
                     "XADD",
-                    key(k.events(name)),
+                    key(k.fleet_events),
                     "MAXLEN",
                     "~",
-                    EVENTS_MAXLEN,
+                    FLEET_EVENTS_MAXLEN,
                     "*",
+                    "agent",
+                    name,
                     "event",
                     event_json,
                 ]
@@ -577,18 +654,24 @@ class Store(QuotaOps):
         if state is not None:
             ops.append(["SET", key(k.state(name)), {"argv": 3}])
         if ack_id:
+            # An acknowledged message is gone: inboxes hold only work not yet done.
             ops.append(["XACK", key(k.inbox(name)), INBOX_GROUP, ack_id])
+            ops.append(["XDEL", key(k.inbox(name)), ack_id])
         if task is not None:
             flat = ["HSET", key(k.task(name, task.id))]
             for f, v in task.fields.items():
                 flat += [f, str(v)]
             ops.append(flat)
+            # Records vanish after the retention even if trimming never runs.
+            ops.append(["EXPIRE", key(k.task(name, task.id)), tasks_ttl])
             if task.created_at is not None:
                 ops.append(["ZADD", key(k.tasks(name)), repr(task.created_at), task.id])
+                ops.append(["EXPIRE", key(k.tasks(name)), tasks_ttl])
             if task.idempotency_key:
                 ops.append(
                     ["ZADD", key(k.idempotency(name)), repr(time.time()), task.idempotency_key]
                 )
+                ops.append(["EXPIRE", key(k.idempotency(name)), tasks_ttl])
         if schedule:
             flat = ["HSET", key(k.schedule(name))]
             for f, at in schedule.items():
@@ -600,10 +683,18 @@ class Store(QuotaOps):
                 if amount:
                     ops.append(["HINCRBYFLOAT", key(k.usage(name, day)), f, repr(float(amount))])
             ops.append(["SADD", key(k.usage_days(name)), day])
+            ops.append(["EXPIRE", key(k.usage(name, day)), usage_ttl])
+            ops.append(["EXPIRE", key(k.usage_days(name)), usage_ttl])
         if release:
             ops.append(["DEL", key(k.lease(name))])
         encoded = json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
-        return keys, [encoded, state if state is not None else b""]
+        return keys, [
+            encoded,
+            state if state is not None else b"",
+            op_id or "",
+            str(OP_IDS_KEPT),
+            str(OP_IDS_TTL_S),
+        ]
 
     @translate
     async def fenced_write(
@@ -622,13 +713,15 @@ class Store(QuotaOps):
         release: bool = False,
         op_id: str | None = None,
     ) -> bool:
-        """Write status fields, an event, the durable state, an inbox ack, a task record
-        and schedule times atomically.
+        """Write status fields, an event (with its copy in the fleet feed), the durable
+        state, an inbox ack, a task record and schedule times atomically.
 
         Happens only while ``lease_value`` is still the agent's lease; returns False
         (and writes nothing) when it is not. With ``release`` the lease is dropped in
-        the same step (a clean stop). The event is also copied to the fleet feed
-        (outside the atomic part: on Cluster it lives in another slot).
+        the same step (a clean stop). With ``op_id`` (see :func:`agentos.store.retry.new_op_id`)
+        the write is applied at most once: a repeat of one of the agent's recent op ids
+        returns True without applying anything or looking at the lease, so a retry after
+        a lost reply is safe.
         """
         event_json = json.dumps(dict(event)) if event is not None else None
         keys, ops = self._ops(
@@ -642,28 +735,24 @@ class Store(QuotaOps):
             schedule=schedule,
             usage=usage,
             release=release,
+            op_id=op_id,
         )
-        ok = await self._fenced(keys=keys, args=[lease_value, *ops])
-        if ok and event_json is not None:
-            await self._r.xadd(
-                self.keys.fleet_events,
-                {"agent": name, "event": event_json},
-                maxlen=FLEET_EVENTS_MAXLEN,
-                approximate=True,
-            )
-        return bool(ok)
+        return bool(await self._fenced(keys=keys, args=[lease_value, *ops]))
 
     @translate
-    async def fenced_status_batch(
-        self,
-        updates: Sequence[tuple[str, str, Mapping[str, object], tuple[str, Mapping[str, float]]]],
-    ) -> list[bool]:
-        """Many fenced status + usage writes in one pipeline: (agent, lease, fields, usage)."""
+    async def fenced_status_batch(self, updates: Sequence[StatusUpdate]) -> list[bool]:
+        """Many fenced status + usage writes in one pipeline:
+        (agent, lease, fields, usage, op id) each.
+
+        Returns, per update, whether it is applied (False: the lease is not the caller's).
+        With an op id each update is applied at most once, so a batch whose reply was lost
+        can be sent again unchanged.
+        """
         if not updates:
             return []
         async with self._r.pipeline(transaction=False) as pipe:
-            for name, lease_value, fields, usage in updates:
-                keys, ops = self._ops(name, status=fields, usage=usage)
+            for name, lease_value, fields, usage, op_id in updates:
+                keys, ops = self._ops(name, status=fields, usage=usage, op_id=op_id)
                 await self._fenced(keys=keys, args=[lease_value, *ops], client=pipe)
             return [bool(x) for x in await pipe.execute()]
 
@@ -735,14 +824,34 @@ class Store(QuotaOps):
 
     @translate
     async def send(
-        self, name: str, body: str, *, key: str | None = None, traceparent: str | None = None
+        self,
+        name: str,
+        body: str,
+        *,
+        key: str | None = None,
+        traceparent: str | None = None,
+        send_id: str | None = None,
     ) -> str:
-        """Put a message in the agent's inbox and nudge the daemons. Returns the message id."""
+        """Put a message in the agent's inbox and nudge the daemons. Returns the message id.
+
+        With ``send_id`` the send is applied at most once (for an hour): sending
+        again with the same id (a retry after a lost reply) adds nothing and returns the
+        first message's id.
+        """
         fields = {"body": body, "sent_at": repr(time.time())}
         if key:
             fields["key"] = key
         if traceparent:
             fields["traceparent"] = traceparent
+        if send_id is not None:
+            args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN]
+            for f, v in fields.items():
+                args += [f, v]
+            k = self.keys
+            msg = await self._send_once(
+                keys=[k.sent(name, send_id), k.inbox(name), k.signals], args=args
+            )
+            return _s(msg)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.inbox(name), fields)
             pipe.xadd(
@@ -844,19 +953,40 @@ class Store(QuotaOps):
     async def trim_tasks(self, name: str, *, keep: int, max_age_s: float) -> int:
         """Drop task records beyond the newest ``keep`` or older than ``max_age_s``, and
         idempotency keys older than ``max_age_s``. Returns how many records went."""
+        return await self.trim_tasks_many([name], keep=keep, max_age_s=max_age_s)
+
+    @translate
+    async def trim_tasks_many(self, names: Sequence[str], *, keep: int, max_age_s: float) -> int:
+        """:meth:`trim_tasks` for many agents in two pipelines per 500 agents; also forgets
+        usage days past the usage retention. Returns how many task records went."""
         k = self.keys
+        removed = 0
         cutoff = time.time() - max_age_s
-        old = await self._r.zrangebyscore(k.tasks(name), "-inf", f"({cutoff!r}")
-        extra = await self._r.zrange(k.tasks(name), 0, -keep - 1) if keep > 0 else []
-        ids = {_s(i) for i in [*old, *extra]}
-        async with self._r.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.delete(k.task(name, task_id))
-            if ids:
-                pipe.zrem(k.tasks(name), *ids)
-            pipe.zremrangebyscore(k.idempotency(name), "-inf", f"({cutoff!r}")
-            await pipe.execute()
-        return len(ids)
+        oldest_day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - self.retention.usage_s))
+        for i in range(0, len(names), 500):
+            chunk = list(names[i : i + 500])
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.zrangebyscore(k.tasks(name), "-inf", f"({cutoff!r}")
+                    # keep <= 0: no count limit (a range from 1 to 0 is empty).
+                    pipe.zrange(k.tasks(name), *((0, -keep - 1) if keep > 0 else (1, 0)))
+                    pipe.smembers(k.usage_days(name))
+                raw = await pipe.execute()
+            async with self._r.pipeline(transaction=False) as pipe:
+                for j, name in enumerate(chunk):
+                    old, extra, days = raw[3 * j : 3 * j + 3]
+                    ids = sorted({_s(t) for t in [*old, *extra]})
+                    for start in range(0, len(ids), 500):
+                        part = ids[start : start + 500]
+                        pipe.delete(*(k.task(name, t) for t in part))
+                        pipe.zrem(k.tasks(name), *part)
+                    removed += len(ids)
+                    pipe.zremrangebyscore(k.idempotency(name), "-inf", f"({cutoff!r}")
+                    gone = [_s(d) for d in days if _s(d) < oldest_day]
+                    if gone:
+                        pipe.srem(k.usage_days(name), *gone)
+                await pipe.execute()
+        return removed
 
     @translate
     async def ensure_inbox(self, name: str) -> None:
@@ -911,7 +1041,12 @@ class Store(QuotaOps):
         for g in groups:
             if _s(g.get("name")) == INBOX_GROUP:
                 lag = g.get("lag")
-                return int(g.get("pending", 0)) + int(lag or 0)
+                if lag is None:
+                    # Redis cannot tell the lag when an entry after the group's last
+                    # delivered one was deleted (acks delete out of order): count them.
+                    last = _s(g.get("last-delivered-id")) or "0-0"
+                    lag = len(await self._r.xrange(self.keys.inbox(name), min=f"({last}"))
+                return int(g.get("pending", 0)) + int(lag)
         return int(await self._r.xlen(self.keys.inbox(name)))
 
     # ---------------------------------------------------------------- hibernated KV
@@ -938,14 +1073,47 @@ class Store(QuotaOps):
     # ---------------------------------------------------------------- daemons
 
     @translate
-    async def heartbeat(self, daemon_id: str, info: Mapping[str, object]) -> None:
-        """Record that a daemon is alive, with a few facts for `agentos get daemons`."""
-        await self._r.hset(self.keys.daemons, daemon_id, json.dumps(dict(info)))
+    async def heartbeat(
+        self,
+        daemon_id: str,
+        info: Mapping[str, object],
+        *,
+        now: float | None = None,
+        forget_after_s: float = 600.0,
+    ) -> None:
+        """Record that a daemon is alive, with a few facts for `agentos get daemons`.
+
+        Entries whose ``seen_at`` is older than ``forget_after_s`` (daemons that died
+        without saying goodbye) are removed, and the hash itself expires that long after
+        the last heartbeat of any daemon.
+        """
+        now = time.time() if now is None else now
+        await self._heartbeat(
+            keys=[self.keys.daemons],
+            args=[
+                daemon_id,
+                json.dumps(dict(info)),
+                repr(now - forget_after_s),
+                max(1, math.ceil(forget_after_s)),
+            ],
+        )
 
     @translate
     async def forget_daemon(self, daemon_id: str) -> None:
         """Remove a daemon's heartbeat on clean exit."""
         await self._r.hdel(self.keys.daemons, daemon_id)
+
+    @translate
+    async def record_fleet_event(
+        self, agent: str, type_: str, reason: str, message: str, daemon: str
+    ) -> None:
+        """Add one event to the fleet feed (``agent`` empty for events of the fleet itself)."""
+        await self._r.xadd(
+            self.keys.fleet_events,
+            _event_fields(agent, time.time(), type_, reason, message, daemon),
+            maxlen=FLEET_EVENTS_MAXLEN,
+            approximate=True,
+        )
 
     @translate
     async def daemons(self) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,9 @@
-"""The two errors store callers see, and the decorator that turns redis-py's into them.
+"""The errors store callers see, and the decorator that turns redis-py's into them.
+
+Callers tell three cases apart: Redis cannot be reached (:class:`StoreUnavailable`),
+Redis is full and refuses writes (:class:`StoreFull`), and anything else
+(:class:`StoreError`). The first two are transient: the operation can succeed later
+unchanged (see :mod:`agentos.store.retry`).
 
 Kept apart from ``agentos.store`` so that every store module (specs, snapshots, quotas)
 translates errors the same way without importing the package that imports it.
@@ -12,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from redis import exceptions as rexc
 
-__all__ = ["StoreError", "StoreUnavailable", "reason", "translate"]
+__all__ = ["StoreError", "StoreFull", "StoreUnavailable", "reason", "translate"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -24,6 +29,18 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """Redis could not be reached; the message names the URL without its password."""
+
+
+class StoreFull(StoreError):
+    """Redis refused a write because it reached ``maxmemory`` (an OOM reply).
+
+    Nothing of the refused command was applied; reads still work. The message names
+    the URL without its password.
+    """
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, rexc.OutOfMemoryError) or "OOM command not allowed" in str(e)
 
 
 def _translate(
@@ -38,6 +55,12 @@ def _translate(
                 where = url_for_errors(args[0])
                 raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
             except rexc.RedisError as e:
+                if _is_oom(e):
+                    where = url_for_errors(args[0])
+                    raise StoreFull(
+                        f"Redis at {where} is full: it refuses writes (used memory > "
+                        "maxmemory); free memory or raise maxmemory"
+                    ) from e
                 raise StoreError(f"Redis error: {e}") from e
 
         return inner

@@ -184,6 +184,15 @@ class Keys:
         """Set: the days that have a usage hash (for reports and deletion)."""
         return self._agent(name, "usage-days")
 
+    def ops(self, name: str) -> str:
+        """Sorted set with a TTL: ids of the agent's most recent fenced writes, so that a
+        retried write is applied once."""
+        return self._agent(name, "ops")
+
+    def sent(self, name: str, send_id: str) -> str:
+        """String with a TTL: the message id a send with this send id produced."""
+        return self._agent(name, f"sent:{send_id}")
+
     def agent_keys(self, name: str) -> list[str]:
         """Every key that belongs to one agent, for deletion.
 
@@ -202,6 +211,7 @@ class Keys:
             self.idempotency(name),
             self.schedule(name),
             self.usage_days(name),
+            self.ops(name),
         ]
 
 

@@ -8,7 +8,12 @@ therefore see one truth, and a daemon that dies mid-call gives its slots back wh
 leases run out. ``quota_settle.lua`` replaces a call's estimate with what it really used.
 
 The fleet-wide documents (effective limits, the rules' memory, published metrics) share
-the ``{fleet}`` tag and are written by the one daemon that holds the evaluator lease.
+the ``{fleet}`` tag and are written by the one daemon that holds the evaluator lease,
+checked inside the script that writes them (``quota_publish.lua``).
+
+Every counter has a bound: GCRA states expire when they fall behind the clock, budget
+days and minute counters expire, and the holder, waiter and sleeper sets of a class
+that nobody uses any more expire a day after their last write.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = ["AdmitReply", "AdmitRequest", "ClassUsage", "QuotaOps"]
 
 FLEET_EVENTS_MAXLEN = 10_000
 BUDGET_TTL_S = 3 * 86_400  # a day's counters outlive the day, for `agentos quota` and reports
+REPORTS_TTL_S = 3600  # the daemons' published samples, if no daemon reports any more
 WAITER_TTL_MS = 2_000  # a queued caller that stops asking for this long loses its place
 BURST_S = 10.0
 """A tokens-per-minute limit lets this many seconds' worth of tokens through at once (the
@@ -101,6 +107,7 @@ class QuotaOps:
         self._q_admit = client.register_script(load("quota_admit"))
         self._q_settle = client.register_script(load("quota_settle"))
         self._q_renew = client.register_script(load("quota_renew"))
+        self._q_publish = client.register_script(load("quota_publish"))
 
     # ------------------------------------------------------------------ admission
 
@@ -334,31 +341,41 @@ class QuotaOps:
     async def quota_publish(
         self,
         *,
+        lease_value: str,
         quotas: Mapping[str, ClassQuota],
         memory: Mapping[str, RuleMemory],
         metrics: Mapping[str, Any],
         events: Sequence[tuple[str, str, str, str]],
-    ) -> None:
+    ) -> bool:
         """Write the evaluator's result and its rescale events (policy, type, reason,
-        message) in one transaction."""
+        message) in one step, only while ``lease_value`` is the evaluator lease.
+
+        Returns False (and writes nothing) when the lease is no longer the caller's.
+        """
         k = self.keys
         now = time.time()
         doc = {"at": now, "classes": {n: q.to_json() for n, q in quotas.items()}}
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.set(k.quota_effective, json.dumps(doc, sort_keys=True))
-            pipe.set(
+        args: list[str | int] = [
+            lease_value,
+            json.dumps(doc, sort_keys=True),
+            json.dumps({n: m.to_json() for n, m in memory.items()}, sort_keys=True),
+            json.dumps(dict(metrics), sort_keys=True),
+            FLEET_EVENTS_MAXLEN,
+        ]
+        for policy, type_, reason, message in events:
+            fields = event_fields(policy, now, type_, reason, message, "")
+            args += [fields["agent"], fields["event"]]
+        ok = await self._q_publish(
+            keys=[
+                k.quota_lease,
+                k.quota_effective,
                 k.quota_memory,
-                json.dumps({n: m.to_json() for n, m in memory.items()}, sort_keys=True),
-            )
-            pipe.set(k.quota_fleet_metrics, json.dumps(dict(metrics), sort_keys=True))
-            for policy, type_, reason, message in events:
-                pipe.xadd(
-                    k.fleet_events,
-                    event_fields(policy, now, type_, reason, message, ""),
-                    maxlen=FLEET_EVENTS_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()
+                k.quota_fleet_metrics,
+                k.fleet_events,
+            ],
+            args=args,
+        )
+        return bool(ok)
 
     @translate
     async def quota_evaluator_lease(self, daemon_id: str, ttl_ms: int) -> str | None:
@@ -377,7 +394,11 @@ class QuotaOps:
     @translate
     async def quota_report(self, daemon_id: str, sample: Mapping[str, Any]) -> None:
         """Publish this daemon's recent inference samples for the evaluator."""
-        await self._r.hset(self.keys.quota_metrics, daemon_id, json.dumps(dict(sample)))
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.quota_metrics, daemon_id, json.dumps(dict(sample)))
+            # Stale entries are dropped by the evaluator; the hash goes when all are gone.
+            pipe.expire(self.keys.quota_metrics, REPORTS_TTL_S)
+            await pipe.execute()
 
     @translate
     async def quota_reports(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:

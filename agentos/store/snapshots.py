@@ -2,7 +2,11 @@
 
 A hibernated agent's engine state is tens of megabytes. It is written as ~1 MiB chunks
 (pipelined) under a fresh snapshot id, then committed by one Lua script that checks the
-lease and swaps the manifest; only then are the previous snapshot's chunks deleted. A
+lease and swaps the manifest; only then are the previous snapshot's chunks deleted.
+Every step that touches what another writer may own is fenced by the lease: the
+pending marker is claimed under it (``kv_begin.lua``), chunks are written with a TTL
+that only the commit removes, so a stale or dead writer's chunks expire on their own,
+and a writer that lost the lease removes the marker only while it is still its own. A
 snapshot is valid only when its manifest decodes and every chunk is present with the
 size and BLAKE2b digest the manifest records, so a crash mid-write, a corrupt or
 evicted chunk, or a manifest without chunks all read as "no valid snapshot" (with the
@@ -28,6 +32,7 @@ __all__ = ["CHUNK_BYTES", "ChunkRef", "LoadedSnapshot", "Manifest", "SavedSnapsh
 
 CHUNK_BYTES = 1 << 20
 FORMAT = 2
+PENDING_TTL_S = 3600  # a snapshot not committed within this long is garbage
 
 
 class ChunkRef(msgspec.Struct, frozen=True):
@@ -93,10 +98,14 @@ def _digest(data: bytes | memoryview) -> str:
 class Snapshots:
     """Save, load and delete KV snapshots through a redis-py asyncio client."""
 
-    def __init__(self, client: Any, keys: Keys, commit_script: Any) -> None:
+    def __init__(
+        self, client: Any, keys: Keys, commit_script: Any, begin_script: Any, release_script: Any
+    ) -> None:
         self._r = client
         self._k = keys
         self._commit = commit_script
+        self._begin = begin_script
+        self._release = release_script  # compare-and-delete (lease_release.lua)
 
     async def save(
         self,
@@ -113,17 +122,26 @@ class Snapshots:
         """
         started = time.perf_counter()
         k = self._k
-        await self._clean_pending(name)
         snap_id = uuid.uuid4().hex[:12]
         data = memoryview(snapshot.data or b"") if keep_kv else memoryview(b"")
         n_chunks = (len(data) + CHUNK_BYTES - 1) // CHUNK_BYTES
-        await self._r.set(k.kv_pending(name), msgspec.msgpack.encode(_Pending(snap_id, n_chunks)))
+        pending = msgspec.msgpack.encode(_Pending(snap_id, n_chunks))
+        # Claim the pending marker under the lease: a stale writer touches nothing, and
+        # the marker it replaces names a dead (or superseded) writer's chunks.
+        begun = await self._begin(
+            keys=[k.lease(name), k.kv_pending(name)], args=[lease_value, pending, PENDING_TTL_S]
+        )
+        if not int(begun[0]):
+            return None
+        if len(begun) > 1 and begun[1]:
+            await self._delete_chunks(_pending_chunks(k, name, begun[1]))
         chunks: list[ChunkRef] = []
         async with self._r.pipeline(transaction=False) as pipe:
             for i in range(n_chunks):
                 part = data[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]
                 key = k.kv_chunk(name, snap_id, i)
-                pipe.set(key, part.tobytes())
+                # Chunks expire unless committed: a writer that dies leaves nothing behind.
+                pipe.set(key, part.tobytes(), ex=PENDING_TTL_S)
                 chunks.append(ChunkRef(key, len(part), _digest(part)))
             await pipe.execute()
         manifest = Manifest(
@@ -140,12 +158,14 @@ class Snapshots:
             n_kv=snapshot.n_kv,
         )
         reply = await self._commit(
-            keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name)],
+            keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name), *(c.key for c in chunks)],
             args=[lease_value, msgspec.msgpack.encode(manifest)],
         )
         if not int(reply[0]):
+            # Lost the lease meanwhile: drop our own chunks, and the marker only if it is
+            # still ours (the new owner may have written its own since).
             await self._delete_chunks([c.key for c in chunks])
-            await self._r.delete(k.kv_pending(name))
+            await self._release(keys=[k.kv_pending(name)], args=[pending])
             return None
         if len(reply) > 1 and reply[1]:
             old = _decode_manifest(reply[1])
@@ -194,31 +214,37 @@ class Snapshots:
         return None if raw is None else _decode_manifest(raw)
 
     async def delete(self, name: str) -> None:
-        """Remove the snapshot, its chunks and any half-written one."""
-        await self._clean_pending(name)
-        manifest = await self.manifest(name)
-        if manifest is not None:
-            await self._delete_chunks([c.key for c in manifest.chunks])
-        await self._r.delete(self._k.kv_manifest(name))
+        """Remove the snapshot, its chunks and any half-written one (unfenced: for purges)."""
+        k = self._k
+        manifest_raw, pending_raw = await self._r.mget([k.kv_manifest(name), k.kv_pending(name)])
+        keys = self.keys_of(name, manifest_raw, pending_raw)
+        await self._delete_chunks(keys)
 
-    async def _clean_pending(self, name: str) -> None:
-        # A snapshot whose writer died before committing: its chunks are garbage.
-        raw = await self._r.get(self._k.kv_pending(name))
-        if raw is None:
-            return
-        try:
-            pending = msgspec.msgpack.decode(raw, type=_Pending)
-        except msgspec.DecodeError:
-            await self._r.delete(self._k.kv_pending(name))
-            return
-        await self._delete_chunks(
-            [self._k.kv_chunk(name, pending.id, i) for i in range(pending.n_chunks)]
-        )
-        await self._r.delete(self._k.kv_pending(name))
+    def keys_of(
+        self, name: str, manifest_raw: bytes | None, pending_raw: bytes | None
+    ) -> list[str]:
+        """Every key of the agent's snapshots, given its manifest and pending marker values:
+        the committed chunks, a half-written snapshot's chunks, the manifest, the marker."""
+        k = self._k
+        keys = [k.kv_manifest(name), k.kv_pending(name)]
+        manifest = _decode_manifest(manifest_raw) if manifest_raw is not None else None
+        if manifest is not None:
+            keys += [c.key for c in manifest.chunks]
+        if pending_raw is not None:
+            keys += _pending_chunks(k, name, pending_raw)
+        return keys
 
     async def _delete_chunks(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 256):
             await self._r.delete(*keys[i : i + 256])
+
+
+def _pending_chunks(k: Keys, name: str, raw: bytes) -> list[str]:
+    try:
+        pending = msgspec.msgpack.decode(raw, type=_Pending)
+    except msgspec.DecodeError:
+        return []
+    return [k.kv_chunk(name, pending.id, i) for i in range(pending.n_chunks)]
 
 
 def _decode_manifest(raw: bytes) -> Manifest | None:

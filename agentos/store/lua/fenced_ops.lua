@@ -1,16 +1,30 @@
 -- Apply a list of writes to one agent's keys, all at once and only while the caller
 -- holds the agent's lease with the same fencing token. A daemon that lost its lease
 -- cannot overwrite the work of the one that took over, and writes that belong
--- together (a state save, its inbox ack, the task's outcome, the idempotency key)
--- never part.
--- KEYS[1] the lease, then every key the ops touch (all with the agent's hash tag).
+-- together (a state save, its inbox ack, the task's outcome, the idempotency key,
+-- the event and its copy in the fleet feed) never part.
+-- With an operation id the writes are applied at most once: the agent's most recent op
+-- ids are kept in KEYS[2]. A repeat of one of them (a retry after a lost reply) returns
+-- 2 without applying anything and without looking at the lease, which the first
+-- attempt may have released.
+-- KEYS[1] the lease, KEYS[2] the agent's recent op ids (sorted set), then every key the
+-- ops touch. All carry the agent's hash tag except the fleet event feed ({fleet}): one
+-- script may touch both on a single Redis; on Redis Cluster the fleet copy has to move
+-- to a per-agent or sharded feed (the Cluster issue).
 -- ARGV[1] "daemon|token"; ARGV[2] JSON list of ops [command, key index, args...];
--- an argument {"argv": n} stands for ARGV[n] (binary values such as agent state).
--- Returns 1 when applied, 0 when the lease is not the caller's.
+-- an argument {"argv": n} stands for ARGV[n] (ARGV[3]: binary values such as agent
+-- state); ARGV[4] op id or ''; ARGV[5] how many op ids to keep; ARGV[6] their ttl (s).
+-- Returns 1 when applied, 2 when the op id was applied before, 0 when the lease is
+-- not the caller's.
 local allowed = {
-  HSET = true, HDEL = true, SET = true, DEL = true, XADD = true, XACK = true,
+  HSET = true, HDEL = true, SET = true, DEL = true, XADD = true, XACK = true, XDEL = true,
   ZADD = true, ZREM = true, ZREMRANGEBYSCORE = true, HINCRBYFLOAT = true, SADD = true,
+  EXPIRE = true,
 }
+local op_id = ARGV[4]
+if op_id ~= '' and redis.call('ZSCORE', KEYS[2], op_id) then
+  return 2
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
@@ -30,5 +44,14 @@ for _, op in ipairs(ops) do
     args[#args + 1] = arg
   end
   redis.call(unpack(args))
+end
+if op_id ~= '' then
+  -- Scores count up, so the newest ids survive the trim (no clock involved).
+  local top = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  local score = 1
+  if top[2] then score = tonumber(top[2]) + 1 end
+  redis.call('ZADD', KEYS[2], score, op_id)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[5]) + 1))
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
 return 1

@@ -118,4 +118,13 @@ for i = 0, n - 1 do
   out[#out + 1] = what
 end
 redis.call('EXPIRE', KEYS[5], budget_ttl)
+-- A class (or an agent) nobody admits any more leaves no sets behind; entries inside
+-- expire far sooner (slot leases, waiter ttl, rate sleeps), so a day is safe.
+local idle_ttl = 86400
+for _, i in ipairs({2, 3, 4, 6}) do
+  redis.call('EXPIRE', KEYS[i], idle_ttl)
+end
+for i = 0, n - 1 do
+  redis.call('EXPIRE', KEYS[8 + 2 * i], idle_ttl)
+end
 return out

@@ -4,4 +4,7 @@ local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[1] .. '|' .. ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', until_ms, ARGV[2])
+-- Same bound as quota_admit.lua: a day after the last write.
+redis.call('EXPIRE', KEYS[1], 86400)
+redis.call('EXPIRE', KEYS[2], 86400)
 return 1
