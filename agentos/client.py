@@ -32,6 +32,7 @@ from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
 from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
 from agentos.store.embedded import embedded_url
+from agentos.store.retry import new_op_id, retry
 
 __all__ = [
     "AgentDetail",
@@ -430,7 +431,9 @@ class Client:
         Raises :class:`NotFound` for an unknown agent and :class:`ClientError` for a
         message larger than the agent's inbox limit; nothing is enqueued then.
         """
-        spec = await self._require(name)
+        # A pooled connection to a Redis that restarted fails once: a few quick retries
+        # reach a fresh one. Safe, because the read is a read and the send carries an id.
+        spec = await retry(lambda: self._require(name), what="send", max_delay_s=0.5, attempts=3)
         limit = DEFAULT_MAX_MESSAGE_BYTES
         for trigger in spec.get("spec", {}).get("triggers", []):
             if "inbox" in trigger:
@@ -438,7 +441,13 @@ class Client:
         size = len(body.encode())
         if size > limit:
             raise ClientError(f'message is {size} bytes; agent "{name}" accepts at most {limit}')
-        return await self.store.send(name, body, key=key, traceparent=traceparent)
+        send_id = new_op_id()
+        return await retry(
+            lambda: self.store.send(name, body, key=key, traceparent=traceparent, send_id=send_id),
+            what=f"send to {name}",
+            max_delay_s=0.5,
+            attempts=3,
+        )
 
     async def hibernate(self, name: str) -> None:
         """Ask the agent's daemon to hibernate it as soon as it is idle."""

@@ -15,7 +15,7 @@ from agentos.core.spec import Document, parse_text
 from agentos.daemon import Daemon
 from agentos.engine import Engine, SimEngine
 from agentos.settings import DaemonSettings
-from agentos.store import Store
+from agentos.store import Store, StoreUnavailable
 from agentos.telemetry import Telemetry
 
 FAST = {"lease_ttl_s": 2.0, "grace_s": 1.0, "reconcile_interval_s": 0.05, "status_flush_s": 0.1}
@@ -72,13 +72,21 @@ async def running_daemon(
 async def wait_until(
     check: Callable[[], Awaitable[Any]], *, within: float = 10.0, what: str = "condition"
 ) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``.
+
+    A check that cannot reach Redis (the test's own pooled connection to a server that
+    restarted fails once; the client does not resend) counts as "not yet".
+    """
     last: Any = None
     with anyio.move_on_after(within):
         while True:
-            last = await check()
-            if last:
-                return last
+            try:
+                last = await check()
+            except StoreUnavailable as e:
+                last = e
+            else:
+                if last:
+                    return last
             await anyio.sleep(0.02)
     raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
 
