@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -51,6 +51,7 @@ class _Flush:
 
     updates: list[StatusUpdate]
     seconds: dict[tuple[str, str], float]
+    seconds_op: str = field(default_factory=new_op_id)  # the budget charge, applied once
 
 
 def _utc(t: float) -> str:
@@ -320,8 +321,7 @@ class Daemon:
         """Write one flush batch; False (and the batch kept as it is) when Redis failed."""
         try:
             if flush.updates:
-                # A runner whose lease was re-acquired since writes under its new value;
-                # an update applied before is recognised by its op id, lease or not.
+                # An update applied before is recognised by its op id, lease or not.
                 updates = [
                     (n, self._lease_of(n, lease), fields, usage, op_id)
                     for n, lease, fields, usage, op_id in flush.updates
@@ -330,8 +330,7 @@ class Daemon:
                     await self.store.fenced_status_batch(updates[k : k + 1000])
                 flush.updates = []
             if flush.seconds:
-                # Budget charges carry no op id: a lost reply here may charge twice.
-                await self.governor.charge_seconds(flush.seconds)
+                await self.governor.charge_seconds(flush.seconds, op_id=flush.seconds_op)
                 flush.seconds = {}
             await self._store_recovered()
         except StoreError as e:

@@ -183,6 +183,16 @@ async def test_agent_seconds_budget(store: Store) -> None:
     assert (await admit(store, "c3", 1, agent_limits=lim, agent="b"))[0] == 1
 
 
+async def test_a_charge_retried_with_its_op_id_counts_once(store: Store) -> None:
+    charge = [("std", "a", "2026-11-28", 6.0), ("std", "b", "2026-11-28", 1.0)]
+    for _ in range(3):  # the reply was lost twice; the daemon sends the same charge again
+        await store.quota_charge_seconds(charge, op_id="flush-1")
+    await store.quota_charge_seconds(charge, op_id="flush-2")
+    usage = (await store.quota_usage({"std": "2026-11-28"}))["std"]
+    assert usage.day_seconds == 14.0
+    assert usage.agent_day_seconds == {"a": 12.0, "b": 2.0}
+
+
 # ---------------------------------------------------------------------- the governor
 
 

@@ -402,12 +402,15 @@ class Governor:
             "slots_total": slots_total,
         }
 
-    async def charge_seconds(self, seconds: Mapping[tuple[str, str], float]) -> None:
-        """Charge active agent-seconds ((agent, class) -> s) to governed classes' budgets."""
+    async def charge_seconds(
+        self, seconds: Mapping[tuple[str, str], float], *, op_id: str | None = None
+    ) -> None:
+        """Charge active agent-seconds ((agent, class) -> s) to governed classes' budgets;
+        a retry with the same ``op_id`` is not charged twice."""
         now = self.clock()
         charges = []
         for (agent, quota_class), s in seconds.items():
             q = self.quota_of(quota_class)
             if q is not None and s > 0:
                 charges.append((quota_class, agent, day_window(q.timezone, now)[0], s))
-        await self.store.quota_charge_seconds(charges)
+        await self.store.quota_charge_seconds(charges, op_id=op_id)

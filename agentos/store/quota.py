@@ -108,6 +108,7 @@ class QuotaOps:
         self._q_settle = client.register_script(load("quota_settle"))
         self._q_renew = client.register_script(load("quota_renew"))
         self._q_publish = client.register_script(load("quota_publish"))
+        self._q_charge = client.register_script(load("quota_charge"))
 
     # ------------------------------------------------------------------ admission
 
@@ -248,16 +249,30 @@ class QuotaOps:
             await pipe.execute()
 
     @translate
-    async def quota_charge_seconds(self, charges: Sequence[tuple[str, str, str, float]]) -> None:
-        """Add active agent-seconds to daily budgets: (class, agent, day, seconds) each."""
+    async def quota_charge_seconds(
+        self, charges: Sequence[tuple[str, str, str, float]], *, op_id: str | None = None
+    ) -> None:
+        """Add active agent-seconds to daily budgets: (class, agent, day, seconds) each.
+
+        With ``op_id`` a repeat of the same charges (a retry after a lost reply) is not
+        counted again.
+        """
         if not charges:
             return
+        by_day: dict[tuple[str, str], list[str]] = {}
+        for quota_class, agent, day, seconds in charges:
+            by_day.setdefault((quota_class, day), []).extend([agent, repr(float(seconds))])
         async with self._r.pipeline(transaction=False) as pipe:
-            for quota_class, agent, day, seconds in charges:
-                key = self.keys.quota(quota_class, f"day:{day}")
-                pipe.hincrbyfloat(key, "seconds", seconds)
-                pipe.hincrbyfloat(key, f"seconds:{agent}", seconds)
-                pipe.expire(key, BUDGET_TTL_S)
+            for (quota_class, day), pairs in by_day.items():
+                q = self.keys.quota
+                await self._q_charge(
+                    keys=[
+                        q(quota_class, f"charged:{op_id or ''}:{day}"),
+                        q(quota_class, f"day:{day}"),
+                    ],
+                    args=[op_id or "", BUDGET_TTL_S, *pairs],
+                    client=pipe,
+                )
             await pipe.execute()
 
     # ------------------------------------------------------------------ reading usage
