@@ -179,39 +179,23 @@ async def test_an_expired_lease_is_never_rearmed_for_stale_memory(store: Store) 
     assert state.n == 5
 
 
-async def test_a_crash_backoff_gives_the_slot_back(store: Store) -> None:
+@pytest.mark.parametrize(
+    ("backoff", "crash_loop_after", "status"),
+    [("30s", 5, {"reason": "BackOff"}), ("10ms", 2, {"phase": "Failed"})],
+    ids=["crash-backoff", "failed"],
+)
+async def test_a_crashed_agent_gives_its_slot_back(
+    store: Store, backoff: str, crash_loop_after: int, status: dict[str, str]
+) -> None:
+    restart = {"backoff": {"initial": backoff, "max": backoff}, "crashLoopAfter": crash_loop_after}
     await apply(
         store,
-        agent_doc(
-            "odd",
-            PARITY,
-            config={"crash_odd": True},
-            restartPolicy={"backoff": {"initial": "30s", "max": "30s"}, "crashLoopAfter": 5},
-            **INBOX,
-        ),
+        agent_doc("odd", PARITY, config={"crash_odd": True}, restartPolicy=restart, **INBOX),
     )
     engine = like_llama(2)
     async with running_daemon(store, engine):
         await Client(store).send("odd", "1")
-        await wait_until(lambda: status_is(store, "odd", reason="BackOff"))
-        assert not engine.has_session("odd")
-
-
-async def test_a_failed_agent_holds_no_slot(store: Store) -> None:
-    await apply(
-        store,
-        agent_doc(
-            "odd",
-            PARITY,
-            config={"crash_odd": True},
-            restartPolicy={"backoff": {"initial": "10ms", "max": "10ms"}, "crashLoopAfter": 2},
-            **INBOX,
-        ),
-    )
-    engine = like_llama(2)
-    async with running_daemon(store, engine):
-        await Client(store).send("odd", "1")
-        await wait_until(lambda: status_is(store, "odd", phase="Failed"))
+        await wait_until(lambda: status_is(store, "odd", **status))
         assert not engine.has_session("odd")
 
 

@@ -33,6 +33,8 @@ from agentos.governor.admission import Governor, Ticket
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.loop import (
     AgentCodeError,
+    EntrypointError,
+    load_agent_class,
 )
 from agentos.runtime.session import AgentSession
 from agentos.runtime.slots import SlotArbiter
@@ -329,6 +331,16 @@ class RunnerBase:
                     del self._queue[i]
                 return work
         return None
+
+    async def _load_class(self) -> bool:
+        """Import the entrypoint's Agent class; ``Failed`` (not retried) when it is wrong."""
+        try:
+            self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
+            self.codec = StateCodec(self._agent_cls.State)
+        except (EntrypointError, TypeError) as e:
+            await self._fail("EntrypointError", str(e), "")
+            return False
+        return True
 
     # Jobs of the other parts, called across them.
 

@@ -27,11 +27,6 @@ from agentos.engine.base import EngineError
 from agentos.runtime.base import _INFRA, RunnerBase
 from agentos.runtime.loop import (
     AgentCodeError,
-    EntrypointError,
-    load_agent_class,
-)
-from agentos.sdk import (
-    StateCodec,
 )
 from agentos.store import TaskWrite
 
@@ -191,13 +186,8 @@ class FaultMixin(RunnerBase):
         """An operator woke a Failed agent: start over with a clean failure count."""
         self.failed = False
         self.consecutive_failures = 0
-        if self._agent_cls is None:
-            try:
-                self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
-                self.codec = StateCodec(self._agent_cls.State)
-            except (EntrypointError, TypeError) as e:
-                await self._fail("EntrypointError", str(e), "")
-                return
+        if self._agent_cls is None and not await self._load_class():
+            return
         if not await self._instantiate():
             return
         self.phase = transition(self.phase, PhaseEvent.START)

@@ -34,15 +34,12 @@ from agentos.core.triggers import TriggerClock
 from agentos.runtime.faults import FaultMixin
 from agentos.runtime.loop import (
     AgentCodeError,
-    EntrypointError,
-    load_agent_class,
 )
 from agentos.runtime.tasking import TaskMixin
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
     Context,
-    StateCodec,
     TaskInfo,
     agent_logger,
     freeze_config,
@@ -103,13 +100,7 @@ class AgentRunner(TaskMixin, FaultMixin):
         self.usage.kv_stored = int(prior.get("kv_bytes") or 0)
         self.session.has_snapshot = bool(prior.get("snapshot_at"))
         was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
-        try:
-            self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
-            self.codec = StateCodec(self._agent_cls.State)
-        except (EntrypointError, TypeError) as e:
-            await self._fail("EntrypointError", str(e), "")
-            return
-        if not await self._instantiate(snapshot.state):
+        if not await self._load_class() or not await self._instantiate(snapshot.state):
             return
         for msg in snapshot.pending:
             self._queue.append(inbox_work(msg))
