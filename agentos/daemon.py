@@ -208,6 +208,8 @@ class Daemon:
         # whose first one is still saving its context would put two owners on one
         # engine session (a respec restarts the agent itself once the first is done).
         local = {n: Local(n, r.spec_hash) for n, r in self.runners.items()}
+        for n in self._stopping - local.keys():  # stopped, about to be restarted
+            local[n] = Local(n, self._desired[n].spec_hash if n in self._desired else "")
         # Checking the leases of agents we do not run costs a round trip per agent:
         # do it every third of a lease, or right after a signal.
         unowned = [n for n in self._desired if n not in self.runners]
@@ -321,11 +323,10 @@ class Daemon:
         """Write one flush batch; False (and the batch kept as it is) when Redis failed."""
         try:
             if flush.updates:
-                # An update applied before is recognised by its op id, lease or not.
-                updates = [
-                    (n, self._lease_of(n, lease), fields, usage, op_id)
-                    for n, lease, fields, usage, op_id in flush.updates
-                ]
+                # Each update is fenced by the lease of the runner that produced it (a
+                # newer runner's status is not overwritten by an old one's counters);
+                # one applied before is recognised by its op id.
+                updates = flush.updates
                 for k in range(0, len(updates), 1000):
                     await self.store.fenced_status_batch(updates[k : k + 1000])
                 flush.updates = []
@@ -342,16 +343,13 @@ class Daemon:
             return False
         return True
 
-    def _lease_of(self, name: str, lease_value: str) -> str:
-        runner = self.runners.get(name)
-        return runner.lease_value if runner is not None else lease_value
-
     async def _quota_loop(self) -> None:
         """Reload effective limits and publish this daemon's inference samples."""
         while True:
             try:
-                if await self.governor.refresh():
-                    for runner in self.runners.values():
+                changed = await self.governor.refresh()
+                for runner in self.runners.values():
+                    if runner.resource.spec.quota_class in changed:
                         runner.quota_changed()
                 await self.governor.renew()
                 held = sum(1 for name in self.runners if self.engine.has_session(name))
@@ -465,6 +463,10 @@ class Daemon:
             won = [n for n, t in tokens.items() if t]
             bodies = await self.store.agent_specs_of(won)
             for name in won:
+                if name in self.runners:
+                    # Started meanwhile by another pass (the same daemon gets the same
+                    # lease back): one runner per agent.
+                    continue
                 lease_value = f"{self.id}|{tokens[name]}"
                 resource = self._parse(name, bodies.get(name))
                 if resource is None:
@@ -529,10 +531,11 @@ class Daemon:
                 )
                 self._scopes[name].cancel()
                 await runner.done.wait()
+            if restart_hash is not None and not self._stop.is_set():
+                await self._start_many([(name, restart_hash)])
         finally:
+            # Only now: until the restarted runner exists, reconcile must not start one.
             self._stopping.discard(name)
-        if restart_hash is not None and not self._stop.is_set():
-            await self._start_many([(name, restart_hash)])
 
     async def _stop_all(self, reason: StopReason) -> None:
         runners = list(self.runners.values())

@@ -150,8 +150,10 @@ class Usage:
 class SessionProvider(Protocol):
     """Where the model handle gets the agent's engine session from.
 
-    In a daemon the runtime opens the session (slot and restored context) before agent
-    code runs, so :meth:`ensure` finds it open; it only does work as a fallback.
+    In a daemon the runtime opens the session (slot and restored context) before a
+    task's agent code runs, so :meth:`ensure` finds it open; it only does work when
+    agent code calls the model outside a task (a heartbeat's ``observe`` of a
+    hibernated agent), and then wakes the agent.
     """
 
     async def ensure(self) -> object:

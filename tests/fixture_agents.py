@@ -271,3 +271,17 @@ class Reporter(agentos.Agent):
         if ctx.config.get("explicit"):
             ctx.set_result({"a": 1, "body": plan.body})
         return Outcome(answer=plan.body.upper(), n=len(plan.body))
+
+
+class Peeker(agentos.Agent):
+    """Its observe asks the model before deciding; finds work once if ``config.work``."""
+
+    State = CountState
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        await ctx.llm.generate("anything new?", max_tokens=2)
+        return True if ctx.config.get("work") and ctx.state.n < 1 else None
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        ctx.state.n += 1
+        return "looked"

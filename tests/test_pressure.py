@@ -131,9 +131,12 @@ async def test_lease_lost_mid_task_stops_the_agent_and_frees_its_slot(
         lease = (await store.leases(["gated"]))["gated"]
         assert await store.release_lease("gated", f"{lease.owner}|{lease.token}")
         assert await store.acquire_lease("gated", "thief", 60_000)
+        runner = d.runners["gated"]
         GATES.setdefault("gated", anyio.Event()).set()  # the next write finds the lease gone
         await wait_until(lambda: _gone(d, "gated"), what="the runner to stop")
         assert not engine.has_session("gated")
+        assert runner.stop_reason is not None
+        assert runner.stop_reason.value == "lease-lost"
     messages = [r.getMessage() for r in caplog.records]
     assert any("lease lost" in m for m in messages), messages
     assert not any("supervisor crashed" in m for m in messages), messages
@@ -279,3 +282,55 @@ async def test_delete_and_shutdown_close_the_session(store: Store, how: str) -> 
             assert not engine.has_session("parity")
     assert not engine.has_session("parity")
     assert not d.arbiter.holders
+
+
+@pytest.mark.parametrize("work", [False, True], ids=["nothing-found", "work-found"])
+async def test_a_hibernated_agent_whose_observe_calls_the_model_wakes_and_sleeps_again(
+    store: Store, work: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat's observe that asks the model wakes the agent as a task would (phase,
+    slot, context); it hibernates again after idleAfter, and another agent gets the one
+    slot it held."""
+    caplog.set_level(logging.WARNING)
+    await apply(
+        store,
+        agent_doc(
+            "peeker",
+            "tests.fixture_agents:Peeker",
+            config={"work": work},
+            triggers=[{"heartbeat": "300ms"}],
+            hibernation={"idleAfter": "100ms"},
+        ),
+        agent_doc("caller", CALLER, config={"calls": 1}, **INBOX),
+    )
+    engine = like_llama(1)
+    async with running_daemon(store, engine):
+        woke = await wait_until(lambda: _woke_count(store, "peeker", 2), what="two wakes")
+        assert woke
+        await Client(store).send("caller", "go")
+        await wait_until(lambda: status_is(store, "caller", tasks_succeeded="1"), within=15)
+        if work:
+            await wait_until(lambda: status_is(store, "peeker", tasks_succeeded="1"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("supervisor crashed" in m for m in messages), messages
+
+
+async def _woke_count(store: Store, name: str, n: int) -> bool:
+    return sum(1 for e in await store.events(name, count=100) if e.type == "Woke") >= n
+
+
+async def test_a_task_cut_off_by_the_grace_period_gives_its_slot_and_lease_back(
+    store: Store,
+) -> None:
+    GATES.pop("stuck", None)  # its act never returns: the gate is never opened
+    await apply(store, agent_doc("stuck", GATE, **INBOX))
+    engine = like_llama(2)
+    async with running_daemon(store, engine, grace_s=0.5):
+        await Client(store).send("stuck", "go")
+        await wait_until(lambda: status_is(store, "stuck", phase="Running"))
+    assert not engine.has_session("stuck")
+    assert await store.leases(["stuck"]) == {}
+    status = await store.status("stuck")
+    assert status["owner"] == ""
+    assert status["phase"] in ("Hibernated", "Stopped")
+    assert await store.inbox_depth("stuck") == 1  # not acknowledged: it runs again

@@ -50,6 +50,7 @@ class Work:
     recorded: bool = False  # a task record exists already (queued)
     queued_at: float | None = None
     not_before: float = 0.0  # parked until then (a quota, a budget, an infrastructure retry)
+    parked_for: str = ""  # why: "rate", "budget", "infra" (a quota change frees the first two)
     infra_attempts: int = 0  # infrastructure retries in a row (never counted as crashes)
 
 

@@ -176,15 +176,23 @@ class Governor:
 
     # ------------------------------------------------------------------ limits
 
-    async def refresh(self) -> bool:
+    async def refresh(self) -> set[str]:
         """Load the effective limits (or, before any evaluator ran, the declared ones).
 
-        Returns whether they changed (parked tasks may then be admitted).
+        Returns the classes whose limits changed (their parked tasks may be admitted now).
         """
         effective = await self.store.quota_effective()
         if effective is None:
             effective = base_quotas(stored_policies(await self.store.policies()))
-        changed = bool(self.quotas) and effective != self.quotas
+        changed = (
+            {
+                c
+                for c in effective.keys() | self.quotas.keys()
+                if effective.get(c) != self.quotas.get(c)
+            }
+            if self.quotas
+            else set()
+        )
         self.quotas = effective
         return changed
 

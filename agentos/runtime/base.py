@@ -54,7 +54,7 @@ __all__ = ["RunnerBase"]
 log = logging.getLogger("agentos.runner")
 _T = TypeVar("_T")
 # Errors raised under agent code that are the infrastructure's, never the agent's.
-_INFRA = (NoFreeSlot, EngineUnavailable, StoreError)
+INFRA_ERRORS = (NoFreeSlot, EngineUnavailable, StoreError)
 
 
 class RunnerBase:
@@ -168,9 +168,10 @@ class RunnerBase:
         self._nudged.set()
 
     def quota_changed(self) -> None:
-        """The effective quotas changed: parked tasks may be admitted now."""
+        """The agent's class got new limits: tasks parked by a quota may be admitted now."""
         for work in self._queue:
-            work.not_before = 0.0
+            if work.parked_for in ("rate", "budget"):
+                work.not_before = 0.0
         self._nudged.set()
 
     # The slot arbiter's view (agentos.runtime.slots.Holder).
@@ -285,19 +286,33 @@ class RunnerBase:
         self.dirty = True
 
     async def _release_slot(self) -> dict[str, object]:
-        """Save the context (if it changed) and give the slot back; status fields to write."""
-        if not self.session.open:
-            return {}
+        """Save the context (if it changed) and give the slot back; status fields to write.
+
+        Whatever the reason, a slot the arbiter asked for is then given: its request ends.
+        """
         try:
-            saved = await self.session.release()
-        except EngineError as e:
-            log.warning("%s: could not export the KV (%s); the context is not saved", self.name, e)
-            return {}
-        if saved is None:
-            return {}
-        self.telemetry.kv_bytes.add(saved.stored_bytes - self.usage.kv_stored)
-        self.usage.set_kv_stored(saved.stored_bytes)
-        return saved.status
+            if not self.session.open:
+                return {}
+            try:
+                saved = await self.session.release()
+            except EngineError as e:
+                log.warning("%s: could not export the KV (%s); not saved", self.name, e)
+                return {}
+            if saved is None:
+                return {}
+            self.telemetry.kv_bytes.add(saved.stored_bytes - self.usage.kv_stored)
+            self.usage.set_kv_stored(saved.stored_bytes)
+            return saved.status
+        finally:
+            if self._evicting:
+                self._evicting = False
+                self.hibernate_requested = None
+                self.arbiter.eviction_over(self.name)
+
+    def _move(self, edge: PhaseEvent) -> None:
+        """Change phase without a write; the phase that ends is metered."""
+        self.usage.phase_ends(self.phase)
+        self.phase = transition(self.phase, edge)
 
     async def _set_phase(
         self,
@@ -309,8 +324,7 @@ class RunnerBase:
         event: dict[str, str] | None = None,
         task: TaskWrite | None = None,
     ) -> None:
-        self.usage.phase_ends(self.phase)
-        self.phase = transition(self.phase, edge)
+        self._move(edge)
         self._phase_path.append(self.phase.value)
         fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
         if status:
@@ -344,7 +358,7 @@ class RunnerBase:
 
     # Jobs of the other parts, called across them.
 
-    async def _on_fault(self, failure: AgentCodeError, work: Work) -> None:
+    async def _on_fault(self, failure: AgentCodeError, work: Work, *, infra: bool = False) -> None:
         raise NotImplementedError  # agentos.runtime.faults
 
     async def _fail(self, reason: str, message: str, tb: str) -> None:

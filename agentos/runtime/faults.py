@@ -12,43 +12,47 @@ import functools
 import logging
 import time
 from dataclasses import replace
-from typing import TypeVar
 
 import anyio
 
 from agentos.core.fairness import QuotaExceeded
-from agentos.core.lifecycle import Phase, PhaseEvent, transition
+from agentos.core.lifecycle import Phase, PhaseEvent
 from agentos.core.supervisor import Action, Fault, Verdict, decide
 from agentos.core.tasks import (
     Work,
     short,
 )
-from agentos.engine.base import EngineError
-from agentos.runtime.base import _INFRA, RunnerBase
+from agentos.runtime.base import INFRA_ERRORS, RunnerBase
 from agentos.runtime.loop import (
     AgentCodeError,
 )
+from agentos.runtime.writer import LeaseLost
 from agentos.store import TaskWrite
 
 __all__ = ["FaultMixin"]
 
 log = logging.getLogger("agentos.runner")
-_T = TypeVar("_T")
 
 
 class FaultMixin(RunnerBase):
     """The fault-handling job of the runner."""
 
-    async def _on_fault(self, failure: AgentCodeError, work: Work) -> None:
-        """A task did not finish: restart, fail, retry or park, as the supervisor decides."""
+    async def _on_fault(self, failure: AgentCodeError, work: Work, *, infra: bool = False) -> None:
+        """A task did not finish: restart, fail, retry or park, as the supervisor decides.
+
+        ``infra``: the error came from the runtime's own work (securing the session,
+        saving state), never the agent's fault whatever its type.
+        """
         error = failure.error
+        if isinstance(error, LeaseLost):  # raised by the runtime under agent code
+            raise error
         retry_after = 0.0
-        if isinstance(error, QuotaExceeded):
+        if infra:
+            fault = Fault.INFRA
+        elif isinstance(error, QuotaExceeded):
             fault = Fault.BUDGET if error.kind == "budget" else Fault.RATE
             retry_after = error.retry_after_s
-        elif isinstance(error, _INFRA) or (
-            isinstance(error, EngineError) and isinstance(error.__cause__, _INFRA)
-        ):
+        elif isinstance(error, INFRA_ERRORS):
             fault = Fault.INFRA
         else:
             fault = Fault.AGENT
@@ -108,6 +112,7 @@ class FaultMixin(RunnerBase):
                 recorded=True,
                 not_before=verdict.resume_at,
                 infra_attempts=verdict.infra_attempts,
+                parked_for=fault.value,
             )
         )
 
@@ -130,7 +135,9 @@ class FaultMixin(RunnerBase):
         await self.writer.write(task=TaskWrite(work.id, outcome))
         # The message stays unacknowledged: the next attempt (or, after Failed, the
         # operator's wake) runs it again.
-        retry = replace(work, attempt=work.attempt + 1, recorded=True, not_before=0.0)
+        retry = replace(
+            work, attempt=work.attempt + 1, recorded=True, not_before=0.0, parked_for=""
+        )
         if failed:
             self._queue.appendleft(retry)
             await self._fail(
@@ -158,15 +165,14 @@ class FaultMixin(RunnerBase):
             self._queue.appendleft(retry)
             return
         if await self._instantiate():
-            self.phase = transition(self.phase, PhaseEvent.START)
+            self._move(PhaseEvent.START)
             await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
             self._queue.appendleft(retry)
 
     async def _fail(self, reason: str, message: str, tb: str) -> None:
         self.failed = True
         saved = await self._release_slot() if self.agent is not None else {}
-        self.usage.phase_ends(self.phase)
-        self.phase = transition(self.phase, PhaseEvent.FAIL)
+        self._move(PhaseEvent.FAIL)
         await self.writer.write(
             status={
                 **saved,
@@ -190,7 +196,7 @@ class FaultMixin(RunnerBase):
             return
         if not await self._instantiate():
             return
-        self.phase = transition(self.phase, PhaseEvent.START)
+        self._move(PhaseEvent.START)
         await self.writer.write(
             status={"phase": self.phase.value, "reason": "Recovered", "consecutive_failures": 0},
             event=self.writer.event("Recovered", "wake", "woken by operator after failure"),

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TypeVar
 
 import anyio
 
-from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
+from agentos.core.lifecycle import Phase, PhaseEvent, StopReason
 from agentos.core.tasks import (
     Close,
     Work,
@@ -35,7 +34,7 @@ from agentos.runtime.faults import FaultMixin
 from agentos.runtime.loop import (
     AgentCodeError,
 )
-from agentos.runtime.tasking import TaskMixin
+from agentos.runtime.tasking import OnDemandSession, TaskMixin
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
@@ -49,7 +48,6 @@ from agentos.store import StoreError, TaskWrite
 __all__ = ["AgentRunner", "LeaseLost"]
 
 log = logging.getLogger("agentos.runner")
-_T = TypeVar("_T")
 
 
 class AgentRunner(TaskMixin, FaultMixin):
@@ -115,7 +113,7 @@ class AgentRunner(TaskMixin, FaultMixin):
             else:
                 self._queue.append(step.work)
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
-        self.phase = transition(self.phase, PhaseEvent.START)
+        self._move(PhaseEvent.START)
         adopted = bool(previous_owner) and previous_owner != self.daemon_id
         message = f"started by {self.daemon_id}"
         if adopted:
@@ -200,7 +198,7 @@ class AgentRunner(TaskMixin, FaultMixin):
         llm = LLM(
             self.engine,
             self.name,
-            session=self.session,
+            session=OnDemandSession(self),
             on_usage=self._on_usage,
             telemetry=self.telemetry,
             admit=self._admit if self.governor is not None else None,
@@ -286,12 +284,7 @@ class AgentRunner(TaskMixin, FaultMixin):
             )
             had_session = self.session.open
             tokens = self.session.snapshot_tokens
-            try:
-                status = await self._release_slot()
-            finally:
-                if self._evicting:
-                    self._evicting = False
-                    self.arbiter.eviction_over(self.name)
+            status = await self._release_slot()
             if not had_session:
                 detail = "no engine session"
             elif not status:
@@ -352,21 +345,19 @@ class AgentRunner(TaskMixin, FaultMixin):
             # without re-prefill. A task cut short by the grace period is abandoned; its
             # message is redelivered.
             if self.phase is Phase.RUNNING:
-                self.phase = Phase.IDLE
+                self._move(PhaseEvent.IDLE)
             if self.phase is Phase.IDLE and reason is not StopReason.RESPEC:
                 await self._hibernate(f"daemon stopping the agent ({reason.value})")
             else:
                 await self.writer.write(status=await self._release_slot())
-        if reason is StopReason.RESPEC:
-            await self.writer.call(
-                lambda: self.store.release_lease(self.name, self.lease_value), "release"
-            )
-            return
         # The flush loop skips stopping runners: this write carries every counter.
         status: dict[str, object] = {**self.counters(), **self.task_counters(), "owner": ""}
+        if reason is StopReason.RESPEC:
+            # The restarted runner takes over at once: counters and usage, not a phase.
+            await self.writer.write(status=status, usage=self.usage_delta(), release=True)
+            return
         if self.phase is not Phase.HIBERNATED and self.phase is not Phase.FAILED:
-            self.usage.phase_ends(self.phase)
-            self.phase = transition(self.phase, PhaseEvent.STOP)
+            self._move(PhaseEvent.STOP)
             status.update(
                 phase=self.phase.value, reason="Stopped", message=f"stopped: {reason.value}"
             )

@@ -6,9 +6,10 @@ hibernation, crash backoff, a quota wait, failure, stop. Giving it back saves th
 context first when it changed since the last snapshot, so the next owner of the
 slot, or of the agent, continues where it was.
 
-The model handle (:class:`agentos.sdk.LLM`) only calls :meth:`AgentSession.ensure`
-as a fallback, when agent code calls the model with no session open (which a task
-in the daemon never does).
+When agent code calls the model with no session open (a heartbeat's ``observe`` of a
+hibernated agent), the model handle asks the runner's
+:class:`agentos.runtime.tasking.OnDemandSession`, which wakes the agent as a task
+would and ends here.
 """
 
 from __future__ import annotations

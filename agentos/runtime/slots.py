@@ -63,7 +63,9 @@ class SlotArbiter:
         self._attained = attained or (lambda name: 0.0)
         self.holders: dict[str, Holder] = {}
         self._waits: dict[str, _Wait] = {}
-        self._evicting: dict[str, str] = {}  # victim -> the waiter it makes room for
+        # victim -> the waiter it makes room for (None: that waiter got another slot; the
+        # eviction still frees one, for the next waiter without a victim)
+        self._evicting: dict[str, str | None] = {}
         self.evictions = 0  # how many holders were asked to give their slot back
 
     def register(self, holder: Holder) -> None:
@@ -73,8 +75,7 @@ class SlotArbiter:
     def unregister(self, name: str) -> None:
         """Forget a holder that stopped (its session must already be closed)."""
         self.holders.pop(name, None)
-        self._evicting.pop(name, None)
-        self._serve()
+        self.eviction_over(name)
 
     @property
     def waiting(self) -> list[str]:
@@ -146,8 +147,8 @@ class SlotArbiter:
             except NoFreeSlot:
                 break
             wait = self._waits.pop(chosen.name)
-            if wait.victim is not None:
-                self._evicting.pop(wait.victim, None)
+            if wait.victim is not None and wait.victim in self._evicting:
+                self._evicting[wait.victim] = None  # in flight: it frees a slot for another
             wait.granted.set()
         self._ask_victims()
 
@@ -157,6 +158,11 @@ class SlotArbiter:
         for waiter in fair_order([w.waiter for w in self._waits.values()]):
             wait = by_name[waiter.name]
             if wait.victim is not None:
+                continue
+            orphan = next((v for v, w in self._evicting.items() if w is None), None)
+            if orphan is not None:
+                wait.victim = orphan
+                self._evicting[orphan] = wait.waiter.name
                 continue
             victim = self._choose(wait.waiter.name)
             if victim is None:

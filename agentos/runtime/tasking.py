@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -23,6 +23,7 @@ from agentos.core.tasks import (
     overlap_action,
     queued_record,
 )
+from agentos.engine.base import EngineError, EngineUnavailable
 from agentos.runtime.base import RunnerBase
 from agentos.runtime.hibernator import Restored
 from agentos.runtime.loop import (
@@ -36,13 +37,12 @@ from agentos.sdk import (
     Message,
     TaskInfo,
 )
-from agentos.store import TaskWrite
+from agentos.store import StoreError, TaskWrite
 from agentos.telemetry import Telemetry
 
 __all__ = ["TaskMixin"]
 
 log = logging.getLogger("agentos.runner")
-_T = TypeVar("_T")
 
 
 class _NoSpan:
@@ -53,10 +53,35 @@ class _NoSpan:
 _NO_SPAN = _NoSpan()
 
 
+class OnDemandSession:
+    """The model handle's way to a session when agent code calls the model with none
+    open (a heartbeat's ``observe`` of a hibernated agent): wake it as a task would."""
+
+    def __init__(self, runner: TaskMixin) -> None:
+        self._runner = runner
+
+    async def ensure(self) -> None:
+        try:
+            secured = await self._runner._secure("llm")
+        except (StoreError, EngineError) as e:
+            raise EngineUnavailable(f"could not wake the agent for a model call: {e}") from e
+        if not secured:
+            raise EngineUnavailable("the agent is stopping; no engine session for this call")
+
+
 class TaskMixin(RunnerBase):
     """The task job of the runner."""
 
     async def _run_work(self, work: Work) -> None:
+        # Busy from the first observe on: a holder that is looking for work is not idle.
+        self.busy = True
+        try:
+            await self._run_work_body(work)
+        finally:
+            self.busy = False
+            self.arbiter.holder_idle()
+
+    async def _run_work_body(self, work: Work) -> None:
         assert self.agent is not None
         assert self.ctx is not None
         message = None
@@ -102,7 +127,12 @@ class TaskMixin(RunnerBase):
                 return
         self._phase_path = [self.phase.value]
         # The session before any agent code that may call the model.
-        if not await self._secure(work.trigger):
+        try:
+            secured = await self._secure(work.trigger)
+        except (StoreError, EngineError) as e:
+            await self._on_fault(AgentCodeError("wake", e), work, infra=True)
+            return
+        if not secured:
             self._queue.appendleft(work)  # stopping: the task stays queued for the next owner
             return
         traceparent = work.message.traceparent if work.message is not None else None
@@ -116,13 +146,10 @@ class TaskMixin(RunnerBase):
             provider=self.engine.name,
             traceparent=traceparent,
         ) as span:
-            self.busy = True
             try:
                 await self._run_traced(work, first_observation, span)
             finally:
-                self.busy = False
                 span.set_attribute("agentos.phase_path", " > ".join(self._phase_path))
-                self.arbiter.holder_idle()
 
     async def _run_traced(self, work: Work, first_observation: Any, span: Any) -> None:
         assert self.agent is not None
@@ -152,12 +179,13 @@ class TaskMixin(RunnerBase):
         result: TaskResult | None = None
         failure: AgentCodeError | None = None
         lost: LeaseLost | None = None
+        infra: StoreError | None = None  # the runtime's own write after a step failed
         agent, ctx = self.agent, self.ctx
 
         async def body(tg: anyio.abc.TaskGroup) -> None:
             # Errors are kept, not raised: inside a task group they would arrive as an
             # ExceptionGroup, and a handler for LeaseLost would silently never run.
-            nonlocal result, failure, lost
+            nonlocal result, failure, lost, infra
             with scope:
                 try:
                     result = await run_task(
@@ -172,6 +200,8 @@ class TaskMixin(RunnerBase):
                     failure = e
                 except LeaseLost as e:
                     lost = e
+                except StoreError as e:
+                    infra = e
             tg.cancel_scope.cancel()
 
         try:
@@ -183,6 +213,9 @@ class TaskMixin(RunnerBase):
             raise
         if lost is not None:
             raise lost
+        if infra is not None:
+            await self._on_fault(AgentCodeError("save", infra), work, infra=True)
+            return
         if failure is not None:
             Telemetry.fail(span, failure.error)
             span.set_attribute("agentos.task.phase", failure.phase)
@@ -317,7 +350,10 @@ class TaskMixin(RunnerBase):
                 await anyio.sleep(60.0 if next_at is None else max(0.0, next_at - self.clock()))
                 fires = [f for f in self._triggers.due_fires(self.clock()) if f.kind != "heartbeat"]
                 if fires:
-                    await self._overlapping(fires, current, scope)
+                    try:
+                        await self._overlapping(fires, current, scope)
+                    except StoreError as e:
+                        log.warning("%s: could not record a fire during a task: %s", self.name, e)
         except LeaseLost:
             scope.cancel()  # the task's body sees the lease is gone on its next write
 
