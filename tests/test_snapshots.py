@@ -10,7 +10,7 @@ import pytest
 from agentos.client import Client
 from agentos.engine import KVSnapshot, SimEngine
 from agentos.store import Store
-from agentos.store.snapshots import CHUNK_BYTES
+from agentos.store.snapshots import CHUNK_BYTES, REPLACED_TTL_S
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 
@@ -37,16 +37,40 @@ async def test_a_snapshot_round_trips_in_chunks(store: Store) -> None:
     assert loaded.nbytes == len(BIG)
 
 
-async def test_a_new_snapshot_replaces_the_old_and_deletes_its_chunks(store: Store) -> None:
+async def test_a_new_snapshot_replaces_the_old_and_its_chunks_expire_soon(store: Store) -> None:
     held = await lease(store)
     first = await store.save_snapshot("a", held, KVSnapshot("fp", (1,), BIG), keep_kv=True)
     second = await store.save_snapshot("a", held, KVSnapshot("fp", (1, 2), b"x" * 10), keep_kv=True)
     assert first is not None
     assert second is not None
-    keys = await store.namespace_keys()
-    assert not [c.key for c in first.manifest.chunks if c.key in keys]
-    assert [c.key for c in second.manifest.chunks if c.key in keys]
+    # Not deleted at once: a reader that got the old manifest still finds its chunks.
+    for c in first.manifest.chunks:
+        assert 0 < int(await store._r.ttl(c.key)) <= REPLACED_TTL_S, c.key
+    assert [int(await store._r.ttl(c.key)) for c in second.manifest.chunks] == [-1]
     assert (await store.load_snapshot("a")).tokens == (1, 2)
+
+
+async def test_a_commit_expires_only_the_agents_own_chunks_named_by_the_old_manifest(
+    store: Store,
+) -> None:
+    held = await lease(store)
+    k = store.keys
+    first = await store.save_snapshot("a", held, KVSnapshot("fp", (1,), b"old"), keep_kv=True)
+    assert first is not None
+    # A manifest that names another agent's key and a key outside any snapshot:
+    raw = msgspec.msgpack.decode(await store._r.get(k.kv_manifest("a")))
+    others = [k.kv_chunk("b", first.manifest.id, 0), k.state("a")]
+    raw["chunks"] += [{"key": key, "size": 1, "digest": ""} for key in others]
+    await store._r.set(k.kv_manifest("a"), msgspec.msgpack.encode(raw))
+    for key in others:
+        await store._r.set(key, b"keep")
+    assert await store.save_snapshot("a", held, KVSnapshot("fp", (2,), b"new"), keep_kv=True)
+    assert [int(await store._r.ttl(key)) for key in others] == [-1, -1]
+    assert int(await store._r.ttl(first.manifest.chunks[0].key)) > 0
+    # A manifest that does not decode is replaced all the same.
+    await store._r.set(k.kv_manifest("a"), b"\x93not a manifest")
+    assert await store.save_snapshot("a", held, KVSnapshot("fp", (3,), b"x"), keep_kv=True)
+    assert (await store.load_snapshot("a")).tokens == (3,)
 
 
 async def test_without_keep_kv_only_the_token_history_is_stored(store: Store) -> None:

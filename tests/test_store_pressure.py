@@ -25,6 +25,7 @@ from agentos.core.policy import ClassQuota, Limits
 from agentos.engine.base import KVSnapshot
 from agentos.store import Store, StoreError, StoreFull, StoreUnavailable, TaskWrite
 from agentos.store.retry import TRANSIENT, new_op_id, retry
+from agentos.store.snapshots import CHUNK_BYTES, REPLACED_TTL_S
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 from tests.proxy import CutProxy
 
@@ -154,6 +155,36 @@ async def test_a_daemon_resends_a_flush_whose_reply_was_lost_and_counts_it_once(
         usage = (await store.usage(["echo"], [day]))[("echo", day)]
         assert usage["tasks_succeeded"] == 1.0
     assert cut_proxy.cuts == 1
+
+
+async def test_a_snapshot_saved_again_after_a_lost_commit_reply_leaves_no_orphan_chunks(
+    cut_store: Store, cut_proxy: CutProxy
+) -> None:
+    store = cut_store
+    k = store.keys
+    held = await _lease(store, "a")
+    big = bytes(range(256)) * (CHUNK_BYTES * 2 // 256 + 1)  # three chunks
+    first = await store.save_snapshot("a", held, KVSnapshot("fp", (1,), big), keep_kv=True)
+    assert first is not None
+    # Only the commit names the manifest key as a key of its own.
+    cut_proxy.cut_after(k.kv_manifest("a").encode() + b"\r\n")
+    saved = await _after_the_cut(
+        cut_proxy,
+        lambda: store.save_snapshot("a", held, KVSnapshot("fp", (1, 2), big), keep_kv=True),
+    )
+    assert saved is not None
+    prefix = k.kv_manifest("a") + ":"
+    chunks = [key for key in await store.namespace_keys() if key.startswith(prefix)]
+    assert k.kv_pending("a") not in chunks
+    ttls = {key: int(await store._r.ttl(key)) for key in chunks}
+    kept = {key for key, ttl in ttls.items() if ttl == -1}
+    assert kept == {c.key for c in saved.manifest.chunks}
+    # The first snapshot's and the first attempt's (committed, then replaced) expire soon.
+    assert {c.key for c in first.manifest.chunks} < set(ttls)
+    assert len(ttls) == 3 * len(saved.manifest.chunks)
+    assert all(0 < ttl <= REPLACED_TTL_S for key, ttl in ttls.items() if key not in kept)
+    loaded = await store.load_snapshot("a")
+    assert loaded.snapshot == KVSnapshot("fp", (1, 2), big)
 
 
 async def test_the_client_never_resends_a_command_whose_connection_was_cut(
@@ -410,6 +441,44 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_in_the_same_transac
     left = [key for key in await store.namespace_keys() if "{x}" in key]
     assert left == [k.fence("x")]
     assert await store.pending_purges() == set()
+
+
+async def test_a_late_purge_of_a_deleted_agent_spares_the_agent_applied_again(
+    store: Store,
+) -> None:
+    k = store.keys
+    await apply(store, agent_doc("x", ECHO))
+    old = await _lease(store, "x", "old-daemon")
+    assert await store.fenced_write("x", old, status={"phase": "Idle"}, state=b"old")
+    await Client(store).delete_agent("x")  # its owner still holds the lease: keys stay
+    assert await store.release_lease("x", old)  # what the old runner does before it purges
+    # Applied again while the old runner is in its grace period; a new runner starts it.
+    await apply(store, agent_doc("x", ECHO, triggers=[{"inbox": {}}]))
+    new = await _lease(store, "x", "new-daemon")
+    assert await store.fenced_write(
+        "x", new, status={"phase": "Idle"}, state=b"new", event=_event("new")
+    )
+    await store.ensure_inbox("x")
+    await store.send("x", "for the new agent")
+    assert await store.save_snapshot("x", new, KVSnapshot("fp", (1,), b"kv"), keep_kv=True)
+    before = {key: await store._r.dump(key) for key in await store.namespace_keys()}
+
+    assert not await store.purge_agent("x")  # the old runner's purge, late
+    await store._r.sadd(k.deleted, "x")  # listed, but it has a spec: still not deleted
+    assert not await store.purge_agent("x")
+    await store._r.srem(k.deleted, "x")
+    after = {key: await store._r.dump(key) for key in await store.namespace_keys()}
+    assert after == before
+    assert await store.load_state("x") == b"new"
+    assert await store.leases(["x"]) != {}
+
+    # Deleted for good: the purge removes everything but the fencing counter.
+    await Client(store).delete_agent("x")
+    assert await store.release_lease("x", new)
+    assert await store.purge_agent("x")
+    assert [key for key in await store.namespace_keys() if "{x}" in key] == [k.fence("x")]
+    assert await store.pending_purges() == set()
+    assert not await store.purge_agent("x")  # a retry after a lost reply changes nothing
 
 
 def _quota(tpm: int) -> ClassQuota:

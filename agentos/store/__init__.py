@@ -414,17 +414,29 @@ class Store(QuotaOps):
         return bool(removed)
 
     @translate
-    async def purge_agent(self, name: str) -> None:
-        """Delete every runtime key of an agent (not its spec), snapshot and tasks included,
-        in one transaction."""
+    async def purge_agent(self, name: str) -> bool:
+        """Delete every runtime key of a deleted agent, snapshot and tasks included, in one
+        transaction. Returns False, deleting nothing, when the agent is not deleted (any
+        more): not listed in ``deleted``, or it has a spec again.
+
+        A deleted agent's runner purges after its ``on_stop`` and grace period; by then
+        the agent may have been applied again (``apply`` purged the old keys itself), and
+        the keys are the new agent's. Safe to retry: once purged, it is no longer listed.
+        """
+        k = self.keys
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    await pipe.watch(k.deleted, k.specs)
+                    listed = await pipe.sismember(k.deleted, name)
+                    if not listed or await pipe.hexists(k.specs, name):
+                        await pipe.unwatch()
+                        return False
                     keys = await self._purge_keys(pipe, name)
                     pipe.multi()
                     self._queue_purge(pipe, [name], keys)
                     await pipe.execute()
-                    return
+                    return True
                 except rexc.WatchError:
                     continue
 

@@ -2,13 +2,19 @@
 
 A hibernated agent's engine state is tens of megabytes. It is written as ~1 MiB chunks
 (pipelined) under a fresh snapshot id, then committed by one Lua script that checks the
-lease and swaps the manifest; only then are the previous snapshot's chunks deleted.
+lease, swaps the manifest and gives the previous snapshot's chunks a short TTL. That
+clean-up is in the script because saves are retried after a lost reply: a commit that
+was applied but never answered would otherwise leave the previous snapshot's chunks
+(made permanent by their own commit) in Redis for good; the retry's commit in turn
+expires the first attempt's. A TTL rather than DEL because a reader GETs the manifest,
+then its chunks: one that got the old manifest just before the commit still finds them.
+
 Every step that touches what another writer may own is fenced by the lease: the
 pending marker is claimed under it (``kv_begin.lua``), chunks are written with a TTL
 that only the commit removes, so a stale or dead writer's chunks expire on their own,
 and a writer that lost the lease removes the marker only while it is still its own. A
 snapshot is valid only when its manifest decodes and every chunk is present with the
-size and BLAKE2b digest the manifest records, so a crash mid-write, a corrupt or
+size and XXH3-128 digest the manifest records, so a crash mid-write, a corrupt or
 evicted chunk, or a manifest without chunks all read as "no valid snapshot" (with the
 reason), and the wake falls back to re-prefilling the token history kept in the manifest.
 
@@ -33,6 +39,7 @@ __all__ = ["CHUNK_BYTES", "ChunkRef", "LoadedSnapshot", "Manifest", "SavedSnapsh
 CHUNK_BYTES = 1 << 20
 FORMAT = 2
 PENDING_TTL_S = 3600  # a snapshot not committed within this long is garbage
+REPLACED_TTL_S = 60  # a replaced snapshot's chunks outlive it this long, for its readers
 
 
 class ChunkRef(msgspec.Struct, frozen=True):
@@ -44,7 +51,10 @@ class ChunkRef(msgspec.Struct, frozen=True):
 
 
 class Manifest(msgspec.Struct, frozen=True):
-    """What makes a snapshot valid and what rebuilds it when the bytes cannot be used."""
+    """What makes a snapshot valid and what rebuilds it when the bytes cannot be used.
+
+    Stays a msgpack map (not ``array_like``): ``kv_commit.lua`` reads ``chunks[].key``.
+    """
 
     format: int
     id: str
@@ -159,7 +169,7 @@ class Snapshots:
         )
         reply = await self._commit(
             keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name), *(c.key for c in chunks)],
-            args=[lease_value, msgspec.msgpack.encode(manifest)],
+            args=[lease_value, msgspec.msgpack.encode(manifest), REPLACED_TTL_S],
         )
         if not int(reply[0]):
             # Lost the lease meanwhile: drop our own chunks, and the marker only if it is
@@ -167,10 +177,6 @@ class Snapshots:
             await self._delete_chunks([c.key for c in chunks])
             await self._release(keys=[k.kv_pending(name)], args=[pending])
             return None
-        if len(reply) > 1 and reply[1]:
-            old = _decode_manifest(reply[1])
-            if old is not None:
-                await self._delete_chunks([c.key for c in old.chunks])
         return SavedSnapshot(manifest, time.perf_counter() - started)
 
     async def load(self, name: str) -> LoadedSnapshot:
