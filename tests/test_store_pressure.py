@@ -235,17 +235,16 @@ async def test_1000_messages_leave_every_inbox_empty(store: Store) -> None:
     await apply(store, *(agent_doc(n, ECHO, triggers=[{"inbox": {}}]) for n in names))
     client = Client(store)
     async with running_daemon(store):
-        with anyio.fail_after(15):
-            for i in range(1000):
-                await client.send(names[i % 4], f"m{i}")
+        for i in range(1000):
+            await client.send(names[i % 4], f"m{i}")
 
-            async def all_done() -> bool:
-                done = 0
-                for n in names:
-                    done += int((await store.status(n)).get("tasks_succeeded") or 0)
-                return done >= 1000
+        async def all_done() -> bool:
+            done = 0
+            for n in names:
+                done += int((await store.status(n)).get("tasks_succeeded") or 0)
+            return done >= 1000
 
-            await wait_until(all_done, within=15, what="1000 tasks")
+        await wait_until(all_done, within=40, what="1000 tasks")
     for n in names:
         assert int(await store._r.xlen(store.keys.inbox(n))) == 0, n
         assert await store.inbox_depth(n) == 0
