@@ -334,3 +334,17 @@ async def test_a_task_cut_off_by_the_grace_period_gives_its_slot_and_lease_back(
     assert status["owner"] == ""
     assert status["phase"] in ("Hibernated", "Stopped")
     assert await store.inbox_depth("stuck") == 1  # not acknowledged: it runs again
+
+
+async def test_agents_that_never_call_the_model_take_no_slot(store: Store) -> None:
+    names = [f"echo-{i}" for i in range(4)]
+    echo = "tests.fixture_agents:Echo"  # no model call without config.llm
+    await apply(store, *(agent_doc(n, echo, **INBOX) for n in names))
+    engine = like_llama(1)
+    async with running_daemon(store, engine) as d:
+        client = Client(store)
+        for name in names:
+            await client.send(name, "hello")
+        await wait_until(lambda: _all_succeeded(store, names))
+        assert not any(engine.has_session(n) for n in names)
+        assert d.arbiter.evictions == 0

@@ -121,6 +121,7 @@ class RunnerBase:
         self._triggers = TriggerClock(spec.triggers, now=clock())
         self._stop_scopes: set[anyio.CancelScope] = set()
         self._slow_slot = False
+        self._uses_model = False  # has called the model (or has a stored context)
         # counters flushed to the status hash by the daemon
         self.steps = 0
         self.tasks_succeeded = 0
@@ -280,6 +281,7 @@ class RunnerBase:
         )
 
     def _on_usage(self, completion: Completion) -> None:
+        self._uses_model = True
         self.tokens_in += completion.input_tokens
         self.tokens_out += completion.output_tokens
         self.usage.add(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)

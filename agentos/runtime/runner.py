@@ -97,6 +97,7 @@ class AgentRunner(TaskMixin, FaultMixin):
         previous_owner = prior.get("owner", "")
         self.usage.kv_stored = int(prior.get("kv_bytes") or 0)
         self.session.has_snapshot = bool(prior.get("snapshot_at"))
+        self._uses_model = self.session.has_snapshot or int(prior.get("tokens_in") or 0) > 0
         was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
         if not await self._load_class() or not await self._instantiate(snapshot.state):
             return

@@ -128,7 +128,9 @@ class TaskMixin(RunnerBase):
         self._phase_path = [self.phase.value]
         # The session before any agent code that may call the model.
         try:
-            secured = await self._secure(work.trigger)
+            # An agent that uses the model gets its slot now, not inside its first call;
+            # one that never did (a pure tool or router agent) takes no slot for nothing.
+            secured = await self._secure(work.trigger, slot=self._uses_model)
         except (StoreError, EngineError) as e:
             await self._on_fault(AgentCodeError("wake", e), work, infra=True)
             return
@@ -244,8 +246,10 @@ class TaskMixin(RunnerBase):
             summary = render_result(result.outcome) if result.steps else "nothing to do"
         await self._finish_task(work, "succeeded", summary, steps=result.steps)
 
-    async def _secure(self, trigger: str) -> bool:
-        """Hold the engine session, with the context restored, before agent code runs.
+    async def _secure(self, trigger: str, *, slot: bool = True) -> bool:
+        """Wake the agent and hold its engine session, context restored, before agent
+        code runs. Without ``slot`` (an agent that has never used the model) only the
+        phase wakes: its first model call takes the slot, before its admission.
 
         Waits for a slot as long as it takes (in the fair order), but not past a stop
         request: returns False then.
@@ -253,10 +257,15 @@ class TaskMixin(RunnerBase):
         if self.session.open:
             return True
         hibernated = self.phase is Phase.HIBERNATED
+        if not slot and not hibernated:
+            return True
         if hibernated:
             await self._set_phase(
                 PhaseEvent.WAKE, status={"reason": "Waking", "message": f"woken by {trigger}"}
             )
+        if not slot:
+            await self._woke(trigger, None, 0.0, hibernated, _NO_SPAN)
+            return True
         if self.session.would_wait:
             await self.writer.write(
                 status={
