@@ -1,0 +1,263 @@
+"""Agent inboxes and task records: sending, taking an agent over, reading and trimming.
+
+Messages wait in one stream per agent, read through a consumer group so that a new owner
+can take over what a dead daemon had read but not finished (``open_agent``,
+``claim_inbox``). Sends can be made at most once with a send id (``lua/inbox_send.lua``).
+The task records and idempotency keys that fenced writes leave behind are read and
+trimmed here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis import exceptions as rexc
+
+from agentos.store.errors import translate
+from agentos.store.keys import INBOX_GROUP, Keys
+from agentos.store.records import SIGNALS_MAXLEN, AgentSnapshot, InboxMessage, Retention, _s
+
+__all__ = ["InboxOps"]
+
+SEND_DEDUPE_TTL_S = 3600  # a send retried later than this is a new message
+UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
+
+
+class InboxOps:
+    """Inbox and task-record methods of :class:`agentos.store.Store` (mixed in; uses its
+    client, keys, retention and the ``inbox_send`` script)."""
+
+    _r: Any
+    _send_once: Any
+    keys: Keys
+    retention: Retention
+
+    @translate
+    async def send(
+        self,
+        name: str,
+        body: str,
+        *,
+        key: str | None = None,
+        traceparent: str | None = None,
+        send_id: str | None = None,
+    ) -> str:
+        """Put a message in the agent's inbox and nudge the daemons. Returns the message id.
+
+        With ``send_id`` the send is applied at most once (for an hour): sending
+        again with the same id (a retry after a lost reply) adds nothing and returns the
+        first message's id.
+        """
+        fields = {"body": body, "sent_at": repr(time.time())}
+        if key:
+            fields["key"] = key
+        if traceparent:
+            fields["traceparent"] = traceparent
+        if send_id is not None:
+            args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN]
+            for f, v in fields.items():
+                args += [f, v]
+            k = self.keys
+            msg = await self._send_once(
+                keys=[k.sent(name, send_id), k.inbox(name), k.signals], args=args
+            )
+            return _s(msg)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.inbox(name), fields)
+            pipe.xadd(
+                self.keys.signals,
+                {"cmd": "message", "agent": name},
+                maxlen=SIGNALS_MAXLEN,
+                approximate=True,
+            )
+            msg_id, _ = await pipe.execute()
+        return _s(msg_id)
+
+    @translate
+    async def open_agent(self, name: str, consumer: str) -> AgentSnapshot:
+        """Everything a new owner reads about an agent, in one round trip.
+
+        Creates the inbox consumer group if missing and takes over the pending
+        messages of any earlier reader (only the lease holder calls this).
+        """
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.status(name))
+            pipe.get(k.state(name))
+            pipe.xgroup_create(k.inbox(name), INBOX_GROUP, id="0", mkstream=True)
+            pipe.xautoclaim(k.inbox(name), INBOX_GROUP, consumer, 0, start_id="0-0", count=1000)
+            pipe.xreadgroup(INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000)
+            pipe.hgetall(k.schedule(name))
+            pipe.zrevrange(k.tasks(name), 0, UNFINISHED_SCAN - 1)
+            replies = await pipe.execute(raise_on_error=False)
+        status, state, created, claim, pending, schedule, recent = replies
+        for reply in (status, state, claim, pending, schedule, recent):
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(created, Exception) and "BUSYGROUP" not in str(created):
+            raise created
+        claimed = len(claim[1])
+        if _s(claim[0]) != "0-0":  # more than one batch pending: rare, finish the job
+            claimed += await self.claim_inbox(name, consumer)
+            pending = await self._r.xreadgroup(
+                INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000
+            )
+        return AgentSnapshot(
+            status={_s(a): _s(b) for a, b in status.items()},
+            state=bytes(state) if state is not None else None,
+            pending=_messages(pending),
+            claimed=claimed,
+            schedule={_s(a): float(b) for a, b in schedule.items()},
+            unfinished=[
+                t
+                for t in await self._task_records(name, [_s(i) for i in recent])
+                if t.get("status") in ("queued", "running")
+            ],
+        )
+
+    async def _task_records(self, name: str, ids: Sequence[str]) -> list[dict[str, str]]:
+        if not ids:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(name, task_id))
+            raw = await pipe.execute()
+        return [{_s(a): _s(b) for a, b in h.items()} for h in raw if h]
+
+    @translate
+    async def tasks(self, name: str, *, count: int = 20) -> list[dict[str, str]]:
+        """The agent's most recent task records, newest first."""
+        ids = await self._r.zrevrange(self.keys.tasks(name), 0, count - 1)
+        return await self._task_records(name, [_s(i) for i in ids])
+
+    @translate
+    async def task(self, name: str, task_id: str) -> dict[str, str]:
+        """One task record (empty when unknown)."""
+        raw = await self._r.hgetall(self.keys.task(name, task_id))
+        return {_s(a): _s(b) for a, b in raw.items()}
+
+    @translate
+    async def idempotency_done(self, name: str, key: str) -> bool:
+        """Whether a message with this idempotency key already completed."""
+        return await self._r.zscore(self.keys.idempotency(name), key) is not None
+
+    @translate
+    async def trim_tasks(self, name: str, *, keep: int, max_age_s: float) -> int:
+        """Drop task records beyond the newest ``keep`` or older than ``max_age_s``, and
+        idempotency keys older than ``max_age_s``. Returns how many records went."""
+        return await self.trim_tasks_many([name], keep=keep, max_age_s=max_age_s)
+
+    @translate
+    async def trim_tasks_many(self, names: Sequence[str], *, keep: int, max_age_s: float) -> int:
+        """:meth:`trim_tasks` for many agents in two pipelines per 500 agents; also forgets
+        usage days past the usage retention. Returns how many task records went."""
+        k = self.keys
+        removed = 0
+        cutoff = time.time() - max_age_s
+        oldest_day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - self.retention.usage_s))
+        for i in range(0, len(names), 500):
+            chunk = list(names[i : i + 500])
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.zrangebyscore(k.tasks(name), "-inf", f"({cutoff!r}")
+                    # keep <= 0: no count limit (a range from 1 to 0 is empty).
+                    pipe.zrange(k.tasks(name), *((0, -keep - 1) if keep > 0 else (1, 0)))
+                    pipe.smembers(k.usage_days(name))
+                raw = await pipe.execute()
+            async with self._r.pipeline(transaction=False) as pipe:
+                for j, name in enumerate(chunk):
+                    old, extra, days = raw[3 * j : 3 * j + 3]
+                    ids = sorted({_s(t) for t in [*old, *extra]})
+                    for start in range(0, len(ids), 500):
+                        part = ids[start : start + 500]
+                        pipe.delete(*(k.task(name, t) for t in part))
+                        pipe.zrem(k.tasks(name), *part)
+                    removed += len(ids)
+                    pipe.zremrangebyscore(k.idempotency(name), "-inf", f"({cutoff!r}")
+                    gone = [_s(d) for d in days if _s(d) < oldest_day]
+                    if gone:
+                        pipe.srem(k.usage_days(name), *gone)
+                await pipe.execute()
+        return removed
+
+    @translate
+    async def ensure_inbox(self, name: str) -> None:
+        """Create the inbox stream and its consumer group if missing."""
+        try:
+            await self._r.xgroup_create(self.keys.inbox(name), INBOX_GROUP, id="0", mkstream=True)
+        except rexc.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    @translate
+    async def claim_inbox(self, name: str, consumer: str) -> int:
+        """Take over every pending message of the inbox (its earlier reader is gone).
+
+        Only the lease holder calls this, so every pending entry belongs to a dead or
+        superseded reader. Returns how many were claimed.
+        """
+        claimed = 0
+        start = "0-0"
+        while True:
+            # justid=True would be lighter, but redis-py then drops the cursor.
+            reply = await self._r.xautoclaim(
+                self.keys.inbox(name),
+                INBOX_GROUP,
+                consumer,
+                min_idle_time=0,
+                start_id=start,
+                count=100,
+            )
+            start = _s(reply[0])
+            claimed += len(reply[1])
+            if start == "0-0":
+                return claimed
+
+    @translate
+    async def read_inbox(
+        self, name: str, consumer: str, *, count: int = 1, pending: bool = False
+    ) -> list[InboxMessage]:
+        """Next messages for ``consumer``: its own unacknowledged ones if ``pending``, else new."""
+        reply = await self._r.xreadgroup(
+            INBOX_GROUP, consumer, {self.keys.inbox(name): "0" if pending else ">"}, count=count
+        )
+        return _messages(reply)
+
+    @translate
+    async def inbox_depth(self, name: str) -> int:
+        """Messages not yet acknowledged (pending + not yet delivered)."""
+        try:
+            groups = await self._r.xinfo_groups(self.keys.inbox(name))
+        except rexc.ResponseError:
+            return 0
+        for g in groups:
+            if _s(g.get("name")) == INBOX_GROUP:
+                lag = g.get("lag")
+                if lag is None:
+                    # Redis cannot tell the lag when an entry after the group's last
+                    # delivered one was deleted (acks delete out of order): count them.
+                    last = _s(g.get("last-delivered-id")) or "0-0"
+                    lag = len(await self._r.xrange(self.keys.inbox(name), min=f"({last}"))
+                return int(g.get("pending", 0)) + int(lag)
+        return int(await self._r.xlen(self.keys.inbox(name)))
+
+
+def _messages(reply: Any) -> list[InboxMessage]:
+    out = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending
+                continue
+            f = {_s(a): _s(b) for a, b in fields.items()}
+            out.append(
+                InboxMessage(
+                    id=_s(entry_id),
+                    body=f.get("body", ""),
+                    key=f.get("key"),
+                    sent_at=float(f.get("sent_at", "0")),
+                    traceparent=f.get("traceparent"),
+                )
+            )
+    return out

@@ -1,0 +1,183 @@
+"""Who runs what: agent leases with fencing tokens, the daemons' signal stream and heartbeats.
+
+A daemon takes an agent by acquiring its lease (``lua/lease_acquire.lua``), which hands
+out a fencing token that every later write of that agent is checked against; it renews
+its leases in batches and releases them on a clean stop. Daemons nudge each other through
+one signal stream, say they are alive with heartbeats (``lua/daemon_heartbeat.lua``),
+and record fleet-wide events.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from agentos.store.errors import translate
+from agentos.store.keys import Keys
+from agentos.store.keys import event_fields as _event_fields
+from agentos.store.records import FLEET_EVENTS_MAXLEN, SIGNALS_MAXLEN, LeaseInfo, _s
+
+__all__ = ["LeaseOps"]
+
+
+class LeaseOps:
+    """Lease, signal and daemon methods of :class:`agentos.store.Store` (mixed in; uses
+    its client, keys and the lease and heartbeat scripts)."""
+
+    _r: Any
+    _acquire: Any
+    _renew: Any
+    _release: Any
+    _heartbeat: Any
+    keys: Keys
+
+    # ---------------------------------------------------------------- signals
+
+    @translate
+    async def signal(self, cmd: str, agent: str, **fields: str) -> None:
+        """Nudge the daemons: ``cmd`` is wake, hibernate, message, applied or deleted."""
+        await self._r.xadd(
+            self.keys.signals,
+            {"cmd": cmd, "agent": agent, **fields},
+            maxlen=SIGNALS_MAXLEN,
+            approximate=True,
+        )
+
+    @translate
+    async def last_signal_id(self) -> str:
+        """The id of the newest signal ("0-0" if none): where a new reader starts."""
+        entries = await self._r.xrevrange(self.keys.signals, count=1)
+        return _s(entries[0][0]) if entries else "0-0"
+
+    @translate
+    async def read_signals(
+        self, after_id: str, *, block_ms: int = 1000, count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Signals newer than ``after_id``, waiting up to ``block_ms`` for the first."""
+        reply = await self._r.xread({self.keys.signals: after_id}, count=count, block=block_ms)
+        out: list[tuple[str, dict[str, str]]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append((_s(entry_id), {_s(a): _s(b) for a, b in fields.items()}))
+        return out
+
+    # ---------------------------------------------------------------- leases
+
+    @translate
+    async def acquire_lease(self, name: str, daemon_id: str, ttl_ms: int) -> int:
+        """Take (or extend our own) lease on an agent. Returns the fencing token, 0 if taken."""
+        k = self.keys
+        token = await self._acquire(keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms])
+        return int(token)
+
+    @translate
+    async def acquire_leases(
+        self, names: Sequence[str], daemon_id: str, ttl_ms: int
+    ) -> dict[str, int]:
+        """:meth:`acquire_lease` for many agents in one pipeline; returns the tokens (0 = taken)."""
+        if not names:
+            return {}
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._acquire(
+                    keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms], client=pipe
+                )
+            tokens = await pipe.execute()
+        return {name: int(t) for name, t in zip(names, tokens, strict=True)}
+
+    @translate
+    async def renew_leases(self, held: Mapping[str, str], ttl_ms: int) -> dict[str, bool]:
+        """Extend many leases in one pipeline; ``held`` maps agent -> "daemon|token".
+
+        Returns agent -> whether the lease is still ours.
+        """
+        if not held:
+            return {}
+        names = list(held)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._renew(
+                    keys=[self.keys.lease(name)], args=[held[name], ttl_ms], client=pipe
+                )
+            results = await pipe.execute()
+        return {name: bool(ok) for name, ok in zip(names, results, strict=True)}
+
+    @translate
+    async def release_lease(self, name: str, value: str) -> bool:
+        """Give up a lease we hold. Returns False when it was no longer ours."""
+        return bool(await self._release(keys=[self.keys.lease(name)], args=[value]))
+
+    @translate
+    async def leases(self, names: Iterable[str]) -> dict[str, LeaseInfo]:
+        """Current lease holders of ``names`` (agents without a lease are left out)."""
+        names = list(names)
+        if not names:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.keys.lease(name))
+                pipe.pttl(self.keys.lease(name))
+            raw = await pipe.execute()
+        out: dict[str, LeaseInfo] = {}
+        for i, name in enumerate(names):
+            value, ttl = raw[2 * i], raw[2 * i + 1]
+            if value is None:
+                continue
+            owner, _, token = _s(value).rpartition("|")
+            out[name] = LeaseInfo(owner, int(token or 0), int(ttl))
+        return out
+
+    # ---------------------------------------------------------------- daemons
+
+    @translate
+    async def heartbeat(
+        self,
+        daemon_id: str,
+        info: Mapping[str, object],
+        *,
+        now: float | None = None,
+        forget_after_s: float = 600.0,
+    ) -> None:
+        """Record that a daemon is alive, with a few facts for `agentos get daemons`.
+
+        Entries whose ``seen_at`` is older than ``forget_after_s`` (daemons that died
+        without saying goodbye) are removed, and the hash itself expires that long after
+        the last heartbeat of any daemon.
+        """
+        now = time.time() if now is None else now
+        await self._heartbeat(
+            keys=[self.keys.daemons],
+            args=[
+                daemon_id,
+                json.dumps(dict(info)),
+                repr(now - forget_after_s),
+                max(1, math.ceil(forget_after_s)),
+            ],
+        )
+
+    @translate
+    async def forget_daemon(self, daemon_id: str) -> None:
+        """Remove a daemon's heartbeat on clean exit."""
+        await self._r.hdel(self.keys.daemons, daemon_id)
+
+    @translate
+    async def record_fleet_event(
+        self, agent: str, type_: str, reason: str, message: str, daemon: str
+    ) -> None:
+        """Add one event to the fleet feed (``agent`` empty for events of the fleet itself)."""
+        await self._r.xadd(
+            self.keys.fleet_events,
+            _event_fields(agent, time.time(), type_, reason, message, daemon),
+            maxlen=FLEET_EVENTS_MAXLEN,
+            approximate=True,
+        )
+
+    @translate
+    async def daemons(self) -> dict[str, dict[str, Any]]:
+        """Every daemon heartbeat by id."""
+        raw = await self._r.hgetall(self.keys.daemons)
+        return {_s(a): json.loads(b) for a, b in raw.items()}

@@ -1,0 +1,281 @@
+"""Fenced writes of an agent's status, events, state, task records and usage, and their reads.
+
+A daemon changes an agent only while it holds the agent's lease: every write goes through
+one Lua script (``lua/fenced_ops.lua``) that checks the lease value and applies a list of
+operations atomically, at most once per operation id, so a retry after a lost reply is
+safe. This module builds those operation lists and reads back what they wrote: status
+hashes, the agent and fleet event streams, durable state and metered usage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from agentos.store.errors import translate
+from agentos.store.keys import INBOX_GROUP, Keys
+from agentos.store.records import (
+    FLEET_EVENTS_MAXLEN,
+    Event,
+    Retention,
+    StatusUpdate,
+    TaskWrite,
+    _s,
+)
+
+__all__ = ["WriteOps"]
+
+EVENTS_MAXLEN = 1000
+OP_IDS_KEPT = 64  # a retry must come before this many later writes of the same agent
+OP_IDS_TTL_S = 3600
+
+
+class WriteOps:
+    """Fenced-write and status methods of :class:`agentos.store.Store` (mixed in; uses its
+    client, keys, retention and the ``fenced_ops`` script)."""
+
+    _r: Any
+    _fenced: Any
+    keys: Keys
+    retention: Retention
+
+    def _ops(
+        self,
+        name: str,
+        *,
+        status: Mapping[str, object] | None = None,
+        clear: Sequence[str] = (),
+        event_json: str | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+        task: TaskWrite | None = None,
+        schedule: Mapping[str, float] | None = None,
+        usage: tuple[str, Mapping[str, float]] | None = None,
+        release: bool = False,
+        op_id: str | None = None,
+    ) -> tuple[list[str], list[str | bytes]]:
+        """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)."""
+        k = self.keys
+        keys = [k.lease(name), k.ops(name)]
+        ops: list[list[object]] = []
+        tasks_ttl = str(max(1, math.ceil(self.retention.tasks_s)))
+        usage_ttl = str(max(1, math.ceil(self.retention.usage_s)))
+
+        def key(name_: str) -> int:
+            if name_ not in keys:
+                keys.append(name_)
+            return keys.index(name_) + 1
+
+        if status:
+            flat: list[object] = ["HSET", key(k.status(name))]
+            for f, v in status.items():
+                flat += [f, str(v)]
+            ops.append(flat)
+        if clear:
+            ops.append(["HDEL", key(k.status(name)), *clear])
+        if event_json is not None:
+            stream = key(k.events(name))
+            ops.append(["XADD", stream, "MAXLEN", "~", EVENTS_MAXLEN, "*", "event", event_json])
+            ops.append(
+                [
+                    "XADD",
+                    key(k.fleet_events),
+                    "MAXLEN",
+                    "~",
+                    FLEET_EVENTS_MAXLEN,
+                    "*",
+                    "agent",
+                    name,
+                    "event",
+                    event_json,
+                ]
+            )
+        if state is not None:
+            ops.append(["SET", key(k.state(name)), {"argv": 3}])
+        if ack_id:
+            # An acknowledged message is gone: inboxes hold only work not yet done.
+            ops.append(["XACK", key(k.inbox(name)), INBOX_GROUP, ack_id])
+            ops.append(["XDEL", key(k.inbox(name)), ack_id])
+        if task is not None:
+            flat = ["HSET", key(k.task(name, task.id))]
+            for f, v in task.fields.items():
+                flat += [f, str(v)]
+            ops.append(flat)
+            # Records vanish after the retention even if trimming never runs.
+            ops.append(["EXPIRE", key(k.task(name, task.id)), tasks_ttl])
+            if task.created_at is not None:
+                ops.append(["ZADD", key(k.tasks(name)), repr(task.created_at), task.id])
+                ops.append(["EXPIRE", key(k.tasks(name)), tasks_ttl])
+            if task.idempotency_key:
+                ops.append(
+                    ["ZADD", key(k.idempotency(name)), repr(time.time()), task.idempotency_key]
+                )
+                ops.append(["EXPIRE", key(k.idempotency(name)), tasks_ttl])
+        if schedule:
+            flat = ["HSET", key(k.schedule(name))]
+            for f, at in schedule.items():
+                flat += [f, repr(at)]
+            ops.append(flat)
+        if usage is not None:
+            day, amounts = usage
+            for f, amount in amounts.items():
+                if amount:
+                    ops.append(["HINCRBYFLOAT", key(k.usage(name, day)), f, repr(float(amount))])
+            ops.append(["SADD", key(k.usage_days(name)), day])
+            ops.append(["EXPIRE", key(k.usage(name, day)), usage_ttl])
+            ops.append(["EXPIRE", key(k.usage_days(name)), usage_ttl])
+        if release:
+            ops.append(["DEL", key(k.lease(name))])
+        encoded = json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
+        return keys, [
+            encoded,
+            state if state is not None else b"",
+            op_id or "",
+            str(OP_IDS_KEPT),
+            str(OP_IDS_TTL_S),
+        ]
+
+    @translate
+    async def fenced_write(
+        self,
+        name: str,
+        lease_value: str,
+        *,
+        status: Mapping[str, object] | None = None,
+        clear: Sequence[str] = (),
+        event: Mapping[str, str] | None = None,
+        state: bytes | None = None,
+        ack_id: str | None = None,
+        task: TaskWrite | None = None,
+        schedule: Mapping[str, float] | None = None,
+        usage: tuple[str, Mapping[str, float]] | None = None,
+        release: bool = False,
+        op_id: str | None = None,
+    ) -> bool:
+        """Write status fields, an event (with its copy in the fleet feed), the durable
+        state, an inbox ack, a task record and schedule times atomically.
+
+        Happens only while ``lease_value`` is still the agent's lease; returns False
+        (and writes nothing) when it is not. With ``release`` the lease is dropped in
+        the same step (a clean stop). With ``op_id`` (see :func:`agentos.store.retry.new_op_id`)
+        the write is applied at most once: a repeat of one of the agent's recent op ids
+        returns True without applying anything or looking at the lease, so a retry after
+        a lost reply is safe.
+        """
+        event_json = json.dumps(dict(event)) if event is not None else None
+        keys, ops = self._ops(
+            name,
+            status=status,
+            clear=clear,
+            event_json=event_json,
+            state=state,
+            ack_id=ack_id,
+            task=task,
+            schedule=schedule,
+            usage=usage,
+            release=release,
+            op_id=op_id,
+        )
+        return bool(await self._fenced(keys=keys, args=[lease_value, *ops]))
+
+    @translate
+    async def fenced_status_batch(self, updates: Sequence[StatusUpdate]) -> list[bool]:
+        """Many fenced status + usage writes in one pipeline:
+        (agent, lease, fields, usage, op id) each.
+
+        Returns, per update, whether it is applied (False: the lease is not the caller's).
+        With an op id each update is applied at most once, so a batch whose reply was lost
+        can be sent again unchanged.
+        """
+        if not updates:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name, lease_value, fields, usage, op_id in updates:
+                keys, ops = self._ops(name, status=fields, usage=usage, op_id=op_id)
+                await self._fenced(keys=keys, args=[lease_value, *ops], client=pipe)
+            return [bool(x) for x in await pipe.execute()]
+
+    @translate
+    async def status(self, name: str) -> dict[str, str]:
+        """The agent's status hash (empty when it never ran)."""
+        raw = await self._r.hgetall(self.keys.status(name))
+        return {_s(a): _s(b) for a, b in raw.items()}
+
+    @translate
+    async def statuses(self, names: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Status hashes of many agents in one round trip."""
+        if not names:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.status(name))
+            raw = await pipe.execute()
+        return {
+            name: {_s(a): _s(b) for a, b in h.items()} for name, h in zip(names, raw, strict=True)
+        }
+
+    @translate
+    async def events(
+        self,
+        name: str | None = None,
+        *,
+        count: int = 50,
+        after_id: str | None = None,
+        block_ms: int | None = None,
+    ) -> list[Event]:
+        """Events of one agent (or the fleet when ``name`` is None), oldest first.
+
+        Without ``after_id`` returns the newest ``count``; with it, those after it,
+        waiting up to ``block_ms`` for new ones when given.
+        """
+        stream = self.keys.events(name) if name else self.keys.fleet_events
+        if after_id is None:
+            entries = list(reversed(await self._r.xrevrange(stream, count=count)))
+        elif block_ms is not None:
+            reply = await self._r.xread({stream: after_id}, count=count, block=block_ms)
+            entries = reply[0][1] if reply else []
+        else:
+            entries = await self._r.xrange(stream, min=f"({after_id}", count=count)
+        out = []
+        for entry_id, fields in entries:
+            fields = {_s(a): _s(b) for a, b in fields.items()}
+            body = json.loads(fields.get("event", "{}"))
+            out.append(
+                Event(
+                    id=_s(entry_id),
+                    agent=fields.get("agent", name or ""),
+                    time=float(body.get("time", 0.0)),
+                    type=body.get("type", ""),
+                    reason=body.get("reason", ""),
+                    message=body.get("message", ""),
+                    daemon=body.get("daemon", ""),
+                )
+            )
+        return out
+
+    @translate
+    async def load_state(self, name: str) -> bytes | None:
+        """The agent's durable state as saved by its last task, or None."""
+        value = await self._r.get(self.keys.state(name))
+        return bytes(value) if value is not None else None
+
+    @translate
+    async def usage(
+        self, names: Sequence[str], days: Sequence[str]
+    ) -> dict[tuple[str, str], dict[str, float]]:
+        """Metered usage per (agent, day) for the given agents and UTC days (missing: left out)."""
+        pairs = [(n, d) for n in names for d in days]
+        if not pairs:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for n, d in pairs:
+                pipe.hgetall(self.keys.usage(n, d))
+            raw = await pipe.execute()
+        return {
+            pair: {_s(a): float(b) for a, b in h.items()}
+            for pair, h in zip(pairs, raw, strict=True)
+            if h
+        }
