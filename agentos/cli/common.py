@@ -1,0 +1,191 @@
+"""What every command shares, so that they all behave the same way.
+
+The two consoles, the output modes (``-o table|json|yaml``) and the options more than
+one command takes; the settings the root callback fills in (``STATE``); and the one
+place where errors become a plain sentence and an exit code: 0 ok, 1 failure (Redis
+away, unknown agent, ...), 2 usage or validation error; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import typer
+import yaml
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from agentos.client import Client, ClientError
+from agentos.core.spec import Document, SpecError, load_paths
+from agentos.engine import EngineError
+from agentos.settings import Settings
+from agentos.store import StoreUnavailable
+from agentos.store.embedded import EmbeddedRedisError
+
+T = TypeVar("T")
+
+
+# Agent names, results and errors are data: never emoji codes (":smile:") to replace.
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+class Output(enum.StrEnum):
+    """How read commands print."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+class UsageBy(enum.StrEnum):
+    """How `agentos usage` groups."""
+
+    agent = "agent"
+    class_ = "class"
+    day = "day"
+
+
+class _State:
+    settings: Settings = Settings()
+    debug: bool = False
+
+
+STATE = _State()
+
+
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", help="Print as a table, JSON or YAML.")
+]
+FilesOpt = Annotated[
+    list[Path],
+    typer.Option("--file", "-f", help="A YAML file or a folder of them (repeatable)."),
+]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine, turning agentos errors into one line and an exit code."""
+    try:
+        return anyio.run(fn)
+    except (typer.Exit, SystemExit):
+        raise
+    except BaseException as e:
+        error = _leaf(e)
+        if isinstance(error, (typer.Exit, SystemExit)):
+            raise error from None
+        if isinstance(error, KeyboardInterrupt):
+            raise typer.Exit(130) from None
+        if isinstance(error, SpecError):
+            for issue in error.issues:
+                err.print(str(issue), markup=False)
+            err.print(f"{len(error.issues)} error(s); nothing was applied", markup=False)
+            raise typer.Exit(2) from None
+        if STATE.debug:
+            raise
+        if isinstance(error, (ClientError, StoreUnavailable, EmbeddedRedisError, EngineError)):
+            _fail(str(error))
+        _fail(
+            f"internal error: {type(error).__name__}: {error} "
+            "(run again with --debug for the traceback)"
+        )
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The one real error inside task-group exception groups."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _command(action: Callable[[Client], Awaitable[object]], done: str) -> None:
+    """Run one client call and print what was done."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            await action(client)
+        out.print(done, markup=False)
+
+    _run(go)
+
+
+async def _client() -> Client:
+    return await Client.connect(STATE.settings)
+
+
+def _emit(data: Any, output: Output, table: Callable[[], Table | str]) -> None:
+    if output is Output.json:
+        out.print(json.dumps(data, indent=2, sort_keys=False, default=str), markup=False)
+    elif output is Output.yaml:
+        out.print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip(), markup=False)
+    else:
+        rendered = table()
+        if isinstance(rendered, str):
+            out.print(rendered, markup=False)
+        else:
+            _print_table(rendered)
+
+
+_UNBOUNDED = 1 << 20
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` fitted to the terminal, or with whole columns when piped.
+
+    A pipe has no width: cutting to rich's default 80 columns would hand ``grep`` and
+    ``awk`` ellipses (``AGENT-…``), so, like kubectl, a table that does not go to a
+    terminal is rendered at its natural width, without trailing blanks.
+    """
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = Measurement.get(out, out.options.update_width(_UNBOUNDED), table).maximum
+    buffer = io.StringIO()
+    wide = Console(file=buffer, width=max(natural, 1), highlight=False, emoji=False)
+    wide.print(table)
+    out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    out.file.flush()
+
+
+def _print_text(text: str) -> None:
+    """Print ``text`` exactly (no markup, emoji codes or wrapping), then a newline."""
+    out.file.write(text if text.endswith("\n") else text + "\n")
+    out.file.flush()
+
+
+def _load(files: Sequence[Path]) -> list[Document]:
+    if not files:
+        _fail("give at least one -f FILE or folder", 2)
+    return load_paths(files)
+
+
+def _run_sync_load(files: Sequence[Path]) -> list[Document]:
+    try:
+        return _load(files)
+    except SpecError as e:
+        for issue in e.issues:
+            err.print(str(issue), markup=False)
+        err.print(f"{len(e.issues)} error(s); nothing was applied", markup=False)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if STATE.debug else level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

@@ -1,0 +1,277 @@
+"""The commands on agents and their documents: what an operator types day to day.
+
+``apply``, ``get``, ``ps``, ``describe``, ``events``, ``send``, ``tasks``,
+``hibernate``, ``wake``, ``delete agent|policy``, and ``schema`` and ``version``. Each
+is a thin shell over one :class:`agentos.client.Client` call. :mod:`agentos.cli`
+registers them on the app, in the order ``agentos --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from functools import partial
+from typing import Annotated
+
+import anyio
+import typer
+
+from agentos import __version__
+from agentos.cli.common import (
+    FilesOpt,
+    Output,
+    OutputOpt,
+    _client,
+    _command,
+    _emit,
+    _fail,
+    _print_table,
+    _print_text,
+    _run,
+    _run_sync_load,
+    out,
+)
+from agentos.cli.render import (
+    _agents_table,
+    _daemons_table,
+    _describe_text,
+    _effective_table,
+    _event_line,
+    _policies_table,
+    _task_line,
+    _tasks_table,
+)
+from agentos.client import read_message_arg
+from agentos.core.durations import parse_duration
+from agentos.core.spec import json_schema
+from agentos.store import Event
+
+
+class Kind(enum.StrEnum):
+    """What `agentos get` lists."""
+
+    agents = "agents"
+    policies = "policies"
+    daemons = "daemons"
+
+
+delete_app = typer.Typer(help="Delete an agent or a policy.", no_args_is_help=True)
+
+
+def apply(
+    files: FilesOpt,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and show the diff; change nothing.")
+    ] = False,
+) -> None:
+    """Validate every document, then store them all (or none, if any is invalid)."""
+    docs = _run_sync_load(files)
+
+    async def go() -> None:
+        async with await _client() as client:
+            changes = await client.apply(docs, dry_run=dry_run)
+            preview = None
+            if dry_run and any(d.kind == "QuotaPolicy" for d in docs):
+                preview, _, _ = await client.explain(documents=docs)
+        suffix = " (dry run)" if dry_run else ""
+        for c in changes:
+            changed = f" ({', '.join(c.fields)})" if c.fields else ""
+            out.print(f"{c.kind.lower()}/{c.name} {c.action}{changed}{suffix}", markup=False)
+        if preview is not None:
+            out.print("\neffective quotas after this apply (with the fleet's metrics now):")
+            _print_table(_effective_table(list(preview.quotas.values())))
+
+    _run(go)
+
+
+@delete_app.command("agent")
+def delete_agent(name: str) -> None:
+    """Delete an agent: it stops, and its state, events and inbox are removed."""
+
+    _command(lambda client: client.delete_agent(name), f"agent/{name} deleted")
+
+
+@delete_app.command("policy")
+def delete_policy(name: str) -> None:
+    """Delete a QuotaPolicy."""
+
+    _command(lambda client: client.delete_policy(name), f"quotapolicy/{name} deleted")
+
+
+def get(kind: Kind, output: OutputOpt = Output.table) -> None:
+    """List agents, policies or daemons."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            if kind is Kind.agents:
+                agents = await client.agents()
+                _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            elif kind is Kind.policies:
+                policies = await client.policies()
+                _emit(list(policies.values()), output, lambda: _policies_table(policies))
+            else:
+                daemons = await client.daemons()
+                _emit(
+                    [{"id": k, **v} for k, v in daemons.items()],
+                    output,
+                    lambda: _daemons_table(daemons),
+                )
+
+    _run(go)
+
+
+def ps(output: OutputOpt = Output.table) -> None:
+    """Show every agent's phase, restarts, tasks and last activity."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            agents = await client.agents()
+        _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+
+    _run(go)
+
+
+def describe(
+    kind: Annotated[str, typer.Argument(help="Only `agent` for now.")],
+    name: str,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Spec, status, recent events and last error (with traceback) of an agent."""
+    if kind not in ("agent", "agents"):
+        _fail(f"cannot describe {kind!r}: use `describe agent NAME`", 2)
+
+    async def go() -> None:
+        async with await _client() as client:
+            detail = await client.describe(name)
+        _emit(detail.to_dict(), output, lambda: _describe_text(detail.to_dict()))
+
+    _run(go)
+
+
+def events(
+    name: Annotated[
+        str | None, typer.Argument(help="An agent; the whole fleet if left out.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 50,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Recent events of an agent or the fleet, oldest first."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            if follow:
+                async for e in client.follow_events(name, count=count):
+                    _print_event(e, output)
+                return
+            items = await client.events(name, count=count)
+        if output is Output.table:
+            for e in items:
+                out.print(_event_line(e), markup=False)
+        else:
+            _emit([e.to_dict() for e in items], output, lambda: "")
+
+    _run(go)
+
+
+def _print_event(e: Event, output: Output) -> None:
+    if output is Output.table:
+        out.print(_event_line(e), markup=False)
+    else:
+        out.print(json.dumps(e.to_dict()), markup=False)
+
+
+def send(
+    name: str,
+    message: Annotated[str, typer.Argument(help="The text; @FILE reads a file, - reads stdin.")],
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: a message with a key is run once.")
+    ] = None,
+    traceparent: Annotated[
+        str | None, typer.Option(help="W3C traceparent to continue the sender's trace.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the task and print its result.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long --wait waits.")] = "60s",
+    output: Annotated[
+        Output,
+        typer.Option(
+            "--output", "-o", help="table: the result as stored; json|yaml: the task record."
+        ),
+    ] = Output.table,
+) -> None:
+    """Put a message in an agent's inbox; with --wait, print the task's result."""
+    try:
+        timeout_s = parse_duration(timeout)
+    except ValueError as e:
+        _fail(f"--timeout: {e}", 2)
+    try:
+        body = read_message_arg(message)
+    except OSError as e:
+        _fail(f"cannot read message file: {e}", 2)
+
+    async def go() -> None:
+        async with await _client() as client:
+            msg_id = await client.send(name, body, key=key, traceparent=traceparent)
+            if not wait:
+                sent = {"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}
+                _emit(sent, output, lambda: f"sent {msg_id} to {name}")
+                return
+            record = await client.wait_task(name, f"m-{msg_id}", timeout_s=timeout_s)
+        if output is not Output.table:
+            _emit(record, output, lambda: "")
+        if record.get("status") == "failed":
+            _fail(f"task m-{msg_id} failed: {record.get('error', '')}")
+        if output is Output.table:
+            _print_text(record.get("result", ""))
+
+    _run(go)
+
+
+def tasks(
+    name: Annotated[str | None, typer.Argument(help="An agent; every agent if left out.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep refreshing.")] = False,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Recent tasks (one per wake-up) with their trigger, status, attempt and result."""
+
+    async def go() -> None:
+        async with await _client() as client:
+            seen: dict[str, str] = {}
+            while True:
+                rows = await client.tasks(name, count=count)
+                if not follow:
+                    _emit(rows, output, partial(_tasks_table, rows))
+                    return
+                for row in reversed(rows):
+                    key = row.get("id", "")
+                    if seen.get(key) != row.get("status"):
+                        seen[key] = row.get("status", "")
+                        out.print(_task_line(row), markup=False)
+                await anyio.sleep(1)
+
+    _run(go)
+
+
+def hibernate(name: str) -> None:
+    """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
+
+    _command(lambda client: client.hibernate(name), f"agent/{name} hibernation requested")
+
+
+def wake(name: str) -> None:
+    """Wake an agent (restores its KV); also retries an agent that Failed."""
+
+    _command(lambda client: client.wake(name), f"agent/{name} wake requested")
+
+
+def schema() -> None:
+    """Print the JSON Schema of Agent and QuotaPolicy documents (for editors)."""
+    out.print(json.dumps(json_schema(), indent=2), markup=False)
+
+
+def version() -> None:
+    """Print the agentos version."""
+    out.print(f"agentos {__version__}", markup=False)

@@ -1,0 +1,213 @@
+"""The ``daemon`` and ``up`` commands: their flags, checked before anything starts.
+
+Durations, engine options, retention and ``--http`` (with its bearer token) are
+parsed here into :class:`agentos.settings.DaemonSettings` and a
+:class:`agentos.cli.serve._Serve` plan, so that a bad flag is exit code 2 and one
+sentence, never a half-started daemon. :mod:`agentos.cli.serve` runs the plan.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agentos.cli.common import STATE, FilesOpt, _fail, _run, _run_sync_load, _setup_logging
+from agentos.cli.serve import _Serve, _serve
+from agentos.core.durations import parse_duration
+from agentos.ingress import is_loopback
+from agentos.settings import DaemonSettings, new_daemon_id
+
+
+class OtelMode(enum.StrEnum):
+    """Where traces and metrics go."""
+
+    auto = "auto"
+    console = "console"
+    none = "none"
+
+
+KeepOpt = Annotated[int, typer.Option(min=1, help="Task records kept per agent.")]
+MaxAgeOpt = Annotated[
+    str, typer.Option(help="Task records and idempotency keys are kept this long.")
+]
+OtelOpt = Annotated[
+    OtelMode,
+    typer.Option(help="auto: OTLP when OTEL_EXPORTER_OTLP_* is set; console: stderr; none."),
+]
+HttpOpt = Annotated[
+    str | None,
+    typer.Option(help="Serve webhooks and health checks on HOST:PORT (e.g. 127.0.0.1:8080)."),
+]
+HttpTokenOpt = Annotated[
+    Path | None,
+    typer.Option(help="File holding the bearer token for --http (or AGENTOS_HTTP_TOKEN)."),
+]
+
+
+def _engine_options(
+    engine: str, model: Path | None, slots: int | None, n_ctx: int | None
+) -> dict[str, object]:
+    options: dict[str, object] = {}
+    if slots is not None:
+        options["slots"] = slots
+    if engine == "llama":
+        options["home"] = STATE.settings.home
+        if model is not None:
+            options["model_path"] = model
+        if n_ctx is not None:
+            options["n_ctx"] = n_ctx
+    elif model is not None or n_ctx is not None:
+        _fail(f"--model and --n-ctx apply to the llama engine, not {engine!r}", 2)
+    return options
+
+
+def _daemon_settings(
+    engine: str,
+    max_agents: int | None,
+    grace: str,
+    daemon_id: str | None,
+    lease_ttl: str,
+    engine_options: dict[str, object],
+    retention: tuple[int, str] = (1000, "7d"),
+) -> DaemonSettings:
+    values = {}
+    keep, max_age = retention
+    for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl), ("--task-max-age", max_age)):
+        try:
+            values[flag] = parse_duration(text)
+        except ValueError as e:
+            _fail(f"{flag}: {e}", 2)
+    if values["--grace"] >= values["--lease-ttl"]:
+        _fail("--grace must be shorter than --lease-ttl", 2)
+    return DaemonSettings(
+        daemon_id=daemon_id or new_daemon_id(),
+        engine=engine,
+        max_agents=max_agents,
+        grace_s=values["--grace"],
+        lease_ttl_s=values["--lease-ttl"],
+        engine_options=engine_options,
+        task_retention_count=keep,
+        task_retention_s=values["--task-max-age"],
+    )
+
+
+EngineOpt = Annotated[
+    str,
+    typer.Option(help="Inference engine: llama (the real model, extra agentos[llama]) or sim."),
+]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(help="GGUF model file (llama). Default: Gemma 3 270M from PyPI, in AGENTOS_HOME."),
+]
+SlotsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Agents holding the model at once (engine slots).")
+]
+NCtxOpt = Annotated[int | None, typer.Option(min=256, help="Context tokens per agent (llama).")]
+GraceOpt = Annotated[str, typer.Option(help="How long agents get to stop on shutdown.")]
+LeaseOpt = Annotated[
+    str,
+    typer.Option(help="Agent lease length: how soon another daemon adopts this one's agents."),
+]
+
+
+def daemon(
+    engine: EngineOpt = "sim",
+    model: ModelOpt = None,
+    slots: SlotsOpt = None,
+    n_ctx: NCtxOpt = None,
+    max_agents: Annotated[
+        int | None, typer.Option(min=1, help="Agents this daemon runs at most.")
+    ] = None,
+    grace: GraceOpt = "10s",
+    lease_ttl: LeaseOpt = "15s",
+    daemon_id: Annotated[
+        str | None, typer.Option("--id", help="Daemon id (default host-pid-random).")
+    ] = None,
+    http: HttpOpt = None,
+    http_token_file: HttpTokenOpt = None,
+    otel: OtelOpt = OtelMode.auto,
+    task_retention: KeepOpt = 1000,
+    task_max_age: MaxAgeOpt = "7d",
+) -> None:
+    """Run a daemon against an existing Redis (several may share one)."""
+    _setup_logging(logging.INFO)
+    options = _engine_options(engine, model, slots, n_ctx)
+    dsettings = _daemon_settings(
+        engine, max_agents, grace, daemon_id, lease_ttl, options, (task_retention, task_max_age)
+    )
+    where, token = _http_options(http, http_token_file)
+    _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token, otel=otel.value)))
+
+
+def up(
+    files: FilesOpt = [],  # noqa: B006 (typer reads the default)
+    engine: EngineOpt = "sim",
+    model: ModelOpt = None,
+    slots: SlotsOpt = None,
+    n_ctx: NCtxOpt = None,
+    for_: Annotated[
+        str | None, typer.Option("--for", help="Stop after this long (e.g. 30s).")
+    ] = None,
+    until_idle: Annotated[
+        bool, typer.Option(help="Stop once nothing is queued or running and no trigger is due.")
+    ] = False,
+    grace: GraceOpt = "10s",
+    lease_ttl: LeaseOpt = "15s",
+    table: Annotated[
+        bool | None, typer.Option(help="Live table (default: when a terminal).")
+    ] = None,
+    http: HttpOpt = None,
+    http_token_file: HttpTokenOpt = None,
+    otel: OtelOpt = OtelMode.auto,
+    task_retention: KeepOpt = 1000,
+    task_max_age: MaxAgeOpt = "7d",
+) -> None:
+    """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
+    duration_s = None
+    if for_ is not None:
+        try:
+            duration_s = parse_duration(for_)
+        except ValueError as e:
+            _fail(f"--for: {e}", 2)
+    docs = _run_sync_load(files) if files else []
+    _setup_logging(logging.WARNING)
+    options = _engine_options(engine, model, slots, n_ctx)
+    dsettings = _daemon_settings(
+        engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age)
+    )
+    live = sys.stdout.isatty() if table is None else table
+    embedded = STATE.settings.redis_url is None
+    where, token = _http_options(http, http_token_file)
+    opts = _Serve(dsettings, docs, duration_s, until_idle, embedded, live, where, token, otel.value)
+    _run(lambda: _serve(opts))
+
+
+def _http_options(
+    http: str | None, token_file: Path | None
+) -> tuple[tuple[str, int] | None, str | None]:
+    """Parse --http HOST:PORT and find the bearer token (required off loopback)."""
+    if http is None:
+        return None, None
+    host, sep, port = http.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"--http: expected HOST:PORT such as 127.0.0.1:8080, got {http!r}", 2)
+    host = host.strip("[]")
+    token = os.environ.get("AGENTOS_HTTP_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip() or None
+        except OSError as e:
+            _fail(f"--http-token-file: {e}", 2)
+    if token is None and not is_loopback(host):
+        _fail(
+            f"--http {http}: a bearer token is required when listening beyond loopback; "
+            "set AGENTOS_HTTP_TOKEN or --http-token-file",
+            2,
+        )
+    return (host, int(port)), token

@@ -1,0 +1,318 @@
+"""How the fleet reads to a person: the tables and text of ``-o table``.
+
+Functions of the data only (no client, no printing), kept apart from the commands so
+that ``ps``, ``get``, ``up``'s live table and ``describe`` show an agent the same way,
+and so that ``-o json``/``-o yaml`` stay the records as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from agentos.cli.common import UsageBy
+from agentos.client import AgentSummary
+from agentos.core.metering import UsageRow
+from agentos.core.policy import ClassQuota, RuleStatus
+from agentos.core.results import summarize
+from agentos.store import Event
+
+
+def _ago(ts: float | None, now: float | None = None) -> str:
+    if not ts:
+        return "-"
+    delta = max(0.0, (now or time.time()) - ts)
+    if delta < 60:
+        return f"{delta:.0f}s"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m"
+    if delta < 86400:
+        return f"{delta / 3600:.1f}h"
+    return f"{delta / 86400:.1f}d"
+
+
+def _size(nbytes: int) -> str:
+    if nbytes <= 0:
+        return "-"
+    if nbytes < 1024:
+        return f"{nbytes}B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f}{unit}"
+
+
+def _agents_table(agents: Sequence[AgentSummary]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"):
+        table.add_column(col, no_wrap=col != "REASON")
+    colors = {"Running": "green", "Idle": "cyan", "Hibernated": "blue", "Failed": "red"}
+    for a in agents:
+        color = colors.get(a.phase, "yellow")
+        table.add_row(
+            a.name,
+            f"[{color}]{a.phase}[/{color}]",
+            str(a.restarts),
+            str(a.tasks),
+            str(a.steps),
+            _size(a.kv_bytes),
+            _ago(a.last_activity),
+            a.owner or "-",
+            a.reason,
+        )
+    return table
+
+
+def _event_line(e: Event) -> str:
+    stamp = datetime.fromtimestamp(e.time).strftime("%H:%M:%S") if e.time else "--:--:--"
+    who = f"{e.agent}: " if e.agent else ""
+    reason = f" ({e.reason})" if e.reason else ""
+    return f"{stamp} {who}{e.type}{reason} {e.message}".rstrip()
+
+
+def _effective_table(quotas: Sequence[ClassQuota]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("CLASS", "POLICY", "LIMITS", "PER AGENT", "RULES IN EFFECT"):
+        table.add_column(col)
+    for q in sorted(quotas, key=lambda q: q.name):
+        limits = q.limits.describe()
+        if q.limits != q.base:
+            limits += f" (declared {q.base.describe()})"
+        per_agent = q.per_agent.describe()
+        if q.per_agent != q.base_per_agent:
+            per_agent += f" (declared {q.base_per_agent.describe()})"
+        table.add_row(q.name, q.policy, limits, per_agent, ", ".join(q.rules) or "-")
+    return table
+
+
+def _limit_cell(value: float, limit: int | None) -> str:
+    shown = f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+    return f"{shown}/{limit:,}" if limit else shown
+
+
+def _quota_text(view: dict[str, Any]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("CLASS/AGENT", "PRIO", "TOKENS/MIN", "IN FLIGHT", "TOKENS TODAY", "SECONDS TODAY",
+                "WAITING", "RULES IN EFFECT"):  # fmt: skip
+        table.add_column(col)
+    for c in view["classes"]:
+        lim, per, use = c["limits"], c["perAgent"], c["usage"]
+        waiting = len(use["queued"]) + len(use["paced"])
+        table.add_row(
+            f"[bold]{c['name']}[/bold]" + (f" ({c['policy']})" if c["policy"] else " (unlimited)"),
+            "",
+            _limit_cell(use["tokensLastMinute"], lim.get("tokensPerMinute")),
+            _limit_cell(use["inFlight"], lim.get("maxConcurrent")),
+            _limit_cell(use["dayTokens"], lim.get("dailyTokens")),
+            _limit_cell(use["dayAgentSeconds"], lim.get("dailyAgentSeconds")),
+            str(waiting) if waiting else "-",
+            ", ".join(c["rules"]) or "-",
+        )
+        for a in c["agents"]:
+            table.add_row(
+                f"  {a['name']}",
+                str(a["priority"]),
+                _limit_cell(a["tokensLastMinute"], per.get("tokensPerMinute")),
+                _limit_cell(a["inFlight"], per.get("maxConcurrent")),
+                _limit_cell(a["dayTokens"], per.get("dailyTokens")),
+                _limit_cell(a["dayAgentSeconds"], per.get("dailyAgentSeconds")),
+                a["waiting"] or "-",
+                "",
+            )
+    return table
+
+
+def _explain_text(
+    rules: Sequence[RuleStatus], metrics: dict[str, float], measured_at: float | None
+) -> str:
+    lines = []
+    if measured_at is None:
+        lines.append("fleet metrics: none yet (no daemon has evaluated the policies)")
+    else:
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(metrics.items())) or "no data"
+        lines.append(f"fleet metrics ({_ago(measured_at)} ago): {shown}")
+    if not rules:
+        lines.append("no rules")
+    for r in rules:
+        value = "no data" if r.value is None else f"{r.value:.3g}"
+        lines.append("")
+        lines.append(f"{r.policy}/{r.rule} -> class {r.class_}: {r.state}")
+        lines.append(f"  when:  {r.condition}")
+        now = f"{r.metric} = {value}, " if r.metric else ""
+        held = f" for {r.held_for_s:.0f}s" if r.holds else ""
+        lines.append(f"  now:   {now}{'holds' if r.holds else 'does not hold'}{held}")
+        lines.append(f"  limits now: {r.current.describe()}")
+        if r.next is not None:
+            lines.append(f"  next change: {r.next.describe()}")
+        if r.wait_s > 0:
+            lines.append(f"  waits {r.wait_s:.0f}s more")
+        lines.append(f"  {r.message}")
+    return "\n".join(lines)
+
+
+def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "CLASSES", "RULES"):
+        table.add_column(col)
+    for name, body in sorted(policies.items()):
+        spec = body.get("spec", {})
+        table.add_row(name, ", ".join(spec.get("classes", {})), str(len(spec.get("rules", []))))
+    return table
+
+
+def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "HOST", "PID", "ENGINE", "AGENTS", "SEEN"):
+        table.add_column(col)
+    for did, info in sorted(daemons.items()):
+        table.add_row(
+            did,
+            str(info.get("host", "")),
+            str(info.get("pid", "")),
+            str(info.get("engine", "")),
+            str(info.get("agents", "")),
+            _ago(info.get("seen_at")) + " ago",
+        )
+    return table
+
+
+def _describe_text(d: dict[str, Any]) -> str:
+    status = d["status"]
+    spec = d["spec"]["spec"]
+    lines = [
+        f"Name:          {d['name']}",
+        f"Entrypoint:    {spec.get('entrypoint')}",
+        f"Phase:         {status.get('phase', 'Pending')}"
+        + (f" ({status['reason']})" if status.get("reason") else ""),
+    ]
+    if status.get("message"):
+        lines.append(f"Message:       {status['message']}")
+    lines += [
+        f"Owner:         {status.get('owner') or '-'}",
+        f"Priority:      {spec.get('priority')}   Quota class: {spec.get('quotaClass')}",
+        f"Tasks:         {status.get('tasks_succeeded', 0)} succeeded, "
+        f"{status.get('tasks_failed', 0)} failed; {status.get('steps', 0)} steps",
+        f"Restarts:      {status.get('restarts', 0)}",
+        f"Tokens:        {status.get('tokens_in', 0)} in, {status.get('tokens_out', 0)} out",
+        f"Last activity: {_since(status.get('last_activity'))}",
+        f"Inbox:         {d['inboxDepth']} waiting",
+        f"Snapshot:      {_snapshot_text(status)}",
+        f"Last wake:     {_wake_text(status)}",
+        "Triggers:      " + (", ".join(_trigger_text(t) for t in spec.get("triggers", [])) or "-"),
+    ]
+    if status.get("last_error"):
+        lines += ["", f"Last error:    {status['last_error']}"]
+        if status.get("last_traceback"):
+            lines += ["", status["last_traceback"].rstrip()]
+    lines += ["", "Recent tasks:"]
+    if not d.get("tasks"):
+        lines.append("  <none>")
+    for row in d.get("tasks", []):
+        lines.append("  " + _task_line(row))
+    lines += ["", "Events:"]
+    if not d["events"]:
+        lines.append("  <none>")
+    for e in d["events"]:
+        stamp = datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S") if e["time"] else ""
+        reason = f" ({e['reason']})" if e["reason"] else ""
+        lines.append(f"  {stamp}  {e['type']}{reason}  {e['message']}")
+    return "\n".join(lines)
+
+
+def _snapshot_text(status: dict[str, str]) -> str:
+    if not status.get("snapshot_at"):
+        return "-"
+    kept = "KV kept" if status.get("kv_kept") == "1" else "token history only"
+    return (
+        f"{_size(int(status.get('kv_bytes') or 0))}, {status.get('kv_tokens', 0)} tokens, "
+        f"{kept}, taken {_since(status.get('snapshot_at'))}"
+    )
+
+
+def _wake_text(status: dict[str, str]) -> str:
+    if not status.get("wake_path"):
+        return "-"
+    return (
+        f"{status['wake_path']} in {status.get('wake_ms', '?')} ms, {_since(status.get('woke_at'))}"
+    )
+
+
+def _since(stamp: str | None) -> str:
+    return f"{_ago(float(stamp))} ago" if stamp else "-"
+
+
+def _trigger_text(trigger: dict[str, Any]) -> str:
+    for kind in ("schedule", "heartbeat", "every", "at"):
+        if kind in trigger:
+            return f"{kind} {trigger[kind]}"
+    return "inbox"
+
+
+def _tasks_table(rows: Sequence[dict[str, str]]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in _task_cells(row)))  # data, never markup
+    return table
+
+
+def _task_cells(row: dict[str, str]) -> list[str]:
+    started, finished = row.get("started_at"), row.get("finished_at")
+    took = f"{float(finished) - float(started):.2f}s" if started and finished else "-"
+    detail = row.get("error") or row.get("result") or row.get("payload", "")
+    return [
+        row.get("agent", ""),
+        row.get("id", ""),
+        row.get("trigger", ""),
+        row.get("status", ""),
+        row.get("attempt", ""),
+        _ago(float(row["created_at"])) if row.get("created_at") else "-",
+        took,
+        summarize(detail, _RESULT_CELL),
+    ]
+
+
+_RESULT_CELL = 80  # characters of a result in a table; `tasks NAME -o json` has it all
+
+
+def _task_line(row: dict[str, str]) -> str:
+    agent, task_id, trigger, status, attempt, _, took, detail = _task_cells(row)
+    return f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}) {detail}".rstrip()
+
+
+def _usage_table(rows: Sequence[UsageRow], by: UsageBy) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in (
+        by.value.upper(),
+        "AGENT-HOURS",
+        "TOKENS-IN",
+        "TOKENS-OUT",
+        "KV-GB-H",
+        "TASKS",
+        "FAILED",
+        "COST",
+        "COST/TASK",
+    ):
+        table.add_column(col, justify="left" if col == by.value.upper() else "right")
+    for r in rows:
+        per = "-" if r.cost_per_task is None else f"{r.cost_per_task:.6f}"
+        table.add_row(
+            r.key,
+            f"{r.agent_hours:.4f}",
+            str(r.tokens_in),
+            str(r.tokens_out),
+            f"{r.kv_gb_hours:.6f}",
+            str(r.tasks_succeeded),
+            str(r.tasks_failed),
+            f"{r.cost:.6f}",
+            per,
+        )
+    return table
