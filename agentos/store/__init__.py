@@ -26,7 +26,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from agentos.engine.base import KVSnapshot
-from agentos.store.errors import StoreError, StoreFull, StoreUnavailable, translate
+from agentos.store.batching import ScriptBatcher
+from agentos.store.errors import SendRefused, StoreError, StoreFull, StoreUnavailable, translate
 from agentos.store.errors import reason as _reason
 from agentos.store.inbox import SEND_DEDUPE_TTL_S as SEND_DEDUPE_TTL_S
 from agentos.store.inbox import UNFINISHED_SCAN as UNFINISHED_SCAN
@@ -53,18 +54,20 @@ from agentos.store.records import (
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 from agentos.store.specs import SpecOps
 from agentos.store.urls import redact_url
+from agentos.store.writes import DUPLICATE, Duplicate, Write, WriteOps
 from agentos.store.writes import EVENTS_MAXLEN as EVENTS_MAXLEN
 from agentos.store.writes import OP_IDS_KEPT as OP_IDS_KEPT
 from agentos.store.writes import OP_IDS_TTL_S as OP_IDS_TTL_S
-from agentos.store.writes import WriteOps
 
 __all__ = [
+    "DUPLICATE",
     "INBOX_GROUP",
     "AdmitReply",
     "AdmitRequest",
     "AgentSnapshot",
     "AppliedChange",
     "ClassUsage",
+    "Duplicate",
     "Event",
     "InboxMessage",
     "Keys",
@@ -73,6 +76,7 @@ __all__ = [
     "Manifest",
     "Retention",
     "SavedSnapshot",
+    "SendRefused",
     "SpecRecord",
     "StatusUpdate",
     "Store",
@@ -80,6 +84,7 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "TaskWrite",
+    "Write",
     "redact_url",
 ]
 
@@ -104,6 +109,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps):
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
         self._fenced = client.register_script(_load_script("fenced_ops"))
+        self._batch = ScriptBatcher(client)
         self._send_once = client.register_script(_load_script("inbox_send"))
         self._heartbeat = client.register_script(_load_script("daemon_heartbeat"))
         self.retention = Retention()
@@ -187,6 +193,13 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps):
                     f"Redis at {self.display_url} needs a password: {_reason(e)}"
                 ) from None
             raise
+
+    @translate
+    async def command_calls(self) -> dict[str, int]:
+        """Calls per command since the server started (``INFO commandstats``; commands a
+        script runs count too). For benchmarks and tests that pin round trips."""
+        info = await self._r.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
 
     # ---------------------------------------------------------------- hibernated KV
 

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from redis import exceptions as rexc
 
-__all__ = ["StoreError", "StoreFull", "StoreUnavailable", "reason", "translate"]
+__all__ = ["SendRefused", "StoreError", "StoreFull", "StoreUnavailable", "reason", "translate"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -37,6 +37,17 @@ class StoreFull(StoreError):
     Nothing of the refused command was applied; reads still work. The message names
     the URL without its password.
     """
+
+
+class SendRefused(Exception):
+    """A checked send was refused, nothing enqueued: the agent is not applied
+    (``limit`` None) or the message is larger than its inbox's ``limit`` bytes."""
+
+    def __init__(self, name: str, limit: int | None) -> None:
+        self.name = name
+        self.limit = limit
+        what = "is not applied" if limit is None else f"accepts messages up to {limit} bytes"
+        super().__init__(f'agent "{name}" {what}')
 
 
 def _is_oom(e: BaseException) -> bool:

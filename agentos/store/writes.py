@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from agentos.store.batching import ScriptBatcher, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.records import (
@@ -26,11 +28,45 @@ from agentos.store.records import (
     _s,
 )
 
-__all__ = ["WriteOps"]
+__all__ = ["APPLIED", "DUPLICATE", "Duplicate", "Write", "WriteOps"]
 
 EVENTS_MAXLEN = 1000
 OP_IDS_KEPT = 64  # a retry must come before this many later writes of the same agent
 OP_IDS_TTL_S = 3600
+APPLIED = 1
+DUPLICATE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One part of a fenced write (see :meth:`WriteOps.fenced_write` for each field).
+
+    A runner can hold a part back (:meth:`agentos.runtime.writer.Writer.defer`) and send
+    it ahead of its next write, in the same atomic step: a task's closing write then
+    rides with the next task's start."""
+
+    status: Mapping[str, object] | None = None
+    clear: Sequence[str] = ()
+    event: Mapping[str, str] | None = None
+    state: bytes | None = None
+    ack_id: str | None = None
+    tasks: Sequence[TaskWrite] = ()
+    schedule: Mapping[str, float] | None = None
+    usage: tuple[str, Mapping[str, float]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """What a task-start write does instead when its message's idempotency ``key``
+    already completed: acknowledge the message and record the task as skipped."""
+
+    key: str
+    ack_id: str
+    task: TaskWrite
+
+
+def _encode(ops: list[list[object]]) -> str:
+    return json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
 
 
 class WriteOps:
@@ -39,36 +75,64 @@ class WriteOps:
 
     _r: Any
     _fenced: Any
+    _batch: ScriptBatcher
     keys: Keys
     retention: Retention
 
     def _ops(
         self,
         name: str,
+        parts: Sequence[Write],
         *,
-        status: Mapping[str, object] | None = None,
-        clear: Sequence[str] = (),
-        event_json: str | None = None,
-        state: bytes | None = None,
-        ack_id: str | None = None,
-        task: TaskWrite | None = None,
-        schedule: Mapping[str, float] | None = None,
-        usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
         op_id: str | None = None,
+        duplicate: Duplicate | None = None,
     ) -> tuple[list[str], list[str | bytes]]:
-        """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)."""
+        """KEYS and ARGV (after the lease value) for one fenced write (see fenced_ops.lua)
+        that applies ``parts`` in order."""
         k = self.keys
         keys = [k.lease(name), k.ops(name)]
-        ops: list[list[object]] = []
-        tasks_ttl = str(max(1, math.ceil(self.retention.tasks_s)))
-        usage_ttl = str(max(1, math.ceil(self.retention.usage_s)))
 
         def key(name_: str) -> int:
             if name_ not in keys:
                 keys.append(name_)
             return keys.index(name_) + 1
 
+        # One binary argument slot: the last state wins (it would overwrite the others).
+        state = next((p.state for p in reversed(parts) if p.state is not None), None)
+        ops: list[list[object]] = []
+        for part in parts:
+            ops += self._op_list(name, key, part, with_state=part.state is state)
+        if release:
+            ops.append(["DEL", key(k.lease(name))])
+        guard: list[str | bytes] = ["", "", ""]
+        if duplicate is not None:
+            earlier = []
+            for part in parts[:-1]:
+                earlier += self._op_list(name, key, part, with_state=part.state is state)
+            alt = earlier + self._op_list(
+                name, key, Write(ack_id=duplicate.ack_id, tasks=(duplicate.task,))
+            )
+            guard = [str(key(k.idempotency(name))), duplicate.key, _encode(alt)]
+        return keys, [
+            _encode(ops),
+            state if state is not None else b"",
+            op_id or "",
+            str(OP_IDS_KEPT),
+            str(OP_IDS_TTL_S),
+            *guard,
+        ]
+
+    def _op_list(
+        self, name: str, key: Callable[[str], int], part: Write, *, with_state: bool = True
+    ) -> list[list[object]]:
+        status, clear, state, ack_id = part.status, part.clear, part.state, part.ack_id
+        tasks, schedule, usage = part.tasks, part.schedule, part.usage
+        event_json = json.dumps(dict(part.event)) if part.event is not None else None
+        k = self.keys
+        ops: list[list[object]] = []
+        tasks_ttl = str(max(1, math.ceil(self.retention.tasks_s)))
+        usage_ttl = str(max(1, math.ceil(self.retention.usage_s)))
         if status:
             flat: list[object] = ["HSET", key(k.status(name))]
             for f, v in status.items():
@@ -93,13 +157,13 @@ class WriteOps:
                     event_json,
                 ]
             )
-        if state is not None:
+        if state is not None and with_state:
             ops.append(["SET", key(k.state(name)), {"argv": 3}])
         if ack_id:
             # An acknowledged message is gone: inboxes hold only work not yet done.
             ops.append(["XACK", key(k.inbox(name)), INBOX_GROUP, ack_id])
             ops.append(["XDEL", key(k.inbox(name)), ack_id])
-        if task is not None:
+        for task in tasks:
             flat = ["HSET", key(k.task(name, task.id))]
             for f, v in task.fields.items():
                 flat += [f, str(v)]
@@ -127,16 +191,7 @@ class WriteOps:
             ops.append(["SADD", key(k.usage_days(name)), day])
             ops.append(["EXPIRE", key(k.usage(name, day)), usage_ttl])
             ops.append(["EXPIRE", key(k.usage_days(name)), usage_ttl])
-        if release:
-            ops.append(["DEL", key(k.lease(name))])
-        encoded = json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
-        return keys, [
-            encoded,
-            state if state is not None else b"",
-            op_id or "",
-            str(OP_IDS_KEPT),
-            str(OP_IDS_TTL_S),
-        ]
+        return ops
 
     @translate
     async def fenced_write(
@@ -150,11 +205,14 @@ class WriteOps:
         state: bytes | None = None,
         ack_id: str | None = None,
         task: TaskWrite | None = None,
+        tasks: Sequence[TaskWrite] = (),
         schedule: Mapping[str, float] | None = None,
         usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
         op_id: str | None = None,
-    ) -> bool:
+        duplicate: Duplicate | None = None,
+        prior: Sequence[Write] = (),
+    ) -> int:
         """Write status fields, an event (with its copy in the fleet feed), the durable
         state, an inbox ack, a task record and schedule times atomically.
 
@@ -162,24 +220,31 @@ class WriteOps:
         (and writes nothing) when it is not. With ``release`` the lease is dropped in
         the same step (a clean stop). With ``op_id`` (see :func:`agentos.store.retry.new_op_id`)
         the write is applied at most once: a repeat of one of the agent's recent op ids
-        returns True without applying anything or looking at the lease, so a retry after
-        a lost reply is safe.
+        returns true without applying anything or looking at the lease, so a retry after
+        a lost reply is safe. ``tasks`` writes several task records in the same step.
+
+        With ``duplicate`` the write is the start of a message's task: when the message's
+        idempotency key already completed, the write applies ``duplicate``'s ack and
+        record instead of its own, in the same step, and returns :data:`DUPLICATE`.
+        ``prior`` parts are applied first, in the same step (a write held back).
+        Returns 0 (not applied: the lease is not the caller's), :data:`APPLIED` or
+        :data:`DUPLICATE`.
         """
-        event_json = json.dumps(dict(event)) if event is not None else None
-        keys, ops = self._ops(
-            name,
+        own = Write(
             status=status,
             clear=clear,
-            event_json=event_json,
+            event=event,
             state=state,
             ack_id=ack_id,
-            task=task,
+            tasks=(task, *tasks) if task is not None else tasks,
             schedule=schedule,
             usage=usage,
-            release=release,
-            op_id=op_id,
         )
-        return bool(await self._fenced(keys=keys, args=[lease_value, *ops]))
+        keys, ops = self._ops(
+            name, [*prior, own], release=release, op_id=op_id, duplicate=duplicate
+        )
+        code = int(await self._batch.run(self._fenced, keys, [lease_value, *ops]))
+        return APPLIED if code == 2 else code  # 2: this op id was applied before
 
     @translate
     async def fenced_status_batch(self, updates: Sequence[StatusUpdate]) -> list[bool]:
@@ -192,11 +257,15 @@ class WriteOps:
         """
         if not updates:
             return []
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name, lease_value, fields, usage, op_id in updates:
-                keys, ops = self._ops(name, status=fields, usage=usage, op_id=op_id)
-                await self._fenced(keys=keys, args=[lease_value, *ops], client=pipe)
-            return [bool(x) for x in await pipe.execute()]
+        calls = []
+        for name, lease_value, fields, usage, op_id in updates:
+            keys, ops = self._ops(name, [Write(status=fields, usage=usage)], op_id=op_id)
+            calls.append((keys, [lease_value, *ops]))
+        replies = await run_many(self._r, self._fenced, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [bool(x) for x in replies]
 
     @translate
     async def status(self, name: str) -> dict[str, str]:

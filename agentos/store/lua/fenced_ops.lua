@@ -14,21 +14,40 @@
 -- ARGV[1] "daemon|token"; ARGV[2] JSON list of ops [command, key index, args...];
 -- an argument {"argv": n} stands for ARGV[n] (ARGV[3]: binary values such as agent
 -- state); ARGV[4] op id or ''; ARGV[5] how many op ids to keep; ARGV[6] their ttl (s).
--- Returns 1 when applied, 2 when the op id was applied before, 0 when the lease is
--- not the caller's.
+-- ARGV[7..9] an optional guard (a task start that also checks its message's idempotency
+-- key, so the check costs no round trip of its own): the key index of the idempotency
+-- set, the key, and the ops to apply instead when the key already completed (ack the
+-- message, record the task as skipped); '' when there is no guard.
+-- Returns 1 when applied, 2 when the op id was applied before, 3 when the guard's ops
+-- were applied instead (now or by an earlier attempt with this op id), 0 when the lease
+-- is not the caller's.
 local allowed = {
   HSET = true, HDEL = true, SET = true, DEL = true, XADD = true, XACK = true, XDEL = true,
   ZADD = true, ZREM = true, ZREMRANGEBYSCORE = true, HINCRBYFLOAT = true, SADD = true,
   EXPIRE = true,
 }
 local op_id = ARGV[4]
-if op_id ~= '' and redis.call('ZSCORE', KEYS[2], op_id) then
-  return 2
+local guarded = ARGV[7] ~= nil and ARGV[7] ~= ''
+if op_id ~= '' then
+  if redis.call('ZSCORE', KEYS[2], op_id) then
+    return 2
+  end
+  if guarded and redis.call('ZSCORE', KEYS[2], op_id .. '#dup') then
+    return 3
+  end
 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local ops = cjson.decode(ARGV[2])
+local result = 1
+local ops
+if guarded and redis.call('ZSCORE', KEYS[tonumber(ARGV[7])], ARGV[8]) then
+  ops = cjson.decode(ARGV[9])
+  result = 3
+  if op_id ~= '' then op_id = op_id .. '#dup' end
+else
+  ops = cjson.decode(ARGV[2])
+end
 for _, op in ipairs(ops) do
   if not allowed[op[1]] then
     return redis.error_reply('fenced_ops: command not allowed: ' .. tostring(op[1]))
@@ -54,4 +73,4 @@ if op_id ~= '' then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[5]) + 1))
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-return 1
+return result
