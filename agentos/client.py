@@ -27,10 +27,11 @@ from agentos.core.spec import (
     QuotaPolicyResource,
     SpecError,
     SpecIssue,
+    inbox_limit,
 )
 from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
-from agentos.store import AppliedChange, Event, SpecRecord, Store, StoreUnavailable
+from agentos.store import AppliedChange, Event, SendRefused, SpecRecord, Store, StoreUnavailable
 from agentos.store.embedded import embedded_url
 from agentos.store.retry import new_op_id, retry
 
@@ -191,10 +192,15 @@ class Client:
         records = []
         for doc in documents:
             body = doc.canonical()
-            priority = doc.resource.spec.priority if isinstance(doc.resource, AgentResource) else 0
+            agent = doc.resource if isinstance(doc.resource, AgentResource) else None
             records.append(
                 SpecRecord(
-                    doc.kind, doc.name, json.dumps(body, sort_keys=True), spec_hash(body), priority
+                    doc.kind,
+                    doc.name,
+                    json.dumps(body, sort_keys=True),
+                    spec_hash(body),
+                    agent.spec.priority if agent is not None else 0,
+                    inbox_limit(agent) if agent is not None else None,
                 )
             )
         changes = await self.store.apply(records, dry_run=dry_run)
@@ -431,23 +437,31 @@ class Client:
         Raises :class:`NotFound` for an unknown agent and :class:`ClientError` for a
         message larger than the agent's inbox limit; nothing is enqueued then.
         """
-        # A pooled connection to a Redis that restarted fails once: a few quick retries
-        # reach a fresh one. Safe, because the read is a read and the send carries an id.
-        spec = await retry(lambda: self._require(name), what="send", max_delay_s=0.5, attempts=3)
-        limit = DEFAULT_MAX_MESSAGE_BYTES
-        for trigger in spec.get("spec", {}).get("triggers", []):
-            if "inbox" in trigger:
-                limit = int(trigger["inbox"].get("maxMessageBytes", limit))
-        size = len(body.encode())
-        if size > limit:
-            raise ClientError(f'message is {size} bytes; agent "{name}" accepts at most {limit}')
+        # One round trip: the script checks the agent and the size. A pooled connection
+        # to a Redis that restarted fails once: a few quick retries reach a fresh one,
+        # safe because the send carries an id.
         send_id = new_op_id()
-        return await retry(
-            lambda: self.store.send(name, body, key=key, traceparent=traceparent, send_id=send_id),
-            what=f"send to {name}",
-            max_delay_s=0.5,
-            attempts=3,
-        )
+        try:
+            return await retry(
+                lambda: self.store.send(
+                    name,
+                    body,
+                    key=key,
+                    traceparent=traceparent,
+                    send_id=send_id,
+                    check_limit=DEFAULT_MAX_MESSAGE_BYTES,
+                ),
+                what=f"send to {name}",
+                max_delay_s=0.5,
+                attempts=3,
+            )
+        except SendRefused as e:
+            if e.limit is None:
+                raise NotFound(f'agent "{name}" not found') from None
+            size = len(body.encode())
+            raise ClientError(
+                f'message is {size} bytes; agent "{name}" accepts at most {e.limit}'
+            ) from None
 
     async def hibernate(self, name: str) -> None:
         """Ask the agent's daemon to hibernate it as soon as it is idle."""

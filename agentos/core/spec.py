@@ -75,6 +75,7 @@ __all__ = [
     "TriggerKind",
     "Weekday",
     "canonical",
+    "inbox_limit",
     "json_schema",
     "load_paths",
     "parse_resource",
@@ -1074,3 +1075,12 @@ def parse_resource(data: Mapping[str, Any]) -> AgentResource | QuotaPolicyResour
     if resource is None:
         raise SpecError(issues)
     return resource
+
+
+def inbox_limit(agent: AgentResource) -> int:
+    """The largest message, in bytes, the agent's inbox accepts (its first ``inbox``
+    trigger's ``maxMessageBytes``; the default when it declares none)."""
+    for trigger in agent.spec.triggers:
+        if trigger.inbox is not None:
+            return trigger.inbox.max_message_bytes
+    return Inbox.model_fields["max_message_bytes"].default  # type: ignore[no-any-return]

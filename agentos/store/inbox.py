@@ -15,7 +15,8 @@ from typing import Any
 
 from redis import exceptions as rexc
 
-from agentos.store.errors import translate
+from agentos.store.batching import ScriptBatcher
+from agentos.store.errors import SendRefused, translate
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.records import SIGNALS_MAXLEN, AgentSnapshot, InboxMessage, Retention, _s
 
@@ -31,6 +32,7 @@ class InboxOps:
 
     _r: Any
     _send_once: Any
+    _batch: ScriptBatcher
     keys: Keys
     retention: Retention
 
@@ -43,12 +45,16 @@ class InboxOps:
         key: str | None = None,
         traceparent: str | None = None,
         send_id: str | None = None,
+        check_limit: int | None = None,
     ) -> str:
         """Put a message in the agent's inbox and nudge the daemons. Returns the message id.
 
         With ``send_id`` the send is applied at most once (for an hour): sending
         again with the same id (a retry after a lost reply) adds nothing and returns the
-        first message's id.
+        first message's id. With ``check_limit`` too, the send checks in the same step
+        that the agent is applied and the message fits its inbox (``check_limit`` is the
+        size limit when the agent's index entry names none) and raises
+        :class:`SendRefused` otherwise.
         """
         fields = {"body": body, "sent_at": repr(time.time())}
         if key:
@@ -56,14 +62,18 @@ class InboxOps:
         if traceparent:
             fields["traceparent"] = traceparent
         if send_id is not None:
-            args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN]
+            check = "" if check_limit is None else str(check_limit)
+            size = len(body.encode())
+            args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN, check, size]
             for f, v in fields.items():
                 args += [f, v]
             k = self.keys
-            msg = await self._send_once(
-                keys=[k.sent(name, send_id), k.inbox(name), k.signals], args=args
+            verdict, value = await self._batch.run(
+                self._send_once, [k.sent(name, send_id), k.inbox(name), k.signals, k.index], args
             )
-            return _s(msg)
+            if _s(verdict) != "ok":
+                raise SendRefused(name, None if _s(verdict) == "missing" else int(value))
+            return _s(value)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.inbox(name), fields)
             pipe.xadd(

@@ -50,6 +50,7 @@ class SpecRecord:
     body: str  # canonical JSON
     spec_hash: str
     priority: int = 50
+    max_message_bytes: int | None = None  # an Agent's inbox limit, checked by sends
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class SpecOps:
                         rec = by_name[(change.kind, change.name)]
                         if rec.kind == "Agent":
                             pipe.hset(k.specs, rec.name, rec.body)
-                            pipe.hset(k.index, rec.name, f"{rec.spec_hash} {rec.priority}")
+                            pipe.hset(k.index, rec.name, _index_entry(rec))
                         else:
                             body = json.loads(rec.body)
                             body["_hash"] = rec.spec_hash
@@ -221,8 +221,8 @@ class SpecOps:
         raw = await self._r.hgetall(self.keys.index)
         out: dict[str, tuple[str, int]] = {}
         for name, value in raw.items():
-            spec_hash, _, prio = _s(value).partition(" ")
-            out[_s(name)] = (spec_hash, int(prio or 50))
+            spec_hash, _, rest = _s(value).partition(" ")
+            out[_s(name)] = (spec_hash, int(rest.split(" ", 1)[0] or 50))
         return out
 
     @translate
@@ -261,3 +261,9 @@ def _verdict(old_hash: str | None, new_hash: str) -> str:
     if old_hash is None:
         return "created"
     return "unchanged" if old_hash == new_hash else "configured"
+
+
+def _index_entry(rec: SpecRecord) -> str:
+    """ "spec_hash priority [max_message_bytes]": what reconcile and checked sends read."""
+    entry = f"{rec.spec_hash} {rec.priority}"
+    return entry if rec.max_message_bytes is None else f"{entry} {rec.max_message_bytes}"
