@@ -44,12 +44,25 @@ async def test_500_keyed_messages_survive_two_sigkills_exactly_once(
             sent.append((agent, await client.send(agent, f"msg {i}", key=f"k{i}"), f"k{i}"))
             await anyio.sleep(0.004)
 
+    async def running(daemon_id: str) -> None:
+        # Kill a daemon only once it works: on a loaded machine its start can take
+        # longer than sending a third of the messages.
+        async def owns() -> bool:
+            statuses = await store.statuses(names)
+            return any(s.get("owner") == daemon_id for s in statuses.values())
+
+        await wait_until(owns, within=30, what=f"{daemon_id} to run agents")
+
     logs = [tmp_path / f"daemon-{n}.log" for n in range(3)]
     with spawn(env, logs[0], "daemon", "--id", "d0", *fast) as d0:
-        await send_range(0, 170)
+        await send_range(0, 20)
+        await running("d0")
+        await send_range(20, 170)
         d0.send_signal(signal.SIGKILL)
     with spawn(env, logs[1], "daemon", "--id", "d1", *fast) as d1:
-        await send_range(170, 340)
+        await send_range(170, 190)
+        await running("d1")
+        await send_range(190, 340)
         d1.send_signal(signal.SIGKILL)
     with spawn(env, logs[2], "daemon", "--id", "d2", *fast) as d2:
         await send_range(340, MESSAGES)

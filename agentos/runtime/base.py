@@ -45,7 +45,7 @@ from agentos.sdk import (
     Context,
     StateCodec,
 )
-from agentos.store import Store, StoreError, TaskWrite
+from agentos.store import Duplicate, Store, StoreError, TaskWrite
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
@@ -238,6 +238,7 @@ class RunnerBase:
         return TaskWrite(work.id, queued_record(work, self.name, now), created_at=now)
 
     async def _wait(self, timeout_s: float | None) -> None:
+        await self.writer.flush()  # nothing is held back across a wait
         if self._nudged.is_set():
             self._nudged = anyio.Event()
             return
@@ -325,13 +326,17 @@ class RunnerBase:
         ack_id: str | None = None,
         event: dict[str, str] | None = None,
         task: TaskWrite | None = None,
-    ) -> None:
+        duplicate: Duplicate | None = None,
+    ) -> bool:
+        """Move to the next phase and record it (see :meth:`Writer.write` for the result)."""
         self._move(edge)
         self._phase_path.append(self.phase.value)
         fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
         if status:
             fields.update(status)
-        await self.writer.write(status=fields, state=state, ack_id=ack_id, event=event, task=task)
+        return await self.writer.write(
+            status=fields, state=state, ack_id=ack_id, event=event, task=task, duplicate=duplicate
+        )
 
     async def _send(self, agent: str, body: str) -> str:
         # One send id for every retry: a send whose reply was lost is not sent twice.

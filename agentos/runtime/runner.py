@@ -156,22 +156,26 @@ class AgentRunner(TaskMixin, FaultMixin):
         works = [Work(f.kind, scheduled_at=f.at, index=f.index) for f in clock.catch_up]
         await self._enqueue(works, persist_schedule=True)
 
-    async def _enqueue(self, works: list[Work], *, persist_schedule: bool = False) -> None:
-        """Record each wake-up as a queued task before it runs, then queue it.
+    async def _enqueue(
+        self, works: list[Work], *, persist_schedule: bool = False, runs_now: bool = False
+    ) -> None:
+        """Record the wake-ups as queued tasks (one write for all), then queue them.
 
         With ``persist_schedule`` the triggers' next fire times are stored in the same
-        write, so a fire is never both lost and moved past.
+        write, so a fire is never both lost and moved past. With ``runs_now`` the first
+        one runs next and is recorded by its start write; its message keeps it safe
+        meanwhile.
         """
         schedule = self._triggers.persisted() if persist_schedule else None
-        for i, work in enumerate(works):
-            await self.writer.write(
-                task=self._queued_write(work), schedule=schedule if i == len(works) - 1 else None
-            )
+        now = self.clock()
+        later = works[1:] if runs_now else works
+        if later or schedule:
+            await self.writer.write(tasks=[self._queued_write(w) for w in later], schedule=schedule)
+        for work in later:
             work.recorded = True
-            work.queued_at = self.clock()
+        for work in works:
+            work.queued_at = now
             self._queue.append(work)
-        if not works and schedule:
-            await self.writer.write(schedule=schedule)
 
     async def _instantiate(self, raw: bytes | None = None) -> bool:
         """Create a fresh agent instance with its saved state (given, or read from Redis)."""
@@ -258,7 +262,11 @@ class AgentRunner(TaskMixin, FaultMixin):
             new = await self.writer.call(
                 lambda: self.store.read_inbox(self.name, self.daemon_id, count=100), "read inbox"
             )
-            await self._enqueue([inbox_work(m) for m in new])
+            # An idle agent's first message runs at once: its start write records it.
+            await self._enqueue(
+                [inbox_work(m) for m in new],
+                runs_now=not self._queue and self.phase in (Phase.IDLE, Phase.HIBERNATED),
+            )
             if len(new) == 100:
                 self._cmds.add("message")
                 self._nudged.set()
@@ -322,6 +330,7 @@ class AgentRunner(TaskMixin, FaultMixin):
             log.warning("%s: lease lost; another daemon owns it now", self.name)
             self.session.drop()  # not ours to save: the new owner starts from Redis
             return
+        await self.writer.flush()
         # Cut off mid-iteration (grace period over): the half-done iteration's state is
         # not saved; the state of the last complete iteration already is.
         if self.agent is not None and self.ctx is not None and not self._interrupted:

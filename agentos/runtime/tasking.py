@@ -37,7 +37,7 @@ from agentos.sdk import (
     Message,
     TaskInfo,
 )
-from agentos.store import StoreError, TaskWrite
+from agentos.store import Duplicate, StoreError, TaskWrite, Write
 from agentos.telemetry import Telemetry
 
 __all__ = ["TaskMixin"]
@@ -88,24 +88,17 @@ class TaskMixin(RunnerBase):
         if work.message is not None:
             m = work.message
             message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
-            key = m.key or ""
-            done = bool(key) and await self.writer.call(
-                lambda: self.store.idempotency_done(self.name, key), "idempotency"
-            )
-            if done:
-                await self.writer.write(
-                    ack_id=m.id,
-                    task=TaskWrite(
-                        work.id,
-                        {
-                            "status": "skipped",
-                            "finished_at": repr(self.clock()),
-                            "result": f"duplicate: idempotency key {m.key!r} already completed",
-                        },
-                        created_at=None if work.recorded else self.clock(),
-                    ),
+            # An awake agent checks the key inside its task-start write (no round trip
+            # of its own); one that would have to wake checks first, so a duplicate
+            # costs no wake.
+            if m.key and self._must_wake:
+                key = m.key
+                done = await self.writer.call(
+                    lambda: self.store.idempotency_done(self.name, key), "idempotency"
                 )
-                return
+                if done:
+                    await self.writer.write(ack_id=m.id, task=self._duplicate(work).task)
+                    return
         task = TaskInfo(
             id=work.id,
             trigger=work.trigger,
@@ -116,6 +109,7 @@ class TaskMixin(RunnerBase):
         self.ctx.begin(task)
         first_observation: Any = None
         if work.trigger in ("heartbeat", "start"):
+            await self.writer.flush()  # agent code next: the last task's close goes first
             # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
             # is, asleep or idle, and costs nothing: no task, no record, no slot.
             try:
@@ -169,12 +163,17 @@ class TaskMixin(RunnerBase):
         }
         if not work.recorded:
             record = {**queued_record(work, self.name, started), **record}
-        await self._set_phase(
+        fresh = await self._set_phase(
             PhaseEvent.TASK,
             status={"task": work.id, "trigger": work.trigger},
             task=TaskWrite(work.id, record, created_at=None if work.recorded else started),
+            duplicate=self._duplicate(work) if work.message and work.message.key else None,
         )
         work.recorded = True
+        if not fresh:  # its key completed before: acknowledged and recorded as skipped
+            self._move(PhaseEvent.IDLE)
+            span.set_attribute("agentos.task.status", "skipped")
+            return
         self._unacked = work.message.id if work.message is not None else None
         self._unacked_key = work.message.key if work.message is not None else None
         scope = anyio.CancelScope()
@@ -246,6 +245,31 @@ class TaskMixin(RunnerBase):
             summary = render_result(result.outcome) if result.steps else "nothing to do"
         await self._finish_task(work, "succeeded", summary, steps=result.steps)
 
+    @property
+    def _must_wake(self) -> bool:
+        """Whether a task would have to wake the agent (restore or take a slot) first."""
+        return self.phase is Phase.HIBERNATED or (self._uses_model and not self.session.open)
+
+    def _duplicate(self, work: Work) -> Duplicate:
+        """What the start of ``work`` does instead if its message's key completed."""
+        m = work.message
+        assert m is not None
+        assert m.key
+        return Duplicate(
+            m.key,
+            m.id,
+            TaskWrite(
+                work.id,
+                {
+                    **(queued_record(work, self.name, self.clock()) if not work.recorded else {}),
+                    "status": "skipped",
+                    "finished_at": repr(self.clock()),
+                    "result": f"duplicate: idempotency key {m.key!r} already completed",
+                },
+                created_at=None if work.recorded else self.clock(),
+            ),
+        )
+
     async def _secure(self, trigger: str, *, slot: bool = True) -> bool:
         """Wake the agent and hold its engine session, context restored, before agent
         code runs. Without ``slot`` (an agent that has never used the model) only the
@@ -273,6 +297,7 @@ class TaskMixin(RunnerBase):
                     "message": f"waiting for one of {self.engine.slots} engine slot(s)",
                 }
             )
+        await self.writer.flush()  # a slot may take a while: the last task's close goes first
         waited = time.perf_counter()
         self._slow_slot = False
         waking = hibernated or self.session.has_snapshot
@@ -327,25 +352,43 @@ class TaskMixin(RunnerBase):
         state = self._encode_state()
         tokens_in = self.tokens_in - self._task_tokens[0]
         tokens_out = self.tokens_out - self._task_tokens[1]
-        await self._set_phase(
-            PhaseEvent.IDLE,
-            status=self.task_counters(),
-            state=state,
-            ack_id=self._unacked,
-            task=TaskWrite(
-                work.id,
-                {
-                    "status": status,
-                    "finished_at": repr(self.clock()),
-                    "steps": steps,
-                    "tokens_in": tokens_in,
-                    "tokens_out": tokens_out,
-                    "result": result,
-                    "error": "",
-                },
-                idempotency_key=self._unacked_key if self._unacked else None,
-            ),
+        close = TaskWrite(
+            work.id,
+            {
+                "status": status,
+                "finished_at": repr(self.clock()),
+                "steps": steps,
+                "tokens_in": tokens_in,
+                "tokens_out": tokens_out,
+                "result": result,
+                "error": "",
+            },
+            idempotency_key=self._unacked_key if self._unacked else None,
         )
+        if self._next_due(pop=False) is not None and self.stop_reason is None:
+            # The next task starts at once: this close rides with its start write.
+            self._move(PhaseEvent.IDLE)
+            self._phase_path.append(self.phase.value)
+            self.writer.defer(
+                Write(
+                    status={
+                        "phase": self.phase.value,
+                        "updated_at": repr(self.clock()),
+                        **self.task_counters(),
+                    },
+                    state=state,
+                    ack_id=self._unacked,
+                    tasks=(close,),
+                )
+            )
+        else:
+            await self._set_phase(
+                PhaseEvent.IDLE,
+                status=self.task_counters(),
+                state=state,
+                ack_id=self._unacked,
+                task=close,
+            )
         self._unacked = None
         self._unacked_key = None
         if state is not None:

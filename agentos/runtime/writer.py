@@ -7,6 +7,12 @@ every retry of it, so a write whose reply was lost is not applied a second time 
 it is sent again. Retries follow the store's single retry policy
 (:func:`agentos.store.retry.retry`); a write refused by the fence raises
 :class:`LeaseLost`, after which the runner must not touch the agent again.
+
+A write may be held back (:meth:`Writer.defer`) when the runner knows its next write
+follows at once, with no agent code and no wait in between (a task's close, when the
+next task is already queued): both then go in one atomic step, one round trip.
+:meth:`Writer.flush` sends a held-back write on its own; every path that could wait
+calls it first.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
-from agentos.store import Store, TaskWrite
+from agentos.store import DUPLICATE, Duplicate, Store, TaskWrite, Write
 from agentos.store.retry import new_op_id, retry
 
 __all__ = ["LeaseLost", "Writer"]
@@ -45,6 +51,22 @@ class Writer:
         self.daemon_id = daemon_id
         self.clock = clock
         self.retry_max_s = retry_max_s
+        self._held: list[Write] = []
+
+    def defer(self, part: Write) -> None:
+        """Hold ``part`` back: it is applied, first and in the same step, with the next
+        :meth:`write` (or by :meth:`flush`)."""
+        self._held.append(part)
+
+    @property
+    def holding(self) -> bool:
+        """Whether a write is held back."""
+        return bool(self._held)
+
+    async def flush(self) -> None:
+        """Apply a held-back write now, if there is one (raises :class:`LeaseLost`)."""
+        if self._held:
+            await self.write()
 
     async def write(
         self,
@@ -55,16 +77,21 @@ class Writer:
         state: bytes | None = None,
         ack_id: str | None = None,
         task: TaskWrite | None = None,
+        tasks: Sequence[TaskWrite] = (),
         schedule: Mapping[str, float] | None = None,
         usage: tuple[str, Mapping[str, float]] | None = None,
         release: bool = False,
-    ) -> None:
-        """Apply one write atomically, once; retried until Redis answers.
+        duplicate: Duplicate | None = None,
+    ) -> bool:
+        """Apply one write (after any held-back one) atomically, once; retried until
+        Redis answers. Returns False only when ``duplicate``'s branch was applied instead
+        (the message's idempotency key had completed).
 
         Raises :class:`LeaseLost` when the lease is not ours (nothing was written).
         """
         op_id = new_op_id()
-        ok = await self.call(
+        prior = tuple(self._held)
+        code = await self.call(
             lambda: self.store.fenced_write(
                 self.name,
                 self.lease_value,
@@ -74,15 +101,20 @@ class Writer:
                 state=state,
                 ack_id=ack_id,
                 task=task,
+                tasks=tasks,
                 schedule=schedule,
                 usage=usage,
                 release=release,
                 op_id=op_id,
+                duplicate=duplicate,
+                prior=prior,
             ),
             "write",
         )
-        if not ok:
+        if not code:
             raise LeaseLost(self.name)
+        del self._held[: len(prior)]
+        return code != DUPLICATE
 
     async def call(self, op: Callable[[], Awaitable[_T]], what: str) -> _T:
         """Run a store operation that is safe to repeat until Redis answers."""
