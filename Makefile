@@ -40,9 +40,9 @@ format: $(STAMP)
 # Benchmark peers get their own venv, so their pins never reach agentos's.
 PEERS := .venv-bench-peers
 
-$(PEERS)/.installed:
+$(PEERS)/.installed: Makefile
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/python -m pip install --quiet 'limits[redis]>=3.13,<6'
+	$(PEERS)/bin/python -m pip install --quiet 'limits[redis]>=3.13,<6' 'arq>=0.26,<0.29'
 	touch $@
 
 bench: $(STAMP) $(PEERS)/.installed

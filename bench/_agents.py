@@ -28,3 +28,7 @@ class Answerer(agentos.Agent):
         completion = await ctx.llm.generate(plan.body, max_tokens=4)
         await ctx.llm.reset()
         return completion.text
+
+
+class Inbox(agentos.Agent):
+    """The SDK's default loop: take a message, do nothing with it (a no-op inbox task)."""
