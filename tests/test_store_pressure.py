@@ -141,7 +141,7 @@ async def test_a_daemon_resends_a_flush_whose_reply_was_lost_and_counts_it_once(
     store = cut_store
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
     # Only the flush meters a finished task as usage ("1.0"; status fields say "1").
-    cut_proxy.cut_after(b'"tasks_succeeded", "1.0"')
+    cut_proxy.cut_after(b'"tasks_succeeded","1.0"')
     await Client(store).send("echo", "hi")  # read by the runner as it starts
     async with running_daemon(store, metering_flush_s=0.2):
         assert await anyio.to_thread.run_sync(cut_proxy.cut.wait, 10.0)

@@ -96,6 +96,7 @@ async def run_task(
     first_observation: Any = None,
     max_steps: int | None = None,
     phase_span: PhaseSpan = no_span,
+    before_step: Callable[[], Awaitable[None]] | None = None,
 ) -> TaskResult:
     """Run loop iterations until ``observe`` returns None or the agent is stopping.
 
@@ -103,6 +104,8 @@ async def run_task(
     saves state there). When ``first_observation`` is given, the first iteration
     uses it instead of calling observe (a heartbeat has already observed).
     ``phase_span(name)`` wraps each agent call (the daemon opens a tracing span).
+    ``before_step()`` runs when observe found work, before its plan (the runtime makes
+    the previous step's state durable there, if it held it back).
     Raises :class:`AgentCodeError` when agent code raises.
     """
     steps = 0
@@ -113,6 +116,8 @@ async def run_task(
             observation = await _call("observe", agent.observe(ctx), phase_span)
             if observation is None:
                 return TaskResult(steps, outcome, stopped=False)
+            if before_step is not None:
+                await before_step()
         plan = await _call("plan", agent.plan(ctx, observation), phase_span)
         outcome = await _call("act", agent.act(ctx, plan), phase_span)
         await _call("learn", agent.learn(ctx, outcome), phase_span)

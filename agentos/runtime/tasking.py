@@ -90,7 +90,10 @@ class TaskMixin(RunnerBase):
             message = Message(m.id, m.body, m.key, m.sent_at, m.traceparent)
             # An awake agent checks the key inside its task-start write (no round trip
             # of its own); one that would have to wake checks first, so a duplicate
-            # costs no wake.
+            # costs no wake. The script checks before it applies a held-back close,
+            # so a keyed message never starts with one held (its key may be in it).
+            if m.key:
+                await self.writer.flush()
             if m.key and self._must_wake:
                 key = m.key
                 done = await self.writer.call(
@@ -183,7 +186,7 @@ class TaskMixin(RunnerBase):
         infra: StoreError | None = None  # the runtime's own write after a step failed
         agent, ctx = self.agent, self.ctx
 
-        async def body(tg: anyio.abc.TaskGroup) -> None:
+        async def body() -> None:
             # Errors are kept, not raised: inside a task group they would arrive as an
             # ExceptionGroup, and a handler for LeaseLost would silently never run.
             nonlocal result, failure, lost, infra
@@ -196,6 +199,7 @@ class TaskMixin(RunnerBase):
                         first_observation=first_observation,
                         # Disabled telemetry must cost nothing per loop step.
                         phase_span=self.telemetry.span if self.telemetry.enabled else no_span,
+                        before_step=self.writer.flush,
                     )
                 except AgentCodeError as e:
                     failure = e
@@ -203,12 +207,15 @@ class TaskMixin(RunnerBase):
                     lost = e
                 except StoreError as e:
                     infra = e
-            tg.cancel_scope.cancel()
 
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_overlaps, work, scope)
-                await body(tg)
+            if any(t.kind in ("schedule", "every", "at") for t in self.resource.spec.triggers):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_overlaps, work, scope)
+                    await body()
+                    tg.cancel_scope.cancel()
+            else:  # no time trigger can fire during the task: nothing to watch
+                await body()
         except anyio.get_cancelled_exc_class():
             self._interrupted = True
             raise
@@ -461,7 +468,11 @@ class TaskMixin(RunnerBase):
                     {"acked_at": repr(self.clock())},
                     idempotency_key=self._unacked_key,
                 )
-            await self.writer.write(state=state, ack_id=ack, task=task)
+            # Held back until the next step's plan or the task's close, whichever comes
+            # first (one write fewer for a one-step task); atomic either way.
+            self.writer.defer(
+                Write(state=state, ack_id=ack, tasks=(task,) if task is not None else ())
+            )
             if ack is not None:
                 self._unacked = None
             if state is not None:

@@ -55,7 +55,13 @@ class Writer:
 
     def defer(self, part: Write) -> None:
         """Hold ``part`` back: it is applied, first and in the same step, with the next
-        :meth:`write` (or by :meth:`flush`)."""
+        :meth:`write` (or by :meth:`flush`).
+
+        Only parts that are safe to apply twice (a write whose reply was lost and that
+        failed for good is held again): no events, no usage increments.
+        """
+        if part.event is not None or part.usage is not None:
+            raise ValueError("a held-back write carries no event and no usage")
         self._held.append(part)
 
     @property
@@ -90,30 +96,35 @@ class Writer:
         Raises :class:`LeaseLost` when the lease is not ours (nothing was written).
         """
         op_id = new_op_id()
-        prior = tuple(self._held)
-        code = await self.call(
-            lambda: self.store.fenced_write(
-                self.name,
-                self.lease_value,
-                status=status,
-                clear=clear,
-                event=event,
-                state=state,
-                ack_id=ack_id,
-                task=task,
-                tasks=tasks,
-                schedule=schedule,
-                usage=usage,
-                release=release,
-                op_id=op_id,
-                duplicate=duplicate,
-                prior=prior,
-            ),
-            "write",
-        )
+        # Taken out first: a write made meanwhile (an overlapping fire) must not send
+        # the same parts again. Put back if this one fails.
+        prior, self._held = tuple(self._held), []
+        try:
+            code = await self.call(
+                lambda: self.store.fenced_write(
+                    self.name,
+                    self.lease_value,
+                    status=status,
+                    clear=clear,
+                    event=event,
+                    state=state,
+                    ack_id=ack_id,
+                    task=task,
+                    tasks=tasks,
+                    schedule=schedule,
+                    usage=usage,
+                    release=release,
+                    op_id=op_id,
+                    duplicate=duplicate,
+                    prior=prior,
+                ),
+                "write",
+            )
+        except BaseException:
+            self._held[:0] = prior
+            raise
         if not code:
             raise LeaseLost(self.name)
-        del self._held[: len(prior)]
         return code != DUPLICATE
 
     async def call(self, op: Callable[[], Awaitable[_T]], what: str) -> _T:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from agentos.store.batching import ScriptBatcher, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import INBOX_GROUP, Keys
@@ -35,6 +37,7 @@ OP_IDS_KEPT = 64  # a retry must come before this many later writes of the same 
 OP_IDS_TTL_S = 3600
 APPLIED = 1
 DUPLICATE = 3
+_json = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +68,10 @@ class Duplicate:
     task: TaskWrite
 
 
-def _encode(ops: list[list[object]]) -> str:
-    return json.dumps([[str(a) if not isinstance(a, dict) else a for a in op] for op in ops])
+def _encode(ops: list[list[object]]) -> bytes:
+    # Every argument as a string (Lua's cjson would turn numbers into floats), except
+    # {"argv": n} placeholders.
+    return _json([[a if type(a) is str or type(a) is dict else str(a) for a in op] for op in ops])
 
 
 class WriteOps:
