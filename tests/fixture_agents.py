@@ -285,3 +285,19 @@ class Peeker(agentos.Agent):
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
         ctx.state.n += 1
         return "looked"
+
+
+HOLD: dict[str, anyio.Event] = {}
+
+
+class Holder(agentos.Agent):
+    """Records message bodies; the message "hold" waits until the test sets ``HOLD[name]``."""
+
+    State = EchoState
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        assert isinstance(plan, agentos.Message)
+        if plan.body == "hold":
+            await HOLD.setdefault(ctx.name, anyio.Event()).wait()
+        ctx.state.bodies.append(plan.body)
+        return plan.body

@@ -1,0 +1,109 @@
+"""The round trips a message costs, counted on a real server with MONITOR.
+
+Times are for benchmarks (bench/dispatch.py); counts are pinned here. Each test watches
+the server's command feed while messages go from ``Client.send`` to a succeeded task
+and counts the commands clients sent (not those scripts ran): the send script, the
+daemon's fenced writes and inbox reads, and reads that a write or a batch read should
+have served (idempotency lookups, spec reads).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from agentos.client import Client
+from agentos.store import Store
+from tests.fixture_agents import HOLD
+from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
+
+pytestmark = pytest.mark.anyio
+
+HOLDER = "tests.fixture_agents:Holder"
+QUIET = {"status_flush_s": 60.0, "metering_flush_s": 60.0}  # no flush in the window
+
+
+@asynccontextmanager
+async def watching(store: Store) -> AsyncIterator[Counter[str]]:
+    """Count the commands clients send while the block runs, by kind."""
+    counts: Counter[str] = Counter()
+    shas = {store._fenced.sha: "fenced-write", store._send_once.sha: "send"}
+    ready = anyio.Event()
+
+    async def listen() -> None:
+        async with store._r.monitor() as monitor:
+            ready.set()
+            async for entry in monitor.listen():
+                if entry.get("client_type") == "lua":
+                    continue  # run by a script, not a round trip
+                words = entry["command"].split()
+                name = words[0].upper()
+                if name == "EVALSHA":
+                    name = shas.get(words[1], "other-script")
+                elif name == "HGET" and words[1].endswith(":specs"):
+                    name = "spec-read"
+                counts[name] += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listen)
+        await ready.wait()
+        await anyio.sleep(0.05)  # MONITOR is on before the block's first command
+        yield counts
+        await anyio.sleep(0.05)  # the last replies' commands are in the feed
+        tg.cancel_scope.cancel()
+
+
+async def test_a_message_to_an_awake_agent_costs_a_send_a_read_and_two_writes(
+    store: Store,
+) -> None:
+    await apply(store, agent_doc("echo", HOLDER, triggers=[{"inbox": {}}]))
+    client = Client(store)
+    async with running_daemon(store, **QUIET):
+        await client.send("echo", "warm-up")  # every script loaded on the server
+        await wait_until(lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="1"))
+        async with watching(store) as counts:
+            await client.send("echo", "one", key="k1")
+            await wait_until(lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="2"))
+    assert counts["send"] == 1  # the agent and size checks are inside the send script
+    assert counts["spec-read"] == 0
+    assert counts["XREADGROUP"] == 1
+    # The task's start (with the key's check inside), then its step, ack and close.
+    assert counts["fenced-write"] == 2
+    assert counts["ZSCORE"] == 0
+
+
+@pytest.mark.parametrize("messages", [5])
+async def test_a_batch_of_messages_costs_one_read_and_one_write_each_plus_two(
+    store: Store, messages: int
+) -> None:
+    await apply(store, agent_doc("echo", HOLDER, triggers=[{"inbox": {}}]))
+    client = Client(store)
+    HOLD.pop("echo", None)
+    async with running_daemon(store, **QUIET):
+        await wait_until(lambda: status_is(store, "echo", phase="Idle"))
+        await client.send("echo", "hold")
+        await wait_until(lambda: status_is(store, "echo", phase="Running"))
+        async with anyio.create_task_group() as tg:  # one tick: one pipeline
+            for i in range(messages):
+                tg.start_soon(client.send, "echo", f"m{i}")
+
+        async def queued() -> bool:
+            return await store.inbox_depth("echo") == messages + 1
+
+        await wait_until(queued)
+        async with watching(store) as counts:
+            HOLD.setdefault("echo", anyio.Event()).set()
+            await wait_until(
+                lambda: status_is(
+                    store, "echo", phase="Idle", tasks_succeeded=str(messages + 1)
+                )
+            )
+    assert counts["XREADGROUP"] == 1
+    # The held task's close; the batch's queued records in one write; each task's start
+    # (carrying the previous task's step and close); the last task's close.
+    assert counts["fenced-write"] == 1 + 1 + messages + 1
+    assert counts["ZSCORE"] == 0
