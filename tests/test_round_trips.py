@@ -98,9 +98,7 @@ async def test_a_batch_of_messages_costs_one_read_and_one_write_each_plus_two(
         async with watching(store) as counts:
             HOLD.setdefault("echo", anyio.Event()).set()
             await wait_until(
-                lambda: status_is(
-                    store, "echo", phase="Idle", tasks_succeeded=str(messages + 1)
-                )
+                lambda: status_is(store, "echo", phase="Idle", tasks_succeeded=str(messages + 1))
             )
     assert counts["XREADGROUP"] == 1
     # The held task's close; the batch's queued records in one write; each task's start

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.core.policy import ClassQuota, Limits, RuleMemory
+from agentos.store.batching import ScriptBatcher
 from agentos.store.errors import translate
 from agentos.store.keys import Keys, event_fields
 
@@ -98,6 +99,7 @@ class QuotaOps:
     """Quota methods of :class:`agentos.store.Store` (mixed in; uses its client and keys)."""
 
     _r: Any
+    _batch: ScriptBatcher
     _acquire: Any
     _release: Any
     keys: Keys
@@ -180,7 +182,7 @@ class QuotaOps:
                 repr(float(r.score)),
                 *_limit_args(r.agent_limits),
             ]
-        raw = await self._q_admit(keys=keys, args=args)
+        raw = await self._batch.run(self._q_admit, keys, args)
         return [
             AdmitReply(int(raw[i]), int(raw[i + 1]), _s(raw[i + 2])) for i in range(0, len(raw), 3)
         ]
@@ -199,10 +201,14 @@ class QuotaOps:
         day: str,
         minute: int,
     ) -> None:
-        """Free the call's slot and correct its estimate to ``actual`` tokens."""
+        """Free the call's slot and correct its estimate to ``actual`` tokens.
+
+        Settlements of one event-loop tick (every call that ended together, of any
+        class) share one round trip, as admissions do."""
         q = self.keys.quota
-        await self._q_settle(
-            keys=[
+        await self._batch.run(
+            self._q_settle,
+            [
                 q(quota_class, "tat"),
                 q(quota_class, f"tat:{agent}"),
                 q(quota_class, "holders"),
@@ -211,7 +217,7 @@ class QuotaOps:
                 q(quota_class, f"min:{minute}"),
                 q(quota_class, "sleepers"),
             ],
-            args=[
+            [
                 agent,
                 call,
                 int(estimate),
