@@ -460,18 +460,26 @@ class Daemon:
                 return
             chunk = dict(wanted[i : i + 500])
             tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
-            won = [n for n, t in tokens.items() if t]
+            # Started meanwhile by another pass (the same daemon gets the same lease
+            # back): one runner per agent.
+            won = [n for n, t in tokens.items() if t and n not in self.runners]
             bodies = await self.store.agent_specs_of(won)
+            resources: dict[str, AgentResource] = {}
             for name in won:
-                if name in self.runners:
-                    # Started meanwhile by another pass (the same daemon gets the same
-                    # lease back): one runner per agent.
-                    continue
-                lease_value = f"{self.id}|{tokens[name]}"
                 resource = self._parse(name, bodies.get(name))
                 if resource is None:
-                    await self.store.release_lease(name, lease_value)
+                    await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+                else:
+                    resources[name] = resource
+            try:
+                opened = await self.store.open_agents(list(resources), self.id)
+            except StoreError as e:  # each runner reads its own, with retries
+                log.warning("could not read %d agents in one batch: %s", len(resources), e)
+                opened = {}
+            for name, resource in resources.items():
+                if name in self.runners:
                     continue
+                lease_value = f"{self.id}|{tokens[name]}"
                 runner = AgentRunner(
                     resource=resource,
                     spec_hash=chunk[name],
@@ -485,6 +493,7 @@ class Daemon:
                     retry_max_s=self.settings.redis_retry_max_s,
                     telemetry=self.telemetry,
                     governor=self.governor,
+                    opened=opened.get(name),
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))

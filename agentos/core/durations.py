@@ -7,6 +7,7 @@ written back out (``agentos get -o yaml``, stored specs) reads the way a person 
 write it and parses back to exactly the same number.
 """
 
+import functools
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -79,6 +80,12 @@ def parse_duration(value: str | int | float) -> float:
     if not isinstance(value, str):
         raise _fail(value)
 
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_text(value: str) -> float:
+    # Fleets repeat the same few durations in every spec: parse each text once.
     text = value.strip()
     if _PLAIN_NUMBER.fullmatch(text):
         return float(Decimal(text))

@@ -45,7 +45,7 @@ from agentos.sdk import (
     Context,
     StateCodec,
 )
-from agentos.store import Duplicate, Store, StoreError, TaskWrite
+from agentos.store import AgentSnapshot, Duplicate, Store, StoreError, TaskWrite
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
@@ -75,8 +75,12 @@ class RunnerBase:
         retry_max_s: float = 5.0,
         telemetry: Telemetry | None = None,
         governor: Governor | None = None,
+        opened: AgentSnapshot | None = None,
     ) -> None:
         self.resource = resource
+        # What the daemon already read for this runner (batched with other agents'),
+        # or None: the runner reads it as it starts.
+        self.opened = opened
         self.governor = governor
         self.name = resource.metadata.name
         self.spec_hash = spec_hash

@@ -44,6 +44,7 @@ from agentos.sdk import (
     freeze_config,
 )
 from agentos.store import StoreError, TaskWrite
+from agentos.store.inbox import OPEN_NEW_MESSAGES
 
 __all__ = ["AgentRunner", "LeaseLost"]
 
@@ -84,9 +85,12 @@ class AgentRunner(TaskMixin, FaultMixin):
             self.done.set()
 
     async def _start(self) -> None:
-        snapshot = await self.writer.call(
-            lambda: self.store.open_agent(self.name, self.daemon_id), "open"
-        )
+        snapshot = self.opened
+        self.opened = None
+        if snapshot is None:
+            snapshot = await self.writer.call(
+                lambda: self.store.open_agent(self.name, self.daemon_id), "open"
+            )
         prior = snapshot.status
         self.restarts = int(prior.get("restarts", 0) or 0)
         self.tasks_succeeded = int(prior.get("tasks_succeeded", 0) or 0)
@@ -99,7 +103,7 @@ class AgentRunner(TaskMixin, FaultMixin):
         self.session.has_snapshot = bool(prior.get("snapshot_at"))
         self._uses_model = self.session.has_snapshot or int(prior.get("tokens_in") or 0) > 0
         was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
-        if not await self._load_class() or not await self._instantiate(snapshot.state):
+        if not await self._load_class() or not await self._instantiate(snapshot.state, read=True):
             return
         for msg in snapshot.pending:
             self._queue.append(inbox_work(msg))
@@ -136,8 +140,12 @@ class AgentRunner(TaskMixin, FaultMixin):
         await self._catch_up()
         if not was_hibernated and not self._queue:
             self._queue.append(Work("start"))
-        # Messages that arrived while no daemon ran the agent.
-        self._cmds.add("message")
+        # Messages that arrived while no daemon ran the agent: the first ones came with
+        # the open, recorded as they start (the inbox keeps them meanwhile).
+        for msg in snapshot.new:
+            self._queue.append(inbox_work(msg))
+        if len(snapshot.new) >= OPEN_NEW_MESSAGES:
+            self._cmds.add("message")
         self._nudged.set()
 
     async def _catch_up(self) -> None:
@@ -177,11 +185,12 @@ class AgentRunner(TaskMixin, FaultMixin):
             work.queued_at = now
             self._queue.append(work)
 
-    async def _instantiate(self, raw: bytes | None = None) -> bool:
-        """Create a fresh agent instance with its saved state (given, or read from Redis)."""
+    async def _instantiate(self, raw: bytes | None = None, *, read: bool = False) -> bool:
+        """Create a fresh agent instance with its saved state (given, or read from Redis
+        unless ``read``: then ``raw`` is what Redis holds, None for no state)."""
         assert self._agent_cls is not None
         assert self.codec is not None
-        if raw is None:
+        if raw is None and not read:
             raw = await self.writer.call(lambda: self.store.load_state(self.name), "load state")
         try:
             state = self.codec.decode(raw) if raw is not None else self.codec.new()

@@ -120,6 +120,8 @@ class AgentSnapshot:
     claimed: int
     schedule: dict[str, float] = field(default_factory=dict)  # trigger index -> next fire
     unfinished: list[dict[str, str]] = field(default_factory=list)  # queued/running records
+    # Messages no reader had seen yet (up to OPEN_NEW_MESSAGES): read in the same trip.
+    new: list[InboxMessage] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
