@@ -277,6 +277,19 @@ class InboxOps:
         return _messages(reply)
 
     @translate
+    async def inbox_lengths(self, names: Sequence[str]) -> dict[str, int]:
+        """Entries in each agent's inbox (unacknowledged messages: acks delete them), in
+        one pipeline per 1,000 agents."""
+        out: dict[str, int] = {}
+        for i in range(0, len(names), 1000):
+            chunk = names[i : i + 1000]
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name in chunk:
+                    pipe.xlen(self.keys.inbox(name))
+                out |= dict(zip(chunk, map(int, await pipe.execute()), strict=True))
+        return out
+
+    @translate
     async def inbox_depth(self, name: str) -> int:
         """Messages not yet acknowledged (pending + not yet delivered)."""
         try:
