@@ -43,8 +43,8 @@ from agentos.store import Store
 from agentos.telemetry import Telemetry
 
 HERE = Path(__file__).resolve().parent
-TASKS = int(os.environ.get("BENCH_TRACING_TASKS", "1500"))
-REPEATS = int(os.environ.get("BENCH_TRACING_REPEATS", "3"))
+TASKS = int(os.environ.get("BENCH_TRACING_TASKS", "1000"))
+REPEATS = int(os.environ.get("BENCH_TRACING_REPEATS", "5"))
 AGENTS = 8
 # invoke_agent, observe, plan, act, text_completion, learn, observe (the inbox is empty)
 SPANS_PER_TASK = 7
