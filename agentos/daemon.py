@@ -198,6 +198,8 @@ class Daemon:
             self._kick = anyio.Event()
 
     async def _reconcile_once(self) -> None:
+        if self._stop.is_set():  # stopping: nothing to start, the runners stop themselves
+            return
         generation = await self.store.generation()
         if generation != self._generation:
             index = await self.store.desired_index()

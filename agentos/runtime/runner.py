@@ -38,12 +38,13 @@ from agentos.runtime.tasking import OnDemandSession, TaskMixin
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
+    Agent,
     Context,
     TaskInfo,
     agent_logger,
     freeze_config,
 )
-from agentos.store import StoreError, TaskWrite
+from agentos.store import StoreError, TaskWrite, Write
 from agentos.store.inbox import OPEN_NEW_MESSAGES
 
 __all__ = ["AgentRunner", "LeaseLost"]
@@ -344,14 +345,16 @@ class AgentRunner(TaskMixin, FaultMixin):
         # not saved; the state of the last complete iteration already is.
         if self.agent is not None and self.ctx is not None and not self._interrupted:
             self.ctx.stopping = reason
-            try:
-                with anyio.move_on_after(5):
-                    await self.agent.on_stop(self.ctx, reason)
-            except Exception as e:
-                log.warning("%s: on_stop raised %s: %s", self.name, type(e).__name__, e)
+            if type(self.agent).on_stop is not Agent.on_stop:  # the default does nothing
+                try:
+                    with anyio.move_on_after(5):
+                        await self.agent.on_stop(self.ctx, reason)
+                except Exception as e:
+                    log.warning("%s: on_stop raised %s: %s", self.name, type(e).__name__, e)
             state = self._encode_state()
             if state is not None:
-                await self.writer.write(state=state)
+                # Rides with the closing write below (or the hibernation's).
+                self.writer.defer(Write(state=state))
         if reason is StopReason.DELETE:
             self.session.drop()
             await self.writer.call(
