@@ -28,6 +28,7 @@ from agentos.core.tasks import (
     queued_record,
 )
 from agentos.core.triggers import TriggerClock
+from agentos.core.waits import WaitRequested
 from agentos.engine.base import Completion, Engine, EngineError, EngineUnavailable, NoFreeSlot
 from agentos.governor.admission import Governor, Ticket
 from agentos.runtime.hibernator import Hibernator
@@ -368,3 +369,9 @@ class RunnerBase:
 
     async def _instantiate(self, raw: bytes | None = None) -> bool:
         raise NotImplementedError  # agentos.runtime.runner
+
+    def _begin_waits(self, work: Work) -> None:
+        raise NotImplementedError  # agentos.runtime.waits
+
+    async def _park_wait(self, work: Work, request: WaitRequested) -> None:
+        raise NotImplementedError  # agentos.runtime.waits

@@ -1,0 +1,121 @@
+"""Activation from the fleet's due-time index: the daemon's way to agents no daemon holds.
+
+A waiting agent has no runner, lease or timer anywhere; it is an entry in the due index
+in Redis (``agentos.store.waits``): due at its deadline, or now once an answer or event
+came. Every daemon runs one :class:`Activator`. It reads the index (one command per
+shard, whatever the number of agents in it), sleeps until the earliest due time, a
+``due`` signal or its poll period, and claims what is due while it has room: a claim is
+atomic, so one daemon starts each agent, and it expires, so the agent is due again if
+the claimer dies. The daemon's reconcile leaves agents of the index alone (it does not
+even look at their leases): :attr:`Activator.parked` is that set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Container, Mapping
+
+import anyio
+
+from agentos.store import Store, StoreError
+
+__all__ = ["Activator"]
+
+log = logging.getLogger("agentos.activation")
+
+
+class Activator:
+    """Watches the due index and starts what is due (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        poll_s: float,
+        claim_s: float,
+        room: Callable[[], int],
+        running: Callable[[], Container[str]],
+        desired: Callable[[], Mapping[str, str]],
+        start: Callable[[list[tuple[str, str]]], Awaitable[None]],
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.poll_s = poll_s
+        self.claim_s = claim_s
+        self._room = room
+        self._running = running
+        self._desired = desired
+        self._start = start
+        self.due: dict[str, float] = {}  # agent -> due time, as last read
+        self.parked: set[str] = set()  # agents reconcile must leave alone
+        self.loaded = False  # the index was read once: reconcile may start agents
+        self._kick = anyio.Event()
+
+    def nudge(self) -> None:
+        """Something became due (an answer, an event): look now."""
+        self._kick.set()
+
+    def park(self, name: str) -> None:
+        """An agent was parked (seen before the index is read again)."""
+        self.parked.add(name)
+        self.due.setdefault(name, math.inf)
+
+    @property
+    def next_due_at(self) -> float:
+        """The earliest due time in the index (inf when none)."""
+        return min(self.due.values(), default=math.inf)
+
+    async def run(self) -> None:
+        """Until cancelled: read the index, activate what is due, sleep until the next."""
+        delay = 0.1
+        while True:
+            self._kick = anyio.Event()
+            try:
+                await self.pass_once()
+                delay = 0.1
+                wait = min(self.poll_s, max(0.0, self.next_due_at - self.clock()))
+            except StoreError as e:
+                log.warning("due index: %s; retrying in %.1fs", e, delay)
+                wait, delay = delay, min(delay * 2, self.poll_s)
+            with anyio.move_on_after(wait):
+                await self._kick.wait()
+
+    async def load(self) -> None:
+        """Read the index (who waits, until when) without activating anything."""
+        self.due = await self.store.due_scan()
+        self.parked = set(self.due)
+        self.loaded = True
+
+    async def pass_once(self) -> list[str]:
+        """Read the index and start the due agents this daemon has room for; returns them."""
+        await self.load()
+        now = self.clock()
+        ready = sorted((at, n) for n, at in self.due.items() if at <= now)
+        if not ready:
+            return []
+        running = self._running()
+        desired = self._desired()
+        candidates: list[str] = []
+        gone: list[str] = []
+        for _, name in ready:
+            if name in running:
+                # Running here: resumed already, its entry is a leftover (removed only if
+                # no wait is parked for it).
+                await self.store.wait_clear(name, "")
+            elif name in desired:
+                candidates.append(name)
+            else:
+                gone.append(name)
+        if gone:  # deleted agents' waits, once Redis confirms they have no spec
+            specs = await self.store.agent_specs_of(gone)
+            for name in gone:
+                if name not in specs:
+                    await self.store.purge_waits(name)
+        candidates = candidates[: max(0, self._room())]
+        claimed = await self.store.due_claim(candidates, now=now, claim_s=self.claim_s)
+        if claimed:
+            log.info("activating %d due agent(s)", len(claimed))
+            await self._start([(n, desired[n]) for n in claimed])
+        return claimed
