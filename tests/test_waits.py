@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agentos.client import AnswerRejected, Client
+from agentos.ingress import build_app
 from agentos.store import Store
-from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
+from tests.helpers import agent_doc, apply, running_daemon, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -36,9 +38,7 @@ async def done(store: Store, name: str, task: str) -> dict[str, str]:
     return dict(await wait_until(finished, within=15, what=f"task {task} to finish"))
 
 
-async def test_ask_parks_releases_and_resumes_with_the_answer(
-    store: Store, tmp_path: Path
-) -> None:
+async def test_ask_parks_releases_and_resumes_with_the_answer(store: Store, tmp_path: Path) -> None:
     log = tmp_path / "log"
     await apply(
         store,
@@ -76,8 +76,205 @@ async def test_ask_parks_releases_and_resumes_with_the_answer(
     assert await store.wait_get("appr") is None
     assert await store.due_scan() == {}
     types = [e.type for e in await store.events("appr")]
-    assert "Waiting" in types and "Answered" in types
+    assert "Waiting" in types
+    assert "Answered" in types
 
 
 async def _gone(d: object, name: str) -> bool:
     return name not in d.runners  # type: ignore[attr-defined]
+
+
+def approver(log: Path, **config: object) -> object:
+    return agent_doc(
+        "appr",
+        "tests.wait_agents:Approver",
+        triggers=[{"inbox": {}}],
+        config={"log": str(log), **config},
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "result", "last"),
+    [
+        ({"timeout": 0.5, "default": "no"}, "deploy: no", "after no"),
+        ({"timeout": "500ms"}, "timed out", "timeout"),
+    ],
+    ids=["default", "WaitTimeout"],
+)
+async def test_a_deadline_returns_the_default_or_raises_wait_timeout(
+    store: Store, tmp_path: Path, config: dict[str, object], result: str, last: str
+) -> None:
+    log = tmp_path / "log"
+    await apply(store, approver(log, **config))
+    async with running_daemon(store):
+        msg = await Client(store).send("appr", "deploy")
+        record = await done(store, "appr", f"m-{msg}")
+    assert record["status"] == "succeeded"
+    assert record["result"] == result
+    assert record["wait_outcome"] == "timeout"
+    assert record["answered_by"] == "deadline"
+    assert lines(log) == ["before deploy", "before deploy", last]
+
+
+async def test_answers_and_model_calls_replay_in_order(store: Store, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    await apply(
+        store,
+        agent_doc(
+            "two",
+            "tests.wait_agents:TwoQuestions",
+            triggers=[{"inbox": {}}],
+            config={"log": str(log)},
+        ),
+    )
+    client = Client(store)
+    async with running_daemon(store):
+        msg = await client.send("two", "hello")
+        task = await waiting_task(store, "two")
+        await client.answer("two", task, choice="a", by="op")
+        await wait_until(lambda: _question_is(store, "two", "second?"), what="the second question")
+        with pytest.raises(AnswerRejected):  # free text: a choice does not fit
+            await client.answer("two", task, yes=True, by="op")
+        await client.answer("two", task, text="fine", by="op")
+        record = await done(store, "two", f"m-{msg}")
+    assert record["status"] == "succeeded"
+    assert record["result"].startswith("a/fine/")
+    # Each model call ran once; the re-runs were served from the record.
+    assert lines(log) == ["llm1 1", "llm1 0", "llm2 1", "llm1 0", "llm2 0", "done a fine"]
+
+
+async def _question_is(store: Store, name: str, question: str) -> bool:
+    wait = await store.wait_get(name)
+    return wait is not None and wait.question == question
+
+
+async def test_an_event_wait_is_ended_by_another_agents_send_event(
+    store: Store, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    await apply(
+        store,
+        agent_doc(
+            "waiter",
+            "tests.wait_agents:EventWaiter",
+            triggers=[{"inbox": {}}],
+            config={"log": str(log)},
+        ),
+        agent_doc(
+            "sender",
+            "tests.wait_agents:EventSender",
+            triggers=[{"inbox": {}}],
+            config={"to": "waiter"},
+        ),
+    )
+    client = Client(store)
+    async with running_daemon(store):
+        msg = await client.send("waiter", "build-done")
+        await waiting_task(store, "waiter")
+        sent = await client.send("sender", "build-done")
+        record = await done(store, "waiter", f"m-{msg}")
+        assert (await done(store, "sender", f"m-{sent}"))["result"] == "sent, ended a wait: True"
+    assert record["result"] == "got {'from': 'sender'}"
+    assert record["answered_by"] == "agent:sender"
+    assert lines(log) == ["waiting", "waiting", "got {'from': 'sender'}"]
+
+
+async def test_an_event_sent_before_the_wait_is_kept_for_it(store: Store, tmp_path: Path) -> None:
+    await apply(
+        store, agent_doc("waiter", "tests.wait_agents:EventWaiter", triggers=[{"inbox": {}}])
+    )
+    client = Client(store)
+    assert await client.send_event("waiter", "go", 7, by="ci") is False
+    async with running_daemon(store):
+        msg = await client.send("waiter", "go")
+        record = await done(store, "waiter", f"m-{msg}")
+    assert record["result"] == "got 7"
+    assert record["answered_by"] == "ci"
+
+
+async def test_sleep_resumes_after_its_time(store: Store, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    await apply(
+        store,
+        agent_doc(
+            "sleepy",
+            "tests.wait_agents:Sleeper",
+            triggers=[{"inbox": {}}],
+            config={"log": str(log)},
+        ),
+    )
+    async with running_daemon(store):
+        msg = await Client(store).send("sleepy", "1s")
+        await waiting_task(store, "sleepy")
+        record = await done(store, "sleepy", f"m-{msg}")
+    assert record["wait_outcome"] == "woke"
+    assert float(record["waited_s"]) >= 0.9
+    assert lines(log) == ["sleeping", "sleeping", "awake"]
+
+
+async def test_a_deadline_fires_on_another_daemon_after_a_restart(
+    store: Store, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    await apply(store, approver(log, timeout=2, default="no"))
+    async with running_daemon(store, daemon_id="first"):
+        msg = await Client(store).send("appr", "deploy")
+        await waiting_task(store, "appr")
+    async with running_daemon(store, daemon_id="second"):
+        record = await done(store, "appr", f"m-{msg}")
+    assert record["result"] == "deploy: no"
+    (timed_out,) = [e for e in await store.events("appr") if e.type == "WaitTimedOut"]
+    assert timed_out.daemon == "second"
+    assert lines(log)[-1] == "after no"
+
+
+def http(store: Store, token: str | None) -> httpx.AsyncClient:
+    app = build_app(Client(store), token=token, ready=lambda: True)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agentos")
+
+
+async def test_http_answers_need_the_token_and_fit_the_question(
+    store: Store, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    await apply(store, approver(log))
+    auth = {"Authorization": "Bearer s3cret"}
+    async with running_daemon(store), http(store, "s3cret") as c:
+        msg = await Client(store).send("appr", "pay")
+        task = await waiting_task(store, "appr")
+        url = f"/v1/agents/appr/tasks/{task}/answer"
+        assert (await c.get("/v1/pending")).status_code == 401
+        r = await c.post(url, json={"yes": True})
+        assert r.status_code == 401
+        assert (await store.wait_get("appr")).answer is None
+        (listed,) = (await c.get("/v1/pending", headers=auth)).json()
+        assert (listed["task"], listed["choices"]) == (task, ["yes", "no"])
+        bad = await c.post(url, json={"choice": "later"}, headers=auth)
+        assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid")
+        assert (await c.post(url, content=b"{", headers=auth)).status_code == 400
+        assert (await store.wait_get("appr")).answer is None
+        ok = await c.post(url, json={"no": True, "by": "carol"}, headers=auth)
+        assert ok.status_code == 200
+        assert ok.json()["by"] == "carol (http:token)"
+        again = await c.post(url, json={"yes": True}, headers=auth)
+        assert again.status_code == 409
+        record = await done(store, "appr", f"m-{msg}")
+        gone = await c.post(url, json={"yes": True}, headers=auth)
+        assert (gone.status_code, gone.json()["error"]["code"]) == (409, "not_waiting")
+    assert record["result"] == "pay: no"
+    assert record["answered_by"] == "carol (http:token)"
+    assert lines(log) == ["before pay", "before pay", "after no"]
+
+
+async def test_http_events_end_a_wait(store: Store) -> None:
+    await apply(
+        store, agent_doc("waiter", "tests.wait_agents:EventWaiter", triggers=[{"inbox": {}}])
+    )
+    async with running_daemon(store), http(store, None) as c:
+        msg = await Client(store).send("waiter", "ready")
+        await waiting_task(store, "waiter")
+        r = await c.post("/v1/agents/waiter/events/ready", json={"n": 1})
+        assert (r.status_code, r.json()["endedWait"]) == (202, True)
+        record = await done(store, "waiter", f"m-{msg}")
+    assert record["result"] == "got {'n': 1}"
+    assert record["answered_by"] == "http:loopback"
