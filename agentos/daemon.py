@@ -32,7 +32,7 @@ from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import Engine
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
-from agentos.runtime.activation import Activator
+from agentos.runtime.activation import Activator, budgets_changed
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
@@ -368,7 +368,11 @@ class Daemon:
         """Reload effective limits and publish this daemon's inference samples."""
         while True:
             try:
+                before = dict(self.governor.quotas)
                 changed = await self.governor.refresh()
+                raised = budgets_changed(before, self.governor.quotas, changed)
+                if raised:  # budget waits: no runner holds them
+                    await self.activator.release_budgets(raised)
                 for runner in self.runners.values():
                     if runner.resource.spec.quota_class in changed:
                         runner.quota_changed()

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
 from agentos.client import AnswerRejected, Client
+from agentos.daemon import Daemon
+from agentos.engine import SimEngine
 from agentos.ingress import build_app
+from agentos.settings import DaemonSettings
 from agentos.store import Store
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
+from tests.helpers import (
+    FAST,
+    agent_doc,
+    apply,
+    policy_doc,
+    running_daemon,
+    status_is,
+    wait_until,
+)
+
+INBOX = {"triggers": [{"inbox": {}}]}
 
 pytestmark = pytest.mark.anyio
 
@@ -278,3 +294,79 @@ async def test_http_events_end_a_wait(store: Store) -> None:
         record = await done(store, "waiter", f"m-{msg}")
     assert record["result"] == "got {'n': 1}"
     assert record["answered_by"] == "http:loopback"
+
+
+# ------------------------------------------------------------------------ budgets
+
+
+def tiny_policy(daily_tokens: int) -> dict[str, object]:
+    return {
+        "apiVersion": "agentos/v1",
+        "kind": "QuotaPolicy",
+        "metadata": {"name": "tight"},
+        "spec": {"timezone": "UTC", "classes": {"tiny": {"dailyTokens": daily_tokens}}},
+    }
+
+
+async def _spent(store: Store, d: Daemon, client: Client) -> str:
+    await apply(store, policy_doc(tiny_policy(5)))
+    await apply(
+        store, agent_doc("spender", "tests.fixture_agents:Parity", quotaClass="tiny", **INBOX)
+    )
+    await client.send("spender", "0")  # spends the day's budget
+    await wait_until(lambda: status_is(store, "spender", tasks_succeeded="1"))
+    msg = await client.send("spender", "2")
+    await wait_until(lambda: status_is(store, "spender", phase="Waiting", reason="BudgetExhausted"))
+    await wait_until(lambda: _gone(d, "spender"), what="the runner to end")
+    assert not d.engine.has_session("spender")
+    assert await store.leases(["spender"]) == {}
+    record = await store.task("spender", f"m-{msg}")
+    assert (record["status"], record["wait_kind"]) == ("parked", "budget")
+    with pytest.raises(AnswerRejected, match="waits for budget"):
+        await client.answer("spender", f"m-{msg}", yes=True, by="op")
+    return f"m-{msg}"
+
+
+@asynccontextmanager
+async def clocked_daemon(store: Store, clock: list[float]) -> AsyncIterator[Daemon]:
+    settings = DaemonSettings(**{**FAST, "quota_refresh_s": 0.1})
+    d = Daemon(store, SimEngine(), settings, clock=lambda: clock[0])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(d.run)
+        try:
+            yield d
+        finally:
+            d.request_stop()
+
+
+async def test_a_spent_budget_parks_the_task_until_the_day_ends(store: Store) -> None:
+    # 2026-03-10 23:59:00 UTC: the budget day ends in a minute.
+    clock = [1773187140.0]
+    client = Client(store)
+    async with clocked_daemon(store, clock) as d:
+        task = await _spent(store, d, client)
+        wait = await store.wait_get("spender")
+        assert wait is not None
+        assert wait.deadline == pytest.approx(1773187200.0, abs=1.0)
+        # Not activated before the day ends on the daemon's clock (a few index polls).
+        await anyio.sleep(3 * FAST["lease_ttl_s"] / 3)
+        still = await store.wait_get("spender")
+        assert still is not None
+        assert still.park_id == wait.park_id
+        assert (await store.status("spender"))["phase"] == "Waiting"
+        clock[0] = 1773187201.0  # the next day
+        record = await done(store, "spender", task)
+    assert record["status"] == "succeeded"
+    assert record["wait_outcome"] == "rollover"
+    assert "BudgetRenewed" in [e.type for e in await store.events("spender")]
+
+
+async def test_a_raised_policy_resumes_a_task_parked_on_its_budget(store: Store) -> None:
+    client = Client(store)
+    async with running_daemon(store, quota_refresh_s=0.1) as d:
+        task = await _spent(store, d, client)
+        await apply(store, policy_doc(tiny_policy(1_000_000)))
+        record = await done(store, "spender", task)
+    assert record["status"] == "succeeded"
+    assert record["wait_outcome"] == "released"
+    assert record["answered_by"] == "policy"

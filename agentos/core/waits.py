@@ -58,6 +58,7 @@ class WaitKind(enum.StrEnum):
     ASK = "ask"  # a person's answer (approval, a choice, free text)
     EVENT = "event"  # a named event sent to the agent
     SLEEP = "sleep"  # a time
+    BUDGET = "budget"  # a spent daily budget: the day's end, or a raised limit
 
 
 class WaitTimeout(Exception):
@@ -97,6 +98,8 @@ class WaitSpec:
             return f"asks {_cut(self.question, 120)!r}{opts}"
         if self.kind is WaitKind.EVENT:
             return f"waits for event {self.question!r}"
+        if self.kind is WaitKind.BUDGET:
+            return f"waits for budget: {self.question}"
         return "sleeps"
 
 
@@ -181,6 +184,11 @@ class WaitLog:
         self._next_call = 0
         self._replaying = True
         self.made = []
+
+    @property
+    def consumed(self) -> int:
+        """How many recorded answers this iteration has taken so far."""
+        return self._next_answer
 
     def next_iteration(self) -> None:
         """An iteration completed: the next one records afresh."""
@@ -279,6 +287,7 @@ class WaitRecord:
     since: float
     seq: int  # resolutions recorded before this wait, in this iteration
     answer: Resolution | None = None
+    quota_class: str = ""  # budget waits: the class whose budget is spent
 
     @property
     def spec(self) -> WaitSpec:
@@ -300,6 +309,7 @@ class WaitRecord:
             "has_default": "1" if self.has_default else "",
             "since": repr(self.since),
             "seq": str(self.seq),
+            "quota_class": self.quota_class,
         }
 
     @classmethod
@@ -320,6 +330,7 @@ class WaitRecord:
             since=float(f.get("since") or 0.0),
             seq=int(f.get("seq") or 0),
             answer=Resolution.from_json(json.loads(answer), f.get("kind", "")) if answer else None,
+            quota_class=f.get("quota_class", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,6 +378,11 @@ def validate_answer(
         )
     if wait.kind is WaitKind.SLEEP:
         raise AnswerError(f"task {task_id} sleeps until its deadline; it takes no answer")
+    if wait.kind is WaitKind.BUDGET:
+        raise AnswerError(
+            f"task {task_id} waits for budget ({wait.question}); it resumes when the budget "
+            "day ends or when a policy raises the limit (`agentos apply`)"
+        )
     if wait.choices is None:
         if text is None:
             raise AnswerError(f"task {task_id} asks for free text: answer with --text")
@@ -392,6 +408,8 @@ def resolve(wait: WaitRecord, now: float) -> Resolution | None:
     if wait.deadline is not None and wait.deadline <= now:
         if wait.kind is WaitKind.SLEEP:
             return Resolution("woke", None, "deadline", now, wait.kind)
+        if wait.kind is WaitKind.BUDGET:
+            return Resolution("rollover", None, "deadline", now, wait.kind)
         return Resolution("timeout", None, "deadline", now, wait.kind)
     return None
 

@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable, Container, Mapping
 
 import anyio
 
+from agentos.core.policy import ClassQuota
+from agentos.core.waits import Resolution, WaitKind
 from agentos.store import Store, StoreError
 
-__all__ = ["Activator"]
+__all__ = ["Activator", "budgets_changed"]
 
 log = logging.getLogger("agentos.activation")
 
@@ -119,3 +121,37 @@ class Activator:
             log.info("activating %d due agent(s)", len(claimed))
             await self._start([(n, desired[n]) for n in claimed])
         return claimed
+
+    async def release_budgets(self, classes: set[str]) -> int:
+        """The daily budgets of ``classes`` changed: their budget waits are due now (a task
+        still over its budget parks again). Returns how many were released."""
+        if not classes or not self.parked:
+            return 0
+        now = self.clock()
+        released = 0
+        for w in await self.store.pending_waits(sorted(self.parked)):
+            if w.kind is not WaitKind.BUDGET or w.quota_class not in classes or w.answer:
+                continue
+            # One answer id per park: daemons that all see the change release it once.
+            resolution = Resolution("released", None, "policy", now)
+            done = await self.store.wait_answer(
+                w, resolution, answer_id=f"policy:{w.park_id}", now=now
+            )
+            released += done == 1
+        if released:
+            log.info("%d budget wait(s) released by a policy change", released)
+            self.nudge()
+        return released
+
+
+def budgets_changed(
+    before: Mapping[str, ClassQuota], after: Mapping[str, ClassQuota], classes: set[str]
+) -> set[str]:
+    """The classes of ``classes`` whose daily budgets (class or per agent) differ."""
+
+    def budgets(q: ClassQuota | None) -> tuple[object, ...]:
+        if q is None:
+            return ()
+        return tuple((lim.daily_tokens, lim.daily_agent_seconds) for lim in (q.limits, q.per_agent))
+
+    return {c for c in classes if budgets(before.get(c)) != budgets(after.get(c))}

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import anyio
 
+from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
 from agentos.core.spec import AgentResource
 from agentos.core.supervisor import RestartPolicy
@@ -374,4 +375,7 @@ class RunnerBase:
         raise NotImplementedError  # agentos.runtime.waits
 
     async def _park_wait(self, work: Work, request: WaitRequested) -> None:
+        raise NotImplementedError  # agentos.runtime.waits
+
+    async def _park_budget(self, work: Work, error: QuotaExceeded, resume_at: float) -> None:
         raise NotImplementedError  # agentos.runtime.waits

@@ -20,6 +20,7 @@ import json
 import logging
 from typing import Any
 
+from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import PhaseEvent, StopReason
 from agentos.core.tasks import Work, short
 from agentos.core.waits import (
@@ -27,8 +28,10 @@ from agentos.core.waits import (
     Repark,
     Resolution,
     Resumed,
+    WaitKind,
     WaitRecord,
     WaitRequested,
+    WaitSpec,
     on_activation,
 )
 from agentos.runtime.base import RunnerBase
@@ -42,7 +45,13 @@ log = logging.getLogger("agentos.runner")
 # A park's wait is due this soon until the park commits: if the daemon dies in between,
 # the agent is activated again and the torn park is discarded (the task re-runs).
 PARK_GRACE_S = 30.0
-_OUTCOME_EVENT = {"answered": "Answered", "event": "EventReceived", "timeout": "WaitTimedOut"}
+_OUTCOME_EVENT = {
+    "answered": "Answered",
+    "event": "EventReceived",
+    "timeout": "WaitTimedOut",
+    "rollover": "BudgetRenewed",
+    "released": "BudgetRaised",
+}
 
 
 class WaitMixin(RunnerBase):
@@ -83,8 +92,23 @@ class WaitMixin(RunnerBase):
 
     async def _park_wait(self, work: Work, request: WaitRequested) -> None:
         """Park the task on its wait and release the agent (see the module docstring)."""
+        await self._park_durably(work, request.spec, request.seq)
+
+    async def _park_budget(self, work: Work, error: QuotaExceeded, resume_at: float) -> None:
+        """A spent budget parks the task like a wait: until the budget day ends, or a
+        policy raises the limit; the agent is released meanwhile."""
         assert self.ctx is not None
-        spec, now = request.spec, self.clock()
+        spec = WaitSpec(WaitKind.BUDGET, str(error), None, resume_at)
+        await self._park_durably(
+            work, spec, self.ctx._waits.consumed, quota_class=self.resource.spec.quota_class
+        )
+
+    async def _park_durably(
+        self, work: Work, spec: WaitSpec, seq: int, *, quota_class: str = ""
+    ) -> None:
+        assert self.ctx is not None
+        now = self.clock()
+        budget = spec.kind is WaitKind.BUDGET
         record = WaitRecord(
             agent=self.name,
             task_id=work.id,
@@ -96,9 +120,10 @@ class WaitMixin(RunnerBase):
             default=spec.default,
             has_default=spec.has_default,
             since=now,
-            seq=request.seq,
+            seq=seq,
+            quota_class=quota_class,
         )
-        answers = [a.to_json() for a in self.ctx._waits.answers[: request.seq]]
+        answers = [a.to_json() for a in self.ctx._waits.answers[:seq]]
         calls = list(self.ctx._waits.made)
         taken = self.ctx.message_taken and self._unacked is None  # acked in an earlier step
         await self.writer.call(
@@ -119,7 +144,7 @@ class WaitMixin(RunnerBase):
                 **self.counters(),
                 "phase": self.phase.value,
                 "updated_at": repr(now),
-                "reason": "Waiting",
+                "reason": "BudgetExhausted" if budget else "Waiting",
                 "message": f"task {work.id} {what}{until}",
                 "wait_task": work.id,
                 "wait_park_id": record.park_id,
@@ -129,7 +154,7 @@ class WaitMixin(RunnerBase):
             task=TaskWrite(
                 work.id,
                 {
-                    "status": "waiting",
+                    "status": "parked" if budget else "waiting",
                     "wait_kind": spec.kind.value,
                     "wait_question": short(spec.question, 500),
                     "wait_choices": json.dumps(list(spec.choices)) if spec.choices else "",
@@ -140,7 +165,11 @@ class WaitMixin(RunnerBase):
                     "message_taken": "1" if taken else "",
                 },
             ),
-            event=self.writer.event("Waiting", spec.kind.value, f"task {work.id} {what}{until}"),
+            event=self.writer.event(
+                "BudgetExhausted" if budget else "Waiting",
+                spec.kind.value,
+                f"task {work.id} {what}{until} (not a crash)",
+            ),
             release=True,
         )
         self._released(f"task {work.id} {what}")
@@ -203,7 +232,9 @@ class WaitMixin(RunnerBase):
         resolution: Resolution,
     ) -> None:
         now = self.clock()
-        answers = [*recorded[: wait.seq], resolution.to_json()]
+        answers = list(recorded[: wait.seq])
+        if wait.kind is not WaitKind.BUDGET:  # agent code waited: it gets the resolution
+            answers.append(resolution.to_json())
         resumed = Resumed(
             tuple(Resolution.from_json(a) for a in answers),
             tuple(json.loads(record.get("calls") or "[]")),
