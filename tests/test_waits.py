@@ -365,6 +365,13 @@ async def test_a_raised_policy_resumes_a_task_parked_on_its_budget(store: Store)
     client = Client(store)
     async with running_daemon(store, quota_refresh_s=0.1) as d:
         task = await _spent(store, d, client)
+
+        async def warned() -> list[object]:
+            return [e for e in await store.events(None) if e.type == "BudgetWarning"]
+
+        (warning,) = await wait_until(warned, what="the budget warning")
+        assert warning.reason == "tiny"
+        assert "of its dailyTokens" in warning.message
         await apply(store, policy_doc(tiny_policy(1_000_000)))
         record = await done(store, "spender", task)
     assert record["status"] == "succeeded"

@@ -19,6 +19,7 @@ from agentos.core.waits import (
     WaitSpec,
     WaitTimeout,
     ask_spec,
+    budget_warnings,
     on_activation,
     resolve,
     validate_answer,
@@ -170,3 +171,27 @@ def test_ask_checks_what_it_is_given(kwargs: dict[str, Any], error: str) -> None
     args = {"choices": None, "deadline": None, "default": None, "has_default": False, **kwargs}
     with pytest.raises(ValueError, match=error):
         ask_spec(**args)
+
+
+@pytest.mark.parametrize(
+    ("limits", "used", "expected"),
+    [
+        ({"c": (100, None)}, {"c": (79.0, 0.0)}, []),
+        ({"c": (100, None)}, {"c": (80.0, 0.0)}, [("c", "dailyTokens")]),
+        ({"c": (None, 10.0)}, {"c": (1e9, 9.0)}, [("c", "dailyAgentSeconds")]),
+        (
+            {"c": (100, 10.0)},
+            {"c": (100.0, 10.0)},
+            [("c", "dailyTokens"), ("c", "dailyAgentSeconds")],
+        ),
+        ({"c": (None, None)}, {"c": (1e9, 1e9)}, []),
+        ({"c": (100, None)}, {}, []),
+    ],
+)
+def test_budget_warnings_fire_at_80_percent(
+    limits: dict[str, tuple[float | None, float | None]],
+    used: dict[str, tuple[float, float]],
+    expected: list[tuple[str, str]],
+) -> None:
+    got = budget_warnings(limits, used, {"c": "2026-03-10"})
+    assert [(w.quota_class, w.limit) for w in got] == expected

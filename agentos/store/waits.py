@@ -187,3 +187,9 @@ class WaitOps:
             pipe.delete(k.wait(name), k.wait_events(name))
             pipe.zrem(k.due(k.due_shard(name)), name)
             await pipe.execute()
+
+    @translate
+    async def budget_warn_once(self, quota_class: str, day: str, limit: str) -> bool:
+        """True the first time it is asked for (class, day, limit); kept two days."""
+        key = self.keys.quota(quota_class, f"warned:{day}:{limit}")
+        return bool(await self._r.set(key, "1", nx=True, ex=2 * 86_400))
