@@ -377,3 +377,47 @@ async def test_a_raised_policy_resumes_a_task_parked_on_its_budget(store: Store)
     assert record["status"] == "succeeded"
     assert record["wait_outcome"] == "released"
     assert record["answered_by"] == "policy"
+
+
+async def test_each_wait_is_an_agentos_wait_span(store: Store, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentos.telemetry import Telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry.from_env(
+        "tests", env={}, span_processors=(SimpleSpanProcessor(exporter),)
+    )
+    await apply(store, approver(tmp_path / "log"))
+    client = Client(store)
+    async with running_daemon(store, telemetry=telemetry):
+        msg = await client.send("appr", "deploy")
+        task = await waiting_task(store, "appr")
+        await client.answer("appr", task, yes=True, by="dora")
+        await done(store, "appr", f"m-{msg}")
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "agentos.wait"]
+    attrs = dict(span.attributes or {})
+    assert attrs["agentos.wait.kind"] == "ask"
+    assert attrs["agentos.wait.outcome"] == "answered"
+    assert attrs["agentos.wait.answered_by"] == "dora"
+    assert float(attrs["agentos.wait.waited_s"]) >= 0  # type: ignore[arg-type]
+    assert "agentos.wait.question" not in attrs  # content capture is off
+    tasks = [s for s in exporter.get_finished_spans() if s.name.startswith("invoke_agent")]
+    assert any((s.attributes or {}).get("agentos.task.waiting") == "ask" for s in tasks)
+
+
+async def test_deleting_a_waiting_agent_forgets_its_wait(store: Store, tmp_path: Path) -> None:
+    await apply(store, approver(tmp_path / "log"))
+    client = Client(store)
+    async with running_daemon(store) as d:
+        await client.send("appr", "deploy")
+        await waiting_task(store, "appr")
+        await client.delete_agent("appr")
+
+        async def forgotten() -> bool:
+            return await store.wait_get("appr") is None and not await store.due_scan()
+
+        await wait_until(forgotten, what="the wait to be purged")
+        assert "appr" not in d.activator.parked
+    assert await client.pending() == []

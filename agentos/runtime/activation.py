@@ -94,13 +94,18 @@ class Activator:
         """Read the index and start the due agents this daemon has room for; returns them."""
         await self.load()
         now = self.clock()
-        ready = sorted((at, n) for n, at in self.due.items() if at <= now)
-        if not ready:
-            return []
         running = self._running()
         desired = self._desired()
+        gone = [n for n in self.due if n not in desired and n not in running]
+        if gone:  # deleted agents' waits, once Redis confirms they have no spec
+            specs = await self.store.agent_specs_of(gone)
+            for name in gone:
+                if name not in specs:
+                    await self.store.purge_waits(name)
+                    self.due.pop(name, None)
+                    self.parked.discard(name)
+        ready = sorted((at, n) for n, at in self.due.items() if at <= now)
         candidates: list[str] = []
-        gone: list[str] = []
         for _, name in ready:
             if name in running:
                 # Running here: resumed already, its entry is a leftover (removed only if
@@ -108,13 +113,6 @@ class Activator:
                 await self.store.wait_clear(name, "")
             elif name in desired:
                 candidates.append(name)
-            else:
-                gone.append(name)
-        if gone:  # deleted agents' waits, once Redis confirms they have no spec
-            specs = await self.store.agent_specs_of(gone)
-            for name in gone:
-                if name not in specs:
-                    await self.store.purge_waits(name)
         candidates = candidates[: max(0, self._room())]
         claimed = await self.store.due_claim(candidates, now=now, claim_s=self.claim_s)
         if claimed:
