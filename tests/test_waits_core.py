@@ -102,6 +102,7 @@ def test_what_a_wait_resolves_to(record: WaitRecord, now: float, outcome: str | 
     ("record", "committed", "consumed", "expected"),
     [
         (wait(), False, False, Discard),
+        (wait(answer=Resolution("answered", "yes")), False, False, Resume),
         (wait(answer=Resolution("answered", "yes")), True, True, Discard),
         (wait(deadline=500.0), True, False, Repark),
         (wait(answer=Resolution("answered", "yes")), True, False, Resume),

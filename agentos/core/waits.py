@@ -444,13 +444,18 @@ def on_activation(
     """What a runner that took a waiting agent does with its wait.
 
     ``committed``: the agent's status names this park (the park's fenced write went
-    through). ``consumed``: the task record already holds this wait's resolution (an
+    through; if not, the task's record is as it was when the task began this run, so an
+    answer already given can still be appended to it). ``consumed``: the task record already holds this wait's resolution (an
     earlier activation resumed it, then died before removing the wait).
     """
-    if not committed:
-        return Discard("the task was not parked (its owner died while parking it)")
     if consumed:
         return Discard("already resumed")
+    if not committed:
+        # Its owner died while parking it: the task runs again from its record. An
+        # answer given meanwhile still counts; without one the task asks again.
+        if wait.answer is not None:
+            return Resume(resolve(wait, now) or Resolution(wait.answer.outcome))
+        return Discard("the task was not parked (its owner died while parking it)")
     resolution = resolve(wait, now)
     if resolution is None:
         return Repark(wait.deadline)

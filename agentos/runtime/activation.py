@@ -62,7 +62,9 @@ class Activator:
     def park(self, name: str) -> None:
         """An agent was parked (seen before the index is read again)."""
         self.parked.add(name)
-        self.due.setdefault(name, math.inf)
+        if self.due.setdefault(name, math.inf) <= self.clock():
+            # Answered while its runner here was still ending: activate it now.
+            self.nudge()
 
     @property
     def next_due_at(self) -> float:
