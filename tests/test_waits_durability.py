@@ -49,6 +49,10 @@ async def test_an_answer_given_with_the_cli_after_a_sigkill_completes_the_task_o
         d0.wait(timeout=10)
     assert log.read_text().splitlines() == ["before deploy"]
     with spawn(env, tmp_path / "d1.log", "daemon", "--id", "d1", *fast) as d1:
+        ps = await cli(env, "ps")
+        assert ps.returncode == 0, show(ps)
+        (row,) = [line for line in ps.stdout.splitlines() if line.startswith("appr")]
+        assert "Waiting" in row
         pending = await cli(env, "pending", "-o", "json")
         assert pending.returncode == 0, show(pending)
         (listed,) = json.loads(pending.stdout)

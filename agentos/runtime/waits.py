@@ -143,6 +143,7 @@ class WaitMixin(RunnerBase):
                 **self.task_counters(),
                 **self.counters(),
                 "phase": self.phase.value,
+                "owner": "",  # released: no daemon holds it while it waits
                 "updated_at": repr(now),
                 "reason": "BudgetExhausted" if budget else "Waiting",
                 "message": f"task {work.id} {what}{until}",
