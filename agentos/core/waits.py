@@ -445,8 +445,9 @@ def on_activation(
 
     ``committed``: the agent's status names this park (the park's fenced write went
     through; if not, the task's record is as it was when the task began this run, so an
-    answer already given can still be appended to it). ``consumed``: the task record already holds this wait's resolution (an
-    earlier activation resumed it, then died before removing the wait).
+    answer already given can still be appended to it). ``consumed``: the task record
+    already holds this wait's resolution (an earlier activation resumed it, then died
+    before removing the wait).
     """
     if consumed:
         return Discard("already resumed")

@@ -116,7 +116,7 @@ class TaskMixin(RunnerBase):
         )
         self.ctx.begin(task)
         first_observation: Any = None
-        if work.trigger in ("heartbeat", "start"):
+        if work.trigger in ("heartbeat", "start") and work.resume is None:
             # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
             # is, asleep or idle, and costs nothing: no task, no record, no slot.
             try:

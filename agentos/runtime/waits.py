@@ -180,7 +180,9 @@ class WaitMixin(RunnerBase):
                 lambda: self.store.signal("due" if answered else "parked", self.name), "signal"
             )
         except StoreError as e:  # the provisional due time activates it anyway
-            log.warning("%s: could not arm the wait (%s); it is due in %ss", self.name, e, 30)
+            log.warning(
+                "%s: could not arm the wait (%s); due in %.0fs anyway", self.name, e, PARK_GRACE_S
+            )
 
     def _released(self, why: str) -> None:
         """The lease is given up: this runner ends without touching the agent again."""
