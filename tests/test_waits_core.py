@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from agentos.core.budgets import budget_warnings
 from agentos.core.waits import (
     AnswerError,
     Discard,
@@ -19,7 +20,6 @@ from agentos.core.waits import (
     WaitSpec,
     WaitTimeout,
     ask_spec,
-    budget_warnings,
     on_activation,
     resolve,
     validate_answer,

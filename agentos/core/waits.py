@@ -27,9 +27,7 @@ from typing import Any
 
 __all__ = [
     "APPROVAL",
-    "BUDGET_WARN_AT",
     "AnswerError",
-    "BudgetWarning",
     "Discard",
     "Repark",
     "Resolution",
@@ -42,7 +40,6 @@ __all__ = [
     "WaitSpec",
     "WaitTimeout",
     "ask_spec",
-    "budget_warnings",
     "deadline_of",
     "on_activation",
     "resolve",
@@ -482,51 +479,3 @@ class Resumed:
             tuple(json.loads(record.get("calls") or "[]")),
             record.get("message_taken") == "1",
         )
-
-
-# ------------------------------------------------------------------ budgets that park
-
-BUDGET_WARN_AT = 0.8  # a class's budget warning fires once a day at this share spent
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetWarning:
-    """A class has spent ``share`` of one of its daily budgets today."""
-
-    quota_class: str
-    limit: str  # dailyTokens or dailyAgentSeconds
-    used: float
-    allowed: float
-    day: str
-
-    @property
-    def share(self) -> float:
-        return self.used / self.allowed if self.allowed else 0.0
-
-    def message(self) -> str:
-        return (
-            f"class {self.quota_class} has used {self.share:.0%} of its {self.limit} "
-            f"({self.used:g} of {self.allowed:g}) on {self.day}; at 100% its tasks park "
-            "until the day ends or the policy is raised"
-        )
-
-
-def budget_warnings(
-    limits: Mapping[str, tuple[float | None, float | None]],
-    used: Mapping[str, tuple[float, float]],
-    days: Mapping[str, str],
-    *,
-    at: float = BUDGET_WARN_AT,
-) -> list[BudgetWarning]:
-    """The class budgets spent past ``at``: ``limits`` and ``used`` are class ->
-    (dailyTokens, dailyAgentSeconds); ``days`` class -> its budget day."""
-    out = []
-    for name, (tokens, seconds) in sorted(limits.items()):
-        spent_tokens, spent_seconds = used.get(name, (0.0, 0.0))
-        for limit, allowed, spent in (
-            ("dailyTokens", tokens, spent_tokens),
-            ("dailyAgentSeconds", seconds, spent_seconds),
-        ):
-            if allowed and spent >= at * allowed:
-                out.append(BudgetWarning(name, limit, spent, allowed, days.get(name, "")))
-    return out

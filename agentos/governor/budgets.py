@@ -2,7 +2,7 @@
 
 Operators want to hear about a budget before tasks start parking on it. The evaluator
 daemon (one at a time, under its lease) calls :func:`warn_budgets` after each
-evaluation; the decision is pure (:func:`agentos.core.waits.budget_warnings`) and a
+evaluation; the decision is pure (:func:`agentos.core.budgets.budget_warnings`) and a
 ``SET NX`` per class, limit and day makes each warning fire once even if the lease moves.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agentos.core.budgets import BudgetWarning, budget_warnings
 from agentos.core.fairness import day_window
 from agentos.core.policy import ClassQuota
-from agentos.core.waits import BudgetWarning, budget_warnings
 from agentos.store import Store
 
 __all__ = ["warn_budgets"]
