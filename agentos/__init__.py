@@ -9,7 +9,7 @@ from agentos.client import Client, ClientError, NotFound
 from agentos.core.lifecycle import Phase, StopReason
 from agentos.core.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 from agentos.engine.base import Completion, EngineError, NoFreeSlot
-from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage
+from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage, WaitTimeout
 from agentos.settings import Settings
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "StopReason",
     "TaskInfo",
     "Usage",
+    "WaitTimeout",
     "__version__",
     "load_paths",
     "parse_text",

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from agentos.client_waits import AnswerRejected, WaitClientMixin
 from agentos.core.fairness import day_window
 from agentos.core.metering import Prices, UsageRow, aggregate
 from agentos.core.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
@@ -38,6 +39,7 @@ from agentos.store.retry import new_op_id, retry
 __all__ = [
     "AgentDetail",
     "AgentSummary",
+    "AnswerRejected",
     "Client",
     "ClientError",
     "NoRedisConfigured",
@@ -143,7 +145,7 @@ class AgentDetail:
         }
 
 
-class Client:
+class Client(WaitClientMixin):
     """Operate one agentos namespace. Use ``async with await Client.connect(settings)``."""
 
     def __init__(self, store: Store) -> None:

@@ -32,6 +32,7 @@ from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import Engine
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
+from agentos.runtime.activation import Activator, budgets_changed
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
@@ -117,6 +118,17 @@ class Daemon:
         self.started_at = clock()
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
+        # Waiting agents: no runner anywhere; activated from the due index in Redis.
+        self.activator = Activator(
+            store,
+            clock=clock,
+            poll_s=self.settings.lease_ttl_s / 3,
+            claim_s=self.settings.lease_ttl_s,
+            room=self._room,
+            running=lambda: self.runners,
+            desired=lambda: {n: d.spec_hash for n, d in self._desired.items()},
+            start=self._start_many,
+        )
         # Redis at maxmemory: when writes were first and last refused (None: they are not).
         self._full_since: float | None = None
         self._full_last = 0.0
@@ -159,6 +171,7 @@ class Daemon:
                 control.start_soon(self._quota_loop)
                 control.start_soon(self._retention_loop)
                 control.start_soon(self.evaluator.run)
+                control.start_soon(self.activator.run)
                 with anyio.move_on_after(math.inf if duration_s is None else duration_s):
                     await self._stop.wait()
                 await self._stop_all(StopReason.SHUTDOWN)
@@ -213,9 +226,13 @@ class Daemon:
         for n in self._stopping - local.keys():  # stopped, about to be restarted
             local[n] = Local(n, self._desired[n].spec_hash if n in self._desired else "")
         # Checking the leases of agents we do not run costs a round trip per agent:
-        # do it every third of a lease, or right after a signal.
-        unowned = [n for n in self._desired if n not in self.runners]
-        desired = self._desired
+        # do it every third of a lease, or right after a signal. Waiting agents are
+        # left alone: the activator starts them from the due index.
+        if not self.activator.loaded:
+            await self.activator.load()
+        parked = self.activator.parked
+        unowned = [n for n in self._desired if n not in self.runners and n not in parked]
+        desired = {n: d for n, d in self._desired.items() if n in self.runners or n not in parked}
         leases: dict[str, Lease] = {}
         if self._kicked or now - self._leases_checked_at >= self.settings.lease_ttl_s / 3:
             self._leases_checked_at = now
@@ -274,6 +291,10 @@ class Daemon:
                     self._kick.set()
                     self.evaluator.nudge()
                     self._quota_kick.set()
+                elif cmd == "due":
+                    self.activator.nudge()
+                elif cmd == "parked":
+                    self.activator.park(agent)
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
                 elif cmd in ("message", "wake"):
@@ -349,7 +370,11 @@ class Daemon:
         """Reload effective limits and publish this daemon's inference samples."""
         while True:
             try:
+                before = dict(self.governor.quotas)
                 changed = await self.governor.refresh()
+                raised = budgets_changed(before, self.governor.quotas, changed)
+                if raised:  # budget waits: no runner holds them
+                    await self.activator.release_budgets(raised)
                 for runner in self.runners.values():
                     if runner.resource.spec.quota_class in changed:
                         runner.quota_changed()
@@ -534,6 +559,8 @@ class Daemon:
                 "%s: supervisor crashed; the agent restarts on the next reconcile", runner.name
             )
         finally:
+            if runner.parked:  # waiting: the activator wakes it, not reconcile
+                self.activator.park(runner.name)
             if self.runners.get(runner.name) is runner:
                 del self.runners[runner.name]
                 self._scopes.pop(runner.name, None)
@@ -578,11 +605,19 @@ class Daemon:
 
     # ------------------------------------------------------------------ state
 
+    def _room(self) -> int:
+        """How many more agents this daemon may run."""
+        limit = self.settings.max_agents
+        return 1_000_000 if limit is None else limit - len(self.runners)
+
     def _fleet_quiet(self) -> bool:
-        if any(n not in self.runners for n in self._desired):
+        parked = self.activator.parked
+        if any(n not in self.runners and n not in parked for n in self._desired):
             # Desired agents nobody runs yet (or that another daemon runs).
             return False
         horizon = self.clock() + 1.0
+        if self.activator.next_due_at <= horizon:
+            return False
         return all(
             r.quiet and (r.next_fire_at is None or r.next_fire_at > horizon)
             for r in self.runners.values()

@@ -1,6 +1,8 @@
 """HTTP ingress: webhooks and health checks served by the daemon (``--http HOST:PORT``).
 
-Outside systems (CI, ticketing, chat ops) wake agents by POSTing a message; load
+Outside systems (CI, ticketing, chat ops) wake agents by POSTing a message, answer
+waiting tasks (``GET /v1/pending``, ``POST /v1/agents/{name}/tasks/{task}/answer``)
+and send them events (``POST /v1/agents/{name}/events/{event}``); load
 balancers and orchestrators ask ``/healthz`` and ``/readyz``. The app is Starlette on
 uvicorn, and every request goes through :class:`agentos.client.Client`, so a webhook
 is exactly `agentos send`: same validation, same size limit, same idempotency keys.
@@ -21,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agentos.client import DEFAULT_MAX_MESSAGE_BYTES, Client, ClientError, NotFound
+from agentos.client import DEFAULT_MAX_MESSAGE_BYTES, AnswerRejected, Client, ClientError, NotFound
 from agentos.store import StoreError
 
 __all__ = ["build_app", "is_loopback"]
@@ -37,6 +39,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code = status, code
+        super().__init__(message)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -65,6 +73,8 @@ def build_app(
                 return await handler(request)
             except NotFound as e:
                 return _error(404, "not_found", str(e))
+            except AnswerRejected as e:
+                return _error(422 if e.code == "invalid" else 409, e.code, str(e))
             except ClientError as e:
                 return _error(422, "rejected", str(e))
             except StoreError as e:
@@ -90,6 +100,59 @@ def build_app(
         traceparent = request.headers.get("traceparent") or None
         msg_id = await client.send(name, text, key=key, traceparent=traceparent)
         return JSONResponse({"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}, 202)
+
+    # Who answered, for the audit trail: the credential that let the request in, and
+    # the name the caller gives (``"by"``), which only the credential vouches for.
+    principal = "http:token" if token is not None else "http:loopback"
+
+    async def json_body(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise _Rejected(413, "too_large", f"body is larger than {max_body_bytes} bytes")
+        try:
+            return json.loads(raw or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Rejected(400, "bad_json", f"the body must be JSON: {e}") from None
+
+    async def pending(request: Request) -> Response:
+        return JSONResponse([w.to_dict() for w in await client.pending()])
+
+    async def answer(request: Request) -> Response:
+        name, task = request.path_params["name"], request.path_params["task"]
+        try:
+            body = await json_body(request)
+        except _Rejected as e:
+            return _error(e.status, e.code, str(e))
+        allowed = {"yes", "no", "choice", "text", "by"}
+        if not isinstance(body, dict) or not set(body) <= allowed:
+            return _error(
+                400, "bad_answer", 'send {"yes": true} | {"no": true} | {"choice": X} | {"text": T}'
+            )
+        choice, text, who = body.get("choice"), body.get("text"), body.get("by")
+        if any(v is not None and not isinstance(v, str) for v in (choice, text, who)):
+            return _error(400, "bad_answer", "choice, text and by must be strings")
+        by = f"{who} ({principal})" if who else principal
+        r = await client.answer(
+            name,
+            task,
+            yes=body.get("yes") is True,
+            no=body.get("no") is True,
+            choice=choice,
+            text=text,
+            by=by,
+        )
+        return JSONResponse(
+            {"agent": name, "task": task, "answer": r.value, "by": r.by, "at": r.at}
+        )
+
+    async def event(request: Request) -> Response:
+        name, event_name = request.path_params["name"], request.path_params["event"]
+        try:
+            data = await json_body(request)
+        except _Rejected as e:
+            return _error(e.status, e.code, str(e))
+        ended = await client.send_event(name, event_name, data, by=principal)
+        return JSONResponse({"agent": name, "event": event_name, "endedWait": ended}, 202)
 
     async def agents(request: Request) -> Response:
         return JSONResponse([a.to_dict() for a in await client.agents()])
@@ -120,6 +183,9 @@ def build_app(
         routes=[
             Route("/v1/agents/{name}/messages", guarded(send), methods=["POST"]),
             Route("/v1/agents", guarded(agents), methods=["GET"]),
+            Route("/v1/pending", guarded(pending), methods=["GET"]),
+            Route("/v1/agents/{name}/tasks/{task}/answer", guarded(answer), methods=["POST"]),
+            Route("/v1/agents/{name}/events/{event}", guarded(event), methods=["POST"]),
             Route("/v1/agents/{name}", guarded(agent), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),

@@ -10,6 +10,7 @@ or :mod:`agentos.testing`) builds the context; this module does no I/O of its ow
 
 from __future__ import annotations
 
+import datetime as _dt
 import enum
 import logging
 import time
@@ -22,8 +23,10 @@ from typing import Any, ClassVar, Final, Protocol
 import msgspec
 import pydantic
 
+from agentos.core.durations import parse_duration
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import StopReason
+from agentos.core.waits import WaitKind, WaitLog, WaitSpec, WaitTimeout, ask_spec, deadline_of
 from agentos.engine.base import Completion, Engine
 from agentos.telemetry import Telemetry
 
@@ -37,6 +40,7 @@ __all__ = [
     "StateCodec",
     "TaskInfo",
     "Usage",
+    "WaitTimeout",
     "agent_logger",
     "freeze_config",
 ]
@@ -236,6 +240,9 @@ class LLM:
         self._telemetry = telemetry or Telemetry.disabled()
         self.usage = Usage()
         self.kv_restored = False  # set by the runtime after a wake restored the KV
+        # The waits' log of this loop iteration: a resumed task's calls made before its
+        # wait are served from it (set by the Context).
+        self.replay: WaitLog | None = None
         self.quota_timeout_s: float | None = 60.0
         """How long a call may wait for its quota before :class:`QuotaExceeded` (None: no
         limit); a ``quota_timeout_s=`` argument overrides it for one call."""
@@ -302,6 +309,17 @@ class LLM:
         json_schema: Mapping[str, Any] | None,
         quota_timeout_s: float | None,
     ) -> Completion:
+        if self.replay is not None:
+            hit = self.replay.replayed(operation, prompt)
+            if hit is not None:  # made before a wait, in the run that parked: not again
+                return Completion(
+                    text=str(hit.get("text", "")),
+                    input_tokens=int(hit.get("input_tokens", 0)),
+                    output_tokens=int(hit.get("output_tokens", 0)),
+                    finish_reason=str(hit.get("finish_reason", "stop")),
+                    time_to_first_token_s=0.0,
+                    duration_s=0.0,
+                )
         queued = time.perf_counter()
         # The session first: a call never waits for a slot while it holds a quota
         # admission or an engine turn (agents holding slots need those turns).
@@ -336,6 +354,17 @@ class LLM:
                 )
         self.kv_restored = False
         self._count(completion)
+        if self.replay is not None:
+            self.replay.record(
+                operation,
+                prompt,
+                {
+                    "text": completion.text,
+                    "input_tokens": completion.input_tokens,
+                    "output_tokens": completion.output_tokens,
+                    "finish_reason": completion.finish_reason,
+                },
+            )
         return completion
 
     async def stream(
@@ -446,6 +475,29 @@ async def _no_sender(agent: str, body: str) -> str:
     raise RuntimeError("this context cannot send messages")
 
 
+EventSender = Callable[[str, str, Any], Awaitable[bool]]
+
+
+async def _no_events(agent: str, event: str, data: Any) -> bool:
+    raise RuntimeError("this context cannot send events")
+
+
+class _NoDefault(enum.Enum):
+    TOKEN = 0
+
+
+_NO_DEFAULT: Final = _NoDefault.TOKEN
+
+
+def _seconds(value: float | str | None, what: str) -> float | None:
+    if value is None or isinstance(value, int | float):
+        return value
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
 @dataclass(eq=False)
 class Context:
     """Everything an agent may use during a task. Built by the runtime, one per agent."""
@@ -462,6 +514,81 @@ class Context:
     _has_result: bool = field(default=False, repr=False)
     _sender: Sender = field(default=_no_sender, repr=False)
     _telemetry: Telemetry = field(default_factory=Telemetry.disabled, repr=False)
+    _events: EventSender = field(default=_no_events, repr=False)
+    _waits: WaitLog = field(default_factory=lambda: WaitLog(time.time), repr=False)
+
+    def __post_init__(self) -> None:
+        self.llm.replay = self._waits
+
+    # ---------------------------------------------------------------- durable waits
+    # Each wait ends the loop iteration the first time it is reached: the task is parked
+    # in Redis and the agent released. When the wait ends, the iteration runs again and
+    # every wait returns what was recorded for it, in order: code before a wait runs
+    # again (make it idempotent, or put side effects after the wait), code after it once.
+
+    async def ask(
+        self,
+        question: str,
+        *,
+        choices: Sequence[str] | None = None,
+        timeout: float | str | None = None,  # noqa: ASYNC109 - a durable deadline
+        default: Any = _NO_DEFAULT,
+    ) -> Any:
+        """Ask a person and return the answer: one of ``choices`` (``("yes", "no")`` for
+        an approval), or free text when there are none.
+
+        Answers come from `agentos answer`, ``POST /v1/agents/{name}/tasks/{task}/answer``
+        or :meth:`agentos.Client.answer`. After ``timeout`` (seconds or "2h") ``default``
+        is returned, or :class:`WaitTimeout` raised when there is none.
+        """
+        has_default = not isinstance(default, _NoDefault)
+        spec = ask_spec(
+            question,
+            choices=choices,
+            deadline=deadline_of(self._waits.clock(), _seconds(timeout, "ctx.ask timeout")),
+            default=default if has_default else None,
+            has_default=has_default,
+        )
+        return self._waits.wait(spec)
+
+    async def wait_for(
+        self,
+        event: str,
+        *,
+        timeout: float | str | None = None,  # noqa: ASYNC109 - a durable deadline
+    ) -> Any:
+        """Wait for the event named ``event`` sent to this agent (by :meth:`send_event`
+        of another agent, `agentos event`, HTTP) and return its data.
+
+        An event sent before the agent waits for it is kept (the latest of each name)
+        and taken by the next wait for it. Raises :class:`WaitTimeout` after ``timeout``.
+        """
+        if not isinstance(event, str) or not event or len(event) > 200:
+            raise ValueError("ctx.wait_for needs an event name of 1 to 200 characters")
+        deadline = deadline_of(self._waits.clock(), _seconds(timeout, "ctx.wait_for timeout"))
+        return self._waits.wait(WaitSpec(WaitKind.EVENT, event, None, deadline))
+
+    async def send_event(self, agent: str, event: str, data: Any = None) -> bool:
+        """Send the event ``event`` (with JSON-serialisable ``data``) to ``agent``.
+
+        Returns True when it ended a wait of that agent, False when it is kept for the
+        agent's next ``wait_for(event)``.
+        """
+        return await self._events(agent, event, data)
+
+    async def sleep_until(self, when: float | _dt.datetime) -> None:
+        """Park the task until ``when`` (epoch seconds or an aware datetime), holding
+        nothing meanwhile; the iteration then runs again and this call returns."""
+        at = when.timestamp() if isinstance(when, _dt.datetime) else float(when)
+        self._waits.wait(WaitSpec(WaitKind.SLEEP, "", None, at))
+
+    async def sleep(self, duration: float | str) -> None:
+        """:meth:`sleep_until` now + ``duration`` (seconds or "30m")."""
+        seconds = _seconds(duration, "ctx.sleep")
+        assert seconds is not None
+        deadline = deadline_of(self._waits.clock(), seconds)
+        assert deadline is not None
+        await self.sleep_until(deadline)
 
     def take_message(self) -> Message | None:
         """The message that started this task, the first time it is asked for; then None.
@@ -516,6 +643,7 @@ class Context:
         self._message_taken = False
         self._result = None
         self._has_result = False
+        self._waits.begin(enabled=False)
 
 
 def agent_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:

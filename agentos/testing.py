@@ -10,6 +10,10 @@ survive a restart fails the test.
     result = await harness.message("hello")
     assert harness.state["last"] == "hello"
 
+A task that waits (``ctx.ask``, ``wait_for``, ``sleep``) parks as in a daemon:
+``harness.waiting`` says for what, and ``await harness.answer("yes")`` (or ``expire()``,
+``event(data)``) resumes it, re-running the waited iteration with the recorded answers.
+
 The module is also a pytest plugin: ``pytest_plugins = ["agentos.testing"]`` in a
 project's ``conftest.py`` runs its ``async def`` tests (see :mod:`agentos.testing_plugin`).
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.core.lifecycle import StopReason
+from agentos.core.waits import Resolution, WaitKind, WaitRequested, WaitSpec
 from agentos.engine.base import Engine
 from agentos.engine.sim import SimEngine
 from agentos.runtime.loop import TaskResult, run_task
@@ -68,6 +73,7 @@ class AgentHarness:
     sent: list[SentMessage] = field(default_factory=list)
     tasks: list[TaskResult] = field(default_factory=list)
     max_steps: int | None = 1000
+    waiting: WaitSpec | None = None  # what the last task parked on (None: it did not)
 
     def __post_init__(self) -> None:
         self.codec = StateCodec(self.agent_class.State)
@@ -92,12 +98,59 @@ class AgentHarness:
         carrying the original error. ``max_steps`` guards against an agent whose
         observe never returns None.
         """
-        self.ctx.begin(TaskInfo(id=uuid.uuid4().hex, trigger=trigger, message=message))
-        result = await run_task(
-            self.agent, self.ctx, after_step=self._after_step, max_steps=self.max_steps
-        )
+        return await self._run(TaskInfo(id=uuid.uuid4().hex, trigger=trigger, message=message))
+
+    async def _run(
+        self,
+        task: TaskInfo,
+        answers: list[Resolution] | None = None,
+        calls: list[dict[str, Any]] | None = None,
+        taken: bool = False,
+    ) -> TaskResult:
+        self.ctx.begin(task)
+        self.ctx._waits.begin(answers or (), calls or ())
+        self.ctx._message_taken = taken
+        self.waiting = None
+        self._saved = self.codec.encode(self.ctx.state)
+        self._steps = 0
+        try:
+            result = await run_task(
+                self.agent, self.ctx, after_step=self._after_step, max_steps=self.max_steps
+            )
+        except WaitRequested as w:
+            # Parked: the state of the last complete iteration is what a daemon keeps.
+            self.waiting = w.spec
+            self._parked = (
+                task,
+                list(self.ctx._waits.answers[: w.seq]),
+                list(self.ctx._waits.made),
+                self.ctx.message_taken and self._steps > 0,
+            )
+            self.ctx.state = self.codec.decode(self._saved)
+            self.state = self.ctx.state
+            result = TaskResult(self._steps, None, stopped=False)
         self.tasks.append(result)
         return result
+
+    async def answer(self, value: Any) -> TaskResult:
+        """Answer the question the last task waits on and resume it."""
+        return await self._resume(Resolution("answered", value, "test"))
+
+    async def event(self, data: Any = None) -> TaskResult:
+        """Send the event the last task waits for (with ``data``) and resume it."""
+        return await self._resume(Resolution("event", data, "test"))
+
+    async def expire(self) -> TaskResult:
+        """Let the last task's wait reach its deadline and resume it."""
+        assert self.waiting is not None
+        woke = self.waiting.kind is WaitKind.SLEEP
+        return await self._resume(Resolution("woke" if woke else "timeout", None, "deadline"))
+
+    async def _resume(self, resolution: Resolution) -> TaskResult:
+        if self.waiting is None:
+            raise RuntimeError("no task is waiting")
+        task, answers, calls, taken = self._parked
+        return await self._run(task, [*answers, resolution], calls, taken)
 
     async def message(self, body: str, *, key: str | None = None) -> TaskResult:
         """Deliver an inbox message and run the task it starts."""
@@ -112,6 +165,8 @@ class AgentHarness:
 
     async def _after_step(self, step: int, outcome: Any) -> None:
         self._roundtrip()
+        self._saved = self.codec.encode(self.ctx.state)
+        self._steps = step
 
     def _roundtrip(self) -> None:
         # The daemon persists state after each iteration; do the same, so that state

@@ -340,6 +340,7 @@ def test_example_specs_validate() -> None:
     assert set(by_name) == {
         ("Agent", "folder-digest"),
         ("Agent", "inbox-assistant"),
+        ("Agent", "approval-gate"),
         ("QuotaPolicy", "default"),
     }
     digest = by_name["Agent", "folder-digest"]
@@ -357,3 +358,36 @@ def test_example_entrypoints_import() -> None:
 
     assert load_agent_class("examples.folder_digest:FolderDigest") is FolderDigest
     assert load_agent_class("examples.inbox_assistant:InboxAssistant") is InboxAssistant
+
+
+# ------------------------------------------------------------------------ approval gate
+
+
+@pytest.mark.parametrize(("answer", "done"), [("yes", True), ("no", False)])
+async def test_approval_gate_acts_only_on_yes(tmp_path: Path, answer: str, done: bool) -> None:
+    from examples.approval_gate import ApprovalGate
+
+    actions = tmp_path / "actions.jsonl"
+    h = AgentHarness(ApprovalGate, config={"actions": str(actions)}, name="approval-gate")
+    await h.message("rotate the staging API keys")
+    assert h.waiting is not None
+    assert h.waiting.choices == ("yes", "no")
+    assert h.waiting.question.startswith("Carry out: ")
+    calls = h.llm.usage.calls
+    result = await h.answer(answer)
+    assert h.waiting is None
+    assert h.llm.usage.calls == calls  # the plan came from the recorded call
+    assert result.outcome.startswith("done: " if done else "not done")
+    assert actions.exists() is done
+    assert (h.state.approved, h.state.refused) == ((1, 0) if done else (0, 1))
+
+
+async def test_approval_gate_says_no_when_nobody_answers(tmp_path: Path) -> None:
+    from examples.approval_gate import ApprovalGate
+
+    actions = tmp_path / "actions.jsonl"
+    h = AgentHarness(ApprovalGate, config={"actions": str(actions)})
+    await h.message("drop the old table")
+    result = await h.expire()
+    assert result.outcome.startswith("not done (answer: no)")
+    assert not actions.exists()

@@ -27,6 +27,7 @@ def test_all_is_pinned() -> None:
             "StopReason",
             "TaskInfo",
             "Usage",
+            "WaitTimeout",
             "__version__",
             "load_paths",
             "parse_text",

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, quota
+from agentos.cli import fleet, launch, quota, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -72,6 +72,9 @@ for _cmd in (
     fleet.events,
     fleet.send,
     fleet.tasks,
+    waits.pending,
+    waits.answer,
+    waits.event,
     quota.usage,
     fleet.hibernate,
     fleet.wake,

@@ -53,7 +53,13 @@ def _agents_table(agents: Sequence[AgentSummary]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"):
         table.add_column(col, no_wrap=col != "REASON")
-    colors = {"Running": "green", "Idle": "cyan", "Hibernated": "blue", "Failed": "red"}
+    colors = {
+        "Running": "green",
+        "Idle": "cyan",
+        "Hibernated": "blue",
+        "Waiting": "magenta",
+        "Failed": "red",
+    }
     for a in agents:
         color = colors.get(a.phase, "yellow")
         table.add_row(

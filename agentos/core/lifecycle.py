@@ -32,6 +32,7 @@ class Phase(enum.StrEnum):
     HIBERNATING = "Hibernating"  # exporting KV and state, about to free its slot
     HIBERNATED = "Hibernated"  # no slot held; KV and state in Redis
     WAKING = "Waking"  # taking a slot and restoring KV (or re-prefilling)
+    WAITING = "Waiting"  # a task waits durably (answer, event, time); no runner, lease or slot
     FAILED = "Failed"  # crash loop or an error no restart can fix; needs an operator
     STOPPED = "Stopped"  # stopped by a daemon shutdown; another daemon may adopt it
 
@@ -49,6 +50,7 @@ class PhaseEvent(enum.StrEnum):
     CRASH = "crash"  # agent code raised; a restart follows
     FAIL = "fail"  # crash loop or permanent error
     STOP = "stop"
+    WAIT = "wait"  # a task parked on a durable wait; the agent is released
 
 
 class StopReason(enum.StrEnum):
@@ -80,6 +82,7 @@ _ALLOWED: dict[tuple[Phase, PhaseEvent], Phase] = {
     (Phase.HIBERNATED, PhaseEvent.HIBERNATED): Phase.HIBERNATED,
     # agent code that fails in a heartbeat's observe restarts without waking
     (Phase.HIBERNATED, PhaseEvent.CRASH): Phase.HIBERNATED,
+    (Phase.RUNNING, PhaseEvent.WAIT): Phase.WAITING,
 }
 for _phase in (Phase.RUNNING, Phase.IDLE, Phase.HIBERNATING, Phase.WAKING, Phase.PENDING):
     _ALLOWED[(_phase, PhaseEvent.CRASH)] = Phase.PENDING

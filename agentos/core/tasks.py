@@ -52,6 +52,7 @@ class Work:
     not_before: float = 0.0  # parked until then (a quota, a budget, an infrastructure retry)
     parked_for: str = ""  # why: "rate", "budget", "infra" (a quota change frees the first two)
     infra_attempts: int = 0  # infrastructure retries in a row (never counted as crashes)
+    resume: Any = None  # an agentos.core.waits.Resumed: a parked task's recorded answers
 
 
 def inbox_work(message: MessageLike) -> Work:

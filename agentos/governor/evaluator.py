@@ -23,6 +23,7 @@ import anyio
 from agentos.core.fairness import burn_rate, day_window, fleet_metrics
 from agentos.core.policy import ClassQuota, Evaluation, evaluate
 from agentos.core.spec import QuotaPolicyResource, parse_resource
+from agentos.governor.budgets import warn_budgets
 from agentos.store import Store, StoreError
 
 __all__ = ["Evaluator", "fleet_snapshot", "stored_policies"]
@@ -146,4 +147,5 @@ class Evaluator:
         for c in result.changes:
             log.info("quota %s %s by rule %s: %s", c.class_, c.action, c.rule, c.reason)
         self.last = result
+        await warn_budgets(self.store, result.quotas, now, by=self.daemon_id)
         return result

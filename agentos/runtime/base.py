@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import anyio
 
+from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
 from agentos.core.spec import AgentResource
 from agentos.core.supervisor import RestartPolicy
@@ -28,6 +29,7 @@ from agentos.core.tasks import (
     queued_record,
 )
 from agentos.core.triggers import TriggerClock
+from agentos.core.waits import WaitRequested
 from agentos.engine.base import Completion, Engine, EngineError, EngineUnavailable, NoFreeSlot
 from agentos.governor.admission import Governor, Ticket
 from agentos.runtime.hibernator import Hibernator
@@ -377,3 +379,12 @@ class RunnerBase:
 
     async def _instantiate(self, raw: bytes | None = None) -> bool:
         raise NotImplementedError  # agentos.runtime.runner
+
+    def _begin_waits(self, work: Work) -> None:
+        raise NotImplementedError  # agentos.runtime.waits
+
+    async def _park_wait(self, work: Work, request: WaitRequested) -> None:
+        raise NotImplementedError  # agentos.runtime.waits
+
+    async def _park_budget(self, work: Work, error: QuotaExceeded, resume_at: float) -> None:
+        raise NotImplementedError  # agentos.runtime.waits

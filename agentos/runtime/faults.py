@@ -71,6 +71,14 @@ class FaultMixin(RunnerBase):
 
     async def _park(self, error: BaseException, fault: Fault, work: Work, verdict: Verdict) -> None:
         """Not the agent's fault: the task runs again later, the slot goes back meanwhile."""
+        if (
+            fault is Fault.BUDGET
+            and isinstance(error, QuotaExceeded)
+            and self.phase is Phase.RUNNING
+        ):
+            # Parked durably, the agent released: agentos.runtime.waits.
+            await self._park_budget(work, error, verdict.resume_at)
+            return
         self._unacked = None
         self._unacked_key = None
         kind = {

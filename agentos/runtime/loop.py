@@ -123,6 +123,7 @@ async def run_task(
         await _call("learn", agent.learn(ctx, outcome), phase_span)
         steps += 1
         observation = None
+        ctx._waits.next_iteration()  # what the next iteration waits for is its own
         await after_step(steps, outcome)
         # A busy agent must not starve the others that share the event loop.
         await anyio.lowlevel.checkpoint()

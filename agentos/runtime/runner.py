@@ -35,6 +35,7 @@ from agentos.runtime.loop import (
     AgentCodeError,
 )
 from agentos.runtime.tasking import OnDemandSession, TaskMixin
+from agentos.runtime.waits import WaitMixin
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
@@ -52,7 +53,7 @@ __all__ = ["AgentRunner", "LeaseLost"]
 log = logging.getLogger("agentos.runner")
 
 
-class AgentRunner(TaskMixin, FaultMixin):
+class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
     """Runs one agent for as long as this daemon holds its lease."""
 
     async def run(self) -> None:
@@ -103,7 +104,8 @@ class AgentRunner(TaskMixin, FaultMixin):
         self.usage.kv_stored = int(prior.get("kv_bytes") or 0)
         self.session.has_snapshot = bool(prior.get("snapshot_at"))
         self._uses_model = self.session.has_snapshot or int(prior.get("tokens_in") or 0) > 0
-        was_hibernated = prior.get("phase") == Phase.HIBERNATED.value
+        # A waiting agent gave its slot back like a hibernated one.
+        was_hibernated = prior.get("phase") in (Phase.HIBERNATED.value, Phase.WAITING.value)
         if not await self._load_class() or not await self._instantiate(snapshot.state, read=True):
             return
         for msg in snapshot.pending:
@@ -118,6 +120,8 @@ class AgentRunner(TaskMixin, FaultMixin):
                 await self.writer.write(task=TaskWrite(step.task_id, step.fields))
             else:
                 self._queue.append(step.work)
+        if not await self._resume_wait(snapshot):
+            return  # still waiting: released again
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
         self._move(PhaseEvent.START)
         adopted = bool(previous_owner) and previous_owner != self.daemon_id
@@ -335,6 +339,8 @@ class AgentRunner(TaskMixin, FaultMixin):
             )
 
     async def _finish(self) -> None:
+        if self.parked:  # released with the park: nothing of the agent is ours any more
+            return
         reason = self.stop_reason or StopReason.SHUTDOWN
         if reason is StopReason.LEASE_LOST:
             log.warning("%s: lease lost; another daemon owns it now", self.name)

@@ -23,6 +23,7 @@ from agentos.core.tasks import (
     overlap_action,
     queued_record,
 )
+from agentos.core.waits import WaitRequested
 from agentos.engine.base import EngineError, EngineUnavailable
 from agentos.runtime.base import RunnerBase
 from agentos.runtime.hibernator import Restored
@@ -111,7 +112,7 @@ class TaskMixin(RunnerBase):
         )
         self.ctx.begin(task)
         first_observation: Any = None
-        if work.trigger in ("heartbeat", "start"):
+        if work.trigger in ("heartbeat", "start") and work.resume is None:
             await self.writer.flush()  # agent code next: the last task's close goes first
             # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
             # is, asleep or idle, and costs nothing: no task, no record, no slot.
@@ -184,12 +185,14 @@ class TaskMixin(RunnerBase):
         failure: AgentCodeError | None = None
         lost: LeaseLost | None = None
         infra: StoreError | None = None  # the runtime's own write after a step failed
+        waited: WaitRequested | None = None  # a durable wait ended the iteration
         agent, ctx = self.agent, self.ctx
+        self._begin_waits(work)
 
         async def body() -> None:
             # Errors are kept, not raised: inside a task group they would arrive as an
             # ExceptionGroup, and a handler for LeaseLost would silently never run.
-            nonlocal result, failure, lost, infra
+            nonlocal result, failure, lost, infra, waited
             with scope:
                 try:
                     result = await run_task(
@@ -207,6 +210,8 @@ class TaskMixin(RunnerBase):
                     lost = e
                 except StoreError as e:
                     infra = e
+                except WaitRequested as e:
+                    waited = e
 
         try:
             if any(t.kind in ("schedule", "every", "at") for t in self.resource.spec.triggers):
@@ -221,6 +226,10 @@ class TaskMixin(RunnerBase):
             raise
         if lost is not None:
             raise lost
+        if waited is not None:
+            span.set_attribute("agentos.task.waiting", waited.spec.kind.value)
+            await self._park_wait(work, waited)
+            return
         if infra is not None:
             await self._on_fault(AgentCodeError("save", infra), work, infra=True)
             return

@@ -11,7 +11,8 @@ rest of the code base does not depend on the client library. Nothing here retrie
 The operations are split by job into mixins that :class:`Store` composes:
 :mod:`~agentos.store.specs` (desired state), :mod:`~agentos.store.writes` (fenced writes,
 status, events), :mod:`~agentos.store.inbox` (inboxes, task records),
-:mod:`~agentos.store.leases` (leases, signals, daemons) and :mod:`~agentos.store.quota`;
+:mod:`~agentos.store.leases` (leases, signals, daemons), :mod:`~agentos.store.quota` and
+:mod:`~agentos.store.waits` (parked waits, the due-time index);
 the values they take and return are in :mod:`~agentos.store.records`.
 """
 
@@ -54,6 +55,7 @@ from agentos.store.records import (
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 from agentos.store.specs import SpecOps
 from agentos.store.urls import redact_url
+from agentos.store.waits import WaitOps
 from agentos.store.writes import DUPLICATE, Duplicate, Write, WriteOps
 from agentos.store.writes import EVENTS_MAXLEN as EVENTS_MAXLEN
 from agentos.store.writes import OP_IDS_KEPT as OP_IDS_KEPT
@@ -93,7 +95,7 @@ def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
 
-class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps):
+class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps):
     """Async access to one agentos namespace on one Redis server.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).
@@ -121,6 +123,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps):
             self._release,
         )
         self._quota_scripts(client, _load_script)
+        self._waits_scripts(client, _load_script)
 
     @classmethod
     async def connect(

@@ -10,11 +10,16 @@ A namespace prefix lets several fleets (or tests) share one server.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 
-__all__ = ["INBOX_GROUP", "Keys", "event_fields"]
+__all__ = ["DUE_SHARDS", "INBOX_GROUP", "Keys", "event_fields"]
 
 INBOX_GROUP = "agentos"  # the consumer group every daemon reads agent inboxes through
+# The due-time index is split over this many hash tags ({due:0}..{due:15}) so that it
+# spreads over a Redis Cluster; an agent's shard is fixed by its name. Changing the
+# number moves agents between shards: it is part of the keyspace, like the prefix.
+DUE_SHARDS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +124,27 @@ class Keys:
             q(quota_class, f"day:{day}"),
             q(quota_class, "sleepers"),
         ]
+
+    # the due-time index: which agents must be activated when (see agentos.store.waits)
+    @staticmethod
+    def due_shard(name: str) -> int:
+        """The shard of the due index (and of the wait records) that holds ``name``."""
+        return zlib.crc32(name.encode()) % DUE_SHARDS
+
+    def due(self, shard: int) -> str:
+        """Sorted set: agent name -> when it must be activated (epoch seconds; +inf: on
+        an answer or event only). One per shard, each its own hash tag."""
+        return f"{self.namespace}:{{due:{shard}}}:at"
+
+    def wait(self, name: str) -> str:
+        """Hash: the agent's parked wait (task, question, choices, deadline, answer), in
+        the agent's due shard so that an answer and its activation are one atomic step."""
+        return f"{self.namespace}:{{due:{self.due_shard(name)}}}:wait:{name}"
+
+    def wait_events(self, name: str) -> str:
+        """Hash: event name -> JSON of an event sent while the agent was not waiting for it
+        (the latest of each name), taken by the next ``wait_for`` of that name."""
+        return f"{self.namespace}:{{due:{self.due_shard(name)}}}:events:{name}"
 
     # one agent
     def _agent(self, name: str, what: str) -> str:

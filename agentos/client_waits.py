@@ -1,0 +1,131 @@
+"""The client's side of durable waits: who waits for what, answers, and events.
+
+`agentos pending`, `agentos answer`, `agentos event` and the HTTP endpoints are built on
+these methods of :class:`agentos.client.Client`. An answer is validated against the
+question it answers (:func:`agentos.core.waits.validate_answer`) and recorded exactly
+once by one script in the agent's due shard, with who gave it and when; the agent is
+then due, and any daemon with room activates it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from agentos.core.waits import AnswerError, Resolution, WaitRecord, validate_answer
+from agentos.store.retry import new_op_id, retry
+
+if TYPE_CHECKING:
+    from agentos.store import Store
+
+__all__ = ["AnswerRejected", "WaitClientMixin"]
+
+
+class AnswerRejected(Exception):
+    """An answer or event that cannot be recorded; nothing changed.
+
+    ``code`` says why: ``invalid`` (does not fit the question), ``not_waiting`` (the
+    task does not wait, or no more), ``answered`` (someone answered first).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class WaitClientMixin:
+    """Wait methods of :class:`agentos.client.Client` (mixed in; uses its store)."""
+
+    store: Store
+
+    async def _require(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError  # agentos.client.Client
+
+    async def pending(self, name: str | None = None) -> list[WaitRecord]:
+        """Parked waits (of one agent, or of the fleet), oldest first."""
+        if name is not None:
+            await self._require(name)
+        waits = await self.store.pending_waits([name] if name is not None else None)
+        return sorted(waits, key=lambda w: (w.since, w.agent))
+
+    async def answer(
+        self,
+        name: str,
+        task_id: str,
+        *,
+        yes: bool = False,
+        no: bool = False,
+        choice: str | None = None,
+        text: str | None = None,
+        by: str,
+        now: float | None = None,
+    ) -> Resolution:
+        """Answer the question task ``task_id`` of agent ``name`` waits on; returns what was
+        recorded. Raises :class:`AnswerRejected` (nothing changed) when the answer does
+        not fit, the task does not wait, or it was answered already, and
+        :class:`agentos.client.NotFound` for an unknown agent.
+        """
+        await self._require(name)
+        wait = await self.store.wait_get(name)
+        try:
+            value = validate_answer(wait, task_id, yes=yes, no=no, choice=choice, text=text)
+        except AnswerError as e:
+            code = "invalid"
+            if wait is None or wait.task_id != task_id:
+                code = "not_waiting"
+            elif wait.answer is not None:
+                code = "answered"
+            raise AnswerRejected(code, str(e)) from None
+        assert wait is not None
+        at = time.time() if now is None else now
+        resolution = Resolution("answered", value, by, at, wait.kind.value)
+        answer_id = new_op_id()  # one id for every retry: applied once
+        result = await retry(
+            lambda: self.store.wait_answer(wait, resolution, answer_id=answer_id, now=at),
+            what=f"answer {name}/{task_id}",
+            max_delay_s=0.5,
+            attempts=3,
+        )
+        if result == 0:
+            raise AnswerRejected("not_waiting", f"task {task_id} is not waiting for an answer")
+        if result == 2:
+            raise AnswerRejected("answered", f"task {task_id} was already answered")
+        if result == 3:
+            raise AnswerRejected(
+                "not_waiting", f"task {task_id} asked again meanwhile; look at `agentos pending`"
+            )
+        await self.store.signal("due", name)
+        await self.store.record_fleet_event(
+            name,
+            "Answered",
+            wait.kind.value,
+            f"task {task_id}: {json.dumps(value)[:200]} by {by}",
+            "",
+        )
+        return resolution
+
+    async def send_event(
+        self, name: str, event: str, data: Any = None, *, by: str, now: float | None = None
+    ) -> bool:
+        """Send the event ``event`` (JSON ``data``) to agent ``name``: True when it ended
+        a wait, False when kept for the agent's next ``wait_for`` of it."""
+        await self._require(name)
+        if not event or len(event) > 200:
+            raise AnswerRejected("invalid", "an event name has 1 to 200 characters")
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError):
+            raise AnswerRejected("invalid", "event data must be JSON") from None
+        at = time.time() if now is None else now
+        resolution = Resolution("event", data, by, at)
+        event_id = new_op_id()
+        answered = await retry(
+            lambda: self.store.wait_event(name, event, resolution, now=at, event_id=event_id),
+            what=f"event {name}/{event}",
+            max_delay_s=0.5,
+            attempts=3,
+        )
+        if answered:
+            await self.store.signal("due", name)
+        return answered
