@@ -3,7 +3,8 @@
 Runs in the benchmark peers' virtual environment (``make bench`` creates
 ``.venv-bench-peers``; arq pins redis-py below 6). Two roles:
 
-- ``worker URL JOBS``: one arq worker (``max_jobs`` 50) with a no-op function; prints
+- ``worker URL JOBS``: one arq worker (``max_jobs`` 50, ``poll_delay`` 5 ms, or
+  ``ARQ_POLL_DELAY_S``) with a no-op function; prints
   ``ready`` once it polls, then, after JOBS jobs ended, one JSON line with the time the
   last one ended.
 - ``send URL JOBS SENDERS``: SENDERS concurrent tasks enqueue JOBS no-op jobs between
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -43,6 +45,9 @@ async def worker(url: str, jobs: int) -> None:
         functions=[noop],
         redis_settings=RedisSettings.from_dsn(url),
         max_jobs=50,
+        # arq's default (0.5 s between polls, 250 jobs a poll) caps a worker near
+        # 500 jobs/s; a short delay makes it the strongest peer it can be.
+        poll_delay=float(os.environ.get("ARQ_POLL_DELAY_S", "0.005")),
         after_job_end=after_job_end,
         handle_signals=False,
     )

@@ -39,11 +39,12 @@ AGENTS = 20
 SENDERS = 50
 MESSAGES = int(os.environ.get("BENCH_DISPATCH_MESSAGES", "5000"))
 REPEATS = int(os.environ.get("BENCH_DISPATCH_REPEATS", "2"))
-# Sequential round trips an awake agent's message costs, counted from the code:
-# send (one script) + the daemon's XREADGROUP (shared by a batch) + the task-start
-# write (idempotency check inside) + the ack with the first state + the finish write
-# (merged with the next task's start when one is queued).
-ROUND_TRIPS = {"send": 1, "daemon_per_message": 3, "daemon_read_per_batch": 1}
+# Round trips per message, counted from the code and pinned by tests/test_round_trips.py:
+# the send is one script; an awake agent's lone message costs the daemon one XREADGROUP
+# and two fenced writes (start with the idempotency check inside; close with the step's
+# state and ack); a batch of n read together costs one read, one write of the queued
+# records, n starts (each carrying the previous close) and the last close: n + 3.
+ROUND_TRIPS = {"send": 1, "daemon_one_message": 3, "daemon_batch_of_n": "n + 3"}
 
 
 def _docs(count: int) -> str:
