@@ -29,10 +29,11 @@ import anyio
 from agentos.core.lifecycle import StopReason
 from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
-from agentos.engine.base import Engine
+from agentos.engine.base import Engine, EngineError
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
 from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
 from agentos.settings import DaemonSettings
@@ -105,6 +106,13 @@ class Daemon:
             engine, attained=lambda name: self.governor.attained.value(name, time.time())
         )
         self.hibernator = Hibernator(engine)
+        # Every model the agents name (kind: Model), "default" being `engine` itself.
+        self.models = ModelPool(
+            store,
+            ModelEntry(DEFAULT_MODEL, engine, self.arbiter, self.hibernator),
+            attained=lambda name: self.governor.attained.value(name, time.time()),
+            on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
+        )
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
         self._stop = anyio.Event()
@@ -163,6 +171,7 @@ class Daemon:
                     await self._stop.wait()
                 await self._stop_all(StopReason.SHUTDOWN)
                 control.cancel_scope.cancel()
+        await self.models.aclose()
         try:
             await self.store.forget_daemon(self.id)
         except StoreError as e:
@@ -469,7 +478,8 @@ class Daemon:
                     continue
                 lease_value = f"{self.id}|{tokens[name]}"
                 resource = self._parse(name, bodies.get(name))
-                if resource is None:
+                model = await self._model_of(name, resource)
+                if resource is None or model is None:
                     await self.store.release_lease(name, lease_value)
                     continue
                 runner = AgentRunner(
@@ -477,9 +487,9 @@ class Daemon:
                     spec_hash=chunk[name],
                     lease_value=lease_value,
                     store=self.store,
-                    engine=self.engine,
-                    arbiter=self.arbiter,
-                    hibernator=self.hibernator,
+                    engine=model.engine,
+                    arbiter=model.arbiter,
+                    hibernator=model.hibernator,
                     daemon_id=self.id,
                     clock=self.clock,
                     retry_max_s=self.settings.redis_retry_max_s,
@@ -488,6 +498,16 @@ class Daemon:
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))
+
+    async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
+        """The model ``resource`` names, started on first use; None when it cannot serve."""
+        if resource is None:
+            return None
+        try:
+            return await self.models.entry(resource.spec.model)
+        except EngineError as e:
+            log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
+            return None
 
     @staticmethod
     def _parse(name: str, body: dict[str, Any] | None) -> AgentResource | None:
@@ -570,6 +590,7 @@ class Daemon:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "engine": self.engine.name,
+            "models": self.models.describe(),
             "agents": len(self.runners),
             "started_at": self.started_at,
             "seen_at": self.clock(),

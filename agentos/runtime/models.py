@@ -1,0 +1,155 @@
+"""The models one daemon serves: an engine, slot arbiter and hibernator per declared model.
+
+An agent's ``spec.model`` names a ``kind: Model`` (or ``default``, the daemon's own
+``--engine``). The first agent that needs a model makes the daemon read its resource
+from Redis and start its engine (an embedded llama.cpp server takes seconds, so that
+runs in a worker thread); each model gets its own slot arbiter and hibernator, because
+slots and snapshots belong to one engine. Every engine the pool started is closed when
+the daemon stops; the ``default`` engine belongs to whoever passed it in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from agentos.core.modelspec import ModelResource
+from agentos.core.spec import SpecError, parse_resource
+from agentos.engine.base import Engine, EngineError
+from agentos.engine.models import build_engine
+from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.slots import SlotArbiter
+from agentos.store import Store
+
+__all__ = ["DEFAULT_MODEL", "ModelEntry", "ModelPool", "StoreThrottleBoard"]
+
+log = logging.getLogger("agentos.models")
+
+DEFAULT_MODEL = "default"
+
+
+class StoreThrottleBoard:
+    """A model's provider throttle, shared through Redis by every daemon of the fleet."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def throttled_until(self, model: str) -> float:
+        """Until when ``model`` is throttled (epoch seconds, 0: not)."""
+        return await self.store.model_throttled_until(model)
+
+    async def throttle(self, model: str, until: float) -> None:
+        """Record the throttle for every daemon."""
+        await self.store.model_throttle(model, until)
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """One model as the daemon serves it."""
+
+    name: str
+    engine: Engine
+    arbiter: SlotArbiter
+    hibernator: Hibernator
+    resource: ModelResource | None = None  # None for the daemon's default engine
+
+
+class ModelPool:
+    """The daemon's models by name (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        default: ModelEntry,
+        *,
+        attained: Callable[[str], float],
+        home: Path | None = None,
+        on_new: Callable[[ModelEntry], None] | None = None,
+        build: Callable[..., Engine] = build_engine,
+    ) -> None:
+        self.store = store
+        self.entries: dict[str, ModelEntry] = {DEFAULT_MODEL: default}
+        self.attained = attained
+        self.home = home
+        self.on_new = on_new
+        self.board = StoreThrottleBoard(store)
+        self._build = build
+        self._lock = anyio.Lock()
+        self._failed: dict[str, str] = {}
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The model called ``name`` if this daemon already serves it."""
+        return self.entries.get(name)
+
+    async def entry(self, name: str) -> ModelEntry:
+        """The model called ``name``, starting its engine on first use.
+
+        Raises :class:`EngineError` when no such Model is applied or its engine cannot
+        start (a missing credential, a server that does not answer).
+        """
+        found = self.entries.get(name)
+        if found is not None:
+            return found
+        async with self._lock:
+            found = self.entries.get(name)
+            if found is not None:
+                return found
+            body = (await self.store.models()).get(name)
+            if body is None:
+                raise EngineError(f'no Model "{name}" is applied')
+            try:
+                resource = parse_resource(body)
+            except SpecError as e:
+                raise EngineError(f'stored Model "{name}" no longer validates: {e}') from e
+            assert isinstance(resource, ModelResource)
+            engine = await anyio.to_thread.run_sync(
+                lambda: self._build(resource, home=self.home, board=self.board)
+            )
+            made = ModelEntry(
+                name,
+                engine,
+                SlotArbiter(engine, attained=self.attained),
+                Hibernator(engine),
+                resource,
+            )
+            self.entries[name] = made
+            log.info("model %s: %s engine started (%d slots)", name, engine.name, engine.slots)
+            if self.on_new is not None:
+                self.on_new(made)
+            return made
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """What each served model reports about itself (replicas, health, counters)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, e in self.entries.items():
+            info: dict[str, Any] = {"engine": e.engine.name, "model": e.engine.model}
+            describe = getattr(e.engine, "describe", None)
+            if callable(describe):
+                info.update(describe())
+            info["slotsHeld"] = sum(1 for h in e.arbiter.holders if e.engine.has_session(h))
+            info["slots"] = e.engine.slots
+            out[name] = info
+        return out
+
+    async def aclose(self) -> None:
+        """Close every engine the pool started (not the default one)."""
+        for name, e in list(self.entries.items()):
+            if name == DEFAULT_MODEL:
+                continue
+            closer = getattr(e.engine, "aclose", None) or getattr(e.engine, "close", None)
+            try:
+                if closer is not None:
+                    result = closer()
+                    if inspect.isawaitable(result):
+                        with anyio.CancelScope(shield=True):
+                            await result
+            except Exception:
+                log.exception("model %s: closing its engine failed", name)
+            del self.entries[name]
