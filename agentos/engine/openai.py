@@ -185,6 +185,7 @@ class OpenAIEngine:
 
     def _body(
         self,
+        session: str,
         conv: _Conversation,
         prompt: str,
         *,
@@ -196,6 +197,7 @@ class OpenAIEngine:
     ) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
             "model": self.served_model,
+            "user": session,  # the agent: providers key abuse checks and caches on it
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
@@ -244,6 +246,7 @@ class OpenAIEngine:
         conv = self._conv(session_id)
         self._check(prompt, grammar)
         path, body = self._body(
+            session_id,
             conv,
             prompt,
             max_tokens=max_tokens,
@@ -291,6 +294,7 @@ class OpenAIEngine:
         conv = self._conv(session_id)
         self._check(prompt, grammar)
         path, body = self._body(
+            session_id,
             conv,
             prompt,
             max_tokens=max_tokens,

@@ -144,7 +144,11 @@ def retry_after_s(headers: Mapping[str, str], now: float) -> float:
 
 
 class _Retry(Exception):
-    """This replica could not serve; try the next (internal)."""
+    """This replica could not serve; try the next, or (throttled) wait (internal)."""
+
+    def __init__(self, why: str, *, throttled: bool = False) -> None:
+        super().__init__(why)
+        self.throttled = throttled
 
 
 class RemoteClient:
@@ -261,9 +265,13 @@ class RemoteClient:
                             return
                     except _Retry as e:
                         reasons.append(f"{replica.url}: {e}")
-                        break
+                        if e.throttled:  # the model's limit, not this replica's: wait
+                            break
             if attempt + 1 < self.attempts:
                 await anyio.sleep(min(2.0, 0.2 * 2**attempt))
+        left = self.throttled_until - time.time()
+        if left > 0:
+            raise ModelThrottled(self.model, left)
         why = "; ".join(reasons[-3:]) or "no replica answered"
         raise EngineUnavailable(f"model {self.model!r} is unavailable: {why}")
 
@@ -286,7 +294,7 @@ class RemoteClient:
             if response.status_code in (429, 503):
                 replica.stats.throttles += 1
                 await self.throttle(time.time() + retry_after_s(response.headers, time.time()))
-                raise _Retry(f"HTTP {response.status_code} (throttled)")
+                raise _Retry(f"HTTP {response.status_code} (throttled)", throttled=True)
             if response.status_code >= 500:
                 replica.failed(f"HTTP {response.status_code}")
                 raise _Retry(replica.last_error)
