@@ -74,10 +74,11 @@ class EmbeddedServer:
         n_parallel: int,
         n_threads: int,
         swa_full: bool = True,
+        port: int | None = None,
     ) -> None:
         slot_dir.mkdir(parents=True, exist_ok=True)
         self.slot_dir = slot_dir
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = {
             "model_path": str(model_path),
