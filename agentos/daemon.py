@@ -504,7 +504,9 @@ class Daemon:
         if resource is None:
             return None
         try:
-            return await self.models.entry(resource.spec.model)
+            return await self.models.for_agent(
+                name, resource.spec.model, allow_fallback=resource.spec.model_fallback is not False
+            )
         except EngineError as e:
             log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
             return None

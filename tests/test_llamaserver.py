@@ -75,7 +75,8 @@ async def test_restore_into_another_slot_reuses_the_saved_tokens(server: Embedde
         engine.open_session("a")
         await engine.generate("a", PROMPT, max_tokens=4)
         snapshot = await engine.export_kv("a")
-        assert snapshot.data is not None and snapshot.n_kv is not None
+        assert snapshot.data is not None
+        assert snapshot.n_kv is not None
         assert not list(server.slot_dir.iterdir())  # the file went into the snapshot
         slot = engine._sessions["a"].slot
         engine.close_session("a")
@@ -119,7 +120,8 @@ async def test_remote_without_a_slot_dir_keeps_the_history_only(server: Embedded
         engine.open_session("a")
         await engine.generate("a", PROMPT, max_tokens=2)
         snapshot = await engine.export_kv("a")
-        assert snapshot.data is None and len(snapshot.tokens) > 10
+        assert snapshot.data is None
+        assert len(snapshot.tokens) > 10
     finally:
         await engine.aclose()
 
@@ -159,9 +161,11 @@ async def test_hibernated_in_one_daemon_woken_in_another_with_its_kv(
         await client.send("chatter", "\nQ: And of Spain?\nA:")
         await wait_until(lambda: status_is(store, "chatter", tasks_succeeded="2"), within=90)
         entry = second.models.get("local")
-        assert entry is not None and entry.engine is not server_one.engine
+        assert entry is not None
+        assert entry.engine is not server_one.engine
     woke = [e for e in await store.events("chatter") if e.type == "Woke"]
-    assert woke and woke[-1].reason == "restore", [
+    assert woke
+    assert woke[-1].reason == "restore", [
         (e.type, e.message) for e in await store.events("chatter")
     ]
     assert woke[-1].daemon == "second"
@@ -197,7 +201,7 @@ async def test_server_killed_mid_call_retries_the_task(
         "tests.fixture_models:Chatter",
         model="remote-llama",
         triggers=[{"inbox": {}}],
-        config={"maxTokens": 200},
+        config={"maxTokens": 48},
     )
     await apply(store, model, agent)
     revived: EmbeddedServer | None = None
@@ -215,7 +219,8 @@ async def test_server_killed_mid_call_retries_the_task(
             doomed.process.send_signal(signal.SIGKILL)
             doomed.stop()
             await wait_until(
-                lambda: _event(store, "chatter", "InfrastructureError"), within=30,
+                lambda: _event(store, "chatter", "InfrastructureError"),
+                within=30,
                 what="the task parked as an infrastructure error",
             )
             revived = start(port)

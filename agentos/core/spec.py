@@ -304,6 +304,9 @@ class AgentSpec(_Model):
 
     entrypoint: Entrypoint
     model: str = Field(default="default", min_length=1)
+    # Whether calls may go to the Model's fallback while it is down (None: yes). Left out
+    # of the canonical form unless given, so existing specs keep their hash.
+    model_fallback: bool | None = None
     triggers: tuple[Trigger, ...] = ()
     hibernation: Hibernation = Field(default_factory=Hibernation)
     quota_class: Name = "standard"

@@ -23,6 +23,7 @@ import anyio.to_thread
 from agentos.core.modelspec import ModelResource
 from agentos.core.spec import SpecError, parse_resource
 from agentos.engine.base import Engine, EngineError
+from agentos.engine.fallback import FallbackEngine
 from agentos.engine.models import build_engine
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.slots import SlotArbiter
@@ -82,7 +83,6 @@ class ModelPool:
         self.board = StoreThrottleBoard(store)
         self._build = build
         self._lock = anyio.Lock()
-        self._failed: dict[str, str] = {}
 
     def get(self, name: str) -> ModelEntry | None:
         """The model called ``name`` if this daemon already serves it."""
@@ -112,6 +112,11 @@ class ModelPool:
             engine = await anyio.to_thread.run_sync(
                 lambda: self._build(resource, home=self.home, board=self.board)
             )
+            fallback = resource.spec.fallback
+            if fallback is not None:
+                engine = FallbackEngine(
+                    engine, fallback_name=fallback, resolve=lambda: self._engine_of(fallback)
+                )
             made = ModelEntry(
                 name,
                 engine,
@@ -124,6 +129,16 @@ class ModelPool:
             if self.on_new is not None:
                 self.on_new(made)
             return made
+
+    async def _engine_of(self, name: str) -> Engine:
+        return (await self.entry(name)).engine
+
+    async def for_agent(self, agent: str, model: str, *, allow_fallback: bool) -> ModelEntry:
+        """:meth:`entry` for one agent, recording whether its calls may fall back."""
+        found = await self.entry(model)
+        if isinstance(found.engine, FallbackEngine):
+            found.engine.allowed[agent] = allow_fallback
+        return found
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """What each served model reports about itself (replicas, health, counters)."""
