@@ -268,3 +268,44 @@ async def test_cli_shows_models_and_never_their_secrets(
         assert "sk-file-secret" not in proc.stdout + proc.stderr
     missing = await cli(env, "describe", "model", "nope")
     assert missing.returncode == 1
+
+
+async def test_the_two_model_example_routes_hard_questions_to_the_large_model(
+    store: Store, tmp_path: Path
+) -> None:
+    from agentos.core.spec import load_paths
+
+    root = Path(__file__).resolve().parent.parent
+    docs = load_paths([root / "examples" / "models" / "two-models.yaml"])
+    assert {d.name for d in docs} == {"large", "triage", "expert"}
+    outbox = tmp_path / "outbox.jsonl"
+    runnable = []
+    for doc in docs:
+        body = doc.canonical()
+        if doc.kind == "Model":  # the same wiring on the sim engine: no server to start
+            body["spec"] = {"engine": "sim", "prices": body["spec"]["prices"]}
+        else:
+            body["spec"]["config"]["outbox"] = str(outbox)
+        runnable.append(policy_doc(body))
+    await apply(store, *runnable)
+    async with running_daemon(store, metering_flush_s=0.1):
+        await store.send("triage", "What is the capital of Italy?")
+        await store.send("triage", "!expert Why is the halting problem undecidable?")
+        await wait_until(lambda: status_is(store, "expert", tasks_succeeded="1"), within=30)
+        await wait_until(lambda: status_is(store, "triage", tasks_succeeded="2"), within=30)
+
+        def answered() -> list[dict[str, Any]]:
+            if not outbox.exists():
+                return []
+            return [json.loads(line) for line in outbox.read_text().splitlines()]
+
+        async def both() -> list[dict[str, Any]]:
+            rows = answered()
+            return rows if len(rows) >= 2 else []
+
+        rows = await wait_until(both, within=30, what="two answers")
+    by_question = {r["question"]: r["by"] for r in rows}
+    assert by_question["Why is the halting problem undecidable?"] == "large"
+    assert len(rows) == 2
+    models = {r.model for r in await Client(store).usage_by_model()}
+    assert "large" in models
