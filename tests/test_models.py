@@ -15,7 +15,7 @@ from agentos.client import Client
 from agentos.core.modelspec import ModelPrices, ModelResource
 from agentos.core.modelusage import by_model, model_usage
 from agentos.core.routing import ring_order
-from agentos.core.spec import SpecError, parse_text
+from agentos.core.spec import SpecError, load_paths, parse_text
 from agentos.store import Store
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, policy_doc, running_daemon, status_is, wait_until
@@ -23,6 +23,7 @@ from tests.openai_server import openai_server
 from tests.test_cli import cli, env, show
 
 pytestmark = pytest.mark.anyio
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "models" / "two-models.yaml"
 __all__ = ["env"]  # the CLI tests' fixture
 
 
@@ -273,10 +274,7 @@ async def test_cli_shows_models_and_never_their_secrets(
 async def test_the_two_model_example_routes_hard_questions_to_the_large_model(
     store: Store, tmp_path: Path
 ) -> None:
-    from agentos.core.spec import load_paths
-
-    root = Path(__file__).resolve().parent.parent
-    docs = load_paths([root / "examples" / "models" / "two-models.yaml"])
+    docs = load_paths([EXAMPLE])
     assert {d.name for d in docs} == {"large", "triage", "expert"}
     outbox = tmp_path / "outbox.jsonl"
     runnable = []
