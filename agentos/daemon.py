@@ -15,6 +15,7 @@ Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -508,7 +509,16 @@ class Daemon:
                 name, resource.spec.model, allow_fallback=resource.spec.model_fallback is not False
             )
         except EngineError as e:
-            log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
+            if not getattr(e, "repeated", False):
+                log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
+                with contextlib.suppress(StoreError):
+                    await self.store.record_fleet_event(
+                        name,
+                        "ModelUnavailable",
+                        resource.spec.model,
+                        f"model {resource.spec.model} cannot serve: {e}",
+                        self.id,
+                    )
             return None
 
     @staticmethod

@@ -307,3 +307,33 @@ async def test_the_two_model_example_routes_hard_questions_to_the_large_model(
     assert len(rows) == 2
     models = {r.model for r in await Client(store).usage_by_model()}
     assert "large" in models
+
+
+async def test_a_model_that_cannot_start_is_reported_once_and_names_no_secret(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTOS_ABSENT_KEY", raising=False)
+    await apply(
+        store,
+        policy_doc(
+            _model(
+                "keyless",
+                engine="openai",
+                endpoints=[{"url": "http://127.0.0.1:9/v1"}],
+                credentials={"apiKey": {"env": "AGENTOS_ABSENT_KEY"}},
+            )
+        ),
+        agent_doc("waiting", "tests.fixture_agents:Echo", model="keyless"),
+    )
+
+    async def reported() -> list[Any]:
+        return [e for e in await store.events(None) if e.type == "ModelUnavailable"]
+
+    async with running_daemon(store) as daemon:
+        (event,) = await wait_until(reported, within=10, what="a ModelUnavailable event")
+        for _ in range(5):  # more reconcile passes: no second report
+            await daemon._reconcile_once()
+        assert len(await reported()) == 1
+        assert "waiting" not in daemon.runners
+    assert event.agent == "waiting"
+    assert "AGENTOS_ABSENT_KEY" in event.message

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentos.core.modelspec import ModelResource, SecretRef
 from agentos.engine import create_engine
 from agentos.engine.base import Engine, EngineError
-from agentos.engine.remote import ThrottleBoard
+
+if TYPE_CHECKING:  # the HTTP client is imported only by the engines that use it
+    from agentos.engine.remote import ThrottleBoard
 
 __all__ = ["build_engine", "engine_options", "resolve_secret"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,20 @@ from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.slots import SlotArbiter
 from agentos.store import Store
 
-__all__ = ["DEFAULT_MODEL", "ModelEntry", "ModelPool", "StoreThrottleBoard"]
+__all__ = ["DEFAULT_MODEL", "ModelEntry", "ModelPool", "ModelUnavailable", "StoreThrottleBoard"]
 
 log = logging.getLogger("agentos.models")
 
 DEFAULT_MODEL = "default"
+_RETRY_START_S = 30.0  # a model whose engine failed to start is tried again this much later
+
+
+class ModelUnavailable(EngineError):
+    """A model's engine cannot start; ``repeated``: already reported for this attempt."""
+
+    def __init__(self, message: str, *, repeated: bool) -> None:
+        super().__init__(message)
+        self.repeated = repeated
 
 
 class StoreThrottleBoard:
@@ -83,6 +93,9 @@ class ModelPool:
         self.board = StoreThrottleBoard(store)
         self._build = build
         self._lock = anyio.Lock()
+        # model -> (monotonic time to try again, why it failed): a model that cannot start
+        # is not retried (nor reported) on every reconcile pass.
+        self._failed: dict[str, tuple[float, str]] = {}
 
     def get(self, name: str) -> ModelEntry | None:
         """The model called ``name`` if this daemon already serves it."""
@@ -97,6 +110,16 @@ class ModelPool:
         found = self.entries.get(name)
         if found is not None:
             return found
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() < failed[0]:
+            raise ModelUnavailable(failed[1], repeated=True)
+        try:
+            return await self._start(name)
+        except EngineError as e:
+            self._failed[name] = (time.monotonic() + _RETRY_START_S, str(e))
+            raise ModelUnavailable(str(e), repeated=False) from e
+
+    async def _start(self, name: str) -> ModelEntry:
         async with self._lock:
             found = self.entries.get(name)
             if found is not None:
