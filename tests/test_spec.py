@@ -356,7 +356,7 @@ BAD_DOCUMENTS = [
         AGENT_HEAD + "  triggrs: []\n",
         6,
         "spec.triggrs",
-        "unknown field (expected one of: entrypoint, model, triggers, hibernation, quotaClass, "
+        "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, quotaClass, "
         'priority, restartPolicy, config); did you mean "triggers"?',
     ),
     (
