@@ -33,7 +33,7 @@ from agentos.settings import default_home
 from agentos.store import Store
 
 SIZES = [int(x) for x in os.environ.get("BENCH_REMOTE_SIZES", "512,2048,4096").split(",")]
-REPEATS = int(os.environ.get("BENCH_REMOTE_REPEATS", "1"))
+REPEATS = int(os.environ.get("BENCH_REMOTE_REPEATS", "3"))  # best of: the box is noisy
 AGENTS = [int(x) for x in os.environ.get("BENCH_REMOTE_AGENTS", "1,2,4").split(",")]
 NEW_PROMPT = "\nQuestion: what happens next?\nAnswer:"
 SENTENCE = "The old library keeps seven letters about the river and the morning light. "

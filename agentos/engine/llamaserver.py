@@ -24,9 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -47,90 +44,12 @@ from agentos.engine.base import (
     StreamChunk,
 )
 from agentos.engine.gguf import ensure_default_model, model_sha256
+from agentos.engine.llamaserver_child import EmbeddedServer
 from agentos.engine.remote import RemoteClient, Replica, ThrottleBoard
 
 __all__ = ["EmbeddedServer", "LlamaServerEngine"]
 
 log = logging.getLogger("agentos.engine.llamaserver")
-
-_START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class EmbeddedServer:
-    """A llama.cpp server from ``xllamacpp`` in a child process on loopback."""
-
-    def __init__(
-        self,
-        *,
-        model_path: Path,
-        slot_dir: Path,
-        n_ctx: int,
-        n_parallel: int,
-        n_threads: int,
-        swa_full: bool = True,
-        port: int | None = None,
-    ) -> None:
-        slot_dir.mkdir(parents=True, exist_ok=True)
-        self.slot_dir = slot_dir
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = {
-            "model_path": str(model_path),
-            "n_ctx": n_ctx,
-            "n_parallel": n_parallel,
-            "swa_full": swa_full,
-            "n_ctx_checkpoints": 0,  # with swa_full the slot holds all it needs
-            "n_threads": n_threads,
-            "port": self.port,
-            "slot_save_path": str(slot_dir) + "/",  # xllamacpp wants the trailing slash
-            "parent_pid": os.getpid(),
-        }
-        self._log = (slot_dir.parent / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agentos.engine.llamaserver_child", json.dumps(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        with httpx.Client(timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise EngineError(
-                        f"the embedded llama.cpp server exited with {self.process.returncode} "
-                        f"(log: {self.slot_dir.parent / 'server.log'})"
-                    )
-                try:
-                    if http.get(self.url + "/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)  # a child process's readiness has no event to wait on
-        raise EngineError(f"the embedded llama.cpp server did not start in {_START_TIMEOUT_S:.0f}s")
-
-    def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after 5 s)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 @dataclass(slots=True)
