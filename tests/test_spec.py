@@ -356,8 +356,8 @@ BAD_DOCUMENTS = [
         AGENT_HEAD + "  triggrs: []\n",
         6,
         "spec.triggrs",
-        "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, quotaClass, "
-        'priority, restartPolicy, config); did you mean "triggers"?',
+        "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
+        'quotaClass, priority, restartPolicy, config); did you mean "triggers"?',
     ),
     (
         "unknown top-level field",
