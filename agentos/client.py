@@ -21,6 +21,9 @@ import anyio
 from agentos.client_waits import AnswerRejected, WaitClientMixin
 from agentos.core.fairness import day_window
 from agentos.core.metering import Prices, UsageRow, aggregate
+from agentos.core.models import model_issues
+from agentos.core.modelspec import ModelResource
+from agentos.core.modelusage import ModelUsageRow, by_model
 from agentos.core.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
 from agentos.core.spec import (
     AgentResource,
@@ -29,6 +32,7 @@ from agentos.core.spec import (
     SpecError,
     SpecIssue,
     inbox_limit,
+    parse_resource,
 )
 from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
@@ -221,6 +225,7 @@ class Client(WaitClientMixin):
         }
         policies = stored_policies(await self.store.policies())
         issues = fleet_issues(documents, agents, policies)
+        issues += model_issues(documents, set(await self.store.models()))
         if issues:
             raise SpecError(issues)
 
@@ -521,6 +526,22 @@ class Client(WaitClientMixin):
         days = [time.strftime("%Y-%m-%d", time.gmtime(end - 86400 * i)) for i in range(since_days)]
         records = await self.store.usage(sorted(specs), days)
         return aggregate(records, by=by, classes=classes, prices=prices or Prices())
+
+    async def usage_by_model(
+        self, *, since_days: int = 7, now: float | None = None
+    ) -> list[ModelUsageRow]:
+        """Tokens in, cached and out per model over the last ``since_days`` UTC days,
+        priced with each applied Model's ``prices``."""
+        specs = await self.store.agent_specs()
+        end = time.time() if now is None else now
+        days = [time.strftime("%Y-%m-%d", time.gmtime(end - 86400 * i)) for i in range(since_days)]
+        records = await self.store.usage(sorted(specs), days)
+        prices = {}
+        for name, body in (await self.store.models()).items():
+            resource = parse_resource(body)
+            if isinstance(resource, ModelResource):
+                prices[name] = resource.spec.prices
+        return by_model(records, prices)
 
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""

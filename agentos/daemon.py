@@ -15,6 +15,7 @@ Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,11 +30,12 @@ import anyio
 from agentos.core.lifecycle import StopReason
 from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
-from agentos.engine.base import Engine
+from agentos.engine.base import Engine, EngineError
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
 from agentos.runtime.activation import Activator, budgets_changed
 from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
 from agentos.settings import DaemonSettings
@@ -106,6 +108,13 @@ class Daemon:
             engine, attained=lambda name: self.governor.attained.value(name, time.time())
         )
         self.hibernator = Hibernator(engine)
+        # Every model the agents name (kind: Model), "default" being `engine` itself.
+        self.models = ModelPool(
+            store,
+            ModelEntry(DEFAULT_MODEL, engine, self.arbiter, self.hibernator),
+            attained=lambda name: self.governor.attained.value(name, time.time()),
+            on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
+        )
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
         self._stop = anyio.Event()
@@ -176,6 +185,7 @@ class Daemon:
                     await self._stop.wait()
                 await self._stop_all(StopReason.SHUTDOWN)
                 control.cancel_scope.cancel()
+        await self.models.aclose()
         try:
             await self.store.forget_daemon(self.id)
         except StoreError as e:
@@ -503,19 +513,20 @@ class Daemon:
             # back): one runner per agent.
             won = [n for n, t in tokens.items() if t and n not in self.runners]
             bodies = await self.store.agent_specs_of(won)
-            resources: dict[str, AgentResource] = {}
+            resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
             for name in won:
                 resource = self._parse(name, bodies.get(name))
-                if resource is None:
+                model = await self._model_of(name, resource)
+                if resource is None or model is None:
                     await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
                 else:
-                    resources[name] = resource
+                    resources[name] = (resource, model)
             try:
                 opened = await self.store.open_agents(list(resources), self.id)
             except StoreError as e:  # each runner reads its own, with retries
                 log.warning("could not read %d agents in one batch: %s", len(resources), e)
                 opened = {}
-            for name, resource in resources.items():
+            for name, (resource, model) in resources.items():
                 if name in self.runners:
                     continue
                 lease_value = f"{self.id}|{tokens[name]}"
@@ -524,9 +535,9 @@ class Daemon:
                     spec_hash=chunk[name],
                     lease_value=lease_value,
                     store=self.store,
-                    engine=self.engine,
-                    arbiter=self.arbiter,
-                    hibernator=self.hibernator,
+                    engine=model.engine,
+                    arbiter=model.arbiter,
+                    hibernator=model.hibernator,
                     daemon_id=self.id,
                     clock=self.clock,
                     retry_max_s=self.settings.redis_retry_max_s,
@@ -536,6 +547,27 @@ class Daemon:
                 )
                 self.runners[name] = runner
                 self._spawn(self._supervise(runner))
+
+    async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
+        """The model ``resource`` names, started on first use; None when it cannot serve."""
+        if resource is None:
+            return None
+        try:
+            return await self.models.for_agent(
+                name, resource.spec.model, allow_fallback=resource.spec.model_fallback is not False
+            )
+        except EngineError as e:
+            if not getattr(e, "repeated", False):
+                log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
+                with contextlib.suppress(StoreError):
+                    await self.store.record_fleet_event(
+                        name,
+                        "ModelUnavailable",
+                        resource.spec.model,
+                        f"model {resource.spec.model} cannot serve: {e}",
+                        self.id,
+                    )
+            return None
 
     @staticmethod
     def _parse(name: str, body: dict[str, Any] | None) -> AgentResource | None:
@@ -628,6 +660,7 @@ class Daemon:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "engine": self.engine.name,
+            "models": self.models.describe(),
             "agents": len(self.runners),
             "started_at": self.started_at,
             "seen_at": self.clock(),

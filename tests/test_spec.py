@@ -299,14 +299,14 @@ BAD_DOCUMENTS = [
         "apiVersion: agentos/v1\nmetadata: {name: a}\n",
         1,
         "kind",
-        "missing (expected one of: Agent, QuotaPolicy)",
+        "missing (expected one of: Agent, QuotaPolicy, Model)",
     ),
     (
         "unknown kind",
         AGENT_HEAD.replace("kind: Agent", "kind: Agnet"),
         2,
         "kind",
-        'unknown kind "Agnet" (expected one of: Agent, QuotaPolicy)',
+        'unknown kind "Agnet" (expected one of: Agent, QuotaPolicy, Model)',
     ),
     (
         "bad name",
@@ -356,8 +356,8 @@ BAD_DOCUMENTS = [
         AGENT_HEAD + "  triggrs: []\n",
         6,
         "spec.triggrs",
-        "unknown field (expected one of: entrypoint, model, triggers, hibernation, quotaClass, "
-        'priority, restartPolicy, config); did you mean "triggers"?',
+        "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
+        'quotaClass, priority, restartPolicy, config); did you mean "triggers"?',
     ),
     (
         "unknown top-level field",
@@ -1202,6 +1202,7 @@ def test_json_schema() -> None:
     assert {ref["$ref"] for ref in schema["oneOf"]} == {
         "#/$defs/AgentResource",
         "#/$defs/QuotaPolicyResource",
+        "#/$defs/ModelResource",
     }
     definitions = schema["$defs"]
     assert "keepKV" in definitions["Hibernation"]["properties"]

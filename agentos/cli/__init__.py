@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, quota, waits
+from agentos.cli import fleet, launch, models, quota, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -84,6 +84,7 @@ for _cmd in (
     launch.up,
 ):
     app.command()(_cmd)
+fleet.delete_app.command("model")(models.delete_model)
 app.add_typer(fleet.delete_app, name="delete")
 app.add_typer(quota.policy_app, name="policy")
 

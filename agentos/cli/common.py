@@ -53,6 +53,7 @@ class UsageBy(enum.StrEnum):
     agent = "agent"
     class_ = "class"
     day = "day"
+    model = "model"
 
 
 class _State:

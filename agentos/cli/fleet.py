@@ -31,6 +31,7 @@ from agentos.cli.common import (
     _run_sync_load,
     out,
 )
+from agentos.cli.models import _models_table, describe_model, model_details
 from agentos.cli.render import (
     _agents_table,
     _daemons_table,
@@ -53,6 +54,7 @@ class Kind(enum.StrEnum):
     agents = "agents"
     policies = "policies"
     daemons = "daemons"
+    models = "models"
 
 
 delete_app = typer.Typer(help="Delete an agent or a policy.", no_args_is_help=True)
@@ -99,13 +101,16 @@ def delete_policy(name: str) -> None:
 
 
 def get(kind: Kind, output: OutputOpt = Output.table) -> None:
-    """List agents, policies or daemons."""
+    """List agents, policies, daemons or models."""
 
     async def go() -> None:
         async with await _client() as client:
             if kind is Kind.agents:
                 agents = await client.agents()
                 _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            elif kind is Kind.models:
+                rows = await model_details(client)
+                _emit(rows, output, lambda: _models_table(rows))
             elif kind is Kind.policies:
                 policies = await client.policies()
                 _emit(list(policies.values()), output, lambda: _policies_table(policies))
@@ -132,13 +137,15 @@ def ps(output: OutputOpt = Output.table) -> None:
 
 
 def describe(
-    kind: Annotated[str, typer.Argument(help="Only `agent` for now.")],
+    kind: Annotated[str, typer.Argument(help="`agent` or `model`.")],
     name: str,
     output: OutputOpt = Output.table,
 ) -> None:
     """Spec, status, recent events and last error (with traceback) of an agent."""
+    if kind in ("model", "models"):
+        return describe_model(name, output)
     if kind not in ("agent", "agents"):
-        _fail(f"cannot describe {kind!r}: use `describe agent NAME`", 2)
+        _fail(f"cannot describe {kind!r}: use `describe agent NAME` or `describe model NAME`", 2)
 
     async def go() -> None:
         async with await _client() as client:

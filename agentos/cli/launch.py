@@ -99,7 +99,10 @@ def _daemon_settings(
 
 EngineOpt = Annotated[
     str,
-    typer.Option(help="Inference engine: llama (the real model, extra agentos[llama]) or sim."),
+    typer.Option(
+        help="Inference engine: llama (in-process, extra agentos[llama]), llamaserver (embedded "
+        "llama.cpp server, extra agentos[server]) or sim."
+    ),
 ]
 ModelOpt = Annotated[
     Path | None,

@@ -15,6 +15,7 @@ import typer
 import yaml
 
 from agentos.cli.common import STATE, Output, OutputOpt, UsageBy, _client, _emit, _fail, _run
+from agentos.cli.models import usage_by_model
 from agentos.cli.render import _explain_text, _quota_text, _usage_table
 from agentos.core.durations import parse_duration
 from agentos.core.metering import Prices, total
@@ -87,7 +88,7 @@ def _load_prices(path: Path | None) -> Prices:
 
 def usage(
     by: Annotated[
-        UsageBy, typer.Option("--by", help="Group by agent, class or day.")
+        UsageBy, typer.Option("--by", help="Group by agent, class, day or model.")
     ] = UsageBy.agent,
     since: Annotated[str, typer.Option(help="How far back, in whole days (e.g. 7d, 30d).")] = "7d",
     prices: Annotated[
@@ -101,6 +102,9 @@ def usage(
         days = max(1, round(parse_duration(since) / 86400))
     except ValueError as e:
         _fail(f"--since: {e}", 2)
+    if by is UsageBy.model:
+        usage_by_model(days, output)  # priced from each Model's own prices
+        return
     table_prices = _load_prices(prices)
 
     async def go() -> None:

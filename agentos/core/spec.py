@@ -1,4 +1,4 @@
-"""The declarative resources (Agent, QuotaPolicy): their schema and how to load them.
+"""The declarative resources (Agent, QuotaPolicy, Model): their schema and how to load them.
 
 Operators describe agents and quota policies in YAML; ``agentos apply`` must validate a
 whole set of files before it changes anything and, when something is wrong, name every
@@ -12,7 +12,6 @@ of the async or storage layers.
 
 import dataclasses
 import difflib
-import json
 import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,10 +35,24 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails
 
 from agentos.core.durations import Duration, PositiveDuration, format_duration
+from agentos.core.modelspec import ModelResource
+from agentos.core.specbase import (
+    _ERROR_TYPE,
+    _ISSUES_KEY,
+    API_VERSION,
+    NAME_PATTERN,
+    Metadata,
+    Name,
+    _error,
+    _errors,
+    _Model,
+    _render_path,
+    _show,
+    _SubPath,
+)
 
 __all__ = [
     "API_VERSION",
@@ -50,6 +63,7 @@ __all__ = [
     "TRIGGER_KINDS",
     "AgentResource",
     "AgentSpec",
+    "AnyResource",
     "Backoff",
     "CatchUp",
     "ClassLimits",
@@ -59,6 +73,7 @@ __all__ = [
     "KeepKV",
     "Metadata",
     "Metric",
+    "ModelResource",
     "Overlap",
     "QuotaClass",
     "QuotaLimits",
@@ -82,86 +97,10 @@ __all__ = [
     "parse_text",
 ]
 
-API_VERSION: Final = "agentos/v1"
-
-NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-"""Names of resources, quota classes and rules: lowercase DNS labels, 1-63 characters.
-
-They end up inside Redis hash tags (``{agent-name}``), so braces must never get in."""
-
-_NAME_RE = re.compile(NAME_PATTERN)
 _ENTRYPOINT_RE = re.compile(
     r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
 )
 _HOURS_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
-
-# Errors raised by our own validators carry the precise sub-paths they are about in their
-# context, so that the loader can point at ``spec.rules[2].then.class`` even though the
-# check had to run on the whole policy. Several issues can travel in one error because a
-# validator can raise only once, and the loader must still report all of them.
-_ERROR_TYPE: Final = "agentos_spec"
-_ISSUES_KEY: Final = "agentos_issues"
-
-_SubPath: TypeAlias = tuple[str | int, ...]
-
-
-def _errors(issues: Sequence[tuple[_SubPath, str]]) -> PydanticCustomError:
-    message = "; ".join((f"{_render_path(sub)}: {text}" if sub else text) for sub, text in issues)
-    return PydanticCustomError(_ERROR_TYPE, message, {_ISSUES_KEY: list(issues)})
-
-
-def _error(message: str, *subpath: str | int) -> PydanticCustomError:
-    return _errors([(subpath, message)])
-
-
-def _show(value: object) -> str:
-    """Render an input value the way it would look in YAML, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return type(value).__name__
-
-
-def _render_path(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            # pydantic's marker for "the key itself was invalid": the key is already
-            # the last part of the path, which is what a reader wants to see.
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-# --------------------------------------------------------------------------- field types
-
-
-def _check_name(value: str) -> str:
-    if len(value) > 63 or not _NAME_RE.fullmatch(value):
-        raise ValueError(
-            "expected a lowercase DNS label (1-63 characters of a-z, 0-9 and '-', starting "
-            f"and ending with a letter or digit); got {_show(value)}"
-        )
-    return value
-
-
-Name = Annotated[
-    str,
-    AfterValidator(_check_name),
-    WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "minLength": 1, "maxLength": 63}),
-]
 
 
 def _check_timezone(value: str) -> str:
@@ -242,22 +181,6 @@ _CLOCK_OPTION_KEYS: Final = frozenset({"timezone", "catchUp", "catch_up", "overl
 
 
 # ---------------------------------------------------------------------------- the models
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-    )
-
-
-class Metadata(_Model):
-    """Identity of a resource: its name (unique per kind) and free-form labels."""
-
-    name: Name
-    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class Inbox(_Model):
@@ -382,6 +305,9 @@ class AgentSpec(_Model):
 
     entrypoint: Entrypoint
     model: str = Field(default="default", min_length=1)
+    # Whether calls may go to the Model's fallback while it is down (None: yes). Left out
+    # of the canonical form unless given, so existing specs keep their hash.
+    model_fallback: bool | None = None
     triggers: tuple[Trigger, ...] = ()
     hibernation: Hibernation = Field(default_factory=Hibernation)
     quota_class: Name = "standard"
@@ -621,17 +547,20 @@ class QuotaPolicyResource(_Model):
     spec: QuotaPolicySpec
 
 
-Resource = Annotated[AgentResource | QuotaPolicyResource, Field(discriminator="kind")]
+AnyResource: TypeAlias = AgentResource | QuotaPolicyResource | ModelResource
+
+Resource = Annotated[AnyResource, Field(discriminator="kind")]
 """Any resource, told apart by ``kind``."""
 
-_MODELS: Final[dict[str, type[AgentResource] | type[QuotaPolicyResource]]] = {
+_MODELS: Final[dict[str, type[AgentResource] | type[QuotaPolicyResource] | type[ModelResource]]] = {
     "Agent": AgentResource,
     "QuotaPolicy": QuotaPolicyResource,
+    "Model": ModelResource,
 }
 KINDS: Final[tuple[str, ...]] = tuple(_MODELS)
 
 
-def canonical(resource: AgentResource | QuotaPolicyResource) -> dict[str, Any]:
+def canonical(resource: AnyResource) -> dict[str, Any]:
     """Return the resource as plain JSON-compatible data with YAML key names.
 
     The form is stable (every default written out, durations as strings, unset limits
@@ -685,7 +614,7 @@ class SpecError(Exception):
 class Document:
     """A validated resource and where it was read from (``line``: 1-based document start)."""
 
-    resource: AgentResource | QuotaPolicyResource
+    resource: AnyResource
     source: str
     line: int
     lines: Mapping[tuple[str | int, ...], int] = dataclasses.field(
@@ -874,7 +803,7 @@ def _validate_document(data: Any, source: str, line: int, lines: _Lines, loaded:
 
 def _validate(
     data: Any, source: str, line: int, lines: _Lines
-) -> tuple[AgentResource | QuotaPolicyResource | None, list[SpecIssue]]:
+) -> tuple[AnyResource | None, list[SpecIssue]]:
     def issue(path: Sequence[str | int], message: str) -> SpecIssue:
         return SpecIssue(source, _line_for(path, lines, line), _render_path(path), message)
 
@@ -1065,7 +994,7 @@ def load_paths(paths: Iterable[str | Path]) -> list[Document]:
     return loaded.result()
 
 
-def parse_resource(data: Mapping[str, Any]) -> AgentResource | QuotaPolicyResource:
+def parse_resource(data: Mapping[str, Any]) -> AnyResource:
     """Return the resource described by ``data`` (e.g. :func:`canonical` output read back).
 
     Raises:

@@ -45,6 +45,8 @@ __all__ = [
 BACKENDS: dict[str, str] = {
     "sim": "agentos.engine.sim:SimEngine",
     "llama": "agentos.engine.llama:LlamaEngine",
+    "llamaserver": "agentos.engine.llamaserver:LlamaServerEngine",
+    "openai": "agentos.engine.openai:OpenAIEngine",
 }
 
 

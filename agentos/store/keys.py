@@ -51,6 +51,16 @@ class Keys:
         return f"{self.namespace}:{{fleet}}:policies"
 
     @property
+    def models(self) -> str:
+        """Hash: Model name -> canonical JSON (with its hash under ``_hash``)."""
+        return f"{self.namespace}:{{fleet}}:models"
+
+    @property
+    def model_throttle(self) -> str:
+        """Hash: Model name -> epoch seconds until which its provider throttles calls."""
+        return f"{self.namespace}:{{fleet}}:model-throttle"
+
+    @property
     def generation(self) -> str:
         """Counter bumped by every apply and delete; daemons re-read specs when it moves."""
         return f"{self.namespace}:{{fleet}}:generation"

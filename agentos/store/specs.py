@@ -45,7 +45,8 @@ class SpecOps:
         """
         k = self.keys
         agents = [r for r in records if r.kind == "Agent"]
-        policies = [r for r in records if r.kind == "QuotaPolicy"]
+        policies = [r for r in records if r.kind != "Agent"]  # QuotaPolicy, Model
+        hashes = {"QuotaPolicy": k.policies, "Model": k.models}
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -53,9 +54,7 @@ class SpecOps:
                     current_agents = (
                         await pipe.hmget(k.index, [r.name for r in agents]) if agents else []
                     )
-                    current_policies = (
-                        await pipe.hmget(k.policies, [r.name for r in policies]) if policies else []
-                    )
+                    current_policies = [await pipe.hget(hashes[r.kind], r.name) for r in policies]
                     changes: list[AppliedChange] = []
                     for rec, cur in zip(agents, current_agents, strict=True):
                         old_hash = _s(cur).split(" ")[0] if cur else None
@@ -94,7 +93,7 @@ class SpecOps:
                         else:
                             body = json.loads(rec.body)
                             body["_hash"] = rec.spec_hash
-                            pipe.hset(k.policies, rec.name, json.dumps(body))
+                            pipe.hset(hashes[rec.kind], rec.name, json.dumps(body))
                         pipe.xadd(
                             k.fleet_events,
                             _event_fields(
@@ -129,8 +128,8 @@ class SpecOps:
         KV) go too; an owned agent's daemon stops it and removes them.
         """
         k = self.keys
-        if kind == "QuotaPolicy":
-            removed = await self._r.hdel(k.policies, name)
+        if kind in ("QuotaPolicy", "Model"):
+            removed = await self._r.hdel(k.policies if kind == "QuotaPolicy" else k.models, name)
             if removed:
                 await self._r.incr(k.generation)
             return bool(removed)
@@ -241,6 +240,17 @@ class SpecOps:
     async def policies(self) -> dict[str, dict[str, Any]]:
         """Every stored QuotaPolicy resource by name."""
         raw = await self._r.hgetall(self.keys.policies)
+        out = {}
+        for n, v in raw.items():
+            body = json.loads(v)
+            body.pop("_hash", None)
+            out[_s(n)] = body
+        return out
+
+    @translate
+    async def models(self) -> dict[str, dict[str, Any]]:
+        """Every stored Model resource by name."""
+        raw = await self._r.hgetall(self.keys.models)
         out = {}
         for n, v in raw.items():
             body = json.loads(v)

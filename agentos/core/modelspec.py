@@ -1,0 +1,199 @@
+"""``kind: Model``: an inference model the fleet declares and the daemon routes agents to.
+
+A fleet mixes a small local model with larger remote ones; each is declared once, with
+where it is served (endpoints, the replicas), what it costs (prices per 1k tokens), how
+long to wait for it (timeouts) and what to use when it is down (``fallback``). An
+agent names one in ``spec.model``. Credentials are references only (an environment
+variable or a file the daemon reads when it connects): a spec is stored in Redis and
+printed by ``get -o yaml``, so a secret written inline is refused at apply rather than
+kept. Pure: validation only, no I/O.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from agentos.core.durations import Duration, PositiveDuration
+from agentos.core.specbase import API_VERSION, Metadata, Name, _error, _errors, _Model, _SubPath
+
+__all__ = [
+    "ENGINE_KINDS",
+    "Credentials",
+    "Endpoint",
+    "EngineKind",
+    "ModelApi",
+    "ModelPrices",
+    "ModelResource",
+    "ModelSpec",
+    "ModelTimeouts",
+    "SecretRef",
+]
+
+EngineKind = Literal["llama", "llamaserver", "openai", "sim"]
+ENGINE_KINDS: tuple[str, ...] = ("llama", "llamaserver", "openai", "sim")
+ModelApi = Literal["chat", "completions"]
+
+_SECRET_QUERY = re.compile(r"(key|token|secret|password|passwd|auth|signature)", re.IGNORECASE)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class SecretRef(_Model):
+    """Where a secret is read from when the daemon connects: ``env`` or ``file``, one of them."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_reference(cls, data: Any) -> Any:
+        if isinstance(data, str | int | float):
+            raise _error(
+                "credentials are given by reference only: {env: VARIABLE} or {file: PATH} "
+                "(a secret written inline would be stored in Redis and printed by get -o yaml)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.env is None) == (self.file is None):
+            raise _error("needs exactly one of: env, file")
+        if self.env is not None and not _ENV_NAME.fullmatch(self.env):
+            raise _error(f"not an environment variable name: {self.env!r}", "env")
+        return self
+
+
+class Credentials(_Model):
+    """Credentials of a model's server, by reference."""
+
+    api_key: SecretRef | None = None
+
+
+class Endpoint(_Model):
+    """One replica of a served model."""
+
+    url: str
+    max_concurrent: int = Field(default=4, ge=1, strict=True)
+    # Where this server's slot files appear on the daemon's disk (llamaserver with an
+    # endpoint): without one, KV cannot move and hibernation keeps the history only.
+    slot_dir: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL; got {value!r}")
+        if parts.password is not None or parts.username is not None:
+            raise ValueError(
+                "the URL carries a user or password; give credentials by reference "
+                "(credentials.apiKey: {env: VARIABLE})"
+            )
+        for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if _SECRET_QUERY.search(key):
+                raise ValueError(
+                    f"the URL's query parameter {key!r} looks like a secret; give credentials "
+                    "by reference (credentials.apiKey: {env: VARIABLE})"
+                )
+        return value.rstrip("/")
+
+
+class ModelTimeouts(_Model):
+    """How long calls to the model may take."""
+
+    connect: PositiveDuration = 5.0
+    request: PositiveDuration = 120.0
+    # A throttled model (429/503 with Retry-After) is waited for up to this long within a
+    # call; beyond it the call fails over (fallback) or the task is retried later.
+    throttle_wait: Duration = 10.0
+
+
+class ModelPrices(_Model):
+    """Prices per 1,000 tokens (any currency, the same for every model of a fleet)."""
+
+    input: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    cached_input: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: input
+    output: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class ModelSpec(_Model):
+    """The desired state of one model."""
+
+    engine: EngineKind
+    served_model: str | None = Field(default=None, min_length=1)  # the name sent to the server
+    endpoints: tuple[Endpoint, ...] = ()
+    api: ModelApi | None = None  # openai: chat (default) or completions
+    credentials: Credentials | None = None
+    context_length: int | None = Field(default=None, gt=0, strict=True)
+    slots: int | None = Field(default=None, ge=1, strict=True)  # llama, embedded llamaserver
+    model_path: str | None = None  # a GGUF file (llama, embedded llamaserver)
+    timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
+    prices: ModelPrices = Field(default_factory=ModelPrices)
+    fallback: Name | None = None
+
+    @model_validator(mode="after")
+    def _fits_engine(self) -> Self:
+        issues: list[tuple[_SubPath, str]] = []
+        if self.engine == "openai" and not self.endpoints:
+            issues.append((("endpoints",), "an openai model needs at least one endpoint (url)"))
+        if self.engine in ("llama", "sim"):
+            for key, value in (
+                ("endpoints", self.endpoints),
+                ("credentials", self.credentials),
+                ("api", self.api),
+            ):
+                if value:
+                    issues.append(((key,), f"a {self.engine} model runs in the daemon; no {key}"))
+        if self.engine == "openai":
+            for key, local in (("slots", self.slots), ("modelPath", self.model_path)):
+                if local is not None:
+                    issues.append(((key,), f"only local engines take {key}, not openai"))
+        if self.engine == "llamaserver" and self.endpoints and self.model_path is not None:
+            issues.append(
+                (("modelPath",), "the server at the endpoint loads its own model; no modelPath")
+            )
+        for index, endpoint in enumerate(self.endpoints):
+            if endpoint.slot_dir is not None and self.engine != "llamaserver":
+                issues.append(
+                    (("endpoints", index, "slotDir"), "only llamaserver endpoints take slotDir")
+                )
+        if issues:
+            raise _errors(issues)
+        return self
+
+    @property
+    def resolved_api(self) -> ModelApi:
+        """The API the engine speaks: ``completions`` for llama.cpp servers, else as given."""
+        if self.api is not None:
+            return self.api
+        return "chat" if self.engine == "openai" else "completions"
+
+
+class ModelResource(_Model):
+    """``kind: Model``."""
+
+    api_version: Literal["agentos/v1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["Model"] = "Model"
+    metadata: Metadata
+    spec: ModelSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_reserved(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            meta = data.get("metadata")
+            if isinstance(meta, Mapping) and meta.get("name") == "default":
+                raise _error(
+                    '"default" is the daemon\'s own engine (--engine); name the model otherwise',
+                    "metadata",
+                    "name",
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _no_self_fallback(self) -> Self:
+        if self.spec.fallback == self.metadata.name:
+            raise _error("a model cannot be its own fallback", "spec", "fallback")
+        return self

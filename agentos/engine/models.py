@@ -1,0 +1,107 @@
+"""From a declared ``kind: Model`` to a running engine, with its credentials read at connect time.
+
+A Model resource is data in Redis; the daemon turns each one its agents name into an
+engine here. Credentials are references (``{env: VAR}`` or ``{file: PATH}``) resolved
+only now, in the daemon's process, and handed to the HTTP client; they are never
+logged, stored or put in an error message (a missing variable is named, its value
+never is).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agentos.core.modelspec import ModelResource, SecretRef
+from agentos.engine import create_engine
+from agentos.engine.base import Engine, EngineError
+
+if TYPE_CHECKING:  # the HTTP client is imported only by the engines that use it
+    from agentos.engine.remote import ThrottleBoard
+
+__all__ = ["build_engine", "engine_options", "resolve_secret"]
+
+
+def resolve_secret(ref: SecretRef) -> str:
+    """The secret ``ref`` points at. Raises :class:`EngineError` naming the reference only."""
+    if ref.env is not None:
+        value = os.environ.get(ref.env)
+        if not value:
+            raise EngineError(f"environment variable {ref.env} (the model's apiKey) is not set")
+        return value
+    assert ref.file is not None
+    try:
+        return Path(ref.file).read_text().strip()
+    except OSError as e:
+        raise EngineError(f"cannot read the model's apiKey file {ref.file}: {e.strerror}") from e
+
+
+def engine_options(
+    resource: ModelResource, *, home: Path | None = None, board: ThrottleBoard | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The backend name and keyword options that build ``resource``'s engine."""
+    spec = resource.spec
+    name = resource.metadata.name
+    options: dict[str, Any] = {}
+    endpoints = [
+        {"url": e.url, "max_concurrent": e.max_concurrent, "slot_dir": e.slot_dir}
+        for e in spec.endpoints
+    ]
+    api_key = None
+    if spec.credentials is not None and spec.credentials.api_key is not None:
+        api_key = resolve_secret(spec.credentials.api_key)
+    timeouts = {
+        "connect_timeout_s": spec.timeouts.connect,
+        "request_timeout_s": spec.timeouts.request,
+        "throttle_wait_s": spec.timeouts.throttle_wait,
+    }
+    if spec.engine == "openai":
+        options = {
+            "model": spec.served_model or name,
+            "endpoints": endpoints,
+            "api": spec.resolved_api,
+            "api_key": api_key,
+            "context_length": spec.context_length,
+            "throttle_board": board,
+            **timeouts,
+        }
+    elif spec.engine == "llamaserver":
+        options = {
+            "model": spec.served_model or name,
+            "endpoints": endpoints,
+            "home": home,
+            "api_key": api_key,
+            "throttle_board": board,
+            **timeouts,
+        }
+        if spec.model_path is not None:
+            options["model_path"] = spec.model_path
+        if spec.slots is not None:
+            options["slots"] = spec.slots
+        if spec.context_length is not None:
+            options["n_ctx"] = spec.context_length * (spec.slots or 2)
+    elif spec.engine == "llama":
+        options = {"home": home}
+        if spec.model_path is not None:
+            options["model_path"] = spec.model_path
+        if spec.slots is not None:
+            options["slots"] = spec.slots
+        if spec.context_length is not None:
+            options["n_ctx"] = spec.context_length
+    else:  # sim
+        options = {"model": spec.served_model or name}
+        if spec.slots is not None:
+            options["slots"] = spec.slots
+    return spec.engine, options
+
+
+def build_engine(
+    resource: ModelResource, *, home: Path | None = None, board: ThrottleBoard | None = None
+) -> Engine:
+    """Start the engine for ``resource`` (blocking: an embedded server takes seconds).
+
+    Raises :class:`EngineError` for a missing credential, dependency or bad option.
+    """
+    backend, options = engine_options(resource, home=home, board=board)
+    return create_engine(backend, **options)
