@@ -27,6 +27,9 @@ ENGINE = ("--engine", "llama", "--slots", "2", "--n-ctx", "4096")
 WORDS = 1100  # about 2,000 tokens with this text
 
 
+# Two cold prefills of ~2,000 tokens on 2 cores: about 45 s alone, twice that when the
+# machine is busy.
+@pytest.mark.timeout(240)
 async def test_a_hibernated_agent_wakes_in_a_new_daemon_without_re_prefill(
     redis_url: str, namespace: str, store: Store, llama_home: Path, tmp_path: Path
 ) -> None:

@@ -179,8 +179,10 @@ async def _print_events(client: Client) -> None:
                 last = "$"
                 recent = await client.store.events(None, count=1)
                 last = recent[-1].id if recent else "0-0"
-            for e in await client.store.events(None, after_id=last, block_ms=1000, count=100):
-                last = e.id
-                err.print(_event_line(e), markup=False)
+            events = await client.store.events(None, after_id=last, block_ms=1000, count=500)
+            if events:
+                last = events[-1].id
+                # One print per batch: 10,000 agents starting print 20,000 lines.
+                err.print("\n".join(_event_line(e) for e in events), markup=False, highlight=False)
         except StoreUnavailable:
             await anyio.sleep(1)
