@@ -310,6 +310,11 @@ def tiny_policy(daily_tokens: int) -> dict[str, object]:
 
 async def _spent(store: Store, d: Daemon, client: Client) -> str:
     await apply(store, policy_doc(tiny_policy(5)))
+
+    async def known() -> bool:  # the daemon enforces the class (its refresh may lag)
+        return d.governor.quota_of("tiny") is not None
+
+    await wait_until(known, what="the daemon to know the class")
     await apply(
         store, agent_doc("spender", "tests.fixture_agents:Parity", quotaClass="tiny", **INBOX)
     )
