@@ -52,10 +52,19 @@ def stats() -> dict[str, object]:
                     keys.setdefault(span.name, set()).update(a.key for a in span.attributes)
                     traces_seen.add(span.trace_id)
     metric_names: set[str] = set()
+    # Per metric, the largest total one request carried (histogram counts, sum values):
+    # with cumulative temporality, the last export's totals.
+    totals: dict[str, float] = {}
     for body in metrics:
         for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics:
             for sm in rm.scope_metrics:
-                metric_names.update(m.name for m in sm.metrics)
+                for m in sm.metrics:
+                    metric_names.add(m.name)
+                    if m.HasField("histogram"):
+                        total = float(sum(p.count for p in m.histogram.data_points))
+                    else:
+                        total = sum(p.as_double or p.as_int for p in m.sum.data_points)
+                    totals[m.name] = max(totals.get(m.name, 0.0), total)
     return {
         "spans": sum(by_name.values()),
         "traces": len(traces_seen),
@@ -65,6 +74,7 @@ def stats() -> dict[str, object]:
         "metric_posts": len(metrics),
         "log_posts": len(logs),
         "metrics": sorted(metric_names),
+        "metric_totals": totals,
     }
 
 

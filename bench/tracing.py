@@ -200,8 +200,17 @@ def _check(stats: dict[str, Any], counts: dict[str, int]) -> None:
         missing = REQUIRED.get(name.split(" ")[0], set()) - set(keys)
         if missing:
             raise RuntimeError(f"span {name!r} lacks {sorted(missing)}")
-    if "gen_ai.client.token.usage" not in stats["metrics"]:
-        raise RuntimeError(f"metrics missing at the receiver: {stats['metrics']}")
+    # Every measurement arrived, aggregated: counts of the per-inference histograms and
+    # the tasks counter's sum.
+    totals = stats["metric_totals"]
+    for metric, want in (
+        ("gen_ai.client.token.usage", 2 * TASKS),
+        ("gen_ai.client.operation.duration", TASKS),
+        ("gen_ai.server.time_to_first_token", TASKS),
+        ("agentos.tasks", TASKS),
+    ):
+        if totals.get(metric) != want:
+            raise RuntimeError(f"metric {metric}: {totals.get(metric)} at the receiver, not {want}")
 
 
 async def main() -> None:

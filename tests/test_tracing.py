@@ -287,3 +287,109 @@ def test_a_dead_exporter_process_only_costs_telemetry(
     counts = t.export_counts()
     assert counts["dropped"] > 0
     assert counts["spans_sent"] + counts["dropped"] == 2000 * 6
+
+
+class _Captured:
+    """A metric exporter that keeps what it is given (the SDK's interface: ``export``)."""
+
+    def __init__(self, preferred: dict[type, Any] | None = None) -> None:
+        self._preferred_temporality = preferred or {}
+        self.exported: list[Any] = []
+
+    def export(self, data: Any) -> None:
+        self.exported.append(data)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _points(data: Any) -> dict[tuple[str, tuple[tuple[str, Any], ...]], Any]:
+    return {
+        (m.name, tuple(sorted(p.attributes.items()))): p
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for p in m.data.data_points
+    }
+
+
+_MEASURES = [
+    (0, 12, {"gen_ai.token.type": "input", "gen_ai.request.model": "m"}),
+    (0, 3, {"gen_ai.token.type": "output", "gen_ai.request.model": "m"}),
+    (0, 70000, {"gen_ai.token.type": "input", "gen_ai.request.model": "m"}),
+    (1, 0.05, {"gen_ai.request.model": "m"}),
+    (1, 0.32, {"gen_ai.request.model": "m"}),
+    (2, 7.5, None),
+    (4, 1, {"agentos.task.status": "succeeded"}),
+    (4, 2, {"agentos.task.status": "succeeded"}),
+    (4, 1, {"agentos.task.status": "failed"}),
+    (9, 100, None),
+    (9, -40, None),
+]
+
+
+def test_the_exporter_process_aggregates_as_the_sdk_does() -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from agentos.telemetry import otlp
+    from agentos.telemetry.aggregate import Aggregator
+
+    reader = InMemoryMetricReader()
+    made = otlp.instruments(otlp.meter_provider({}, [reader]).get_meter("agentos"))
+    for instrument, value, attrs in _MEASURES:
+        otlp.record_measurement(made, instrument, value, attrs)
+    expected = _points(reader.get_metrics_data())
+    exporter = _Captured()
+    agg = Aggregator(exporter, otlp.resource({}), InstrumentationScope("agentos"), 1)
+    agg.add(_MEASURES)
+    agg.export()
+    got = _points(exporter.exported[0])
+    assert set(got) == set(expected)
+    for key, want in expected.items():
+        have = got[key]
+        if hasattr(want, "bucket_counts"):
+            assert (have.count, have.sum, have.min, have.max) == (
+                want.count, want.sum, want.min, want.max,
+            ), key  # fmt: skip
+            assert list(have.bucket_counts) == list(want.bucket_counts), key
+            assert list(have.explicit_bounds) == list(want.explicit_bounds), key
+        else:
+            assert have.value == want.value, key
+    assert got[("agentos.tasks", (("agentos.task.status", "succeeded"),))].value == 3
+    # cumulative: a second export repeats every series from the same start
+    agg.add([(4, 1, {"agentos.task.status": "failed"})])
+    agg.export()
+    again = _points(exporter.exported[1])
+    assert set(again) == set(got)
+    assert again[("agentos.tasks", (("agentos.task.status", "failed"),))].value == 2
+
+
+def test_delta_temporality_exports_only_what_arrived_since() -> None:
+    from opentelemetry.sdk.metrics import Counter, Histogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from agentos.telemetry import otlp
+    from agentos.telemetry.aggregate import Aggregator
+
+    delta = AggregationTemporality.DELTA
+    exporter = _Captured({Counter: delta, Histogram: delta})
+    agg = Aggregator(exporter, otlp.resource({}), InstrumentationScope("agentos"), 1)
+    agg.add(_MEASURES)
+    agg.export()
+    agg.add([(4, 5, {"agentos.task.status": "failed"}), (9, 1, None)])
+    agg.export()
+    first, second = (_points(d) for d in exporter.exported)
+    failed = ("agentos.tasks", (("agentos.task.status", "failed"),))
+    assert first[failed].value == 1
+    assert second[failed].value == 5
+    assert second[failed].start_time_unix_nano == first[failed].time_unix_nano
+    kv = ("agentos.kv.stored", ())
+    assert second[kv].value == 61  # up-down counters stay cumulative under delta
+    assert set(second) == {failed, kv}
+    metric = exporter.exported[1].resource_metrics[0].scope_metrics[0].metrics
+    assert [m.data.aggregation_temporality for m in metric] == [
+        delta,
+        AggregationTemporality.CUMULATIVE,
+    ]

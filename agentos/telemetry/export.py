@@ -6,7 +6,7 @@ throughput for one trace per task). So the daemon only queues plain tuples; a th
 pickles them (C code, microseconds per span) in batches of ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
 or every ``OTEL_BSP_SCHEDULE_DELAY`` and writes them into a pipe; this module's
 ``main``, run as ``python -m agentos.telemetry.export`` with the daemon's environment,
-turns them into ``ReadableSpan`` and metric measurements and hands them to the standard
+encodes the spans and aggregates the measurements (:mod:`.aggregate`) for the standard
 ``OTLPSpanExporter`` / ``OTLPMetricExporter`` (HTTP or gRPC, headers, compression,
 certificates, timeouts, resource and metric interval all from the ``OTEL_*`` variables).
 
@@ -223,22 +223,6 @@ class Traces:
         self.exporter.shutdown()
 
 
-def _replay(made: list[Any], measures: list[tuple[int, float, Any]]) -> None:
-    """Measurements into the SDK's instruments; counters summed per attribute set first
-    (the SDK's record costs ~20 microseconds; a sum is the same data point)."""
-    from agentos.telemetry.otlp import INSTRUMENTS, record_measurement
-
-    sums: dict[tuple[int, tuple[tuple[str, Any], ...]], float] = {}
-    for instrument, value, attrs in measures:
-        if INSTRUMENTS[instrument][1] == "histogram":
-            record_measurement(made, instrument, value, attrs)
-        else:
-            key = (instrument, tuple(sorted(attrs.items())) if attrs else ())
-            sums[key] = sums.get(key, 0) + value
-    for (instrument, attrs), total in sums.items():
-        record_measurement(made, instrument, total, dict(attrs) or None)
-
-
 def main() -> None:
     """Read batches from stdin and export them until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -248,25 +232,20 @@ def main() -> None:
     with contextlib.suppress(OSError):
         os.nice(10)
     logging.basicConfig(level=logging.WARNING, format="agentos-otel-export: %(message)s")
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from agentos.telemetry.otlp import (
-        SCHEMA_URL,
-        instruments,
-        meter_provider,
-        otlp_exporters,
-    )
+    from agentos.telemetry.aggregate import Aggregator, Periodic
+    from agentos.telemetry.otlp import SCHEMA_URL, otlp_exporters, resource
 
     env = os.environ
     span_exporter, metric_exporter = otlp_exporters(env)
     traces = Traces(span_exporter, env) if span_exporter is not None else None
-    provider = None
-    made: list[Any] = []
+    metrics = None
     if metric_exporter is not None:
         interval = _int_env(env, "OTEL_METRIC_EXPORT_INTERVAL", 15000)
-        reader = PeriodicExportingMetricReader(metric_exporter, interval)
-        provider = meter_provider(env, [reader])
-        made = instruments(provider.get_meter("agentos", schema_url=SCHEMA_URL))
+        scope = InstrumentationScope("agentos", None, SCHEMA_URL)
+        aggregator = Aggregator(metric_exporter, resource(env), scope, time.time_ns())
+        metrics = Periodic(aggregator, interval / 1000)
     stdin = sys.stdin.buffer
     try:
         while (header := _read_exactly(stdin, _HEADER.size)) is not None:
@@ -279,11 +258,14 @@ def main() -> None:
                     traces.export(spans)
                 except Exception:
                     log.exception("span export failed")
-            if made:
-                _replay(made, measures)
+            if metrics is not None and measures:
+                try:
+                    metrics.aggregator.add(measures)
+                except Exception:  # an unhashable attribute value: lose the batch, not the process
+                    log.exception("metric aggregation failed")
     finally:
-        if provider is not None:
-            provider.shutdown()
+        if metrics is not None:
+            metrics.stop()
         if traces is not None:
             traces.shutdown()
 
