@@ -48,7 +48,7 @@ from agentos.sdk import (
     Context,
     StateCodec,
 )
-from agentos.store import AgentSnapshot, Duplicate, Store, StoreError, TaskWrite
+from agentos.store import AgentSnapshot, Duplicate, Store, StoreError, TaskWrite, Write
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
@@ -343,13 +343,20 @@ class RunnerBase:
         event: dict[str, str] | None = None,
         task: TaskWrite | None = None,
         duplicate: Duplicate | None = None,
+        hold: bool = False,
     ) -> bool:
-        """Move to the next phase and record it (see :meth:`Writer.write` for the result)."""
+        """Move to the next phase and record it (see :meth:`Writer.write` for the result);
+        with ``hold`` the record rides with the runner's next write (:meth:`Writer.defer`)."""
         self._move(edge)
         self._phase_path.append(self.phase.value)
         fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
         if status:
             fields.update(status)
+        if hold:
+            tasks = (task,) if task is not None else ()
+            part = Write(status=fields, event=event, state=state, ack_id=ack_id, tasks=tasks)
+            self.writer.defer(part)  # refuses an event: held parts must be safe to repeat
+            return True
         return await self.writer.write(
             status=fields, state=state, ack_id=ack_id, event=event, task=task, duplicate=duplicate
         )

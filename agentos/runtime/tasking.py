@@ -381,30 +381,15 @@ class TaskMixin(RunnerBase):
             },
             idempotency_key=self._unacked_key if self._unacked else None,
         )
-        if self._next_due(pop=False) is not None and self.stop_reason is None:
+        await self._set_phase(
+            PhaseEvent.IDLE,
+            status=self.task_counters(),
+            state=state,
+            ack_id=self._unacked,
+            task=close,
             # The next task starts at once: this close rides with its start write.
-            self._move(PhaseEvent.IDLE)
-            self._phase_path.append(self.phase.value)
-            self.writer.defer(
-                Write(
-                    status={
-                        "phase": self.phase.value,
-                        "updated_at": repr(self.clock()),
-                        **self.task_counters(),
-                    },
-                    state=state,
-                    ack_id=self._unacked,
-                    tasks=(close,),
-                )
-            )
-        else:
-            await self._set_phase(
-                PhaseEvent.IDLE,
-                status=self.task_counters(),
-                state=state,
-                ack_id=self._unacked,
-                task=close,
-            )
+            hold=self._next_due(pop=False) is not None and self.stop_reason is None,
+        )
         self._unacked = None
         self._unacked_key = None
         if state is not None:
