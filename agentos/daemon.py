@@ -127,6 +127,7 @@ class Daemon:
         self.started_at = clock()
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
+        self._layout_checked = False
         # Waiting agents: no runner anywhere; activated from the due index in Redis.
         self.activator = Activator(
             store,
@@ -173,7 +174,8 @@ class Daemon:
         async with anyio.create_task_group() as agents:
             self._agents_tg = agents
             async with anyio.create_task_group() as control:
-                control.start_soon(self._signals_loop)
+                for group in self.store.signal_groups():
+                    control.start_soon(self._signals_loop, group)
                 control.start_soon(self._reconcile_loop, until_idle)
                 control.start_soon(self._flush_loop)
                 control.start_soon(self._lease_loop)
@@ -223,6 +225,11 @@ class Daemon:
     async def _reconcile_once(self) -> None:
         if self._stop.is_set():  # stopping: nothing to start, the runners stop themselves
             return
+        if not self._layout_checked:
+            upgraded = await self.store.upgrade_layout()
+            if upgraded:
+                log.info("upgraded the fleet's key layout (%d agents)", upgraded)
+            self._layout_checked = True
         generation = await self.store.generation()
         if generation != self._generation:
             index = await self.store.desired_index()
@@ -278,14 +285,16 @@ class Daemon:
                 if name not in held:
                     await self.store.purge_agent(name)
 
-    async def _signals_loop(self) -> None:
+    async def _signals_loop(self, group: tuple[str, ...]) -> None:
+        """Read one group of signal shards (all of them on one Redis; one on a cluster,
+        where a blocking read covers a single slot) and act on each signal."""
         delay = 0.1
         last = None
         while True:
             try:
                 if last is None:
-                    last = await self.store.last_signal_id()
-                batch = await self.store.read_signals(last, block_ms=1000)
+                    last = await self.store.last_signal_id(group)
+                batch = await self.store.read_signals(last, block_ms=1000, group=group)
                 delay = 0.1
             except StoreError as e:
                 self._store_failed("signals", e, delay)

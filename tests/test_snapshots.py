@@ -14,7 +14,7 @@ from agentos.store.snapshots import CHUNK_BYTES, REPLACED_TTL_S
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 BIG = bytes(range(256)) * (CHUNK_BYTES * 3 // 256 + 7)  # a bit over three chunks
 

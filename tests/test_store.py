@@ -9,7 +9,7 @@ from agentos.settings import Settings
 from agentos.store import Keys, Store, StoreUnavailable, redact_url
 from tests.helpers import agent_doc
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 ECHO = "tests.fixture_agents:Echo"
 
@@ -80,8 +80,11 @@ async def test_every_agent_key_carries_the_agent_hash_tag() -> None:
     for key in [*keys.agent_keys("repo-watcher"), keys.fence("repo-watcher")]:
         assert "{repo-watcher}" in key
         assert key.startswith("ns:")
-    fleet = [keys.specs, keys.index, keys.generation, keys.signals, keys.fleet_events]
+    assert "{repo-watcher}" in keys.applied("repo-watcher")
+    fleet = [keys.specs, keys.index, keys.generation, keys.layout]
     assert all("{fleet}" in k for k in fleet)
+    assert all("{signals:" in k for k in keys.signal_streams())
+    assert all("{events:" in k for k in keys.feed_streams())
     with pytest.raises(ValueError, match="invalid namespace"):
         Keys("a{b}")
 

@@ -29,7 +29,7 @@ from agentos.store.snapshots import CHUNK_BYTES, REPLACED_TTL_S
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 from tests.proxy import CutProxy
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 ECHO = "tests.fixture_agents:Echo"
 DAY = "2030-01-01"
@@ -406,7 +406,7 @@ async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 # ------------------------------------------------------------------ stale owners
 
 
-async def test_applying_a_recreated_agent_drops_its_old_keys_in_the_same_transaction(
+async def test_applying_a_recreated_agent_drops_its_old_keys_before_its_new_spec(
     store: Store,
 ) -> None:
     await apply(store, agent_doc("x", ECHO))
@@ -425,12 +425,17 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_in_the_same_transac
     applied = anyio.Event()
 
     async def read() -> None:
-        # What a daemon starting the agent reads: the spec and the state, at one instant.
+        # What a daemon starting the agent reads: the spec, then the state (on one Redis
+        # at one instant; on a cluster they are in two slots, read in that order).
         while True:
-            async with store._r.pipeline(transaction=True) as pipe:
-                pipe.hexists(k.specs, "x")
-                pipe.exists(k.state("x"))
-                spec, state = await pipe.execute()
+            if store.cluster:
+                spec = await store._r.hexists(k.specs, "x")
+                state = await store._r.exists(k.state("x"))
+            else:
+                async with store._r.pipeline(transaction=True) as pipe:
+                    pipe.hexists(k.specs, "x")
+                    pipe.exists(k.state("x"))
+                    spec, state = await pipe.execute()
             seen.append((bool(spec), bool(state)))
             if applied.is_set() and spec:
                 return
@@ -444,7 +449,7 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_in_the_same_transac
     assert (False, True) in seen  # before: deleted, old state there
     assert (True, False) in seen  # after: the new spec, no state
     left = [key for key in await store.namespace_keys() if "{x}" in key]
-    assert left == [k.fence("x")]
+    assert left == [k.applied("x"), k.fence("x")]
     assert await store.pending_purges() == set()
 
 

@@ -42,7 +42,8 @@ def _main(
         typer.Option(
             "--redis",
             envvar="AGENTOS_REDIS_URL",
-            help="Redis URL (redis://, rediss://, unix://). Default: the embedded server "
+            help="Redis URL (redis://, rediss://, unix://; redis+cluster:// or "
+            "rediss+cluster:// for a Redis Cluster). Default: the embedded server "
             "that `agentos up` starts under AGENTOS_HOME.",
             show_envvar=True,
         ),

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -96,18 +97,26 @@ def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
 class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
-    """Async access to one agentos namespace on one Redis server.
+    """Async access to one agentos namespace on one Redis server or one Redis Cluster.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).
     """
 
-    def __init__(self, client: aredis.Redis, keys: Keys, display_url: str) -> None:
+    def __init__(
+        self, client: aredis.Redis | RedisCluster, keys: Keys, display_url: str, *, cluster: bool
+    ) -> None:
         # redis-py's asyncio stubs type replies as unions of everything; this module
         # is the typed boundary, so the client is Any here and results are converted.
         self._r: Any = client
         self.keys = keys
         self.display_url = display_url
+        # On a cluster one script or transaction may only touch keys of one slot: the
+        # copies that go to fleet-wide streams are written in a step of their own.
+        self.cluster = cluster
         self._acquire = client.register_script(_load_script("lease_acquire"))
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
@@ -139,10 +148,24 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         """Open a connection pool to ``url`` and check it with PING.
 
         Accepts ``redis://``, ``rediss://`` and ``unix://`` URLs with optional user and
-        password. Raises :class:`StoreUnavailable` naming the (redacted) URL when the
-        server cannot be reached or refuses the credentials.
+        password, and ``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster
+        (any node's address; the others are discovered). Raises
+        :class:`StoreUnavailable` naming the (redacted) URL when the server cannot be
+        reached, refuses the credentials, or is not what the URL says (a cluster node
+        behind a plain URL, a single server or a cluster with uncovered slots behind a
+        cluster URL).
         """
         shown = redact_url(url)
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme.lower() in CLUSTER_SCHEMES:
+            return await cls._connect_cluster(
+                f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+                shown,
+                namespace=namespace,
+                check=check,
+                timeout_s=timeout_s,
+                max_connections=max_connections,
+            )
         try:
             # A bounded, blocking pool: ten thousand agents starting at once queue
             # for 64 connections instead of opening ten thousand sockets.
@@ -163,14 +186,90 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
             client = aredis.Redis.from_pool(pool)
         except ValueError as e:
             raise StoreUnavailable(f"invalid Redis URL {shown}: {e}") from None
-        store = cls(client, Keys(namespace), shown)
+        store = cls(client, Keys(namespace), shown, cluster=False)
         if check:
             try:
                 await store.ping()
+                await store._check_not_cluster()
             except StoreError:
                 await store.close()
                 raise
         return store
+
+    @classmethod
+    async def _connect_cluster(
+        cls,
+        url: str,
+        shown: str,
+        *,
+        namespace: str,
+        check: bool,
+        timeout_s: float,
+        max_connections: int,
+    ) -> Store:
+        try:
+            client = RedisCluster.from_url(
+                url,
+                decode_responses=False,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=max(timeout_s, 10.0),
+                health_check_interval=30,
+                # Per node. The cluster client raises rather than queueing when they
+                # are all busy, so the bound is generous; the batcher keeps it unused.
+                max_connections=max(max_connections, 1024),
+                # As for one server: no re-sending of a command whose reply was lost.
+                # A MOVED/ASK redirect (nothing ran) is still followed, and a failed
+                # node makes the next call refresh the slot map.
+                retry=Retry(NoBackoff(), 0),
+                require_full_coverage=True,
+            )
+        except (ValueError, rexc.RedisError) as e:
+            raise StoreUnavailable(f"invalid Redis Cluster URL {shown}: {_reason(e)}") from None
+        store = cls(client, Keys(namespace), shown, cluster=True)
+        try:
+            await store._initialize_cluster()
+            if check:
+                await store.ping()
+        except StoreError:
+            await store.close()
+            raise
+        return store
+
+    async def _initialize_cluster(self) -> None:
+        try:
+            await self._r.initialize()
+        except rexc.AuthenticationError as e:
+            raise StoreUnavailable(
+                f"Redis at {self.display_url} refused the credentials: {_reason(e)}"
+            ) from None
+        except (rexc.RedisError, OSError) as e:
+            text = _reason(e)
+            if (
+                "cluster mode is not enabled" in text.lower()
+                or "cluster support disabled" in text.lower()
+            ):
+                raise StoreUnavailable(
+                    f"Redis at {self.display_url} is a single server, not a cluster: "
+                    "use a redis:// URL for it"
+                ) from None
+            if "slots" in text.lower() and "covered" in text.lower():
+                raise StoreUnavailable(
+                    f"Redis Cluster at {self.display_url} does not serve every slot "
+                    f"({text}); fix the cluster (CLUSTER INFO, --cluster check) first"
+                ) from None
+            raise StoreUnavailable(
+                f"cannot reach Redis Cluster at {self.display_url}: {text}"
+            ) from None
+
+    @translate
+    async def _check_not_cluster(self) -> None:
+        """A plain URL that names a cluster node would fail later, key by key, with MOVED."""
+        info = await self._r.info("cluster")
+        if int(info.get("cluster_enabled", 0)):
+            raise StoreUnavailable(
+                f"Redis at {self.display_url} is a Redis Cluster node: use "
+                "redis+cluster:// (or rediss+cluster://) with the same address"
+            )
 
     async def close(self) -> None:
         """Close every pooled connection."""

@@ -27,14 +27,14 @@ import anyio.lowlevel
 from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
-__all__ = ["ScriptBatcher", "run_many"]
+__all__ = ["ScriptBatcher", "raise_first", "run_many"]
 
 MAX_BATCH = 1000  # calls per pipeline: bounds one reply's size and the loop's pause
 
 
 @dataclass(slots=True)
 class _Call:
-    script: AsyncScript
+    script: AsyncScript | None  # None: ``args`` is a plain command
     keys: Sequence[Any]
     args: Sequence[Any]
     reply: Any = None
@@ -57,6 +57,14 @@ async def run_many(
     return [c.error if c.error is not None else c.reply for c in batch]
 
 
+def raise_first(replies: list[Any]) -> list[Any]:
+    """``replies`` of :func:`run_many`, or the first error among them raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
     """Run ``calls`` in pipelines of at most :data:`MAX_BATCH`, storing each one's reply
     or error on it (a connection error goes to every call of its pipeline)."""
@@ -66,7 +74,14 @@ async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     for c in chunk:
-                        pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+                        # execute_command, not evalsha(): redis-py's cluster pipeline
+                        # refuses the evalsha method but routes the command by its keys.
+                        if c.script is None:
+                            pipe.execute_command(*c.args)
+                        else:
+                            pipe.execute_command(
+                                "EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args
+                            )
                     replies = await pipe.execute(raise_on_error=False)
             except Exception as e:
                 for c in chunk:
@@ -84,7 +99,8 @@ async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
                 break
             try:
                 for script in {id(c.script): c.script for c in missing}.values():
-                    script.sha = await client.script_load(script.script)
+                    if script is not None:
+                        script.sha = await client.script_load(script.script)
             except Exception as e:
                 for c in missing:
                     c.error = e
@@ -99,7 +115,13 @@ class ScriptBatcher:
         self._client = client
         self._open: _Batch | None = None
 
-    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def command(self, *args: Any) -> Any:
+        """Send one plain command (its key first after the name) in this tick's pipeline."""
+        return await self.run(None, (), args)
+
+    async def run(
+        self, script: AsyncScript | None, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
         """Run ``script`` with ``keys`` and ``args``, in this tick's pipeline; returns its
         reply or raises its error (redis-py's exceptions, as a direct call would)."""
         call = _Call(script, keys, args)

@@ -54,6 +54,16 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, rexc.OutOfMemoryError) or "OOM command not allowed" in str(e)
 
 
+# A cluster that is failing over or resharding answers these for a few seconds; the
+# operation can succeed unchanged once the slot map settles (nothing of it ran).
+_CLUSTER_TRANSIENT = (
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.AskError,  # MOVED too: a redirect the client could not follow yet
+    rexc.SlotNotCoveredError,
+)
+
+
 def _translate(
     url_for_errors: Callable[[Any], str],
 ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
@@ -62,9 +72,20 @@ def _translate(
         async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
             try:
                 return await fn(*args, **kwargs)
-            except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError) as e:
+            except (
+                rexc.ConnectionError,
+                rexc.TimeoutError,
+                rexc.BusyLoadingError,
+                *_CLUSTER_TRANSIENT,
+                OSError,
+            ) as e:
                 where = url_for_errors(args[0])
                 raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
+            except rexc.RedisClusterException as e:  # not a RedisError
+                where = url_for_errors(args[0])
+                if "cannot be connected" in str(e) or "not covered" in str(e).lower():
+                    raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
+                raise StoreError(f"Redis Cluster error: {e}") from e
             except rexc.RedisError as e:
                 if _is_oom(e):
                     where = url_for_errors(args[0])

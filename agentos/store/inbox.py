@@ -36,6 +36,7 @@ class InboxOps:
     _batch: ScriptBatcher
     keys: Keys
     retention: Retention
+    cluster: bool
 
     @translate
     async def send(
@@ -62,29 +63,41 @@ class InboxOps:
             fields["key"] = key
         if traceparent:
             fields["traceparent"] = traceparent
+        k = self.keys
+        signals = k.signals(k.signal_shard(name))
         if send_id is not None:
             check = "" if check_limit is None else str(check_limit)
             size = len(body.encode())
             args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN, check, size]
             for f, v in fields.items():
                 args += [f, v]
-            k = self.keys
-            verdict, value = await self._batch.run(
-                self._send_once, [k.sent(name, send_id), k.inbox(name), k.signals, k.index], args
-            )
+            keys = [k.sent(name, send_id), k.inbox(name), k.applied(name)]
+            if not self.cluster:
+                keys.append(signals)
+            verdict, value = await self._batch.run(self._send_once, keys, args)
             if _s(verdict) != "ok":
                 raise SendRefused(name, None if _s(verdict) == "missing" else int(value))
+            if self.cluster:  # a repeat too: the first attempt may have died before it
+                await self._nudge(signals, name)
             return _s(value)
+        if self.cluster:
+            # The message first, then the signal: a daemon nudged by the signal finds
+            # the message; if the sender dies in between, the inbox sweep finds it.
+            msg_id = await self._r.xadd(k.inbox(name), fields)
+            await self._nudge(signals, name)
+            return _s(msg_id)
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.inbox(name), fields)
+            pipe.xadd(k.inbox(name), fields)
             pipe.xadd(
-                self.keys.signals,
-                {"cmd": "message", "agent": name},
-                maxlen=SIGNALS_MAXLEN,
-                approximate=True,
+                signals, {"cmd": "message", "agent": name}, maxlen=SIGNALS_MAXLEN, approximate=True
             )
             msg_id, _ = await pipe.execute()
         return _s(msg_id)
+
+    async def _nudge(self, signals: str, name: str) -> None:
+        await self._batch.command(
+            "XADD", signals, "MAXLEN", "~", SIGNALS_MAXLEN, "*", "cmd", "message", "agent", name
+        )
 
     @translate
     async def open_agent(self, name: str, consumer: str) -> AgentSnapshot:

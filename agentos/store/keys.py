@@ -2,9 +2,12 @@
 
 Keys of one agent carry the agent's name as a hash tag (``agentos:{repo-watcher}:status``)
 so that all of them land in one slot on Redis Cluster and one Lua script may touch them
-together. Fleet-wide keys share the ``{fleet}`` tag for the same reason: an apply that
+together. The desired state shares the ``{fleet}`` tag for the same reason: an apply that
 touches the spec index, the specs and the generation counter is one transaction.
-A namespace prefix lets several fleets (or tests) share one server.
+Fleet-wide streams that every agent writes (the event feed, the daemons' signals) and
+the due-time index are sharded over hash tags of their own (``{events:N}``,
+``{signals:N}``, ``{due:N}``), so that no single cluster node carries the fleet's whole
+control traffic. A namespace prefix lets several fleets (or tests) share one server.
 """
 
 from __future__ import annotations
@@ -13,13 +16,19 @@ import json
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["DUE_SHARDS", "INBOX_GROUP", "Keys", "event_fields"]
+__all__ = ["DUE_SHARDS", "FEED_SHARDS", "INBOX_GROUP", "SIGNAL_SHARDS", "Keys", "event_fields"]
 
 INBOX_GROUP = "agentos"  # the consumer group every daemon reads agent inboxes through
 # The due-time index is split over this many hash tags ({due:0}..{due:15}) so that it
 # spreads over a Redis Cluster; an agent's shard is fixed by its name. Changing the
 # number moves agents between shards: it is part of the keyspace, like the prefix.
 DUE_SHARDS = 16
+# The fleet event feed is written by every event of every agent, so it is split the same
+# way ({events:0}..{events:15}, an agent's events always in its own shard, in order).
+FEED_SHARDS = 16
+# Signals (nudges for the daemons) are read by every daemon: a few shards spread their
+# writes over a cluster's masters while each daemon keeps one blocking reader per shard.
+SIGNAL_SHARDS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +74,36 @@ class Keys:
         """Counter bumped by every apply and delete; daemons re-read specs when it moves."""
         return f"{self.namespace}:{{fleet}}:generation"
 
-    @property
-    def signals(self) -> str:
-        """Stream of nudges for daemons: applied, message, wake, hibernate."""
-        return f"{self.namespace}:{{fleet}}:signals"
+    @staticmethod
+    def signal_shard(agent: str) -> int:
+        """The signal stream that nudges about ``agent`` go to."""
+        return zlib.crc32(agent.encode()) % SIGNAL_SHARDS
+
+    def signals(self, shard: int) -> str:
+        """Stream of nudges for daemons (applied, message, wake, hibernate, due...);
+        every daemon reads every shard."""
+        return f"{self.namespace}:{{signals:{shard}}}:stream"
+
+    def signal_streams(self) -> list[str]:
+        return [self.signals(i) for i in range(SIGNAL_SHARDS)]
+
+    @staticmethod
+    def feed_shard(agent: str) -> int:
+        """The shard of the fleet event feed that ``agent``'s events are copied to."""
+        return zlib.crc32(agent.encode()) % FEED_SHARDS
+
+    def fleet_events(self, shard: int) -> str:
+        """Stream: a shard of the fleet event feed (every agent event, with the agent's
+        name), for `agentos events`."""
+        return f"{self.namespace}:{{events:{shard}}}:feed"
+
+    def feed_streams(self) -> list[str]:
+        return [self.fleet_events(i) for i in range(FEED_SHARDS)]
 
     @property
-    def fleet_events(self) -> str:
-        """Stream: every agent event, with the agent's name, for `agentos events`."""
-        return f"{self.namespace}:{{fleet}}:events"
+    def layout(self) -> str:
+        """String: the version of this key layout, for the one-time upgrade at daemon start."""
+        return f"{self.namespace}:{{fleet}}:layout"
 
     @property
     def deleted(self) -> str:
@@ -159,6 +189,12 @@ class Keys:
     # one agent
     def _agent(self, name: str, what: str) -> str:
         return f"{self.namespace}:{{{name}}}:{what}"
+
+    def applied(self, name: str) -> str:
+        """String "spec_hash priority inbox_max_bytes": the agent's entry of the fleet
+        index, kept in the agent's own slot so that a send checks it in the same atomic
+        step as it enqueues, and a purge never removes an agent applied again."""
+        return self._agent(name, "applied")
 
     def status(self, name: str) -> str:
         """Hash: phase, owner, last activity, counters, last error."""

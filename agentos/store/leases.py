@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from agentos.store import streams
+from agentos.store.batching import raise_first, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import Keys
 from agentos.store.keys import event_fields as _event_fields
@@ -33,6 +35,7 @@ class LeaseOps:
     _release: Any
     _heartbeat: Any
     keys: Keys
+    cluster: bool
 
     # ---------------------------------------------------------------- signals
 
@@ -40,29 +43,44 @@ class LeaseOps:
     async def signal(self, cmd: str, agent: str, **fields: str) -> None:
         """Nudge the daemons: ``cmd`` is wake, hibernate, message, applied or deleted."""
         await self._r.xadd(
-            self.keys.signals,
+            self.keys.signals(self.keys.signal_shard(agent)),
             {"cmd": cmd, "agent": agent, **fields},
             maxlen=SIGNALS_MAXLEN,
             approximate=True,
         )
 
+    def signal_groups(self) -> list[tuple[str, ...]]:
+        """The signal shards a daemon reads, grouped by what one blocking read may cover:
+        all of them on one Redis, one each on a cluster (one reader per group)."""
+        streams_ = self.keys.signal_streams()
+        return [tuple(streams_)] if not self.cluster else [(s,) for s in streams_]
+
     @translate
-    async def last_signal_id(self) -> str:
-        """The id of the newest signal ("0-0" if none): where a new reader starts."""
-        entries = await self._r.xrevrange(self.keys.signals, count=1)
-        return _s(entries[0][0]) if entries else "0-0"
+    async def last_signal_id(self, group: Sequence[str] | None = None) -> str:
+        """A cursor at the newest signal of ``group`` (default: every shard): where a new
+        reader starts."""
+        return await streams.latest(self._r, group or self.keys.signal_streams())
 
     @translate
     async def read_signals(
-        self, after_id: str, *, block_ms: int = 1000, count: int = 1000
+        self,
+        after_id: str,
+        *,
+        block_ms: int = 1000,
+        count: int = 1000,
+        group: Sequence[str] | None = None,
     ) -> list[tuple[str, dict[str, str]]]:
-        """Signals newer than ``after_id``, waiting up to ``block_ms`` for the first."""
-        reply = await self._r.xread({self.keys.signals: after_id}, count=count, block=block_ms)
-        out: list[tuple[str, dict[str, str]]] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                out.append((_s(entry_id), {_s(a): _s(b) for a, b in fields.items()}))
-        return out
+        """Signals of ``group`` after the cursor ``after_id``, waiting up to ``block_ms``
+        for the first; each comes with the cursor that resumes after it."""
+        entries = await streams.read_after(
+            self._r,
+            group or self.keys.signal_streams(),
+            after_id,
+            count=count,
+            block_ms=block_ms,
+            cluster=self.cluster,
+        )
+        return [(cursor, fields) for cursor, _, _, fields in entries]
 
     # ---------------------------------------------------------------- leases
 
@@ -81,12 +99,8 @@ class LeaseOps:
         if not names:
             return {}
         k = self.keys
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name in names:
-                await self._acquire(
-                    keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms], client=pipe
-                )
-            tokens = await pipe.execute()
+        calls = [([k.lease(n), k.fence(n)], [daemon_id, ttl_ms]) for n in names]
+        tokens = raise_first(await run_many(self._r, self._acquire, calls))
         return {name: int(t) for name, t in zip(names, tokens, strict=True)}
 
     @translate
@@ -98,12 +112,8 @@ class LeaseOps:
         if not held:
             return {}
         names = list(held)
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name in names:
-                await self._renew(
-                    keys=[self.keys.lease(name)], args=[held[name], ttl_ms], client=pipe
-                )
-            results = await pipe.execute()
+        calls = [([self.keys.lease(n)], [held[n], ttl_ms]) for n in names]
+        results = raise_first(await run_many(self._r, self._renew, calls))
         return {name: bool(ok) for name, ok in zip(names, results, strict=True)}
 
     @translate
@@ -170,7 +180,7 @@ class LeaseOps:
     ) -> None:
         """Add one event to the fleet feed (``agent`` empty for events of the fleet itself)."""
         await self._r.xadd(
-            self.keys.fleet_events,
+            self.keys.fleet_events(self.keys.feed_shard(agent)),
             _event_fields(agent, time.time(), type_, reason, message, daemon),
             maxlen=FLEET_EVENTS_MAXLEN,
             approximate=True,

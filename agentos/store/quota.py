@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.core.policy import ClassQuota, Limits, RuleMemory
-from agentos.store.batching import ScriptBatcher
+from agentos.store.batching import ScriptBatcher, raise_first, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import Keys, event_fields
 
@@ -235,14 +235,14 @@ class QuotaOps:
     ) -> None:
         """Extend running calls' concurrency leases: (call id, (class, agent)) each."""
         q = self.keys.quota
-        async with self._r.pipeline(transaction=False) as pipe:
-            for call, (quota_class, agent) in calls:
-                await self._q_renew(
-                    keys=[q(quota_class, "holders"), q(quota_class, f"holders:{agent}")],
-                    args=[agent, call, max(1, int(lease_s * 1000))],
-                    client=pipe,
-                )
-            await pipe.execute()
+        batch = [
+            (
+                [q(quota_class, "holders"), q(quota_class, f"holders:{agent}")],
+                [agent, call, max(1, int(lease_s * 1000))],
+            )
+            for call, (quota_class, agent) in calls
+        ]
+        raise_first(await run_many(self._r, self._q_renew, batch))
 
     @translate
     async def quota_unqueue(self, *, quota_class: str, agent: str, call: str) -> None:
@@ -268,18 +268,15 @@ class QuotaOps:
         by_day: dict[tuple[str, str], list[str]] = {}
         for quota_class, agent, day, seconds in charges:
             by_day.setdefault((quota_class, day), []).extend([agent, repr(float(seconds))])
-        async with self._r.pipeline(transaction=False) as pipe:
-            for (quota_class, day), pairs in by_day.items():
-                q = self.keys.quota
-                await self._q_charge(
-                    keys=[
-                        q(quota_class, f"charged:{op_id or ''}:{day}"),
-                        q(quota_class, f"day:{day}"),
-                    ],
-                    args=[op_id or "", BUDGET_TTL_S, *pairs],
-                    client=pipe,
-                )
-            await pipe.execute()
+        q = self.keys.quota
+        batch = [
+            (
+                [q(quota_class, f"charged:{op_id or ''}:{day}"), q(quota_class, f"day:{day}")],
+                [op_id or "", BUDGET_TTL_S, *pairs],
+            )
+            for (quota_class, day), pairs in by_day.items()
+        ]
+        raise_first(await run_many(self._r, self._q_charge, batch))
 
     # ------------------------------------------------------------------ reading usage
 
@@ -381,21 +378,22 @@ class QuotaOps:
             json.dumps(doc, sort_keys=True),
             json.dumps({n: m.to_json() for n, m in memory.items()}, sort_keys=True),
             json.dumps(dict(metrics), sort_keys=True),
-            FLEET_EVENTS_MAXLEN,
         ]
-        for policy, type_, reason, message in events:
-            fields = event_fields(policy, now, type_, reason, message, "")
-            args += [fields["agent"], fields["event"]]
         ok = await self._q_publish(
-            keys=[
-                k.quota_lease,
-                k.quota_effective,
-                k.quota_memory,
-                k.quota_fleet_metrics,
-                k.fleet_events,
-            ],
+            keys=[k.quota_lease, k.quota_effective, k.quota_memory, k.quota_fleet_metrics],
             args=args,
         )
+        if ok and events:
+            # The feed is sharded (by policy name here): its copies follow the write.
+            async with self._r.pipeline(transaction=False) as pipe:
+                for policy, type_, reason, message in events:
+                    pipe.xadd(
+                        k.fleet_events(k.feed_shard(policy)),
+                        event_fields(policy, now, type_, reason, message, ""),
+                        maxlen=FLEET_EVENTS_MAXLEN,
+                        approximate=True,
+                    )
+                await pipe.execute()
         return bool(ok)
 
     @translate

@@ -4,7 +4,8 @@ Everything `agentos apply` and `agentos delete` change, and everything a daemon 
 decide what should run: the Agent specs and their index (hash and priority), the
 QuotaPolicy documents, the fleet generation that moves on every change, and the set of
 deleted agents whose runtime keys still have to go. Apply and purge are WATCHed
-transactions, so an agent deleted and applied again never starts on the old one's state.
+transactions, each within one hash slot (so they run on Redis Cluster), ordered so that
+an agent deleted and applied again never starts on the old one's state.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from agentos.store.keys import event_fields as _event_fields
 from agentos.store.records import FLEET_EVENTS_MAXLEN, SIGNALS_MAXLEN, AppliedChange, SpecRecord, _s
 from agentos.store.snapshots import Snapshots
 
-__all__ = ["SpecOps"]
+__all__ = ["LAYOUT", "SpecOps"]
+
+LAYOUT = "2"  # see upgrade_layout
 
 
 class SpecOps:
@@ -42,13 +45,18 @@ class SpecOps:
         Returns, per record, whether it was created, configured (changed) or left
         unchanged. With ``dry_run`` nothing is written. Bumps the fleet generation and
         signals the daemons when anything changed.
+
+        The desired state (specs, index, policies, generation) is one transaction in the
+        ``{fleet}`` slot. Each agent's applied marker, in its own slot, is written just
+        before it, so a message sent right after apply returns is accepted; the fleet
+        events and the daemons' signal follow it (daemons also notice the generation).
         """
         k = self.keys
         agents = [r for r in records if r.kind == "Agent"]
         policies = [r for r in records if r.kind != "Agent"]  # QuotaPolicy, Model
         hashes = {"QuotaPolicy": k.policies, "Model": k.models}
-        async with self._r.pipeline(transaction=True) as pipe:
-            while True:
+        while True:
+            async with self._r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(k.generation, k.deleted)
                     current_agents = (
@@ -67,23 +75,26 @@ class SpecOps:
                             AppliedChange(rec.kind, rec.name, _verdict(old_hash, rec.spec_hash))
                         )
                     touched = [c for c in changes if c.action != "unchanged"]
-                    if dry_run or not touched:
+                    if dry_run:
                         await pipe.unwatch()
                         return changes
                     # An agent deleted and created again starts afresh, not with the old
-                    # one's state: its old keys go in the same transaction as the new
-                    # spec, so no daemon can start it on the old state in between.
+                    # one's state: its old keys go before its new spec is written, and
+                    # no daemon starts a deleted agent in between.
                     created = {
                         c.name for c in touched if c.kind == "Agent" and c.action == "created"
                     }
                     stale = created & {_s(n) for n in await pipe.smembers(k.deleted)}
-                    purge: list[str] = []
                     for name in sorted(stale):
-                        purge += await self._purge_keys(pipe, name)
+                        await self._purge_agent_keys(name, guard=False)
+                    # Markers of unchanged agents too: a repair after an interrupted apply.
+                    await self._write_markers(agents)
+                    if not touched:
+                        await pipe.unwatch()
+                        return changes
                     pipe.multi()
                     if stale:
-                        self._queue_purge(pipe, sorted(stale), purge)
-                    now = time.time()
+                        pipe.srem(k.deleted, *sorted(stale))
                     by_name = {(r.kind, r.name): r for r in records}
                     for change in touched:
                         rec = by_name[(change.kind, change.name)]
@@ -94,31 +105,53 @@ class SpecOps:
                             body = json.loads(rec.body)
                             body["_hash"] = rec.spec_hash
                             pipe.hset(hashes[rec.kind], rec.name, json.dumps(body))
-                        pipe.xadd(
-                            k.fleet_events,
-                            _event_fields(
-                                rec.name,
-                                now,
-                                "Applied",
-                                change.action,
-                                f"{rec.kind} {change.action}",
-                                "",
-                            ),
-                            maxlen=FLEET_EVENTS_MAXLEN,
-                            approximate=True,
-                        )
                     pipe.incr(k.generation)
-                    pipe.xadd(
-                        k.signals,
-                        {"cmd": "applied", "agent": ""},
-                        maxlen=SIGNALS_MAXLEN,
-                        approximate=True,
-                    )
                     await pipe.execute()
                     break
                 except rexc.WatchError:
                     continue
+        now = time.time()
+        await self._after_change(
+            [
+                (
+                    c.name,
+                    _event_fields(c.name, now, "Applied", c.action, f"{c.kind} {c.action}", ""),
+                )
+                for c in touched
+            ],
+            {"cmd": "applied", "agent": ""},
+        )
         return changes
+
+    async def _write_markers(self, agents: Sequence[SpecRecord]) -> None:
+        if not agents:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for rec in agents:
+                pipe.set(self.keys.applied(rec.name), _index_entry(rec))
+            await pipe.execute()
+
+    async def _after_change(
+        self, events: Sequence[tuple[str, dict[str, str]]], signal: dict[str, str]
+    ) -> None:
+        """The fleet feed's copies of a change's events and the daemons' signal: after
+        the change itself, in one pipeline (their shards are other slots)."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name, fields in events:
+                pipe.xadd(
+                    k.fleet_events(k.feed_shard(name)),
+                    fields,
+                    maxlen=FLEET_EVENTS_MAXLEN,
+                    approximate=True,
+                )
+            pipe.xadd(
+                k.signals(k.signal_shard(signal["agent"])),
+                signal,
+                maxlen=SIGNALS_MAXLEN,
+                approximate=True,
+            )
+            await pipe.execute()
 
     @translate
     async def delete(self, kind: str, name: str, *, purge_if_unowned: bool = True) -> bool:
@@ -133,24 +166,18 @@ class SpecOps:
             if removed:
                 await self._r.incr(k.generation)
             return bool(removed)
+        # The marker first: from here on a send is refused, and nothing stops a purge.
+        await self._r.delete(k.applied(name))
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hdel(k.specs, name)
             pipe.hdel(k.index, name)
             pipe.sadd(k.deleted, name)
             pipe.incr(k.generation)
-            pipe.xadd(
-                k.signals,
-                {"cmd": "deleted", "agent": name},
-                maxlen=SIGNALS_MAXLEN,
-                approximate=True,
-            )
-            pipe.xadd(
-                k.fleet_events,
-                _event_fields(name, time.time(), "Deleted", "delete", "Agent deleted", ""),
-                maxlen=FLEET_EVENTS_MAXLEN,
-                approximate=True,
-            )
             removed, *_ = await pipe.execute()
+        await self._after_change(
+            [(name, _event_fields(name, time.time(), "Deleted", "delete", "Agent deleted", ""))],
+            {"cmd": "deleted", "agent": name},
+        )
         if removed and purge_if_unowned and not await self._r.exists(k.lease(name)):
             await self.purge_agent(name)
         return bool(removed)
@@ -159,24 +186,43 @@ class SpecOps:
     async def purge_agent(self, name: str) -> bool:
         """Delete every runtime key of a deleted agent, snapshot and tasks included, in one
         transaction. Returns False, deleting nothing, when the agent is not deleted (any
-        more): not listed in ``deleted``, or it has a spec again.
+        more): not listed in ``deleted``, or it has a spec or an applied marker again.
 
         A deleted agent's runner purges after its ``on_stop`` and grace period; by then
         the agent may have been applied again (``apply`` purged the old keys itself), and
-        the keys are the new agent's. Safe to retry: once purged, it is no longer listed.
+        the keys are the new agent's: the marker, which apply writes before the spec and
+        in the agent's own slot, guards them. Safe to retry: once purged, it is no
+        longer listed.
         """
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.sismember(k.deleted, name)
+            pipe.hexists(k.specs, name)
+            listed, has_spec = await pipe.execute()
+        if not listed or has_spec:
+            return False
+        if not await self._purge_agent_keys(name, guard=True):
+            return False
+        await self._r.srem(k.deleted, name)
+        return True
+
+    async def _purge_agent_keys(self, name: str, *, guard: bool) -> bool:
+        """Delete the agent's keys in one transaction of its slot; with ``guard``, only
+        while it has no applied marker. Returns whether they were deleted."""
         k = self.keys
         async with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(k.deleted, k.specs)
-                    listed = await pipe.sismember(k.deleted, name)
-                    if not listed or await pipe.hexists(k.specs, name):
+                    await pipe.watch(k.applied(name))
+                    # GET, not EXISTS: the cluster pipeline splits EXISTS over slots and
+                    # cannot run it inside a transaction.
+                    if guard and await pipe.get(k.applied(name)) is not None:
                         await pipe.unwatch()
                         return False
                     keys = await self._purge_keys(pipe, name)
                     pipe.multi()
-                    self._queue_purge(pipe, [name], keys)
+                    for i in range(0, len(keys), 500):
+                        pipe.delete(*keys[i : i + 500])
                     await pipe.execute()
                     return True
                 except rexc.WatchError:
@@ -189,7 +235,9 @@ class SpecOps:
         await pipe.watch(*listing)
         days = [_s(d) for d in await pipe.smembers(k.usage_days(name))]
         ids = [_s(i) for i in await pipe.zrange(k.tasks(name), 0, -1)]
-        manifest_raw, pending_raw = await pipe.mget([k.kv_manifest(name), k.kv_pending(name)])
+        # Two GETs, not MGET: redis-py's cluster pipeline refuses multi-key reads.
+        manifest_raw = await pipe.get(k.kv_manifest(name))
+        pending_raw = await pipe.get(k.kv_pending(name))
         return [
             *self.snapshots.keys_of(name, manifest_raw, pending_raw),
             *(k.usage(name, d) for d in days),
@@ -197,12 +245,25 @@ class SpecOps:
             *k.agent_keys(name),
         ]
 
-    def _queue_purge(self, pipe: Any, names: Sequence[str], keys: Sequence[str]) -> None:
-        # One transaction over the agent's slot and {fleet}: fine on a single Redis; on
-        # Redis Cluster it has to be split per slot (the Cluster issue).
-        for i in range(0, len(keys), 500):
-            pipe.delete(*keys[i : i + 500])
-        pipe.srem(self.keys.deleted, *names)
+    @translate
+    async def upgrade_layout(self) -> int:
+        """Bring a fleet written by an older agentos to this key layout; returns how many
+        agents needed an applied marker. Cheap when there is nothing to do (one GET).
+
+        Layout 2 (Redis Cluster support) added the per-agent applied markers that sends
+        check; agents applied before it get theirs from the fleet index. The old
+        single-key signal and event streams are left to expire with their fleet.
+        """
+        k = self.keys
+        if _s(await self._r.get(k.layout) or b"") == LAYOUT:
+            return 0
+        index = {_s(a): _s(b) for a, b in (await self._r.hgetall(k.index)).items()}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name, entry in index.items():
+                pipe.set(k.applied(name), entry, nx=True)
+            added = sum(1 for ok in await pipe.execute() if ok)
+        await self._r.set(k.layout, LAYOUT)
+        return added
 
     @translate
     async def pending_purges(self) -> set[str]:

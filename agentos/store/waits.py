@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentos.core.waits import Resolution, WaitRecord
+from agentos.store.batching import raise_first, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import DUE_SHARDS, Keys
 from agentos.store.records import _s
@@ -149,15 +150,8 @@ class WaitOps:
         if not names:
             return []
         k = self.keys
-        script = self._wait_scripts["claim"]
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name in names:
-                await script(
-                    keys=[k.due(k.due_shard(name))],
-                    args=[name, repr(now), repr(now + claim_s)],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        calls = [([k.due(k.due_shard(n))], [n, repr(now), repr(now + claim_s)]) for n in names]
+        replies = raise_first(await run_many(self._r, self._wait_scripts["claim"], calls))
         return [n for n, ok in zip(names, replies, strict=True) if int(ok)]
 
     @translate

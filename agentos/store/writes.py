@@ -18,8 +18,9 @@ from typing import Any
 
 import msgspec
 
-from agentos.store.batching import ScriptBatcher, run_many
-from agentos.store.errors import translate
+from agentos.store import streams
+from agentos.store.batching import ScriptBatcher, raise_first, run_many
+from agentos.store.errors import StoreError, translate
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.records import (
     FLEET_EVENTS_MAXLEN,
@@ -68,6 +69,19 @@ class Duplicate:
     task: TaskWrite
 
 
+def _event(entry_id: str, fields: Mapping[str, str], name: str | None) -> Event:
+    body = json.loads(fields.get("event", "{}"))
+    return Event(
+        id=entry_id,
+        agent=fields.get("agent", name or ""),
+        time=float(body.get("time", 0.0)),
+        type=body.get("type", ""),
+        reason=body.get("reason", ""),
+        message=body.get("message", ""),
+        daemon=body.get("daemon", ""),
+    )
+
+
 def _encode(ops: list[list[object]]) -> bytes:
     # Every argument as a string (Lua's cjson would turn numbers into floats), except
     # {"argv": n} placeholders.
@@ -83,6 +97,7 @@ class WriteOps:
     _batch: ScriptBatcher
     keys: Keys
     retention: Retention
+    cluster: bool
 
     def _ops(
         self,
@@ -148,10 +163,13 @@ class WriteOps:
         if event_json is not None:
             stream = key(k.events(name))
             ops.append(["XADD", stream, "MAXLEN", "~", EVENTS_MAXLEN, "*", "event", event_json])
+        if event_json is not None and not self.cluster:
+            # The fleet feed's copy in the same step. On a cluster the feed shard is in
+            # another slot: fenced_write sends the copy once the write is applied.
             ops.append(
                 [
                     "XADD",
-                    key(k.fleet_events),
+                    key(k.fleet_events(k.feed_shard(name))),
                     "MAXLEN",
                     "~",
                     FLEET_EVENTS_MAXLEN,
@@ -245,11 +263,33 @@ class WriteOps:
             schedule=schedule,
             usage=usage,
         )
-        keys, ops = self._ops(
-            name, [*prior, own], release=release, op_id=op_id, duplicate=duplicate
-        )
+        parts = [*prior, own]
+        keys, ops = self._ops(name, parts, release=release, op_id=op_id, duplicate=duplicate)
         code = int(await self._batch.run(self._fenced, keys, [lease_value, *ops]))
-        return APPLIED if code == 2 else code  # 2: this op id was applied before
+        code = APPLIED if code == 2 else code  # 2: this op id was applied before
+        if self.cluster and code:
+            kept = parts if code == APPLIED else parts[:-1]  # a duplicate: not its own part
+            for part in kept:
+                if part.event is not None:
+                    await self._feed_copy(name, json.dumps(dict(part.event)))
+        return code
+
+    async def _feed_copy(self, name: str, event_json: str) -> None:
+        """Copy one of ``name``'s events to its shard of the fleet feed (a step of its own
+        on a cluster: at most one copy is missing if the daemon dies in between; the
+        agent's own stream has every event)."""
+        await self._batch.command(
+            "XADD",
+            self.keys.fleet_events(self.keys.feed_shard(name)),
+            "MAXLEN",
+            "~",
+            FLEET_EVENTS_MAXLEN,
+            "*",
+            "agent",
+            name,
+            "event",
+            event_json,
+        )
 
     @translate
     async def fenced_status_batch(self, updates: Sequence[StatusUpdate]) -> list[bool]:
@@ -266,10 +306,7 @@ class WriteOps:
         for name, lease_value, fields, usage, op_id in updates:
             keys, ops = self._ops(name, [Write(status=fields, usage=usage)], op_id=op_id)
             calls.append((keys, [lease_value, *ops]))
-        replies = await run_many(self._r, self._fenced, calls)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = raise_first(await run_many(self._r, self._fenced, calls))
         return [bool(x) for x in replies]
 
     @translate
@@ -305,7 +342,9 @@ class WriteOps:
         Without ``after_id`` returns the newest ``count``; with it, those after it,
         waiting up to ``block_ms`` for new ones when given.
         """
-        stream = self.keys.events(name) if name else self.keys.fleet_events
+        if not name:
+            return await self._fleet_events(count=count, after_id=after_id, block_ms=block_ms)
+        stream = self.keys.events(name)
         if after_id is None:
             entries = list(reversed(await self._r.xrevrange(stream, count=count)))
         elif block_ms is not None:
@@ -313,22 +352,27 @@ class WriteOps:
             entries = reply[0][1] if reply else []
         else:
             entries = await self._r.xrange(stream, min=f"({after_id}", count=count)
-        out = []
-        for entry_id, fields in entries:
-            fields = {_s(a): _s(b) for a, b in fields.items()}
-            body = json.loads(fields.get("event", "{}"))
-            out.append(
-                Event(
-                    id=_s(entry_id),
-                    agent=fields.get("agent", name or ""),
-                    time=float(body.get("time", 0.0)),
-                    type=body.get("type", ""),
-                    reason=body.get("reason", ""),
-                    message=body.get("message", ""),
-                    daemon=body.get("daemon", ""),
+        return [
+            _event(_s(entry_id), {_s(a): _s(b) for a, b in fields.items()}, name)
+            for entry_id, fields in entries
+        ]
+
+    async def _fleet_events(
+        self, *, count: int, after_id: str | None, block_ms: int | None
+    ) -> list[Event]:
+        # The feed is sharded: an event's id is a cursor over every shard (see
+        # agentos.store.streams), so following the feed works as with one stream.
+        feeds = self.keys.feed_streams()
+        if after_id is None:
+            entries = await streams.tail(self._r, feeds, count)
+        else:
+            try:
+                entries = await streams.read_after(
+                    self._r, feeds, after_id, count=count, block_ms=block_ms, cluster=self.cluster
                 )
-            )
-        return out
+            except ValueError as e:
+                raise StoreError(str(e)) from None
+        return [_event(cursor, fields, "") for cursor, _, _, fields in entries]
 
     @translate
     async def load_state(self, name: str) -> bytes | None:

@@ -8,9 +8,9 @@
 -- 2 without applying anything and without looking at the lease, which the first
 -- attempt may have released.
 -- KEYS[1] the lease, KEYS[2] the agent's recent op ids (sorted set), then every key the
--- ops touch. All carry the agent's hash tag except the fleet event feed ({fleet}): one
--- script may touch both on a single Redis; on Redis Cluster the fleet copy has to move
--- to a per-agent or sharded feed (the Cluster issue).
+-- ops touch. All carry the agent's hash tag, except on a single Redis the agent's shard
+-- of the fleet event feed ({events:N}), whose copy of the event then goes in the same
+-- step; on Redis Cluster the caller copies the event after this script.
 -- ARGV[1] "daemon|token"; ARGV[2] JSON list of ops [command, key index, args...];
 -- an argument {"argv": n} stands for ARGV[n] (ARGV[3]: binary values such as agent
 -- state); ARGV[4] op id or ''; ARGV[5] how many op ids to keep; ARGV[6] their ttl (s).

@@ -1,0 +1,135 @@
+"""Reading a stream that is split over several keys (shards) as if it were one.
+
+The fleet event feed and the daemons' signal stream are written by every agent, so they
+are sharded over hash tags (see :mod:`agentos.store.keys`) to spread that traffic over a
+cluster's masters. Readers still want one feed, in order, with one resumable position:
+this module merges the shards by entry id (ids are times, so the merge is in time order
+across shards, and exact within one, which holds every event of one agent) and hands out
+a *cursor* — the last id read from each shard, comma-separated — where a single stream
+would hand out an entry id. Each entry comes back with the cursor that resumes right
+after it, so a caller that kept the last entry's "id" resumes without change.
+
+On one Redis a blocking read covers every shard in one ``XREAD``. On a cluster one
+command may only name keys of one slot: several shards are read with one non-blocking
+``XREAD`` each (pipelined, in parallel over the nodes) and polled, while a blocking read
+of a single shard stays a real ``XREAD BLOCK`` (the daemons keep one reader per signal
+shard for that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from agentos.store.records import _s
+
+__all__ = ["POLL_S", "Entry", "latest", "read_after", "tail"]
+
+POLL_S = 0.25  # how often a multi-shard read on a cluster looks again while it blocks
+Entry = tuple[str, int, str, dict[str, str]]  # (cursor after it, shard, entry id, fields)
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def parse_cursor(cursor: str, shards: int) -> list[str]:
+    """The per-shard ids of ``cursor``. A plain entry id (a position in a stream from
+    before the split, or "0-0"/"$"-style starts) applies to every shard."""
+    parts = cursor.split(",")
+    if len(parts) == shards:
+        return parts
+    if len(parts) == 1:
+        return parts * shards
+    raise ValueError(f"invalid stream cursor {cursor!r}: expected {shards} comma-separated ids")
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    return {_s(a): _s(b) for a, b in raw.items()}
+
+
+def _merge(base: list[str], found: list[list[tuple[Any, Any]]]) -> list[Entry]:
+    items = [
+        (_key(_s(entry_id)), shard, _s(entry_id), raw)
+        for shard, entries in enumerate(found)
+        for entry_id, raw in entries
+    ]
+    items.sort(key=lambda item: (item[0], item[1]))
+    cursor = list(base)
+    out: list[Entry] = []
+    for _, shard, entry_id, raw in items:
+        cursor[shard] = entry_id
+        out.append((",".join(cursor), shard, entry_id, _fields(raw)))
+    return out
+
+
+async def tail(client: Any, streams: Sequence[str], count: int) -> list[Entry]:
+    """The newest ``count`` entries over all ``streams``, oldest first."""
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=count)
+        replies = await pipe.execute()
+    newest_first = [list(r) for r in replies]
+    window = sorted(
+        ((_key(_s(e[0])), shard) for shard, entries in enumerate(newest_first) for e in entries),
+        reverse=True,
+    )[:count]
+    oldest_kept = {}
+    for key, shard in window:
+        oldest_kept[shard] = key  # descending: the last one seen is the oldest kept
+    base: list[str] = []
+    kept: list[list[tuple[Any, Any]]] = []
+    for shard, entries in enumerate(newest_first):
+        limit = oldest_kept.get(shard)
+        keep = [e for e in entries if limit is not None and _key(_s(e[0])) >= limit]
+        dropped = [e for e in entries if limit is None or _key(_s(e[0])) < limit]
+        base.append(_s(dropped[0][0]) if dropped else "0-0")
+        kept.append(list(reversed(keep)))
+    return _merge(base, kept)
+
+
+async def latest(client: Any, streams: Sequence[str]) -> str:
+    """A cursor at the newest entry of every shard: where a new reader starts."""
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xrevrange(stream, count=1)
+        replies = await pipe.execute()
+    return ",".join(_s(r[0][0]) if r else "0-0" for r in replies)
+
+
+async def read_after(
+    client: Any,
+    streams: Sequence[str],
+    cursor: str,
+    *,
+    count: int,
+    block_ms: int | None = None,
+    cluster: bool = False,
+) -> list[Entry]:
+    """Entries after ``cursor`` (at most ``count`` per shard), waiting up to
+    ``block_ms`` for the first when given."""
+    base = parse_cursor(cursor, len(streams))
+    if not cluster or len(streams) == 1:
+        reply = await client.xread(
+            dict(zip(streams, base, strict=True)), count=count, block=block_ms
+        )
+        found: list[list[tuple[Any, Any]]] = [[] for _ in streams]
+        index = {s: i for i, s in enumerate(streams)}
+        for stream, entries in reply or []:
+            found[index[_s(stream)]] = list(entries)
+        return _merge(base, found)
+    waited = 0.0
+    while True:
+        async with client.pipeline(transaction=False) as pipe:
+            for stream, after in zip(streams, base, strict=True):
+                pipe.xread({stream: after}, count=count)
+            replies = await pipe.execute()
+        found = [list(r[0][1]) if r else [] for r in replies]
+        if any(found) or not block_ms or waited * 1000 >= block_ms:
+            return _merge(base, found)
+        step = min(POLL_S, block_ms / 1000 - waited)
+        await anyio.sleep(step)
+        waited += step
