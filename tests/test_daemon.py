@@ -11,7 +11,7 @@ from agentos.store import Store
 from tests.fixture_agents import CountState, EchoState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 COUNTER = "tests.fixture_agents:Counter"
 ECHO = "tests.fixture_agents:Echo"

@@ -16,7 +16,7 @@ from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, wait_until
 from tests.test_cli import base_env, spawn
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis_tiers]
 
 AGENTS = 20
 MESSAGES = 500

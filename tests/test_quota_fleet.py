@@ -20,7 +20,7 @@ from agentos.store.quota import BURST_S
 from tests.helpers import agent_doc, apply, running_daemon, wait_until
 from tests.test_cli import base_env, cli, env, show, spawn
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 LIMITS = {"fast": 60_000, "slow": 30_000}  # tokens per minute
 MEMBERS = {"fast": 20, "slow": 10}

@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 
 from agentos.engine.base import KVSnapshot
 from agentos.store.batching import ScriptBatcher
+from agentos.store.clusterclient import AgentosCluster
 from agentos.store.errors import SendRefused, StoreError, StoreFull, StoreUnavailable, translate
 from agentos.store.errors import reason as _reason
 from agentos.store.inbox import SEND_DEDUPE_TTL_S as SEND_DEDUPE_TTL_S
@@ -208,7 +209,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         max_connections: int,
     ) -> Store:
         try:
-            client = RedisCluster.from_url(
+            client = AgentosCluster.from_url(
                 url,
                 decode_responses=False,
                 socket_connect_timeout=timeout_s,
@@ -301,8 +302,22 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
     async def command_calls(self) -> dict[str, int]:
         """Calls per command since the server started (``INFO commandstats``; commands a
         script runs count too). For benchmarks and tests that pin round trips."""
-        info = await self._r.info("commandstats")
-        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+        if not self.cluster:
+            info = await self._r.info("commandstats")
+            return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+        # Summed over the masters (a replica's replication stream is not a client call).
+        per_node = await self._r.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
+        total: dict[str, int] = {}
+        for info in per_node.values():
+            for k, v in info.items():
+                name = k.removeprefix("cmdstat_")
+                total[name] = total.get(name, 0) + int(v["calls"])
+        return total
+
+    @translate
+    async def key_idle_s(self, key: str) -> int:
+        """Seconds since any command last read or wrote ``key`` (``OBJECT IDLETIME``)."""
+        return int(await self._r.object("idletime", key))
 
     # ---------------------------------------------------------------- hibernated KV
 

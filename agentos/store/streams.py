@@ -112,7 +112,7 @@ async def read_after(
     """Entries after ``cursor`` (at most ``count`` per shard), waiting up to
     ``block_ms`` for the first when given."""
     base = parse_cursor(cursor, len(streams))
-    if not cluster or len(streams) == 1:
+    if not cluster:
         reply = await client.xread(
             dict(zip(streams, base, strict=True)), count=count, block=block_ms
         )
@@ -121,13 +121,17 @@ async def read_after(
         for stream, entries in reply or []:
             found[index[_s(stream)]] = list(entries)
         return _merge(base, found)
+    if len(streams) == 1:  # one slot: a real blocking read
+        reply = await client.xread({streams[0]: base[0]}, count=count, block=block_ms)
+        return _merge(base, [list(reply[0][1]) if reply else []])
     waited = 0.0
     while True:
+        # XRANGE from after each shard's position (fixed key position: routed directly).
         async with client.pipeline(transaction=False) as pipe:
             for stream, after in zip(streams, base, strict=True):
-                pipe.xread({stream: after}, count=count)
+                pipe.xrange(stream, min=f"({after}", count=count)
             replies = await pipe.execute()
-        found = [list(r[0][1]) if r else [] for r in replies]
+        found = [list(r) for r in replies]
         if any(found) or not block_ms or waited * 1000 >= block_ms:
             return _merge(base, found)
         step = min(POLL_S, block_ms / 1000 - waited)
