@@ -39,7 +39,7 @@ from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
 from agentos.settings import DaemonSettings
-from agentos.store import Retention, StatusUpdate, Store, StoreError, StoreFull
+from agentos.store import Retention, StatusUpdate, Store, StoreError, StoreFull, StoreUnavailable
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
@@ -142,6 +142,8 @@ class Daemon:
         # Redis at maxmemory: when writes were first and last refused (None: they are not).
         self._full_since: float | None = None
         self._full_last = 0.0
+        self._down_since: float | None = None  # Redis (or a cluster node) unreachable
+        self._down_last = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -478,6 +480,10 @@ class Daemon:
         """Log a failed store call once, clearly; remember when Redis started refusing writes."""
         then = "" if delay is None else f"; retrying in {delay:.1f}s"
         if not isinstance(e, StoreFull):
+            if isinstance(e, StoreUnavailable):
+                self._down_last = self.clock()
+                if self._down_since is None:
+                    self._down_since = self._down_last
             log.warning("%s: %s%s", where, e, then)
             return
         self._full_last = self.clock()
@@ -488,7 +494,20 @@ class Daemon:
             log.debug("%s: Redis still full%s", where, then)
 
     async def _store_recovered(self) -> None:
-        """After a write went through: if Redis was full, say in the fleet feed for how long."""
+        """After a write went through: if Redis was unreachable or full, say in the fleet
+        feed for how long (the event could not be written while it lasted)."""
+        if self._down_since is not None:
+            since, until = self._down_since, max(self._down_last, self._down_since)
+            self._down_since = None
+            await self.store.record_fleet_event(
+                "",
+                "RedisUnavailable",
+                "unreachable",
+                f"Redis at {self.store.display_url} could not be reached from {_utc(since)} "
+                f"to {_utc(until)} ({until - since:.0f}s); the daemon retried with backoff",
+                self.id,
+            )
+            log.warning("Redis reachable again (it was not for %.0fs)", until - since)
         if self._full_since is None:
             return
         since, until = self._full_since, max(self._full_last, self._full_since)

@@ -274,7 +274,10 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         if "message" in self._cmds:
             self._cmds.discard("message")
             new = await self.writer.call(
-                lambda: self.store.read_inbox(self.name, self.daemon_id, count=100), "read inbox"
+                lambda: self.store.read_inbox(
+                    self.name, self.daemon_id, count=100, lease=self.lease_value
+                ),
+                "read inbox",
             )
             # An idle agent's first message runs at once: its start write records it.
             await self._enqueue(

@@ -124,6 +124,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         self._fenced = client.register_script(_load_script("fenced_ops"))
         self._batch = ScriptBatcher(client)
         self._send_once = client.register_script(_load_script("inbox_send"))
+        self._read_fenced = client.register_script(_load_script("inbox_read"))
         self._heartbeat = client.register_script(_load_script("daemon_heartbeat"))
         self.retention = Retention()
         self.snapshots = Snapshots(
@@ -243,8 +244,12 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
             raise StoreUnavailable(
                 f"Redis at {self.display_url} refused the credentials: {_reason(e)}"
             ) from None
-        except (rexc.RedisError, OSError) as e:
+        except (rexc.RedisError, rexc.RedisClusterException, OSError) as e:
             text = _reason(e)
+            if "username-password" in text or "WRONGPASS" in text or "NOAUTH" in text:
+                raise StoreUnavailable(
+                    f"Redis at {self.display_url} refused the credentials: {text}"
+                ) from None
             if (
                 "cluster mode is not enabled" in text.lower()
                 or "cluster support disabled" in text.lower()
@@ -261,6 +266,22 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
             raise StoreUnavailable(
                 f"cannot reach Redis Cluster at {self.display_url}: {text}"
             ) from None
+        await self._check_cluster_state()
+
+    @translate
+    async def _check_cluster_state(self) -> None:
+        """Every master serves its slots and every slot is served: otherwise some agents'
+        keys cannot be reached at all."""
+        per_node = await self._r.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+        infos = list(per_node.values()) if "cluster_state" not in per_node else [per_node]
+        for info in infos:
+            assigned = int(info.get("cluster_slots_assigned", 0))
+            if info.get("cluster_state") != "ok" or assigned < 16384:
+                raise StoreUnavailable(
+                    f"Redis Cluster at {self.display_url} is not ok (cluster_state "
+                    f"{info.get('cluster_state')}, {assigned} of 16384 slots assigned); fix "
+                    "the cluster first (CLUSTER INFO, valkey-cli --cluster check)"
+                )
 
     @translate
     async def _check_not_cluster(self) -> None:

@@ -80,6 +80,7 @@ def _translate(
                 OSError,
             ) as e:
                 where = url_for_errors(args[0])
+                _refresh(args[0])
                 raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
             except rexc.RedisClusterException as e:  # not a RedisError
                 where = url_for_errors(args[0])
@@ -98,6 +99,14 @@ def _translate(
         return inner
 
     return wrap
+
+
+def _refresh(store: Any) -> None:
+    """After a failure to reach a node, make a cluster client re-read the slot map on
+    its next call: a failed-over master's slots are served by its replica now. (redis-py
+    does so by itself only for single commands it retries, not for pipelines.)"""
+    if getattr(store, "cluster", False):
+        store._r._initialize = True
 
 
 def reason(e: BaseException) -> str:

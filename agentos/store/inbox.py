@@ -33,6 +33,7 @@ class InboxOps:
 
     _r: Any
     _send_once: Any
+    _read_fenced: Any
     _batch: ScriptBatcher
     keys: Keys
     retention: Retention
@@ -281,13 +282,36 @@ class InboxOps:
 
     @translate
     async def read_inbox(
-        self, name: str, consumer: str, *, count: int = 1, pending: bool = False
+        self,
+        name: str,
+        consumer: str,
+        *,
+        count: int = 1,
+        pending: bool = False,
+        lease: str | None = None,
     ) -> list[InboxMessage]:
-        """Next messages for ``consumer``: its own unacknowledged ones if ``pending``, else new."""
-        reply = await self._r.xreadgroup(
-            INBOX_GROUP, consumer, {self.keys.inbox(name): "0" if pending else ">"}, count=count
+        """Next messages for ``consumer``: its own unacknowledged ones if ``pending``, else new.
+
+        With ``lease`` ("daemon|token") only while it is still the agent's lease (none
+        otherwise): a daemon that was superseded takes no message the new owner misses.
+        """
+        start = "0" if pending else ">"
+        if lease is None:
+            reply = await self._r.xreadgroup(
+                INBOX_GROUP, consumer, {self.keys.inbox(name): start}, count=count
+            )
+            return _messages(reply)
+        k = self.keys
+        held, *rest = await self._batch.run(
+            self._read_fenced,
+            [k.lease(name), k.inbox(name)],
+            [lease, INBOX_GROUP, consumer, count, start],
         )
-        return _messages(reply)
+        if not int(held) or not rest or not rest[0]:
+            return []
+        return _messages(
+            [(stream, [(i, _pairs(flat)) for i, flat in entries]) for stream, entries in rest[0]]
+        )
 
     @translate
     async def inbox_lengths(self, names: Sequence[str]) -> dict[str, int]:
@@ -319,6 +343,11 @@ class InboxOps:
                     lag = len(await self._r.xrange(self.keys.inbox(name), min=f"({last}"))
                 return int(g.get("pending", 0)) + int(lag)
         return int(await self._r.xlen(self.keys.inbox(name)))
+
+
+def _pairs(flat: Any) -> dict[Any, Any]:
+    """A script's flat [field, value, ...] list as a dict (empty: deleted while pending)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
 
 
 def _messages(reply: Any) -> list[InboxMessage]:

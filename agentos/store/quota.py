@@ -28,10 +28,10 @@ from agentos.core.policy import ClassQuota, Limits, RuleMemory
 from agentos.store.batching import ScriptBatcher, raise_first, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import Keys, event_fields
+from agentos.store.records import FLEET_EVENTS_MAXLEN
 
 __all__ = ["AdmitReply", "AdmitRequest", "ClassUsage", "QuotaOps"]
 
-FLEET_EVENTS_MAXLEN = 10_000
 BUDGET_TTL_S = 3 * 86_400  # a day's counters outlive the day, for `agentos quota` and reports
 REPORTS_TTL_S = 3600  # the daemons' published samples, if no daemon reports any more
 WAITER_TTL_MS = 2_000  # a queued caller that stops asking for this long loses its place

@@ -18,7 +18,7 @@ shard for that reason).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -38,7 +38,7 @@ def _key(entry_id: str) -> tuple[int, int]:
 
 def parse_cursor(cursor: str, shards: int) -> list[str]:
     """The per-shard ids of ``cursor``. A plain entry id (a position in a stream from
-    before the split, or "0-0"/"$"-style starts) applies to every shard."""
+    before the split, or "0-0") applies to every shard."""
     parts = cursor.split(",")
     if len(parts) == shards:
         return parts
@@ -47,48 +47,53 @@ def parse_cursor(cursor: str, shards: int) -> list[str]:
     raise ValueError(f"invalid stream cursor {cursor!r}: expected {shards} comma-separated ids")
 
 
-def _fields(raw: Any) -> dict[str, str]:
-    return {_s(a): _s(b) for a, b in raw.items()}
+Order = Callable[[tuple[int, int], dict[str, str]], Any]
 
 
-def _merge(base: list[str], found: list[list[tuple[Any, Any]]]) -> list[Entry]:
-    items = [
-        (_key(_s(entry_id)), shard, _s(entry_id), raw)
-        for shard, entries in enumerate(found)
-        for entry_id, raw in entries
-    ]
+def _by_id(key: tuple[int, int], fields: dict[str, str]) -> Any:
+    return key
+
+
+def _flatten(found: Sequence[Sequence[tuple[Any, Any]]], order: Order) -> list[Any]:
+    """Every entry of every shard as (order key, shard, id, fields), in order."""
+    items = []
+    for shard, entries in enumerate(found):
+        for entry_id, raw in entries:
+            eid = _s(entry_id)
+            fields = {_s(a): _s(b) for a, b in raw.items()}
+            items.append((order(_key(eid), fields), shard, eid, fields))
     items.sort(key=lambda item: (item[0], item[1]))
+    return items
+
+
+def _walk(base: list[str], items: list[Any]) -> list[Entry]:
+    """Each entry with the cursor that resumes after it (a shard's position only moves
+    forward, whatever the order across shards)."""
     cursor = list(base)
     out: list[Entry] = []
-    for _, shard, entry_id, raw in items:
-        cursor[shard] = entry_id
-        out.append((",".join(cursor), shard, entry_id, _fields(raw)))
+    for _, shard, entry_id, fields in items:
+        if _key(entry_id) > _key(cursor[shard]):
+            cursor[shard] = entry_id
+        out.append((",".join(cursor), shard, entry_id, fields))
     return out
 
 
-async def tail(client: Any, streams: Sequence[str], count: int) -> list[Entry]:
-    """The newest ``count`` entries over all ``streams``, oldest first."""
+async def tail(
+    client: Any, streams: Sequence[str], count: int, *, order: Order = _by_id
+) -> list[Entry]:
+    """The newest ``count`` entries over all ``streams``, oldest first, in ``order``
+    (entry ids by default; two shards' ids tie within a millisecond)."""
     async with client.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xrevrange(stream, count=count)
         replies = await pipe.execute()
-    newest_first = [list(r) for r in replies]
-    window = sorted(
-        ((_key(_s(e[0])), shard) for shard, entries in enumerate(newest_first) for e in entries),
-        reverse=True,
-    )[:count]
-    oldest_kept = {}
-    for key, shard in window:
-        oldest_kept[shard] = key  # descending: the last one seen is the oldest kept
-    base: list[str] = []
-    kept: list[list[tuple[Any, Any]]] = []
-    for shard, entries in enumerate(newest_first):
-        limit = oldest_kept.get(shard)
-        keep = [e for e in entries if limit is not None and _key(_s(e[0])) >= limit]
-        dropped = [e for e in entries if limit is None or _key(_s(e[0])) < limit]
-        base.append(_s(dropped[0][0]) if dropped else "0-0")
-        kept.append(list(reversed(keep)))
-    return _merge(base, kept)
+    items = _flatten([list(r) for r in replies], order)
+    cut = max(0, len(items) - count)
+    base = ["0-0"] * len(streams)
+    for _, shard, entry_id, _ in items[:cut]:  # older than the window: already "read"
+        if _key(entry_id) > _key(base[shard]):
+            base[shard] = entry_id
+    return _walk(base, items[cut:])
 
 
 async def latest(client: Any, streams: Sequence[str]) -> str:
@@ -108,6 +113,7 @@ async def read_after(
     count: int,
     block_ms: int | None = None,
     cluster: bool = False,
+    order: Order = _by_id,
 ) -> list[Entry]:
     """Entries after ``cursor`` (at most ``count`` per shard), waiting up to
     ``block_ms`` for the first when given."""
@@ -120,20 +126,21 @@ async def read_after(
         index = {s: i for i, s in enumerate(streams)}
         for stream, entries in reply or []:
             found[index[_s(stream)]] = list(entries)
-        return _merge(base, found)
+        return _walk(base, _flatten(found, order))
     if len(streams) == 1:  # one slot: a real blocking read
         reply = await client.xread({streams[0]: base[0]}, count=count, block=block_ms)
-        return _merge(base, [list(reply[0][1]) if reply else []])
+        return _walk(base, _flatten([list(reply[0][1]) if reply else []], order))
     waited = 0.0
     while True:
-        # XRANGE from after each shard's position (fixed key position: routed directly).
+        # XRANGE after each shard's position (its key has a fixed position, so the
+        # cluster client routes it without asking a node for the keys first).
         async with client.pipeline(transaction=False) as pipe:
             for stream, after in zip(streams, base, strict=True):
                 pipe.xrange(stream, min=f"({after}", count=count)
             replies = await pipe.execute()
         found = [list(r) for r in replies]
         if any(found) or not block_ms or waited * 1000 >= block_ms:
-            return _merge(base, found)
+            return _walk(base, _flatten(found, order))
         step = min(POLL_S, block_ms / 1000 - waited)
         await anyio.sleep(step)
         waited += step

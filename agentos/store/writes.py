@@ -69,6 +69,15 @@ class Duplicate:
     task: TaskWrite
 
 
+def _event_order(key: tuple[int, int], fields: Mapping[str, str]) -> tuple[float, int, int]:
+    # Shards' entry ids tie within a millisecond; the event's own time orders them.
+    try:
+        at = float(json.loads(fields.get("event", "{}")).get("time", 0.0))
+    except (ValueError, AttributeError):
+        at = 0.0
+    return (at or key[0] / 1000, *key)
+
+
 def _event(entry_id: str, fields: Mapping[str, str], name: str | None) -> Event:
     body = json.loads(fields.get("event", "{}"))
     return Event(
@@ -364,11 +373,17 @@ class WriteOps:
         # agentos.store.streams), so following the feed works as with one stream.
         feeds = self.keys.feed_streams()
         if after_id is None:
-            entries = await streams.tail(self._r, feeds, count)
+            entries = await streams.tail(self._r, feeds, count, order=_event_order)
         else:
             try:
                 entries = await streams.read_after(
-                    self._r, feeds, after_id, count=count, block_ms=block_ms, cluster=self.cluster
+                    self._r,
+                    feeds,
+                    after_id,
+                    count=count,
+                    block_ms=block_ms,
+                    cluster=self.cluster,
+                    order=_event_order,
                 )
             except ValueError as e:
                 raise StoreError(str(e)) from None
