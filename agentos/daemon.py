@@ -147,6 +147,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def stopping(self) -> bool:
+        """A graceful shutdown has begun (``/readyz`` answers 503 from then on)."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM and Ctrl-C do)."""
         self._stop.set()

@@ -56,6 +56,7 @@ def build_app(
     *,
     token: str | None,
     ready: Ready,
+    stopping: Ready = lambda: False,
     max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Starlette:
     """The ASGI app. ``token`` None means no auth (the caller checks it is loopback-only)."""
@@ -169,6 +170,8 @@ def build_app(
             await client.store.ping()
         except StoreError as e:
             return _error(503, "redis_unavailable", str(e))
+        if stopping():  # draining: a load balancer stops sending before the pod exits
+            return _error(503, "stopping", "the daemon is shutting down")
         if not ready():
             return _error(503, "starting", "the daemon has not finished its first reconcile")
         return JSONResponse({"status": "ready"})

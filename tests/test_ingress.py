@@ -19,8 +19,16 @@ pytestmark = pytest.mark.anyio
 ECHO = "tests.fixture_agents:Echo"
 
 
-def http(store: Store, *, token: str | None = None, ready: bool = True) -> httpx.AsyncClient:
-    app = build_app(Client(store), token=token, ready=lambda: ready, max_body_bytes=64)
+def http(
+    store: Store, *, token: str | None = None, ready: bool = True, stopping: bool = False
+) -> httpx.AsyncClient:
+    app = build_app(
+        Client(store),
+        token=token,
+        ready=lambda: ready,
+        stopping=lambda: stopping,
+        max_body_bytes=64,
+    )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agentos")
 
 
@@ -89,6 +97,11 @@ async def test_reads_probes_and_unknown_routes(store: Store) -> None:
     assert wrong_method.status_code == 405
     async with http(store, ready=True) as c:
         assert (await c.get("/readyz")).json() == {"status": "ready"}
+    async with http(store, ready=True, stopping=True) as c:  # draining: out of rotation
+        draining = await c.get("/readyz")
+        assert (await c.get("/healthz")).status_code == 200  # but alive: not restarted
+    assert draining.status_code == 503
+    assert draining.json()["error"]["code"] == "stopping"
 
 
 @pytest.mark.parametrize(

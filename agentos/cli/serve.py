@@ -118,7 +118,7 @@ async def _serve_http(
 ) -> None:
     import uvicorn
 
-    app = build_app(client, token=token, ready=lambda: d.ready)
+    app = build_app(client, token=token, ready=lambda: d.ready, stopping=lambda: d.stopping)
     config = uvicorn.Config(
         app, host=where[0], port=where[1], log_level="warning", lifespan="off", access_log=False
     )
