@@ -78,6 +78,15 @@ async def _phases(store: Store, names: list[str]) -> dict[str, int]:
     return counts
 
 
+async def _owners(store: Store, names: list[str]) -> list[int]:
+    """How many of ``names`` each daemon runs (largest first)."""
+    counts: dict[str, int] = {}
+    for i in range(0, len(names), 2000):
+        for st in (await store.statuses(names[i : i + 2000])).values():
+            counts[st.get("owner", "")] = counts.get(st.get("owner", ""), 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
 async def _steps(store: Store, names: list[str]) -> int:
     total = 0
     for i in range(0, len(names), 2000):
@@ -166,11 +175,13 @@ async def idle(url: str, daemons: int) -> dict[str, float | int | None]:
     async with _fleet(url, "idle", "_agents:Dormant", IDLE, daemons) as (store, names, procs):
         startup_s = await _wait_started(store, names, {"Idle"}, 600)
         await anyio.sleep(3)
+        spread = await _owners(store, names)
         rss = max(_rss_mb(p.pid) for p in procs)
         stop_s = await _stop(procs)
     return {
         "idle_agents": IDLE,
         "idle_rss_mb": round(rss, 1),
+        "idle_agents_per_daemon": spread,
         "idle_startup_s": round(startup_s, 2),
         "idle_shutdown_s": round(stop_s, 2),
         "idle_exit_code": _exit_code(procs),
@@ -192,7 +203,7 @@ async def measure(url: str, tier: str, daemons: int) -> dict[str, object]:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="agentos-bench-", dir="/tmp") as tmp:
-        server = ValkeyServer(port=0, data_dir=Path(tmp))
+        server = ValkeyServer(data_dir=Path(tmp))
         server.start()
         cluster = LocalCluster(masters=3) if any(t == "cluster" for t, _ in CONFIGS) else None
         try:
