@@ -433,11 +433,17 @@ class Daemon:
                     forget_after_s=self.settings.daemon_forget_after_s,
                 )
                 await self._store_recovered()
+            except StoreError as e:
+                self._store_failed("heartbeat", e)
+            try:
                 held = {n: r.lease_value for n, r in self.runners.items()}
                 results = await self.store.renew_leases(held, ttl_ms)
+                unknown = [ok for ok in results.values() if isinstance(ok, StoreError)]
+                if unknown:  # a node out: those leases are renewed on the next pass
+                    self._store_failed(f"lease renewal ({len(unknown)} agents)", unknown[0])
                 for name, ok in results.items():
                     runner = self.runners.get(name)
-                    if ok or runner is None:
+                    if ok is not False or runner is None:
                         continue
                     # Expired (say, Redis was away longer than a lease). Another daemon
                     # may have adopted, changed and released the agent meanwhile, so this

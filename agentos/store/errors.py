@@ -64,41 +64,50 @@ _CLUSTER_TRANSIENT = (
 )
 
 
-def _translate(
-    url_for_errors: Callable[[Any], str],
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
-    def wrap(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        @functools.wraps(fn)
-        async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-            try:
-                return await fn(*args, **kwargs)
-            except (
-                rexc.ConnectionError,
-                rexc.TimeoutError,
-                rexc.BusyLoadingError,
-                *_CLUSTER_TRANSIENT,
-                OSError,
-            ) as e:
-                where = url_for_errors(args[0])
-                _refresh(args[0])
-                raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
-            except rexc.RedisClusterException as e:  # not a RedisError
-                where = url_for_errors(args[0])
-                if "cannot be connected" in str(e) or "not covered" in str(e).lower():
-                    raise StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}") from e
-                raise StoreError(f"Redis Cluster error: {e}") from e
-            except rexc.RedisError as e:
-                if _is_oom(e):
-                    where = url_for_errors(args[0])
-                    raise StoreFull(
-                        f"Redis at {where} is full: it refuses writes (used memory > "
-                        "maxmemory); free memory or raise maxmemory"
-                    ) from e
-                raise StoreError(f"Redis error: {e}") from e
+_UNREACHABLE = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    *_CLUSTER_TRANSIENT,
+    OSError,
+)
 
-        return inner
 
-    return wrap
+def classify(e: BaseException, store: Any) -> StoreError | None:
+    """The store error for redis-py's ``e`` (None: not a Redis error), naming the
+    store's URL without its password; a failed node also refreshes a cluster's slot map."""
+    where = store.display_url
+    if isinstance(e, _UNREACHABLE):
+        _refresh(store)
+        return StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}")
+    if isinstance(e, rexc.RedisClusterException):  # not a RedisError
+        if "cannot be connected" in str(e) or "not covered" in str(e).lower():
+            return StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}")
+        return StoreError(f"Redis Cluster error: {e}")
+    if isinstance(e, rexc.RedisError):
+        if _is_oom(e):
+            return StoreFull(
+                f"Redis at {where} is full: it refuses writes (used memory > "
+                "maxmemory); free memory or raise maxmemory"
+            )
+        return StoreError(f"Redis error: {e}")
+    return None
+
+
+def translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Store methods raise :class:`StoreError` and its kinds, never redis-py's errors."""
+
+    @functools.wraps(fn)
+    async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (rexc.RedisError, rexc.RedisClusterException, OSError) as e:
+            error = classify(e, args[0])
+            if error is None:
+                raise
+            raise error from e
+
+    return inner
 
 
 def _refresh(store: Any) -> None:
@@ -114,5 +123,3 @@ def reason(e: BaseException) -> str:
     # redis-py repeats the address it tried; keep the first clause only.
     return text.splitlines()[0][:200]
 
-
-translate = _translate(lambda store: store.display_url)

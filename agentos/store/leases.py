@@ -17,7 +17,7 @@ from typing import Any
 
 from agentos.store import streams
 from agentos.store.batching import raise_first, run_many
-from agentos.store.errors import translate
+from agentos.store.errors import StoreError, classify, translate
 from agentos.store.keys import Keys
 from agentos.store.keys import event_fields as _event_fields
 from agentos.store.records import FLEET_EVENTS_MAXLEN, SIGNALS_MAXLEN, LeaseInfo, _s
@@ -36,6 +36,7 @@ class LeaseOps:
     _heartbeat: Any
     keys: Keys
     cluster: bool
+    display_url: str
 
     # ---------------------------------------------------------------- signals
 
@@ -104,17 +105,29 @@ class LeaseOps:
         return {name: int(t) for name, t in zip(names, tokens, strict=True)}
 
     @translate
-    async def renew_leases(self, held: Mapping[str, str], ttl_ms: int) -> dict[str, bool]:
+    async def renew_leases(
+        self, held: Mapping[str, str], ttl_ms: int
+    ) -> dict[str, bool | StoreError]:
         """Extend many leases in one pipeline; ``held`` maps agent -> "daemon|token".
 
-        Returns agent -> whether the lease is still ours.
+        Returns agent -> whether the lease is still ours, or the error that left it
+        unknown. On a cluster one node can be out (failing over) while the others
+        answer: the leases they serve are renewed all the same. Raises when none answered.
         """
         if not held:
             return {}
         names = list(held)
         calls = [([self.keys.lease(n)], [held[n], ttl_ms]) for n in names]
-        results = raise_first(await run_many(self._r, self._renew, calls))
-        return {name: bool(ok) for name, ok in zip(names, results, strict=True)}
+        replies = await run_many(self._r, self._renew, calls)
+        if all(isinstance(r, Exception) for r in replies):
+            raise replies[0]
+        out: dict[str, bool | StoreError] = {}
+        for name, reply in zip(names, replies, strict=True):
+            if isinstance(reply, Exception):
+                out[name] = classify(reply, self) or StoreError(str(reply))
+            else:
+                out[name] = bool(reply)
+        return out
 
     @translate
     async def release_lease(self, name: str, value: str) -> bool:
