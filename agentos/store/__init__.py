@@ -18,6 +18,8 @@ the values they take and return are in :mod:`~agentos.store.records`.
 
 from __future__ import annotations
 
+import logging
+import time
 from importlib import resources
 from typing import Any
 
@@ -94,6 +96,9 @@ __all__ = [
 ]
 
 
+log = logging.getLogger("agentos.store")
+
+
 def _load_script(name: str) -> str:
     return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
 
@@ -118,6 +123,8 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         # On a cluster one script or transaction may only touch keys of one slot: the
         # copies that go to fleet-wide streams are written in a step of their own.
         self.cluster = cluster
+        self._topology_stale = False  # a node failed: re-read the slot map (cluster)
+        self._topology_read_at = 0.0
         self._acquire = client.register_script(_load_script("lease_acquire"))
         self._renew = client.register_script(_load_script("lease_renew"))
         self._release = client.register_script(_load_script("lease_release"))
@@ -282,6 +289,30 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
                     f"{info.get('cluster_state')}, {assigned} of 16384 slots assigned); fix "
                     "the cluster first (CLUSTER INFO, valkey-cli --cluster check)"
                 )
+
+    async def _refresh_topology(self) -> None:
+        """Re-read the cluster's slot map after a node failed, at most twice a second.
+
+        redis-py's own way (flagging the client for a full re-initialisation) also sends
+        ``COMMAND`` to its default node and fails every call while that node is the dead
+        one: during a failover then no lease on the healthy masters could be renewed.
+        Only the slot map is refreshed here, from any node that answers; until the
+        replica has taken over, calls for the dead master's slots fail and the others
+        go through.
+        """
+        now = time.monotonic()
+        if now - self._topology_read_at < 0.5:
+            return
+        self._topology_read_at = now
+        try:
+            await self._r.nodes_manager.initialize()
+        except Exception as e:
+            log.debug("cluster slot map not refreshed: %s", _reason(e))
+            return
+        alive = {n.name for n in self._r.get_primaries()}
+        if self._r.get_default_node() is None or self._r.get_default_node().name not in alive:
+            self._r.replace_default_node()
+        self._topology_stale = False
 
     @translate
     async def _check_not_cluster(self) -> None:

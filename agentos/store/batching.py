@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from redis import exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 __all__ = ["ScriptBatcher", "raise_first", "run_many"]
@@ -65,9 +66,40 @@ def raise_first(replies: list[Any]) -> list[Any]:
     return replies
 
 
+def _by_node(client: Any, calls: Sequence[_Call]) -> list[list[_Call]]:
+    """On a cluster, ``calls`` grouped by the node that serves their first key.
+
+    redis-py's cluster pipeline fails as a whole when one node cannot be reached (the
+    connection error escapes the per-command results), so one dead master would fail
+    the calls for every other master too: a pipeline per node keeps them apart.
+    """
+    if not isinstance(client, RedisCluster):
+        return [list(calls)]
+    groups: dict[str, list[_Call]] = {}
+    for c in calls:
+        key = c.keys[0] if c.keys else (c.args[1] if len(c.args) > 1 else None)
+        try:
+            found = client.get_node_from_key(key) if key is not None else None
+        except Exception:  # no slot map yet: let the pipeline route it
+            found = None
+        groups.setdefault(found.name if found is not None else "", []).append(c)
+    return list(groups.values())
+
+
 async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
-    """Run ``calls`` in pipelines of at most :data:`MAX_BATCH`, storing each one's reply
-    or error on it (a connection error goes to every call of its pipeline)."""
+    """Run ``calls`` in pipelines of at most :data:`MAX_BATCH` (one per node on a
+    cluster, concurrently), storing each one's reply or error on it (a connection error
+    goes to every call of its pipeline)."""
+    groups = _by_node(client, calls)
+    if len(groups) == 1:
+        await _run_group(client, groups[0])
+        return
+    async with anyio.create_task_group() as tg:
+        for group in groups:
+            tg.start_soon(_run_group, client, group)
+
+
+async def _run_group(client: Any, calls: Sequence[_Call]) -> None:
     for start in range(0, len(calls), MAX_BATCH):
         chunk = list(calls[start : start + MAX_BATCH])
         for attempt in range(2):

@@ -99,6 +99,9 @@ def translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+        store = args[0]
+        if getattr(store, "_topology_stale", False):
+            await store._refresh_topology()  # type: ignore[attr-defined]
         try:
             return await fn(*args, **kwargs)
         except (rexc.RedisError, rexc.RedisClusterException, OSError) as e:
@@ -111,15 +114,14 @@ def translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 
 def _refresh(store: Any) -> None:
-    """After a failure to reach a node, make a cluster client re-read the slot map on
-    its next call: a failed-over master's slots are served by its replica now. (redis-py
-    does so by itself only for single commands it retries, not for pipelines.)"""
+    """After a failure to reach a node, have a cluster store re-read the slot map before
+    its next call (see ``Store._refresh_topology``): a failed-over master's slots are
+    served by its replica now, and a dead node never answers with a redirect."""
     if getattr(store, "cluster", False):
-        store._r._initialize = True
+        store._topology_stale = True
 
 
 def reason(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     # redis-py repeats the address it tried; keep the first clause only.
     return text.splitlines()[0][:200]
-
