@@ -124,6 +124,9 @@ class Daemon:
         self._agents_tg: anyio.abc.TaskGroup | None = None
         self._leases_checked_at = 0.0
         self._kicked = True  # look at every lease on the first pass
+        # Agents being started, with the signals that came for them before their runner
+        # existed: a message sent just after the open read the inbox is not left there.
+        self._opening: dict[str, set[str]] = {}
         self.started_at = clock()
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
@@ -183,6 +186,7 @@ class Daemon:
                 control.start_soon(self.activator.run)
                 with anyio.move_on_after(math.inf if duration_s is None else duration_s):
                     await self._stop.wait()
+                self._stop.set()  # the end of a --for run: no more starts from here on
                 await self._stop_all(StopReason.SHUTDOWN)
                 control.cancel_scope.cancel()
         await self.models.aclose()
@@ -307,6 +311,8 @@ class Daemon:
                     self.activator.park(agent)
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
+                elif agent in self._opening and cmd in ("message", "wake"):
+                    self._opening[agent].add(cmd)
                 elif cmd in ("message", "wake"):
                     # Maybe nobody runs it: let reconcile look at its lease now.
                     self._kicked = True
@@ -508,45 +514,63 @@ class Daemon:
             if self._stop.is_set():
                 return
             chunk = dict(wanted[i : i + 500])
-            tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
-            # Started meanwhile by another pass (the same daemon gets the same lease
-            # back): one runner per agent.
-            won = [n for n, t in tokens.items() if t and n not in self.runners]
-            bodies = await self.store.agent_specs_of(won)
-            resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
-            for name in won:
-                resource = self._parse(name, bodies.get(name))
-                model = await self._model_of(name, resource)
-                if resource is None or model is None:
-                    await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
-                else:
-                    resources[name] = (resource, model)
             try:
-                opened = await self.store.open_agents(list(resources), self.id)
-            except StoreError as e:  # each runner reads its own, with retries
-                log.warning("could not read %d agents in one batch: %s", len(resources), e)
-                opened = {}
-            for name, (resource, model) in resources.items():
-                if name in self.runners:
-                    continue
-                lease_value = f"{self.id}|{tokens[name]}"
-                runner = AgentRunner(
-                    resource=resource,
-                    spec_hash=chunk[name],
-                    lease_value=lease_value,
-                    store=self.store,
-                    engine=model.engine,
-                    arbiter=model.arbiter,
-                    hibernator=model.hibernator,
-                    daemon_id=self.id,
-                    clock=self.clock,
-                    retry_max_s=self.settings.redis_retry_max_s,
-                    telemetry=self.telemetry,
-                    governor=self.governor,
-                    opened=opened.get(name),
-                )
-                self.runners[name] = runner
-                self._spawn(self._supervise(runner))
+                await self._start_chunk(chunk, ttl_ms)
+            finally:
+                for name in chunk:
+                    self._opening.pop(name, None)
+
+    async def _start_chunk(self, chunk: dict[str, str], ttl_ms: int) -> None:
+        """Start one batch of ``_start_many``: name -> spec hash."""
+        for name in chunk:
+            self._opening.setdefault(name, set())
+        tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
+        # Started meanwhile by another pass (the same daemon gets the same lease
+        # back): one runner per agent.
+        won = [n for n, t in tokens.items() if t and n not in self.runners]
+        bodies = await self.store.agent_specs_of(won)
+        resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
+        for name in won:
+            resource = self._parse(name, bodies.get(name))
+            model = await self._model_of(name, resource)
+            if resource is None or model is None:
+                await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+            else:
+                resources[name] = (resource, model)
+        try:
+            opened = await self.store.open_agents(list(resources), self.id)
+        except StoreError as e:  # each runner reads its own, with retries
+            log.warning("could not read %d agents in one batch: %s", len(resources), e)
+            opened = {}
+        for name, (resource, model) in resources.items():
+            if name in self.runners:
+                continue
+            lease_value = f"{self.id}|{tokens[name]}"
+            if self._stop.is_set():
+                # Asked to stop while these were being opened: the stop may have counted
+                # the runners already, so let the agent go rather than start it unstopped.
+                with contextlib.suppress(StoreError):
+                    await self.store.release_lease(name, lease_value)
+                continue
+            runner = AgentRunner(
+                resource=resource,
+                spec_hash=chunk[name],
+                lease_value=lease_value,
+                store=self.store,
+                engine=model.engine,
+                arbiter=model.arbiter,
+                hibernator=model.hibernator,
+                daemon_id=self.id,
+                clock=self.clock,
+                retry_max_s=self.settings.redis_retry_max_s,
+                telemetry=self.telemetry,
+                governor=self.governor,
+                opened=opened.get(name),
+            )
+            self.runners[name] = runner
+            for cmd in self._opening.pop(name, ()):
+                runner.nudge(cmd)
+            self._spawn(self._supervise(runner))
 
     async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
         """The model ``resource`` names, started on first use; None when it cannot serve."""
@@ -620,7 +644,13 @@ class Daemon:
             self._stopping.discard(name)
 
     async def _stop_all(self, reason: StopReason) -> None:
-        runners = list(self.runners.values())
+        asked: set[int] = set()
+        # Again for runners that a start in flight added meanwhile, until none is left.
+        while runners := [r for r in self.runners.values() if id(r) not in asked]:
+            asked.update(id(r) for r in runners)
+            await self._stop_these(runners, reason)
+
+    async def _stop_these(self, runners: list[AgentRunner], reason: StopReason) -> None:
         for r in runners:
             r.request_stop(reason)
         with anyio.move_on_after(self.settings.grace_s):
