@@ -10,6 +10,13 @@ the Redis, adopts the agents once their leases expire. A Redis that is away or f
 (at ``maxmemory``) delays that work, never ends the daemon; once writes go through
 again, one ``RedisFull`` fleet event says for how long they were refused.
 
+Daemons that share a Redis share the agents fairly (:mod:`agentos.core.placement`):
+each counts the live daemons in the heartbeat hash and holds at most its share plus a
+margin. One over it (another daemon joined) hands idle agents over with reason
+``rebalance``; one that drains (SIGTERM) marks its heartbeat ``draining`` first, so the
+others' share grows, and each lets the others know with a ``released`` signal when
+agents are free to take, so they look at once instead of at their next lease check.
+
 Everything runs in anyio task groups; nothing outlives :meth:`Daemon.run`.
 """
 
@@ -28,6 +35,7 @@ from typing import Any
 import anyio
 
 from agentos.core.lifecycle import StopReason
+from agentos.core.placement import live_daemons, share_limit
 from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import Engine, EngineError
@@ -124,6 +132,16 @@ class Daemon:
         self._agents_tg: anyio.abc.TaskGroup | None = None
         self._leases_checked_at = 0.0
         self._kicked = True  # look at every lease on the first pass
+        # Fair share: live daemons as last counted, the most agents we may hold (None: no
+        # limit), agents being handed over now, and an event set when some were let go.
+        self._peers = 1
+        self.limit: int | None = self.settings.max_agents
+        self._handing_over: set[str] = set()
+        self._released = anyio.Event()
+        self._draining = False
+        # Agents being started, with the signals that came for them before their runner
+        # existed: a message sent just after the open read the inbox is not left there.
+        self._opening: dict[str, set[str]] = {}
         self.started_at = clock()
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
@@ -178,9 +196,13 @@ class Daemon:
             self.engine.name,
             self.store.keys.namespace,
         )
+        # Counted by the others before our first reconcile takes anything: three daemons
+        # started together split the fleet instead of the first one taking it all.
+        await self._announce("joined")
         async with anyio.create_task_group() as agents:
             self._agents_tg = agents
             async with anyio.create_task_group() as control:
+                control.start_soon(self._handover_loop)
                 for group in self.store.signal_groups():
                     control.start_soon(self._signals_loop, group)
                 control.start_soon(self._reconcile_loop, until_idle)
@@ -192,8 +214,14 @@ class Daemon:
                 control.start_soon(self.activator.run)
                 with anyio.move_on_after(math.inf if duration_s is None else duration_s):
                     await self._stop.wait()
+                self._stop.set()  # the end of a --for run: no more starts from here on
+                self._draining = True
+                # Draining: out of the others' count first, so their share grows to take
+                # what we let go of ("released" signals as the agents stop).
+                await self._announce("draining")
                 await self._stop_all(StopReason.SHUTDOWN)
                 control.cancel_scope.cancel()
+        await self._announce("released")
         await self.models.aclose()
         try:
             await self.store.forget_daemon(self.id)
@@ -202,6 +230,30 @@ class Daemon:
         log.info("daemon %s stopped", self.id)
 
     # ------------------------------------------------------------------ loops
+
+    async def _announce(self, cmd: str) -> None:
+        """Write our heartbeat now (``draining`` once stopping) and signal ``cmd`` to the
+        other daemons, which then count the daemons and look at the leases at once."""
+        try:
+            if cmd != "released":
+                await self.store.heartbeat(
+                    self.id,
+                    self._info(),
+                    now=self.clock(),
+                    forget_after_s=self.settings.daemon_forget_after_s,
+                )
+            await self.store.signal(cmd, "", daemon=self.id)
+        except StoreError as e:
+            self._store_failed(f"{cmd} signal", e)
+
+    async def _handover_loop(self) -> None:
+        """Say "released" whenever agents we handed over (or let go of while draining)
+        are free: one signal for the agents that stop within a few milliseconds."""
+        while True:
+            await self._released.wait()
+            await anyio.sleep(0.05)
+            self._released = anyio.Event()
+            await self._announce("released")
 
     async def _reconcile_loop(self, until_idle: bool) -> None:
         delay = 0.1
@@ -246,9 +298,14 @@ class Daemon:
         # Runners being stopped count as running: starting a second runner for an agent
         # whose first one is still saving its context would put two owners on one
         # engine session (a respec restarts the agent itself once the first is done).
-        local = {n: Local(n, r.spec_hash) for n, r in self.runners.items()}
+        # Only a settled runner (idle or hibernated, nothing queued) may be handed over.
+        local = {
+            n: Local(n, r.spec_hash, busy=not r.settled, leaving=n in self._handing_over)
+            for n, r in self.runners.items()
+        }
         for n in self._stopping - local.keys():  # stopped, about to be restarted
-            local[n] = Local(n, self._desired[n].spec_hash if n in self._desired else "")
+            spec_hash = self._desired[n].spec_hash if n in self._desired else ""
+            local[n] = Local(n, spec_hash, busy=True)
         # Checking the leases of agents we do not run costs a round trip per agent:
         # do it every third of a lease, or right after a signal. Waiting agents are
         # left alone: the activator starts them from the due index.
@@ -263,21 +320,56 @@ class Daemon:
             await self._purge_deleted()
             infos = await self.store.leases(unowned)
             leases = {n: Lease(i.owner, now + i.ttl_ms / 1000) for n, i in infos.items()}
+            # Fresh within a lease: a daemon not seen that long has lost its leases too.
+            self._peers = live_daemons(
+                await self.store.daemons(), now, me=self.id, fresh_s=self.settings.lease_ttl_s
+            )
         else:
             # Not time to look at others' leases: only keep our own runners in line.
             desired = {n: d for n, d in desired.items() if n in self.runners}
         self._kicked = False
+        fleet = sum(1 for n in self._desired if n in self.runners or n not in parked)
+        self.limit = share_limit(
+            fleet,
+            self._peers,
+            capacity=self.settings.max_agents,
+            margin=self.settings.share_margin,
+        )
         actions = reconcile(
-            desired, local, leases, now, daemon_id=self.id, capacity=self.settings.max_agents
+            desired,
+            local,
+            leases,
+            now,
+            daemon_id=self.id,
+            capacity=self.limit,
+            handover=self.settings.handover_batch,
         )
         starts = [a for a in actions if isinstance(a, Start)]
+        handed = []
         for action in actions:
             if isinstance(action, Stop):
+                if action.reason is StopReason.REBALANCE:
+                    handed.append(action.name)
+                    self._handing_over.add(action.name)
                 self._spawn(self._stop_one(action.name, action.reason, None))
             elif isinstance(action, Restart):
                 self._spawn(self._stop_one(action.name, StopReason.RESPEC, action.spec_hash))
+        if handed:
+            await self._handing_out(handed, fleet)
         if starts:
             await self._start_many([(a.name, a.spec_hash) for a in starts])
+
+    async def _handing_out(self, names: list[str], fleet: int) -> None:
+        """Say why agents are being handed over (the log and the fleet's events)."""
+        message = (
+            f"{self.id} hands over {len(names)} agent(s): it holds {len(self.runners)}, more "
+            f"than its fair share ({self.limit} of {fleet} agents on {self._peers} daemons)"
+        )
+        log.info("%s", message)
+        try:
+            await self.store.record_fleet_event("", "Rebalancing", "fair share", message, self.id)
+        except StoreError as e:
+            self._store_failed("rebalance event", e)
 
     async def _purge_deleted(self) -> None:
         """Remove the keys of deleted agents whose daemon died before it could."""
@@ -317,12 +409,21 @@ class Daemon:
                     self._kick.set()
                     self.evaluator.nudge()
                     self._quota_kick.set()
+                elif cmd in ("joined", "draining", "released"):
+                    # The fleet's daemons changed, or agents are free (which matters only
+                    # with room for them): count the daemons and look at the leases now,
+                    # not at the next lease check.
+                    if fields.get("daemon") != self.id and (cmd != "released" or self._room() > 0):
+                        self._kicked = True
+                        self._kick.set()
                 elif cmd == "due":
                     self.activator.nudge()
                 elif cmd == "parked":
                     self.activator.park(agent)
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
+                elif agent in self._opening and cmd in ("message", "wake"):
+                    self._opening[agent].add(cmd)
                 elif cmd in ("message", "wake"):
                     # Maybe nobody runs it: let reconcile look at its lease now.
                     self._kicked = True
@@ -547,45 +648,63 @@ class Daemon:
             if self._stop.is_set():
                 return
             chunk = dict(wanted[i : i + 500])
-            tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
-            # Started meanwhile by another pass (the same daemon gets the same lease
-            # back): one runner per agent.
-            won = [n for n, t in tokens.items() if t and n not in self.runners]
-            bodies = await self.store.agent_specs_of(won)
-            resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
-            for name in won:
-                resource = self._parse(name, bodies.get(name))
-                model = await self._model_of(name, resource)
-                if resource is None or model is None:
-                    await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
-                else:
-                    resources[name] = (resource, model)
             try:
-                opened = await self.store.open_agents(list(resources), self.id)
-            except StoreError as e:  # each runner reads its own, with retries
-                log.warning("could not read %d agents in one batch: %s", len(resources), e)
-                opened = {}
-            for name, (resource, model) in resources.items():
-                if name in self.runners:
-                    continue
-                lease_value = f"{self.id}|{tokens[name]}"
-                runner = AgentRunner(
-                    resource=resource,
-                    spec_hash=chunk[name],
-                    lease_value=lease_value,
-                    store=self.store,
-                    engine=model.engine,
-                    arbiter=model.arbiter,
-                    hibernator=model.hibernator,
-                    daemon_id=self.id,
-                    clock=self.clock,
-                    retry_max_s=self.settings.redis_retry_max_s,
-                    telemetry=self.telemetry,
-                    governor=self.governor,
-                    opened=opened.get(name),
-                )
-                self.runners[name] = runner
-                self._spawn(self._supervise(runner))
+                await self._start_chunk(chunk, ttl_ms)
+            finally:
+                for name in chunk:
+                    self._opening.pop(name, None)
+
+    async def _start_chunk(self, chunk: dict[str, str], ttl_ms: int) -> None:
+        """Start one batch of ``_start_many``: name -> spec hash."""
+        for name in chunk:
+            self._opening.setdefault(name, set())
+        tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
+        # Started meanwhile by another pass (the same daemon gets the same lease
+        # back): one runner per agent.
+        won = [n for n, t in tokens.items() if t and n not in self.runners]
+        bodies = await self.store.agent_specs_of(won)
+        resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
+        for name in won:
+            resource = self._parse(name, bodies.get(name))
+            model = await self._model_of(name, resource)
+            if resource is None or model is None:
+                await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+            else:
+                resources[name] = (resource, model)
+        try:
+            opened = await self.store.open_agents(list(resources), self.id)
+        except StoreError as e:  # each runner reads its own, with retries
+            log.warning("could not read %d agents in one batch: %s", len(resources), e)
+            opened = {}
+        for name, (resource, model) in resources.items():
+            if name in self.runners:
+                continue
+            lease_value = f"{self.id}|{tokens[name]}"
+            if self._stop.is_set():
+                # Asked to stop while these were being opened: the stop may have counted
+                # the runners already, so let the agent go rather than start it unstopped.
+                with contextlib.suppress(StoreError):
+                    await self.store.release_lease(name, lease_value)
+                continue
+            runner = AgentRunner(
+                resource=resource,
+                spec_hash=chunk[name],
+                lease_value=lease_value,
+                store=self.store,
+                engine=model.engine,
+                arbiter=model.arbiter,
+                hibernator=model.hibernator,
+                daemon_id=self.id,
+                clock=self.clock,
+                retry_max_s=self.settings.redis_retry_max_s,
+                telemetry=self.telemetry,
+                governor=self.governor,
+                opened=opened.get(name),
+            )
+            self.runners[name] = runner
+            for cmd in self._opening.pop(name, ()):
+                runner.nudge(cmd)
+            self._spawn(self._supervise(runner))
 
     async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
         """The model ``resource`` names, started on first use; None when it cannot serve."""
@@ -635,11 +754,18 @@ class Daemon:
             if self.runners.get(runner.name) is runner:
                 del self.runners[runner.name]
                 self._scopes.pop(runner.name, None)
+            if runner.stop_reason is StopReason.REBALANCE or self._draining:
+                self._released.set()  # its lease is free: the others may take it now
             self._kick.set()
 
     async def _stop_one(self, name: str, reason: StopReason, restart_hash: str | None) -> None:
         runner = self.runners.get(name)
         if runner is None or name in self._stopping:
+            self._handing_over.discard(name)
+            return
+        if reason is StopReason.REBALANCE and not runner.settled:
+            # A task began since reconcile chose it: never cut one short to rebalance.
+            self._handing_over.discard(name)
             return
         self._stopping.add(name)
         try:
@@ -657,9 +783,16 @@ class Daemon:
         finally:
             # Only now: until the restarted runner exists, reconcile must not start one.
             self._stopping.discard(name)
+            self._handing_over.discard(name)
 
     async def _stop_all(self, reason: StopReason) -> None:
-        runners = list(self.runners.values())
+        asked: set[int] = set()
+        # Again for runners that a start in flight added meanwhile, until none is left.
+        while runners := [r for r in self.runners.values() if id(r) not in asked]:
+            asked.update(id(r) for r in runners)
+            await self._stop_these(runners, reason)
+
+    async def _stop_these(self, runners: list[AgentRunner], reason: StopReason) -> None:
         for r in runners:
             r.request_stop(reason)
         with anyio.move_on_after(self.settings.grace_s):
@@ -677,8 +810,8 @@ class Daemon:
     # ------------------------------------------------------------------ state
 
     def _room(self) -> int:
-        """How many more agents this daemon may run."""
-        limit = self.settings.max_agents
+        """How many more agents this daemon may run (``--max-agents``, and its fair share)."""
+        limit = self.limit
         return 1_000_000 if limit is None else limit - len(self.runners)
 
     def _fleet_quiet(self) -> bool:
@@ -703,6 +836,8 @@ class Daemon:
             "agents": len(self.runners),
             "started_at": self.started_at,
             "seen_at": self.clock(),
+            "share": self.limit,
+            "draining": self._draining,
         }
 
 

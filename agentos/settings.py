@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from agentos.core.placement import HANDOVER_BATCH, SHARE_MARGIN
+
 __all__ = ["DaemonSettings", "Settings", "default_home", "new_daemon_id"]
 
 
@@ -38,6 +40,11 @@ class DaemonSettings:
     status_flush_s: float = 1.0  # how often step counters reach Redis
     grace_s: float = 10.0  # how long agents get to stop on shutdown
     max_agents: int | None = None  # per daemon; None = no limit
+    # Daemons sharing a Redis split the agents: each holds at most its fair share
+    # ceil(agents / live daemons) plus this fraction of it (at least one more), and hands
+    # over at most handover_batch idle agents at once when it holds more.
+    share_margin: float = SHARE_MARGIN
+    handover_batch: int = HANDOVER_BATCH
     engine: str = "sim"
     engine_options: Mapping[str, object] = field(default_factory=dict)
     redis_retry_max_s: float = 5.0

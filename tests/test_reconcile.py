@@ -258,3 +258,133 @@ def test_same_leases_seen_by_other_daemon() -> None:
     desired = _desired(Desired("a", "h1"))
     leases = {"a": Lease(ME, NOW + 30)}
     assert reconcile(desired, {}, leases, NOW, daemon_id=OTHER) == []
+
+
+# ---------------------------------------------------------------------- handing over
+
+
+def _mine(*names: str, busy: str = "", leaving: str = "") -> dict[str, Local]:
+    return {n: Local(n, "h1", busy=n in busy.split(), leaving=n in leaving.split()) for n in names}
+
+
+def _fleet(**priorities: int) -> dict[str, Desired]:
+    return {n: Desired(n, "h1", p) for n, p in priorities.items()}
+
+
+def _rebalance(*names: str) -> list[Start | Stop | Restart]:
+    return [Stop(n, StopReason.REBALANCE) for n in names]
+
+
+HANDOVER_CASES = [
+    pytest.param(
+        _fleet(a=50, b=50, c=50), _mine("a", "b", "c"), 3, 5, [], id="at-the-limit-keeps-all"
+    ),
+    pytest.param(
+        _fleet(a=50, b=50, c=50),
+        _mine("a", "b", "c"),
+        2,
+        0,
+        [],
+        id="handover-off-never-sheds",
+    ),
+    pytest.param(
+        _fleet(a=50, b=10, c=90, d=50),
+        _mine("a", "b", "c", "d"),
+        2,
+        5,
+        _rebalance("b", "d"),
+        id="lowest-priority-first-then-last-name",
+    ),
+    pytest.param(
+        _fleet(a=50, b=10, c=90),
+        _mine("a", "b", "c", busy="b"),
+        2,
+        5,
+        _rebalance("a"),
+        id="busy-agent-is-never-moved",
+    ),
+    pytest.param(
+        _fleet(a=50, b=50),
+        _mine("a", "b", busy="a b"),
+        1,
+        5,
+        [],
+        id="all-busy-nothing-moves",
+    ),
+    pytest.param(
+        _fleet(a=1, b=2, c=3, d=4, e=5, f=6),
+        _mine("a", "b", "c", "d", "e", "f"),
+        1,
+        2,
+        _rebalance("a", "b"),
+        id="a-few-per-pass",
+    ),
+    pytest.param(
+        _fleet(a=1, b=2, c=3, d=4, e=5, f=6),
+        _mine("a", "b", "c", "d", "e", "f", leaving="a"),
+        1,
+        2,
+        _rebalance("b"),
+        id="leaving-ones-count-against-the-batch",
+    ),
+    pytest.param(
+        _fleet(a=1, b=2, c=3, d=4),
+        _mine("a", "b", "c", "d", leaving="a b"),
+        2,
+        5,
+        [],
+        id="leaving-ones-bring-it-down-to-the-limit",
+    ),
+    pytest.param(
+        _fleet(a=1, b=2, c=3, x=99),
+        _mine("a", "b", "c", leaving="a"),
+        3,
+        5,
+        [],
+        id="nothing-starts-while-handing-over",
+    ),
+    pytest.param(
+        {"a": Desired("a", "h2", 1), "b": Desired("b", "h1", 2), "c": Desired("c", "h1", 3)},
+        _mine("a", "b", "c"),
+        2,
+        5,
+        [Stop("b", StopReason.REBALANCE), Restart("a", "h2")],
+        id="restarting-agent-stays",
+    ),
+    pytest.param(
+        _fleet(b=2, c=3),
+        _mine("a", "b", "c"),
+        2,
+        5,
+        [Stop("a", StopReason.DELETE)],
+        id="a-delete-brings-it-down-first",
+    ),
+    pytest.param(
+        _fleet(a=50, b=50, x=99),
+        _mine("a", "b"),
+        3,
+        5,
+        [Start("x", "h1")],
+        id="under-the-limit-takes-up-to-it",
+    ),
+]
+
+
+@pytest.mark.parametrize(("desired", "local", "limit", "handover", "expected"), HANDOVER_CASES)
+def test_handover_over_the_share(
+    desired: dict[str, Desired],
+    local: dict[str, Local],
+    limit: int,
+    handover: int,
+    expected: list[Start | Stop | Restart],
+) -> None:
+    actions = reconcile(desired, local, {}, NOW, daemon_id=ME, capacity=limit, handover=handover)
+    assert actions == expected
+
+
+def test_a_shed_agent_is_not_taken_back_by_the_same_daemon() -> None:
+    """The hysteresis: down to the limit by handing over, then no start from the same
+    pass's view of the free agent (it would be over the limit again)."""
+    desired = _fleet(a=1, b=2, c=3)
+    after = reconcile(desired, _mine("b", "c"), {}, NOW, daemon_id=ME, capacity=2, handover=5)
+    assert after == []

@@ -175,15 +175,18 @@ def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
 
 def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("ID", "HOST", "PID", "ENGINE", "AGENTS", "SEEN"):
+    for col in ("ID", "HOST", "PID", "ENGINE", "AGENTS", "SHARE", "SEEN"):
         table.add_column(col)
     for did, info in sorted(daemons.items()):
+        # SHARE: the most agents it may hold (its fair share of the fleet plus the margin).
+        share = "draining" if info.get("draining") else str(info.get("share") or "")
         table.add_row(
             did,
             str(info.get("host", "")),
             str(info.get("pid", "")),
             str(info.get("engine", "")),
             str(info.get("agents", "")),
+            share,
             _ago(info.get("seen_at")) + " ago",
         )
     return table

@@ -60,6 +60,7 @@ class StopReason(enum.StrEnum):
     DELETE = "delete"  # the agent was deleted
     RESPEC = "respec"  # a new spec was applied; the agent restarts with it
     LEASE_LOST = "lease-lost"  # another daemon owns the agent now
+    REBALANCE = "rebalance"  # handed to another daemon: this one holds more than its share
 
 
 class IllegalTransition(ValueError):

@@ -214,6 +214,20 @@ class RunnerBase:
             not self.busy and not self._queue and not self._cmds and self.phase is not Phase.PENDING
         )
 
+    @property
+    def settled(self) -> bool:
+        """Idle or hibernated between tasks with nothing queued: it can be handed to
+        another daemon without cutting a task short (what a rebalance waits for)."""
+        return (
+            self.phase in (Phase.IDLE, Phase.HIBERNATED)
+            and not self.busy
+            and not self.failed
+            and not self._queue
+            and not self._cmds
+            and self.stop_reason is None
+            and self.hibernate_requested is None
+        )
+
     def counters(self) -> dict[str, object]:
         """Fast-moving status fields, written only by the daemon's periodic flush.
 

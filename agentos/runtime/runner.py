@@ -392,11 +392,12 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             status.update(
                 phase=self.phase.value, reason="Stopped", message=f"stopped: {reason.value}"
             )
+        message = f"daemon {self.daemon_id} let go of the agent"
+        if reason is StopReason.REBALANCE:
+            message += ": it holds more than its fair share; another daemon takes the agent"
         await self.writer.write(
             status=status,
-            event=self.writer.event(
-                "Stopped", reason.value, f"daemon {self.daemon_id} let go of the agent"
-            ),
+            event=self.writer.event("Stopped", reason.value, message),
             usage=self.usage_delta(),
             release=True,
         )
