@@ -19,7 +19,7 @@ from tests.fixture_agents import HOLD, EchoState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 from tests.test_cli import base_env, exited, spawn
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 ECHO = "tests.fixture_agents:Echo"
 INBOX = {"triggers": [{"inbox": {}}]}
