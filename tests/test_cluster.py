@@ -104,3 +104,21 @@ def test_every_fleet_stream_shard_is_its_own_hash_tag() -> None:
     keys = Keys("ns")
     tags = {k.split("{")[1].split("}")[0] for k in [*keys.feed_streams(), *keys.signal_streams()]}
     assert len(tags) == FEED_SHARDS + SIGNAL_SHARDS
+
+
+async def test_a_cluster_with_a_password_works_and_a_wrong_one_is_refused(
+    namespace: str, tmp_path: Path
+) -> None:
+    with LocalCluster(masters=3, password="s3cret") as cluster:
+        store = await Store.connect(cluster.url, namespace=namespace)
+        try:
+            await store.signal("message", "x")
+            assert await store.read_signals("0-0", block_ms=10)
+            assert len(await store.command_calls()) > 0  # admin reads on every master
+        finally:
+            await store.drop_namespace()
+            await store.close()
+        wrong = cluster.url.replace(":s3cret@", ":wrong@")
+        message = await _one_line_error(tmp_path, wrong)
+        assert "refused the credentials" in message
+        assert ":***@" in message

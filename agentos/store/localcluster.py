@@ -39,10 +39,13 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     replica_of: str = ""  # the master's node id, for a replica
+    password: str | None = None
 
     def client(self) -> Any:
         """A plain (non-cluster) client to this one node, for admin commands."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5
+        )
 
     @property
     def alive(self) -> bool:
@@ -88,13 +91,15 @@ class LocalCluster:
     replicas: int = 0
     node_timeout_ms: int = 1000
     uncovered: int = 0  # slots left unassigned at the top of the range (a broken cluster)
+    password: str | None = None  # requirepass (and masterauth) on every node
     nodes: list[Node] = field(default_factory=list)
     _root: Path | None = None
 
     @property
     def url(self) -> str:
         """The ``redis+cluster://`` URL agentos connects with (any one node will do)."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}127.0.0.1:{self.nodes[0].port}"
 
     def start(self, timeout_s: float = 20.0) -> LocalCluster:
         """Start the processes, assign the slots, join them and wait until the cluster
@@ -104,7 +109,7 @@ class LocalCluster:
             for i in range(self.masters * (1 + self.replicas)):
                 directory = self._root / f"node{i}"
                 directory.mkdir()
-                node = Node(_free_port(), directory)
+                node = Node(_free_port(), directory, password=self.password)
                 self._spawn(node)
                 self.nodes.append(node)
             for node in self.nodes:
@@ -132,6 +137,8 @@ class LocalCluster:
 
     def _spawn(self, node: Node) -> None:
         log = open(node.directory / "valkey.log", "ab")  # noqa: SIM115 (the child keeps it)
+        pw = self.password
+        auth = ["--requirepass", pw, "--masterauth", pw] if pw else []
         node.process = subprocess.Popen(
             [
                 str(_binary()),
@@ -144,6 +151,7 @@ class LocalCluster:
                 "--save", "",
                 "--appendonly", "no",
                 "--protected-mode", "no",
+                *auth,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
