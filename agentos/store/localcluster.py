@@ -14,9 +14,12 @@ Only for tests and benchmarks: production clusters are run by their operators.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -58,6 +61,14 @@ def _cluster_info(node: Node) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     lines = raw.decode().splitlines()
     return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the process that started the
+    cluster dies (a test run that was itself killed leaves no servers behind)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _binary() -> Path:
@@ -156,6 +167,7 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         log.close()
 
