@@ -149,7 +149,7 @@ async def test_a_joining_daemon_takes_idle_agents_over_and_leaves_a_running_task
         )
         runner = first.runners[holder]
         limit = share_limit(21, 2)
-        async with running_daemon(store, daemon_id="second") as second:
+        async with running_daemon(store, daemon_id="second"):
 
             async def split() -> Counter[str] | None:
                 owners = await _owners(store, everyone)
@@ -161,7 +161,9 @@ async def test_a_joining_daemon_takes_idle_agents_over_and_leaves_a_running_task
             assert first.runners.get(holder) is runner
             assert runner.busy
             assert (await store.leases([holder]))[holder].owner == "first"
-            moved = [n for n in names if n in second.runners]
+            # Moved: the second daemon holds the lease (its runner may still be opening).
+            leases = await store.leases(names)
+            moved = [n for n in names if n in leases and leases[n].owner == "second"]
             assert moved
             for name in moved:
                 stopped = [e for e in await store.events(name) if e.type == "Stopped"]

@@ -217,30 +217,6 @@ class Daemon(Upkeep):
 
     # ------------------------------------------------------------------ loops
 
-    async def _announce(self, cmd: str) -> None:
-        """Write our heartbeat now (``draining`` once stopping) and signal ``cmd`` to the
-        other daemons, which then count the daemons and look at the leases at once."""
-        try:
-            if cmd != "released":
-                await self.store.heartbeat(
-                    self.id,
-                    self._info(),
-                    now=self.clock(),
-                    forget_after_s=self.settings.daemon_forget_after_s,
-                )
-            await self.store.signal(cmd, "", daemon=self.id)
-        except StoreError as e:
-            self._store_failed(f"{cmd} signal", e)
-
-    async def _handover_loop(self) -> None:
-        """Say "released" whenever agents we handed over (or let go of while draining)
-        are free: one signal for the agents that stop within a few milliseconds."""
-        while True:
-            await self._released.wait()
-            await anyio.sleep(0.05)
-            self._released = anyio.Event()
-            await self._announce("released")
-
     async def _reconcile_loop(self, until_idle: bool) -> None:
         delay = 0.1
         quiet_passes = 0
@@ -344,18 +320,6 @@ class Daemon(Upkeep):
             await self._handing_out(handed, fleet)
         if starts:
             await self._start_many([(a.name, a.spec_hash) for a in starts])
-
-    async def _handing_out(self, names: list[str], fleet: int) -> None:
-        """Say why agents are being handed over (the log and the fleet's events)."""
-        message = (
-            f"{self.id} hands over {len(names)} agent(s): it holds {len(self.runners)}, more "
-            f"than its fair share ({self.limit} of {fleet} agents on {self._peers} daemons)"
-        )
-        log.info("%s", message)
-        try:
-            await self.store.record_fleet_event("", "Rebalancing", "fair share", message, self.id)
-        except StoreError as e:
-            self._store_failed("rebalance event", e)
 
     async def _purge_deleted(self) -> None:
         """Remove the keys of deleted agents whose daemon died before it could."""

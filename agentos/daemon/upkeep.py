@@ -7,7 +7,9 @@ only the leases it serves); effective quotas are reloaded and this daemon's samp
 published; inboxes are swept for messages whose signal was lost; task records are
 trimmed. None of these loops ends the daemon when Redis is away or full: they log once,
 retry, and afterwards one ``RedisUnavailable`` or ``RedisFull`` fleet event says for
-how long. Kept apart from :mod:`agentos.daemon`, which decides what runs where.
+how long. Announcements to the other daemons (``joined``, ``draining``, ``released``,
+a ``Rebalancing`` event) are here too. Kept apart from :mod:`agentos.daemon`, which
+decides what runs where.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Upkeep:
     started_at: float
     limit: int | None
     _draining: bool
+    _released: anyio.Event
+    _peers: int
     _quota_kick: anyio.Event
     _full_since: float | None
     _full_last: float
@@ -275,6 +279,44 @@ class Upkeep:
         )
         self._full_since = None
         log.warning("Redis accepts writes again (it refused them for %.0fs)", until - since)
+
+    # ------------------------------------------------------------------ peers
+
+    async def _announce(self, cmd: str) -> None:
+        """Write our heartbeat now (``draining`` once stopping) and signal ``cmd`` to the
+        other daemons, which then count the daemons and look at the leases at once."""
+        try:
+            if cmd != "released":
+                await self.store.heartbeat(
+                    self.id,
+                    self._info(),
+                    now=self.clock(),
+                    forget_after_s=self.settings.daemon_forget_after_s,
+                )
+            await self.store.signal(cmd, "", daemon=self.id)
+        except StoreError as e:
+            self._store_failed(f"{cmd} signal", e)
+
+    async def _handover_loop(self) -> None:
+        """Say "released" whenever agents we handed over (or let go of while draining)
+        are free: one signal for the agents that stop within a few milliseconds."""
+        while True:
+            await self._released.wait()
+            await anyio.sleep(0.05)
+            self._released = anyio.Event()
+            await self._announce("released")
+
+    async def _handing_out(self, names: list[str], fleet: int) -> None:
+        """Say why agents are being handed over (the log and the fleet's events)."""
+        message = (
+            f"{self.id} hands over {len(names)} agent(s): it holds {len(self.runners)}, more "
+            f"than its fair share ({self.limit} of {fleet} agents on {self._peers} daemons)"
+        )
+        log.info("%s", message)
+        try:
+            await self.store.record_fleet_event("", "Rebalancing", "fair share", message, self.id)
+        except StoreError as e:
+            self._store_failed("rebalance event", e)
 
     # ------------------------------------------------------------------ heartbeat
 
