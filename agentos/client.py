@@ -471,14 +471,17 @@ class Client(WaitClientMixin):
             ) from None
 
     async def hibernate(self, name: str) -> None:
-        """Ask the agent's daemon to hibernate it as soon as it is idle."""
+        """Ask the agent's daemon to hibernate (and release) it as soon as it is idle; an
+        agent no daemon holds is hibernated already."""
         await self._require(name)
         await self.store.signal("hibernate", name)
 
     async def wake(self, name: str) -> None:
-        """Ask the agent's daemon to wake it (and to retry it if it Failed)."""
+        """Run a wake task (and retry the agent if it Failed); an agent no daemon holds is
+        activated for it by whichever daemon has room."""
         await self._require(name)
-        await self.store.signal("wake", name)
+        if await self.store.wake(name, now=time.time()):
+            await self.store.signal("wake", name)
 
     async def tasks(self, name: str | None = None, *, count: int = 20) -> list[dict[str, str]]:
         """Recent task records of one agent, or of every agent, newest first."""

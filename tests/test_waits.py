@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -90,7 +92,8 @@ async def test_ask_parks_releases_and_resumes_with_the_answer(store: Store, tmp_
     assert record["answered_by"] == "alice"
     assert lines(log) == ["before deploy", "before deploy", "after yes"]
     assert await store.wait_get("appr") is None
-    assert await store.due_scan() == {}
+    # Released when the daemon stopped: due only on its next message (no time trigger).
+    assert await store.due_scan() == {"appr": math.inf}
     types = [e.type for e in await store.events("appr")]
     assert "Waiting" in types
     assert "Answered" in types
@@ -345,21 +348,23 @@ async def clocked_daemon(store: Store, clock: list[float]) -> AsyncIterator[Daem
 
 
 async def test_a_spent_budget_parks_the_task_until_the_day_ends(store: Store) -> None:
-    # 2026-03-10 23:59:00 UTC: the budget day ends in a minute.
-    clock = [1773187140.0]
+    # The next UTC midnight, a minute before it: the budget day ends in a minute. Ahead of
+    # the real clock, never behind it: a send makes an agent due at the sender's time.
+    midnight = (time.time() // 86_400 + 2) * 86_400
+    clock = [midnight - 60.0]
     client = Client(store)
     async with clocked_daemon(store, clock) as d:
         task = await _spent(store, d, client)
         wait = await store.wait_get("spender")
         assert wait is not None
-        assert wait.deadline == pytest.approx(1773187200.0, abs=1.0)
+        assert wait.deadline == pytest.approx(midnight, abs=1.0)
         # Not activated before the day ends on the daemon's clock (a few index polls).
         await anyio.sleep(3 * FAST["lease_ttl_s"] / 3)
         still = await store.wait_get("spender")
         assert still is not None
         assert still.park_id == wait.park_id
         assert (await store.status("spender"))["phase"] == "Waiting"
-        clock[0] = 1773187201.0  # the next day
+        clock[0] = midnight + 1.0  # the next day
         record = await done(store, "spender", task)
     assert record["status"] == "succeeded"
     assert record["wait_outcome"] == "rollover"
@@ -424,5 +429,5 @@ async def test_deleting_a_waiting_agent_forgets_its_wait(store: Store, tmp_path:
             return await store.wait_get("appr") is None and not await store.due_scan()
 
         await wait_until(forgotten, what="the wait to be purged")
-        assert "appr" not in d.activator.parked
+        assert "appr" not in d.runners
     assert await client.pending() == []

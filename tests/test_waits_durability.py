@@ -97,7 +97,8 @@ async def test_a_thousand_waiting_agents_cost_redis_nothing_while_they_wait(stor
     async with running_daemon(store, lease_ttl_s=15.0, grace_s=5.0, reconcile_interval_s=1.0) as d:
 
         async def all_waiting() -> bool:
-            return len(await store.due_scan()) == FLEET and not d.runners
+            phases = {st.get("phase") for st in (await store.statuses(names)).values()}
+            return phases == {"Waiting"} and not d.runners
 
         await wait_until(all_waiting, within=240, what="every agent to wait")
         assert not any(d.engine.has_session(n) for n in names)

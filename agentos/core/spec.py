@@ -270,10 +270,24 @@ class Trigger(_Model):
 
 
 class Hibernation(_Model):
-    """When an idle agent is swapped out, and whether its KV cache is kept."""
+    """When an idle agent is swapped out, and whether its KV cache is kept.
+
+    An agent idle for ``idleAfter`` hibernates and is released: no daemon holds it until
+    its next trigger. ``idleAfter: 0`` (or ``hibernation: never``) keeps it active.
+    """
 
     idle_after: Duration = 60.0
     keep_kv: KeepKV = Field(default="auto", alias="keepKV")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _never(cls, data: object) -> object:
+        return {"idleAfter": 0.0} if data == "never" else data
+
+    @property
+    def never(self) -> bool:
+        """The agent never hibernates for being idle (it stays active)."""
+        return self.idle_after <= 0
 
 
 class Backoff(_Model):

@@ -17,7 +17,7 @@ from croniter import croniter
 
 from agentos.core.spec import Trigger
 
-__all__ = ["DONE", "MAX_CATCH_UP", "Fire", "Missed", "TriggerClock", "next_fire"]
+__all__ = ["DONE", "MAX_CATCH_UP", "ON_TIME_S", "Fire", "Missed", "TriggerClock", "next_fire"]
 
 
 def next_fire(trigger: Trigger, after: float) -> float | None:
@@ -54,6 +54,10 @@ def _second_of_repeated_hour(moment: datetime, zone: ZoneInfo) -> bool:
 
 
 MAX_CATCH_UP = 100  # fires run after downtime with catchUp: all, at most
+# A fire this late when its agent is activated is on time, not missed: a released agent
+# is activated for its fire by whichever daemon has room, which takes a moment (seconds
+# on a busy fleet). Older fires passed while no daemon could run the agent: catchUp.
+ON_TIME_S = 2.0
 DONE = -1.0  # stored "next fire" of a one-shot trigger that has fired
 
 
@@ -81,10 +85,12 @@ class TriggerClock:
     """The next fire time of each time trigger of one agent.
 
     ``stored`` holds the next fire times a previous owner persisted (trigger index ->
-    epoch seconds, :data:`DONE` for a one-shot that fired); fire times that passed while
-    nobody ran the agent are handled by each trigger's ``catchUp`` policy, and are in
-    :attr:`catch_up` (to run now) and :attr:`missed` (to report). Heartbeats are not
-    persisted: they only ask whether there is work.
+    epoch seconds, :data:`DONE` for a one-shot that fired); a fire that passed less than
+    :data:`ON_TIME_S` ago is simply due (an agent released until its next fire is being
+    activated for it); older ones passed while nobody ran the agent and are handled by
+    each trigger's ``catchUp`` policy, in :attr:`catch_up` (to run now) and
+    :attr:`missed` (to report). A heartbeat only asks whether there is work: a stored
+    one that passed is due once, never caught up.
     """
 
     def __init__(
@@ -99,11 +105,11 @@ class TriggerClock:
             if trigger.kind == "inbox":
                 continue
             saved = stored.get(str(i))
-            if saved is None or trigger.kind == "heartbeat":
+            if saved is None:
                 self._next[i] = next_fire(trigger, now)
             elif saved == DONE:
-                self._next[i] = None
-            elif saved > now:
+                self._next[i] = None if trigger.kind != "heartbeat" else next_fire(trigger, now)
+            elif saved > now or trigger.kind == "heartbeat":
                 self._next[i] = saved
             else:
                 self._catch_up(i, trigger, saved, now)
@@ -114,6 +120,11 @@ class TriggerClock:
         while at is not None and at <= now and len(passed) <= MAX_CATCH_UP:
             passed.append(at)
             at = next_fire(trigger, at)
+        if passed[0] >= now - ON_TIME_S:
+            # On time (the activation for it took a moment): due now, once, like the fire
+            # of an agent that was busy.
+            self._next[index] = passed[-1]
+            return
         policy = trigger.catch_up
         run = {"skip": [], "one": passed[-1:], "all": passed[:MAX_CATCH_UP]}[policy]
         self.catch_up += [Fire(index, trigger.kind, t) for t in run]
@@ -143,10 +154,11 @@ class TriggerClock:
         """Kinds of the triggers due at ``now``; see :meth:`due_fires`."""
         return [f.kind for f in self.due_fires(now)]
 
-    def persisted(self) -> dict[str, float]:
-        """Next fire times to store, so another owner continues without duplicates."""
+    def persisted(self, *, heartbeats: bool = False) -> dict[str, float]:
+        """Next fire times to store, so another owner continues without duplicates
+        (with ``heartbeats``, theirs too: a released agent is activated for them)."""
         return {
             str(i): DONE if at is None else at
             for i, at in self._next.items()
-            if self.triggers[i].kind != "heartbeat"
+            if heartbeats or self.triggers[i].kind != "heartbeat"
         }

@@ -1,21 +1,25 @@
-"""The long-running process that keeps the fleet matching its specs.
+"""The long-running process that runs the fleet's active agents.
 
-A daemon reconciles the desired agents in Redis with the runners it supervises, takes
-a lease (with a fencing token) for every agent it runs, renews those leases, reacts to
-signals (apply, delete, messages, wake, hibernate), flushes step counters and usage
-(each batch with op ids, so a batch whose reply was lost is sent again unchanged and
-counted once) and trims its agents' task records on a timer. All of its state is in
-Redis: it can be killed at any moment, and a restarted daemon, or another one sharing
-the Redis, adopts the agents once their leases expire. A Redis that is away or full
-(at ``maxmemory``) delays that work, never ends the daemon; once writes go through
-again, one ``RedisFull`` fleet event says for how long they were refused.
+Agents are virtual: an agent no daemon holds (hibernated, waiting, never started) costs
+the daemons nothing; it is one entry of the due-time index in Redis
+(:mod:`agentos.store.waits`). Each daemon's :class:`~agentos.runtime.activation.Activator`
+claims what is due while the daemon has room, takes the agent's lease (with a fencing
+token for every later write) and starts a runner; the runner releases the agent when it
+has been idle for ``hibernation.idleAfter``. Reconcile and lease renewal touch only the
+agents a daemon holds: a respec restarts one, a delete stops it, a daemon over its fair
+share hands idle ones over.
 
-Daemons that share a Redis share the agents fairly (:mod:`agentos.core.placement`):
-each counts the live daemons in the heartbeat hash and holds at most its share plus a
-margin. One over it (another daemon joined) hands idle agents over with reason
-``rebalance``; one that drains (SIGTERM) marks its heartbeat ``draining`` first, so the
-others' share grows, and each lets the others know with a ``released`` signal when
-agents are free to take, so they look at once instead of at their next lease check.
+All of its state is in Redis: it can be killed at any moment. Each daemon lists what it
+holds in its held set; when its heartbeat is older than a lease, another daemon makes
+those agents due again and they are activated elsewhere. A Redis that is away or full (at
+``maxmemory``) delays that work, never ends the daemon; once writes go through again, one
+``RedisFull`` fleet event says for how long they were refused.
+
+Daemons that share a Redis share the active agents fairly (:mod:`agentos.core.placement`):
+each counts the live daemons and their agents in the heartbeat hash and holds at most its
+share plus a margin. One over it (another daemon joined) hands idle agents over with
+reason ``rebalance`` (they are due at once, for another daemon); one that drains
+(SIGTERM) marks its heartbeat ``draining`` first, so the others' share grows.
 
 The loops that keep Redis current (flushes, leases and heartbeats, quotas, sweeps,
 retention, fault reports) are in :mod:`agentos.daemon.upkeep`. Everything runs in anyio
@@ -35,7 +39,7 @@ import anyio
 
 from agentos.core.lifecycle import StopReason
 from agentos.core.placement import live_daemons, share_limit
-from agentos.core.reconcile import Desired, Lease, Local, Restart, Start, Stop, reconcile
+from agentos.core.reconcile import Desired, Local, Restart, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.daemon.upkeep import Upkeep
 from agentos.engine.base import Engine, EngineError
@@ -117,7 +121,8 @@ class Daemon(Upkeep):
         self._generation = -1
         self._agents_tg: anyio.abc.TaskGroup | None = None
         self._leases_checked_at = 0.0
-        self._kicked = True  # look at every lease on the first pass
+        self._kicked = True  # look at the peers on the first pass
+        self._fleet_active = 0  # agents the other live daemons hold, from their heartbeats
         # Fair share: live daemons as last counted, the most agents we may hold (None: no
         # limit), agents being handed over now, and an event set when some were let go.
         self._peers = 1
@@ -132,17 +137,17 @@ class Daemon(Upkeep):
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
         self._layout_checked = False
-        # Waiting agents: no runner anywhere; activated from the due index in Redis.
+        # Released agents: no runner anywhere; activated from the due index in Redis.
         self.activator = Activator(
             store,
             clock=clock,
             poll_s=self.settings.lease_ttl_s / 3,
             claim_s=self.settings.lease_ttl_s,
             room=self._room,
-            running=lambda: self.runners,
-            desired=lambda: {n: d.spec_hash for n, d in self._desired.items()},
+            running=self.runners,
             start=self._start_many,
         )
+        self._live: set[str] = {self.id}  # daemons whose heartbeat is fresh, as last read
         # Redis at maxmemory: when writes were first and last refused (None: they are not).
         self._full_since: float | None = None
         self._full_last = 0.0
@@ -208,6 +213,11 @@ class Daemon(Upkeep):
                 await self._stop_all(StopReason.SHUTDOWN)
                 control.cancel_scope.cancel()
         await self._announce("released")
+        try:
+            if not await self.store.still_held(self.id):
+                await self.store.leave_holders(self.id)
+        except StoreError as e:
+            log.warning("could not leave the holders: %s", e)
         await self.models.aclose()
         try:
             await self.store.forget_daemon(self.id)
@@ -250,11 +260,19 @@ class Daemon(Upkeep):
             upgraded = await self.store.upgrade_layout()
             if upgraded:
                 log.info("upgraded the fleet's key layout (%d agents)", upgraded)
+                self.activator.nudge()
             self._layout_checked = True
         generation = await self.store.generation()
         if generation != self._generation:
-            index = await self.store.desired_index()
-            self._desired = {n: Desired(n, h, p) for n, (h, p) in index.items()}
+            # Only the agents held here: what the rest of the fleet wants is the due
+            # index's business, not this daemon's.
+            names = list(self.runners)
+            fresh = await self.store.index_of(names)
+            for name in names:
+                if name in fresh:
+                    self._desired[name] = Desired(name, *fresh[name])
+                else:
+                    self._desired.pop(name, None)
             self._generation = generation
         now = self.clock()
         # Runners being stopped count as running: starting a second runner for an agent
@@ -268,45 +286,22 @@ class Daemon(Upkeep):
         for n in self._stopping - local.keys():  # stopped, about to be restarted
             spec_hash = self._desired[n].spec_hash if n in self._desired else ""
             local[n] = Local(n, spec_hash, busy=True)
-        # Checking the leases of agents we do not run costs a round trip per agent:
-        # do it every third of a lease, or right after a signal. Waiting agents are
-        # left alone: the activator starts them from the due index.
-        if not self.activator.loaded:
-            await self.activator.load()
-        parked = self.activator.parked
-        unowned = [n for n in self._desired if n not in self.runners and n not in parked]
-        desired = {n: d for n, d in self._desired.items() if n in self.runners or n not in parked}
-        leases: dict[str, Lease] = {}
         if self._kicked or now - self._leases_checked_at >= self.settings.lease_ttl_s / 3:
+            self._kicked = False
             self._leases_checked_at = now
-            await self._purge_deleted()
-            infos = await self.store.leases(unowned)
-            leases = {n: Lease(i.owner, now + i.ttl_ms / 1000) for n, i in infos.items()}
-            # Fresh within a lease: a daemon not seen that long has lost its leases too.
-            self._peers = live_daemons(
-                await self.store.daemons(), now, me=self.id, fresh_s=self.settings.lease_ttl_s
-            )
-        else:
-            # Not time to look at others' leases: only keep our own runners in line.
-            desired = {n: d for n, d in desired.items() if n in self.runners}
-        self._kicked = False
-        fleet = sum(1 for n in self._desired if n in self.runners or n not in parked)
-        self.limit = share_limit(
-            fleet,
-            self._peers,
-            capacity=self.settings.max_agents,
-            margin=self.settings.share_margin,
-        )
+            await self._look_at_peers(now)
+        desired = {n: d for n, d in self._desired.items() if n in local}
+        fleet = self._fleet_active + len(self.runners)
+        self.limit = self._share(fleet)
         actions = reconcile(
             desired,
             local,
-            leases,
+            {},
             now,
             daemon_id=self.id,
             capacity=self.limit,
             handover=self.settings.handover_batch,
         )
-        starts = [a for a in actions if isinstance(a, Start)]
         handed = []
         for action in actions:
             if isinstance(action, Stop):
@@ -318,8 +313,38 @@ class Daemon(Upkeep):
                 self._spawn(self._stop_one(action.name, StopReason.RESPEC, action.spec_hash))
         if handed:
             await self._handing_out(handed, fleet)
-        if starts:
-            await self._start_many([(a.name, a.spec_hash) for a in starts])
+
+    async def _look_at_peers(self, now: float) -> None:
+        """Count the live daemons and their agents (the fair share), activate again the
+        agents of daemons that died, and purge what deleted agents left behind."""
+        await self._purge_deleted()
+        heartbeats = await self.store.daemons()
+        fresh_s = self.settings.lease_ttl_s
+        self._peers = live_daemons(heartbeats, now, me=self.id, fresh_s=fresh_s)
+        self._live = {self.id}
+        self._fleet_active = 0
+        for daemon_id, info in heartbeats.items():
+            seen_at = info.get("seen_at")
+            if daemon_id == self.id or not isinstance(seen_at, int | float):
+                continue
+            if now - float(seen_at) < fresh_s:
+                self._live.add(daemon_id)
+                self._fleet_active += int(info.get("agents") or 0)
+        # A daemon's leases outlive its last heartbeat by up to a lease: wait that long
+        # again before its agents are claimed (a claim on a live lease only waits).
+        for daemon_id in await self.store.holders() - {self.id}:
+            seen_at = (heartbeats.get(daemon_id) or {}).get("seen_at")
+            if isinstance(seen_at, int | float) and now - float(seen_at) < 2 * fresh_s:
+                continue
+            names = await self.store.recover_held(daemon_id, now=now)
+            if names:
+                message = (
+                    f"daemon {daemon_id} is gone (no heartbeat for {2 * fresh_s:.0f}s); "
+                    f"{len(names)} agent(s) it held are due again"
+                )
+                log.warning("%s", message)
+                await self.store.record_fleet_event("", "DaemonLost", daemon_id, message, self.id)
+                self.activator.nudge()
 
     async def _purge_deleted(self) -> None:
         """Remove the keys of deleted agents whose daemon died before it could."""
@@ -357,27 +382,23 @@ class Daemon(Upkeep):
                 if cmd in ("applied", "deleted"):
                     self._kicked = True
                     self._kick.set()
+                    self.activator.nudge()
                     self.evaluator.nudge()
                     self._quota_kick.set()
                 elif cmd in ("joined", "draining", "released"):
-                    # The fleet's daemons changed, or agents are free (which matters only
-                    # with room for them): count the daemons and look at the leases now,
-                    # not at the next lease check.
-                    if fields.get("daemon") != self.id and (cmd != "released" or self._room() > 0):
+                    # The fleet's daemons changed: count them (and their agents) now,
+                    # not at the next look.
+                    if fields.get("daemon") != self.id:
                         self._kicked = True
                         self._kick.set()
                 elif cmd == "due":
                     self.activator.nudge()
-                elif cmd == "parked":
-                    self.activator.park(agent)
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
                 elif agent in self._opening and cmd in ("message", "wake"):
                     self._opening[agent].add(cmd)
-                elif cmd in ("message", "wake"):
-                    # Maybe nobody runs it: let reconcile look at its lease now.
-                    self._kicked = True
-                    self._kick.set()
+                # Any other agent is held elsewhere or released: a send or wake to a
+                # released one makes it due, which the "due" signal says.
 
     # ------------------------------------------------------------------ agents
 
@@ -385,7 +406,11 @@ class Daemon(Upkeep):
         assert self._agents_tg is not None
         self._agents_tg.start_soon(_run_coro, coro)
 
-    async def _start_many(self, wanted: list[tuple[str, str]]) -> None:
+    async def _start_many(
+        self, wanted: list[tuple[str, str]], claims: dict[str, float] | None = None
+    ) -> None:
+        """Take the leases of ``wanted`` (name, spec hash) and start their runners;
+        ``claims``: the due-index claims they were activated with (dropped once held)."""
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
         # Leases and specs in a few pipelines: starting 10,000 agents must not take
         # 20,000 sequential round trips.
@@ -394,12 +419,14 @@ class Daemon(Upkeep):
                 return
             chunk = dict(wanted[i : i + 500])
             try:
-                await self._start_chunk(chunk, ttl_ms)
+                await self._start_chunk(chunk, ttl_ms, claims or {})
             finally:
                 for name in chunk:
                     self._opening.pop(name, None)
 
-    async def _start_chunk(self, chunk: dict[str, str], ttl_ms: int) -> None:
+    async def _start_chunk(
+        self, chunk: dict[str, str], ttl_ms: int, claims: dict[str, float]
+    ) -> None:
         """Start one batch of ``_start_many``: name -> spec hash."""
         for name in chunk:
             self._opening.setdefault(name, set())
@@ -407,6 +434,21 @@ class Daemon(Upkeep):
         # Started meanwhile by another pass (the same daemon gets the same lease
         # back): one runner per agent.
         won = [n for n, t in tokens.items() if t and n not in self.runners]
+        # Held before the claim goes: if we die now, our held set brings the agent back.
+        await self.store.held_add(self.id, won)
+        taken = [n for n, t in tokens.items() if not t]
+        drop = {n: at for n, at in claims.items() if tokens.get(n)}
+        if taken and claims:
+            # Held by a live daemon: it makes the agent due when it lets go, so the claim
+            # goes. Held by a dead one: the claim stays and expires, and the agent is
+            # tried again once that lease has expired too.
+            owners = await self.store.leases(taken)
+            drop |= {
+                n: claims[n]
+                for n in taken
+                if n in claims and n in owners and owners[n].owner in self._live
+            }
+        await self.store.due_unclaim(drop)
         bodies = await self.store.agent_specs_of(won)
         resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
         for name in won:
@@ -414,6 +456,13 @@ class Daemon(Upkeep):
             model = await self._model_of(name, resource)
             if resource is None or model is None:
                 await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+                if resource is not None:  # its model cannot serve: try again in a while
+                    retry_at = self.clock() + self.settings.lease_ttl_s
+                    await self.store.due_release(
+                        name, self.id, retry_at, now=self.clock(), look=False
+                    )
+                else:
+                    await self.store.held_remove(self.id, [name])
             else:
                 resources[name] = (resource, model)
         try:
@@ -430,6 +479,7 @@ class Daemon(Upkeep):
                 # the runners already, so let the agent go rather than start it unstopped.
                 with contextlib.suppress(StoreError):
                     await self.store.release_lease(name, lease_value)
+                    await self.store.due_release(name, self.id, self.clock(), now=self.clock())
                 continue
             runner = AgentRunner(
                 resource=resource,
@@ -447,6 +497,7 @@ class Daemon(Upkeep):
                 opened=opened.get(name),
             )
             self.runners[name] = runner
+            self._desired[name] = Desired(name, chunk[name], resource.spec.priority)
             for cmd in self._opening.pop(name, ()):
                 runner.nudge(cmd)
             self._spawn(self._supervise(runner))
@@ -490,18 +541,24 @@ class Daemon(Upkeep):
             with scope:
                 await runner.run()
         except Exception:
-            log.exception(
-                "%s: supervisor crashed; the agent restarts on the next reconcile", runner.name
-            )
+            log.exception("%s: supervisor crashed; the agent is activated again", runner.name)
+            runner.stop_reason = StopReason.LEASE_LOST
         finally:
-            if runner.parked:  # waiting: the activator wakes it, not reconcile
-                self.activator.park(runner.name)
+            if runner.stop_reason is StopReason.LEASE_LOST:
+                # Not released by the runner: due again at once (our own lease, if we
+                # still have it, comes back to whichever of our passes claims it).
+                with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                    await self.store.due_now([runner.name], now=self.clock())
+                    await self.store.held_remove(self.id, [runner.name])
             if self.runners.get(runner.name) is runner:
                 del self.runners[runner.name]
                 self._scopes.pop(runner.name, None)
+                if runner.name not in self._stopping:
+                    self._desired.pop(runner.name, None)
             if runner.stop_reason is StopReason.REBALANCE or self._draining:
                 self._released.set()  # its lease is free: the others may take it now
             self._kick.set()
+            self.activator.nudge()  # room for one more
 
     async def _stop_one(self, name: str, reason: StopReason, restart_hash: str | None) -> None:
         runner = self.runners.get(name)
@@ -554,18 +611,33 @@ class Daemon(Upkeep):
 
     # ------------------------------------------------------------------ state
 
-    def _room(self) -> int:
-        """How many more agents this daemon may run (``--max-agents``, and its fair share)."""
-        limit = self.limit
+    def _share(self, agents: int) -> int | None:
+        if self.settings.max_agents is None and self._peers <= 1:
+            return None  # alone and unbounded
+        return share_limit(
+            agents,
+            self._peers,
+            capacity=self.settings.max_agents,
+            margin=self.settings.share_margin,
+        )
+
+    async def _room(self, due: int) -> int:
+        """How many more agents this daemon may take now, with ``due`` agents waiting for
+        a daemon: up to ``--max-agents`` and its fair share of what is held and due. The
+        others' counts are read fresh (their held sets, one command per daemon), so two
+        daemons never both think the other has the room."""
+        if self.settings.max_agents is None and self._peers <= 1:
+            return 1_000_000
+        others = sorted(self._live - {self.id})
+        self._fleet_active = sum((await self.store.held_counts(others)).values())
+        limit = self._share(self._fleet_active + len(self.runners) + due)
         return 1_000_000 if limit is None else limit - len(self.runners)
 
     def _fleet_quiet(self) -> bool:
-        parked = self.activator.parked
-        if any(n not in self.runners and n not in parked for n in self._desired):
-            # Desired agents nobody runs yet (or that another daemon runs).
+        if not self.activator.loaded or self._opening:
             return False
         horizon = self.clock() + 1.0
-        if self.activator.next_due_at <= horizon:
+        if self.activator.next_due_at <= horizon:  # due now or soon (not held here)
             return False
         return all(
             r.quiet and (r.next_fire_at is None or r.next_fire_at > horizon)

@@ -184,6 +184,11 @@ class Upkeep:
                 self._store_failed("heartbeat", e)
             try:
                 held = {n: r.lease_value for n, r in self.runners.items()}
+                if held and not await self.store.is_holder(self.id):
+                    # Taken for dead (a heartbeat that did not get through for too long)
+                    # and recovered by another daemon: list what we hold again.
+                    log.warning("listed as gone by another daemon; listing our agents again")
+                    await self.store.held_add(self.id, list(held))
                 results = await self.store.renew_leases(held, ttl_ms)
                 unknown = [ok for ok in results.values() if isinstance(ok, StoreError)]
                 if unknown:  # a node out: those leases are renewed on the next pass
@@ -195,8 +200,7 @@ class Upkeep:
                     # Expired (say, Redis was away longer than a lease). Another daemon
                     # may have adopted, changed and released the agent meanwhile, so this
                     # runner's memory is stale: never re-arm it with a new token. It
-                    # stops, and reconcile starts a fresh one from Redis if the agent is
-                    # still free.
+                    # stops and the agent is due again: whoever claims it starts fresh.
                     log.warning("%s: lease expired; stopping it here", name)
                     runner.request_stop(StopReason.LEASE_LOST)
             except StoreError as e:

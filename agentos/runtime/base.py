@@ -206,6 +206,11 @@ class RunnerBase:
         return self._triggers.next_at
 
     @property
+    def ending(self) -> bool:
+        """Asked to stop, or it released the agent: this runner is on its way out."""
+        return self.stop_reason is not None
+
+    @property
     def quiet(self) -> bool:
         """Nothing running, nothing due, nothing queued: what `up --until-idle` waits for."""
         if self.failed:

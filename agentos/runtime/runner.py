@@ -18,6 +18,7 @@ cores :mod:`agentos.core.tasks` and :mod:`agentos.core.supervisor`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import anyio
@@ -130,6 +131,8 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             message = f"adopted from {previous_owner} by {self.daemon_id}"
         if snapshot.claimed:
             message += f"; {snapshot.claimed} unacknowledged message(s) taken over"
+        woken = bool(prior.get("woken"))
+        clear = ("last_error", "last_traceback") if prior.get("phase") != "Failed" else ()
         await self.writer.write(
             status={
                 "phase": self.phase.value,
@@ -139,11 +142,13 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 "reason": "Adopted" if adopted else "Started",
                 "message": message,
             },
-            clear=("last_error", "last_traceback") if prior.get("phase") != "Failed" else (),
+            clear=(*clear, "woken") if woken else clear,
             event=self.writer.event("Adopted" if adopted else "Started", "", message),
         )
         await self._catch_up()
-        if not was_hibernated and not self._queue:
+        if woken:  # `agentos wake` while no daemon held it: that is what activated it
+            self._cmds.add("wake")
+        elif not was_hibernated and not self._queue:
             self._queue.append(Work("start"))
         # Messages that arrived while no daemon ran the agent: the first ones came with
         # the open, recorded as they start (the inbox keeps them meanwhile).
@@ -245,7 +250,16 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 continue
             # A slot promised to a waiting agent goes first: we are idle, it is not.
             if self.hibernate_requested and self.phase is Phase.IDLE:
-                await self._hibernate(self.hibernate_requested)
+                # An operator's request releases the agent too; an eviction (another
+                # agent needs the slot) only swaps it out until it is idle long enough.
+                asked, why = not self._evicting, self.hibernate_requested
+                await self._hibernate(why)
+                if (
+                    asked
+                    and not self.resource.spec.hibernation.never
+                    and self._releasable(self.clock())
+                ):
+                    await self._release(why)
                 continue
             if self._evicting:  # asked while not idle: let the arbiter ask someone else
                 self._evicting = False
@@ -258,16 +272,59 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 self.hibernate_requested = None
             now = self.clock()
             deadlines = [self._triggers.next_at] + [w.not_before for w in self._queue]
-            idle_after = self.resource.spec.hibernation.idle_after
-            if self.phase is Phase.IDLE:
-                idle_deadline = self.last_activity + idle_after
-                if idle_deadline <= now:
-                    await self._hibernate(f"idle for {idle_after:g}s")
+            hibernation = self.resource.spec.hibernation
+            if self.phase in (Phase.IDLE, Phase.HIBERNATED) and not hibernation.never:
+                idle_deadline = self.last_activity + hibernation.idle_after
+                if idle_deadline <= now and self._releasable(now):
+                    why = f"idle for {hibernation.idle_after:g}s"
+                    if self.phase is Phase.IDLE:
+                        await self._hibernate(why)
+                    await self._release(why)
                     continue
                 deadlines.append(idle_deadline)
             due = [d for d in deadlines if d is not None]
             await self._wait(max(0.0, min(due) - now) if due else None)
             await self._collect()
+
+    def _releasable(self, now: float) -> bool:
+        """Nothing to do before the next trigger: the agent may be let go until then."""
+        next_at = self._triggers.next_at
+        return (
+            not self._queue
+            and not self._cmds
+            and not self.busy
+            and self.stop_reason is None
+            and (next_at is None or next_at > now + 0.05)
+        )
+
+    async def _release(self, why: str) -> None:
+        """Let go of a hibernated agent: no lease, no runner, no timer in any daemon.
+
+        Its counters, usage and next fire times (heartbeats too) are written with the
+        lease's release; then it is due at its next fire (+inf: only a message, a wake or
+        an answer activates it), or now if a message came meanwhile. This runner ends.
+        """
+        if self.phase is not Phase.HIBERNATED:
+            return
+        at = self._triggers.next_at
+        due_at = math.inf if at is None else at
+        await self.writer.write(
+            status={
+                **self.counters(),
+                **self.task_counters(),
+                "owner": "",
+                "released_at": repr(self.clock()),
+                "due_at": repr(due_at),
+            },
+            usage=self.usage_delta(),
+            schedule=self._triggers.persisted(heartbeats=True),
+            release=True,
+        )
+        self._released(f"hibernated ({why})")
+        await self.writer.call(
+            lambda: self.store.due_release(self.name, self.daemon_id, due_at, now=self.clock()),
+            "release",
+        )
 
     async def _collect(self) -> None:
         """Turn commands and due triggers into queued work."""
@@ -289,6 +346,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 self._nudged.set()
         if "wake" in self._cmds:
             self._cmds.discard("wake")
+            await self.writer.write(clear=("woken",))
             await self._enqueue([Work("wake")])
         fires = self._triggers.due_fires(self.clock())
         if fires:
@@ -370,17 +428,25 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 lambda: self.store.release_lease(self.name, self.lease_value), "release"
             )
             await self.writer.call(lambda: self.store.purge_agent(self.name), "purge")
+            await self.writer.call(
+                lambda: self.store.held_remove(self.daemon_id, [self.name]), "release"
+            )
             return
-        if self.session.open:
-            # Hand the next owner (or the respecced runner) a KV snapshot, so it wakes
-            # without re-prefill. A task cut short by the grace period is abandoned; its
-            # message is redelivered.
-            if self.phase is Phase.RUNNING:
-                self._move(PhaseEvent.IDLE)
-            if self.phase is Phase.IDLE and reason is not StopReason.RESPEC:
-                await self._hibernate(f"daemon stopping the agent ({reason.value})")
-            else:
-                await self.writer.write(status=await self._release_slot())
+        # Hand the next owner (or the respecced runner) a KV snapshot, so it wakes
+        # without re-prefill. A task cut short by the grace period is abandoned; its
+        # message is redelivered. An idle agent is released hibernated, until its next
+        # trigger, with or without an engine session.
+        if self.session.open and self.phase is Phase.RUNNING:
+            self._move(PhaseEvent.IDLE)
+        never = self.resource.spec.hibernation.never
+        if (
+            self.phase is Phase.IDLE
+            and reason is not StopReason.RESPEC
+            and (self.session.open or not never)
+        ):
+            await self._hibernate(f"daemon stopping the agent ({reason.value})")
+        elif self.session.open:
+            await self.writer.write(status=await self._release_slot())
         # The flush loop skips stopping runners: this write carries every counter.
         status: dict[str, object] = {**self.counters(), **self.task_counters(), "owner": ""}
         if reason is StopReason.RESPEC:
@@ -399,5 +465,21 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             status=status,
             event=self.writer.event("Stopped", reason.value, message),
             usage=self.usage_delta(),
+            schedule=self._triggers.persisted(heartbeats=True),
             release=True,
+        )
+        # Released: a hibernated agent until its next fire; any other (work queued,
+        # `hibernation: never`, handed over, failed) at once, for whoever has room.
+        now = self.clock()
+        at: float = now
+        if (
+            self.phase is Phase.HIBERNATED
+            and not self.resource.spec.hibernation.never
+            and reason is not StopReason.REBALANCE
+            and not self._queue
+        ):
+            next_at = self._triggers.next_at
+            at = math.inf if next_at is None else next_at
+        await self.writer.call(
+            lambda: self.store.due_release(self.name, self.daemon_id, at, now=now), "release"
         )

@@ -5,8 +5,8 @@ When agent code reaches a wait with nothing recorded for it (``ctx.ask``, ``wait
 and :meth:`WaitMixin._park_wait` parks the task: the wait goes into its due shard (with
 a provisional due time), the engine slot is given back (KV saved per ``keepKV``), one
 fenced write records the task as ``waiting`` and the agent as ``Waiting`` and releases
-the lease, and the wait is armed at its deadline. The runner then ends: nothing of the
-agent stays in any daemon.
+the lease, the wait is armed at its deadline and the agent leaves the daemon's held set.
+The runner then ends: nothing of the agent stays in any daemon.
 
 A daemon that activates the agent (an answer, an event, the deadline, from the due index)
 starts a runner as usual; :meth:`WaitMixin._resume_wait` reads the wait and does what
@@ -176,8 +176,10 @@ class WaitMixin(RunnerBase):
         self._released(f"task {work.id} {what}")
         try:
             answered = await self.writer.call(lambda: self.store.wait_arm(record, now=now), "arm")
+            if answered:
+                await self.writer.call(lambda: self.store.signal("due", self.name), "signal")
             await self.writer.call(
-                lambda: self.store.signal("due" if answered else "parked", self.name), "signal"
+                lambda: self.store.held_remove(self.daemon_id, [self.name]), "release"
             )
         except StoreError as e:  # the provisional due time activates it anyway
             log.warning(
@@ -221,6 +223,9 @@ class WaitMixin(RunnerBase):
                 return await self._resume_wait(snapshot)
             await self.writer.call(
                 lambda: self.store.release_lease(self.name, self.lease_value), "release"
+            )
+            await self.writer.call(
+                lambda: self.store.held_remove(self.daemon_id, [self.name]), "release"
             )
             self._released(f"task {wait.task_id} still waits")
             return False

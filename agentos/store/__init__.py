@@ -367,6 +367,14 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         return total
 
     @translate
+    async def memory_used(self) -> int:
+        """Bytes the server holds (``used_memory``; summed over a cluster's masters)."""
+        if not self.cluster:
+            return int((await self._r.info("memory"))["used_memory"])
+        per_node = await self._r.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        return sum(int(info["used_memory"]) for info in per_node.values())
+
+    @translate
     async def key_idle_s(self, key: str) -> int:
         """Seconds since any command last read or wrote ``key`` (``OBJECT IDLETIME``)."""
         return int(await self._r.object("idletime", key))

@@ -36,6 +36,7 @@ class InboxOps:
     _read_fenced: Any
     _batch: ScriptBatcher
     keys: Keys
+    due_now: Any  # agentos.store.waits.WaitOps
     retention: Retention
     cluster: bool
 
@@ -66,34 +67,27 @@ class InboxOps:
             fields["traceparent"] = traceparent
         k = self.keys
         signals = k.signals(k.signal_shard(name))
-        if send_id is not None:
-            check = "" if check_limit is None else str(check_limit)
-            size = len(body.encode())
-            args: list[str | int] = [SEND_DEDUPE_TTL_S, name, SIGNALS_MAXLEN, check, size]
-            for f, v in fields.items():
-                args += [f, v]
-            keys = [k.sent(name, send_id), k.inbox(name), k.applied(name)]
-            if not self.cluster:
-                keys.append(signals)
-            verdict, value = await self._batch.run(self._send_once, keys, args)
-            if _s(verdict) != "ok":
-                raise SendRefused(name, None if _s(verdict) == "missing" else int(value))
-            if self.cluster:  # a repeat too: the first attempt may have died before it
-                await self._nudge(signals, name)
-            return _s(value)
-        if self.cluster:
+        check = "" if check_limit is None else str(check_limit)
+        ttl = "" if send_id is None else SEND_DEDUPE_TTL_S
+        args: list[str | int] = [ttl, name, SIGNALS_MAXLEN, check, len(body.encode())]
+        for f, v in fields.items():
+            args += [f, v]
+        keys = [k.sent(name, send_id or "-"), k.inbox(name), k.applied(name), k.lease(name)]
+        if not self.cluster:
+            keys.append(signals)
+        verdict, value, *rest = await self._batch.run(self._send_once, keys, args)
+        if _s(verdict) != "ok":
+            raise SendRefused(name, None if _s(verdict) == "missing" else int(value))
+        if not int(rest[0]):
+            # No daemon holds the agent: it is due now, and whoever has room activates it
+            # (the message waits in the inbox meanwhile). A repeat too: the first attempt
+            # may have died before this step.
+            await self.due_now([name], now=time.time())
+        elif self.cluster:
             # The message first, then the signal: a daemon nudged by the signal finds
             # the message; if the sender dies in between, the inbox sweep finds it.
-            msg_id = await self._r.xadd(k.inbox(name), fields)
             await self._nudge(signals, name)
-            return _s(msg_id)
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(k.inbox(name), fields)
-            pipe.xadd(
-                signals, {"cmd": "message", "agent": name}, maxlen=SIGNALS_MAXLEN, approximate=True
-            )
-            msg_id, _ = await pipe.execute()
-        return _s(msg_id)
+        return _s(value)
 
     async def _nudge(self, signals: str, name: str) -> None:
         await self._batch.command(

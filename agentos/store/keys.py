@@ -115,6 +115,16 @@ class Keys:
         """Hash: daemon id -> JSON heartbeat (host, pid, agents, last seen)."""
         return f"{self.namespace}:{{fleet}}:daemons"
 
+    @property
+    def holders(self) -> str:
+        """Set: ids of the daemons that hold agents (each has a :meth:`held` set), so that
+        the agents of a daemon that died are found and activated again elsewhere."""
+        return f"{self.namespace}:{{fleet}}:holders"
+
+    def held(self, daemon_id: str) -> str:
+        """Set: the agents one daemon holds (activated and not yet released)."""
+        return f"{self.namespace}:{{held:{daemon_id}}}:agents"
+
     # quota governance: fleet-wide documents, then per-class counters
     @property
     def quota_effective(self) -> str:
@@ -172,8 +182,9 @@ class Keys:
         return zlib.crc32(name.encode()) % DUE_SHARDS
 
     def due(self, shard: int) -> str:
-        """Sorted set: agent name -> when it must be activated (epoch seconds; +inf: on
-        an answer or event only). One per shard, each its own hash tag."""
+        """Sorted set: released agent -> when it must be activated (epoch seconds: its
+        next trigger fire, a wait's deadline, now for a message; +inf: only on an event).
+        One per shard, each its own hash tag. Agents a daemon holds are not in it."""
         return f"{self.namespace}:{{due:{shard}}}:at"
 
     def wait(self, name: str) -> str:

@@ -25,7 +25,7 @@ from agentos.store.snapshots import Snapshots
 
 __all__ = ["LAYOUT", "SpecOps"]
 
-LAYOUT = "2"  # see upgrade_layout
+LAYOUT = "3"  # see upgrade_layout
 
 
 class SpecOps:
@@ -35,6 +35,8 @@ class SpecOps:
     _r: Any
     keys: Keys
     snapshots: Snapshots
+    due_now: Any  # agentos.store.waits.WaitOps
+    purge_waits: Any
 
     @translate
     async def apply(
@@ -111,6 +113,13 @@ class SpecOps:
                 except rexc.WatchError:
                     continue
         now = time.time()
+        # A new agent is due at once (its first activation runs its start task); a
+        # changed one too, so that its triggers' next fire times are computed again (a
+        # daemon that holds it restarts it anyway, and the claim is dropped).
+        for verdict, new in (("created", True), ("configured", False)):
+            names = [c.name for c in touched if c.kind == "Agent" and c.action == verdict]
+            for i in range(0, len(names), 5000):
+                await self.due_now(names[i : i + 5000], now=now, new=new)
         await self._after_change(
             [
                 (
@@ -203,6 +212,7 @@ class SpecOps:
             return False
         if not await self._purge_agent_keys(name, guard=True):
             return False
+        await self.purge_waits(name)  # its due entry too: another slot
         await self._r.srem(k.deleted, name)
         return True
 
@@ -253,17 +263,27 @@ class SpecOps:
         Layout 2 (Redis Cluster support) added the per-agent applied markers that sends
         check; agents applied before it get theirs from the fleet index. The old
         single-key signal and event streams are left to expire with their fleet.
+
+        Layout 3 (virtual agents) activates agents from the due index only: every agent
+        applied before it is made due now, once (one held by a live daemon keeps running
+        there; the claim is dropped).
         """
         k = self.keys
-        if _s(await self._r.get(k.layout) or b"") == LAYOUT:
+        layout = _s(await self._r.get(k.layout) or b"")
+        if layout == LAYOUT:
             return 0
         index = {_s(a): _s(b) for a, b in (await self._r.hgetall(k.index)).items()}
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name, entry in index.items():
-                pipe.set(k.applied(name), entry, nx=True)
-            added = sum(1 for ok in await pipe.execute() if ok)
+        added = 0
+        if layout < "2":
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name, entry in index.items():
+                    pipe.set(k.applied(name), entry, nx=True)
+                added = sum(1 for ok in await pipe.execute() if ok)
+        names = sorted(index)
+        for i in range(0, len(names), 5000):
+            await self.due_now(names[i : i + 5000], now=time.time(), new=True)
         await self._r.set(k.layout, LAYOUT)
-        return added
+        return added or len(names)
 
     @translate
     async def pending_purges(self) -> set[str]:
@@ -283,6 +303,20 @@ class SpecOps:
         for name, value in raw.items():
             spec_hash, _, rest = _s(value).partition(" ")
             out[_s(name)] = (spec_hash, int(rest.split(" ", 1)[0] or 50))
+        return out
+
+    @translate
+    async def index_of(self, names: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """:meth:`desired_index` for ``names`` only (one HMGET; absent: not applied)."""
+        if not names:
+            return {}
+        out: dict[str, tuple[str, int]] = {}
+        for i in range(0, len(names), 5000):
+            chunk = names[i : i + 5000]
+            for name, value in zip(chunk, await self._r.hmget(self.keys.index, chunk), strict=True):
+                if value is not None:
+                    spec_hash, _, rest = _s(value).partition(" ")
+                    out[name] = (spec_hash, int(rest.split(" ", 1)[0] or 50))
         return out
 
     @translate

@@ -1,13 +1,23 @@
-"""Parked waits and the due-time index: where a waiting agent lives while no daemon holds it.
+"""The due-time index, parked waits and held sets: where an agent lives while no daemon holds it.
 
-A task that waits (for a person, an event, a time) is parked here and its agent released:
-no runner, lease or timer anywhere. What it waits for is one hash per agent (the wait:
-question, choices, deadline, answer) and one entry in the fleet's due-time index (a
-sorted set: agent -> when it must be activated), both under the agent's ``{due:N}``
-hash tag, so that an answer and the activation it causes are one atomic step even on
-Redis Cluster. Daemons read the index (one command per shard, whatever the number of
-waiting agents) and claim what is due (``lua/wait_claim.lua``). The index is the
-general activation mechanism: anything that makes an agent due later goes in it.
+An agent is either held by one daemon (a runner, a lease, a place in that daemon's
+:meth:`~agentos.store.keys.Keys.held` set) or released: hibernated, waiting or never
+started, with nothing of it in any daemon. A released agent is one entry of the fleet's
+due-time index (a sorted set per ``{due:N}`` shard: agent -> when it must be activated):
+its next trigger fire, a wait's deadline, now for a message, a wake, an answer or a new
+apply; +inf when only an event can wake it. Daemons read the head of each shard (one
+command per shard, whatever the size of the fleet), claim what is due
+(``lua/wait_claim.lua``: atomic, and it expires, so a claimer that dies leaves the agent
+due again), take its lease and drop the claim (``lua/due_unclaim.lua``).
+
+A task that waits (for a person, an event, a time) is parked here too: one hash per
+agent (the wait: question, choices, deadline, answer) beside its due entry, under the
+same hash tag, so that an answer and the activation it causes are one atomic step even on
+Redis Cluster.
+
+The held sets are how a dead daemon's agents come back: a daemon adds the agents it
+activates to its set and removes them as it releases them; when its heartbeat is older
+than a lease, another daemon makes every agent of its set due now (:meth:`recover_held`).
 
 Every script touches the keys of one slot only; each says which in its header.
 """
@@ -16,18 +26,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agentos.core.waits import Resolution, WaitRecord
 from agentos.store.batching import raise_first, run_many
 from agentos.store.errors import translate
 from agentos.store.keys import DUE_SHARDS, Keys
-from agentos.store.records import _s
+from agentos.store.records import SIGNALS_MAXLEN, _s
 
-__all__ = ["EVENTS_KEPT_S", "WaitOps"]
+__all__ = ["DUE_HEAD", "EVENTS_KEPT_S", "WaitOps"]
 
 EVENTS_KEPT_S = 7 * 86_400  # an event nobody waited for is forgotten after a week
+DUE_HEAD = 256  # entries read per shard and pass: the earliest ones, never the whole index
 
 
 def _score(at: float | None) -> str:
@@ -40,12 +51,17 @@ class WaitOps:
     _r: Any
     keys: Keys
     _wait_scripts: dict[str, Any]
+    _unclaim: Any
+    _wake: Any
+    inbox_depth: Any  # agentos.store.inbox.InboxOps
 
     def _waits_scripts(self, client: Any, load: Any) -> None:
         self._wait_scripts = {
             n: client.register_script(load(f"wait_{n}"))
             for n in ("park", "arm", "answer", "event", "claim", "clear")
         }
+        self._unclaim = client.register_script(load("due_unclaim"))
+        self._wake = client.register_script(load("agent_wake"))
 
     def _wait_keys(self, name: str) -> tuple[str, str]:
         k = self.keys
@@ -134,14 +150,176 @@ class WaitOps:
         return bool(await self._wait_scripts["clear"](keys=[wait, due], args=[name, park_id]))
 
     @translate
-    async def due_scan(self) -> dict[str, float]:
-        """Every agent in the due index with its due time: one command per shard."""
+    async def due_head(self, count: int = DUE_HEAD) -> dict[str, float]:
+        """The earliest ``count`` entries of every shard with their due times: what is due
+        now and when the next one is, in one command per shard however large the index."""
         k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for shard in range(DUE_SHARDS):
-                pipe.zrange(k.due(shard), 0, -1, withscores=True)
+                pipe.zrange(k.due(shard), 0, count - 1, withscores=True)
             replies = await pipe.execute()
         return {_s(m): float(s) for reply in replies for m, s in reply}
+
+    @translate
+    async def due_scan(self) -> dict[str, float]:
+        """Every agent in the due index with its due time (the whole index: for rare work
+        such as a policy change, never on a timer)."""
+        k = self.keys
+        out: dict[str, float] = {}
+        for shard in range(DUE_SHARDS):
+            async for member, score in self._r.zscan_iter(k.due(shard), count=1000):
+                out[_s(member)] = float(score)
+        return out
+
+    @translate
+    async def due_count(self) -> int:
+        """How many agents are released (in the due index)."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for shard in range(DUE_SHARDS):
+                pipe.zcard(k.due(shard))
+            return sum(int(n) for n in await pipe.execute())
+
+    @translate
+    async def due_now(self, names: Sequence[str], *, now: float, new: bool = False) -> None:
+        """Make released agents due at ``now`` (never later than they already are) and
+        nudge the daemons. With ``new`` only agents not in the index yet are added
+        (freshly applied ones: their first activation runs their start task)."""
+        if not names:
+            return
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                if new:
+                    pipe.zadd(k.due(k.due_shard(name)), {name: now}, nx=True)
+                else:
+                    pipe.zadd(k.due(k.due_shard(name)), {name: now}, lt=True)
+            pipe.xadd(
+                k.signals(k.signal_shard(names[0])),
+                {"cmd": "due", "agent": names[0]},
+                maxlen=SIGNALS_MAXLEN,
+                approximate=True,
+            )
+            await pipe.execute()
+
+    @translate
+    async def due_release(
+        self, name: str, daemon_id: str, at: float, *, now: float, look: bool = True
+    ) -> float:
+        """After the agent's lease was given up: it is due at ``at`` (or earlier, if
+        something made it due meanwhile), or now when its inbox holds messages nobody
+        took or a wake is pending; it leaves the daemon's held set. Returns the due time.
+
+        Looking after the release is what makes it safe: a message sent before it is seen
+        here, one sent after it found no lease and made the agent due itself. Without
+        ``look`` the agent is due at ``at`` whatever its inbox holds (a retry later).
+        """
+        k = self.keys
+        if look:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hget(k.status(name), "woken")
+                pipe.xlen(k.inbox(name))
+                woken, length = await pipe.execute()
+            if woken or (int(length) and await self.inbox_depth(name)):
+                at = now
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zadd(k.due(k.due_shard(name)), {name: _score(at)}, lt=True)
+            pipe.srem(k.held(daemon_id), name)
+            if at <= now:
+                pipe.xadd(
+                    k.signals(k.signal_shard(name)),
+                    {"cmd": "due", "agent": name},
+                    maxlen=SIGNALS_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
+        return at
+
+    @translate
+    async def due_unclaim(self, claims: Mapping[str, float]) -> None:
+        """Drop claims (agent -> claim score) that are still what the index holds."""
+        if not claims:
+            return
+        k = self.keys
+        calls = [([k.due(k.due_shard(n))], [n, repr(at)]) for n, at in claims.items()]
+        raise_first(await run_many(self._r, self._unclaim, calls))
+
+    # ---------------------------------------------------------------- held sets
+
+    @translate
+    async def held_add(self, daemon_id: str, names: Sequence[str]) -> None:
+        """Record that ``daemon_id`` holds ``names`` (and that it is a holder)."""
+        if not names:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.keys.holders, daemon_id)
+            pipe.sadd(self.keys.held(daemon_id), *names)
+            await pipe.execute()
+
+    @translate
+    async def held_remove(self, daemon_id: str, names: Sequence[str]) -> None:
+        """``daemon_id`` no longer holds ``names``."""
+        if names:
+            await self._r.srem(self.keys.held(daemon_id), *names)
+
+    @translate
+    async def is_holder(self, daemon_id: str) -> bool:
+        """Whether the daemon is still listed as a holder (others recover a dead one's)."""
+        return bool(await self._r.sismember(self.keys.holders, daemon_id))
+
+    @translate
+    async def holders(self) -> set[str]:
+        """Ids of the daemons that hold (or held, and were not recovered) agents."""
+        return {_s(d) for d in await self._r.smembers(self.keys.holders)}
+
+    @translate
+    async def recover_held(self, daemon_id: str, *, now: float) -> list[str]:
+        """A daemon is gone (its heartbeat older than a lease): make every agent it held
+        due now, then forget its set. Returns those agents. Safe to run on several
+        daemons at once: the claims decide who activates each."""
+        k = self.keys
+        names = sorted(_s(n) for n in await self._r.smembers(k.held(daemon_id)))
+        for i in range(0, len(names), 1000):
+            await self.due_now(names[i : i + 1000], now=now)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.delete(k.held(daemon_id))
+            pipe.srem(k.holders, daemon_id)
+            await pipe.execute()
+        return names
+
+    @translate
+    async def still_held(self, daemon_id: str) -> int:
+        """How many agents the daemon's held set still lists."""
+        return int(await self._r.scard(self.keys.held(daemon_id)))
+
+    @translate
+    async def held_counts(self, daemon_ids: Sequence[str]) -> dict[str, int]:
+        """How many agents each daemon holds (the size of its held set)."""
+        if not daemon_ids:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for daemon_id in daemon_ids:
+                pipe.scard(self.keys.held(daemon_id))
+            counts = await pipe.execute()
+        return {d: int(n) for d, n in zip(daemon_ids, counts, strict=True)}
+
+    @translate
+    async def leave_holders(self, daemon_id: str) -> None:
+        """A daemon that released everything leaves the holders on its way out."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.srem(self.keys.holders, daemon_id)
+            pipe.delete(self.keys.held(daemon_id))
+            await pipe.execute()
+
+    @translate
+    async def wake(self, name: str, *, now: float) -> bool:
+        """Ask for a wake task; True when a daemon holds the agent (then signal it), False
+        when the agent was released (it is made due now here)."""
+        k = self.keys
+        held = bool(int(await self._wake(keys=[k.lease(name), k.status(name)], args=[repr(now)])))
+        if not held:
+            await self.due_now([name], now=now)
+        return held
 
     @translate
     async def due_claim(self, names: Sequence[str], *, now: float, claim_s: float) -> list[str]:
@@ -155,23 +333,18 @@ class WaitOps:
         return [n for n, ok in zip(names, replies, strict=True) if int(ok)]
 
     @translate
-    async def due_defer(self, name: str, at: float) -> None:
-        """Move an agent that is in the due index to ``at`` (a claim that could not start)."""
-        k = self.keys
-        await self._r.zadd(k.due(k.due_shard(name)), {name: at}, xx=True)
-
-    @translate
     async def pending_waits(self, names: Sequence[str] | None = None) -> list[WaitRecord]:
         """The parked waits of ``names`` (default: every agent in the due index)."""
         if names is None:
             names = sorted(await self.due_scan())
-        if not names:
-            return []
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(self.keys.wait(name))
-            raw = await pipe.execute()
-        return [WaitRecord.from_fields({_s(a): _s(b) for a, b in h.items()}) for h in raw if h]
+        out: list[WaitRecord] = []
+        for i in range(0, len(names), 1000):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name in names[i : i + 1000]:
+                    pipe.hgetall(self.keys.wait(name))
+                raw = await pipe.execute()
+            out += [WaitRecord.from_fields({_s(a): _s(b) for a, b in h.items()}) for h in raw if h]
+        return out
 
     @translate
     async def purge_waits(self, name: str) -> None:

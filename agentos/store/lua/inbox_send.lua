@@ -1,19 +1,25 @@
--- Put a message in an agent's inbox at most once per send id, and nudge the daemons.
+-- Put a message in an agent's inbox at most once per send id, and nudge its holder.
 -- A sender that lost the reply (a timeout, a cut connection) sends again with the same
 -- id and gets the first message's id back; nothing is added twice.
 -- With a check, the agent must be applied and the message within its inbox's size
 -- limit (both from the agent's applied marker, its copy of the fleet index entry), so a
 -- send is one atomic step that never lands in the inbox of an agent deleted a moment ago.
--- KEYS[1] the send id's dedupe key, KEYS[2] the inbox, KEYS[3] the applied marker (all
--- the agent's hash tag), KEYS[4] the signal stream, only on a single Redis: on a
--- cluster it is in another slot and the sender adds the signal after this script.
--- ARGV[1] dedupe ttl (s), ARGV[2] agent name, ARGV[3] signals maxlen, ARGV[4] '' (no
--- check) or the size limit of an agent whose marker names none, ARGV[5] the
--- message's size in bytes, then the message's field/value pairs.
--- Returns {'ok', message id}, {'missing', ''} or {'too-big', limit}.
-local seen = redis.call('GET', KEYS[1])
-if seen then
-  return {'ok', seen}
+-- Whether a daemon holds the agent is read in the same step: a holder is nudged with a
+-- 'message' signal (it also looks at its inbox before it lets the agent go), a released
+-- agent is made due by the caller. A release and a send never cross unseen.
+-- KEYS[1] the send id's dedupe key, KEYS[2] the inbox, KEYS[3] the applied marker,
+-- KEYS[4] the lease (all the agent's hash tag), KEYS[5] the signal stream, only on a
+-- single Redis: on a cluster it is in another slot and the sender adds the signal after.
+-- ARGV[1] dedupe ttl (s) or '' (no send id), ARGV[2] agent name, ARGV[3] signals
+-- maxlen, ARGV[4] '' (no check) or the size limit of an agent whose marker names none,
+-- ARGV[5] the message's size in bytes, then the message's field/value pairs.
+-- Returns {'ok', message id, 1 held / 0 released}, {'missing', ''} or {'too-big', limit}.
+local held = redis.call('EXISTS', KEYS[4])
+if ARGV[1] ~= '' then
+  local seen = redis.call('GET', KEYS[1])
+  if seen then
+    return {'ok', seen, held}
+  end
 end
 if ARGV[4] ~= '' then
   local entry = redis.call('GET', KEYS[3])
@@ -31,8 +37,10 @@ for i = 6, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-if KEYS[4] then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'cmd', 'message', 'agent', ARGV[2])
+if ARGV[1] ~= '' then
+  redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
 end
-return {'ok', id}
+if KEYS[5] and held == 1 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'cmd', 'message', 'agent', ARGV[2])
+end
+return {'ok', id, held}
