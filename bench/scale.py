@@ -55,6 +55,10 @@ SPACING_S = float(os.environ.get("SCALE_SPACING_S", "0.05"))
 LOAD_S = float(os.environ.get("SCALE_LOAD_S", "15"))
 LOAD_FRACTION = float(os.environ.get("SCALE_LOAD_FRACTION", "0.01"))
 CONFIGS = os.environ.get("SCALE_CONFIGS", "single,cluster").split(",")
+# The servers' stream-node-max-bytes ("" keeps Valkey's default, 4096; `agentos up`'s
+# embedded server uses 512): most of a hibernated agent's memory is its event stream's
+# first node, preallocated at this size.
+STREAM_NODE = os.environ.get("SCALE_STREAM_NODE_MAX_BYTES", "")
 NAMESPACE = "bench-scale"
 
 
@@ -215,6 +219,7 @@ async def measure(url: str, tier: str) -> dict[str, object]:
             "settle_s": round(settle_s, 1),
             "daemon_rss_mb": round(rss, 1),
             "redis_bytes_per_agent": round((memory - memory_before) / AGENTS),
+            "stream_node_max_bytes": int(STREAM_NODE or 4096),
             "redis_commands_per_s_at_rest": round((c1 - c0) / (r1 - r0), 1),
             "activation_p50_ms": _pct(latencies, 0.50),
             "activation_p99_ms": _pct(latencies, 0.99),
@@ -243,12 +248,15 @@ async def measure(url: str, tier: str) -> dict[str, object]:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="agentos-bench-", dir="/tmp") as tmp:
-        server = ValkeyServer(data_dir=Path(tmp))
+        config = {"stream-node-max-bytes": STREAM_NODE} if STREAM_NODE else {}
+        server = ValkeyServer(data_dir=Path(tmp), config=config)
         server.start()
         cluster = LocalCluster(masters=3) if "cluster" in CONFIGS else None
         try:
             if cluster is not None:
                 await anyio.to_thread.run_sync(cluster.start)
+                for node in cluster.nodes if STREAM_NODE else []:
+                    node.client().config_set("stream-node-max-bytes", STREAM_NODE)
             for tier in CONFIGS:
                 url = cluster.url if tier == "cluster" and cluster else server.connection_url
                 print(json.dumps(await measure(url, tier)), flush=True)

@@ -301,3 +301,28 @@ class Holder(agentos.Agent):
             await HOLD.setdefault(ctx.name, anyio.Event()).wait()
         ctx.state.bodies.append(plan.body)
         return plan.body
+
+
+class RecordState(msgspec.Struct):
+    triggers: list[str] = msgspec.field(default_factory=list)
+    last_task: str = ""
+
+
+class Recorder(agentos.Agent):
+    """Records what each task was for (one step each): a message's body, or the trigger."""
+
+    State = RecordState
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        message = ctx.take_message()
+        if message is not None:
+            return f"message:{message.body}"
+        timed = ("heartbeat", "wake", "every", "schedule", "at")
+        if ctx.task.trigger in timed and ctx.state.last_task != ctx.task.id:
+            return ctx.task.trigger
+        return None
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        ctx.state.last_task = ctx.task.id
+        ctx.state.triggers.append(plan)
+        return plan

@@ -128,14 +128,27 @@ async def test_two_daemons_never_run_the_same_agent_and_adopt_each_other(store: 
         assert {n: i.owner for n, i in owners.items()} == {
             n: (one.id if n in one.runners else two.id) for n in names
         }
+        ones = sorted(one.runners)
         one.request_stop()
+
+        async def released() -> bool:  # idle: hibernated until their next message
+            statuses = await store.statuses(ones)
+            return all(
+                st.get("phase") == "Hibernated" and not st.get("owner") for st in statuses.values()
+            )
+
+        await wait_until(released, within=10, what="the first daemon's agents to be released")
+        client = Client(store)
+        for name in ones:
+            await client.send(name, "hello")
 
         async def adopted() -> bool:
             return len(two.runners) == len(names)
 
-        await wait_until(adopted, within=10, what="adoption by the second daemon")
-        events = [e.type for n in names for e in await store.events(n)]
-        assert "Adopted" in events or "Started" in events
+        await wait_until(adopted, within=10, what="activation by the second daemon")
+        for name in ones:  # started afresh from Redis: the first daemon let it go cleanly
+            started = [e for e in await store.events(name) if e.type == "Started"]
+            assert f"started by {two.id}" in started[-1].message
 
 
 async def test_hibernate_and_wake_restore_the_kv_and_continue_identically(store: Store) -> None:

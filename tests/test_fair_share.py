@@ -64,19 +64,19 @@ async def test_three_daemons_split_300_agents_and_a_drained_one_hands_its_share_
         async def spread() -> Counter[str] | None:
             owners = await _owners(store, names)
             fair = set(owners) == set(ids) and all(80 <= owners[d] <= 120 for d in ids)
-            return owners if fair else None
+            return owners if fair and max(owners.values()) <= share_limit(300, 3) else None
 
-        # The first daemon up may take everything; the others' heartbeats make it hand
-        # agents over until each holds no more than its share plus the margin.
-        owners = await wait_until(spread, within=45, what="300 agents spread over 3 daemons")
-        assert max(owners.values()) <= share_limit(300, 3)
+        # Each takes at most its share of what is held and due (the first one up may
+        # take more while it is alone); a daemon over its share hands agents over until
+        # each holds no more than its share plus the margin.
+        await wait_until(spread, within=45, what="300 agents spread over 3 daemons")
         sent: list[tuple[str, str]] = []
         for name in names:
             sent.append((name, await client.send(name, f"before {name}", key=f"b-{name}")))
 
         victim, survivors = "d1", ("d0", "d2")
         leases = await store.leases(names)
-        handed = [n for n in names if leases[n].owner == victim]
+        handed = [n for n in names if n in leases and leases[n].owner == victim]
         procs[victim].send_signal(signal.SIGTERM)
         # Messages keep coming while the victim drains.
         for name in names:
@@ -186,6 +186,8 @@ async def test_a_joining_daemon_takes_idle_agents_over_and_leaves_a_running_task
             await wait_until(answered, within=20, what="every agent to answer once")
     record = await store.task(holder, f"m-{hold_id}")
     assert record["status"] == "succeeded"
-    assert not [e for e in await store.events(holder) if e.reason == "rebalance"]
+    assert not [e for e in await store.events(holder) if e.reason == "rebalance"], [
+        e.message for e in await client.events(count=500) if e.type == "Rebalancing"
+    ]
     for name, msg_id in sent:
         assert (await store.task(name, f"m-{msg_id}"))["status"] == "succeeded"

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -122,7 +123,8 @@ class Daemon(Upkeep):
         self._agents_tg: anyio.abc.TaskGroup | None = None
         self._leases_checked_at = 0.0
         self._kicked = True  # look at the peers on the first pass
-        self._fleet_active = 0  # agents the other live daemons hold, from their heartbeats
+        self._fleet_active = 0  # agents the other live daemons hold (their held sets)
+        self._fleet_counts: deque[tuple[float, int]] = deque()  # (when, agents shared)
         # Fair share: live daemons as last counted, the most agents we may hold (None: no
         # limit), agents being handed over now, and an event set when some were let go.
         self._peers = 1
@@ -262,7 +264,8 @@ class Daemon(Upkeep):
                 log.info("upgraded the fleet's key layout (%d agents)", upgraded)
                 self.activator.nudge()
             self._layout_checked = True
-        generation = await self.store.generation()
+        # Only the agents held here are reconciled: with none, there is nothing to read.
+        generation = await self.store.generation() if self.runners else self._generation
         if generation != self._generation:
             # Only the agents held here: what the rest of the fleet wants is the due
             # index's business, not this daemon's.
@@ -291,7 +294,16 @@ class Daemon(Upkeep):
             self._leases_checked_at = now
             await self._look_at_peers(now)
         desired = {n: d for n, d in self._desired.items() if n in local}
-        fleet = self._fleet_active + len(self.runners)
+        # What is shared: the agents held anywhere, and those due for a daemon now
+        # (agents being handed over among them, so a handover does not shrink the share).
+        # Agents in flight (released by one daemon, claimed by another that does not
+        # list them yet) are counted nowhere for a moment: the share is taken over the
+        # largest count of the last lease, so a handover never shrinks it.
+        counted = self._fleet_active + len(self.runners) + self.activator.backlog
+        self._fleet_counts.append((now, counted))
+        while self._fleet_counts[0][0] < now - self.settings.lease_ttl_s:
+            self._fleet_counts.popleft()
+        fleet = max(n for _, n in self._fleet_counts)
         self.limit = self._share(fleet)
         actions = reconcile(
             desired,
@@ -322,14 +334,13 @@ class Daemon(Upkeep):
         fresh_s = self.settings.lease_ttl_s
         self._peers = live_daemons(heartbeats, now, me=self.id, fresh_s=fresh_s)
         self._live = {self.id}
-        self._fleet_active = 0
         for daemon_id, info in heartbeats.items():
             seen_at = info.get("seen_at")
-            if daemon_id == self.id or not isinstance(seen_at, int | float):
-                continue
-            if now - float(seen_at) < fresh_s:
+            if isinstance(seen_at, int | float) and now - float(seen_at) < fresh_s:
                 self._live.add(daemon_id)
-                self._fleet_active += int(info.get("agents") or 0)
+        # What the others hold now (their held sets), not as of their last heartbeat.
+        others = sorted(self._live - {self.id})
+        self._fleet_active = sum((await self.store.held_counts(others)).values())
         # A daemon's leases outlive its last heartbeat by up to a lease: wait that long
         # again before its agents are claimed (a claim on a live lease only waits).
         for daemon_id in await self.store.holders() - {self.id}:
@@ -544,6 +555,14 @@ class Daemon(Upkeep):
             log.exception("%s: supervisor crashed; the agent is activated again", runner.name)
             runner.stop_reason = StopReason.LEASE_LOST
         finally:
+            if runner.release_due is not None:
+                # Cut short while releasing the agent: finish the job (our lease goes
+                # first, if the release did not get that far).
+                with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                    await self.store.release_lease(runner.name, runner.lease_value)
+                    await self.store.due_release(
+                        runner.name, self.id, runner.release_due, now=self.clock()
+                    )
             if runner.stop_reason is StopReason.LEASE_LOST:
                 # Not released by the runner: due again at once (our own lease, if we
                 # still have it, comes back to whichever of our passes claims it).

@@ -69,6 +69,7 @@ class Upkeep:
     _draining: bool
     _released: anyio.Event
     _peers: int
+    _fleet_active: int
     _quota_kick: anyio.Event
     _full_since: float | None
     _full_last: float
@@ -183,7 +184,8 @@ class Upkeep:
             except StoreError as e:
                 self._store_failed("heartbeat", e)
             try:
-                held = {n: r.lease_value for n, r in self.runners.items()}
+                # Not the runners that released their agent already (they are ending).
+                held = {n: r.lease_value for n, r in self.runners.items() if not r.parked}
                 if held and not await self.store.is_holder(self.id):
                     # Taken for dead (a heartbeat that did not get through for too long)
                     # and recovered by another daemon: list what we hold again.
@@ -195,8 +197,8 @@ class Upkeep:
                     self._store_failed(f"lease renewal ({len(unknown)} agents)", unknown[0])
                 for name, ok in results.items():
                     runner = self.runners.get(name)
-                    if ok is not False or runner is None:
-                        continue
+                    if ok is not False or runner is None or runner.releasing or runner.ending:
+                        continue  # ...or it let go of the agent while this renewal ran
                     # Expired (say, Redis was away longer than a lease). Another daemon
                     # may have adopted, changed and released the agent meanwhile, so this
                     # runner's memory is stale: never re-arm it with a new token. It
@@ -314,7 +316,8 @@ class Upkeep:
         """Say why agents are being handed over (the log and the fleet's events)."""
         message = (
             f"{self.id} hands over {len(names)} agent(s): it holds {len(self.runners)}, more "
-            f"than its fair share ({self.limit} of {fleet} agents on {self._peers} daemons)"
+            f"than its fair share ({self.limit} of {fleet} agents on {self._peers} daemons: "
+            f"{self._fleet_active} held by the others, {self.activator.backlog} due)"
         )
         log.info("%s", message)
         try:

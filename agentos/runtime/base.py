@@ -117,6 +117,10 @@ class RunnerBase:
         self.phase = Phase.PENDING
         self.stop_reason: StopReason | None = None
         self.hibernate_requested: str | None = None
+        # Set while the agent is being released into the due index (its due time); the
+        # daemon finishes the job if this runner is cancelled in between.
+        self.release_due: float | None = None
+        self.releasing = False
         self._evicting = False  # the slot arbiter asked for our slot
         self.failed = False
         self.busy = False
@@ -231,6 +235,7 @@ class RunnerBase:
             and not self._cmds
             and self.stop_reason is None
             and self.hibernate_requested is None
+            and not self.releasing
         )
 
     def counters(self) -> dict[str, object]:

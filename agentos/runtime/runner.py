@@ -253,13 +253,13 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 # An operator's request releases the agent too; an eviction (another
                 # agent needs the slot) only swaps it out until it is idle long enough.
                 asked, why = not self._evicting, self.hibernate_requested
-                await self._hibernate(why)
-                if (
+                self.releasing = (
                     asked
                     and not self.resource.spec.hibernation.never
                     and self._releasable(self.clock())
-                ):
-                    await self._release(why)
+                )
+                await self._hibernate(why, release=self.releasing)
+                self.releasing = False
                 continue
             if self._evicting:  # asked while not idle: let the arbiter ask someone else
                 self._evicting = False
@@ -277,9 +277,11 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 idle_deadline = self.last_activity + hibernation.idle_after
                 if idle_deadline <= now and self._releasable(now):
                     why = f"idle for {hibernation.idle_after:g}s"
+                    self.releasing = True  # not to be handed over meanwhile
                     if self.phase is Phase.IDLE:
-                        await self._hibernate(why)
-                    await self._release(why)
+                        await self._hibernate(why, release=True)
+                    else:
+                        await self._release(why)
                     continue
                 deadlines.append(idle_deadline)
             due = [d for d in deadlines if d is not None]
@@ -297,34 +299,52 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             and (next_at is None or next_at > now + 0.05)
         )
 
-    async def _release(self, why: str) -> None:
+    async def _release(
+        self,
+        why: str,
+        fields: dict[str, object] | None = None,
+        event: dict[str, str] | None = None,
+    ) -> None:
         """Let go of a hibernated agent: no lease, no runner, no timer in any daemon.
 
         Its counters, usage and next fire times (heartbeats too) are written with the
-        lease's release; then it is due at its next fire (+inf: only a message, a wake or
-        an answer activates it), or now if a message came meanwhile. This runner ends.
+        lease's release (with ``fields`` and ``event``: the hibernation's own record, one
+        write for both); then it is due at its next fire (+inf: only a message, a wake
+        or an answer activates it), or now if a message came meanwhile. This runner ends.
         """
         if self.phase is not Phase.HIBERNATED:
+            self.releasing = False
             return
         at = self._triggers.next_at
         due_at = math.inf if at is None else at
+        self.release_due = due_at  # from here on the agent must end up in the index
         await self.writer.write(
             status={
+                **(fields or {}),
                 **self.counters(),
                 **self.task_counters(),
                 "owner": "",
                 "released_at": repr(self.clock()),
                 "due_at": repr(due_at),
             },
+            event=event,
             usage=self.usage_delta(),
             schedule=self._triggers.persisted(heartbeats=True),
             release=True,
         )
         self._released(f"hibernated ({why})")
-        await self.writer.call(
-            lambda: self.store.due_release(self.name, self.daemon_id, due_at, now=self.clock()),
-            "release",
-        )
+        await self._into_index(due_at)
+
+    async def _into_index(self, at: float) -> None:
+        """After the lease was given up: the agent is due at ``at`` (or sooner). Not cut
+        short by a stop's grace period: a released agent outside the index would wait
+        for the daemon's held set to be recovered."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            await self.writer.call(
+                lambda: self.store.due_release(self.name, self.daemon_id, at, now=self.clock()),
+                "release",
+            )
+            self.release_due = None
 
     async def _collect(self) -> None:
         """Turn commands and due triggers into queued work."""
@@ -359,12 +379,18 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             ]
             await self._enqueue(timed, persist_schedule=True)
 
-    async def _hibernate(self, why: str) -> None:
+    async def _hibernate(self, why: str, *, release: bool = False) -> None:
+        """Save the context and give the slot back; with ``release``, let go of the agent
+        in the same write (see :meth:`_release`)."""
         with self.telemetry.span("agentos.hibernate", **{"gen_ai.agent.name": self.name}) as span:
             started = time.perf_counter()
             self.hibernate_requested = None
+            # Without an engine session nothing slow comes before the next write: the
+            # Hibernating phase rides with it.
             await self._set_phase(
-                PhaseEvent.HIBERNATE, status={"reason": "Hibernating", "message": why}
+                PhaseEvent.HIBERNATE,
+                status={"reason": "Hibernating", "message": why},
+                hold=not self.session.open,
             )
             had_session = self.session.open
             tokens = self.session.snapshot_tokens
@@ -386,18 +412,23 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             self.telemetry.hibernate_latency.record(
                 took_ms / 1000, {"gen_ai.agent.name": self.name}
             )
-            await self._set_phase(
-                PhaseEvent.HIBERNATED,
-                status={
-                    "reason": "Hibernated",
-                    "message": why,
-                    "hibernated_at": repr(self.clock()),
-                    "hibernate_ms": f"{took_ms:.1f}",
-                    **status,
-                    **self.task_counters(),
-                },
-                event=self.writer.event("Hibernated", why, f"{detail}; {took_ms:.1f} ms"),
-            )
+            fields: dict[str, object] = {
+                "reason": "Hibernated",
+                "message": why,
+                "hibernated_at": repr(self.clock()),
+                "hibernate_ms": f"{took_ms:.1f}",
+                **status,
+                **self.task_counters(),
+            }
+            event = self.writer.event("Hibernated", why, f"{detail}; {took_ms:.1f} ms")
+            if not release:
+                await self._set_phase(PhaseEvent.HIBERNATED, status=fields, event=event)
+                return
+            self._move(PhaseEvent.HIBERNATED)
+            self._phase_path.append(self.phase.value)
+            fields["phase"] = self.phase.value
+            fields["updated_at"] = repr(self.clock())
+            await self._release(why, fields, event)
 
     async def _finish(self) -> None:
         if self.parked:  # released with the park: nothing of the agent is ours any more
@@ -480,6 +511,5 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         ):
             next_at = self._triggers.next_at
             at = math.inf if next_at is None else next_at
-        await self.writer.call(
-            lambda: self.store.due_release(self.name, self.daemon_id, at, now=now), "release"
-        )
+        self.release_due = at
+        await self._into_index(at)

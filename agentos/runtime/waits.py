@@ -192,7 +192,7 @@ class WaitMixin(RunnerBase):
         self.stop_reason = self.stop_reason or StopReason.SHUTDOWN
         log.info("%s: %s; released", self.name, why)
 
-    async def _resume_wait(self, snapshot: AgentSnapshot) -> bool:
+    async def _resume_wait(self, snapshot: AgentSnapshot, *, fresh: bool = False) -> bool:
         """At start: resume, re-park or drop the agent's wait. False when it still waits
         (the lease is released again: the runner must end)."""
         unfinished = {r.get("id", ""): r for r in snapshot.unfinished}
@@ -200,7 +200,11 @@ class WaitMixin(RunnerBase):
             record = unfinished.get(work.id)
             if record is not None and work.resume is None:
                 work.resume = Resumed.from_record(record)
-        wait = await self.writer.call(lambda: self.store.wait_get(self.name), "read wait")
+        # Read with the open (after the lease was taken); again only after a re-arm.
+        if fresh:
+            wait = await self.writer.call(lambda: self.store.wait_get(self.name), "read wait")
+        else:
+            wait = WaitRecord.from_fields(snapshot.wait) if snapshot.wait else None
         if wait is None:
             return True
         record = await self.writer.call(lambda: self.store.task(self.name, wait.task_id), "task")
@@ -220,7 +224,7 @@ class WaitMixin(RunnerBase):
                 lambda: self.store.wait_arm(wait, now=self.clock()), "arm"
             )
             if armed:  # answered meanwhile after all
-                return await self._resume_wait(snapshot)
+                return await self._resume_wait(snapshot, fresh=True)
             await self.writer.call(
                 lambda: self.store.release_lease(self.name, self.lease_value), "release"
             )

@@ -13,7 +13,9 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "embedded_url"]
+__all__ = ["STREAM_NODE_MAX_BYTES", "EmbeddedRedis", "EmbeddedRedisError", "embedded_url"]
+
+STREAM_NODE_MAX_BYTES = 512  # see EmbeddedRedis.start
 
 
 class EmbeddedRedisError(Exception):
@@ -72,7 +74,15 @@ class EmbeddedRedis:
             persist=True,
             unix_socket_path=_socket_path(self.home),
             unix_socket_perm="700",
-            config={"appendonly": "yes", "appendfsync": "everysec", "save": ""},
+            config={
+                "appendonly": "yes",
+                "appendfsync": "everysec",
+                "save": "",
+                # Every agent has small streams (its events, its inbox); a new stream node
+                # is preallocated at this size: 4 KB by default, most of a hibernated
+                # agent's memory. 512 bytes keeps 100,000 agents near 2 KB each.
+                "stream-node-max-bytes": STREAM_NODE_MAX_BYTES,
+            },
         )
         try:
             server.start()

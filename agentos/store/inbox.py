@@ -127,12 +127,15 @@ class InboxOps:
                 pipe.xreadgroup(
                     INBOX_GROUP, consumer, {k.inbox(name): ">"}, count=OPEN_NEW_MESSAGES
                 )
+                pipe.hgetall(k.wait(name))
             replies = await pipe.execute(raise_on_error=False)
         opened: dict[str, tuple[Any, ...]] = {}
         recent: dict[str, list[str]] = {}
         for j, name in enumerate(names):
-            status, state, created, claim, pending, schedule, ids, new = replies[8 * j : 8 * j + 8]
-            for reply in (status, state, claim, pending, schedule, ids, new):
+            status, state, created, claim, pending, schedule, ids, new, wait = replies[
+                9 * j : 9 * j + 9
+            ]
+            for reply in (status, state, claim, pending, schedule, ids, new, wait):
                 if isinstance(reply, Exception):
                     raise reply
             if isinstance(created, Exception) and "BUSYGROUP" not in str(created):
@@ -143,7 +146,7 @@ class InboxOps:
                 pending = await self._r.xreadgroup(
                     INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000
                 )
-            opened[name] = (status, state, pending, claimed, schedule, new)
+            opened[name] = (status, state, pending, claimed, schedule, new, wait)
             recent[name] = [_s(i) for i in ids]
         records = await self._task_records_of(recent)
         return {
@@ -155,8 +158,9 @@ class InboxOps:
                 schedule={_s(a): float(b) for a, b in schedule.items()},
                 unfinished=[t for t in records[name] if t.get("status") in ("queued", "running")],
                 new=_messages(new),
+                wait={_s(a): _s(b) for a, b in wait.items()},
             )
-            for name, (status, state, pending, claimed, schedule, new) in opened.items()
+            for name, (status, state, pending, claimed, schedule, new, wait) in opened.items()
         }
 
     async def _task_records_of(

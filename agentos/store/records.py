@@ -123,6 +123,7 @@ class AgentSnapshot:
     unfinished: list[dict[str, str]] = field(default_factory=list)  # queued/running records
     # Messages no reader had seen yet (up to OPEN_NEW_MESSAGES): read in the same trip.
     new: list[InboxMessage] = field(default_factory=list)
+    wait: dict[str, str] = field(default_factory=dict)  # its parked wait's fields, if any
 
 
 @dataclass(frozen=True, slots=True)
