@@ -22,8 +22,9 @@ reason ``rebalance`` (they are due at once, for another daemon); one that drains
 (SIGTERM) marks its heartbeat ``draining`` first, so the others' share grows.
 
 The loops that keep Redis current (flushes, leases and heartbeats, quotas, sweeps,
-retention, fault reports) are in :mod:`agentos.daemon.upkeep`. Everything runs in anyio
-task groups; nothing outlives :meth:`Daemon.run`.
+retention, fault reports) are in :mod:`agentos.daemon.upkeep`, the view of the other
+daemons in :mod:`agentos.daemon.peers`. Everything runs in anyio task groups; nothing
+outlives :meth:`Daemon.run`.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from typing import Any
 import anyio
 
 from agentos.core.lifecycle import StopReason
-from agentos.core.placement import live_daemons, share_limit
 from agentos.core.reconcile import Desired, Local, Restart, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
+from agentos.daemon.peers import Peers
 from agentos.daemon.upkeep import Upkeep
 from agentos.engine.base import Engine, EngineError
 from agentos.governor.admission import Governor
@@ -60,7 +61,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger("agentos.daemon")
 
 
-class Daemon(Upkeep):
+class Daemon(Peers, Upkeep):
     """Supervises agents of one namespace; see the module docstring."""
 
     def __init__(
@@ -296,9 +297,8 @@ class Daemon(Upkeep):
         desired = {n: d for n, d in self._desired.items() if n in local}
         # What is shared: the agents held anywhere, and those due for a daemon now
         # (agents being handed over among them, so a handover does not shrink the share).
-        # Agents in flight (released by one daemon, claimed by another that does not
-        # list them yet) are counted nowhere for a moment: the share is taken over the
-        # largest count of the last lease, so a handover never shrinks it.
+        # Agents in flight (released by one daemon, claimed by one that does not list
+        # them yet) count nowhere for a moment: take the largest count of the last lease.
         counted = self._fleet_active + len(self.runners) + self.activator.backlog
         self._fleet_counts.append((now, counted))
         while self._fleet_counts[0][0] < now - self.settings.lease_ttl_s:
@@ -325,50 +325,6 @@ class Daemon(Upkeep):
                 self._spawn(self._stop_one(action.name, StopReason.RESPEC, action.spec_hash))
         if handed:
             await self._handing_out(handed, fleet)
-
-    async def _look_at_peers(self, now: float) -> None:
-        """Count the live daemons and their agents (the fair share), activate again the
-        agents of daemons that died, and purge what deleted agents left behind."""
-        await self._purge_deleted()
-        heartbeats = await self.store.daemons()
-        fresh_s = self.settings.lease_ttl_s
-        self._peers = live_daemons(heartbeats, now, me=self.id, fresh_s=fresh_s)
-        self._live = {self.id}
-        for daemon_id, info in heartbeats.items():
-            seen_at = info.get("seen_at")
-            if isinstance(seen_at, int | float) and now - float(seen_at) < fresh_s:
-                self._live.add(daemon_id)
-        # What the others hold now (their held sets), not as of their last heartbeat.
-        others = sorted(self._live - {self.id})
-        self._fleet_active = sum((await self.store.held_counts(others)).values())
-        # A daemon's leases outlive its last heartbeat by up to a lease: wait that long
-        # again before its agents are claimed (a claim on a live lease only waits).
-        for daemon_id in await self.store.holders() - {self.id}:
-            seen_at = (heartbeats.get(daemon_id) or {}).get("seen_at")
-            if isinstance(seen_at, int | float) and now - float(seen_at) < 2 * fresh_s:
-                continue
-            names = await self.store.recover_held(daemon_id, now=now)
-            if names:
-                message = (
-                    f"daemon {daemon_id} is gone (no heartbeat for {2 * fresh_s:.0f}s); "
-                    f"{len(names)} agent(s) it held are due again"
-                )
-                log.warning("%s", message)
-                await self.store.record_fleet_event("", "DaemonLost", daemon_id, message, self.id)
-                self.activator.nudge()
-
-    async def _purge_deleted(self) -> None:
-        """Remove the keys of deleted agents whose daemon died before it could."""
-        pending = [
-            n
-            for n in await self.store.pending_purges()
-            if n not in self._desired and n not in self.runners
-        ]
-        if pending:
-            held = await self.store.leases(pending)
-            for name in pending:
-                if name not in held:
-                    await self.store.purge_agent(name)
 
     async def _signals_loop(self, group: tuple[str, ...]) -> None:
         """Read one group of signal shards (all of them on one Redis; one on a cluster,
@@ -408,8 +364,7 @@ class Daemon(Upkeep):
                     runner.nudge(cmd)
                 elif agent in self._opening and cmd in ("message", "wake"):
                     self._opening[agent].add(cmd)
-                # Any other agent is held elsewhere or released: a send or wake to a
-                # released one makes it due, which the "due" signal says.
+                # Any other agent is held elsewhere, or released (due: a "due" signal).
 
     # ------------------------------------------------------------------ agents
 
@@ -450,15 +405,15 @@ class Daemon(Upkeep):
         taken = [n for n, t in tokens.items() if not t]
         drop = {n: at for n, at in claims.items() if tokens.get(n)}
         if taken and claims:
-            # Held by a live daemon: it makes the agent due when it lets go, so the claim
-            # goes. Held by a dead one: the claim stays and expires, and the agent is
-            # tried again once that lease has expired too.
+            # Held by a live daemon (it makes the agent due when it lets go): the claim
+            # goes. By a dead one: due again the moment that lease expires.
             owners = await self.store.leases(taken)
-            drop |= {
-                n: claims[n]
-                for n in taken
-                if n in claims and n in owners and owners[n].owner in self._live
-            }
+            live = {n for n in taken if n in owners and owners[n].owner in self._live}
+            drop |= {n: claims[n] for n in live if n in claims}
+            now = self.clock()
+            await self.store.due_defer(
+                {n: now + o.ttl_ms / 1000 + 0.05 for n, o in owners.items() if n not in live}
+            )
         await self.store.due_unclaim(drop)
         bodies = await self.store.agent_specs_of(won)
         resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
@@ -629,28 +584,6 @@ class Daemon(Upkeep):
             await r.done.wait()
 
     # ------------------------------------------------------------------ state
-
-    def _share(self, agents: int) -> int | None:
-        if self.settings.max_agents is None and self._peers <= 1:
-            return None  # alone and unbounded
-        return share_limit(
-            agents,
-            self._peers,
-            capacity=self.settings.max_agents,
-            margin=self.settings.share_margin,
-        )
-
-    async def _room(self, due: int) -> int:
-        """How many more agents this daemon may take now, with ``due`` agents waiting for
-        a daemon: up to ``--max-agents`` and its fair share of what is held and due. The
-        others' counts are read fresh (their held sets, one command per daemon), so two
-        daemons never both think the other has the room."""
-        if self.settings.max_agents is None and self._peers <= 1:
-            return 1_000_000
-        others = sorted(self._live - {self.id})
-        self._fleet_active = sum((await self.store.held_counts(others)).values())
-        limit = self._share(self._fleet_active + len(self.runners) + due)
-        return 1_000_000 if limit is None else limit - len(self.runners)
 
     def _fleet_quiet(self) -> bool:
         if not self.activator.loaded or self._opening:

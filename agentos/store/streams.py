@@ -114,6 +114,7 @@ async def read_after(
     block_ms: int | None = None,
     cluster: bool = False,
     order: Order = _by_id,
+    poll_s: float = POLL_S,
 ) -> list[Entry]:
     """Entries after ``cursor`` (at most ``count`` per shard), waiting up to
     ``block_ms`` for the first when given."""
@@ -141,6 +142,6 @@ async def read_after(
         found = [list(r) for r in replies]
         if any(found) or not block_ms or waited * 1000 >= block_ms:
             return _walk(base, _flatten(found, order))
-        step = min(POLL_S, block_ms / 1000 - waited)
+        step = min(poll_s, block_ms / 1000 - waited)
         await anyio.sleep(step)
         waited += step

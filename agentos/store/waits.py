@@ -244,6 +244,18 @@ class WaitOps:
         calls = [([k.due(k.due_shard(n))], [n, repr(at)]) for n, at in claims.items()]
         raise_first(await run_many(self._r, self._unclaim, calls))
 
+    @translate
+    async def due_defer(self, due: Mapping[str, float]) -> None:
+        """Move agents that are in the index to new due times (a claim whose lease was
+        still held by a dead daemon: due again when that lease expires)."""
+        if not due:
+            return
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name, at in due.items():
+                pipe.zadd(k.due(k.due_shard(name)), {name: at}, xx=True)
+            await pipe.execute()
+
     # ---------------------------------------------------------------- held sets
 
     @translate

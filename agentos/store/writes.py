@@ -345,14 +345,18 @@ class WriteOps:
         count: int = 50,
         after_id: str | None = None,
         block_ms: int | None = None,
+        poll_s: float = streams.POLL_S,
     ) -> list[Event]:
         """Events of one agent (or the fleet when ``name`` is None), oldest first.
 
         Without ``after_id`` returns the newest ``count``; with it, those after it,
-        waiting up to ``block_ms`` for new ones when given.
+        waiting up to ``block_ms`` for new ones when given. On a cluster the fleet's
+        shards cannot be read in one blocking read: they are looked at every ``poll_s``.
         """
         if not name:
-            return await self._fleet_events(count=count, after_id=after_id, block_ms=block_ms)
+            return await self._fleet_events(
+                count=count, after_id=after_id, block_ms=block_ms, poll_s=poll_s
+            )
         stream = self.keys.events(name)
         if after_id is None:
             entries = list(reversed(await self._r.xrevrange(stream, count=count)))
@@ -367,7 +371,7 @@ class WriteOps:
         ]
 
     async def _fleet_events(
-        self, *, count: int, after_id: str | None, block_ms: int | None
+        self, *, count: int, after_id: str | None, block_ms: int | None, poll_s: float
     ) -> list[Event]:
         # The feed is sharded: an event's id is a cursor over every shard (see
         # agentos.store.streams), so following the feed works as with one stream.
@@ -384,6 +388,7 @@ class WriteOps:
                     block_ms=block_ms,
                     cluster=self.cluster,
                     order=_event_order,
+                    poll_s=poll_s,
                 )
             except ValueError as e:
                 raise StoreError(str(e)) from None

@@ -1,0 +1,103 @@
+"""The daemon's view of the other daemons: who is alive, what they hold, its fair share.
+
+Every few seconds (and when a daemon joins or drains) a daemon reads the heartbeats and
+the others' held sets: the live daemons and how many agents they hold give its fair share
+(:mod:`agentos.core.placement`), and the held set of a daemon not seen for a lease is
+recovered: its agents are due again, for whoever has room. Deleted agents whose daemon
+died before it could purge them are purged here too. A mixin of
+:class:`agentos.daemon.Daemon`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from agentos.core.placement import live_daemons, share_limit
+from agentos.core.reconcile import Desired
+from agentos.runtime.activation import Activator
+from agentos.runtime.runner import AgentRunner
+from agentos.settings import DaemonSettings
+from agentos.store import Store
+
+__all__ = ["Peers"]
+
+log = logging.getLogger("agentos.daemon")
+
+
+class Peers:
+    """The fair share and dead-daemon recovery of :class:`agentos.daemon.Daemon`."""
+
+    id: str
+    store: Store
+    settings: DaemonSettings
+    clock: Callable[[], float]
+    runners: dict[str, AgentRunner]
+    activator: Activator
+    _desired: dict[str, Desired]
+    _peers: int
+    _live: set[str]
+    _fleet_active: int
+
+    async def _look_at_peers(self, now: float) -> None:
+        """Count the live daemons and their agents (the fair share), activate again the
+        agents of daemons that died, and purge what deleted agents left behind."""
+        await self._purge_deleted()
+        heartbeats = await self.store.daemons()
+        fresh_s = self.settings.lease_ttl_s
+        self._peers = live_daemons(heartbeats, now, me=self.id, fresh_s=fresh_s)
+        self._live = {self.id}
+        for daemon_id, info in heartbeats.items():
+            seen_at = info.get("seen_at")
+            if isinstance(seen_at, int | float) and now - float(seen_at) < fresh_s:
+                self._live.add(daemon_id)
+        # What the others hold now (their held sets), not as of their last heartbeat.
+        others = sorted(self._live - {self.id})
+        self._fleet_active = sum((await self.store.held_counts(others)).values())
+        # Not seen for a lease: gone. Its leases may outlive its last heartbeat a little;
+        # a claim that finds one still held makes the agent due when it expires.
+        for daemon_id in await self.store.holders() - self._live:
+            names = await self.store.recover_held(daemon_id, now=now)
+            if names:
+                message = (
+                    f"daemon {daemon_id} is gone (no heartbeat for {fresh_s:.0f}s); "
+                    f"{len(names)} agent(s) it held are due again"
+                )
+                log.warning("%s", message)
+                await self.store.record_fleet_event("", "DaemonLost", daemon_id, message, self.id)
+                self.activator.nudge()
+
+    async def _purge_deleted(self) -> None:
+        """Remove the keys of deleted agents whose daemon died before it could."""
+        pending = [
+            n
+            for n in await self.store.pending_purges()
+            if n not in self._desired and n not in self.runners
+        ]
+        if pending:
+            held = await self.store.leases(pending)
+            for name in pending:
+                if name not in held:
+                    await self.store.purge_agent(name)
+
+    def _share(self, agents: int) -> int | None:
+        if self.settings.max_agents is None and self._peers <= 1:
+            return None  # alone and unbounded
+        return share_limit(
+            agents,
+            self._peers,
+            capacity=self.settings.max_agents,
+            margin=self.settings.share_margin,
+        )
+
+    async def _room(self, due: int) -> int:
+        """How many more agents this daemon may take now, with ``due`` agents waiting for
+        a daemon: up to ``--max-agents`` and its fair share of what is held and due. The
+        others' counts are read fresh (their held sets, one command per daemon), so two
+        daemons never both think the other has the room."""
+        if self.settings.max_agents is None and self._peers <= 1:
+            return 1_000_000
+        others = sorted(self._live - {self.id})
+        self._fleet_active = sum((await self.store.held_counts(others)).values())
+        limit = self._share(self._fleet_active + len(self.runners) + due)
+        return 1_000_000 if limit is None else limit - len(self.runners)
