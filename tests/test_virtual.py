@@ -329,3 +329,18 @@ async def test_claims_and_a_dead_daemons_held_set(store: Store) -> None:
     assert await store.recover_held("gone", now=now) == ["z"]
     assert (await store.due_scan())["z"] == now
     assert "gone" not in await store.holders()
+
+
+async def test_the_head_of_the_index_is_read_in_small_pieces(store: Store) -> None:
+    k = store.keys
+    names = [f"q{i}" for i in range(400)]
+    shard = k.due_shard(names[0])
+    same = [n for n in names if k.due_shard(n) == shard][:12]
+    now = time.time()
+    await store._r.zadd(k.due(shard), {n: now - 20 + i for i, n in enumerate(same)})
+    await store._r.zadd(k.due(shard), {"later": now + 3600})
+    peek = await store.due_head(4)  # the earliest four of each shard, due or not
+    assert [n for n in peek if n in same] == same[:4]
+    due = await store.due_head(4, now=now)  # a full shard is read again for its due ones
+    assert sorted(n for n in due if n in same) == sorted(same)
+    assert "later" not in due

@@ -14,6 +14,8 @@ decides what runs where.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import socket
@@ -34,6 +36,17 @@ from agentos.store import StatusUpdate, Store, StoreError, StoreFull, StoreUnava
 from agentos.store.retry import new_op_id
 
 __all__ = ["Upkeep"]
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _libc_trim()
 
 log = logging.getLogger("agentos.daemon")
 
@@ -61,6 +74,7 @@ class Upkeep:
     settings: DaemonSettings
     clock: Callable[[], float]
     runners: dict[str, AgentRunner]
+    _held_peak = 0  # the most agents held since memory was last given back
     governor: Governor
     activator: Activator
     models: ModelPool
@@ -207,7 +221,21 @@ class Upkeep:
                     runner.request_stop(StopReason.LEASE_LOST)
             except StoreError as e:
                 self._store_failed("lease renewal", e)
+            self._give_memory_back()
             await anyio.sleep(self.settings.lease_ttl_s / 3)
+
+    def _give_memory_back(self) -> None:
+        """After a burst (thousands of agents activated, then released) hand the freed
+        heap back to the OS: the allocator keeps it otherwise, and the daemon's RSS would
+        stay at the burst's peak while it holds a few agents."""
+        held = len(self.runners)
+        self._held_peak = max(self._held_peak, held)
+        if self._held_peak < 500 or held > self._held_peak // 4:
+            return
+        self._held_peak = held
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     async def _sweep_inboxes(self) -> None:
         """Nudge the runners whose inbox holds anything: one read of every inbox's

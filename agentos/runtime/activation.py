@@ -91,9 +91,9 @@ class Activator:
 
     async def pass_once(self) -> list[str]:
         """Read the index and start the due agents this daemon has room for; returns them."""
-        self.due = await self.store.due_head()
-        self.loaded = True
         now = self.clock()
+        self.due = await self.store.due_head(now=now)
+        self.loaded = True
         candidates: list[str] = []
         for _, name in sorted((at, n) for n, at in self.due.items() if at <= now):
             held = self._running.get(name)

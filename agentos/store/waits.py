@@ -35,10 +35,11 @@ from agentos.store.errors import translate
 from agentos.store.keys import DUE_SHARDS, Keys
 from agentos.store.records import SIGNALS_MAXLEN, _s
 
-__all__ = ["DUE_HEAD", "EVENTS_KEPT_S", "WaitOps"]
+__all__ = ["DUE_HEAD", "DUE_PEEK", "EVENTS_KEPT_S", "WaitOps"]
 
 EVENTS_KEPT_S = 7 * 86_400  # an event nobody waited for is forgotten after a week
-DUE_HEAD = 256  # entries read per shard and pass: the earliest ones, never the whole index
+DUE_PEEK = 8  # entries read per shard and pass: the earliest ones, never the whole index
+DUE_HEAD = 256  # ... and at most this many due ones of a shard that has more due
 
 
 def _score(at: float | None) -> str:
@@ -150,14 +151,33 @@ class WaitOps:
         return bool(await self._wait_scripts["clear"](keys=[wait, due], args=[name, park_id]))
 
     @translate
-    async def due_head(self, count: int = DUE_HEAD) -> dict[str, float]:
-        """The earliest ``count`` entries of every shard with their due times: what is due
-        now and when the next one is, in one command per shard however large the index."""
+    async def due_head(
+        self, count: int = DUE_PEEK, *, now: float | None = None
+    ) -> dict[str, float]:
+        """The earliest entries of every shard with their due times: what is due now and
+        when the next one is, in one small read per shard however large the index.
+
+        ``count`` entries per shard; with ``now``, a shard whose ``count`` entries are all
+        due is read again for up to :data:`DUE_HEAD` of its due ones.
+        """
         k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for shard in range(DUE_SHARDS):
                 pipe.zrange(k.due(shard), 0, count - 1, withscores=True)
             replies = await pipe.execute()
+        full = [
+            shard
+            for shard, reply in enumerate(replies)
+            if now is not None and len(reply) == count and float(reply[-1][1]) <= now
+        ]
+        if full:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for shard in full:
+                    pipe.zrangebyscore(
+                        k.due(shard), "-inf", repr(now), start=0, num=DUE_HEAD, withscores=True
+                    )
+                for shard, reply in zip(full, await pipe.execute(), strict=True):
+                    replies[shard] = reply
         return {_s(m): float(s) for reply in replies for m, s in reply}
 
     @translate
