@@ -37,6 +37,26 @@ async def test_a_snapshot_round_trips_in_chunks(store: Store) -> None:
     assert loaded.nbytes == len(BIG)
 
 
+async def test_a_chat_conversation_is_kept_with_and_without_the_kv(store: Store) -> None:
+    held = await lease(store)
+    chat = '{"messages": [{"role": "user", "content": "h\u00e9 \u2603"}]}'.encode()
+    with_kv = KVSnapshot("fp", (1, 2), b"kv", conversation=chat)
+    assert await store.save_snapshot("a", held, with_kv, keep_kv=True)
+    loaded = await store.load_snapshot("a")
+    assert loaded.snapshot == with_kv
+    assert loaded.conversation == chat
+    # Without the KV bytes (keepKV said recompute) the conversation still comes back, and
+    # the replaced snapshot's chunks still expire (the commit script reads its manifest).
+    first = await store.load_snapshot("a")
+    assert first.manifest is not None
+    assert await store.save_snapshot("a", held, with_kv, keep_kv=False)
+    history_only = await store.load_snapshot("a")
+    assert history_only.snapshot is None
+    assert history_only.conversation == chat
+    for c in first.manifest.chunks:
+        assert 0 < int(await store._r.ttl(c.key)) <= REPLACED_TTL_S
+
+
 async def test_a_new_snapshot_replaces_the_old_and_its_chunks_expire_soon(store: Store) -> None:
     held = await lease(store)
     first = await store.save_snapshot("a", held, KVSnapshot("fp", (1,), BIG), keep_kv=True)

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from agentos.core.chat import Reply, TokenUsage, ToolCall, ToolSpec
+
 __all__ = [
     "Completion",
     "ContextOverflow",
@@ -23,8 +25,12 @@ __all__ = [
     "EngineUnavailable",
     "KVSnapshot",
     "NoFreeSlot",
+    "Reply",
     "SessionInfo",
     "StreamChunk",
+    "TokenUsage",
+    "ToolCall",
+    "ToolSpec",
 ]
 
 
@@ -56,6 +62,9 @@ class StreamChunk:
     token_ids: tuple[int, ...]
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", None while streaming
+    # On the last chunk, the call's usage as the server counted it (a server streams text,
+    # not token ids); None: count the prompt and the chunks' token ids.
+    usage: TokenUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,10 @@ class KVSnapshot:
     # How many leading tokens the bytes cover (None: all). An engine may leave the last
     # sampled token pending, to decode it with the next prompt as if never exported.
     n_kv: int | None = None
+    # The session's chat state as the engine's own JSON (its messages, and how they were
+    # rendered so far); b"" for a session only used for text. Handed back to
+    # import_kv (in the snapshot) and prefill, so a chat continues after a wake.
+    conversation: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +218,40 @@ class Engine(Protocol):
         """
         ...
 
-    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
-        """Rebuild the session's context from a token history; returns the seconds it took."""
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
+        """Rebuild the session's context from a token history (and the chat state
+        :meth:`export_kv` gave in ``KVSnapshot.conversation``); returns the seconds it took."""
+        ...
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's chat messages so far, OpenAI-shaped (empty for text-only use)."""
+        ...
+
+    async def chat(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+    ) -> Reply:
+        """Append ``messages`` to the session's conversation and return the assistant's reply,
+        which is appended too.
+
+        ``messages`` are new turns only, already checked by
+        :func:`agentos.core.chat.validate_messages` against :meth:`conversation`;
+        ``tools`` by :func:`~agentos.core.chat.validate_tools` and ``tool_choice``
+        normalised (``auto``, ``required``, ``none`` or a tool's name).
+        ``response_format`` is OpenAI's (``json_schema`` or ``json_object``). Usage
+        counts what the server counts: input = prompt tokens processed by this call,
+        cached = those reused, output = generated. Raises :class:`ContextOverflow`
+        (the session unchanged) and :class:`EngineError` as :meth:`generate` does.
+        """
         ...

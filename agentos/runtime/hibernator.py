@@ -74,11 +74,12 @@ class Hibernator:
             raise LeaseLost(name)
         self.meter.observe_write(saved.manifest.total_bytes, saved.seconds)
         stored = saved.manifest.total_bytes
-        detail = (
-            f"{stored} KV bytes, {n_tokens} tokens, {decision.reason}"
-            if decision.keep
-            else f"token history only ({n_tokens} tokens), {decision.reason}"
-        )
+        if decision.keep:
+            detail = f"{stored} KV bytes, {n_tokens} tokens, {decision.reason}"
+        elif n_tokens or not snapshot.conversation:
+            detail = f"token history only ({n_tokens} tokens), {decision.reason}"
+        else:  # a remote server's session: the conversation is all there is to keep
+            detail = f"conversation only ({len(snapshot.conversation)} bytes)"
         status: dict[str, object] = {
             "kv_bytes": stored,
             "kv_tokens": n_tokens,
@@ -120,7 +121,7 @@ class Hibernator:
                     time.perf_counter() - started,
                 )
             await self.engine.reset_session(name)
-        if not loaded.tokens:
+        if not loaded.tokens and not loaded.conversation:
             return Restored(
                 "empty",
                 f"{why}; context starts empty",
@@ -129,7 +130,7 @@ class Hibernator:
                 time.perf_counter() - started,
             )
         try:
-            seconds = await self.engine.prefill(name, loaded.tokens)
+            seconds = await self.engine.prefill(name, loaded.tokens, loaded.conversation)
         except EngineError as e:
             await self.engine.reset_session(name)
             return Restored(
@@ -139,10 +140,16 @@ class Hibernator:
                 0,
                 time.perf_counter() - started,
             )
-        self.meter.observe_prefill(len(loaded.tokens), seconds)
+        if loaded.tokens:
+            self.meter.observe_prefill(len(loaded.tokens), seconds)
+        done = (
+            f"re-prefilled {len(loaded.tokens)} tokens"
+            if loaded.tokens
+            else "conversation restored, resent with the next call"
+        )
         return Restored(
             "recompute",
-            f"{why}; re-prefilled {len(loaded.tokens)} tokens",
+            f"{why}; {done}",
             loaded.nbytes,
             len(loaded.tokens),
             time.perf_counter() - started,

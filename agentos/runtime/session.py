@@ -48,6 +48,9 @@ class AgentSession:
         self.on_slow = on_slow
         self.has_snapshot = False  # a committed snapshot in Redis holds the context
         self.snapshot_tokens = -1  # context length the snapshot covers (-1: unknown)
+        # What the context was when last saved or restored (its length in tokens and in
+        # chat messages): an unchanged context is not saved again.
+        self._saved_mark: tuple[int, int] | None = None
 
     @property
     def open(self) -> bool:
@@ -74,6 +77,7 @@ class AgentSession:
         await self.arbiter.acquire(self.holder, on_slow=self.on_slow)
         if not self.has_snapshot:
             self.snapshot_tokens = 0
+            self._saved_mark = self._mark()
             return None
         try:
             restored = await self.hibernator.restore(self.writer)
@@ -81,17 +85,26 @@ class AgentSession:
             self.drop()
             raise
         self.snapshot_tokens = restored.n_tokens
+        self._saved_mark = self._mark()
         return restored
+
+    def _mark(self) -> tuple[int, int]:
+        return (
+            self.engine.session_info(self.name).n_tokens,
+            len(self.engine.conversation(self.name)),
+        )
 
     async def save(self) -> Saved | None:
         """Commit the open session's context if it changed since the last snapshot."""
         if not self.open:
             return None
-        if self.engine.session_info(self.name).n_tokens == self.snapshot_tokens:
+        mark = self._mark()
+        if mark == self._saved_mark:
             return None
         saved = await self.hibernator.save(self.writer, self.keep_kv)
         self.has_snapshot = True
         self.snapshot_tokens = saved.n_tokens
+        self._saved_mark = mark
         return saved
 
     async def release(self) -> Saved | None:

@@ -67,6 +67,9 @@ class Manifest(msgspec.Struct, frozen=True):
     created_at: float
     reason: str = ""
     n_kv: int | None = None  # leading tokens the KV covers (None: all)
+    # The engine's chat state (its JSON: messages...), kept with or without KV. Text, not
+    # bytes: kv_commit.lua's cmsgpack cannot decode msgpack's bin type.
+    conversation: str = ""
 
 
 class _Pending(msgspec.Struct, frozen=True):
@@ -97,6 +100,7 @@ class LoadedSnapshot:
     reason: str
     nbytes: int
     seconds: float
+    conversation: bytes = b""  # the engine's chat state, whenever the manifest was readable
 
 
 def _digest(data: bytes | memoryview) -> str:
@@ -166,6 +170,7 @@ class Snapshots:
             created_at=time.time(),
             reason=reason,
             n_kv=snapshot.n_kv,
+            conversation=snapshot.conversation.decode("utf-8", "surrogateescape"),
         )
         reply = await self._commit(
             keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name), *(c.key for c in chunks)],
@@ -189,7 +194,15 @@ class Snapshots:
             tokens = tuple(manifest.tokens) if manifest is not None else ()
             nbytes = len(snapshot.data or b"") if snapshot is not None else 0
             return LoadedSnapshot(
-                snapshot, manifest, tokens, reason, nbytes, time.perf_counter() - started
+                snapshot,
+                manifest,
+                tokens,
+                reason,
+                nbytes,
+                time.perf_counter() - started,
+                manifest.conversation.encode("utf-8", "surrogateescape")
+                if manifest is not None
+                else b"",
             )
 
         raw = await self._r.get(self._k.kv_manifest(name))
@@ -211,7 +224,13 @@ class Snapshots:
         data = b"".join(parts)  # one copy
         if len(data) != manifest.total_bytes:
             return result(None, manifest, "snapshot size does not match its manifest")
-        snapshot = KVSnapshot(manifest.fingerprint, tuple(manifest.tokens), data, manifest.n_kv)
+        snapshot = KVSnapshot(
+            manifest.fingerprint,
+            tuple(manifest.tokens),
+            data,
+            manifest.n_kv,
+            manifest.conversation.encode("utf-8", "surrogateescape"),
+        )
         return result(snapshot, manifest, "valid")
 
     async def manifest(self, name: str) -> Manifest | None:
