@@ -292,6 +292,8 @@ UNKNOWN_SESSION_CALLS: list[tuple[str, Callable[[SimEngine], Awaitable[object] |
     ("export_kv", lambda e: e.export_kv("ghost")),
     ("import_kv", lambda e: e.import_kv("ghost", KVSnapshot(e.fingerprint(), (), b""))),
     ("prefill", lambda e: e.prefill("ghost", [1, 2])),
+    ("chat", lambda e: e.chat("ghost", [{"role": "user", "content": "hi"}])),
+    ("conversation", lambda e: e.conversation("ghost")),
 ]
 
 
@@ -534,6 +536,7 @@ SECOND_CALLS: list[tuple[str, Callable[[SimEngine], Awaitable[object] | object]]
     ("prefill", lambda e: e.prefill("s", e.encode("hi"))),
     ("export_kv", lambda e: e.export_kv("s")),
     ("reset_session", lambda e: e.reset_session("s")),
+    ("chat", lambda e: e.chat("s", [{"role": "user", "content": "hi"}])),
 ]
 
 
