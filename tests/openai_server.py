@@ -4,7 +4,17 @@ It answers ``/v1/chat/completions`` and ``/v1/completions`` (plain and streamed)
 deterministic reply, reports a prefix cache the way vLLM does
 (``usage.prompt_tokens_details.cached_tokens``: the characters shared with the previous
 request of the same conversation, over 4), records every request, and can be told to
-answer 429 with ``Retry-After``, 500, garbage, or to drop connections.
+answer 429 with ``Retry-After``, 500, garbage, 400 for a prompt too long (as llama.cpp
+words it), or to drop connections.
+
+Streamed chat answers look like real servers' (llama.cpp, vLLM): the first delta only
+names the role (``content: null``), the last one carries the finish reason and a null
+content, and usage comes in a final event with no choices (unless ``stream_usage`` is
+off). Told to (``tool_calls``), it answers with tool calls instead of text, streamed as
+OpenAI does: the first delta of each call has its index, id and name, later ones
+fragments of the arguments' text (here interleaved between calls, which only the index
+tells apart). ``refuse_tools`` answers 400 to any request with ``tools``, as a server
+whose model has no tool support does, echoing the request's Authorization header.
 """
 
 from __future__ import annotations
@@ -20,17 +30,50 @@ from typing import Any
 
 @dataclass
 class Behaviour:
-    mode: str = "ok"  # ok | throttle | error | garbage | drop
+    mode: str = "ok"  # ok | throttle | error | garbage | drop | overflow
     retry_after: str = "2"
     requests: list[dict[str, Any]] = field(default_factory=list)
     authorization: list[str] = field(default_factory=list)
     last_prompt: dict[str, str] = field(default_factory=dict)  # user -> last prompt text
+    # Calls the next chat answers make: {"id", "name", "arguments" (the raw text)}.
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    stream_usage: bool = True  # send usage in a stream's last event
+    refuse_tools: bool = False  # 400 to requests with tools
+    fragment: int = 4  # characters of arguments per streamed delta
+    ignore_stream: bool = False  # answer a streamed request with one JSON answer
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
     if "messages" in body:
-        return "".join(f"{m['role']}:{m['content']}\n" for m in body["messages"])
+        return "".join(
+            f"{m['role']}:{m.get('content') or ''}"
+            + (json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
+            + "\n"
+            for m in body["messages"]
+        )
     return str(body.get("prompt", ""))
+
+
+def _call_deltas(calls: list[dict[str, str]], size: int) -> list[list[dict[str, Any]]]:
+    """Streamed tool-call deltas: a head per call, then argument fragments round-robin."""
+    heads = [
+        {
+            "index": i,
+            "id": c["id"],
+            "type": "function",
+            "function": {"name": c["name"], "arguments": ""},
+        }
+        for i, c in enumerate(calls)
+    ]
+    out: list[list[dict[str, Any]]] = [[h] for h in heads]
+    pieces = [
+        [c["arguments"][k : k + size] for k in range(0, len(c["arguments"]), size)] for c in calls
+    ]
+    for step in range(max((len(p) for p in pieces), default=0)):
+        for i, p in enumerate(pieces):
+            if step < len(p):
+                out.append([{"index": i, "function": {"arguments": p[step]}}])
+    return out
 
 
 def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
@@ -66,6 +109,24 @@ def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
             if behaviour.mode == "garbage":
                 self._send(200, b"<html>not json</html>")
                 return
+            if behaviour.mode == "overflow":  # llama.cpp's answer to a prompt too long
+                error = {
+                    "error": {
+                        "code": 400,
+                        "message": "the request exceeds the available context size",
+                        "type": "exceed_context_size_error",
+                    }
+                }
+                self._send(400, json.dumps(error).encode(), {"Content-Type": "application/json"})
+                return
+            if behaviour.refuse_tools and body.get("tools"):
+                refusal = (
+                    "tools are not supported by this model "
+                    f"(request authorized as {self.headers.get('Authorization', '')})"
+                )
+                error = {"error": {"code": 400, "message": refusal, "type": "invalid_request"}}
+                self._send(400, json.dumps(error).encode(), {"Content-Type": "application/json"})
+                return
             text = _prompt_text(body)
             user = str(body.get("user", "")) or "anon"
             previous = behaviour.last_prompt.get(user, "")
@@ -81,7 +142,30 @@ def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
                 "prompt_tokens_details": {"cached_tokens": shared // 4},
             }
             chat = self.path.endswith("/chat/completions")
-            if body.get("stream"):
+            calls = list(behaviour.tool_calls) if chat else []
+            behaviour.tool_calls = [] if chat else behaviour.tool_calls
+            finish = "tool_calls" if calls else "stop"
+            streamed = bool(body.get("stream")) and not behaviour.ignore_stream
+            if streamed and chat:
+                events: list[dict[str, Any]] = [
+                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]}
+                ]
+                if calls:
+                    for deltas in _call_deltas(calls, behaviour.fragment):
+                        events.append({"choices": [{"index": 0, "delta": {"tool_calls": deltas}}]})
+                else:
+                    for piece in (" reply", f" {n}"):
+                        events.append({"choices": [{"index": 0, "delta": {"content": piece}}]})
+                events.append(
+                    {"choices": [{"index": 0, "delta": {"content": None}, "finish_reason": finish}]}
+                )
+                if behaviour.stream_usage:
+                    events.append({"choices": [], "usage": usage})
+                raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+                raw += b"data: [DONE]\n\n"
+                self._send(200, raw, {"Content-Type": "text/event-stream"})
+                return
+            if streamed:
                 events = []
                 for piece in (" reply", f" {n}"):
                     choice = (
@@ -101,15 +185,24 @@ def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
                         ]
                     }
                 )
-                events.append({"choices": [], "usage": usage})
+                if behaviour.stream_usage:
+                    events.append({"choices": [], "usage": usage})
                 raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
                 raw += b"data: [DONE]\n\n"
                 self._send(200, raw, {"Content-Type": "text/event-stream"})
                 return
-            choice: dict[str, Any] = (
-                {"message": {"role": "assistant", "content": reply}} if chat else {"text": reply}
-            )
-            answer = {"choices": [{**choice, "index": 0, "finish_reason": "stop"}], "usage": usage}
+            message: dict[str, Any] = {"role": "assistant", "content": None if calls else reply}
+            if calls:
+                message["tool_calls"] = [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in calls
+                ]
+            whole: dict[str, Any] = {"message": message} if chat else {"text": reply}
+            answer = {"choices": [{**whole, "index": 0, "finish_reason": finish}], "usage": usage}
             self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
     return Handler

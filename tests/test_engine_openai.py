@@ -163,11 +163,12 @@ async def test_hibernation_keeps_the_conversation_and_wake_resends_it() -> None:
         await engine.generate("a", "remember blue", max_tokens=2)
         snapshot = await engine.export_kv("a")
         assert snapshot.data is None
+        assert snapshot.tokens == ()  # the messages are in the conversation, not as "tokens"
         engine.close_session("a")
         woken = _engine(server.url)  # another daemon
         woken.open_session("a")
         assert await woken.import_kv("a", snapshot) is False  # no KV: history only
-        await woken.prefill("a", snapshot.tokens)
+        await woken.prefill("a", snapshot.tokens, snapshot.conversation)
         await woken.generate("a", "what colour?", max_tokens=2)
         last = server.behaviour.requests[-1]["messages"]
         assert last[0] == {"role": "user", "content": "remember blue"}

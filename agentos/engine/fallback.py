@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import replace
 from typing import Any
 
+from agentos.core.chat import Reply, ToolSpec
 from agentos.engine.base import (
     Completion,
     Engine,
@@ -48,6 +49,8 @@ class FallbackEngine:
         self._resolve = resolve
         self.allowed: dict[str, bool] = {}  # agent -> may its calls fall back
         self._transcripts: dict[str, list[str]] = {}
+        # Chat turns the fallback answered, not yet sent to the primary (module docstring).
+        self._unsent: dict[str, list[dict[str, Any]]] = {}
         self.fallback_calls = 0
 
     # Identity and sessions are the primary's.
@@ -77,10 +80,12 @@ class FallbackEngine:
     def open_session(self, session_id: str) -> None:
         self.primary.open_session(session_id)
         self._transcripts[session_id] = []
+        self._unsent.pop(session_id, None)
 
     def close_session(self, session_id: str) -> None:
         self.primary.close_session(session_id)
         self._transcripts.pop(session_id, None)
+        self._unsent.pop(session_id, None)
 
     def has_session(self, session_id: str) -> bool:
         return self.primary.has_session(session_id)
@@ -91,6 +96,7 @@ class FallbackEngine:
     async def reset_session(self, session_id: str) -> None:
         await self.primary.reset_session(session_id)
         self._transcripts[session_id] = []
+        self._unsent.pop(session_id, None)
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         return await self.primary.export_kv(session_id)
@@ -98,8 +104,17 @@ class FallbackEngine:
     async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
         return await self.primary.import_kv(session_id, snapshot)
 
-    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
-        return await self.primary.prefill(session_id, tokens)
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
+        seconds = await self.primary.prefill(session_id, tokens, conversation)
+        self._unsent.pop(session_id, None)
+        return seconds
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        """The primary's messages and the turns a fallback answered since."""
+        unsent = self._unsent.get(session_id, [])
+        return [*self.primary.conversation(session_id), *(dict(m) for m in unsent)]
 
     def describe(self) -> dict[str, Any]:
         """The primary's description, with the fallback and how often it served."""
@@ -214,3 +229,70 @@ class FallbackEngine:
             yield StreamChunk(completion.text, ())
             yield StreamChunk("", (), True, completion.finish_reason)
         self._transcripts.setdefault(session_id, []).extend((prompt, "".join(parts)))
+
+    async def chat(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+    ) -> Reply:
+        options: dict[str, Any] = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls,
+            "response_format": response_format,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "temperature": temperature,
+        }
+        unsent = self._unsent.get(session_id, [])
+        turns = [*unsent, *(dict(m) for m in messages)]
+        try:
+            reply = await self.primary.chat(session_id, turns, **options)
+        except EngineUnavailable as e:
+            if not self.allowed.get(session_id, True):
+                raise
+            history = [*self.primary.conversation(session_id), *turns]
+            reply = await self._fall_back_chat(session_id, history, options, e)
+            self._unsent[session_id] = [*turns, reply.message()]
+        else:
+            self._unsent.pop(session_id, None)
+        return reply
+
+    async def _fall_back_chat(
+        self,
+        session_id: str,
+        history: list[dict[str, Any]],
+        options: dict[str, Any],
+        error: EngineUnavailable,
+    ) -> Reply:
+        try:
+            engine = await self._resolve()
+        except EngineError as e:
+            log.warning("%s: fallback %s cannot serve: %s", session_id, self.fallback_name, e)
+            raise error from e
+        ephemeral = f"{session_id}.fallback"
+        try:
+            engine.open_session(ephemeral)
+        except EngineError as e:  # no free slot there either
+            raise error from e
+        try:
+            reply = await engine.chat(ephemeral, history, **options)
+        finally:
+            engine.close_session(ephemeral)
+        self.fallback_calls += 1
+        log.warning(
+            "%s: %s could not serve (%s); chat answered by fallback %s",
+            session_id,
+            self.primary.model,
+            error,
+            self.fallback_name,
+        )
+        return replace(reply, served_by=self.fallback_name)

@@ -1,76 +1,235 @@
 """The ``openai`` engine: any OpenAI-compatible server (vLLM, SGLang, llama-server, Ollama, APIs).
 
-A session is a conversation held here, in the daemon: the text so far (``completions``
-API) or the messages (``chat`` API). Every call sends the whole conversation and only
-ever appends to it, and the agent's calls stay on one replica, so a server with a
-prefix cache (vLLM's, SGLang's radix cache, llama-server's slots) reprocesses only the
-new part; ``usage.prompt_tokens_details.cached_tokens`` (or llama.cpp's
-``timings.cache_n``) reports how much it reused.
+A session is a conversation held here, in the daemon: the OpenAI-shaped messages
+(``chat`` API: ``system``, ``user``, ``assistant`` with ``tool_calls``, ``tool`` with
+``tool_call_id``) or the text so far (``completions`` API). Every call sends the whole
+conversation as separate messages and only ever appends to it, and the agent's calls
+stay on one replica, so a server with a prefix cache (vLLM's, SGLang's radix cache,
+llama-server's slots) reprocesses only the new part. Tools, ``tool_choice``,
+``parallel_tool_calls`` and ``response_format`` go to the server as they are: tool
+calling is the server's own here (a local base model gets it from the ``llama`` and
+``llamaserver`` engines instead).
+
+Calls stream (``stream_options.include_usage``), so the time to the first token is
+real, and are metered from the server's own ``usage`` (input = prompt tokens it
+processed, cached = those it reused from its prefix cache, output = generated); the
+counts are tokens as the server counted them, never characters.
 
 Such a server gives no call to export one conversation's KV, so hibernation keeps the
-conversation only: :meth:`OpenAIEngine.export_kv` returns no bytes and the history as
-the snapshot's "tokens" (its characters' code points: there is no local tokenizer, and
-the store keeps integers), and waking resends it. Connection failures, 5xx and garbage
-answers are retried on other replicas and then raised as
-:class:`agentos.engine.EngineUnavailable`, never as an agent's own error.
+conversation only: :meth:`OpenAIEngine.export_kv` returns no bytes and the messages as
+the snapshot's ``conversation`` JSON, and waking resends them with the next call.
+Connection failures, 5xx and garbage answers are retried on other replicas and then
+raised as :class:`agentos.engine.EngineUnavailable`, never as an agent's own error; a
+4xx is the request's fault (:class:`agentos.engine.remote.RequestRefused`), and one for
+a request with tools says that the model refused tools.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from agentos.core.chat import Reply, TokenUsage, ToolCall, ToolSpec
 from agentos.engine.base import (
     Completion,
+    ContextOverflow,
     EngineError,
+    EngineUnavailable,
     KVSnapshot,
     SessionInfo,
     StreamChunk,
 )
-from agentos.engine.remote import RemoteClient, Replica, ThrottleBoard
+from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
 
 __all__ = ["OpenAIEngine"]
 
+log = logging.getLogger("agentos.engine.openai")
+
 _CHARS_PER_TOKEN = 4  # an estimate for admission when the server's tokenizer is not at hand
 _SESSIONS = 100_000  # conversations are memory here, not server slots
+# How servers word "the prompt does not fit": OpenAI's error code, llama.cpp's error type
+# and message, vLLM's message.
+_OVERFLOW_MARKS = (
+    "context_length_exceeded",
+    "exceed_context_size",
+    "exceeds the available context",
+    "maximum context length",
+)
 
 
 @dataclass(slots=True)
 class _Conversation:
     text: str = ""  # completions API
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat API
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat API
+    n_tokens: int = 0  # the last call's prompt + output tokens, as the server counted them
 
-    @property
-    def size(self) -> int:
-        return len(self.text) + sum(len(m["content"]) for m in self.messages)
+    def encode(self) -> bytes:
+        if not self.text and not self.messages:
+            return b""  # nothing to restore: the hibernator then starts the context empty
+        return json.dumps(
+            {"messages": self.messages, "text": self.text}, ensure_ascii=False
+        ).encode()
 
 
-def _encode(conv: _Conversation) -> tuple[int, ...]:
-    raw = json.dumps({"text": conv.text, "messages": conv.messages}, ensure_ascii=False)
-    return tuple(ord(c) for c in raw)
+def _conversation_of(data: Any) -> _Conversation:
+    """A conversation from its stored JSON; raises EngineError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise EngineError("stored conversation is not a JSON object {messages, text}")
+    text, messages = data.get("text", ""), data.get("messages", [])
+    if not isinstance(text, str):
+        raise EngineError("stored conversation: text is not a string")
+    if not isinstance(messages, list):
+        raise EngineError("stored conversation: messages is not a list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise EngineError(f"stored conversation: messages[{i}] has no role")
+    return _Conversation(text, [dict(m) for m in messages])
 
 
-def _decode(tokens: Sequence[int]) -> _Conversation:
+def _decode(conversation: bytes, tokens: Sequence[int]) -> _Conversation:
+    """The conversation a snapshot holds: its ``conversation`` JSON, or for a snapshot
+    written by an earlier version, the same JSON as code points in ``tokens``."""
     try:
-        data = json.loads("".join(chr(t) for t in tokens))
-        return _Conversation(str(data["text"]), [dict(m) for m in data["messages"]])
-    except (ValueError, KeyError, TypeError) as e:
+        if conversation:
+            return _conversation_of(json.loads(conversation))
+        if tokens:
+            return _conversation_of(json.loads("".join(chr(t) for t in tokens)))
+    except (ValueError, TypeError, OverflowError) as e:
         raise EngineError(f"stored conversation does not decode: {e}") from e
+    return _Conversation()
 
 
-def _usage(body: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(prompt tokens, of which cached, output tokens) from an OpenAI ``usage`` object."""
-    usage = body.get("usage") or {}
+def _usage(event: Mapping[str, Any]) -> TokenUsage | None:
+    """Usage from an answer (or a stream's last event); None when it carries none.
+
+    ``prompt_tokens`` is the whole prompt; the cached part comes from
+    ``prompt_tokens_details.cached_tokens`` (OpenAI, vLLM) or llama.cpp's
+    ``timings.cache_n``, and is not counted as input.
+    """
+    usage = event.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
     prompt = int(usage.get("prompt_tokens") or 0)
     details = usage.get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or 0)
-    timings = body.get("timings") or {}
-    if not cached and timings.get("cache_n"):  # llama.cpp's own counter
+    cached = int(details.get("cached_tokens") or 0) if isinstance(details, Mapping) else 0
+    timings = event.get("timings") or {}
+    if not cached and isinstance(timings, Mapping) and timings.get("cache_n"):
         cached = int(timings["cache_n"])
-    return prompt, min(cached, prompt), int(usage.get("completion_tokens") or 0)
+    cached = min(cached, prompt)
+    return TokenUsage(prompt - cached, cached, int(usage.get("completion_tokens") or 0))
+
+
+def _finish(reason: str | None, has_calls: bool) -> str:
+    if reason == "length":
+        return "length"  # even with calls: their arguments may be cut off
+    if has_calls or reason in ("tool_calls", "function_call"):
+        return "tool_calls"
+    return "stop"
+
+
+def _tool_choice(choice: str) -> str | dict[str, Any]:
+    if choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+@dataclass(slots=True)
+class _CallParts:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What an answer (streamed in events, or whole) has said so far."""
+
+    chat: bool
+    parts: list[str] = field(default_factory=list)
+    calls: dict[int, _CallParts] = field(default_factory=dict)
+    finish: str | None = None
+    usage: TokenUsage | None = None
+    first_token_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def take(self, event: Mapping[str, Any], *, whole: bool = False) -> str:
+        """Read one event (``whole``: a non-streamed answer); returns its new text."""
+        usage = _usage(event)
+        if usage is not None:
+            self.usage = usage
+        new: list[str] = []
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, Mapping):
+                continue
+            if self.chat:
+                delta = choice.get("message" if whole else "delta")
+                if isinstance(delta, Mapping):
+                    content = delta.get("content")
+                    if isinstance(content, str) and content:  # null deltas carry nothing
+                        new.append(content)
+                    self._take_calls(delta.get("tool_calls"), positional=whole)
+            else:
+                text = choice.get("text")
+                if isinstance(text, str) and text:
+                    new.append(text)
+            self.finish = choice.get("finish_reason") or self.finish
+        piece = "".join(new)
+        if piece:
+            self.parts.append(piece)
+        if (piece or self.calls) and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        return piece
+
+    def _take_calls(self, deltas: Any, *, positional: bool) -> None:
+        """Assemble tool-call deltas: the first names the call, later ones carry more of
+        the arguments' text (in fragments), all keyed by ``index``."""
+        if not isinstance(deltas, list):
+            return
+        for position, delta in enumerate(deltas):
+            if not isinstance(delta, Mapping):
+                continue
+            index = delta.get("index")
+            if positional or not isinstance(index, int):
+                # A whole answer lists its calls in order; a server that omits the index
+                # in a stream starts a call with an id and continues it without one.
+                if positional:
+                    index = position
+                elif delta.get("id") and all(c.id != delta["id"] for c in self.calls.values()):
+                    index = len(self.calls)
+                else:
+                    index = max(self.calls, default=0)
+            parts = self.calls.setdefault(index, _CallParts())
+            if isinstance(delta.get("id"), str) and delta["id"] and not parts.id:
+                parts.id = delta["id"]
+            fn = delta.get("function")
+            if isinstance(fn, Mapping):
+                if isinstance(fn.get("name"), str):
+                    parts.name += fn["name"]
+                args = fn.get("arguments")
+                if isinstance(args, str):
+                    parts.arguments.append(args)
+                elif isinstance(args, Mapping):  # some servers send an object, not its text
+                    parts.arguments.append(json.dumps(dict(args), ensure_ascii=False))
+
+    def tool_calls(self, calls_so_far: int) -> tuple[ToolCall, ...]:
+        """The assembled calls; a call the server gave no id gets ``call_{n}``."""
+        out = []
+        for n, i in enumerate(sorted(self.calls)):
+            parts = self.calls[i]
+            call_id = parts.id or f"call_{calls_so_far + n}"
+            out.append(ToolCall.parse(call_id, parts.name, "".join(parts.arguments)))
+        return tuple(out)
 
 
 class OpenAIEngine:
@@ -137,6 +296,8 @@ class OpenAIEngine:
         return f"openai/{self.api}/{self.served_model}"
 
     def count_tokens(self, text: str) -> int:
+        """An estimate (characters / 4), for admission before a call: the server's
+        tokenizer is not at hand. Calls are metered with the server's own counts."""
         return max(1, len(text) // _CHARS_PER_TOKEN)
 
     async def aclose(self) -> None:
@@ -163,38 +324,47 @@ class OpenAIEngine:
         return session_id in self._sessions
 
     def session_info(self, session_id: str) -> SessionInfo:
-        return SessionInfo(session_id, self._conv(session_id).size, 0)
+        """``n_tokens`` is the last call's prompt + output tokens as the server counted
+        them (0 before the first call of a session, a woken one included)."""
+        return SessionInfo(session_id, self._conv(session_id).n_tokens, 0)
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._conv(session_id).messages)
 
     async def reset_session(self, session_id: str) -> None:
         self._conv(session_id)
         self._sessions[session_id] = _Conversation()
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
-        return KVSnapshot(self.fingerprint(), _encode(self._conv(session_id)), None)
+        return KVSnapshot(
+            self.fingerprint(), (), None, conversation=self._conv(session_id).encode()
+        )
 
     async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
         self._conv(session_id)
-        return False  # no KV bytes on this engine: the runtime resends the history
+        return False  # no KV bytes on this engine: prefill takes the conversation back
 
-    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
+        """Take the conversation back from a snapshot (nothing is computed until the next
+        call resends it). ``tokens`` is read only for a snapshot of an earlier version,
+        which kept the conversation's JSON as code points there."""
         self._conv(session_id)
-        self._sessions[session_id] = _decode(tokens)
-        return 0.0  # nothing is computed until the next call resends the conversation
+        self._sessions[session_id] = _decode(conversation, tokens)
+        return 0.0
 
     # ------------------------------------------------------------------ calls
 
-    def _body(
+    def _base_body(
         self,
         session: str,
-        conv: _Conversation,
-        prompt: str,
         *,
         max_tokens: int,
         stop: Sequence[str],
         temperature: float,
-        json_schema: Mapping[str, Any] | None,
         stream: bool,
-    ) -> tuple[str, dict[str, Any]]:
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.served_model,
             "user": session,  # the agent: providers key abuse checks and caches on it
@@ -206,6 +376,23 @@ class OpenAIEngine:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
+        return body
+
+    def _text_body(
+        self,
+        session: str,
+        conv: _Conversation,
+        prompt: str,
+        *,
+        max_tokens: int,
+        stop: Sequence[str],
+        temperature: float,
+        json_schema: Mapping[str, Any] | None,
+        stream: bool,
+    ) -> tuple[str, dict[str, Any]]:
+        body = self._base_body(
+            session, max_tokens=max_tokens, stop=stop, temperature=temperature, stream=stream
+        )
         if self.api == "chat":
             body["messages"] = [*conv.messages, {"role": "user", "content": prompt}]
             if json_schema is not None:
@@ -219,7 +406,7 @@ class OpenAIEngine:
             body["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
         return "/completions", body
 
-    def _append(self, conv: _Conversation, prompt: str, text: str) -> None:
+    def _append_text(self, conv: _Conversation, prompt: str, text: str) -> None:
         if self.api == "chat":
             conv.messages.append({"role": "user", "content": prompt})
             conv.messages.append({"role": "assistant", "content": text})
@@ -231,6 +418,157 @@ class OpenAIEngine:
             raise EngineError("prompt must not be empty")
         if grammar is not None:
             raise EngineError("the openai engine takes json_schema, not a GBNF grammar")
+
+    def _metered(
+        self,
+        conv: _Conversation,
+        replica: Replica,
+        reading: _Reading,
+        sent: Mapping[str, Any],
+    ) -> TokenUsage:
+        """The call's usage, counted on the replica and kept as the session's size."""
+        usage = reading.usage
+        if usage is None:
+            # The server sent no usage (one that ignores stream_options, or an old one):
+            # estimate from characters as admission does, the only count at hand. A
+            # server that reports usage is always metered with its own numbers.
+            log.debug("%s sent no usage; metering an estimate", replica.url)
+            sent_text = json.dumps(sent.get("messages") or sent.get("prompt") or "")
+            out_text = reading.text + "".join("".join(c.arguments) for c in reading.calls.values())
+            usage = TokenUsage(self.count_tokens(sent_text), 0, self.count_tokens(out_text))
+        replica.stats.prompt_tokens += usage.input_tokens + usage.cached_tokens
+        replica.stats.cached_tokens += usage.cached_tokens
+        replica.stats.output_tokens += usage.output_tokens
+        conv.n_tokens = usage.total_tokens
+        return usage
+
+    async def _read(
+        self, replica: Replica, response: httpx.Response, reading: _Reading
+    ) -> AsyncIterator[str]:
+        """The text pieces of an answer as they arrive, all of it read into ``reading``."""
+        if "json" in response.headers.get("content-type", ""):
+            # A server that ignores ``stream``: the whole answer at once.
+            try:
+                data = json.loads(await response.aread())
+            except ValueError as e:
+                raise self.client.garbage(replica, "the answer is not JSON") from e
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                raise self.client.garbage(replica, "an answer without choices")
+            piece = reading.take(data, whole=True)
+            if piece:
+                yield piece
+            return
+        async for line in response.aiter_lines():
+            field_name, _, payload = line.partition(":")
+            payload = payload.strip()
+            if field_name not in ("data", "error") or not payload:
+                continue  # comments, blank lines, event names
+            if payload == "[DONE]":
+                break
+            try:
+                event = json.loads(payload)
+            except ValueError as e:
+                raise self.client.garbage(replica, "a stream event is not JSON") from e
+            if not isinstance(event, dict):
+                raise self.client.garbage(replica, "a stream event is not a JSON object")
+            if field_name == "error" or ("error" in event and "choices" not in event):
+                raise self._stream_error(event)
+            piece = reading.take(event)
+            if piece:
+                yield piece
+
+    def _stream_error(self, event: Mapping[str, Any]) -> EngineError:
+        error = event.get("error", event)
+        message = error.get("message") if isinstance(error, Mapping) else error
+        detail = self.client.scrub(str(message if message is not None else error))
+        if any(mark in json.dumps(event) for mark in _OVERFLOW_MARKS):
+            return ContextOverflow(f"model {self._model!r}: the prompt does not fit: {detail}")
+        return EngineUnavailable(f"model {self._model!r} failed mid-answer: {detail}")
+
+    def _refused(self, e: RequestRefused, tools: Sequence[ToolSpec] = ()) -> EngineError | None:
+        """What a 4xx means: a prompt too long, a model without tools, or (None) a bad
+        request, which ``e`` says well enough."""
+        if any(mark in e.detail for mark in _OVERFLOW_MARKS):
+            return ContextOverflow(f"model {self._model!r}: the conversation does not fit: {e}")
+        if tools:
+            return EngineError(
+                f"model {self._model!r} refused the request with {len(tools)} tool(s) "
+                f"(HTTP {e.status}): it may not support tool calls; the server said: {e.detail}"
+            )
+        return None
+
+    async def chat(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+    ) -> Reply:
+        """Send the conversation and ``messages`` to ``/chat/completions`` (streamed) and
+        return the reply; both are appended to the session only when the call succeeds.
+
+        Raises :class:`EngineError` for a model served with ``api: completions`` (a text
+        prompt has no messages, and the server's template is unknown here), for a 4xx
+        (saying so when the request carried tools), :class:`ContextOverflow` when the
+        server says the conversation does not fit, :class:`EngineUnavailable` when no
+        replica could serve.
+        """
+        conv = self._conv(session_id)
+        if self.api != "chat":
+            raise EngineError(
+                f"model {self._model!r} is served with api: completions, which takes one text "
+                "prompt; chat with messages and tools needs api: chat"
+            )
+        new = [dict(m) for m in messages]
+        if not conv.messages and not new:
+            raise EngineError("chat needs at least one message")
+        body = self._base_body(
+            session_id, max_tokens=max_tokens, stop=stop, temperature=temperature, stream=True
+        )
+        body["messages"] = [*conv.messages, *new]
+        if tools:
+            body["tools"] = [t.openai() for t in tools]
+            body["tool_choice"] = _tool_choice(tool_choice)
+            body["parallel_tool_calls"] = parallel_tool_calls
+        if response_format is not None:
+            body["response_format"] = dict(response_format)
+        reading = _Reading(chat=True)
+        started = time.perf_counter()
+        try:
+            async with self.client.call(
+                session_id, "POST", "/chat/completions", body, stream=True
+            ) as (replica, response):
+                async for _ in self._read(replica, response, reading):
+                    pass
+        except RequestRefused as e:
+            why = self._refused(e, tools)
+            if why is None:
+                raise
+            raise why from e
+        duration = time.perf_counter() - started
+        calls_so_far = sum(len(m.get("tool_calls") or ()) for m in body["messages"])
+        calls = reading.tool_calls(calls_so_far)
+        text = reading.text
+        usage = self._metered(conv, replica, reading, body)
+        reply = Reply(
+            content=text if text or not calls else None,
+            tool_calls=calls,
+            finish_reason=_finish(reading.finish, bool(calls)),
+            usage=usage,
+            time_to_first_token_s=(
+                reading.first_token_at - started if reading.first_token_at else duration
+            ),
+            duration_s=duration,
+        )
+        conv.messages.extend(new)
+        conv.messages.append(reply.message())
+        return reply
 
     async def generate(
         self,
@@ -245,7 +583,7 @@ class OpenAIEngine:
     ) -> Completion:
         conv = self._conv(session_id)
         self._check(prompt, grammar)
-        path, body = self._body(
+        path, body = self._text_body(
             session_id,
             conv,
             prompt,
@@ -255,29 +593,31 @@ class OpenAIEngine:
             json_schema=json_schema,
             stream=False,
         )
+        reading = _Reading(chat=self.api == "chat")
         started = time.perf_counter()
-        async with self.client.call(session_id, "POST", path, body) as (replica, response):
-            data = response.json()
         try:
-            choice = data["choices"][0]
-            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
-            text = str(text or "")
-        except (KeyError, IndexError, TypeError) as e:
-            raise self.client.garbage(replica, f"no choices[0] text: {e}") from e
-        prompt_tokens, cached, output = _usage(data)
-        replica.stats.prompt_tokens += prompt_tokens
-        replica.stats.cached_tokens += cached
-        replica.stats.output_tokens += output
-        self._append(conv, prompt, text)
+            async with self.client.call(session_id, "POST", path, body) as (replica, response):
+                data = response.json()
+        except RequestRefused as e:
+            why = self._refused(e)
+            if why is None:
+                raise
+            raise why from e
+        if not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise self.client.garbage(replica, "no choices in the answer")
+        reading.take(data, whole=True)
+        usage = self._metered(conv, replica, reading, body)
+        text = reading.text
+        self._append_text(conv, prompt, text)
         elapsed = time.perf_counter() - started
         return Completion(
             text=text,
-            input_tokens=prompt_tokens - cached,
-            output_tokens=output,
-            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            time_to_first_token_s=elapsed,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            finish_reason="length" if reading.finish == "length" else "stop",
+            time_to_first_token_s=elapsed,  # not streamed: the whole answer came at once
             duration_s=elapsed,
-            cached_tokens=cached,
+            cached_tokens=usage.cached_tokens,
         )
 
     async def stream(
@@ -291,9 +631,10 @@ class OpenAIEngine:
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
+        """Stream text; the last chunk carries the server's usage."""
         conv = self._conv(session_id)
         self._check(prompt, grammar)
-        path, body = self._body(
+        path, body = self._text_body(
             session_id,
             conv,
             prompt,
@@ -303,38 +644,23 @@ class OpenAIEngine:
             json_schema=json_schema,
             stream=True,
         )
-        parts: list[str] = []
-        finish: str | None = None
-        usage: Mapping[str, Any] = {}
-        async with self.client.call(session_id, "POST", path, body, stream=True) as (
-            replica,
-            response,
-        ):
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    event = json.loads(payload)
-                except ValueError as e:
-                    raise self.client.garbage(replica, "a stream event is not JSON") from e
-                if event.get("usage"):
-                    usage = event
-                for choice in event.get("choices") or []:
-                    delta = choice.get("delta", {}).get("content") if self.api == "chat" else None
-                    piece = str(delta if self.api == "chat" else choice.get("text") or "")
-                    if piece:
-                        parts.append(piece)
-                        yield StreamChunk(piece, ())
-                    finish = choice.get("finish_reason") or finish
-        prompt_tokens, cached, output = _usage(usage)
-        replica.stats.prompt_tokens += prompt_tokens
-        replica.stats.cached_tokens += cached
-        replica.stats.output_tokens += output
-        self._append(conv, prompt, "".join(parts))
-        yield StreamChunk("", (), True, "length" if finish == "length" else "stop")
+        reading = _Reading(chat=self.api == "chat")
+        try:
+            async with self.client.call(session_id, "POST", path, body, stream=True) as (
+                replica,
+                response,
+            ):
+                async for piece in self._read(replica, response, reading):
+                    yield StreamChunk(piece, ())
+        except RequestRefused as e:
+            why = self._refused(e)
+            if why is None:
+                raise
+            raise why from e
+        usage = self._metered(conv, replica, reading, body)
+        self._append_text(conv, prompt, reading.text)
+        reason = "length" if reading.finish == "length" else "stop"
+        yield StreamChunk("", (), True, reason, usage=usage)
 
     # ------------------------------------------------------------------ status
 

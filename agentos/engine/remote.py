@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,7 +30,15 @@ import httpx
 from agentos.core.routing import ring_order
 from agentos.engine.base import EngineError, EngineUnavailable
 
-__all__ = ["ModelThrottled", "RemoteClient", "Replica", "ReplicaStats", "ThrottleBoard"]
+__all__ = [
+    "ModelThrottled",
+    "RemoteClient",
+    "Replica",
+    "ReplicaStats",
+    "RequestRefused",
+    "ThrottleBoard",
+    "scrub",
+]
 
 log = logging.getLogger("agentos.engine.remote")
 
@@ -45,6 +54,34 @@ class ModelThrottled(EngineUnavailable):
         super().__init__(f"model {model!r} is throttled by its provider for {retry_after_s:.1f}s")
         self.model = model
         self.retry_after_s = retry_after_s
+
+
+class RequestRefused(EngineError):
+    """The server answered 4xx: the request itself was wrong for it (never retried).
+
+    ``detail`` is the server's message, truncated, with credentials and control
+    characters removed, so it can go into an event or a log as it is.
+    """
+
+    def __init__(self, model: str, status: int, detail: str) -> None:
+        super().__init__(f"model {model!r} refused the request (HTTP {status}): {detail}")
+        self.model = model
+        self.status = status
+        self.detail = detail
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DETAIL_CHARS = 300
+
+
+def scrub(text: str, secrets: Sequence[str] = (), limit: int = _DETAIL_CHARS) -> str:
+    """``text`` from upstream made safe to show: secrets replaced, control characters
+    dropped (no terminal escapes in a log), at most ``limit`` characters."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _CONTROL.sub(" ", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ThrottleBoard(Protocol):
@@ -173,6 +210,7 @@ class RemoteClient:
         self.throttle_wait_s = throttle_wait_s
         self.attempts = max(1, attempts)
         self.board = board
+        self._secrets = (api_key,) if api_key else ()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
             headers=headers,
@@ -185,6 +223,10 @@ class RemoteClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self.http.aclose()
+
+    def scrub(self, text: str) -> str:
+        """Upstream text with this model's credentials and control characters removed."""
+        return scrub(text, self._secrets)
 
     def order(self, key: str) -> list[Replica]:
         """Replicas in the order ``key`` (an agent) tries them."""
@@ -248,7 +290,7 @@ class RemoteClient:
         Yields the replica and a successful (2xx) response; with ``stream`` its body is
         read by the caller. ``pinned`` keeps the call on one replica (it holds the
         agent's slot). Raises :class:`ModelThrottled`, :class:`EngineUnavailable` when
-        no replica could serve, :class:`EngineError` for a 4xx (a bad request).
+        no replica could serve, :class:`RequestRefused` for a 4xx (a bad request).
         """
         waited = 0.0
         reasons: list[str] = []
@@ -299,8 +341,8 @@ class RemoteClient:
                 replica.failed(f"HTTP {response.status_code}")
                 raise _Retry(replica.last_error)
             if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")[:300]
-                raise EngineError(f"model {self.model!r} refused the request: {text}")
+                text = (await response.aread()).decode(errors="replace")
+                raise RequestRefused(self.model, response.status_code, self.scrub(text))
             if not stream:
                 try:
                     await response.aread()
