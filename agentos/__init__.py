@@ -6,11 +6,13 @@ public surface (pinned by ``tests/test_public_api.py``); everything else may cha
 """
 
 from agentos.client import Client, ClientError, NotFound
+from agentos.core.chat import Reply, TokenUsage, ToolCall
 from agentos.core.lifecycle import Phase, StopReason
 from agentos.core.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 from agentos.engine.base import Completion, EngineError, NoFreeSlot
 from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage, WaitTimeout
 from agentos.settings import Settings
+from agentos.tools import Tool, Toolbox, ToolError, tool
 
 __version__ = "0.1.0"
 
@@ -29,13 +31,20 @@ __all__ = [
     "Phase",
     "QuotaExceeded",
     "QuotaPolicyResource",
+    "Reply",
     "Settings",
     "SpecError",
     "StopReason",
     "TaskInfo",
+    "TokenUsage",
+    "Tool",
+    "ToolCall",
+    "ToolError",
+    "Toolbox",
     "Usage",
     "WaitTimeout",
     "__version__",
     "load_paths",
     "parse_text",
+    "tool",
 ]

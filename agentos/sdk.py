@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -23,12 +24,19 @@ from typing import Any, ClassVar, Final, Protocol
 import msgspec
 import pydantic
 
+from agentos.core.chat import (
+    Reply,
+    tool_choice_of,
+    validate_messages,
+    validate_tools,
+)
 from agentos.core.durations import parse_duration
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import StopReason
 from agentos.core.waits import WaitKind, WaitLog, WaitSpec, WaitTimeout, ask_spec, deadline_of
 from agentos.engine.base import Completion, Engine
 from agentos.telemetry import Telemetry
+from agentos.tools import Tool, Toolbox, ToolsArg, toolbox_of
 
 __all__ = [
     "LLM",
@@ -36,6 +44,7 @@ __all__ = [
     "Context",
     "Message",
     "QuotaExceeded",
+    "Reply",
     "SessionProvider",
     "StateCodec",
     "TaskInfo",
@@ -57,6 +66,9 @@ class Agent:
     """
 
     State: ClassVar[type[Any] | None] = None
+    tools: ClassVar[Sequence[Tool | Callable[..., Any]]] = ()
+    """The agent's tools (functions decorated with :func:`agentos.tool`); ``ctx.tools``
+    holds them, and ``ctx.llm.run`` offers them to the model by default."""
 
     async def observe(self, ctx: Context) -> Any | None:
         """Look at the world; return what to work on, or None when there is nothing to do."""
@@ -144,7 +156,7 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
 
-    def add(self, completion: Completion) -> None:
+    def add(self, completion: Completion | Reply) -> None:
         """Count one finished inference."""
         self.calls += 1
         self.input_tokens += completion.input_tokens
@@ -228,7 +240,7 @@ class LLM:
         session_id: str,
         *,
         session: SessionProvider | None = None,
-        on_usage: Callable[[Completion], None] | None = None,
+        on_usage: Callable[[Completion | Reply], None] | None = None,
         telemetry: Telemetry | None = None,
         admit: Admitter | None = None,
     ) -> None:
@@ -246,6 +258,11 @@ class LLM:
         self.quota_timeout_s: float | None = 60.0
         """How long a call may wait for its quota before :class:`QuotaExceeded` (None: no
         limit); a ``quota_timeout_s=`` argument overrides it for one call."""
+        self.toolbox = Toolbox(  # the agent's (ctx.tools)
+            telemetry=self._telemetry, away=getattr(self._provider, "away", None)
+        )
+        self._ctx: Any = None  # the Context, for tools that take ``ctx``
+        self._messages: list[dict[str, Any]] = []  # the conversation as last seen
 
     @property
     def model(self) -> str:
@@ -378,11 +395,16 @@ class LLM:
         json_schema: Mapping[str, Any] | None = None,
         quota_timeout_s: float | _Default | None = _DEFAULT,
     ) -> AsyncIterator[str]:
-        """Like :meth:`generate`, yielding text as the model produces it."""
+        """Like :meth:`generate`, yielding text as the model produces it.
+
+        The call is metered as the server counted it when the engine reports that (a
+        remote server), and also when the caller stops reading early.
+        """
         input_tokens = self._engine.count_tokens(prompt)
         first: float | None = None
         text: list[str] = []
         output_tokens = 0
+        cached_tokens = 0
         reason = "stop"
         await self._provider.ensure()
         async with self._admit(
@@ -400,72 +422,202 @@ class LLM:
                     grammar=grammar,
                     json_schema=json_schema,
                 ):
+                    output_tokens += len(chunk.token_ids)
+                    if chunk.finished:
+                        reason = chunk.finish_reason or reason
+                        if chunk.usage is not None:
+                            input_tokens = chunk.usage.input_tokens
+                            cached_tokens = chunk.usage.cached_tokens
+                            output_tokens = chunk.usage.output_tokens
                     if chunk.text:
                         if first is None:
                             first = time.perf_counter() - started
                         text.append(chunk.text)
                         yield chunk.text
-                    output_tokens += len(chunk.token_ids)
-                    if chunk.finished:
-                        reason = chunk.finish_reason or reason
             finally:
                 admission.used(input_tokens + output_tokens)
-        self._count(
-            Completion(
-                text="".join(text),
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                finish_reason=reason,
-                time_to_first_token_s=first or 0.0,
-                duration_s=time.perf_counter() - started,
-            )
-        )
+                self._count(
+                    Completion(
+                        text="".join(text),
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        finish_reason=reason,
+                        time_to_first_token_s=first or 0.0,
+                        duration_s=time.perf_counter() - started,
+                        cached_tokens=cached_tokens,
+                    )
+                )
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The agent's conversation: every chat turn so far, OpenAI-shaped (a copy).
+
+        It survives hibernation and moves with the agent; :meth:`reset` empties it.
+        """
+        if self._engine.has_session(self._session):
+            self._messages = self._engine.conversation(self._session)
+        return [dict(m) for m in self._messages]
 
     async def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
+        tools: ToolsArg | None = None,
+        tool_choice: str | None = "auto",
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         temperature: float = 0.0,
-        grammar: str | None = None,
-        json_schema: Mapping[str, Any] | None = None,
         quota_timeout_s: float | _Default | None = _DEFAULT,
-    ) -> Completion:
-        """Send chat turns (``{"role": ..., "content": ...}``) and return the reply.
+    ) -> Reply:
+        """Append ``messages`` (the NEW turns: ``system``, ``user``, ``tool`` results...) to
+        the agent's conversation (:attr:`messages`) and return the model's :class:`Reply`,
+        which is appended too.
 
-        Turns are rendered as ``role: content`` lines ending with ``assistant:``, which
-        a base model continues; generation stops at the next ``user:`` turn.
+        ``tools`` (a list of tools or functions, or a toolbox such as ``ctx.tools``) are
+        offered to the model; ``tool_choice`` is ``auto``, ``required``, ``none`` or a
+        tool's name. ``response_format`` is OpenAI's (``{"type": "json_schema", ...}``).
+        Servers get both natively; local engines describe the tools in the prompt and
+        constrain the output to their schemas. Tool calls the conversation left
+        unanswered are answered "not run" first, so the conversation stays valid.
+        Raises ValueError naming the bad item (a message, a tool) before any call,
+        :class:`QuotaExceeded` and :class:`agentos.engine.EngineError` as
+        :meth:`generate` does.
         """
-        lines = []
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant") or content is None:
-                raise ValueError(
-                    f"messages[{i}] needs role system|user|assistant and content, got {dict(m)!r}"
+        specs = [] if tools is None else toolbox_of(tools, self.toolbox).specs()
+        validate_tools(specs)
+        choice = tool_choice_of(tool_choice, specs)
+        if self._engine.has_session(self._session):
+            history = self._engine.conversation(self._session)
+        else:
+            history = self._messages
+        new = validate_messages(messages, history)
+        new = _answer_dangling(history, new) + new
+        key = json.dumps([new, [t.name for t in specs], choice], sort_keys=True, default=str)
+        if self.replay is not None:
+            hit = self.replay.replayed("chat", key)
+            if hit is not None:  # made before a wait, in the run that parked: not again
+                return Reply.from_dict(hit)
+        queued = time.perf_counter()
+        await self._provider.ensure()
+        estimate = sum(self._engine.count_tokens(str(m.get("content") or "")) for m in new)
+        async with self._admit(
+            lambda: estimate + len(new) * 4 + max_tokens, self._timeout(quota_timeout_s)
+        ) as admission:
+            queue_wait = time.perf_counter() - queued
+            admission.start()
+            with self._telemetry.inference(
+                model=self._engine.model,
+                provider=self._engine.name,
+                operation="chat",
+                prompt=json.dumps(new, ensure_ascii=False)
+                if self._telemetry.capture_content
+                else "",
+            ) as inference:
+                reply = await self._engine.chat(
+                    self._session,
+                    new,
+                    tools=specs,
+                    tool_choice=choice,
+                    parallel_tool_calls=parallel_tool_calls,
+                    response_format=response_format,
+                    max_tokens=max_tokens,
+                    stop=stop,
+                    temperature=temperature,
                 )
-            lines.append(f"{role}: {content}\n")
-        prompt = "".join(lines) + "assistant:"
-        return await self._generate(
-            "chat",
-            prompt,
-            max_tokens,
-            (*stop, "\nuser:"),
-            temperature,
-            grammar,
-            json_schema,
-            self._timeout(quota_timeout_s),
-        )
+                admission.used(reply.usage.input_tokens + reply.usage.output_tokens)
+                inference.finish(
+                    input_tokens=reply.usage.input_tokens,
+                    output_tokens=reply.usage.output_tokens,
+                    time_to_first_token_s=reply.time_to_first_token_s,
+                    kv_restored=self.kv_restored,
+                    queue_wait_s=queue_wait,
+                )
+        self.kv_restored = False
+        self._messages = [*history, *new, reply.message()]
+        self._count(reply)
+        if self.replay is not None:
+            self.replay.record("chat", key, reply.to_dict())
+        return reply
+
+    async def run(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: ToolsArg | None = None,
+        max_steps: int = 8,
+        *,
+        tool_choice: str | None = "auto",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        quota_timeout_s: float | _Default | None = _DEFAULT,
+    ) -> Reply:
+        """The tool loop: chat, run every tool call the reply asks for, send the results,
+        until a reply has no tool calls or ``max_steps`` chats were made; returns the
+        last :class:`Reply` (check ``reply.tool_calls``: non-empty means the step limit
+        stopped the loop, and those calls were not run).
+
+        ``tools=None`` offers the agent's toolbox (``ctx.tools``), ``tools=[]`` none.
+        A ``required`` or named ``tool_choice`` applies to the first step only (after a
+        tool has run, the model may answer), so the loop can end. Parallel calls of one
+        reply run concurrently; their results go back in the order of the calls.
+        """
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        box = self.toolbox if tools is None else toolbox_of(tools, self.toolbox)
+        offered: ToolsArg | None = box if len(box) else None
+        choice = tool_choice
+        pending: Sequence[Mapping[str, Any]] = list(messages)
+        for step in range(max_steps):
+            reply = await self.chat(
+                pending,
+                tools=offered,
+                tool_choice=choice if offered is not None else None,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                quota_timeout_s=quota_timeout_s,
+            )
+            if not reply.tool_calls or step + 1 == max_steps:
+                return reply
+            pending = await box.call_all(reply.tool_calls)
+            if choice not in (None, "auto", "none"):
+                choice = "auto"
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def reset(self) -> None:
         """Forget the context: the next call starts from an empty one."""
         if self._engine.has_session(self._session):
             await self._engine.reset_session(self._session)
+        self._messages = []
 
-    def _count(self, completion: Completion) -> None:
+    def _count(self, completion: Completion | Reply) -> None:
         self.usage.add(completion)
         if self._on_usage is not None:
             self._on_usage(completion)
+
+
+def _answer_dangling(
+    history: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Tool messages for the calls of the conversation's last assistant turn that neither
+    the history nor the new turns answer (a tool loop stopped at its step limit): every
+    server refuses a conversation with an unanswered call."""
+    last = next(
+        (i for i in range(len(history) - 1, -1, -1) if history[i]["role"] == "assistant"), -1
+    )
+    if last < 0 or not history[last].get("tool_calls"):
+        return []
+    answered = {m.get("tool_call_id") for m in [*history[last + 1 :], *new] if m["role"] == "tool"}
+    return [
+        {
+            "role": "tool",
+            "tool_call_id": c["id"],
+            "name": c["function"]["name"],
+            "content": "error: this call was not run (the tool loop stopped first)",
+        }
+        for c in history[last]["tool_calls"]
+        if c["id"] not in answered
+    ]
 
 
 Sender = Callable[[str, str], Awaitable[str]]
@@ -519,6 +671,17 @@ class Context:
 
     def __post_init__(self) -> None:
         self.llm.replay = self._waits
+        self.llm._ctx = self
+        self.llm.toolbox.context = self
+
+    @property
+    def tools(self) -> Toolbox:
+        """The agent's toolbox: its ``Agent.tools``, plus any added since (``ctx.tools.add``).
+
+        ``await ctx.tools.call(tool_call)`` runs one call and returns the ``tool``
+        message to pass in the next ``ctx.llm.chat``.
+        """
+        return self.llm.toolbox
 
     # ---------------------------------------------------------------- durable waits
     # Each wait ends the loop iteration the first time it is reached: the task is parked

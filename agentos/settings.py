@@ -59,6 +59,9 @@ class DaemonSettings:
     quota_window_s: float = 60.0  # fleet metrics (queue wait p95, rates) cover this long
     quota_refresh_s: float = 1.0  # how often each daemon reloads effective limits
     quota_slot_lease_s: float = 30.0  # a dead daemon's concurrency slots return after this
+    # An agent running tools this long may lend its engine slot to an agent waiting for
+    # one (KV saved, restored for its next model call); see README "Agents with tools".
+    lend_slot_after_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

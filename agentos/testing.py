@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentos.core.chat import Reply, ToolCall
 from agentos.core.lifecycle import StopReason
 from agentos.core.waits import Resolution, WaitKind, WaitRequested, WaitSpec
 from agentos.engine.base import Engine
@@ -42,7 +43,7 @@ from agentos.sdk import (
     freeze_config,
 )
 
-__all__ = ["AgentHarness", "SentMessage"]
+__all__ = ["AgentHarness", "Reply", "SentMessage", "ToolCall"]
 
 # The pytest hooks, for `pytest_plugins = ["agentos.testing"]`; AgentHarness needs no pytest.
 with contextlib.suppress(ImportError):
@@ -90,6 +91,20 @@ class AgentHarness:
             log=agent_logger(self.name),
             _sender=self._send,
         )
+        self.ctx.tools.extend(self.agent_class.tools)
+
+    def script(self, *replies: str | ToolCall | list[ToolCall] | Reply) -> None:
+        """Queue the model's next replies to this agent, in order (the sim engine only).
+
+        A ``str`` is a plain answer, a :class:`ToolCall` one call, a list of them
+        parallel calls, a :class:`Reply` exactly that reply; once the script runs out
+        the sim engine answers on its own again. Drives a tool loop deterministically::
+
+            harness.script(ToolCall(id="c1", name="add", arguments={"a": 2, "b": 3}), "5")
+        """
+        if not isinstance(self.engine, SimEngine):
+            raise TypeError("AgentHarness.script needs the sim engine")
+        self.engine.script(self.name, *replies)
 
     async def run(self, trigger: str = "start", message: Message | None = None) -> TaskResult:
         """Run one task (observe until None) and return how it went.

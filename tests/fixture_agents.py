@@ -326,3 +326,25 @@ class Recorder(agentos.Agent):
         ctx.state.last_task = ctx.task.id
         ctx.state.triggers.append(plan)
         return plan
+
+
+# Gates the tests open to end a `hold` tool call: a tool that runs exactly as long as the
+# test wants, without sleeping for luck.
+GATES: dict[str, anyio.Event] = {}
+
+
+@agentos.tool(timeout=None)
+async def hold(gate: str) -> str:
+    """Wait until the test opens the gate."""
+    await GATES.setdefault(gate, anyio.Event()).wait()
+    return f"{gate} opened"
+
+
+class ToolUser(agentos.Agent):
+    """Answers each message with a tool loop over ``hold`` (the sim engine is scripted)."""
+
+    tools = (hold,)
+
+    async def act(self, ctx: agentos.Context, message: Any) -> Any:
+        reply = await ctx.llm.run([{"role": "user", "content": message.body}], max_steps=4)
+        return reply.content

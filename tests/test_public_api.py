@@ -22,15 +22,22 @@ def test_all_is_pinned() -> None:
             "Phase",
             "QuotaExceeded",
             "QuotaPolicyResource",
+            "Reply",
             "Settings",
             "SpecError",
             "StopReason",
             "TaskInfo",
+            "TokenUsage",
+            "Tool",
+            "ToolCall",
+            "ToolError",
+            "Toolbox",
             "Usage",
             "WaitTimeout",
             "__version__",
             "load_paths",
             "parse_text",
+            "tool",
         ]
     )
 

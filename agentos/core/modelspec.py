@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from agentos.core.chat import TEMPLATES
 from agentos.core.durations import Duration, PositiveDuration
 from agentos.core.specbase import API_VERSION, Metadata, Name, _error, _errors, _Model, _SubPath
 
@@ -129,6 +130,9 @@ class ModelSpec(_Model):
     context_length: int | None = Field(default=None, gt=0, strict=True)
     slots: int | None = Field(default=None, ge=1, strict=True)  # llama, embedded llamaserver
     model_path: str | None = None  # a GGUF file (llama, embedded llamaserver)
+    # How chat turns are rendered on a local engine: a built-in template (gemma, chatml,
+    # plain) or a Jinja file; None: the GGUF's own template, else plain.
+    chat_template: str | None = Field(default=None, min_length=1)
     timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
     prices: ModelPrices = Field(default_factory=ModelPrices)
     fallback: Name | None = None
@@ -153,6 +157,22 @@ class ModelSpec(_Model):
         if self.engine == "llamaserver" and self.endpoints and self.model_path is not None:
             issues.append(
                 (("modelPath",), "the server at the endpoint loads its own model; no modelPath")
+            )
+        if self.chat_template is not None and self.engine not in ("llama", "llamaserver"):
+            issues.append(
+                (("chatTemplate",), f"only llama and llamaserver render chat; not {self.engine}")
+            )
+        elif (
+            self.chat_template is not None
+            and self.chat_template not in TEMPLATES
+            and not self.chat_template.endswith((".jinja", ".j2", ".jinja2"))
+        ):
+            issues.append(
+                (
+                    ("chatTemplate",),
+                    f"expected one of {', '.join(TEMPLATES)} or a Jinja file "
+                    f"(.jinja, .j2); got {self.chat_template!r}",
+                )
             )
         for index, endpoint in enumerate(self.endpoints):
             if endpoint.slot_dir is not None and self.engine != "llamaserver":

@@ -460,6 +460,7 @@ class Daemon(Peers, Upkeep):
                 telemetry=self.telemetry,
                 governor=self.governor,
                 opened=opened.get(name),
+                lend_after_s=self.settings.lend_slot_after_s,
             )
             self.runners[name] = runner
             self._desired[name] = Desired(name, chunk[name], resource.spec.priority)

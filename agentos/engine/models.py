@@ -81,6 +81,8 @@ def engine_options(
             options["slots"] = spec.slots
         if spec.context_length is not None:
             options["n_ctx"] = spec.context_length * (spec.slots or 2)
+        if spec.chat_template is not None:
+            options["chat_template"] = spec.chat_template
     elif spec.engine == "llama":
         options = {"home": home}
         if spec.model_path is not None:
@@ -89,6 +91,8 @@ def engine_options(
             options["slots"] = spec.slots
         if spec.context_length is not None:
             options["n_ctx"] = spec.context_length
+        if spec.chat_template is not None:
+            options["chat_template"] = spec.chat_template
     else:  # sim
         options = {"model": spec.served_model or name}
         if spec.slots is not None:

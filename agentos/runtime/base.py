@@ -31,7 +31,14 @@ from agentos.core.tasks import (
 )
 from agentos.core.triggers import TriggerClock
 from agentos.core.waits import WaitRequested
-from agentos.engine.base import Completion, Engine, EngineError, EngineUnavailable, NoFreeSlot
+from agentos.engine.base import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    NoFreeSlot,
+    Reply,
+)
 from agentos.governor.admission import Governor, Ticket
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.loop import (
@@ -79,6 +86,7 @@ class RunnerBase:
         telemetry: Telemetry | None = None,
         governor: Governor | None = None,
         opened: AgentSnapshot | None = None,
+        lend_after_s: float = 0.5,
     ) -> None:
         self.resource = resource
         # What the daemon already read for this runner (batched with other agents'),
@@ -122,6 +130,12 @@ class RunnerBase:
         self.release_due: float | None = None
         self.releasing = False
         self._evicting = False  # the slot arbiter asked for our slot
+        # Slot lending (agentos.runtime.tasking.TaskMixin.away): while agent code runs
+        # tools for lend_after_s or longer, the slot may go to an agent waiting for one.
+        self.lend_after_s = lend_after_s
+        self.lendable = False
+        self.lent = 0  # how many times the slot was lent mid-task
+        self._lend_asked = anyio.Event()
         self.failed = False
         self.busy = False
         self.last_activity = clock()
@@ -190,18 +204,21 @@ class RunnerBase:
 
     @property
     def evictable(self) -> bool:
-        """Idle with nothing due: may be asked to give its slot back."""
-        return (
-            self.phase is Phase.IDLE
-            and not self.busy
-            and self.stop_reason is None
-            and self.hibernate_requested is None
-            and self._next_due(pop=False) is None
-        )
+        """Idle with nothing due, or running tools long enough to lend the slot: may be
+        asked to give its slot back."""
+        if self.stop_reason is not None or self.hibernate_requested is not None:
+            return False
+        if self.lendable:
+            return True
+        return self.phase is Phase.IDLE and not self.busy and self._next_due(pop=False) is None
 
     def evict(self, why: str) -> None:
-        """The arbiter needs our slot: hibernate now (we are idle)."""
+        """The arbiter needs our slot: hibernate now (we are idle), or lend it (tools)."""
         self._evicting = True
+        if self.lendable:
+            self.hibernate_requested = why
+            self._lend_asked.set()
+            return
         self.request_hibernate(why)
 
     @property
@@ -313,7 +330,7 @@ class RunnerBase:
             model=self.resource.spec.model,
         )
 
-    def _on_usage(self, completion: Completion) -> None:
+    def _on_usage(self, completion: Completion | Reply) -> None:
         self._uses_model = True
         self.tokens_in += completion.input_tokens
         self.tokens_out += completion.output_tokens

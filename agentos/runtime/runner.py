@@ -238,6 +238,11 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             _sender=self._send,
             _telemetry=self.telemetry,
         )
+        try:
+            self.ctx.tools.extend(type(self.agent).tools)
+        except (TypeError, ValueError) as e:
+            await self._fail("AgentError", f"{self._agent_cls.__name__}.tools: {e}", "")
+            return False
         return True
 
     async def _loop(self) -> None:

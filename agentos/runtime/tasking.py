@@ -9,10 +9,12 @@ triggers that fire follow their ``overlap`` policy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -44,6 +46,7 @@ from agentos.telemetry import Telemetry
 __all__ = ["TaskMixin"]
 
 log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
 
 
 class _NoSpan:
@@ -69,9 +72,52 @@ class OnDemandSession:
         if not secured:
             raise EngineUnavailable("the agent is stopping; no engine session for this call")
 
+    async def away(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn`` (tool calls, no model call) while the slot may be lent."""
+        return await self._runner.away(fn)
+
 
 class TaskMixin(RunnerBase):
     """The task job of the runner."""
+
+    async def away(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn`` (agent code that makes no model call: its tools) and, once it has
+        run for ``lend_after_s``, let the slot arbiter take our engine slot for an agent
+        waiting for one. The KV is saved as on hibernation, so the next model call
+        restores it (it takes a slot again, in the fair order) instead of re-prefilling.
+        Nothing is lent while nobody waits, and a lend in progress completes before this
+        returns, so the session is never half-saved.
+        """
+        if not self.session.open or self.lend_after_s <= 0:
+            return await fn()
+        saving = False
+
+        async def lend() -> None:
+            nonlocal saving
+            await anyio.sleep(self.lend_after_s)
+            self._lend_asked = anyio.Event()
+            self.lendable = True
+            self.arbiter.holder_idle()  # a waiter may pick us now
+            await self._lend_asked.wait()
+            saving = True
+            with anyio.CancelScope(shield=True):
+                self.lendable = False
+                status = await self._release_slot()
+                self.lent += 1
+                with contextlib.suppress(LeaseLost, StoreError):
+                    await self.writer.write(
+                        status={**status, "reason": "SlotLent", "message": "slot lent during tools"}
+                    )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lend)
+            try:
+                result = await fn()
+            finally:
+                self.lendable = False
+                if not saving:
+                    tg.cancel_scope.cancel()
+        return result
 
     async def _run_work(self, work: Work) -> None:
         # Busy from the first observe on: a holder that is looking for work is not idle.

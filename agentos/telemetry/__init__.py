@@ -222,6 +222,7 @@ class Telemetry:
         self.kv_bytes: _Instrument
         self.queue_wait: _Instrument
         self.throttles: _Instrument
+        self.tool_calls: _Instrument
 
     @classmethod
     def disabled(cls) -> Telemetry:

@@ -78,6 +78,7 @@ INSTRUMENTS: list[tuple[str, str, str, str, str]] = [
     ("kv_bytes", "updown", "agentos.kv.stored", "By", "KV snapshot bytes stored in Redis"),
     ("queue_wait", "histogram", "agentos.task.queue_wait", "s", "Time from queued to running"),
     ("throttles", "counter", "agentos.quota.throttles", "{throttle}", "Inference calls delayed"),
+    ("tool_calls", "counter", "agentos.tool.calls", "{call}", "Tool calls, by tool and outcome"),
 ]
 
 
