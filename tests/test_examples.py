@@ -18,7 +18,8 @@ import pytest
 from agentos.core.spec import AgentResource, load_paths
 from agentos.engine.sim import SimEngine
 from agentos.runtime.loop import AgentCodeError
-from agentos.testing import AgentHarness
+from agentos.testing import AgentHarness, ToolCall
+from examples.file_clerk import FileClerk
 from examples.folder_digest import MAX_FILE_BYTES, DigestState, FileStamp, FolderDigest
 from examples.inbox_assistant import MAX_ANSWERS, AssistantState, InboxAssistant
 
@@ -341,6 +342,7 @@ def test_example_specs_validate() -> None:
         ("Agent", "folder-digest"),
         ("Agent", "inbox-assistant"),
         ("Agent", "approval-gate"),
+        ("Agent", "file-clerk"),
         ("QuotaPolicy", "default"),
     }
     digest = by_name["Agent", "folder-digest"]
@@ -358,6 +360,41 @@ def test_example_entrypoints_import() -> None:
 
     assert load_agent_class("examples.folder_digest:FolderDigest") is FolderDigest
     assert load_agent_class("examples.inbox_assistant:InboxAssistant") is InboxAssistant
+    assert load_agent_class("examples.file_clerk:FileClerk") is FileClerk
+
+
+# ------------------------------------------------------------------------ file clerk
+
+
+async def test_file_clerk_lists_reads_and_answers(tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("The launch is on Tuesday.\n")
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    h = AgentHarness(FileClerk, config={"path": str(tmp_path)})
+    h.script(
+        ToolCall(id="c1", name="list_files", arguments={"pattern": "*.md"}),
+        ToolCall(id="c2", name="read_file", arguments={"name": "notes.md"}),
+        "The launch is on Tuesday.",
+    )
+    result = await h.message("When is the launch?")
+    assert result.outcome == "The launch is on Tuesday."
+    results = [m["content"] for m in h.llm.messages if m["role"] == "tool"]
+    assert results == ['[{"name":"notes.md","bytes":26}]', "The launch is on Tuesday.\n"]
+
+
+async def test_file_clerk_tools_stay_inside_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "inside.txt").write_text("ok")
+    h = AgentHarness(FileClerk, config={"path": str(tmp_path)})
+    h.script(ToolCall(id="c1", name="read_file", arguments={"name": "../../etc/passwd"}), "no")
+    await h.message("read it")
+    results = [m["content"] for m in h.llm.messages if m["role"] == "tool"]
+    assert results == ["error: '../../etc/passwd' is outside the folder"]
+
+
+async def test_file_clerk_gives_up_after_its_step_limit(tmp_path: Path) -> None:
+    h = AgentHarness(FileClerk, config={"path": str(tmp_path)})
+    h.script(*[ToolCall(id=f"c{i}", name="list_files", arguments={}) for i in range(8)])
+    result = await h.message("loop forever")
+    assert result.outcome == "(no answer after 6 steps)"
 
 
 # ------------------------------------------------------------------------ approval gate
