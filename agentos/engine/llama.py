@@ -78,6 +78,14 @@ Behaviour callers should know:
   token by token, each decode holding one session's tokens only. (Batching several
   sessions' decode steps into one ``llama_decode`` would raise aggregate throughput
   about 2x at 8 sessions, at the price of batch-dependent outputs; not done here.)
+* :meth:`LlamaEngine.chat` speaks OpenAI-shaped messages and tools on any model, base
+  models included: the turns are lowered to plain turns (tools described in the system
+  turn), rendered with the chat template (the ``chat_template`` option, else the GGUF's
+  own, else ``plain``; see :mod:`agentos.engine.llama_chat`) and only the new turns'
+  text is prefilled. With tools (and ``tool_choice`` not ``none``) or a JSON
+  ``response_format`` the output is constrained to a JSON schema, so even the 270M base
+  model returns tool calls whose arguments fit the tool's parameters. The session keeps
+  its messages and rendered text; ``export_kv`` puts them in ``KVSnapshot.conversation``.
 * llama.cpp's log goes to a sink that keeps the last error lines for error messages;
   nothing is printed to stdout (a GBNF parse error is still written to stderr by
   llama.cpp itself).
@@ -87,6 +95,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 import ctypes
 import hashlib
 import json
@@ -105,6 +114,14 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from agentos.core.chat import (
+    Reply,
+    TokenUsage,
+    ToolCall,
+    ToolSpec,
+    parse_constrained,
+    tool_choice_of,
+)
 from agentos.engine.base import (
     Completion,
     ContextOverflow,
@@ -120,6 +137,13 @@ from agentos.engine.gguf import (
     default_model_path,
     ensure_default_model,
     model_sha256,
+)
+from agentos.engine.llama_chat import (
+    ChatState,
+    ChatTemplate,
+    load_template,
+    output_schema,
+    plan_turn,
 )
 
 _SWA_FULL = __import__("os").environ.get("AGENTOS_SWA_FULL") == "1"
@@ -214,6 +238,7 @@ class _Session:
     # token) is decoded with the next prompt or before an export.
     n_kv: int = 0
     kv_bytes: int = 0
+    chat: ChatState | None = None  # the conversation, once chat() was used
 
 
 class _Grammar:
@@ -270,7 +295,10 @@ class LlamaEngine:
         n_threads: int | None = None,
         n_batch: int = 512,
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
+        """``chat_template``: a built-in template name (``gemma``, ``chatml``, ``plain``)
+        or a Jinja file's path; None uses the GGUF's template, else ``plain``."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if n_ctx < 1:
@@ -319,6 +347,7 @@ class LlamaEngine:
         self._model = model
         try:
             self._setup_context()
+            self._template = self._load_template(chat_template)
         except BaseException:
             self.close()
             raise
@@ -372,6 +401,14 @@ class LlamaEngine:
         self._one = (llama_cpp.llama_token_data * 1)()
         self._cands = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
         self._vocab_ids = np.arange(self._n_vocab, dtype=np.int32)
+
+    def _load_template(self, option: str | None) -> ChatTemplate:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        gguf = raw.decode("utf-8", "replace") if raw else None
+        bos = self.decode([self._bos]) if self._bos is not None else ""
+        eos_id = int(llama_cpp.llama_vocab_eos(self._vocab))
+        eos = self.decode([eos_id]) if eos_id >= 0 else ""
+        return load_template(option, gguf, bos=bos, eos=eos)
 
     def _make_fingerprint(self) -> str:
         p = self._params
@@ -433,6 +470,11 @@ class LlamaEngine:
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The template :meth:`chat` renders with (see :func:`load_template`)."""
+        return self._template
 
     # -- tokenizer --------------------------------------------------------------------
 
@@ -522,6 +564,7 @@ class LlamaEngine:
     async def reset_session(self, session_id: str) -> None:
         session = self._session(session_id)
         await self._run(self._reset_locked, session)
+        session.chat = None
 
     def _reset_locked(self, session: _Session) -> None:
         self._live(session)
@@ -616,14 +659,22 @@ class LlamaEngine:
                 rate if old is None else old + _PREFILL_RATE_ALPHA * (rate - old)
             )
 
-    def _overflow(self, session: _Session, extra: int) -> ContextOverflow:
+    def _overflow(self, session: _Session, extra: int, held: int | None = None) -> ContextOverflow:
+        held = len(session.tokens) if held is None else held
         return ContextOverflow(
-            f"context overflow in session {session.session_id!r}: {len(session.tokens)} "
+            f"context overflow in session {session.session_id!r}: {held} "
             f"tokens held + {extra} needed > n_ctx {self._n_ctx}; compact the history "
             "and re-prefill, or use a larger n_ctx"
         )
 
     # -- generation -------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sampling(max_tokens: int, temperature: float) -> None:
+        if max_tokens < 0:
+            raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise EngineError(f"temperature must be a finite number >= 0, got {temperature}")
 
     def _prepare(
         self,
@@ -636,10 +687,7 @@ class LlamaEngine:
     ) -> _Generation:
         session = self._session(session_id)
         self._require_model()
-        if max_tokens < 0:
-            raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise EngineError(f"temperature must be a finite number >= 0, got {temperature}")
+        self._check_sampling(max_tokens, temperature)
         if not prompt:
             # A restored sequence has no logits: every call must decode a new token.
             raise EngineError("prompt must not be empty")
@@ -648,11 +696,27 @@ class LlamaEngine:
         ids = self.encode(prompt)
         if not ids:
             raise EngineError("prompt encodes to no tokens")
-        if not session.tokens and self._bos is not None:
+        return self._generation(
+            session, ids, max_tokens, temperature, grammar, json_schema, len(session.tokens)
+        )
+
+    def _generation(
+        self,
+        session: _Session,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float,
+        grammar: str | None,
+        json_schema: Mapping[str, Any] | None,
+        held: int,
+    ) -> _Generation:
+        """A generation of ``ids`` on a session that will hold ``held`` tokens when it
+        starts (0: it is reset first); raises ContextOverflow before anything changes."""
+        if held == 0 and self._bos is not None:
             ids.insert(0, self._bos)
         need = len(ids) + (1 if max_tokens > 0 else 0)
-        if len(session.tokens) + need > self._n_ctx:
-            raise self._overflow(session, need)
+        if held + need > self._n_ctx:
+            raise self._overflow(session, need, held)
         if json_schema is not None:
             try:
                 grammar = json_schema_to_gbnf(json.dumps(json_schema))
@@ -660,9 +724,7 @@ class LlamaEngine:
                 raise EngineError(f"cannot turn json_schema into a grammar: {exc}") from exc
         compiled = _Grammar(self._vocab, grammar) if grammar is not None else None
         rng = np.random.default_rng(self._seed) if temperature > 0 else None
-        return _Generation(
-            session, ids, max_tokens, temperature, compiled, rng, len(session.tokens)
-        )
+        return _Generation(session, ids, max_tokens, temperature, compiled, rng, held)
 
     def _advance(self, gen: _Generation) -> int | None:
         """Decode what the session has not decoded yet (the prompt on the first call,
@@ -808,11 +870,14 @@ class LlamaEngine:
     ) -> Completion:
         start = time.perf_counter()
         gen = self._prepare(session_id, prompt, max_tokens, temperature, grammar, json_schema)
+        return await self._collect(gen, tuple(s for s in stop if s), start)
+
+    async def _collect(self, gen: _Generation, stops: tuple[str, ...], start: float) -> Completion:
         first: float | None = None
         parts: list[str] = []
         n_out = 0
         reason = "length"
-        async for chunk in self._stream(gen, tuple(s for s in stop if s)):
+        async for chunk in self._stream(gen, stops):
             if first is None and chunk.token_ids:
                 first = time.perf_counter()
             parts.append(chunk.text)
@@ -830,13 +895,88 @@ class LlamaEngine:
             cached_tokens=gen.cached_tokens,
         )
 
+    # -- chat -------------------------------------------------------------------------
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        chat = self._session(session_id).chat
+        return copy.deepcopy(chat.messages) if chat is not None else []
+
+    def chat_text(self, session_id: str) -> str:
+        """The session's context as :meth:`chat` rendered and generated it ("" before)."""
+        chat = self._session(session_id).chat
+        return chat.text if chat is not None else ""
+
+    async def chat(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+    ) -> Reply:
+        """Append ``messages`` and the reply to the session's conversation (see
+        :meth:`Engine.chat`), prefilling only the text the new turns add.
+
+        At most one tool call per reply (``parallel_tool_calls`` cannot add more: the
+        output is one constrained JSON value). A session whose context is not its chat's
+        (text generated in between, a failed or cancelled call) is rebuilt from the
+        conversation: ``cached_tokens`` is then 0.
+        """
+        start = time.perf_counter()
+        session = self._session(session_id)
+        self._require_model()
+        self._check_sampling(max_tokens, temperature)
+        tools = tuple(tools)
+        try:
+            choice = tool_choice_of(tool_choice, tools)
+            schema = output_schema(tools, choice, response_format)
+            plan = plan_turn(self._template, session.chat, len(session.tokens), messages, tools)
+        except ValueError as e:
+            raise EngineError(f"chat in session {session_id!r}: {e}") from None
+        ids = self.encode(plan.prompt)
+        held = 0 if plan.reset else len(session.tokens)
+        gen = self._generation(session, ids, max_tokens, temperature, None, schema, held)
+        if plan.reset and session.tokens:
+            try:
+                # The chat state is kept: should the call fail now, the next one rebuilds.
+                await self._run(self._reset_locked, session)
+            except BaseException:
+                gen.close()
+                raise
+        stops = tuple(s for s in (*self._template.stops, *stop) if s)
+        done = await self._collect(gen, stops, start)
+        generated = self.decode(session.tokens[held + len(gen.prompt) :])
+        content: str | None = done.text
+        calls: tuple[ToolCall, ...] = ()
+        if tools and choice != "none":
+            n_calls = sum(len(m.get("tool_calls") or ()) for m in plan.messages)
+            content, calls = parse_constrained(done.text, f"call_{n_calls}")
+        reply = Reply(
+            content,
+            calls,
+            "tool_calls" if calls else done.finish_reason,
+            TokenUsage(done.input_tokens, done.cached_tokens, done.output_tokens),
+            done.time_to_first_token_s,
+            done.duration_s,
+        )
+        session.chat = plan.finish(
+            self._template.key, generated, done.text, len(session.tokens), reply.message()
+        )
+        return reply
+
     # -- KV ---------------------------------------------------------------------------
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         session = self._session(session_id)
         tokens, data, n_kv = await self._run(self._export_locked, session)
         self.stats.exports += 1
-        return KVSnapshot(self._fingerprint, tokens, data, n_kv)
+        chat = session.chat.to_json() if session.chat is not None else b""
+        return KVSnapshot(self._fingerprint, tokens, data, n_kv, chat)
 
     def _export_locked(self, session: _Session) -> tuple[tuple[int, ...], bytes, int]:
         self._live(session)
@@ -870,12 +1010,19 @@ class LlamaEngine:
         if session.tokens:
             raise EngineError(f"session {session_id!r} is not empty; reset it before import_kv")
         reason = self._reject_reason(snapshot)
+        chat: ChatState | None = None
+        if reason is None and snapshot.conversation:
+            try:
+                chat = ChatState.from_json(snapshot.conversation)
+            except ValueError as e:
+                reason = str(e)
         if reason is None and snapshot.tokens:
             reason = await self._run(self._import_locked, session, snapshot)
         if reason is not None:
             self.stats.imports_rejected += 1
             self.stats.last_reject_reason = reason
             return False
+        session.chat = chat
         self.stats.imports_accepted += 1
         return True
 
@@ -907,10 +1054,19 @@ class LlamaEngine:
         session.kv_bytes = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
         return None
 
-    async def prefill(self, session_id: str, tokens: Sequence[int]) -> float:
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
         """Append ``tokens`` to the context (on an empty session: rebuild it from a
-        snapshot's token history, BOS included); returns the seconds taken."""
+        snapshot's token history, BOS included) and take ``conversation`` (a snapshot's
+        chat state) as the session's chat; returns the seconds taken."""
         session = self._session(session_id)
+        chat: ChatState | None = None
+        if conversation:
+            try:
+                chat = ChatState.from_json(conversation)
+            except ValueError as e:
+                raise EngineError(f"cannot prefill session {session_id!r}: {e}") from None
         ids = [int(t) for t in tokens]
         bad = [t for t in ids if not 0 <= t < self._n_vocab]
         if bad:
@@ -920,6 +1076,8 @@ class LlamaEngine:
         start = time.perf_counter()
         await self._run(self._prefill_locked, session, ids)
         self.stats.prefill_tokens += len(ids)
+        if chat is not None:
+            session.chat = chat
         return time.perf_counter() - start
 
     def _prefill_locked(self, session: _Session, ids: list[int]) -> None:
