@@ -6,7 +6,8 @@ crash in native code) to the daemon. So the ``llamaserver`` engine starts this m
 with ``python -m agentos.engine.llamaserver_child CONFIG_JSON`` and stops it with
 SIGTERM (:class:`EmbeddedServer` is the parent's side). The child exits when its parent
 does (it watches its parent pid), so a killed daemon never leaves a server holding the
-port and 300 MB of memory.
+port and 300 MB of memory. An API key reaches the child through its environment, not
+its command line, which any local user can read with ``ps``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from agentos.engine.base import EngineError
 __all__ = ["EmbeddedServer", "main"]
 
 _START_TIMEOUT_S = 120.0
+_API_KEY_ENV = "AGENTOS_LLAMASERVER_API_KEY"
 
 
 def _free_port() -> int:
@@ -37,7 +39,13 @@ def _free_port() -> int:
 
 
 class EmbeddedServer:
-    """A llama.cpp server from ``xllamacpp`` in a child process on loopback."""
+    """A llama.cpp server from ``xllamacpp`` in a child process on loopback.
+
+    ``chat_template`` is what ``CommonParams.chat_template`` takes: with ``use_jinja``
+    a Jinja template's source, without it a llama.cpp built-in name (``gemma``,
+    ``chatml``); ``""`` keeps the GGUF's own. With ``api_key`` every endpoint but
+    ``/health`` requires ``Authorization: Bearer <api_key>``.
+    """
 
     def __init__(
         self,
@@ -49,6 +57,9 @@ class EmbeddedServer:
         n_threads: int,
         swa_full: bool = True,
         port: int | None = None,
+        chat_template: str = "",
+        use_jinja: bool = True,
+        api_key: str | None = None,
     ) -> None:
         slot_dir.mkdir(parents=True, exist_ok=True)
         self.slot_dir = slot_dir
@@ -64,13 +75,20 @@ class EmbeddedServer:
             "port": self.port,
             "slot_save_path": str(slot_dir) + "/",  # xllamacpp wants the trailing slash
             "parent_pid": os.getpid(),
+            "chat_template": chat_template,
+            "use_jinja": use_jinja,
         }
+        env = dict(os.environ)
+        env.pop(_API_KEY_ENV, None)
+        if api_key:
+            env[_API_KEY_ENV] = api_key
         self._log = (slot_dir.parent / "server.log").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agentos.engine.llamaserver_child", json.dumps(self.config)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            env=env,
         )
         try:
             self._wait_ready()
@@ -114,7 +132,7 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def _params(config: dict[str, Any]) -> Any:
+def _params(config: dict[str, Any], api_key: str | None = None) -> Any:
     import xllamacpp
 
     p = xllamacpp.CommonParams()
@@ -134,6 +152,10 @@ def _params(config: dict[str, Any]) -> Any:
     p.endpoint_metrics = True
     p.endpoint_slots = True
     p.warmup = False
+    p.use_jinja = bool(config.get("use_jinja", True))
+    p.chat_template = str(config.get("chat_template") or "")
+    if api_key:
+        p.api_keys = [api_key]
     return p
 
 
@@ -143,7 +165,8 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_watch_parent, args=(int(config["parent_pid"]),), daemon=True).start()
     import xllamacpp
 
-    server = xllamacpp.Server(_params(config))
+    api_key = os.environ.pop(_API_KEY_ENV, None)
+    server = xllamacpp.Server(_params(config, api_key))
     # The server runs in its own native threads; this thread only keeps the process alive.
     while True:
         time.sleep(3600)
