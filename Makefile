@@ -42,7 +42,7 @@ PEERS := .venv-bench-peers
 
 $(PEERS)/.installed: Makefile
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/python -m pip install --quiet 'limits[redis]>=3.13,<6' 'arq>=0.26,<0.29'
+	$(PEERS)/bin/python -m pip install --quiet 'limits[redis]>=3.13,<6' 'arq>=0.26,<0.29' 'openai>=1.50,<3'
 	touch $@
 
 bench: $(STAMP) $(PEERS)/.installed
