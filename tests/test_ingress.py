@@ -22,14 +22,9 @@ ECHO = "tests.fixture_agents:Echo"
 def http(
     store: Store, *, token: str | None = None, ready: bool = True, stopping: bool = False
 ) -> httpx.AsyncClient:
-    app = build_app(
-        Client(store),
-        token=token,
-        ready=lambda: ready,
-        stopping=lambda: stopping,
-        max_body_bytes=64,
-    )
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agentos")
+    app = build_app(Client(store), token=token, ready=lambda: ready, stopping=lambda: stopping)
+    # Without a token only localhost names are served (DNS rebinding).
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
 
 
 async def test_a_webhook_puts_a_message_in_the_inbox(store: Store) -> None:
@@ -61,7 +56,7 @@ async def _group(store: Store) -> bool:
 async def test_bad_requests_get_a_json_error_and_enqueue_nothing(
     store: Store, path: str, content: bytes, status: int, code: str
 ) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {"maxMessageBytes": 64}}]))
     before = await store.namespace_keys()
     async with http(store) as c:
         r = await c.post(path, content=content)

@@ -247,9 +247,12 @@ async def test_a_deadline_fires_on_another_daemon_after_a_restart(
     assert lines(log)[-1] == "after no"
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def http(store: Store, token: str | None) -> httpx.AsyncClient:
     app = build_app(Client(store), token=token, ready=lambda: True)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agentos")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
 
 
 async def test_http_answers_need_the_token_and_fit_the_question(
@@ -270,7 +273,7 @@ async def test_http_answers_need_the_token_and_fit_the_question(
         assert (listed["task"], listed["choices"]) == (task, ["yes", "no"])
         bad = await c.post(url, json={"choice": "later"}, headers=auth)
         assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid")
-        assert (await c.post(url, content=b"{", headers=auth)).status_code == 400
+        assert (await c.post(url, content=b"{", headers={**auth, **JSON})).status_code == 400
         assert (await store.wait_get("appr")).answer is None
         ok = await c.post(url, json={"no": True, "by": "carol"}, headers=auth)
         assert ok.status_code == 200

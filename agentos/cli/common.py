@@ -12,6 +12,7 @@ import enum
 import io
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -23,10 +24,12 @@ import yaml
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from agentos.client import Client, ClientError
 from agentos.core.spec import Document, SpecError, load_paths
 from agentos.engine import EngineError
+from agentos.ingress import CONTROL_CHARS
 from agentos.settings import Settings
 from agentos.store import StoreUnavailable
 from agentos.store.embedded import EmbeddedRedisError
@@ -73,9 +76,67 @@ FilesOpt = Annotated[
 ]
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` with every control character (``agentos.ingress.CONTROL_CHARS``) but those
+    in ``keep`` written as an escape (``\\n``, ``\\x1b``, ``\\u202e``): names, messages and
+    errors are data, and must not move the cursor, colour the terminal or start a line
+    that looks like another event."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        code = ord(char)
+        return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+    return CONTROL_CHARS.sub(escape, text)
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell holding ``value`` as text: never markup, never a control character."""
+    return Text(printable(str(value)), style=style)
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    # Errors quote names, answers and upstream text: data, never markup.
+    err.print(Text.assemble(("error:", "red"), " ", printable(message)), highlight=False)
     raise typer.Exit(code)
+
+
+def hides_userinfo(url: str) -> bool:
+    """Whether ``url`` seems to hold a user or password that its parsers cannot find.
+
+    A ``/``, ``?`` or ``#`` in a password ends the URL's authority early, so every parser
+    (and :func:`agentos.store.redact_url`) takes the rest for a path, query or fragment,
+    and shows the password in its error: an ``@`` there (outside a query's ``key=value``)
+    is the sign. A URL without ``scheme://`` has no authority at all.
+    """
+    scheme, sep, rest = url.partition("://")
+    if "@" not in url:
+        return False
+    if not sep or not scheme:
+        return True
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    tail = rest[end:]
+    tail, _, fragment = tail.partition("#")
+    path, _, query = tail.partition("?")
+    if "@" in path or "@" in fragment:
+        return True
+    return any("@" in piece.partition("=")[0] for piece in query.split("&"))
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse (exit 2) a Redis URL that :func:`hides_userinfo`, without printing it."""
+    if hides_userinfo(url):
+        _fail(
+            "--redis / AGENTOS_REDIS_URL: cannot tell the user and password from the host "
+            "(expected redis://USER:PASSWORD@HOST:PORT/DB, with '/', '?', '#' and '@' in a "
+            "password written %2F, %3F, %23, %40); the URL is not shown, it holds a password",
+            2,
+        )
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -124,6 +185,8 @@ def _command(action: Callable[[Client], Awaitable[object]], done: str) -> None:
 
 
 async def _client() -> Client:
+    if STATE.settings.redis_url:
+        check_redis_url(STATE.settings.redis_url)
     return await Client.connect(STATE.settings)
 
 
@@ -162,7 +225,9 @@ def _print_table(table: Table) -> None:
 
 
 def _print_text(text: str) -> None:
-    """Print ``text`` exactly (no markup, emoji codes or wrapping), then a newline."""
+    """Print ``text`` as it is (no markup, emoji codes or wrapping; lines and tabs kept,
+    other control characters escaped), then a newline."""
+    text = printable(text, keep="\n\t")
     out.file.write(text if text.endswith("\n") else text + "\n")
     out.file.flush()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from agentos.cli.common import Output, _client, _emit, _fail, _run
+from agentos.cli.common import Output, _client, _emit, _fail, _run, cell, out, printable
 from agentos.client import Client, NotFound
 from agentos.core.models import model_users
 from agentos.core.modelusage import ModelUsageRow
@@ -73,15 +73,20 @@ def _models_table(rows: Sequence[Mapping[str, Any]]) -> Table:
         spec = row["spec"]
         t = _totals(row)
         table.add_row(
-            row["name"],
-            str(spec.get("engine", "")),
-            str(spec.get("servedModel") or row["name"]),
-            str(len(spec.get("endpoints", [])) or "embedded"),
-            t["replicas"],
-            str(t["inFlight"]),
-            t["hit"],
-            str(len(row["agents"])),
-            str(spec.get("fallback") or "-"),
+            *map(
+                cell,
+                (
+                    row["name"],
+                    spec.get("engine", ""),
+                    spec.get("servedModel") or row["name"],
+                    len(spec.get("endpoints", [])) or "embedded",
+                    t["replicas"],
+                    t["inFlight"],
+                    t["hit"],
+                    len(row["agents"]),
+                    spec.get("fallback") or "-",
+                ),
+            )
         )
     return table
 
@@ -116,7 +121,8 @@ def _describe_text(row: Mapping[str, Any]) -> str:
                 f"{r.get('requests', 0)}, cache hit {r.get('cacheHitRatio', 0):.0%}, "
                 f"{r.get('tokensPerSecond', 0)} tokens/s, throttled {r.get('throttles', 0)}x"
             )
-    return "\n".join(lines)
+    # lastError is upstream text: one line, no escapes of its own.
+    return "\n".join(printable(line) for line in lines)
 
 
 def get_models(output: Output) -> None:
@@ -153,7 +159,7 @@ def delete_model(name: str) -> None:
                 _fail(f'model "{name}" is used by agents: {", ".join(users)}', 1)
             if not await client.store.delete("Model", name):
                 raise NotFound(f'model "{name}" not found')
-        print(f"model/{name} deleted")
+        out.print(f"model/{name} deleted", markup=False)
 
     _run(go)
 
@@ -162,12 +168,10 @@ def _usage_table(rows: Sequence[ModelUsageRow]) -> Table:
     table = Table("MODEL", "CALLS", "TOKENS IN", "CACHED", "TOKENS OUT", "COST", box=None)
     for r in rows:
         table.add_row(
-            r.model,
-            str(r.calls),
-            str(r.tokens_in),
-            str(r.tokens_cached),
-            str(r.tokens_out),
-            f"{r.cost:.4f}",
+            *map(
+                cell,
+                (r.model, r.calls, r.tokens_in, r.tokens_cached, r.tokens_out, f"{r.cost:.4f}"),
+            )
         )
     return table
 

@@ -1,8 +1,11 @@
-"""How the fleet reads to a person: the tables and text of ``-o table``.
+r"""How the fleet reads to a person: the tables and text of ``-o table``.
 
 Functions of the data only (no client, no printing), kept apart from the commands so
 that ``ps``, ``get``, ``up``'s live table and ``describe`` show an agent the same way,
-and so that ``-o json``/``-o yaml`` stay the records as they are.
+and so that ``-o json``/``-o yaml`` stay the records as they are. Everything stored is
+data written by agents, callers and upstream servers: table cells are :func:`cell`\ s
+(never markup) and every field of a line goes through :func:`printable`, so a name or a
+message cannot colour the terminal or start a line of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from agentos.cli.common import UsageBy
+from agentos.cli.common import UsageBy, cell, printable
 from agentos.client import AgentSummary
 from agentos.core.metering import UsageRow
 from agentos.core.policy import ClassQuota, RuleStatus
@@ -61,26 +64,26 @@ def _agents_table(agents: Sequence[AgentSummary]) -> Table:
         "Failed": "red",
     }
     for a in agents:
-        color = colors.get(a.phase, "yellow")
         table.add_row(
-            a.name,
-            f"[{color}]{a.phase}[/{color}]",
-            str(a.restarts),
-            str(a.tasks),
-            str(a.steps),
-            _size(a.kv_bytes),
-            _ago(a.last_activity),
-            a.owner or "-",
-            a.reason,
+            cell(a.name),
+            cell(a.phase, colors.get(a.phase, "yellow")),
+            cell(a.restarts),
+            cell(a.tasks),
+            cell(a.steps),
+            cell(_size(a.kv_bytes)),
+            cell(_ago(a.last_activity)),
+            cell(a.owner or "-"),
+            cell(a.reason),
         )
     return table
 
 
 def _event_line(e: Event) -> str:
+    """One event on one line, whatever its fields hold."""
     stamp = datetime.fromtimestamp(e.time).strftime("%H:%M:%S") if e.time else "--:--:--"
-    who = f"{e.agent}: " if e.agent else ""
-    reason = f" ({e.reason})" if e.reason else ""
-    return f"{stamp} {who}{e.type}{reason} {e.message}".rstrip()
+    who = f"{printable(e.agent)}: " if e.agent else ""
+    reason = f" ({printable(e.reason)})" if e.reason else ""
+    return f"{stamp} {who}{printable(e.type)}{reason} {printable(e.message)}".rstrip()
 
 
 def _effective_table(quotas: Sequence[ClassQuota]) -> Table:
@@ -94,7 +97,7 @@ def _effective_table(quotas: Sequence[ClassQuota]) -> Table:
         per_agent = q.per_agent.describe()
         if q.per_agent != q.base_per_agent:
             per_agent += f" (declared {q.base_per_agent.describe()})"
-        table.add_row(q.name, q.policy, limits, per_agent, ", ".join(q.rules) or "-")
+        table.add_row(*map(cell, (q.name, q.policy, limits, per_agent, ", ".join(q.rules) or "-")))
     return table
 
 
@@ -111,26 +114,40 @@ def _quota_text(view: dict[str, Any]) -> Table:
     for c in view["classes"]:
         lim, per, use = c["limits"], c["perAgent"], c["usage"]
         waiting = len(use["queued"]) + len(use["paced"])
+        name = Text.assemble(
+            cell(c["name"], "bold"),
+            cell(f" ({c['policy']})" if c["policy"] else " (unlimited)"),
+        )
         table.add_row(
-            f"[bold]{c['name']}[/bold]" + (f" ({c['policy']})" if c["policy"] else " (unlimited)"),
-            "",
-            _limit_cell(use["tokensLastMinute"], lim.get("tokensPerMinute")),
-            _limit_cell(use["inFlight"], lim.get("maxConcurrent")),
-            _limit_cell(use["dayTokens"], lim.get("dailyTokens")),
-            _limit_cell(use["dayAgentSeconds"], lim.get("dailyAgentSeconds")),
-            str(waiting) if waiting else "-",
-            ", ".join(c["rules"]) or "-",
+            name,
+            *map(
+                cell,
+                (
+                    "",
+                    _limit_cell(use["tokensLastMinute"], lim.get("tokensPerMinute")),
+                    _limit_cell(use["inFlight"], lim.get("maxConcurrent")),
+                    _limit_cell(use["dayTokens"], lim.get("dailyTokens")),
+                    _limit_cell(use["dayAgentSeconds"], lim.get("dailyAgentSeconds")),
+                    str(waiting) if waiting else "-",
+                    ", ".join(c["rules"]) or "-",
+                ),
+            ),
         )
         for a in c["agents"]:
             table.add_row(
-                f"  {a['name']}",
-                str(a["priority"]),
-                _limit_cell(a["tokensLastMinute"], per.get("tokensPerMinute")),
-                _limit_cell(a["inFlight"], per.get("maxConcurrent")),
-                _limit_cell(a["dayTokens"], per.get("dailyTokens")),
-                _limit_cell(a["dayAgentSeconds"], per.get("dailyAgentSeconds")),
-                a["waiting"] or "-",
-                "",
+                *map(
+                    cell,
+                    (
+                        f"  {a['name']}",
+                        a["priority"],
+                        _limit_cell(a["tokensLastMinute"], per.get("tokensPerMinute")),
+                        _limit_cell(a["inFlight"], per.get("maxConcurrent")),
+                        _limit_cell(a["dayTokens"], per.get("dailyTokens")),
+                        _limit_cell(a["dayAgentSeconds"], per.get("dailyAgentSeconds")),
+                        a["waiting"] or "-",
+                        "",
+                    ),
+                )
             )
     return table
 
@@ -160,7 +177,7 @@ def _explain_text(
         if r.wait_s > 0:
             lines.append(f"  waits {r.wait_s:.0f}s more")
         lines.append(f"  {r.message}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
@@ -169,7 +186,9 @@ def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
         table.add_column(col)
     for name, body in sorted(policies.items()):
         spec = body.get("spec", {})
-        table.add_row(name, ", ".join(spec.get("classes", {})), str(len(spec.get("rules", []))))
+        table.add_row(
+            *map(cell, (name, ", ".join(spec.get("classes", {})), len(spec.get("rules", []))))
+        )
     return table
 
 
@@ -181,13 +200,18 @@ def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
         # SHARE: the most agents it may hold (its fair share of the fleet plus the margin).
         share = "draining" if info.get("draining") else str(info.get("share") or "")
         table.add_row(
-            did,
-            str(info.get("host", "")),
-            str(info.get("pid", "")),
-            str(info.get("engine", "")),
-            str(info.get("agents", "")),
-            share,
-            _ago(info.get("seen_at")) + " ago",
+            *map(
+                cell,
+                (
+                    did,
+                    info.get("host", ""),
+                    info.get("pid", ""),
+                    info.get("engine", ""),
+                    info.get("agents", ""),
+                    share,
+                    _ago(info.get("seen_at")) + " ago",
+                ),
+            )
         )
     return table
 
@@ -219,7 +243,7 @@ def _describe_text(d: dict[str, Any]) -> str:
     if status.get("last_error"):
         lines += ["", f"Last error:    {status['last_error']}"]
         if status.get("last_traceback"):
-            lines += ["", status["last_traceback"].rstrip()]
+            lines += ["", *status["last_traceback"].rstrip().split("\n")]
     lines += ["", "Recent tasks:"]
     if not d.get("tasks"):
         lines.append("  <none>")
@@ -232,7 +256,8 @@ def _describe_text(d: dict[str, Any]) -> str:
         stamp = datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S") if e["time"] else ""
         reason = f" ({e['reason']})" if e["reason"] else ""
         lines.append(f"  {stamp}  {e['type']}{reason}  {e['message']}")
-    return "\n".join(lines)
+    # Per line: a field's own newline is escaped, not a line of its own.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _snapshot_text(status: dict[str, str]) -> str:
@@ -269,7 +294,7 @@ def _tasks_table(rows: Sequence[dict[str, str]]) -> Table:
     for col in ("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT"):
         table.add_column(col, no_wrap=True, overflow="ellipsis")
     for row in rows:
-        table.add_row(*(Text(cell) for cell in _task_cells(row)))  # data, never markup
+        table.add_row(*map(cell, _task_cells(row)))
     return table
 
 
@@ -277,7 +302,7 @@ def _task_cells(row: dict[str, str]) -> list[str]:
     started, finished = row.get("started_at"), row.get("finished_at")
     took = f"{float(finished) - float(started):.2f}s" if started and finished else "-"
     detail = row.get("error") or row.get("result") or row.get("payload", "")
-    return [
+    cells = [
         row.get("agent", ""),
         row.get("id", ""),
         row.get("trigger", ""),
@@ -287,6 +312,7 @@ def _task_cells(row: dict[str, str]) -> list[str]:
         took,
         summarize(detail, _RESULT_CELL),
     ]
+    return [printable(c) for c in cells]
 
 
 _RESULT_CELL = 80  # characters of a result in a table; `tasks NAME -o json` has it all
@@ -314,14 +340,19 @@ def _usage_table(rows: Sequence[UsageRow], by: UsageBy) -> Table:
     for r in rows:
         per = "-" if r.cost_per_task is None else f"{r.cost_per_task:.6f}"
         table.add_row(
-            r.key,
-            f"{r.agent_hours:.4f}",
-            str(r.tokens_in),
-            str(r.tokens_out),
-            f"{r.kv_gb_hours:.6f}",
-            str(r.tasks_succeeded),
-            str(r.tasks_failed),
-            f"{r.cost:.6f}",
-            per,
+            *map(
+                cell,
+                (
+                    r.key,
+                    f"{r.agent_hours:.4f}",
+                    r.tokens_in,
+                    r.tokens_out,
+                    f"{r.kv_gb_hours:.6f}",
+                    r.tasks_succeeded,
+                    r.tasks_failed,
+                    f"{r.cost:.6f}",
+                    per,
+                ),
+            )
         )
     return table

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 from rich.live import Live
 
-from agentos.cli.common import STATE, _print_table, err, out
+from agentos.cli.common import STATE, _print_table, check_redis_url, err, out
 from agentos.cli.render import _agents_table, _event_line
 from agentos.client import Client, ClientError, resolve_redis_url
 from agentos.core.spec import Document
@@ -65,6 +65,7 @@ async def _serve(opts: _Serve) -> None:
             settings = replace(settings, redis_url=url)
         else:
             url = resolve_redis_url(settings)
+            check_redis_url(url)
         store = await Store.connect(url, namespace=settings.namespace)
         stack.push_async_callback(store.close)
         if opts.files:
@@ -118,7 +119,9 @@ async def _serve_http(
 ) -> None:
     import uvicorn
 
-    app = build_app(client, token=token, ready=lambda: d.ready, stopping=lambda: d.stopping)
+    app = build_app(
+        client, token=token, ready=lambda: d.ready, stopping=lambda: d.stopping, bind=where
+    )
     config = uvicorn.Config(
         app, host=where[0], port=where[1], log_level="warning", lifespan="off", access_log=False
     )

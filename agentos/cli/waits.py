@@ -16,9 +16,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from agentos.cli.common import Output, OutputOpt, _client, _emit, _fail, _run, out
+from agentos.cli.common import Output, OutputOpt, _client, _emit, _fail, _run, cell, out, printable
 from agentos.client import AnswerRejected
 from agentos.core.waits import WaitRecord
+from agentos.ingress import has_control, parse_json
 
 __all__ = ["answer", "event", "pending"]
 
@@ -39,15 +40,36 @@ def _pending_table(waits: list[WaitRecord]) -> Table | str:
         if w.deadline is not None:
             deadline = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w.deadline))
         table.add_row(
-            w.agent,
-            w.task_id,
-            w.kind.value,
-            w.question,
-            "/".join(w.choices) if w.choices else ("-" if w.kind.value != "ask" else "(text)"),
-            _ago(w.since) + (" (answered)" if w.answer is not None else ""),
-            deadline,
+            *map(
+                cell,
+                (
+                    w.agent,
+                    w.task_id,
+                    w.kind.value,
+                    w.question,
+                    "/".join(w.choices)
+                    if w.choices
+                    else ("-" if w.kind.value != "ask" else "(text)"),
+                    _ago(w.since) + (" (answered)" if w.answer is not None else ""),
+                    deadline,
+                ),
+            )
         )
     return table
+
+
+def _who(as_: str | None) -> str:
+    """Who answers: ``--as`` or the OS user; it goes into events, so it is one plain line."""
+    by = as_ or getpass.getuser()
+    if has_control(by):
+        _fail("--as must not hold control characters", 2)
+    return by
+
+
+def _choices_text(w: WaitRecord) -> str:
+    if w.choices:
+        return "/".join(w.choices)
+    return "(text)" if w.kind.value == "ask" else "-"
 
 
 def pending(
@@ -76,7 +98,7 @@ def answer(
     ] = None,
 ) -> None:
     """Answer a waiting task's question; the agent resumes with the answer."""
-    by = as_ or getpass.getuser()
+    by = _who(as_)
 
     async def go() -> None:
         async with await _client() as client:
@@ -84,7 +106,9 @@ def answer(
                 r = await client.answer(name, task, yes=yes, no=no, choice=choice, text=text, by=by)
             except AnswerRejected as e:
                 _fail(str(e), 2)
-        out.print(f"answered {name}/{task}: {json.dumps(r.value)} (by {by})", markup=False)
+        out.print(
+            printable(f"answered {name}/{task}: {json.dumps(r.value)} (by {by})"), markup=False
+        )
 
     _run(go)
 
@@ -99,10 +123,12 @@ def event(
 ) -> None:
     """Send a named event to an agent (it ends a `ctx.wait_for` of that name)."""
     try:
-        value = json.loads(data)
-    except json.JSONDecodeError as e:
+        value = parse_json(data)
+    except ValueError as e:
         _fail(f"DATA is not JSON: {e}", 2)
-    by = as_ or getpass.getuser()
+    if has_control(event_name):
+        _fail("EVENT must not hold control characters", 2)
+    by = _who(as_)
 
     async def go() -> None:
         async with await _client() as client:
@@ -111,6 +137,6 @@ def event(
             except AnswerRejected as e:
                 _fail(str(e), 2)
         what = "ended its wait" if ended else "kept for its next wait_for"
-        out.print(f"event {event_name} sent to {name}: {what}", markup=False)
+        out.print(printable(f"event {event_name} sent to {name}: {what}"), markup=False)
 
     _run(go)

@@ -175,21 +175,36 @@ class SpecOps:
             if removed:
                 await self._r.incr(k.generation)
             return bool(removed)
-        # The marker first: from here on a send is refused, and nothing stops a purge.
-        await self._r.delete(k.applied(name))
+        # A name that is not applied changes nothing: no generation bump (every daemon
+        # would reconcile), no "Deleted" event, no entry in the set of agents to purge.
+        # WATCHed like apply, so an apply in between is either seen or retried.
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hdel(k.specs, name)
-            pipe.hdel(k.index, name)
-            pipe.sadd(k.deleted, name)
-            pipe.incr(k.generation)
-            removed, *_ = await pipe.execute()
+            while True:
+                try:
+                    await pipe.watch(k.generation, k.deleted)
+                    if not await pipe.hexists(k.specs, name):
+                        await pipe.unwatch()
+                        return False
+                    # The marker first: from here on a send is refused, and nothing
+                    # stops a purge. Its own slot, so not in the transaction; a retry
+                    # after an apply in between deletes the new marker with the agent.
+                    await self._r.delete(k.applied(name))
+                    pipe.multi()
+                    pipe.hdel(k.specs, name)
+                    pipe.hdel(k.index, name)
+                    pipe.sadd(k.deleted, name)
+                    pipe.incr(k.generation)
+                    await pipe.execute()
+                    break
+                except rexc.WatchError:
+                    continue
         await self._after_change(
             [(name, _event_fields(name, time.time(), "Deleted", "delete", "Agent deleted", ""))],
             {"cmd": "deleted", "agent": name},
         )
-        if removed and purge_if_unowned and not await self._r.exists(k.lease(name)):
+        if purge_if_unowned and not await self._r.exists(k.lease(name)):
             await self.purge_agent(name)
-        return bool(removed)
+        return True
 
     @translate
     async def purge_agent(self, name: str) -> bool:
