@@ -27,7 +27,7 @@ async def loop(client: AsyncOpenAI, w: dict[str, Any], i: int) -> bool:
         if not last:
             extra["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "call", "schema": w["schema_required"]},
+                "json_schema": {"name": "call", "schema": w["schema"]},
             }
         response = await client.chat.completions.create(
             model="gemma",
@@ -56,6 +56,10 @@ async def loop(client: AsyncOpenAI, w: dict[str, Any], i: int) -> bool:
 
 
 async def main(url: str, w: dict[str, Any]) -> None:
+    if w.get("compact"):  # what agentos's llamaserver engine sends: compact JSON calls
+        w["schema"] = {**w["schema_required"], "x-guidance": w["compact"]}
+    else:
+        w["schema"] = w["schema_required"]
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1200)
     started = time.perf_counter()
     ok = await asyncio.gather(*(loop(client, w, i) for i in range(w["agents"])))

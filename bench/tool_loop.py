@@ -16,7 +16,10 @@ tokens. Both sides run on an embedded llama.cpp server (``xllamacpp``, Gemma 3 2
   same lowered messages and the same JSON-schema constraint for the calls.
 
 One JSON line: ``{agents, slots, steps, agentos_s, plain_s, speedup, agentos_prefilled_tokens,
-plain_prefilled_tokens, ...}``. Prefilled tokens are the servers' own
+plain_prefilled_tokens, ...}``. Beside them, ``plain_compact_s``: the plain client also sending
+agentos's compact tool-call constraint (llama.cpp pretty-prints constrained JSON by default,
+which doubles a call's tokens), so what slots and KV bring is told apart from what
+shorter calls bring. Prefilled tokens are the servers' own
 ``llamacpp:prompt_tokens_total`` (processed prompt tokens; reused ones excluded).
 Target (issue 21): ``speedup`` >= 1.5.
 """
@@ -42,7 +45,7 @@ from agentos.core.chat import ToolSpec, lower_messages, tool_call_schema
 from agentos.core.spec import parse_text
 from agentos.daemon import Daemon
 from agentos.engine.gguf import ensure_default_model
-from agentos.engine.llamaserver import DEFAULT_TEMPLATE, LlamaServerEngine
+from agentos.engine.llamaserver import COMPACT_JSON, DEFAULT_TEMPLATE, LlamaServerEngine
 from agentos.settings import DaemonSettings, default_home
 from agentos.store import Store
 
@@ -53,6 +56,7 @@ STEPS = int(os.environ.get("BENCH_TOOL_STEPS", "6"))
 TOOL_S = float(os.environ.get("BENCH_TOOL_SECONDS", "1.0"))
 THREADS = int(os.environ.get("BENCH_TOOL_THREADS", "1"))  # a spinning 2nd thread collapses
 N_CTX_PER_SLOT = 4096
+COMPACT_PEER = os.environ.get("BENCH_TOOL_COMPACT_PEER", "1") == "1"
 PEERS_PYTHON = HERE / ".venv-bench-peers" / "bin" / "python"
 
 
@@ -167,7 +171,7 @@ def plain_server(model: Path, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-async def plain_side(model: Path) -> dict[str, Any]:
+async def plain_side(model: Path, *, compact: bool = False) -> dict[str, Any]:
     import socket
 
     with socket.socket() as s:
@@ -187,7 +191,7 @@ async def plain_side(model: Path) -> dict[str, Any]:
                     await anyio.sleep(0.2)
         before = await prompt_tokens(url)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(workload(), f)
+            json.dump({**workload(), "compact": COMPACT_JSON if compact else None}, f)
         out = await anyio.run_process(
             [str(PEERS_PYTHON), str(Path(__file__).parent / "_openai_peer.py"), url, f.name],
             check=True,
@@ -212,6 +216,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours = await agentos_side(Path(tmp), model)
     plain = await plain_side(model)
+    # Beside the issue's measure: the plain client given agentos's compact tool-call
+    # constraint too, so the speedup from slots and KV is told apart from that of
+    # shorter calls.
+    compact = await plain_side(model, compact=True) if COMPACT_PEER else None
     print(
         json.dumps(
             {
@@ -227,6 +235,13 @@ async def main() -> None:
                 "agentos_slot_lends": ours["agentos_slot_lends"],
                 "agentos_failed_tasks": ours["agentos_failed_tasks"],
                 "plain_failed_loops": plain["plain_failed_loops"],
+                "plain_compact_s": compact["plain_s"] if compact else None,
+                "plain_compact_prefilled_tokens": (
+                    compact["plain_prefilled_tokens"] if compact else None
+                ),
+                "speedup_vs_plain_compact": (
+                    round(compact["plain_s"] / ours["agentos_s"], 2) if compact else None
+                ),
                 "tool_s": TOOL_S,
                 "threads": THREADS,
                 "target_speedup": 1.5,

@@ -178,6 +178,9 @@ async def test_a_tool_loop_on_the_base_model_makes_calls_that_validate(
         assert call.error is None
         assert _valid_add_arguments(call.arguments), call
         assert json.loads(call.raw_arguments) == call.arguments
+        # Constrained compact: '{"tool":"add","arguments":{"a":2,"b":3}}' is under 20 tokens;
+        # llama.cpp's default (pretty-printed) took 36-40.
+        assert reply.output_tokens <= 24, reply
         result = _result_of(call)
         held = reply.input_tokens + reply.cached_tokens + reply.output_tokens
 

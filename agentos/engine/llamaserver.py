@@ -78,7 +78,7 @@ from agentos.engine.gguf import ensure_default_model, model_sha256
 from agentos.engine.llamaserver_child import EmbeddedServer
 from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
 
-__all__ = ["DEFAULT_TEMPLATE", "EmbeddedServer", "LlamaServerEngine", "server_template"]
+__all__ = ["COMPACT_JSON", "DEFAULT_TEMPLATE", "EmbeddedServer", "LlamaServerEngine", "server_template"]
 
 log = logging.getLogger("agentos.engine.llamaserver")
 
@@ -280,6 +280,13 @@ def _estimate(text: str) -> int:
     return max(1, -(-len(text) // _ESTIMATE_CHARS_PER_TOKEN))
 
 
+# llama.cpp builds its JSON grammars with llguidance, whose default lets the model
+# pretty-print: the 270M model wrote a 30-token call as '{\n  "tool": ...}' where the
+# compact form is 14 tokens. Decoding dominates a tool loop on a CPU, so tool calls are
+# constrained compact (the option is ignored by servers built without llguidance).
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+
+
 def _constraint(
     tools: Sequence[ToolSpec], tool_choice: str, response_format: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
@@ -290,7 +297,7 @@ def _constraint(
     ``response_format``.
     """
     if tools:
-        return tool_call_schema(tools, tool_choice)
+        return {**tool_call_schema(tools, tool_choice), "x-guidance": COMPACT_JSON}
     if response_format is None:
         return None
     kind = response_format.get("type")
