@@ -78,7 +78,13 @@ from agentos.engine.gguf import ensure_default_model, model_sha256
 from agentos.engine.llamaserver_child import EmbeddedServer
 from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
 
-__all__ = ["COMPACT_JSON", "DEFAULT_TEMPLATE", "EmbeddedServer", "LlamaServerEngine", "server_template"]
+__all__ = [
+    "COMPACT_JSON",
+    "DEFAULT_TEMPLATE",
+    "EmbeddedServer",
+    "LlamaServerEngine",
+    "server_template",
+]
 
 log = logging.getLogger("agentos.engine.llamaserver")
 
