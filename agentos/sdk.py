@@ -34,13 +34,14 @@ from agentos.core.durations import parse_duration
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import StopReason
 from agentos.core.waits import WaitKind, WaitLog, WaitSpec, WaitTimeout, ask_spec, deadline_of
-from agentos.engine.base import Completion, Engine
+from agentos.engine.base import Completion, ContextOverflow, Engine, EngineError, KVSnapshot
 from agentos.telemetry import Telemetry
 from agentos.tools import Tool, Toolbox, ToolsArg, toolbox_of
 
 __all__ = [
     "LLM",
     "Agent",
+    "Compaction",
     "Context",
     "Message",
     "QuotaExceeded",
@@ -53,6 +54,8 @@ __all__ = [
     "agent_logger",
     "freeze_config",
 ]
+
+log = logging.getLogger("agentos.sdk")
 
 
 class Agent:
@@ -227,11 +230,45 @@ async def _admit_all(
     yield _Unmetered()
 
 
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """A call's context did not fit the model and was compacted (``onOverflow: compact``).
+
+    ``operation`` is ``chat`` (the oldest turns were dropped, the system message(s) and
+    every tool call with its result kept) or ``text`` (a text context was emptied and
+    the prompt sent alone). ``dropped_tokens`` is the context's size before, as the
+    engine counted it (0 when it does not say).
+    """
+
+    operation: str
+    dropped_messages: int
+    kept_messages: int
+    dropped_tokens: int = 0
+
+    def describe(self) -> str:
+        """One line for the agent's ``ContextCompacted`` event."""
+        if self.operation == "text":
+            return (
+                f"the text context ({self.dropped_tokens} tokens) did not fit the model; "
+                "it was emptied and the prompt sent alone"
+            )
+        return (
+            f"the conversation did not fit the model: dropped its {self.dropped_messages} "
+            f"oldest messages, kept {self.kept_messages} (system messages and tool "
+            "results with their calls included) and sent them again"
+        )
+
+
 class LLM:
     """The model as one agent sees it: its own context (session) in the shared engine.
 
     Every call appends to the agent's context, so a later call sees what earlier ones
     said; that context is what hibernation keeps. :meth:`reset` starts over.
+
+    When a call's context no longer fits the model (:class:`ContextOverflow`) and
+    :attr:`on_overflow` is ``compact`` (the agent's ``spec.context.onOverflow``), the
+    call compacts it and is sent again, and :attr:`on_compacted` is told how (the
+    runtime records a ``ContextCompacted`` event); with ``fail`` the call raises.
     """
 
     def __init__(
@@ -243,8 +280,14 @@ class LLM:
         on_usage: Callable[[Completion | Reply], None] | None = None,
         telemetry: Telemetry | None = None,
         admit: Admitter | None = None,
+        on_overflow: str = "compact",
+        on_compacted: Callable[[Compaction], None] | None = None,
     ) -> None:
         self._engine = engine
+        self.on_overflow = on_overflow
+        """``compact`` or ``fail``: what a call does when its context does not fit."""
+        self.on_compacted = on_compacted
+        """Told of every compaction (the runtime records a ``ContextCompacted`` event)."""
         self._admit = admit or _admit_all
         self._session = session_id
         self._provider = session or _PlainSession(engine, session_id)
@@ -352,8 +395,7 @@ class LLM:
                 operation=operation,
                 prompt=prompt,
             ) as inference:
-                completion = await self._engine.generate(
-                    self._session,
+                completion = await self._generate_fitting(
                     prompt,
                     max_tokens=max_tokens,
                     stop=stop,
@@ -383,6 +425,76 @@ class LLM:
                 },
             )
         return completion
+
+    async def _generate_fitting(self, prompt: str, **options: Any) -> Completion:
+        """``engine.generate``; on overflow with ``compact``, the prompt alone once more.
+
+        A text context has no turns to tell apart (no system message, no tool call to
+        keep with its result): it is one stream of text, and cutting it anywhere but
+        the start could split a token or a sentence the model then continues. So the
+        context is emptied and the prompt, the call's own input, is sent alone; if even
+        that does not fit, the context is put back and the overflow raised.
+        """
+        try:
+            return await self._engine.generate(self._session, prompt, **options)
+        except ContextOverflow:
+            if self.on_overflow != "compact":
+                raise
+            before = self.context_tokens
+            saved = await self._engine.export_kv(self._session)
+            await self._engine.reset_session(self._session)
+            try:
+                completion = await self._engine.generate(self._session, prompt, **options)
+            except ContextOverflow:
+                await self._put_back(saved)
+                raise
+        self._compacted(Compaction("text", 0, 0, before))
+        return completion
+
+    async def _put_back(self, saved: KVSnapshot) -> None:
+        """Restore the context exported before a compaction that did not help."""
+        try:
+            await self._engine.reset_session(self._session)
+            imported = saved.data is not None and await self._engine.import_kv(self._session, saved)
+            if not imported and (saved.tokens or saved.conversation):
+                await self._engine.prefill(self._session, saved.tokens, saved.conversation)
+        except EngineError as e:
+            log.warning("%s: the context could not be put back: %s", self._session, e)
+
+    def _compacted(self, compaction: Compaction) -> None:
+        log.info("%s: %s", self._session, compaction.describe())
+        if self.on_compacted is not None:
+            self.on_compacted(compaction)
+
+    async def _chat_fitting(
+        self, history: list[dict[str, Any]], new: list[dict[str, Any]], **options: Any
+    ) -> tuple[Reply, list[dict[str, Any]]]:
+        """``engine.chat``; on overflow with ``compact``, the oldest turns are dropped
+        (half of them each time, see :func:`compact_history`) and the session reset and
+        sent the rest with the new turns, until it fits or nothing is left to drop (then
+        the conversation is put back and the overflow raised). Returns the reply and the
+        history it was answered with."""
+        try:
+            return await self._engine.chat(self._session, new, **options), history
+        except ContextOverflow:
+            if self.on_overflow != "compact":
+                raise
+            before = self.context_tokens
+            saved = await self._engine.export_kv(self._session)
+            kept = history
+            while True:
+                smaller = compact_history(kept, new)
+                if smaller is None:
+                    await self._put_back(saved)
+                    raise
+                kept = smaller
+                await self._engine.reset_session(self._session)
+                try:
+                    reply = await self._engine.chat(self._session, [*kept, *new], **options)
+                except ContextOverflow:
+                    continue
+                self._compacted(Compaction("chat", len(history) - len(kept), len(kept), before))
+                return reply, kept
 
     async def stream(
         self,
@@ -515,8 +627,8 @@ class LLM:
                 if self._telemetry.capture_content
                 else "",
             ) as inference:
-                reply = await self._engine.chat(
-                    self._session,
+                reply, history = await self._chat_fitting(
+                    history,
                     new,
                     tools=specs,
                     tool_choice=choice,
@@ -594,6 +706,40 @@ class LLM:
         self.usage.add(completion)
         if self._on_usage is not None:
             self._on_usage(completion)
+
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def compact_history(
+    history: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]] | None:
+    """``history`` with the oldest half of its turns dropped, to make room for ``new``;
+    None when no turn is left to drop.
+
+    The system message(s) are kept (first, in their order). A turn is a user or
+    assistant message with the tool results that follow it, so a tool call is never
+    kept without its result or the other way round; the turn whose calls ``new``
+    answers (``new`` opens with tool results) is always kept. The kept part starts at
+    a user message when one is left, as chat templates expect.
+    """
+    system = [dict(m) for m in history if m.get("role") in _SYSTEM_ROLES]
+    turns: list[list[dict[str, Any]]] = []
+    for m in history:
+        if m.get("role") in _SYSTEM_ROLES:
+            continue
+        if m.get("role") == "tool" and turns:
+            turns[-1].append(dict(m))
+        else:
+            turns.append([dict(m)])
+    answered = 1 if new and new[0].get("role") == "tool" and turns else 0
+    droppable = len(turns) - answered
+    if droppable <= 0:
+        return None
+    cut = (droppable + 1) // 2
+    while cut < droppable and turns[cut][0].get("role") != "user":
+        cut += 1
+    return system + [m for turn in turns[cut:] for m in turn]
 
 
 def _answer_dangling(

@@ -67,6 +67,7 @@ __all__ = [
     "Backoff",
     "CatchUp",
     "ClassLimits",
+    "ContextPolicy",
     "Document",
     "Hibernation",
     "Inbox",
@@ -74,6 +75,7 @@ __all__ = [
     "Metadata",
     "Metric",
     "ModelResource",
+    "OnOverflow",
     "Overlap",
     "QuotaClass",
     "QuotaLimits",
@@ -183,10 +185,26 @@ _CLOCK_OPTION_KEYS: Final = frozenset({"timezone", "catchUp", "catch_up", "overl
 # ---------------------------------------------------------------------------- the models
 
 
+INBOX_MAX_DEPTH: Final = 10_000
+"""How many messages an inbox holds when its trigger sets no ``maxDepth``."""
+
+
 class Inbox(_Model):
-    """Options of an ``inbox`` trigger (messages delivered through a Redis stream)."""
+    """Options of an ``inbox`` trigger (messages delivered through a Redis stream).
+
+    ``maxDepth`` bounds the messages waiting (sent and not yet done): a send beyond it
+    is refused (``InboxFull``), so a stuck agent's inbox cannot fill Redis. Left out of
+    the canonical form unless given (None: :data:`INBOX_MAX_DEPTH`), so existing specs
+    keep their hash.
+    """
 
     max_message_bytes: int = Field(default=1_048_576, gt=0, strict=True)
+    max_depth: int | None = Field(default=None, ge=1, strict=True)
+
+    @property
+    def depth_limit(self) -> int:
+        """The most messages the inbox holds: ``maxDepth``, or the default."""
+        return INBOX_MAX_DEPTH if self.max_depth is None else self.max_depth
 
 
 class Trigger(_Model):
@@ -290,6 +308,20 @@ class Hibernation(_Model):
         return self.idle_after <= 0
 
 
+OnOverflow = Literal["compact", "fail"]
+
+
+class ContextPolicy(_Model):
+    """What happens to an agent's conversation when it no longer fits the model.
+
+    ``onOverflow: compact`` (the default) drops the oldest turns, keeps the system
+    message(s) and every tool call with its result, and sends the rest again; ``fail``
+    raises ``ContextOverflow`` to the agent's code, as a call always did before.
+    """
+
+    on_overflow: OnOverflow = "compact"
+
+
 class Backoff(_Model):
     """Exponential restart delay: starts at ``initial`` seconds, capped at ``max``."""
 
@@ -328,6 +360,14 @@ class AgentSpec(_Model):
     priority: int = Field(default=50, ge=0, le=1000, strict=True)
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)
     config: dict[str, Any] = Field(default_factory=dict)
+    # Left out of the canonical form unless given (None: compact), so existing specs
+    # keep their hash.
+    context: ContextPolicy | None = None
+
+    @property
+    def on_overflow(self) -> OnOverflow:
+        """What a call does when the conversation does not fit: compact or fail."""
+        return "compact" if self.context is None else self.context.on_overflow
 
 
 class AgentResource(_Model):

@@ -24,6 +24,7 @@ __all__ = [
     "EngineError",
     "EngineUnavailable",
     "KVSnapshot",
+    "ModelMisconfigured",
     "NoFreeSlot",
     "Reply",
     "SessionInfo",
@@ -52,6 +53,25 @@ class NoFreeSlot(EngineError):
 class EngineUnavailable(EngineError):
     """The backend cannot serve now (down, restarting, overloaded): the infrastructure's
     fault, never the agent's; the runtime retries the task later."""
+
+
+class ModelMisconfigured(EngineUnavailable):
+    """The Model is wrong, not the agent: its server refuses the key (401/403), has no
+    such path or model (404, "model not found"), or its engine cannot start (a credential
+    that does not resolve, an unwritable home). An operator must fix the Model or its
+    credential; meanwhile the runtime parks its agents' tasks as infrastructure faults.
+
+    ``reason`` is already scrubbed of the credentials agentos resolved, so the message
+    can go into an event, a task record or a log as it is.
+    """
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model} misconfigured: {reason}")
+        self.model = model
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ModelMisconfigured], tuple[str, str]]:
+        return type(self), (self.model, self.reason)
 
 
 @dataclass(frozen=True, slots=True)

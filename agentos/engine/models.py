@@ -4,23 +4,37 @@ A Model resource is data in Redis; the daemon turns each one its agents name int
 engine here. Credentials are references (``{env: VAR}`` or ``{file: PATH}``) resolved
 only now, in the daemon's process, and handed to the HTTP client; they are never
 logged, stored or put in an error message (a missing variable is named, its value
-never is).
+never is). An engine that cannot start because of its Model (a credential that does
+not resolve, a key the server refuses, an unwritable home) raises
+:class:`ModelMisconfigured` with the reason scrubbed of the credential, so the runtime
+parks its agents' work and shows why; :func:`credential_digest` lets the daemon notice
+that the credential's file or variable changed without keeping the secret around.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentos.core.modelspec import ModelResource, SecretRef
 from agentos.engine import create_engine
-from agentos.engine.base import Engine, EngineError
+from agentos.engine.base import Engine, EngineError, EngineUnavailable, ModelMisconfigured
 
 if TYPE_CHECKING:  # the HTTP client is imported only by the engines that use it
     from agentos.engine.remote import ThrottleBoard
 
-__all__ = ["build_engine", "engine_options", "resolve_secret"]
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` without ``secrets`` or control characters (remote.scrub, imported late:
+    it pulls in httpx, which a local-only daemon never needs)."""
+    from agentos.engine.remote import scrub as remote_scrub
+
+    return remote_scrub(text, secrets)
+
+
+__all__ = ["build_engine", "credential_digest", "engine_options", "resolve_secret"]
 
 
 def resolve_secret(ref: SecretRef) -> str:
@@ -37,6 +51,28 @@ def resolve_secret(ref: SecretRef) -> str:
         raise EngineError(f"cannot read the model's apiKey file {ref.file}: {e.strerror}") from e
 
 
+def _api_key(resource: ModelResource) -> str | None:
+    credentials = resource.spec.credentials
+    if credentials is None or credentials.api_key is None:
+        return None
+    return resolve_secret(credentials.api_key)
+
+
+def credential_digest(resource: ModelResource) -> str:
+    """A digest of what ``resource``'s credential resolves to now (blocking: reads a file).
+
+    Equal digests mean the same secret (or the same reason it does not resolve); the
+    secret itself is never kept.
+    """
+    try:
+        key = _api_key(resource)
+    except EngineError as e:
+        return f"unresolved: {e}"
+    if key is None:
+        return "none"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def engine_options(
     resource: ModelResource, *, home: Path | None = None, board: ThrottleBoard | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -48,9 +84,7 @@ def engine_options(
         {"url": e.url, "max_concurrent": e.max_concurrent, "slot_dir": e.slot_dir}
         for e in spec.endpoints
     ]
-    api_key = None
-    if spec.credentials is not None and spec.credentials.api_key is not None:
-        api_key = resolve_secret(spec.credentials.api_key)
+    api_key = _api_key(resource)
     timeouts = {
         "connect_timeout_s": spec.timeouts.connect,
         "request_timeout_s": spec.timeouts.request,
@@ -105,7 +139,25 @@ def build_engine(
 ) -> Engine:
     """Start the engine for ``resource`` (blocking: an embedded server takes seconds).
 
-    Raises :class:`EngineError` for a missing credential, dependency or bad option.
+    Raises :class:`EngineUnavailable` when its server does not answer now (worth trying
+    again), :class:`ModelMisconfigured` when the Model must be fixed first: a credential
+    that does not resolve, a key the server refuses, a missing dependency, a bad option
+    or a home it cannot write. Every message is scrubbed of the credential.
     """
-    backend, options = engine_options(resource, home=home, board=board)
-    return create_engine(backend, **options)
+    name = resource.metadata.name
+    try:
+        backend, options = engine_options(resource, home=home, board=board)
+    except EngineError as e:
+        raise ModelMisconfigured(name, str(e)) from e
+    key = options.get("api_key")
+    secrets = (key,) if isinstance(key, str) else ()
+    try:
+        return create_engine(backend, **options)
+    except ModelMisconfigured:
+        raise  # already says what and is scrubbed
+    except EngineUnavailable as e:
+        raise EngineUnavailable(f"model {name}: {scrub(str(e), secrets)}") from e
+    except (EngineError, OSError, ImportError, ValueError) as e:
+        raise ModelMisconfigured(
+            name, f"its engine cannot start: {type(e).__name__}: {scrub(str(e), secrets)}"
+        ) from e

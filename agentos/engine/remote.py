@@ -9,7 +9,11 @@ while and the call moves to the next one in ring order. ``429`` / ``503`` with
 (up to the model's ``throttleWait``, else :class:`ModelThrottled`), and through a
 :class:`ThrottleBoard` every daemon sharing the fleet's Redis does too. When no replica
 can serve after the retries, :class:`EngineUnavailable` says so: an infrastructure
-fault, retried by the runtime, never an agent crash.
+fault, retried by the runtime, never an agent crash. A server that refuses the Model's
+key (401/403) or does not know its path or model (404, "model not found") raises
+:class:`ModelMisconfigured`: an operator must fix the Model, so it is infrastructure
+too, never the agent's crash. Every upstream text that reaches an exception goes
+through :func:`scrub` first, with the credentials this client sends.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import anyio
 import httpx
 
 from agentos.core.routing import ring_order
-from agentos.engine.base import EngineError, EngineUnavailable
+from agentos.engine.base import EngineError, EngineUnavailable, ModelMisconfigured
 
 __all__ = [
     "ModelThrottled",
@@ -37,6 +41,7 @@ __all__ = [
     "ReplicaStats",
     "RequestRefused",
     "ThrottleBoard",
+    "misconfigured",
     "scrub",
 ]
 
@@ -71,17 +76,34 @@ class RequestRefused(EngineError):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A bearer token echoed back whole ("Authorization: Bearer ..."), whoever resolved it.
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
 _DETAIL_CHARS = 300
+# Statuses that say the Model, not the request, is wrong: a key refused, no such path.
+_MISCONFIGURED = (401, 403, 404)
+# How servers word "no such model" (OpenAI's code, vLLM, Ollama, llama.cpp's router),
+# whatever status they send it with.
+_NO_SUCH_MODEL = re.compile(
+    r"model_not_found|\bmodel\b[^\n]{0,200}?\b(not found|does not exist)",
+    re.IGNORECASE,
+)
 
 
 def scrub(text: str, secrets: Sequence[str] = (), limit: int = _DETAIL_CHARS) -> str:
-    """``text`` from upstream made safe to show: secrets replaced, control characters
-    dropped (no terminal escapes in a log), at most ``limit`` characters."""
+    """``text`` from upstream made safe to show: secrets replaced (and any bearer token
+    echoed back), control characters dropped (no terminal escapes in a log), at most
+    ``limit`` characters."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
+    text = _BEARER.sub(r"\1***", text)
     text = _CONTROL.sub(" ", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def misconfigured(status: int, detail: str) -> bool:
+    """Whether a 4xx answer (``detail`` its body) says the Model itself is wrong."""
+    return status in _MISCONFIGURED or bool(_NO_SUCH_MODEL.search(detail))
 
 
 class ThrottleBoard(Protocol):
@@ -290,7 +312,8 @@ class RemoteClient:
         Yields the replica and a successful (2xx) response; with ``stream`` its body is
         read by the caller. ``pinned`` keeps the call on one replica (it holds the
         agent's slot). Raises :class:`ModelThrottled`, :class:`EngineUnavailable` when
-        no replica could serve, :class:`RequestRefused` for a 4xx (a bad request).
+        no replica could serve, :class:`ModelMisconfigured` for 401/403/404 or "no such
+        model", :class:`RequestRefused` for another 4xx (a bad request).
         """
         waited = 0.0
         reasons: list[str] = []
@@ -330,7 +353,7 @@ class RemoteClient:
         try:
             response = await self.http.send(request, stream=True)
         except httpx.TransportError as e:
-            replica.failed(f"{type(e).__name__}: {e}")
+            replica.failed(f"{type(e).__name__}: {self.scrub(str(e))}")
             raise _Retry(replica.last_error) from e
         try:
             if response.status_code in (429, 503):
@@ -341,13 +364,20 @@ class RemoteClient:
                 replica.failed(f"HTTP {response.status_code}")
                 raise _Retry(replica.last_error)
             if response.status_code >= 400:
-                text = (await response.aread()).decode(errors="replace")
-                raise RequestRefused(self.model, response.status_code, self.scrub(text))
+                status = response.status_code
+                text = self.scrub((await response.aread()).decode(errors="replace"))
+                if misconfigured(status, text):
+                    # Not this replica's fault nor the request's: every call would get
+                    # the same answer until the Model (key, URL, name) is fixed.
+                    raise ModelMisconfigured(
+                        self.model, f"HTTP {status} on {method} {replica.url}{path}: {text}"
+                    )
+                raise RequestRefused(self.model, status, text)
             if not stream:
                 try:
                     await response.aread()
                 except httpx.TransportError as e:
-                    replica.failed(f"{type(e).__name__}: {e}")
+                    replica.failed(f"{type(e).__name__}: {self.scrub(str(e))}")
                     raise _Retry(replica.last_error) from e
                 try:
                     parsed = response.json()
@@ -360,8 +390,9 @@ class RemoteClient:
             yield response
         except httpx.TransportError as e:
             # Mid-stream: the caller has seen part of the answer, so no silent retry.
-            replica.failed(f"{type(e).__name__}: {e}")
-            raise EngineUnavailable(f"model {self.model!r}: connection lost mid-call: {e}") from e
+            why = self.scrub(str(e))
+            replica.failed(f"{type(e).__name__}: {why}")
+            raise EngineUnavailable(f"model {self.model!r}: connection lost mid-call: {why}") from e
         finally:
             await response.aclose()
 

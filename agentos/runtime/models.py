@@ -6,44 +6,107 @@ from Redis and start its engine (an embedded llama.cpp server takes seconds, so 
 runs in a worker thread); each model gets its own slot arbiter and hibernator, because
 slots and snapshots belong to one engine. Every engine the pool started is closed when
 the daemon stops; the ``default`` engine belongs to whoever passed it in.
+
+A Model is wrong more often than it is down: a key refused (401/403), a wrong path or
+model name (404), a credential variable that is not set. That is the operator's to
+fix, not the agent's, so it never counts as the agent's crash: the model gets a
+``ModelMisconfigured`` condition (``describe model``), and every call of its agents
+raises :class:`ModelMisconfigured` (an :class:`EngineUnavailable`), which the runtime
+parks as infrastructure with the reason in the task, the agent's status and its
+events. An engine that cannot start at all is stood in for by one whose every call
+raises why, so its agents run and park the same way instead of staying ``Pending``.
+
+The agents hold a :class:`ServedEngine`, never the engine itself, so the pool can
+rebuild the engine under them without a daemon restart: before a call it notices (at
+most every few seconds) that the stored Model changed (a re-apply), or that a
+misconfigured Model's credential file or variable now resolves to another secret, or
+that an engine that failed to start may start now; it builds the new engine off the
+loop, moves every open session (their conversations) across, closes the old one, and
+the parked work resumes with its next attempt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from agentos.core.chat import Reply, ToolSpec
 from agentos.core.modelspec import ModelResource
 from agentos.core.spec import SpecError, parse_resource
-from agentos.engine.base import Engine, EngineError
+from agentos.engine.base import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    KVSnapshot,
+    ModelMisconfigured,
+    NoFreeSlot,
+    SessionInfo,
+    StreamChunk,
+)
 from agentos.engine.fallback import FallbackEngine
-from agentos.engine.models import build_engine
+from agentos.engine.models import build_engine, credential_digest
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.slots import SlotArbiter
-from agentos.store import Store
+from agentos.store import Store, StoreError
 
-__all__ = ["DEFAULT_MODEL", "ModelEntry", "ModelPool", "ModelUnavailable", "StoreThrottleBoard"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "Condition",
+    "ModelEntry",
+    "ModelPool",
+    "ModelUnavailable",
+    "ServedEngine",
+    "StoreThrottleBoard",
+]
 
 log = logging.getLogger("agentos.models")
 
 DEFAULT_MODEL = "default"
-_RETRY_START_S = 30.0  # a model whose engine failed to start is tried again this much later
+_CHECK_S = 2.0  # how often a served Model's stored spec is compared with the running one
+_RESOLVE_S = 2.0  # how often a misconfigured Model's credential is resolved again
+_RETRY_START_S = 30.0  # an engine that failed to start is tried again this much later
+_DRAIN_S = 30.0  # how long a rebuild waits for the calls in flight on the old engine
+_REMOTE_SESSIONS = 100_000  # an openai model's sessions are memory here (as OpenAIEngine)
+_CHARS_PER_TOKEN = 4
 
 
 class ModelUnavailable(EngineError):
-    """A model's engine cannot start; ``repeated``: already reported for this attempt."""
+    """A model's engine cannot serve; ``repeated``: already reported for this attempt."""
 
     def __init__(self, message: str, *, repeated: bool) -> None:
         super().__init__(message)
         self.repeated = repeated
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """Why a model cannot serve (``describe model``): ``type`` is the error's class name
+    (``ModelMisconfigured``, ``EngineUnavailable``), ``since`` epoch seconds."""
+
+    type: str
+    reason: str
+    since: float
+
+    @classmethod
+    def of(cls, error: EngineUnavailable, now: float) -> Condition:
+        """The condition ``error`` puts a model in."""
+        return cls(type(error).__name__, str(error), now)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the daemon's heartbeat."""
+        return {"type": self.type, "reason": self.reason, "since": self.since}
 
 
 class StoreThrottleBoard:
@@ -62,6 +125,396 @@ class StoreThrottleBoard:
 
 
 @dataclass(slots=True)
+class _Kept:
+    """A session held by an engine that never started: what to hand the real one."""
+
+    snapshot: KVSnapshot
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Unstarted:
+    """Stands in for an engine that could not start: sessions are bookkeeping (kept so
+    the real engine gets the agents' conversations back), and every call raises why."""
+
+    def __init__(
+        self, model: str, error: EngineUnavailable, *, backend: str, slots: int, parallel: int
+    ) -> None:
+        self.error = error
+        self._model = model
+        self._backend = backend
+        self._slots = slots
+        self._parallel = parallel
+        self._sessions: dict[str, _Kept] = {}
+
+    @property
+    def name(self) -> str:
+        return self._backend
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def parallel(self) -> int:
+        return self._parallel
+
+    def fingerprint(self) -> str:
+        return f"unstarted/{self._model}"
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // _CHARS_PER_TOKEN)
+
+    def _raise(self) -> EngineUnavailable:
+        # A fresh exception per call: one instance raised again and again would carry
+        # every earlier traceback along.
+        e = self.error
+        if isinstance(e, ModelMisconfigured):
+            return ModelMisconfigured(e.model, e.reason)
+        return EngineUnavailable(str(e))
+
+    def _kept(self, session_id: str) -> _Kept:
+        kept = self._sessions.get(session_id)
+        if kept is None:
+            raise EngineError(f"unknown session {session_id!r}")
+        return kept
+
+    def open_session(self, session_id: str) -> None:
+        if session_id in self._sessions:
+            raise EngineError(f"session {session_id!r} is already open")
+        if len(self._sessions) >= self._slots:
+            raise NoFreeSlot(f"all {self._slots} slots of model {self._model} are held")
+        self._sessions[session_id] = _Kept(KVSnapshot(self.fingerprint(), (), None))
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return SessionInfo(session_id, len(self._kept(session_id).snapshot.tokens), 0)
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        return [dict(m) for m in self._kept(session_id).messages]
+
+    def keep(self, session_id: str, snapshot: KVSnapshot, messages: list[dict[str, Any]]) -> None:
+        """Hold ``snapshot`` (and its messages) for the engine that replaces this one."""
+        self._kept(session_id)
+        self._sessions[session_id] = _Kept(snapshot, messages)
+
+    async def reset_session(self, session_id: str) -> None:
+        self._kept(session_id)
+        self._sessions[session_id] = _Kept(KVSnapshot(self.fingerprint(), (), None))
+
+    async def export_kv(self, session_id: str) -> KVSnapshot:
+        return self._kept(session_id).snapshot
+
+    async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
+        self.keep(session_id, snapshot, _messages_of(snapshot.conversation))
+        return True  # kept as it is, for the real engine
+
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
+        snapshot = KVSnapshot(self.fingerprint(), tuple(tokens), None, conversation=conversation)
+        self.keep(session_id, snapshot, _messages_of(conversation))
+        return 0.0
+
+    async def generate(self, session_id: str, prompt: str, **_: Any) -> Completion:
+        self._kept(session_id)
+        raise self._raise()
+
+    async def stream(self, session_id: str, prompt: str, **_: Any) -> AsyncIterator[StreamChunk]:
+        self._kept(session_id)
+        raise self._raise()
+        yield StreamChunk("", ())  # pragma: no cover - makes this an async generator
+
+    async def chat(self, session_id: str, messages: Sequence[Mapping[str, Any]], **_: Any) -> Reply:
+        self._kept(session_id)
+        raise self._raise()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``describe model`` shows for an engine that did not start."""
+        return {"engine": self._backend, "started": False}
+
+
+def _messages_of(conversation: bytes) -> list[dict[str, Any]]:
+    """The chat messages a snapshot's conversation JSON holds, if it is the shape the
+    remote engines write (``{"messages": [...]}``); else none (the bytes are kept)."""
+    try:
+        data = json.loads(conversation) if conversation else None
+    except ValueError:
+        return []
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return []
+    return [dict(m) for m in messages if isinstance(m, dict)]
+
+
+class ServedEngine:
+    """The engine of one Model as its agents hold it: the current engine behind it can
+    be rebuilt (see the module docstring), and a :class:`ModelMisconfigured` from any
+    call becomes the model's :attr:`condition`."""
+
+    def __init__(
+        self,
+        inner: Engine,
+        *,
+        model_name: str,
+        refresh: Callable[[], Awaitable[None]],
+        condition: Condition | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.inner = inner
+        self.model_name = model_name  # the Model resource's name
+        self.condition = condition
+        self._refresh = refresh
+        self._clock = clock
+        self._open: set[str] = set()  # sessions opened through us (moved on a rebuild)
+        self._in_flight = 0
+        self._drained: anyio.Event | None = None
+        self._gate: anyio.Event | None = None  # set while the engine is being swapped
+
+    @property
+    def started(self) -> bool:
+        """Whether a real engine serves (not a stand-in for one that failed to start)."""
+        return not isinstance(self.inner, _Unstarted)
+
+    def failed(self, error: EngineUnavailable) -> None:
+        """``error`` says the Model is wrong: record it as the model's condition."""
+        if self.condition is None or self.condition.reason != str(error):
+            self.condition = Condition.of(error, self._clock())
+
+    # Identity and sessions are the current engine's.
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    @property
+    def slots(self) -> int:
+        return self.inner.slots
+
+    @property
+    def parallel(self) -> int:
+        return self.inner.parallel
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def open_session(self, session_id: str) -> None:
+        self.inner.open_session(session_id)
+        self._open.add(session_id)
+
+    def close_session(self, session_id: str) -> None:
+        self.inner.close_session(session_id)
+        self._open.discard(session_id)
+
+    def has_session(self, session_id: str) -> bool:
+        return self.inner.has_session(session_id)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self.inner.session_info(session_id)
+
+    def conversation(self, session_id: str) -> list[dict[str, Any]]:
+        return self.inner.conversation(session_id)
+
+    def describe(self) -> dict[str, Any]:
+        """The current engine's description and the model's condition."""
+        inner = getattr(self.inner, "describe", None)
+        info: dict[str, Any] = dict(inner()) if callable(inner) else {}
+        info["condition"] = None if self.condition is None else self.condition.to_dict()
+        return info
+
+    # Calls: wait while the engine is swapped; a call in flight holds a swap back.
+
+    @asynccontextmanager
+    async def _turn(self, *, call: bool) -> AsyncIterator[None]:
+        if call:
+            await self._refresh()
+        while self._gate is not None:
+            await self._gate.wait()
+        self._in_flight += 1
+        try:
+            yield
+        except ModelMisconfigured as e:
+            if e.model != self.model_name:
+                # The server knows the model by its served name; operators by the Model's.
+                named = ModelMisconfigured(self.model_name, f"{e.reason} (served as {e.model})")
+                self.failed(named)
+                raise named from e
+            self.failed(e)
+            raise
+        else:
+            if call and self.condition is not None and self.started:
+                self.condition = None  # it answered: whatever was wrong is fixed
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._drained is not None:
+                self._drained.set()
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> Completion:
+        async with self._turn(call=True):
+            return await self.inner.generate(
+                session_id,
+                prompt,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+                grammar=grammar,
+                json_schema=json_schema,
+            )
+
+    async def stream(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        async with self._turn(call=True):
+            async for chunk in self.inner.stream(
+                session_id,
+                prompt,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+                grammar=grammar,
+                json_schema=json_schema,
+            ):
+                yield chunk
+
+    async def chat(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = True,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+    ) -> Reply:
+        async with self._turn(call=True):
+            return await self.inner.chat(
+                session_id,
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                response_format=response_format,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+            )
+
+    async def reset_session(self, session_id: str) -> None:
+        async with self._turn(call=False):
+            await self.inner.reset_session(session_id)
+
+    async def export_kv(self, session_id: str) -> KVSnapshot:
+        async with self._turn(call=False):
+            return await self.inner.export_kv(session_id)
+
+    async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
+        async with self._turn(call=False):
+            return await self.inner.import_kv(session_id, snapshot)
+
+    async def prefill(
+        self, session_id: str, tokens: Sequence[int], conversation: bytes = b""
+    ) -> float:
+        async with self._turn(call=False):
+            return await self.inner.prefill(session_id, tokens, conversation)
+
+    # The swap.
+
+    async def swap(self, new: Engine, condition: Condition | None) -> Engine:
+        """Put ``new`` behind this engine, with every open session moved to it; returns
+        the old engine (the caller closes it). Calls wait meanwhile; the calls in flight
+        finish first (up to a bound: a call cannot hold a rebuild back for ever)."""
+        gate = anyio.Event()
+        self._gate = gate
+        try:
+            if self._in_flight:
+                self._drained = anyio.Event()
+                with anyio.move_on_after(_DRAIN_S):
+                    await self._drained.wait()
+                self._drained = None
+            old = self.inner
+            moved: set[str] = set()
+            while pending := sorted(self._open - moved):
+                for session_id in pending:
+                    if await _move(old, new, session_id):
+                        moved.add(session_id)
+                    else:
+                        self._open.discard(session_id)
+            for session_id in moved - self._open:  # closed on the old one meanwhile
+                new.close_session(session_id)
+            self.inner = new
+            self.condition = condition
+        finally:
+            self._gate = None
+            gate.set()
+        return old
+
+
+async def _move(old: Engine, new: Engine, session_id: str) -> bool:
+    """Open ``session_id`` on ``new`` with its context from ``old``; False when it could
+    not be opened there (its holder opens it again with its next call)."""
+    try:
+        snapshot: KVSnapshot | None = await old.export_kv(session_id)
+        messages = old.conversation(session_id)
+    except EngineError as e:
+        log.warning("%s: its context could not be exported for the new engine: %s", session_id, e)
+        snapshot, messages = None, []
+    try:
+        new.open_session(session_id)
+    except EngineError as e:
+        log.warning("%s: no session on the rebuilt engine: %s", session_id, e)
+        return False
+    if snapshot is None:
+        return True
+    try:
+        if isinstance(new, _Unstarted):
+            new.keep(session_id, snapshot, messages)
+        elif snapshot.data is not None and await new.import_kv(session_id, snapshot):
+            pass
+        elif snapshot.tokens or snapshot.conversation:
+            await new.prefill(session_id, snapshot.tokens, snapshot.conversation)
+    except EngineError as e:
+        log.warning("%s: its context did not carry over to the new engine: %s", session_id, e)
+        await new.reset_session(session_id)
+    return True
+
+
+@dataclass(slots=True)
 class ModelEntry:
     """One model as the daemon serves it."""
 
@@ -70,6 +523,30 @@ class ModelEntry:
     arbiter: SlotArbiter
     hibernator: Hibernator
     resource: ModelResource | None = None  # None for the daemon's default engine
+    served: ServedEngine | None = None  # None for the daemon's default engine
+    spec_hash: str = ""  # of the stored Model the running engine was built from
+    credential: str = ""  # digest of the secret it was built with (never the secret)
+    check_at: float = 0.0  # monotonic: compare the stored spec again from then on
+    resolve_at: float = 0.0  # monotonic: resolve the credential again from then on
+    started_at: float = 0.0  # monotonic: when the engine was last built
+    told: set[str] = field(default_factory=set)  # agents shown why it did not start
+
+
+def _hash(body: Mapping[str, Any] | None) -> str:
+    if body is None:
+        return "absent"
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _stand_in_size(resource: ModelResource | None) -> tuple[int, int]:
+    """Slots and parallel calls of the engine ``resource`` would start: the stand-in
+    offers as many, so the governor's gate fits the real one."""
+    if resource is None:
+        return 1, 1
+    spec = resource.spec
+    parallel = sum(e.max_concurrent for e in spec.endpoints) or spec.slots or 1
+    slots = _REMOTE_SESSIONS if spec.engine == "openai" else (spec.slots or max(parallel, 2))
+    return slots, parallel
 
 
 class ModelPool:
@@ -84,6 +561,9 @@ class ModelPool:
         home: Path | None = None,
         on_new: Callable[[ModelEntry], None] | None = None,
         build: Callable[..., Engine] = build_engine,
+        daemon_id: str = "",
+        monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.entries: dict[str, ModelEntry] = {DEFAULT_MODEL: default}
@@ -91,11 +571,13 @@ class ModelPool:
         self.home = home
         self.on_new = on_new
         self.board = StoreThrottleBoard(store)
+        self.daemon_id = daemon_id
         self._build = build
         self._lock = anyio.Lock()
-        # model -> (monotonic time to try again, why it failed): a model that cannot start
-        # is not retried (nor reported) on every reconcile pass.
-        self._failed: dict[str, tuple[float, str]] = {}
+        self._monotonic = monotonic
+        self._clock = clock
+        self._bodies: dict[str, dict[str, Any]] = {}
+        self._bodies_at = -_CHECK_S
 
     def get(self, name: str) -> ModelEntry | None:
         """The model called ``name`` if this daemon already serves it."""
@@ -104,73 +586,206 @@ class ModelPool:
     async def entry(self, name: str) -> ModelEntry:
         """The model called ``name``, starting its engine on first use.
 
-        Raises :class:`EngineError` when no such Model is applied or its engine cannot
-        start (a missing credential, a server that does not answer).
+        A model that cannot start (no such Model, a credential that does not resolve, a
+        server that refuses the key) is served by a stand-in whose calls raise why, so
+        its agents park instead of waiting unseen; its condition says why.
         """
         found = self.entries.get(name)
         if found is not None:
+            await self.refresh(name)
             return found
-        failed = self._failed.get(name)
-        if failed is not None and time.monotonic() < failed[0]:
-            raise ModelUnavailable(failed[1], repeated=True)
-        try:
-            return await self._start(name)
-        except EngineError as e:
-            self._failed[name] = (time.monotonic() + _RETRY_START_S, str(e))
-            raise ModelUnavailable(str(e), repeated=False) from e
-
-    async def _start(self, name: str) -> ModelEntry:
         async with self._lock:
             found = self.entries.get(name)
             if found is not None:
                 return found
-            body = (await self.store.models()).get(name)
-            if body is None:
-                raise EngineError(f'no Model "{name}" is applied')
             try:
-                resource = parse_resource(body)
-            except SpecError as e:
-                raise EngineError(f'stored Model "{name}" no longer validates: {e}') from e
-            assert isinstance(resource, ModelResource)
-            engine = await anyio.to_thread.run_sync(
-                lambda: self._build(resource, home=self.home, board=self.board)
-            )
-            fallback = resource.spec.fallback
-            if fallback is not None:
-                engine = FallbackEngine(
-                    engine, fallback_name=fallback, resolve=lambda: self._engine_of(fallback)
-                )
-            made = ModelEntry(
-                name,
-                engine,
-                SlotArbiter(engine, attained=self.attained),
-                Hibernator(engine),
-                resource,
-            )
+                body = (await self.store.models()).get(name)
+            except StoreError as e:
+                raise ModelUnavailable(f"cannot read Model {name}: {e}", repeated=False) from e
+            made = await self._new_entry(name, body)
             self.entries[name] = made
-            log.info("model %s: %s engine started (%d slots)", name, engine.name, engine.slots)
-            if self.on_new is not None:
-                self.on_new(made)
-            return made
+        if self.on_new is not None:
+            self.on_new(made)
+        return made
+
+    async def _new_entry(self, name: str, body: dict[str, Any] | None) -> ModelEntry:
+        engine, resource, condition, digest = await self._make(name, body)
+        served = ServedEngine(
+            engine,
+            model_name=name,
+            refresh=lambda: self.refresh(name),
+            condition=condition,
+            clock=self._clock,
+        )
+        outer: Engine = served
+        fallback = resource.spec.fallback if resource is not None else None
+        if fallback is not None:
+            outer = FallbackEngine(
+                served, fallback_name=fallback, resolve=lambda: self._engine_of(fallback)
+            )
+        now = self._monotonic()
+        return ModelEntry(
+            name,
+            outer,
+            SlotArbiter(outer, attained=self.attained),
+            Hibernator(outer),
+            resource,
+            served=served,
+            spec_hash=_hash(body),
+            credential=digest,
+            check_at=now + _CHECK_S,
+            resolve_at=now + _RESOLVE_S,
+            started_at=now,
+        )
+
+    async def _make(
+        self, name: str, body: dict[str, Any] | None
+    ) -> tuple[Engine, ModelResource | None, Condition | None, str]:
+        """An engine for the Model ``body`` (a stand-in when it cannot start), the parsed
+        resource, the model's condition and the credential's digest."""
+        resource: ModelResource | None = None
+        digest = ""
+        error: EngineUnavailable
+        if body is None:
+            error = ModelMisconfigured(name, "no Model of that name is applied")
+        else:
+            try:
+                parsed = parse_resource(body)
+            except SpecError as e:
+                error = ModelMisconfigured(name, f"its stored spec no longer validates: {e}")
+            else:
+                assert isinstance(parsed, ModelResource)
+                resource = parsed
+        if resource is not None:
+            model = resource
+            digest = await anyio.to_thread.run_sync(lambda: credential_digest(model))
+            try:
+                engine = await anyio.to_thread.run_sync(
+                    lambda: self._build(model, home=self.home, board=self.board)
+                )
+            except EngineUnavailable as e:
+                error = e
+            except (EngineError, OSError) as e:  # a build that does not type its errors
+                error = ModelMisconfigured(name, f"its engine cannot start: {e}")
+            else:
+                log.info("model %s: %s engine started (%d slots)", name, engine.name, engine.slots)
+                return engine, resource, None, digest
+        log.error("model %s cannot serve: %s", name, error)
+        slots, parallel = _stand_in_size(resource)
+        backend = resource.spec.engine if resource is not None else "none"
+        stand_in = _Unstarted(name, error, backend=backend, slots=slots, parallel=parallel)
+        return stand_in, resource, Condition.of(error, self._clock()), digest
 
     async def _engine_of(self, name: str) -> Engine:
-        return (await self.entry(name)).engine
+        found = await self.entry(name)
+        if found.served is not None and not found.served.started:
+            reason = found.served.condition.reason if found.served.condition else "not started"
+            raise ModelUnavailable(reason, repeated=True)
+        return found.engine
 
     async def for_agent(self, agent: str, model: str, *, allow_fallback: bool) -> ModelEntry:
-        """:meth:`entry` for one agent, recording whether its calls may fall back."""
+        """:meth:`entry` for one agent, recording whether its calls may fall back.
+
+        The first time an agent is given a model that did not start, a
+        ``ModelUnavailable`` event on the agent says why.
+        """
         found = await self.entry(model)
         if isinstance(found.engine, FallbackEngine):
             found.engine.allowed[agent] = allow_fallback
+        served = found.served
+        if served is not None and not served.started and agent not in found.told:
+            found.told.add(agent)
+            why = served.condition.reason if served.condition else "its engine did not start"
+            try:
+                await self.store.record_fleet_event(
+                    agent, "ModelUnavailable", model, f"{why}; its calls park", self.daemon_id
+                )
+            except StoreError as e:
+                log.warning("%s: could not record why model %s cannot serve: %s", agent, model, e)
         return found
 
+    # ------------------------------------------------------------------ rebuilds
+
+    async def refresh(self, name: str) -> None:
+        """Rebuild ``name``'s engine if the stored Model changed, its credential changed
+        while it is misconfigured, or it failed to start a while ago (each checked at
+        most every few seconds; errors reading them are left for the next check)."""
+        found = self.entries.get(name)
+        if found is None or found.served is None:
+            return
+        served = found.served
+        now = self._monotonic()
+        why = ""
+        if now >= found.check_at:
+            found.check_at = now + _CHECK_S
+            bodies = await self._stored()
+            if bodies is not None and _hash(bodies.get(name)) != found.spec_hash:
+                why = "its Model was applied again"
+        resource = found.resource
+        misconfigured = served.condition is not None and resource is not None
+        if not why and misconfigured and now >= found.resolve_at:
+            # Its key file or variable may have been fixed: resolve it again.
+            found.resolve_at = now + _RESOLVE_S
+            assert resource is not None
+            digest = await anyio.to_thread.run_sync(lambda: credential_digest(resource))
+            if digest != found.credential:
+                why = "its credential changed"
+        if not why and not served.started and now >= found.started_at + _RETRY_START_S:
+            why = "its engine is tried again"
+        if why:
+            await self._rebuild(found, why)
+
+    async def _stored(self) -> dict[str, dict[str, Any]] | None:
+        """Every stored Model, read at most every few seconds for all the pool's models."""
+        now = self._monotonic()
+        if now - self._bodies_at >= _CHECK_S:
+            try:
+                self._bodies = await self.store.models()
+            except StoreError as e:
+                log.warning("could not read the stored Models: %s", e)
+                return None
+            self._bodies_at = now
+        return self._bodies
+
+    async def _rebuild(self, found: ModelEntry, why: str) -> None:
+        assert found.served is not None
+        async with self._lock:
+            try:
+                body = (await self.store.models()).get(found.name)
+            except StoreError as e:
+                log.warning("model %s: cannot read its Model to rebuild it: %s", found.name, e)
+                return
+            now = self._monotonic()
+            found.started_at = found.check_at = now
+            engine, resource, condition, digest = await self._make(found.name, body)
+            old = await found.served.swap(engine, condition)
+            if resource is not None:
+                found.resource = resource
+            found.spec_hash = _hash(body)
+            found.credential = digest
+            found.check_at = now + _CHECK_S
+            found.resolve_at = now + _RESOLVE_S
+            found.told.clear()
+            log.warning(
+                "model %s: engine rebuilt (%s)%s",
+                found.name,
+                why,
+                "" if condition is None else f"; still cannot serve: {condition.reason}",
+            )
+        await _close(found.name, old)
+
     def describe(self) -> dict[str, dict[str, Any]]:
-        """What each served model reports about itself (replicas, health, counters)."""
+        """What each served model reports about itself (replicas, health, counters) and
+        its ``condition`` (type, reason, since; None while it serves)."""
         out: dict[str, dict[str, Any]] = {}
         for name, e in self.entries.items():
             info: dict[str, Any] = {"engine": e.engine.name, "model": e.engine.model}
             describe = getattr(e.engine, "describe", None)
             if callable(describe):
                 info.update(describe())
+            if e.served is not None:
+                condition = e.served.condition
+                info["condition"] = None if condition is None else condition.to_dict()
             info["slotsHeld"] = sum(1 for h in e.arbiter.holders if e.engine.has_session(h))
             info["slots"] = e.engine.slots
             out[name] = info
@@ -181,13 +796,20 @@ class ModelPool:
         for name, e in list(self.entries.items()):
             if name == DEFAULT_MODEL:
                 continue
-            closer = getattr(e.engine, "aclose", None) or getattr(e.engine, "close", None)
-            try:
-                if closer is not None:
-                    result = closer()
-                    if inspect.isawaitable(result):
-                        with anyio.CancelScope(shield=True):
-                            await result
-            except Exception:
-                log.exception("model %s: closing its engine failed", name)
+            await _close(name, e.served.inner if e.served is not None else e.engine)
             del self.entries[name]
+
+
+async def _close(name: str, engine: Engine) -> None:
+    """Close ``engine`` (an embedded server stops: that blocks, so off the loop)."""
+    try:
+        closer = getattr(engine, "aclose", None)
+        with anyio.CancelScope(shield=True):
+            if closer is not None:
+                result = closer()
+                if inspect.isawaitable(result):
+                    await result
+            elif callable(getattr(engine, "close", None)):
+                await anyio.to_thread.run_sync(engine.close)  # type: ignore[attr-defined]
+    except Exception:
+        log.exception("model %s: closing its engine failed", name)
