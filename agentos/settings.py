@@ -8,6 +8,7 @@ process can differ.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -16,7 +17,12 @@ from pathlib import Path
 
 from agentos.core.placement import HANDOVER_BATCH, SHARE_MARGIN
 
-__all__ = ["DaemonSettings", "Settings", "default_home", "new_daemon_id"]
+__all__ = ["DaemonSettings", "Settings", "check_daemon_id", "default_home", "new_daemon_id"]
+
+DAEMON_ID_MAX = 100
+# Letters, digits and . _ - @ : only: an id is part of Redis keys (braces would change
+# their Cluster hash tag), of lease values ("daemon|token") and of log lines.
+_DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]*")
 
 
 def default_home(env: Mapping[str, str] | None = None) -> Path:
@@ -27,7 +33,19 @@ def default_home(env: Mapping[str, str] | None = None) -> Path:
 
 def new_daemon_id() -> str:
     """A daemon id unique across hosts and restarts: host, pid and a random suffix."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60].strip("-.") or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def check_daemon_id(daemon_id: str) -> str:
+    """``daemon_id`` if it is a valid daemon id; raises ValueError saying why not."""
+    if not daemon_id or len(daemon_id) > DAEMON_ID_MAX or not _DAEMON_ID.fullmatch(daemon_id):
+        shown = daemon_id[:DAEMON_ID_MAX].encode("unicode_escape").decode("ascii")
+        raise ValueError(
+            f"invalid daemon id {shown!r}: use 1 to {DAEMON_ID_MAX} letters, digits and "
+            ". _ - @ : (starting with a letter or digit)"
+        )
+    return daemon_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,14 @@ class DaemonSettings:
     # An agent running tools this long may lend its engine slot to an agent waiting for
     # one (KV saved, restored for its next model call); see README "Agents with tools".
     lend_slot_after_s: float = 0.5
+    # Isolation (README "Isolation"): the loop beats every loop_beat_s; a beat later than
+    # blocked_loop_s means agent code blocked the loop: a BlockedLoop event on that agent,
+    # counted toward its crash loop.
+    blocked_loop_s: float = 1.0
+    loop_beat_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_daemon_id(self.daemon_id)
 
 
 @dataclass(frozen=True, slots=True)

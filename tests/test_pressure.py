@@ -202,6 +202,11 @@ async def test_a_crashed_agent_gives_its_slot_back(
         assert not engine.has_session("odd")
 
 
+async def _restarted(store: Store, name: str, spec_hash: str) -> bool:
+    status = await store.status(name)
+    return status.get("spec_hash") not in (None, spec_hash)
+
+
 async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store: Store) -> None:
     keep = {"hibernation": {"keepKV": "always"}}
     await apply(store, agent_doc("parity", PARITY, **keep, **INBOX))
@@ -211,7 +216,13 @@ async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store
         await client.send("parity", "0")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="1"))
         exports = engine.stats.exports
+        before = (await store.status("parity"))["spec_hash"]
         await apply(store, agent_doc("parity", PARITY, priority=60, **keep, **INBOX))
+        # The new runner first (its start records the new spec hash): a message sent
+        # before the daemon saw the respec would be handled by the old one.
+        await wait_until(
+            lambda: _restarted(store, "parity", before), what="the respecced runner to start"
+        )
         await client.send("parity", "2")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="2"))
         assert engine.stats.exports == exports + 1

@@ -30,16 +30,19 @@ outlives :meth:`Daemon.run`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import re
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 
-from agentos.core.lifecycle import StopReason
+from agentos.core.lifecycle import StopReason, backoff_delay
 from agentos.core.reconcile import Desired, Local, Restart, Stop, reconcile
 from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.daemon.peers import Peers
@@ -52,13 +55,27 @@ from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.watchdog import LoopWatchdog, Stall
 from agentos.settings import DaemonSettings
-from agentos.store import Retention, Store, StoreError
+from agentos.store import Retention, Store, StoreError, StoreUnavailable
 from agentos.telemetry import Telemetry
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "DaemonIdInUse"]
 
 log = logging.getLogger("agentos.daemon")
+_T = TypeVar("_T")
+# Backoff of an agent whose runner failed (a runtime bug, not the agent's): 1 s to 5 min.
+RUNNER_ERROR_BACKOFF = (1.0, 300.0)
+LOOP_BACKOFF = (0.5, 30.0)  # a daemon loop that failed starts again after this
+
+
+class DaemonIdInUse(StoreUnavailable):
+    """Another live daemon runs with this daemon's id: this one does not start."""
+
+
+def _clean(text: str) -> str:
+    """``text`` with control characters escaped: fit for one log line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 class Daemon(Peers, Upkeep):
@@ -156,6 +173,22 @@ class Daemon(Peers, Upkeep):
         self._full_last = 0.0
         self._down_since: float | None = None  # Redis (or a cluster node) unreachable
         self._down_last = 0.0
+        # Isolation: this process's nonce (two daemons with one id are refused), the
+        # thread that renews our leases and heartbeat, the loop's watchdog, and the
+        # backoff of agents whose runner failed.
+        self.instance = uuid.uuid4().hex
+        self.keeper = store.lease_keeper(
+            self.id,
+            instance=self.instance,
+            ttl_ms=int(self.settings.lease_ttl_s * 1000),
+            every_s=self.settings.lease_ttl_s / 3,
+            forget_after_s=self.settings.daemon_forget_after_s,
+        )
+        self.watchdog = LoopWatchdog(
+            threshold_s=self.settings.blocked_loop_s, beat_s=self.settings.loop_beat_s
+        )
+        self._runner_errors: dict[str, int] = {}
+        self._reported: dict[str, str] = {}  # what each failing path reported last
 
     # ------------------------------------------------------------------ public
 
@@ -190,32 +223,14 @@ class Daemon(Peers, Upkeep):
             self.engine.name,
             self.store.keys.namespace,
         )
-        # Counted by the others before our first reconcile takes anything: three daemons
-        # started together split the fleet instead of the first one taking it all.
-        await self._announce("joined")
-        async with anyio.create_task_group() as agents:
-            self._agents_tg = agents
-            async with anyio.create_task_group() as control:
-                control.start_soon(self._handover_loop)
-                for group in self.store.signal_groups():
-                    control.start_soon(self._signals_loop, group)
-                control.start_soon(self._reconcile_loop, until_idle)
-                control.start_soon(self._flush_loop)
-                control.start_soon(self._lease_loop)
-                control.start_soon(self._quota_loop)
-                control.start_soon(self._retention_loop)
-                control.start_soon(self.evaluator.run)
-                control.start_soon(self.activator.run)
-                with anyio.move_on_after(math.inf if duration_s is None else duration_s):
-                    await self._stop.wait()
-                self._stop.set()  # the end of a --for run: no more starts from here on
-                self._draining = True
-                # Draining: out of the others' count first, so their share grows to take
-                # what we let go of ("released" signals as the agents stop).
-                await self._announce("draining")
-                await self._stop_all(StopReason.SHUTDOWN)
-                control.cancel_scope.cancel()
-        await self._announce("released")
+        await self._claim_id()
+        self.keeper.start()
+        try:
+            await self._run(until_idle, duration_s)
+        finally:
+            # Our leases are released by now (or they are left to expire): no more
+            # renewals, and no heartbeat written after it is removed below.
+            await anyio.to_thread.run_sync(self.keeper.stop)
         try:
             if not await self.store.still_held(self.id):
                 await self.store.leave_holders(self.id)
@@ -227,6 +242,145 @@ class Daemon(Peers, Upkeep):
         except StoreError as e:
             log.warning("could not remove the daemon's heartbeat: %s", e)
         log.info("daemon %s stopped", self.id)
+
+    async def _run(self, until_idle: bool, duration_s: float | None) -> None:
+        # Counted by the others before our first reconcile takes anything: three daemons
+        # started together split the fleet instead of the first one taking it all.
+        await self._announce("joined")
+        async with anyio.create_task_group() as agents:
+            self._agents_tg = agents
+            async with anyio.create_task_group() as control:
+                # Each loop is guarded: what it cannot handle is reported once and the
+                # loop starts again after a backoff; only the shutdown ends the daemon.
+                guard = control.start_soon
+                guard(self._guarded, "handover", self._handover_loop)
+                for group in self.store.signal_groups():
+                    guard(self._guarded, "signals", functools.partial(self._signals_loop, group))
+                guard(
+                    self._guarded, "reconcile", functools.partial(self._reconcile_loop, until_idle)
+                )
+                guard(self._guarded, "status flush", self._flush_loop)
+                guard(self._guarded, "leases", self._lease_loop)
+                guard(self._guarded, "quotas", self._quota_loop)
+                guard(self._guarded, "retention", self._retention_loop)
+                guard(self._guarded, "quota evaluator", self.evaluator.run)
+                guard(self._guarded, "activation", self.activator.run)
+                guard(
+                    self._guarded, "watchdog", functools.partial(self.watchdog.run, self._on_stall)
+                )
+                with anyio.move_on_after(math.inf if duration_s is None else duration_s):
+                    await self._stop.wait()
+                self._stop.set()  # the end of a --for run: no more starts from here on
+                self._draining = True
+                # Draining: out of the others' count first, so their share grows to take
+                # what we let go of ("released" signals as the agents stop).
+                await self._announce("draining")
+                await self._stop_all(StopReason.SHUTDOWN)
+                control.cancel_scope.cancel()
+        await self._announce("released")
+
+    async def _claim_id(self) -> None:
+        """Write our first heartbeat, refused while a live daemon of another process has
+        our id (its heartbeat younger than a lease). One that stopped beating (it died
+        just before we started with its id) is waited out; one that still beats makes
+        us raise :class:`DaemonIdInUse`."""
+        fresh_s = self.settings.lease_ttl_s
+        deadline = time.monotonic() + 2 * fresh_s
+        first: object = None
+        while True:
+            try:
+                if await self.store.heartbeat(
+                    self.id,
+                    self._info(),
+                    forget_after_s=self.settings.daemon_forget_after_s,
+                    instance=self.instance,
+                    fresh_s=fresh_s,
+                ):
+                    return
+                other = (await self.store.daemons()).get(self.id, {})
+            except StoreError as e:  # Redis away at the start: wait for it, like every loop
+                self._store_failed("daemon id", e, 1.0)
+                await anyio.sleep(1.0)
+                continue
+            seen = other.get("seen_at")
+            if first is None:
+                first = seen
+            elif seen != first or time.monotonic() > deadline:
+                host, pid = _clean(str(other.get("host", "?"))), other.get("pid", "?")
+                raise DaemonIdInUse(
+                    f"daemon id {self.id!r} is in use by a live daemon (host {host}, pid "
+                    f"{pid}); stop it or start this one with another --id"
+                )
+            await anyio.sleep(min(0.5, fresh_s / 6))
+
+    async def _guarded(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's loops until the shutdown cancels it. What it cannot
+        handle is logged once (again only if it changes) and the loop starts again after
+        a backoff, so no error other than the shutdown ends :meth:`run`."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await loop()
+                return
+            except Exception as e:
+                if time.monotonic() - started > 60:  # it ran well for a while
+                    failures = 0
+                failures += 1
+                delay = backoff_delay(failures, *LOOP_BACKOFF)
+                self._report(
+                    what,
+                    f"{type(e).__name__}: {e}",
+                    f"the daemon's {what} loop failed (%s); it starts again in {delay:.1f}s",
+                    exc=e,
+                )
+                await anyio.sleep(delay)
+
+    def _report(
+        self, where: str, text: str, template: str, *, exc: BaseException | None = None
+    ) -> None:
+        """Log a failure of ``where`` once: the same text again is only a debug line."""
+        text = _clean(text)
+        if self._reported.get(where) == text:
+            log.debug(template, text)
+            return
+        self._reported[where] = text
+        log.error(template, text, exc_info=exc)
+
+    async def _until_done(self, op: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run a store operation that is safe to repeat until it succeeds, shielded
+        from cancellation: what it records must not be lost (an agent in no due index,
+        with no lease and no runner, would never run again)."""
+        delay = 0.1
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    return await op()
+                except StoreError as e:
+                    self._store_failed(what, e, delay)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, max(self.settings.redis_retry_max_s, 30.0))
+        raise AssertionError("unreachable: a shielded scope is never cancelled")
+
+    def _on_stall(self, stall: Stall) -> None:
+        """The event loop ran again after a block: charge it to the agent whose code
+        blocked it (its runner records the BlockedLoop event and counts the crash)."""
+        runner = self.runners.get(stall.agent) if stall.agent else None
+        if runner is not None:
+            runner.note_blocked(stall)
+            return
+        message = (
+            f"the event loop of daemon {self.id} was blocked for {stall.seconds:.1f}s at "
+            f"{stall.where} (not by agent code)"
+        )
+        log.warning("%s", message)
+        self._spawn(self._fleet_event(stall.agent or "", "BlockedLoop", stall.where, message))
+
+    async def _fleet_event(self, agent: str, type_: str, reason: str, message: str) -> None:
+        try:
+            await self.store.record_fleet_event(agent, type_, reason, message, self.id)
+        except StoreError as e:
+            self._store_failed(f"{type_} event", e)
 
     # ------------------------------------------------------------------ loops
 
@@ -243,8 +397,12 @@ class Daemon(Peers, Upkeep):
                 await anyio.sleep(delay)
                 delay = min(delay * 2, self.settings.redis_retry_max_s)
                 continue
-            except Exception:
-                log.exception("reconcile pass failed")
+            except Exception as e:
+                self._report(
+                    "reconcile", f"{type(e).__name__}: {e}", "reconcile pass failed: %s", exc=e
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_s)
             if until_idle:
                 quiet_passes = quiet_passes + 1 if self._fleet_quiet() else 0
                 if quiet_passes >= 3:
@@ -462,11 +620,18 @@ class Daemon(Peers, Upkeep):
                 opened=opened.get(name),
                 lend_after_s=self.settings.lend_slot_after_s,
             )
+            runner.error_delay_s = backoff_delay(
+                self._runner_errors.get(name, 0) + 1, *RUNNER_ERROR_BACKOFF
+            )
             self.runners[name] = runner
             self._desired[name] = Desired(name, chunk[name], resource.spec.priority)
             for cmd in self._opening.pop(name, ()):
                 runner.nudge(cmd)
             self._spawn(self._supervise(runner))
+        if resources:
+            # The keeper renews these from now on: a loop blocked before the lease loop's
+            # next pass must not cost them their leases.
+            self._publish_held()
 
     async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
         """The model ``resource`` names, started on first use; None when it cannot serve."""
@@ -476,7 +641,13 @@ class Daemon(Peers, Upkeep):
             return await self.models.for_agent(
                 name, resource.spec.model, allow_fallback=resource.spec.model_fallback is not False
             )
-        except EngineError as e:
+        except Exception as e:  # an OSError too (a full or read-only AGENTOS_HOME)
+            # Not started now: the agent is due again in a lease (see _start_chunk).
+            if not isinstance(e, EngineError):
+                e = EngineError(f"{type(e).__name__}: {e}")
+                if self._reported.get(f"model {resource.spec.model}") == str(e):
+                    e.repeated = True  # type: ignore[attr-defined]
+                self._reported[f"model {resource.spec.model}"] = str(e)
             if not getattr(e, "repeated", False):
                 log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
                 with contextlib.suppress(StoreError):
@@ -503,36 +674,86 @@ class Daemon(Peers, Upkeep):
     async def _supervise(self, runner: AgentRunner) -> None:
         scope = anyio.CancelScope()
         self._scopes[runner.name] = scope
+        crashed: BaseException | None = None
         try:
             with scope:
                 await runner.run()
-        except Exception:
-            log.exception("%s: supervisor crashed; the agent is activated again", runner.name)
-            runner.stop_reason = StopReason.LEASE_LOST
+        except Exception as e:  # the runner's own last resort failed: back off all the same
+            crashed = e
+            log.exception("%s: supervisor crashed; the agent is activated again later", runner.name)
         finally:
+            name = runner.name
             if runner.release_due is not None:
                 # Cut short while releasing the agent: finish the job (our lease goes
-                # first, if the release did not get that far).
-                with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
-                    await self.store.release_lease(runner.name, runner.lease_value)
-                    await self.store.due_release(
-                        runner.name, self.id, runner.release_due, now=self.clock()
-                    )
-            if runner.stop_reason is StopReason.LEASE_LOST:
-                # Not released by the runner: due again at once (our own lease, if we
-                # still have it, comes back to whichever of our passes claims it).
-                with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
-                    await self.store.due_now([runner.name], now=self.clock())
-                    await self.store.held_remove(self.id, [runner.name])
-            if self.runners.get(runner.name) is runner:
-                del self.runners[runner.name]
-                self._scopes.pop(runner.name, None)
-                if runner.name not in self._stopping:
-                    self._desired.pop(runner.name, None)
+                # first, if the release did not get that far), until Redis takes it.
+                due = runner.release_due
+                await self._until_done(
+                    lambda: self.store.release_lease(name, runner.lease_value), "release"
+                )
+                await self._until_done(
+                    lambda: self.store.due_release(name, self.id, due, now=self.clock()),
+                    "release",
+                )
+            failed = crashed is not None or runner.error is not None
+            if failed:
+                errors = self._runner_errors[name] = self._runner_errors.get(name, 0) + 1
+            else:
+                self._runner_errors.pop(name, None)
+            if crashed is not None and runner.release_due is None:
+                # Not released by the runner: due after a backoff, as for a crash (not
+                # at once: a runner that fails as it starts would be a hot loop).
+                at = self.clock() + backoff_delay(errors, *RUNNER_ERROR_BACKOFF)
+                await self._until_done(
+                    lambda: self.store.release_lease(name, runner.lease_value), "release"
+                )
+                await self._until_done(
+                    lambda: self.store.due_release(name, self.id, at, now=self.clock(), look=False),
+                    "release",
+                )
+            elif runner.stop_reason is StopReason.LEASE_LOST:
+                await self._lease_lost(runner)
+            if self.runners.get(name) is runner:
+                del self.runners[name]
+                self._scopes.pop(name, None)
+                if name not in self._stopping:
+                    self._desired.pop(name, None)
             if runner.stop_reason is StopReason.REBALANCE or self._draining:
                 self._released.set()  # its lease is free: the others may take it now
             self._kick.set()
             self.activator.nudge()  # room for one more
+
+    async def _lease_loss_reason(self, runner: AgentRunner) -> str:
+        """What happened to a lease this daemon lost (for its LeaseLost event)."""
+        if runner.lost_why:
+            return runner.lost_why
+        try:
+            info = (await self.store.leases([runner.name])).get(runner.name)
+        except StoreError:
+            return "it is no longer ours"
+        if info is None:
+            return (
+                f"it expired: not renewed within {self.settings.lease_ttl_s:g}s "
+                "(Redis unreachable or too slow for that long)"
+            )
+        if info.owner == self.id:
+            return "this daemon holds it again under a newer token"
+        return f"daemon {info.owner} holds it now: it took the agent over after the lease expired"
+
+    async def _lease_lost(self, runner: AgentRunner) -> None:
+        """A runner stopped because its lease was lost: say why on the agent, and make
+        the agent due at once (our own lease, if we still have it, comes back to
+        whichever of our passes claims it)."""
+        name = runner.name
+        why = await self._lease_loss_reason(runner)
+        message = f"daemon {self.id} lost the agent's lease: {why}; the agent is activated again"
+        log.warning("%s: %s", name, message)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.store.record_agent_event(name, "LeaseLost", "lease", message, self.id)
+            except StoreError as e:
+                self._store_failed("LeaseLost event", e)
+        await self._until_done(lambda: self.store.due_now([name], now=self.clock()), "release")
+        await self._until_done(lambda: self.store.held_remove(self.id, [name]), "release")
 
     async def _stop_one(self, name: str, reason: StopReason, restart_hash: str | None) -> None:
         runner = self.runners.get(name)
@@ -554,12 +775,34 @@ class Daemon(Peers, Upkeep):
                 )
                 self._scopes[name].cancel()
                 await runner.done.wait()
-            if restart_hash is not None and not self._stop.is_set():
-                await self._start_many([(name, restart_hash)])
+            if restart_hash is not None:
+                await self._restart(name, restart_hash)
         finally:
             # Only now: until the restarted runner exists, reconcile must not start one.
             self._stopping.discard(name)
             self._handing_over.discard(name)
+
+    async def _restart(self, name: str, spec_hash: str) -> None:
+        """Start a respecced agent again; a Redis blip (or anything else) delays it, with
+        a backoff, until it starts or the daemon stops: then it is due for whoever has
+        room (its old runner released the lease, so it must not be left unlisted)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await self._start_many([(name, spec_hash)])
+                return
+            except Exception as e:
+                failures += 1
+                delay = backoff_delay(failures, 0.1, self.settings.redis_retry_max_s)
+                self._report(
+                    f"restart {name}",
+                    f"{type(e).__name__}: {e}",
+                    f"{_clean(name)}: could not start again after a respec (%s); "
+                    f"retrying in {delay:.1f}s",
+                )
+                await anyio.sleep(delay)
+        if name not in self.runners:
+            await self._until_done(lambda: self.store.due_now([name], now=self.clock()), "release")
 
     async def _stop_all(self, reason: StopReason) -> None:
         asked: set[int] = set()
@@ -598,4 +841,9 @@ class Daemon(Peers, Upkeep):
 
 
 async def _run_coro(coro: Any) -> None:
-    await coro
+    # An error here must not end the agents' task group (and with it Daemon.run); each
+    # path retries what it must, this is the last resort.
+    try:
+        await coro
+    except Exception:
+        log.exception("an agent task of the daemon failed")

@@ -3,9 +3,10 @@
 Every few seconds (and when a daemon joins or drains) a daemon reads the heartbeats and
 the others' held sets: the live daemons and how many agents they hold give its fair share
 (:mod:`agentos.core.placement`), and the held set of a daemon not seen for a lease is
-recovered: its agents are due again, for whoever has room. Deleted agents whose daemon
-died before it could purge them are purged here too. A mixin of
-:class:`agentos.daemon.Daemon`.
+recovered: its agents are due again, for whoever has room. Heartbeats carry the Redis
+server's time and are compared with it: no host's clock is compared with another's.
+Deleted agents whose daemon died before it could purge them are purged here too. A
+mixin of :class:`agentos.daemon.Daemon`.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ class Peers:
         agents of daemons that died, and purge what deleted agents left behind."""
         await self._purge_deleted()
         heartbeats = await self.store.daemons()
+        # Heartbeats are stamped with the Redis server's clock: compared with the same
+        # clock, another host's (or ours) may be off by any amount.
+        server_now = await self.store.server_time()
         fresh_s = self.settings.lease_ttl_s
-        self._peers = live_daemons(heartbeats, now, me=self.id, fresh_s=fresh_s)
+        self._peers = live_daemons(heartbeats, server_now, me=self.id, fresh_s=fresh_s)
         self._live = {self.id}
         for daemon_id, info in heartbeats.items():
             seen_at = info.get("seen_at")
-            if isinstance(seen_at, int | float) and now - float(seen_at) < fresh_s:
+            if isinstance(seen_at, int | float) and server_now - float(seen_at) < fresh_s:
                 self._live.add(daemon_id)
         # What the others hold now (their held sets), not as of their last heartbeat.
         others = sorted(self._live - {self.id})

@@ -2,14 +2,15 @@
 
 Status counters and metered usage are flushed in fenced batches with op ids (a batch
 whose reply was lost is sent again unchanged and counted once); leases are renewed and
-the heartbeat written every third of a lease (on a cluster, a node that is out fails
-only the leases it serves); effective quotas are reloaded and this daemon's samples
-published; inboxes are swept for messages whose signal was lost; task records are
-trimmed. None of these loops ends the daemon when Redis is away or full: they log once,
-retry, and afterwards one ``RedisUnavailable`` or ``RedisFull`` fleet event says for
-how long. Announcements to the other daemons (``joined``, ``draining``, ``released``,
-a ``Rebalancing`` event) are here too. Kept apart from :mod:`agentos.daemon`, which
-decides what runs where.
+the heartbeat written every third of a lease by a thread of their own
+(:mod:`agentos.store.keeper`: agent code that blocks the event loop cannot cost the
+daemon its leases; on a cluster, a node that is out fails only the leases it serves);
+effective quotas are reloaded and this daemon's samples published; inboxes are swept for
+messages whose signal was lost; task records are trimmed. None of these loops ends the
+daemon when Redis is away or full: they log once, retry, and afterwards one
+``RedisUnavailable`` or ``RedisFull`` fleet event says for how long. Announcements to
+the other daemons (``joined``, ``draining``, ``released``, a ``Rebalancing`` event) are
+here too. Kept apart from :mod:`agentos.daemon`, which decides what runs where.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from agentos.runtime.models import ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.settings import DaemonSettings
 from agentos.store import StatusUpdate, Store, StoreError, StoreFull, StoreUnavailable
+from agentos.store.keeper import LeaseKeeper
 from agentos.store.retry import new_op_id
 
 __all__ = ["Upkeep"]
@@ -89,6 +91,13 @@ class Upkeep:
     _full_last: float
     _down_since: float | None
     _down_last: float
+    keeper: LeaseKeeper
+    instance: str
+
+    def _report(
+        self, where: str, text: str, template: str, *, exc: BaseException | None = None
+    ) -> None:
+        raise NotImplementedError  # agentos.daemon.Daemon
 
     async def _flush_loop(self) -> None:
         metered_at = self.clock()
@@ -174,55 +183,69 @@ class Upkeep:
                 )
             except StoreError as e:
                 self._store_failed("quota refresh", e)
+            except Exception as e:  # a stored QuotaPolicy that no longer validates, say
+                self._report(
+                    "quota refresh",
+                    f"{type(e).__name__}: {e}",
+                    "quota refresh failed (%s); the last limits stay in force",
+                    exc=e,
+                )
             with anyio.move_on_after(self.settings.quota_refresh_s):
                 await self._quota_kick.wait()
             self._quota_kick = anyio.Event()
 
     async def _lease_loop(self) -> None:
-        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        """Publish the leases we hold (and our heartbeat's facts) to the lease keeper,
+        whose thread renews them (a blocked loop cannot stop it); stop the runners whose
+        lease it found lost; list our agents again if we were taken for dead."""
         swept_at = self.clock()
+        checked_at = 0.0
+        every = self.settings.lease_ttl_s / 3
         while True:
             if self.clock() - swept_at >= self.settings.inbox_sweep_s:
                 # Signals are a fast path; a message whose signal was trimmed or lost
                 # is still found here.
                 swept_at = self.clock()
                 await self._sweep_inboxes()
-            try:
-                await self.store.heartbeat(
-                    self.id,
-                    self._info(),
-                    now=self.clock(),
-                    forget_after_s=self.settings.daemon_forget_after_s,
-                )
-                await self._store_recovered()
-            except StoreError as e:
-                self._store_failed("heartbeat", e)
-            try:
-                # Not the runners that released their agent already (they are ending).
-                held = {n: r.lease_value for n, r in self.runners.items() if not r.parked}
-                if held and not await self.store.is_holder(self.id):
-                    # Taken for dead (a heartbeat that did not get through for too long)
-                    # and recovered by another daemon: list what we hold again.
-                    log.warning("listed as gone by another daemon; listing our agents again")
-                    await self.store.held_add(self.id, list(held))
-                results = await self.store.renew_leases(held, ttl_ms)
-                unknown = [ok for ok in results.values() if isinstance(ok, StoreError)]
-                if unknown:  # a node out: those leases are renewed on the next pass
-                    self._store_failed(f"lease renewal ({len(unknown)} agents)", unknown[0])
-                for name, ok in results.items():
-                    runner = self.runners.get(name)
-                    if ok is not False or runner is None or runner.releasing or runner.ending:
-                        continue  # ...or it let go of the agent while this renewal ran
-                    # Expired (say, Redis was away longer than a lease). Another daemon
-                    # may have adopted, changed and released the agent meanwhile, so this
-                    # runner's memory is stale: never re-arm it with a new token. It
-                    # stops and the agent is due again: whoever claims it starts fresh.
-                    log.warning("%s: lease expired; stopping it here", name)
-                    runner.request_stop(StopReason.LEASE_LOST)
-            except StoreError as e:
-                self._store_failed("lease renewal", e)
-            self._give_memory_back()
-            await anyio.sleep(self.settings.lease_ttl_s / 3)
+            held = self._publish_held()
+            if time.monotonic() - checked_at >= every:
+                checked_at = time.monotonic()
+                try:
+                    if held and not await self.store.is_holder(self.id):
+                        # Taken for dead (a heartbeat that did not get through for too
+                        # long) and recovered by another daemon: list what we hold again.
+                        log.warning("listed as gone by another daemon; listing our agents again")
+                        await self.store.held_add(self.id, list(held))
+                    await self._store_recovered()
+                except StoreError as e:
+                    self._store_failed("lease check", e)
+                self._give_memory_back()
+            self._leases_lost(self.keeper.take_lost())
+            # Twice per keeper pass: a lost lease stops its runner within a third of a lease.
+            await anyio.sleep(every / 2)
+
+    def _publish_held(self) -> dict[str, str]:
+        """Hand the keeper what we hold now (not the runners that released their agent
+        already: they are ending) and our heartbeat's facts."""
+        held = {n: r.lease_value for n, r in self.runners.items() if not r.parked}
+        self.keeper.publish(held, self._info())
+        return held
+
+    def _leases_lost(self, lost: dict[str, str]) -> None:
+        for name, value in lost.items():
+            runner = self.runners.get(name)
+            if runner is None or runner.lease_value != value or runner.releasing or runner.ending:
+                continue  # ...or it let go of the agent while this renewal ran
+            # Expired (say, Redis was away longer than a lease). Another daemon may have
+            # adopted, changed and released the agent meanwhile, so this runner's memory
+            # is stale: never re-arm it with a new token. It stops and the agent is due
+            # again: whoever claims it starts fresh (its LeaseLost event says why).
+            runner.lost_why = (
+                f"its lease was not renewed within {self.settings.lease_ttl_s:g}s "
+                "(Redis unreachable or too slow for that long)"
+            )
+            log.warning("%s: lease expired; stopping it here", name)
+            runner.request_stop(StopReason.LEASE_LOST)
 
     def _give_memory_back(self) -> None:
         """After a burst (thousands of agents activated, then released) hand the freed
@@ -321,11 +344,13 @@ class Upkeep:
         other daemons, which then count the daemons and look at the leases at once."""
         try:
             if cmd != "released":
+                self._publish_held()  # the keeper's next heartbeat says the same
                 await self.store.heartbeat(
                     self.id,
                     self._info(),
-                    now=self.clock(),
                     forget_after_s=self.settings.daemon_forget_after_s,
+                    instance=self.instance,
+                    fresh_s=self.settings.lease_ttl_s,
                 )
             await self.store.signal(cmd, "", daemon=self.id)
         except StoreError as e:
@@ -363,7 +388,6 @@ class Upkeep:
             "models": self.models.describe(),
             "agents": len(self.runners),
             "started_at": self.started_at,
-            "seen_at": self.clock(),
             "share": self.limit,
             "draining": self._draining,
         }

@@ -49,6 +49,7 @@ from agentos.runtime.loop import (
 from agentos.runtime.session import AgentSession
 from agentos.runtime.slots import SlotArbiter
 from agentos.runtime.usage import UsageMeter
+from agentos.runtime.watchdog import Mark, Stall
 from agentos.runtime.writer import Writer
 from agentos.sdk import (
     Agent,
@@ -166,6 +167,18 @@ class RunnerBase:
         self._phase_path: list[str] = []
         self._task_tokens = (0, 0)
         self._interrupted = False  # cancelled in the middle of an iteration
+        # Isolation: blocks of the event loop charged to this agent, not yet recorded
+        # (agentos.runtime.watchdog), whether one happened during the current task, and
+        # how many starts of each unfinished task were cut short before it ended.
+        self._blocked: list[Stall] = []
+        self._blocked_in_task = False
+        self._mark: Mark | None = None
+        self._interrupted_starts: dict[str, int] = {}
+        self.lost_why = ""  # what the daemon found when the lease was lost
+        # An unexpected error of the runner itself, and how long the agent then waits
+        # before it is activated again (the daemon's backoff for this agent).
+        self.error: BaseException | None = None
+        self.error_delay_s = 1.0
 
     def nudge(self, cmd: str) -> None:
         """Tell the runner something happened: ``message``, ``wake`` or ``hibernate``."""
@@ -174,6 +187,22 @@ class RunnerBase:
         else:
             self._cmds.add(cmd)
         self._nudged.set()
+
+    def note_blocked(self, stall: Stall) -> None:
+        """The watchdog found this agent's code blocking the event loop: recorded (and
+        counted toward the crash loop) by the runner's own loop, between its writes."""
+        self._blocked.append(stall)
+        if self.busy:
+            self._blocked_in_task = True
+        self._nudged.set()
+
+    @property
+    def mark(self) -> Mark:
+        """What the watchdog sees while this agent's code runs (one per agent class)."""
+        module = self._agent_cls.__module__ if self._agent_cls is not None else ""
+        if self._mark is None or self._mark.module != module:
+            self._mark = Mark(self.name, module)
+        return self._mark
 
     def request_hibernate(self, why: str) -> None:
         """Hibernate as soon as the agent is idle."""
@@ -433,6 +462,12 @@ class RunnerBase:
         raise NotImplementedError  # agentos.runtime.faults
 
     async def _fail(self, reason: str, message: str, tb: str) -> None:
+        raise NotImplementedError  # agentos.runtime.faults
+
+    async def _charge_blocked(self) -> None:
+        raise NotImplementedError  # agentos.runtime.faults
+
+    async def _abandon(self, work: Work, starts: int) -> None:
         raise NotImplementedError  # agentos.runtime.faults
 
     async def _instantiate(self, raw: bytes | None = None) -> bool:

@@ -3,7 +3,11 @@
 The decision is pure (:func:`agentos.core.supervisor.decide`); this module classifies
 the error and performs the decision. Only the agent's own exceptions count toward its
 crash loop; quota, budget and infrastructure faults park the task (its slot given
-back) and run it again later, with an event that says why.
+back) and run it again later, with an event that says why. Two faults come from outside
+a task's own outcome: agent code that blocked the event loop (a ``BlockedLoop`` event,
+counted toward the crash loop; the task it ran is not run again), and a task whose
+every start was cut short (its daemon stopped, died or lost its lease before the task
+ended): after ``crashLoopAfter`` such starts it fails instead of starting again.
 """
 
 from __future__ import annotations
@@ -176,6 +180,62 @@ class FaultMixin(RunnerBase):
             self._move(PhaseEvent.START)
             await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
             self._queue.appendleft(retry)
+
+    async def _charge_blocked(self) -> None:
+        """Record the event-loop blocks the watchdog charged to this agent, each counted
+        as a crash; at ``crashLoopAfter`` in a row the agent is Failed (CrashLoop)."""
+        while self._blocked:
+            stall = self._blocked.pop(0)
+            self.consecutive_failures += 1
+            count, limit = self.consecutive_failures, self._policy.crash_loop_after
+            message = (
+                f"agent code blocked the event loop for {stall.seconds:.1f}s at {stall.where}; "
+                f"every agent of daemon {self.daemon_id} waited meanwhile (crash {count} of "
+                f"{limit}): run blocking code with anyio.to_thread.run_sync or anyio.run_process"
+            )
+            log.warning("agent %s: %s", self.name, message)
+            await self.writer.write(
+                status={
+                    **self.task_counters(),
+                    "last_error": message,
+                    "last_traceback": "",
+                    "last_error_at": repr(self.clock()),
+                },
+                event=self.writer.event("BlockedLoop", stall.where, message),
+            )
+            if count >= limit and not self.failed:
+                await self._fail("CrashLoop", f"{message} ({count} failures in a row)", "")
+
+    async def _abandon(self, work: Work, starts: int) -> None:
+        """Fail ``work`` instead of starting it again: ``starts`` starts of it were cut
+        short. Its message is acknowledged (never redelivered); the agent goes on."""
+        message = (
+            f"task {work.id} started {starts} time(s) without finishing: each time the daemon "
+            "running it stopped, died or lost the agent's lease before the task ended "
+            f"(restartPolicy.crashLoopAfter is {self._policy.crash_loop_after}); not run again"
+        )
+        log.warning("agent %s: %s", self.name, message)
+        self._interrupted_starts.pop(work.id, None)
+        self.tasks_failed += 1
+        self.usage.add(tasks_failed=1)
+        self.dirty = True
+        self.telemetry.tasks.add(
+            1, {"agentos.task.status": "failed", "gen_ai.agent.name": self.name}
+        )
+        await self.writer.write(
+            status=self.task_counters(),
+            ack_id=work.message.id if work.message is not None else None,
+            task=TaskWrite(
+                work.id,
+                {
+                    "status": "failed",
+                    "error": message,
+                    "finished_at": repr(self.clock()),
+                    "interrupted": starts,
+                },
+            ),
+            event=self.writer.event("TaskFailed", "Interrupted", message),
+        )
 
     async def _fail(self, reason: str, message: str, tb: str) -> None:
         self.failed = True

@@ -37,6 +37,7 @@ from agentos.runtime.loop import (
 )
 from agentos.runtime.tasking import OnDemandSession, TaskMixin
 from agentos.runtime.waits import WaitMixin
+from agentos.runtime.watchdog import marked, running
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
@@ -70,6 +71,18 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 await self._loop()
             except* LeaseLost:
                 self.stop_reason = StopReason.LEASE_LOST
+            except* Exception as group:
+                # A bug of the runtime, not of the agent: the agent is let go and activated
+                # again after a backoff (error_delay_s), never at once in a hot loop.
+                self.error = group.exceptions[0]
+                log.error(
+                    "%s: the runner failed: %s: %s; the agent is activated again in %.0fs",
+                    self.name,
+                    type(self.error).__name__,
+                    self.error,
+                    self.error_delay_s,
+                    exc_info=self.error,
+                )
             finally:
                 # Runs on cancellation too: a daemon past its grace period still
                 # records the stop and releases the lease.
@@ -121,6 +134,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
                 await self.writer.write(task=TaskWrite(step.task_id, step.fields))
             else:
                 self._queue.append(step.work)
+        self._count_starts(snapshot.unfinished)
         if not await self._resume_wait(snapshot):
             return  # still waiting: released again
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
@@ -157,6 +171,21 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         if len(snapshot.new) >= OPEN_NEW_MESSAGES:
             self._cmds.add("message")
         self._nudged.set()
+
+    def _count_starts(self, unfinished: list[dict[str, str]]) -> None:
+        """Every start of a task counts an attempt: a queued task whose record says it
+        ran before continues its count, and one left ``running`` (its start was cut
+        short: the daemon stopped, died or lost the lease) adds to its interrupted
+        starts, which end it at ``crashLoopAfter`` (:meth:`_abandon`)."""
+        records = {r.get("id", ""): r for r in unfinished}
+        for work in self._queue:
+            record = records.get(work.id)
+            if record is None:
+                continue
+            work.attempt = max(work.attempt, int(record.get("attempt") or 0) + 1)
+            cut = int(record.get("interrupted") or 0) + (record.get("status") == "running")
+            if cut:
+                self._interrupted_starts[work.id] = cut
 
     async def _catch_up(self) -> None:
         """Fires that passed while no daemon ran the agent, per each trigger's catchUp."""
@@ -212,7 +241,8 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             )
             return False
         try:
-            self.agent = self._agent_cls()
+            with running(self.mark):
+                self.agent = self._agent_cls()
         except Exception as e:
             err = AgentCodeError("__init__", e)
             await self._fail("AgentError", str(err), err.tb)
@@ -247,6 +277,9 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
 
     async def _loop(self) -> None:
         while self.stop_reason is None:
+            if self._blocked:  # charged by the watchdog outside a task (observe, init)
+                await self._charge_blocked()
+                continue
             if self.failed:
                 await self._wait(None)
                 if "wake" in self._cmds:
@@ -340,15 +373,29 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         self._released(f"hibernated ({why})")
         await self._into_index(due_at)
 
-    async def _into_index(self, at: float) -> None:
+    async def _into_index(self, at: float, *, look: bool = True) -> None:
         """After the lease was given up: the agent is due at ``at`` (or sooner). Not cut
         short by a stop's grace period: a released agent outside the index would wait
         for the daemon's held set to be recovered."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-            await self.writer.call(
-                lambda: self.store.due_release(self.name, self.daemon_id, at, now=self.clock()),
-                "release",
-            )
+        with anyio.CancelScope(shield=True):
+            # Until it succeeds (a Redis away for minutes included): given up, the agent
+            # would be in no index, with no lease and no runner, its schedules stopped.
+            delay = 0.1
+            while True:
+                try:
+                    await self.writer.call(
+                        lambda: self.store.due_release(
+                            self.name, self.daemon_id, at, now=self.clock(), look=look
+                        ),
+                        "release",
+                    )
+                    break
+                except StoreError as e:
+                    log.warning(
+                        "%s: release not recorded (%s); retrying in %.1fs", self.name, e, delay
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
             self.release_due = None
 
     async def _collect(self) -> None:
@@ -440,7 +487,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             return
         reason = self.stop_reason or StopReason.SHUTDOWN
         if reason is StopReason.LEASE_LOST:
-            log.warning("%s: lease lost; another daemon owns it now", self.name)
+            log.warning("%s: lease lost (%s); stopped here", self.name, self.lost_why or "not ours")
             self.session.drop()  # not ours to save: the new owner starts from Redis
             return
         await self.writer.flush()
@@ -451,7 +498,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             if type(self.agent).on_stop is not Agent.on_stop:  # the default does nothing
                 try:
                     with anyio.move_on_after(5):
-                        await self.agent.on_stop(self.ctx, reason)
+                        await marked(self.mark, self.agent.on_stop(self.ctx, reason))
                 except Exception as e:
                     log.warning("%s: on_stop raised %s: %s", self.name, type(e).__name__, e)
             state = self._encode_state()
@@ -497,9 +544,17 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         message = f"daemon {self.daemon_id} let go of the agent"
         if reason is StopReason.REBALANCE:
             message += ": it holds more than its fair share; another daemon takes the agent"
+        event = self.writer.event("Stopped", reason.value, message)
+        if self.error is not None:
+            event = self.writer.event(
+                "RunnerError",
+                type(self.error).__name__,
+                f"the runner of daemon {self.daemon_id} failed ({type(self.error).__name__}: "
+                f"{self.error}); the agent is activated again in {self.error_delay_s:.0f}s",
+            )
         await self.writer.write(
             status=status,
-            event=self.writer.event("Stopped", reason.value, message),
+            event=event,
             usage=self.usage_delta(),
             schedule=self._triggers.persisted(heartbeats=True),
             release=True,
@@ -516,5 +571,9 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         ):
             next_at = self._triggers.next_at
             at = math.inf if next_at is None else next_at
+        if self.error is not None:
+            # Backs off like a crash: activated again after the delay (what its inbox
+            # holds is not looked at: a message must not make it due at once).
+            at = now + self.error_delay_s
         self.release_due = at
-        await self._into_index(at)
+        await self._into_index(at, look=self.error is None)

@@ -35,6 +35,7 @@ from agentos.runtime.loop import (
     no_span,
     run_task,
 )
+from agentos.runtime.watchdog import marked
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     Message,
@@ -122,8 +123,11 @@ class TaskMixin(RunnerBase):
     async def _run_work(self, work: Work) -> None:
         # Busy from the first observe on: a holder that is looking for work is not idle.
         self.busy = True
+        self._blocked_in_task = self.mark.blocked = False
         try:
             await self._run_work_body(work)
+            if self._blocked:  # the task blocked the event loop: a crash, recorded now
+                await self._charge_blocked()
         finally:
             self.busy = False
             self.arbiter.holder_idle()
@@ -149,6 +153,12 @@ class TaskMixin(RunnerBase):
                 if done:
                     await self.writer.write(ack_id=m.id, task=self._duplicate(work).task)
                     return
+        starts = self._interrupted_starts.get(work.id, 0)
+        if starts >= self._policy.crash_loop_after:
+            # Every start so far was cut short (the daemon lost control each time): a
+            # task that takes its daemon down with it must not run again without end.
+            await self._abandon(work, starts)
+            return
         task = TaskInfo(
             id=work.id,
             trigger=work.trigger,
@@ -163,7 +173,7 @@ class TaskMixin(RunnerBase):
             # A heartbeat (or a start) only asks; an agent with nothing to do stays as it
             # is, asleep or idle, and costs nothing: no task, no record, no slot.
             try:
-                first_observation = await self.agent.observe(self.ctx)
+                first_observation = await marked(self.mark, self.agent.observe(self.ctx))
             except Exception as e:
                 await self._on_fault(AgentCodeError("observe", e), work)
                 return
@@ -211,6 +221,8 @@ class TaskMixin(RunnerBase):
             "started_at": repr(started),
             "attempt": work.attempt,
         }
+        if work.id in self._interrupted_starts:  # kept with the record: counted on
+            record["interrupted"] = self._interrupted_starts[work.id]
         if not work.recorded:
             record = {**queued_record(work, self.name, started), **record}
         fresh = await self._set_phase(
@@ -241,14 +253,18 @@ class TaskMixin(RunnerBase):
             nonlocal result, failure, lost, infra, waited
             with scope:
                 try:
-                    result = await run_task(
-                        agent,
-                        ctx,
-                        after_step=self._after_step,
-                        first_observation=first_observation,
-                        # Disabled telemetry must cost nothing per loop step.
-                        phase_span=self.telemetry.span if self.telemetry.enabled else no_span,
-                        before_step=self.writer.flush,
+                    # Marked for the watchdog: a block of the loop is charged to us.
+                    result = await marked(
+                        self.mark,
+                        run_task(
+                            agent,
+                            ctx,
+                            after_step=self._after_step,
+                            first_observation=first_observation,
+                            # Disabled telemetry must cost nothing per loop step.
+                            phase_span=self.telemetry.span if self.telemetry.enabled else no_span,
+                            before_step=self.writer.flush,
+                        ),
                     )
                 except AgentCodeError as e:
                     failure = e
@@ -293,7 +309,9 @@ class TaskMixin(RunnerBase):
             self._queue.appendleft(work)
             await self._set_phase(PhaseEvent.IDLE, task=TaskWrite(work.id, {"status": "queued"}))
             return
-        self.consecutive_failures = 0
+        self._interrupted_starts.pop(work.id, None)
+        if not (self._blocked_in_task or self.mark.blocked):  # blocking the loop: a crash
+            self.consecutive_failures = 0
         if result.steps:
             # A wake-up whose first observe found nothing to do is not a task.
             self.tasks_succeeded += 1

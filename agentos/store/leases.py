@@ -2,15 +2,16 @@
 
 A daemon takes an agent by acquiring its lease (``lua/lease_acquire.lua``), which hands
 out a fencing token that every later write of that agent is checked against; it renews
-its leases in batches and releases them on a clean stop. Daemons nudge each other through
-one signal stream, say they are alive with heartbeats (``lua/daemon_heartbeat.lua``),
-and record fleet-wide events.
+its leases in batches and releases them on a clean stop; a running daemon renews them
+from a thread of its own (:mod:`agentos.store.keeper`), so that agent code that blocks
+the event loop cannot cost the fleet its leases. Daemons nudge each other through one
+signal stream, say they are alive with heartbeats (``lua/daemon_heartbeat.lua``, stamped
+with the Redis server's clock) and record fleet-wide events.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 from agentos.store import streams
 from agentos.store.batching import raise_first, run_many
 from agentos.store.errors import StoreError, classify, translate
+from agentos.store.keeper import LeaseKeeper, heartbeat_args, sync_client
 from agentos.store.keys import Keys
 from agentos.store.keys import event_fields as _event_fields
 from agentos.store.records import FLEET_EVENTS_MAXLEN, SIGNALS_MAXLEN, LeaseInfo, _s
+from agentos.store.writes import EVENTS_MAXLEN
 
 __all__ = ["LeaseOps"]
 
@@ -164,22 +167,59 @@ class LeaseOps:
         *,
         now: float | None = None,
         forget_after_s: float = 600.0,
-    ) -> None:
+        instance: str = "",
+        fresh_s: float = 0.0,
+    ) -> bool:
         """Record that a daemon is alive, with a few facts for `agentos get daemons`.
 
-        Entries whose ``seen_at`` is older than ``forget_after_s`` (daemons that died
-        without saying goodbye) are removed, and the hash itself expires that long after
-        the last heartbeat of any daemon.
+        ``seen_at`` is the Redis server's time (``now`` overrides it, for tests): the
+        daemons compare heartbeats on one clock, never another host's with their own.
+        Entries not seen for ``forget_after_s`` (daemons that died without saying
+        goodbye) are removed, and the hash itself expires that long after the last
+        heartbeat of any daemon. With ``instance`` (a nonce of this process), returns
+        False and writes nothing when another instance's heartbeat under the same id is
+        younger than ``fresh_s``: a second daemon started with a live one's id.
         """
-        now = time.time() if now is None else now
-        await self._heartbeat(
+        body = {k: v for k, v in info.items() if k != "seen_at"}
+        if instance:
+            body["instance"] = instance
+        written, _ = await self._heartbeat(
             keys=[self.keys.daemons],
-            args=[
-                daemon_id,
-                json.dumps(dict(info)),
-                repr(now - forget_after_s),
-                max(1, math.ceil(forget_after_s)),
-            ],
+            args=heartbeat_args(
+                daemon_id, body, now=now, forget_after_s=forget_after_s, fresh_s=fresh_s
+            ),
+        )
+        return bool(int(written))
+
+    @translate
+    async def server_time(self) -> float:
+        """The Redis server's clock (epoch seconds): what heartbeats are stamped with."""
+        seconds, micros = await self._r.time()
+        return int(seconds) + int(micros) / 1_000_000
+
+    @translate
+    async def record_agent_event(
+        self, agent: str, type_: str, reason: str, message: str, daemon: str
+    ) -> None:
+        """Add an event to an agent's stream and the fleet feed without a lease: what a
+        daemon saw happen to an agent it no longer holds (a lease it lost)."""
+        fields = _event_fields(agent, time.time(), type_, reason, message, daemon)
+        await self._r.xadd(self.keys.events(agent), fields, maxlen=EVENTS_MAXLEN, approximate=True)
+        await self.record_fleet_event(agent, type_, reason, message, daemon)
+
+    def lease_keeper(
+        self, daemon_id: str, *, instance: str, ttl_ms: int, every_s: float, forget_after_s: float
+    ) -> LeaseKeeper:
+        """A :class:`~agentos.store.keeper.LeaseKeeper` for this store's server: leases
+        and the heartbeat renewed from a thread, on a connection of its own."""
+        return LeaseKeeper(
+            sync_client(self._r, cluster=self.cluster),
+            self.keys,
+            daemon_id,
+            instance=instance,
+            ttl_ms=ttl_ms,
+            every_s=every_s,
+            forget_after_s=forget_after_s,
         )
 
     @translate
