@@ -281,7 +281,7 @@ class LLM:
         telemetry: Telemetry | None = None,
         admit: Admitter | None = None,
         on_overflow: str = "compact",
-        on_compacted: Callable[[Compaction], None] | None = None,
+        on_compacted: Callable[[Compaction], Awaitable[None] | None] | None = None,
     ) -> None:
         self._engine = engine
         self.on_overflow = on_overflow
@@ -448,7 +448,7 @@ class LLM:
             except ContextOverflow:
                 await self._put_back(saved)
                 raise
-        self._compacted(Compaction("text", 0, 0, before))
+        await self._compacted(Compaction("text", 0, 0, before))
         return completion
 
     async def _put_back(self, saved: KVSnapshot) -> None:
@@ -461,10 +461,12 @@ class LLM:
         except EngineError as e:
             log.warning("%s: the context could not be put back: %s", self._session, e)
 
-    def _compacted(self, compaction: Compaction) -> None:
+    async def _compacted(self, compaction: Compaction) -> None:
         log.info("%s: %s", self._session, compaction.describe())
         if self.on_compacted is not None:
-            self.on_compacted(compaction)
+            told = self.on_compacted(compaction)
+            if told is not None:
+                await told
 
     async def _chat_fitting(
         self, history: list[dict[str, Any]], new: list[dict[str, Any]], **options: Any
@@ -493,7 +495,9 @@ class LLM:
                     reply = await self._engine.chat(self._session, [*kept, *new], **options)
                 except ContextOverflow:
                     continue
-                self._compacted(Compaction("chat", len(history) - len(kept), len(kept), before))
+                await self._compacted(
+                    Compaction("chat", len(history) - len(kept), len(kept), before)
+                )
                 return reply, kept
 
     async def stream(

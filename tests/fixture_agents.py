@@ -348,3 +348,11 @@ class ToolUser(agentos.Agent):
     async def act(self, ctx: agentos.Context, message: Any) -> Any:
         reply = await ctx.llm.run([{"role": "user", "content": message.body}], max_steps=4)
         return reply.content
+
+
+class Chatter(agentos.Agent):
+    """Answers each message with one chat turn, keeping the whole conversation."""
+
+    async def act(self, ctx: agentos.Context, message: Any) -> Any:
+        reply = await ctx.llm.chat([{"role": "user", "content": message.body}], max_tokens=8)
+        return reply.text

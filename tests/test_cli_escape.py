@@ -186,3 +186,12 @@ def test_hides_userinfo(url: str, hidden: bool) -> None:
 )
 def test_printable(text: str, keep: str, shown: str) -> None:
     assert printable(text, keep=keep) == shown
+
+
+async def test_a_bad_daemon_id_is_one_line_and_exit_2(
+    env: dict[str, str],  # noqa: F811
+) -> None:
+    proc = await cli(env, "daemon", "--id", "bad{id}", "--engine", "sim")
+    assert proc.returncode == 2, show(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len((proc.stderr + proc.stdout).strip().splitlines()) == 1, show(proc)

@@ -8,11 +8,14 @@ from typing import Any
 
 import pytest
 
+from agentos.client import Client
 from agentos.core.chat import ToolCall, validate_messages
 from agentos.core.spec import SpecError, canonical, parse_text
 from agentos.engine.base import ContextOverflow
 from agentos.engine.sim import SimEngine
 from agentos.sdk import LLM, Compaction, compact_history
+from agentos.store import Store
+from tests.helpers import agent_doc, apply, running_daemon
 
 pytestmark = pytest.mark.anyio
 
@@ -201,3 +204,23 @@ def test_spec_context_on_overflow_defaults_to_compact_and_keeps_existing_hashes(
     assert _agent(context={"onOverflow": "fail"}).spec.on_overflow == "fail"
     with pytest.raises(SpecError, match="onOverflow"):
         _agent(context={"onOverflow": "truncate"})
+
+
+async def test_a_compaction_in_a_daemon_is_a_context_compacted_event(store: Store) -> None:
+    engine = SimEngine.like_llama(n_ctx=160)
+    long = "word " * 40
+    for _ in range(4):
+        engine.script("squeezed", "ok")
+    await apply(
+        store, agent_doc("squeezed", "tests.fixture_agents:Chatter", triggers=[{"inbox": {}}])
+    )
+    client = Client(store)
+    async with running_daemon(store, engine):
+        for i in range(4):
+            sent = await client.send("squeezed", f"{i} {long}")
+            done = await client.wait_task("squeezed", f"m-{sent}", timeout_s=20)
+            assert done["status"] == "succeeded", done
+    events = await client.events("squeezed", count=100)
+    events = [e for e in events if e.type == "ContextCompacted"]
+    assert events
+    assert "dropped its" in events[0].message

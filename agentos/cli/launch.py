@@ -85,16 +85,19 @@ def _daemon_settings(
             _fail(f"{flag}: {e}", 2)
     if values["--grace"] >= values["--lease-ttl"]:
         _fail("--grace must be shorter than --lease-ttl", 2)
-    return DaemonSettings(
-        daemon_id=daemon_id or new_daemon_id(),
-        engine=engine,
-        max_agents=max_agents,
-        grace_s=values["--grace"],
-        lease_ttl_s=values["--lease-ttl"],
-        engine_options=engine_options,
-        task_retention_count=keep,
-        task_retention_s=values["--task-max-age"],
-    )
+    try:
+        return DaemonSettings(
+            daemon_id=daemon_id or new_daemon_id(),
+            engine=engine,
+            max_agents=max_agents,
+            grace_s=values["--grace"],
+            lease_ttl_s=values["--lease-ttl"],
+            engine_options=engine_options,
+            task_retention_count=keep,
+            task_retention_s=values["--task-max-age"],
+        )
+    except ValueError as e:  # a bad --id: one line, exit 2
+        _fail(str(e), 2)
 
 
 EngineOpt = Annotated[

@@ -131,6 +131,7 @@ class Daemon(Peers, Upkeep):
             ModelEntry(DEFAULT_MODEL, engine, self.arbiter, self.hibernator),
             attained=lambda name: self.governor.attained.value(name, time.time()),
             on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
+            daemon_id=self.id,
         )
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()

@@ -26,6 +26,7 @@ from agentos.core.tasks import (
     Work,
     short,
 )
+from agentos.engine.base import ModelMisconfigured
 from agentos.runtime.base import INFRA_ERRORS, RunnerBase
 from agentos.runtime.loop import (
     AgentCodeError,
@@ -90,6 +91,8 @@ class FaultMixin(RunnerBase):
             Fault.BUDGET: "BudgetExhausted",
             Fault.INFRA: "InfrastructureError",
         }[fault]
+        if isinstance(error, ModelMisconfigured):
+            kind = "ModelMisconfigured"  # who must act: whoever owns the Model, not the agent
         until = time.strftime("%H:%M:%S", time.localtime(verdict.resume_at))
         what = f"{type(error).__name__}: {error}" if fault is Fault.INFRA else str(error)
         saved = await self._release_slot()

@@ -42,6 +42,7 @@ from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
     LLM,
     Agent,
+    Compaction,
     Context,
     TaskInfo,
     agent_logger,
@@ -256,6 +257,8 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             on_usage=self._on_usage,
             telemetry=self.telemetry,
             admit=self._admit if self.governor is not None else None,
+            on_overflow=spec.on_overflow,
+            on_compacted=self._compacted,
         )
         self.ctx = Context(
             name=self.name,
@@ -274,6 +277,12 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             await self._fail("AgentError", f"{self._agent_cls.__name__}.tools: {e}", "")
             return False
         return True
+
+    async def _compacted(self, compaction: Compaction) -> None:
+        """The agent's context did not fit the model and was compacted: say so."""
+        await self.writer.write(
+            event=self.writer.event("ContextCompacted", compaction.operation, compaction.describe())
+        )
 
     async def _loop(self) -> None:
         while self.stop_reason is None:
