@@ -9,6 +9,7 @@ so it gets the built-in ``gemma``. Assertions are on the server's own counters
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import itertools
 
 from agentos.core.chat import Reply, ToolCall, ToolSpec, validate_messages
 from agentos.engine import KVSnapshot
-from agentos.engine.base import ContextOverflow, EngineError, EngineUnavailable
+from agentos.engine.base import ContextOverflow, EngineError, ModelMisconfigured
 from agentos.engine.gguf import default_model_path
 from agentos.engine.llamaserver import (
     EmbeddedServer,
@@ -358,9 +359,40 @@ async def test_a_key_protected_server_needs_the_models_key(
         assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == reply.input_tokens
         with pytest.raises(EngineError, match="credentials") as refused:
             LlamaServerEngine(endpoints=[endpoint], api_key="sk-wrong-key")
-        assert not isinstance(refused.value, EngineUnavailable)  # not an outage to retry
+        # The Model's fault, not the server's: its agents park until the key is fixed.
+        assert isinstance(refused.value, ModelMisconfigured)
         assert "sk-wrong-key" not in str(refused.value)
         with pytest.raises(EngineError, match="401"):
             LlamaServerEngine(endpoints=[endpoint])
     finally:
         await embedded.aclose()
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    found: set[int] = set()
+    for task in Path(f"/proc/{me}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(pid) for pid in text)
+    return found
+
+
+def test_an_engine_whose_start_fails_leaves_no_server_behind(
+    llama_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agentos.engine.llamaserver as llamaserver
+
+    def broken(path: Path) -> str:
+        raise OSError("disk read error")
+
+    monkeypatch.setattr(llamaserver, "model_sha256", broken)
+    before = _children()
+    with pytest.raises(OSError, match="disk read error"):
+        LlamaServerEngine(
+            home=tmp_path,
+            model_path=default_model_path(llama_home),
+            slots=1,
+            n_ctx=512,
+            n_threads=1,
+        )
+    assert _children() <= before  # the server child it started was stopped

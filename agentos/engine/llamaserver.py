@@ -70,6 +70,7 @@ from agentos.engine.base import (
     EngineError,
     EngineUnavailable,
     KVSnapshot,
+    ModelMisconfigured,
     NoFreeSlot,
     SessionInfo,
     StreamChunk,
@@ -373,63 +374,64 @@ class LlamaServerEngine:
         self._model = model
         self.server: EmbeddedServer | None = None
         self.stats = LlamaServerStats()
-        if not endpoints:
-            if home is None:
-                from agentos.settings import default_home
-
-                home = default_home()
-            path = Path(model_path) if model_path is not None else ensure_default_model(home)
-            template = server_template(chat_template, gguf_has_chat_template(path))
-            folder = home / "llamaserver" / f"{model}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            self.server = EmbeddedServer(
-                model_path=path,
-                slot_dir=folder / "slots",
-                n_ctx=n_ctx,
-                n_parallel=slots,
-                n_threads=n_threads or min(4, os.cpu_count() or 2),
-                chat_template=template.chat_template,
-                use_jinja=template.use_jinja,
-                api_key=api_key,
-            )
-            replicas = [Replica(self.server.url, slots, str(self.server.slot_dir))]
-            self._model_id = model_sha256(path)
-        else:
-            replicas = [
-                Replica(
-                    str(e["url"]),
-                    int(e.get("max_concurrent", slots)),
-                    e.get("slot_dir"),
-                )
-                for e in endpoints
-            ]
-            self._model_id = ""
-            if chat_template is not None:
-                log.warning(
-                    "llamaserver model %s: chatTemplate %r is ignored; the server at the "
-                    "endpoint renders chat with its own template",
-                    model,
-                    chat_template,
-                )
-        self.client = RemoteClient(
-            model,
-            replicas,
-            api_key=api_key,
-            connect_timeout_s=connect_timeout_s,
-            request_timeout_s=request_timeout_s,
-            throttle_wait_s=throttle_wait_s,
-            attempts=attempts,
-            board=throttle_board,
-        )
-        self._sessions: dict[str, _Session] = {}
-        self._props: dict[str, dict[str, Any]] = {}
-        self._dirty: set[tuple[str, int]] = set()  # slots closed since their last use: erase
-        self._counts: OrderedDict[str, int] = OrderedDict()  # text -> exact token count
+        # Made before anything can fail, so that the cleanup below can always close it.
         self._sync = httpx.Client(
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
         )
-        self._slot_ctx = 0
         try:
+            if not endpoints:
+                if home is None:
+                    from agentos.settings import default_home
+
+                    home = default_home()
+                path = Path(model_path) if model_path is not None else ensure_default_model(home)
+                template = server_template(chat_template, gguf_has_chat_template(path))
+                folder = home / "llamaserver" / f"{model}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+                self.server = EmbeddedServer(
+                    model_path=path,
+                    slot_dir=folder / "slots",
+                    n_ctx=n_ctx,
+                    n_parallel=slots,
+                    n_threads=n_threads or min(4, os.cpu_count() or 2),
+                    chat_template=template.chat_template,
+                    use_jinja=template.use_jinja,
+                    api_key=api_key,
+                )
+                replicas = [Replica(self.server.url, slots, str(self.server.slot_dir))]
+                self._model_id = model_sha256(path)
+            else:
+                replicas = [
+                    Replica(
+                        str(e["url"]),
+                        int(e.get("max_concurrent", slots)),
+                        e.get("slot_dir"),
+                    )
+                    for e in endpoints
+                ]
+                self._model_id = ""
+                if chat_template is not None:
+                    log.warning(
+                        "llamaserver model %s: chatTemplate %r is ignored; the server at the "
+                        "endpoint renders chat with its own template",
+                        model,
+                        chat_template,
+                    )
+            self.client = RemoteClient(
+                model,
+                replicas,
+                api_key=api_key,
+                connect_timeout_s=connect_timeout_s,
+                request_timeout_s=request_timeout_s,
+                throttle_wait_s=throttle_wait_s,
+                attempts=attempts,
+                board=throttle_board,
+            )
+            self._sessions: dict[str, _Session] = {}
+            self._props: dict[str, dict[str, Any]] = {}
+            self._dirty: set[tuple[str, int]] = set()  # slots closed since their last use: erase
+            self._counts: OrderedDict[str, int] = OrderedDict()  # text -> exact token count
+            self._slot_ctx = 0
             for replica in replicas:
                 props = self._get_props(replica)
                 self._props[replica.url] = props
@@ -438,27 +440,27 @@ class LlamaServerEngine:
                 replica.limiter.total_tokens = total
                 settings = props.get("default_generation_settings") or {}
                 self._slot_ctx = int(settings.get("n_ctx") or 0)
+            first = self._props[replicas[0].url]
+            # The agentos built-in the server renders with, if it is one: it gives the stops.
+            self._template = _builtin_of(str(first.get("chat_template") or ""))
+            # A base model's turn may run on into a new turn; under the gemma template the
+            # model must not open one, so its turn-opening token is banned (its text is not
+            # rendered, so no stop string can catch it).
+            self._banned = self._special_ids("<start_of_turn>") if self._template == "gemma" else []
+            self._fingerprint = self._make_fingerprint(n_ctx)
+            if not self.kv_hibernation:
+                log.warning(
+                    "llamaserver model %s: no slotDir for its endpoint(s); hibernation keeps the "
+                    "token history only and waking re-prefills it",
+                    model,
+                )
         except BaseException:
-            # Nothing else would stop the server child or close the pool of an engine
-            # that never finished starting.
+            # Nothing else would stop the server child or close the pools of an engine
+            # that never finished starting (a hash, a template or /props that failed).
             self._sync.close()
             if self.server is not None:
                 self.server.stop()
             raise
-        first = self._props[replicas[0].url]
-        # The agentos built-in the server renders with, if it is one: it gives the stops.
-        self._template = _builtin_of(str(first.get("chat_template") or ""))
-        # A base model's turn may run on into a new turn; under the gemma template the
-        # model must not open one, so its turn-opening token is banned (its text is not
-        # rendered, so no stop string can catch it).
-        self._banned = self._special_ids("<start_of_turn>") if self._template == "gemma" else []
-        self._fingerprint = self._make_fingerprint(n_ctx)
-        if not self.kv_hibernation:
-            log.warning(
-                "llamaserver model %s: no slotDir for its endpoint(s); hibernation keeps the "
-                "token history only and waking re-prefills it",
-                model,
-            )
 
     def _get_props(self, replica: Replica) -> dict[str, Any]:
         try:
@@ -470,10 +472,11 @@ class LlamaServerEngine:
         if response.status_code in (401, 403):
             # The Model's fault, not the server's: retrying will not help.
             detail = self.client.scrub(response.text)
-            raise EngineError(
+            raise ModelMisconfigured(
+                self._model,
                 f"llama.cpp server at {replica.url} refused the model's credentials "
                 f"(HTTP {response.status_code} on /props: {detail}); check the Model's "
-                "credentials.apiKey"
+                "credentials.apiKey",
             )
         try:
             response.raise_for_status()
