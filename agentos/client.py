@@ -26,6 +26,7 @@ from agentos.core.modelspec import ModelResource
 from agentos.core.modelusage import ModelUsageRow, by_model
 from agentos.core.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
 from agentos.core.spec import (
+    INBOX_MAX_DEPTH,
     AgentResource,
     Document,
     QuotaPolicyResource,
@@ -36,7 +37,18 @@ from agentos.core.spec import (
 )
 from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
-from agentos.store import AppliedChange, Event, SendRefused, SpecRecord, Store, StoreUnavailable
+from agentos.store import (
+    AppliedChange,
+    DeadLetter,
+    Event,
+    SendRefused,
+    SpecRecord,
+    Store,
+    StoreUnavailable,
+)
+from agentos.store import EventsFull as _StoreEventsFull
+from agentos.store import InboxFull as _StoreInboxFull
+from agentos.store import SendConflict as _StoreSendConflict
 from agentos.store.embedded import embedded_url
 from agentos.store.retry import new_op_id, retry
 
@@ -46,8 +58,12 @@ __all__ = [
     "AnswerRejected",
     "Client",
     "ClientError",
+    "EventsFull",
+    "InboxFull",
+    "MessageTooLarge",
     "NoRedisConfigured",
     "NotFound",
+    "SendConflict",
     "resolve_redis_url",
     "spec_hash",
 ]
@@ -61,6 +77,30 @@ class ClientError(Exception):
 
 class NotFound(ClientError):
     """The named agent or policy does not exist."""
+
+
+class MessageTooLarge(ClientError):
+    """A message larger than the agent's inbox accepts (``maxMessageBytes``); nothing
+    was enqueued."""
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        self.name, self.size, self.limit = name, size, limit
+        super().__init__(f'message is {size} bytes; agent "{name}" accepts at most {limit}')
+
+
+class InboxFull(ClientError, _StoreInboxFull):
+    """The agent's inbox holds ``maxDepth`` messages already (``depth``, ``limit``);
+    nothing was enqueued: try again after ``retry_after_s`` (HTTP: 429, Retry-After)."""
+
+
+class SendConflict(ClientError, _StoreSendConflict):
+    """The send id (an HTTP ``Idempotency-Key``) already sent another body, as message
+    ``message_id``; nothing was enqueued (HTTP: 409)."""
+
+
+class EventsFull(ClientError, _StoreEventsFull):
+    """The agent does not wait for the event and keeps as many events sent while it was
+    not waiting as it may (by count or bytes); the event was not kept (HTTP: 429)."""
 
 
 class InUse(ClientError):
@@ -207,6 +247,7 @@ class Client(WaitClientMixin):
                     spec_hash(body),
                     agent.spec.priority if agent is not None else 0,
                     inbox_limit(agent) if agent is not None else None,
+                    _inbox_depth(agent) if agent is not None else None,
                 )
             )
         changes = await self.store.apply(records, dry_run=dry_run)
@@ -437,17 +478,28 @@ class Client(WaitClientMixin):
     # ------------------------------------------------------------------ commands
 
     async def send(
-        self, name: str, body: str, *, key: str | None = None, traceparent: str | None = None
+        self,
+        name: str,
+        body: str,
+        *,
+        key: str | None = None,
+        traceparent: str | None = None,
+        send_id: str | None = None,
     ) -> str:
         """Put a message in an agent's inbox. Returns the message id.
 
-        Raises :class:`NotFound` for an unknown agent and :class:`ClientError` for a
-        message larger than the agent's inbox limit; nothing is enqueued then.
+        With ``send_id`` (an HTTP ``Idempotency-Key``'s, say) the send is made at most
+        once for an hour: the same id again returns the first message's id, and raises
+        :class:`SendConflict` if it comes with another body. Raises :class:`NotFound`
+        for an unknown agent, :class:`MessageTooLarge` for a message larger than its
+        inbox takes, :class:`InboxFull` when its inbox holds ``maxDepth`` messages;
+        nothing is enqueued then.
         """
-        # One round trip: the script checks the agent and the size. A pooled connection
-        # to a Redis that restarted fails once: a few quick retries reach a fresh one,
-        # safe because the send carries an id.
-        send_id = new_op_id()
+        # One round trip: the script checks the agent, the size and the depth. A pooled
+        # connection to a Redis that restarted fails once: a few quick retries reach a
+        # fresh one, safe because the send carries an id.
+        send_id = send_id or new_op_id()
+        digest = body_digest(body)
         try:
             return await retry(
                 lambda: self.store.send(
@@ -457,6 +509,7 @@ class Client(WaitClientMixin):
                     traceparent=traceparent,
                     send_id=send_id,
                     check_limit=DEFAULT_MAX_MESSAGE_BYTES,
+                    digest=digest,
                 ),
                 what=f"send to {name}",
                 max_delay_s=0.5,
@@ -465,10 +518,65 @@ class Client(WaitClientMixin):
         except SendRefused as e:
             if e.limit is None:
                 raise NotFound(f'agent "{name}" not found') from None
-            size = len(body.encode())
-            raise ClientError(
-                f'message is {size} bytes; agent "{name}" accepts at most {e.limit}'
-            ) from None
+            raise MessageTooLarge(name, len(body.encode()), e.limit) from None
+        except _StoreInboxFull as e:
+            raise InboxFull(name, e.depth, e.limit, e.retry_after_s) from None
+        except _StoreSendConflict as e:
+            raise SendConflict(name, e.message_id) from None
+
+    async def send_event(
+        self, name: str, event: str, data: Any = None, *, by: str, now: float | None = None
+    ) -> bool:
+        """Send the event ``event`` (JSON ``data``) to agent ``name``: True when it ended
+        a wait, False when kept for the agent's next ``wait_for`` of it. Raises
+        :class:`EventsFull` when the agent keeps as many unawaited events as it may."""
+        try:
+            return await super().send_event(name, event, data, by=by, now=now)
+        except _StoreEventsFull as e:
+            raise EventsFull(e.name, e.event, e.what, e.limit) from None
+
+    # ------------------------------------------------------------------ poison messages
+
+    async def drop(self, name: str, task_id: str, *, by: str) -> str:
+        """Drop the message of task ``task_id`` for good: out of the inbox (queued or
+        being retried) or out of the dead letters, the task recorded as ``dropped`` with
+        a ``Dropped`` event naming ``by``. Returns where it was: "inbox" or "dead".
+
+        Raises :class:`NotFound` for an unknown agent, or a task with no message left
+        (not a message's task, already done, dropped or re-driven).
+        """
+        await self._require(name)
+        where = await self.store.drop_message(name, task_id, by=by)
+        if where is None:
+            raise NotFound(
+                f'task {task_id} of agent "{name}" has no message to drop (neither waiting '
+                "in its inbox nor a dead letter)"
+            )
+        return where
+
+    async def retry_dead(self, name: str, task_id: str, *, by: str) -> str:
+        """Send the dead letter of task ``task_id`` again (back into the inbox, out of the
+        dead letters). Returns the new message id (its task is ``m-<id>``).
+
+        Raises :class:`NotFound` for an unknown agent or a task with no dead letter,
+        :class:`InboxFull` when the agent's inbox is full.
+        """
+        await self._require(name)
+        try:
+            message_id = await self.store.redrive(name, task_id, by=by)
+        except SendRefused:
+            raise NotFound(f'agent "{name}" not found') from None
+        except _StoreInboxFull as e:
+            raise InboxFull(name, e.depth, e.limit, e.retry_after_s) from None
+        if message_id is None:
+            raise NotFound(f'task {task_id} of agent "{name}" is not a dead letter')
+        return message_id
+
+    async def dead_letters(self, name: str, *, count: int = 100) -> list[DeadLetter]:
+        """The agent's dead letters, newest first: messages whose task failed or was
+        interrupted ``crashLoopAfter`` times in a row. Raises :class:`NotFound`."""
+        await self._require(name)
+        return await self.store.dead_letters(name, count=count)
 
     async def hibernate(self, name: str) -> None:
         """Ask the agent's daemon to hibernate (and release) it as soon as it is idle; an
@@ -497,11 +605,12 @@ class Client(WaitClientMixin):
     async def wait_task(
         self, name: str, task_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.1
     ) -> dict[str, str]:
-        """Wait until a task ends (succeeded, failed, skipped, cancelled) and return its record.
+        """Wait until a task ends (succeeded, failed, skipped, cancelled, dropped, dead)
+        and return its record.
 
         Raises :class:`ClientError` after ``timeout_s``, saying where the task got to.
         """
-        done = {"succeeded", "failed", "skipped", "cancelled"}
+        done = {"succeeded", "failed", "skipped", "cancelled", "dropped", "dead"}
         with anyio.move_on_after(timeout_s):
             while True:
                 record = await self.store.task(name, task_id)
@@ -559,6 +668,21 @@ class Client(WaitClientMixin):
 
 DEFAULT_CLASS = "standard"
 """The quota class agents get when they name none; it exists (unlimited) without a policy."""
+
+
+def body_digest(body: str) -> str:
+    """A message body's digest, kept with its send id: the same id with another body is
+    a conflict (:class:`SendConflict`), not a replay."""
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def _inbox_depth(agent: AgentResource) -> int:
+    """The most messages the agent's inbox holds (its first ``inbox`` trigger's
+    ``maxDepth``; the default when it declares none)."""
+    for trigger in agent.spec.triggers:
+        if trigger.inbox is not None:
+            return trigger.inbox.depth_limit
+    return INBOX_MAX_DEPTH
 
 
 def fleet_issues(

@@ -1,11 +1,14 @@
 """HTTP ingress: webhooks and health checks served by the daemon (``--http HOST:PORT``).
 
 Outside systems (CI, ticketing, chat ops) wake agents by POSTing a message, answer
-waiting tasks (``GET /v1/pending``, ``POST /v1/agents/{name}/tasks/{task}/answer``)
-and send them events (``POST /v1/agents/{name}/events/{event}``); load
+waiting tasks (``GET /v1/pending``, ``POST /v1/agents/{name}/tasks/{task}/answer``),
+drop a poison message (``POST /v1/agents/{name}/tasks/{task}/drop``) and send them
+events (``POST /v1/agents/{name}/events/{event}``); load
 balancers and orchestrators ask ``/healthz`` and ``/readyz``. The app is Starlette on
 uvicorn, and every request goes through :class:`agentos.client.Client` and its store, so
-a webhook is `agentos send`: same validation, same size limit, same idempotency keys.
+a webhook is `agentos send`: same validation, same size and depth limits (a full inbox
+answers 429 with ``Retry-After``), same idempotency keys (a key reused with another
+body answers 409 with the first task's id).
 
 It runs on the daemon's event loop, next to lease renewal, and it is reachable by more
 than its operator, so it refuses what it cannot trust before doing any work:
@@ -33,6 +36,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -52,11 +56,14 @@ from agentos.client import (
     AnswerRejected,
     Client,
     ClientError,
+    EventsFull,
+    InboxFull,
+    MessageTooLarge,
     NotFound,
+    SendConflict,
 )
 from agentos.core.spec import AgentResource, SpecError, inbox_limit, parse_resource
-from agentos.store import SendRefused, StoreError
-from agentos.store.retry import new_op_id, retry
+from agentos.store import StoreError
 
 __all__ = [
     "CONTROL_CHARS",
@@ -258,11 +265,12 @@ def _plain(what: str, text: str) -> None:
         raise _Rejected(400, "bad_text", f"{what} must not hold control characters")
 
 
-def _send_id(key: str | None) -> str:
+def _send_id(key: str | None) -> str | None:
     """The store's at-most-once id for a send: one per ``Idempotency-Key`` (so a replay
-    gets the first message's id back), a fresh one for a send without a key."""
+    gets the first message's id back, and the key with another body is a conflict);
+    None (a fresh one) for a send without a key."""
     if key is None:
-        return new_op_id()
+        return None
     return "k" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -384,6 +392,15 @@ def build_app(
                 return _error(404, "not_found", str(e))
             except AnswerRejected as e:
                 return _error(422 if e.code == "invalid" else 409, e.code, str(e))
+            except MessageTooLarge as e:
+                return _error(413, "too_large", f"body is larger than {e.limit} bytes")
+            except InboxFull as e:
+                # Retry-After in whole seconds (RFC 9110), never 0: a client must wait.
+                response = _error(429, "inbox_full", str(e))
+                response.headers["retry-after"] = str(max(1, math.ceil(e.retry_after_s)))
+                return response
+            except EventsFull as e:
+                return _error(429, "events_full", str(e))
             except ClientError as e:
                 return _error(422, "rejected", str(e))
             except StoreError as e:
@@ -404,26 +421,26 @@ def build_app(
             return _error(400, "bad_encoding", "the body must be UTF-8 text")
         key = request.headers.get("idempotency-key") or None
         traceparent = request.headers.get("traceparent") or None
-        send_id = _send_id(key)
         try:
-            # The send id makes the retry safe and a replayed key answer its first task.
-            msg_id = await retry(
-                lambda: client.store.send(
-                    name,
-                    text,
-                    key=key,
-                    traceparent=traceparent,
-                    send_id=send_id,
-                    check_limit=DEFAULT_MAX_MESSAGE_BYTES,
-                ),
-                what=f"send to {name}",
-                max_delay_s=0.5,
-                attempts=3,
+            # The key's send id makes a replay answer its first task, and the same key
+            # with another body a conflict rather than a message silently dropped.
+            msg_id = await client.send(
+                name, text, key=key, traceparent=traceparent, send_id=_send_id(key)
             )
-        except SendRefused as e:
-            if e.limit is None:
-                raise NotFound(f'agent "{name}" not found') from None
-            raise _Rejected(413, "too_large", f"body is larger than {e.limit} bytes") from None
+        except SendConflict as e:
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "conflict",
+                        "message": "this Idempotency-Key was already used for a different "
+                        "message; use a new key for a new message",
+                    },
+                    "agent": name,
+                    "messageId": e.message_id,
+                    "taskId": f"m-{e.message_id}",
+                },
+                409,
+            )
         return JSONResponse({"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}, 202)
 
     # Who answered, for the audit trail: the credential that let the request in, and
@@ -490,6 +507,23 @@ def build_app(
         ended = await client.send_event(name, event_name, data, by=principal)
         return JSONResponse({"agent": name, "event": event_name, "endedWait": ended}, 202)
 
+    async def drop(request: Request) -> Response:
+        name, task = request.path_params["name"], request.path_params["task"]
+        body = await json_body(request)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict) or not set(body) <= {"by"}:
+            return _error(400, "bad_drop", 'send {} or {"by": NAME}')
+        who = body.get("by")
+        if who is not None and not isinstance(who, str):
+            return _error(400, "bad_drop", "by must be a string")
+        if who is not None:
+            _plain('"by"', who)
+            if len(who) > MAX_BY_CHARS:
+                return _error(400, "bad_drop", f'"by" has at most {MAX_BY_CHARS} characters')
+        where = await client.drop(name, task, by=f"{who} ({principal})" if who else principal)
+        return JSONResponse({"agent": name, "task": task, "droppedFrom": where})
+
     async def agents(request: Request) -> Response:
         limit, cursor = _page(request)
         after = await names.after(cursor)
@@ -528,6 +562,7 @@ def build_app(
             Route("/v1/agents", guarded(agents), methods=["GET"]),
             Route("/v1/pending", guarded(pending), methods=["GET"]),
             Route("/v1/agents/{name}/tasks/{task}/answer", guarded(answer), methods=["POST"]),
+            Route("/v1/agents/{name}/tasks/{task}/drop", guarded(drop), methods=["POST"]),
             Route("/v1/agents/{name}/events/{event}", guarded(event), methods=["POST"]),
             Route("/v1/agents/{name}", guarded(agent), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -358,17 +358,63 @@ async def test_a_replayed_idempotency_key_answers_the_first_task(store: Store) -
     assert await store.inbox_depth("echo") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the store's send dedupe to keep a digest of the body (see the report)",
-)
 async def test_an_idempotency_key_reused_with_another_body_is_a_conflict(store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
     key = {"Idempotency-Key": "deploy-42"}
     async with http(store) as c:
-        await c.post("/v1/agents/echo/messages", content="deploy v1", headers=key)
+        first = await c.post("/v1/agents/echo/messages", content="deploy v1", headers=key)
         other = await c.post("/v1/agents/echo/messages", content="deploy v2", headers=key)
+        again = await c.post("/v1/agents/echo/messages", content="deploy v1", headers=key)
     assert other.status_code == 409
+    assert other.json()["error"]["code"] == "conflict"
+    assert other.json()["taskId"] == first.json()["taskId"]  # the message the key made
+    assert (again.status_code, again.json()["taskId"]) == (202, first.json()["taskId"])
+    await store.ensure_inbox("echo")
+    assert [m.body for m in await store.read_inbox("echo", "c", count=10)] == ["deploy v1"]
+
+
+async def test_a_full_inbox_answers_429_with_retry_after(store: Store) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {"maxDepth": 2}}]))
+    async with http(store) as c:
+        sent = [await c.post("/v1/agents/echo/messages", content=f"m{i}") for i in range(3)]
+    assert [r.status_code for r in sent] == [202, 202, 429]
+    full = sent[-1]
+    assert full.json()["error"]["code"] == "inbox_full"
+    assert int(full.headers["retry-after"]) >= 1
+    assert await store.inbox_depth("echo") == 2
+
+
+async def test_events_nobody_waits_for_are_capped_with_a_429(store: Store) -> None:
+    await apply(store, agent_doc("echo", ECHO))
+    async with http(store) as c:
+        kept = [
+            await c.post(f"/v1/agents/echo/events/e{i}", json={"n": i}, headers=JSON)
+            for i in range(100)
+        ]
+        refused = await c.post("/v1/agents/echo/events/e100", json={}, headers=JSON)
+        replaced = await c.post("/v1/agents/echo/events/e7", json={"n": 70}, headers=JSON)
+    assert {r.status_code for r in kept} == {202}
+    assert (refused.status_code, refused.json()["error"]["code"]) == (429, "events_full")
+    assert replaced.status_code == 202  # latest of a kept name wins: no new place
+
+
+async def test_drop_over_http_removes_the_message(store: Store) -> None:
+    await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
+    async with http(store) as c:
+        sent = (await c.post("/v1/agents/echo/messages", content="poison")).json()
+        plain = await c.post(f"/v1/agents/echo/tasks/{sent['taskId']}/drop")
+        dropped = await c.post(
+            f"/v1/agents/echo/tasks/{sent['taskId']}/drop", json={"by": "ops"}, headers=JSON
+        )
+        again = await c.post(f"/v1/agents/echo/tasks/{sent['taskId']}/drop", json={}, headers=JSON)
+    assert plain.status_code == 415  # a state change takes JSON, as answers do
+    assert (dropped.status_code, dropped.json()["droppedFrom"]) == (200, "inbox")
+    assert again.status_code == 404
+    assert await store.inbox_depth("echo") == 0
+    record = await store.task("echo", sent["taskId"])
+    assert record["status"] == "dropped"
+    assert "ops (http:loopback)" in record["result"]
+    assert [e.type for e in await store.events("echo")][-1] == "Dropped"
 
 
 # ---------------------------------------------------------------------- pages

@@ -30,11 +30,13 @@ from agentos.cli.common import (
     _run,
     _run_sync_load,
     out,
+    printable,
 )
 from agentos.cli.models import _models_table, describe_model, model_details
 from agentos.cli.render import (
     _agents_table,
     _daemons_table,
+    _dead_table,
     _describe_text,
     _effective_table,
     _event_line,
@@ -42,6 +44,7 @@ from agentos.cli.render import (
     _task_line,
     _tasks_table,
 )
+from agentos.cli.waits import _who
 from agentos.client import read_message_arg
 from agentos.core.durations import parse_duration
 from agentos.core.spec import json_schema
@@ -236,13 +239,45 @@ def send(
     _run(go)
 
 
+_TASK_ACTIONS = ("drop", "retry")
+
+
 def tasks(
-    name: Annotated[str | None, typer.Argument(help="An agent; every agent if left out.")] = None,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="NAME | drop NAME TASK | retry NAME TASK",
+            help="An agent (every agent if left out); or `drop NAME TASK` to remove a "
+            "poison message for good (waiting in the inbox or a dead letter), `retry NAME "
+            "TASK` to send a dead letter again.",
+            show_default=False,
+        ),
+    ] = None,
+    dead: Annotated[
+        bool,
+        typer.Option(
+            "--dead", help="List the agent's dead letters (messages that failed too often)."
+        ),
+    ] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep refreshing.")] = False,
     count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
+    as_: Annotated[
+        str | None, typer.Option("--as", help="Who drops or retries (default: the OS user).")
+    ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Recent tasks (one per wake-up) with their trigger, status, attempt and result."""
+    """Recent tasks (one per wake-up) with their trigger, status, attempt and result;
+    dead letters with --dead; `tasks drop` and `tasks retry` for poison messages."""
+    words = list(args or [])
+    if len(words) == 3 and words[0] in _TASK_ACTIONS:
+        return _task_action(*words, by=_who(as_), output=output)
+    if len(words) > 1:
+        _fail("usage: agentos tasks [NAME] | tasks drop NAME TASK | tasks retry NAME TASK", 2)
+    name = words[0] if words else None
+    if dead:
+        if name is None:
+            _fail("--dead needs an agent: agentos tasks NAME --dead", 2)
+        return _dead_letters(name, count, output)
 
     async def go() -> None:
         async with await _client() as client:
@@ -258,6 +293,31 @@ def tasks(
                         seen[key] = row.get("status", "")
                         out.print(_task_line(row), markup=False)
                 await anyio.sleep(1)
+
+    _run(go)
+
+
+def _task_action(action: str, name: str, task: str, *, by: str, output: Output) -> None:
+    async def go() -> None:
+        async with await _client() as client:
+            if action == "drop":
+                where = await client.drop(name, task, by=by)
+                done = {"agent": name, "task": task, "droppedFrom": where}
+                text = f"task {task} of {name} dropped (from the {where})"
+            else:
+                msg_id = await client.retry_dead(name, task, by=by)
+                done = {"agent": name, "task": task, "messageId": msg_id, "taskId": f"m-{msg_id}"}
+                text = f"task {task} of {name} sent again as m-{msg_id}"
+        _emit(done, output, lambda: printable(text))
+
+    _run(go)
+
+
+def _dead_letters(name: str, count: int, output: Output) -> None:
+    async def go() -> None:
+        async with await _client() as client:
+            letters = await client.dead_letters(name, count=count)
+        _emit([dict(d) for d in letters], output, partial(_dead_table, letters))
 
     _run(go)
 

@@ -318,6 +318,28 @@ def _task_cells(row: dict[str, str]) -> list[str]:
 _RESULT_CELL = 80  # characters of a result in a table; `tasks NAME -o json` has it all
 
 
+def _dead_table(letters: Sequence[dict[str, str]]) -> Table:
+    """`agentos tasks NAME --dead`: one row per dead letter, newest first."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("TASK", "ATTEMPTS", "DIED", "ERROR", "MESSAGE"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    for d in letters:
+        died = _ago(float(d["dead_at"])) if d.get("dead_at") else "-"
+        table.add_row(
+            *map(
+                cell,
+                (
+                    d.get("task", ""),
+                    d.get("attempts", ""),
+                    died,
+                    summarize(d.get("error", ""), _RESULT_CELL),
+                    summarize(d.get("body", ""), _RESULT_CELL),
+                ),
+            )
+        )
+    return table
+
+
 def _task_line(row: dict[str, str]) -> str:
     agent, task_id, trigger, status, attempt, _, took, detail = _task_cells(row)
     return f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}) {detail}".rstrip()

@@ -14,8 +14,9 @@ One :class:`Governor` per daemon. Before an agent's ``ctx.llm`` call reaches the
    least attained service), so a busy agent cannot starve a quiet one;
 3. after the call, settles the estimate it was admitted with against the tokens the
    engine really counted, and frees the slot (also when the call failed or was
-   cancelled). The daemon renews the leases of running calls' slots (:meth:`renew`);
-   a daemon that dies mid-call loses its slots when their leases run out.
+   cancelled: a call cancelled while it waits for its rate or its turn is refunded).
+   The daemon renews the leases of admitted calls' slots (:meth:`renew`), waiting or
+   running; a daemon that dies mid-call loses its slots when their leases run out.
 
 It also keeps the samples the policy evaluator turns into fleet metrics (queue wait,
 throttles, errors) and publishes them. Classes without limits cost no Redis round trip.
@@ -233,15 +234,21 @@ class Governor:
         failed = False
         try:
             if quota is not None:
-                throttled = await self._admit(
+                pace_s, queued = await self._admit(
                     quota, agent, priority, call_id, ticket.estimate, timeout_s
                 )
+                # Admitted: the estimate is charged and a concurrency slot held from here
+                # on. A cancel in the rate wait or the local queue settles (refunds) it,
+                # and the slot's lease is renewed while the call waits, not only while
+                # it runs: a queued call's slot must not lapse to another daemon's call.
                 admitted = True
+                throttled = queued or pace_s > 0
+                self.in_flight[call_id] = (quota_class, agent)
+                if pace_s > 0:
+                    await anyio.sleep(pace_s)
             await gate.acquire(
                 Waiter(agent, priority, self.attained.value(agent, self.clock()), entered)
             )
-            if admitted:
-                self.in_flight[call_id] = (quota_class, agent)
             try:
                 yield ticket
             except BaseException as e:
@@ -272,12 +279,14 @@ class Governor:
         call_id: str,
         estimate: int,
         timeout_s: float | None,
-    ) -> bool:
-        """Wait for admission; returns whether the call was throttled (had to wait)."""
+    ) -> tuple[float, bool]:
+        """Wait for admission (a fair place in the class's queue); returns how long the
+        call must still wait for its rate (seconds, 0: go now) and whether it had to
+        queue. The caller waits for its rate as an admitted call: its estimate is
+        charged already."""
         started = time.monotonic()
         limit_s = math.inf if timeout_s is None else max(0.0, timeout_s)
-        throttled = False
-        queued = False
+        queued = was_queued = False
         try:
             while True:
                 now = self.clock()
@@ -298,13 +307,9 @@ class Governor:
                 )
                 if reply.status == 1:
                     queued = False
-                    if reply.ms > 0:
-                        throttled = True
-                        await anyio.sleep(reply.ms / 1000)
-                    return throttled
+                    return max(0, reply.ms) / 1000, was_queued
                 if reply.status == 0:
-                    queued = True
-                    throttled = True
+                    queued = was_queued = True
                     if time.monotonic() - started >= limit_s:
                         raise self._exceeded("concurrency", reply.what, quota, agent, 1.0)
                     await anyio.sleep(reply.ms / 1000)

@@ -34,9 +34,10 @@ from agentos.store.batching import ScriptBatcher
 from agentos.store.clusterclient import AgentosCluster
 from agentos.store.errors import SendRefused, StoreError, StoreFull, StoreUnavailable, translate
 from agentos.store.errors import reason as _reason
+from agentos.store.inbox import DEAD_LETTERS_KEPT as DEAD_LETTERS_KEPT
 from agentos.store.inbox import SEND_DEDUPE_TTL_S as SEND_DEDUPE_TTL_S
 from agentos.store.inbox import UNFINISHED_SCAN as UNFINISHED_SCAN
-from agentos.store.inbox import InboxOps
+from agentos.store.inbox import DeadLetter, InboxFull, InboxOps, SendConflict
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.leases import LeaseOps
 from agentos.store.modelops import ModelOps
@@ -60,7 +61,7 @@ from agentos.store.records import (
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
 from agentos.store.specs import SpecOps
 from agentos.store.urls import redact_url
-from agentos.store.waits import WaitOps
+from agentos.store.waits import EventsFull, WaitOps
 from agentos.store.writes import DUPLICATE, Duplicate, Write, WriteOps
 from agentos.store.writes import EVENTS_MAXLEN as EVENTS_MAXLEN
 from agentos.store.writes import OP_IDS_KEPT as OP_IDS_KEPT
@@ -74,8 +75,11 @@ __all__ = [
     "AgentSnapshot",
     "AppliedChange",
     "ClassUsage",
+    "DeadLetter",
     "Duplicate",
     "Event",
+    "EventsFull",
+    "InboxFull",
     "InboxMessage",
     "Keys",
     "LeaseInfo",
@@ -83,6 +87,7 @@ __all__ = [
     "Manifest",
     "Retention",
     "SavedSnapshot",
+    "SendConflict",
     "SendRefused",
     "SpecRecord",
     "StatusUpdate",
@@ -143,6 +148,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
         )
         self._quota_scripts(client, _load_script)
         self._waits_scripts(client, _load_script)
+        self._inbox_scripts(client, _load_script)
 
     @classmethod
     async def connect(

@@ -2,29 +2,90 @@
 
 Messages wait in one stream per agent, read through a consumer group so that a new owner
 can take over what a dead daemon had read but not finished (``open_agent``,
-``claim_inbox``). Sends can be made at most once with a send id (``lua/inbox_send.lua``).
-The task records and idempotency keys that fenced writes leave behind are read and
-trimmed here.
+``claim_inbox``). Sends can be made at most once with a send id (``lua/inbox_send.lua``),
+and a checked send is refused when the agent is not applied, the message is too large
+or the inbox holds ``maxDepth`` messages already: a stuck agent's inbox is bounded.
+A message nobody can process leaves the inbox in one atomic step each way: to the
+agent's dead letters after too many failed starts (``dead_letter``, by the owner), out
+of the fleet when an operator drops it (``drop_message``), back in when one re-drives
+it (``redrive``). The task records and idempotency keys that fenced writes leave behind
+are read and trimmed here.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from redis import exceptions as rexc
 
+from agentos.core.spec import INBOX_MAX_DEPTH
 from agentos.store.batching import ScriptBatcher
 from agentos.store.errors import SendRefused, translate
-from agentos.store.keys import INBOX_GROUP, Keys
-from agentos.store.records import SIGNALS_MAXLEN, AgentSnapshot, InboxMessage, Retention, _s
+from agentos.store.keys import INBOX_GROUP, Keys, event_fields
+from agentos.store.records import (
+    FLEET_EVENTS_MAXLEN,
+    SIGNALS_MAXLEN,
+    AgentSnapshot,
+    InboxMessage,
+    Retention,
+    _s,
+)
+from agentos.store.writes import EVENTS_MAXLEN
 
-__all__ = ["InboxOps"]
+__all__ = [
+    "DEAD_LETTERS_KEPT",
+    "INBOX_FULL_RETRY_AFTER_S",
+    "DeadLetter",
+    "InboxFull",
+    "InboxOps",
+    "SendConflict",
+]
 
 SEND_DEDUPE_TTL_S = 3600  # a send retried later than this is a new message
 UNFINISHED_SCAN = 200  # recent task records a new owner looks at for interrupted work
 OPEN_NEW_MESSAGES = 100  # new messages a new owner reads with the rest
+DEAD_LETTERS_KEPT = 1000  # per agent; past it the oldest dead letter is forgotten
+# What a refused sender is told to wait: an inbox drains at its agent's pace, which
+# nobody knows in advance; long enough not to hammer, short enough to catch up.
+INBOX_FULL_RETRY_AFTER_S = 30.0
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+class InboxFull(Exception):
+    """A checked send was refused, nothing enqueued: the agent's inbox holds ``depth``
+    messages not yet done, its ``maxDepth`` is ``limit``; try again after
+    ``retry_after_s`` seconds."""
+
+    def __init__(
+        self, name: str, depth: int, limit: int, retry_after_s: float = INBOX_FULL_RETRY_AFTER_S
+    ) -> None:
+        self.name, self.depth, self.limit, self.retry_after_s = name, depth, limit, retry_after_s
+        super().__init__(
+            f'the inbox of agent "{name}" is full: {depth} messages waiting, maxDepth '
+            f"{limit}; try again in {retry_after_s:g}s"
+        )
+
+
+class SendConflict(Exception):
+    """A send id (an ``Idempotency-Key``) was reused with another body, nothing
+    enqueued: ``message_id`` is the message the first send produced."""
+
+    def __init__(self, name: str, message_id: str) -> None:
+        self.name, self.message_id = name, message_id
+        super().__init__(
+            f'this send id already sent another message to agent "{name}" '
+            f"(message {message_id}, task m-{message_id})"
+        )
+
+
+class DeadLetter(dict[str, str]):
+    """One dead letter as stored: ``task``, ``message_id``, ``body``, ``key``,
+    ``traceparent``, ``sent_at``, ``attempts``, ``error``, ``dead_at`` (all text)."""
 
 
 class InboxOps:
@@ -34,11 +95,21 @@ class InboxOps:
     _r: Any
     _send_once: Any
     _read_fenced: Any
+    _dead_script: Any
+    _drop_script: Any
+    _redrive_script: Any
     _batch: ScriptBatcher
     keys: Keys
     due_now: Any  # agentos.store.waits.WaitOps
+    _feed_copy: Any  # agentos.store.writes.WriteOps
+    signal: Any  # agentos.store.leases.LeaseOps
     retention: Retention
     cluster: bool
+
+    def _inbox_scripts(self, client: Any, load: Any) -> None:
+        self._dead_script = client.register_script(load("inbox_dead"))
+        self._drop_script = client.register_script(load("inbox_drop"))
+        self._redrive_script = client.register_script(load("inbox_redrive"))
 
     @translate
     async def send(
@@ -50,15 +121,20 @@ class InboxOps:
         traceparent: str | None = None,
         send_id: str | None = None,
         check_limit: int | None = None,
+        digest: str | None = None,
     ) -> str:
         """Put a message in the agent's inbox and nudge the daemons. Returns the message id.
 
         With ``send_id`` the send is applied at most once (for an hour): sending
         again with the same id (a retry after a lost reply) adds nothing and returns the
-        first message's id. With ``check_limit`` too, the send checks in the same step
-        that the agent is applied and the message fits its inbox (``check_limit`` is the
-        size limit when the agent's index entry names none) and raises
-        :class:`SendRefused` otherwise.
+        first message's id; with a ``digest`` of the body too, sending again with the
+        same id and another digest raises :class:`SendConflict`. With ``check_limit``,
+        the send checks in the same step that the agent is applied and the message fits
+        its inbox (``check_limit`` is the size limit when the agent's index entry names
+        none) and raises :class:`SendRefused` otherwise, and that the inbox holds fewer
+        than its ``maxDepth`` messages (:class:`InboxFull` otherwise). Every send on an
+        agent's behalf (``agentos send``, HTTP, ``ctx.send``) should check: an unchecked
+        send creates the inbox of a name nobody applied.
         """
         fields = {"body": body, "sent_at": repr(time.time())}
         if key:
@@ -69,16 +145,37 @@ class InboxOps:
         signals = k.signals(k.signal_shard(name))
         check = "" if check_limit is None else str(check_limit)
         ttl = "" if send_id is None else SEND_DEDUPE_TTL_S
-        args: list[str | int] = [ttl, name, SIGNALS_MAXLEN, check, len(body.encode())]
+        args: list[str | int] = [
+            ttl,
+            name,
+            SIGNALS_MAXLEN,
+            check,
+            len(body.encode()),
+            digest or "",
+            INBOX_MAX_DEPTH,
+        ]
         for f, v in fields.items():
             args += [f, v]
         keys = [k.sent(name, send_id or "-"), k.inbox(name), k.applied(name), k.lease(name)]
         if not self.cluster:
             keys.append(signals)
         verdict, value, *rest = await self._batch.run(self._send_once, keys, args)
-        if _s(verdict) != "ok":
-            raise SendRefused(name, None if _s(verdict) == "missing" else int(value))
-        if not int(rest[0]):
+        match _s(verdict):
+            case "ok":
+                pass
+            case "full":
+                raise InboxFull(name, int(value), int(rest[0]))
+            case "conflict":
+                raise SendConflict(name, _s(value))
+            case "missing":
+                raise SendRefused(name, None)
+            case _:
+                raise SendRefused(name, int(value))
+        await self._after_enqueue(name, held=bool(int(rest[0])))
+        return _s(value)
+
+    async def _after_enqueue(self, name: str, *, held: bool) -> None:
+        if not held:
             # No daemon holds the agent: it is due now, and whoever has room activates it
             # (the message waits in the inbox meanwhile). A repeat too: the first attempt
             # may have died before this step.
@@ -86,13 +183,202 @@ class InboxOps:
         elif self.cluster:
             # The message first, then the signal: a daemon nudged by the signal finds
             # the message; if the sender dies in between, the inbox sweep finds it.
-            await self._nudge(signals, name)
-        return _s(value)
+            await self._nudge(self.keys.signals(self.keys.signal_shard(name)), name)
 
     async def _nudge(self, signals: str, name: str) -> None:
         await self._batch.command(
             "XADD", signals, "MAXLEN", "~", SIGNALS_MAXLEN, "*", "cmd", "message", "agent", name
         )
+
+    # ---------------------------------------------------------------- poison messages
+
+    def _event_json(self, name: str, now: float, type_: str, message: str, daemon: str) -> str:
+        return event_fields(name, now, type_, type_, message, daemon)["event"]
+
+    def _tasks_ttl_s(self) -> int:
+        return max(1, math.ceil(self.retention.tasks_s))
+
+    @translate
+    async def dead_letter(
+        self,
+        name: str,
+        lease_value: str,
+        message_id: str,
+        *,
+        task_id: str,
+        attempts: int,
+        error: str,
+        now: float | None = None,
+        daemon: str = "",
+    ) -> Literal["moved", "not-held", "gone"]:
+        """Move a message whose task failed or was interrupted ``attempts`` times in a
+        row from the inbox to the agent's dead letters, atomically, while
+        ``lease_value`` ("daemon|token") is still the agent's lease: the message is
+        acknowledged and deleted from the inbox, kept (body, key, trace, ``attempts``,
+        ``error``) among the newest :data:`DEAD_LETTERS_KEPT`, its task recorded as
+        ``dead`` and a ``DeadLettered`` event written.
+
+        Returns "moved", "not-held" (the lease is not the caller's: nothing done) or
+        "gone" (the message is no longer in the inbox: nothing done; a retry after a
+        lost reply sees this too). ``error`` should be scrubbed of secrets already.
+        """
+        now = time.time() if now is None else now
+        k = self.keys
+        event = self._event_json(
+            name,
+            now,
+            "DeadLettered",
+            f"task {task_id} did not finish after {attempts} attempts in a row; its message "
+            f"is a dead letter now (agentos tasks {name} --dead): {error[:500]}",
+            daemon,
+        )
+        keys = [
+            k.lease(name),
+            k.inbox(name),
+            k.dead(name),
+            k.dead_order(name),
+            k.task(name, task_id),
+            k.tasks(name),
+            k.events(name),
+        ]
+        if not self.cluster:
+            keys.append(k.fleet_events(k.feed_shard(name)))
+        args: list[str | int] = [
+            lease_value,
+            message_id,
+            task_id,
+            INBOX_GROUP,
+            attempts,
+            error,
+            repr(now),
+            name,
+            DEAD_LETTERS_KEPT,
+            self._tasks_ttl_s(),
+            event,
+            EVENTS_MAXLEN,
+            FLEET_EVENTS_MAXLEN,
+        ]
+        code = int(await self._dead_script(keys=keys, args=args))
+        if code == 1 and self.cluster:
+            await self._feed_copy(name, event)
+        return "moved" if code == 1 else "not-held" if code == 0 else "gone"
+
+    @translate
+    async def drop_message(
+        self, name: str, task_id: str, *, by: str, now: float | None = None
+    ) -> Literal["inbox", "dead"] | None:
+        """Drop the message of task ``task_id`` (``m-<message id>``): out of the inbox
+        (acknowledged and deleted, read or not) or out of the dead letters, the task
+        recorded as ``dropped`` and a ``Dropped`` event naming ``by`` written, in one
+        atomic step; the agent's owner, if any, gets a ``drop`` signal (with ``task``).
+
+        Returns where the message was, or None when it is in neither (or the task is not
+        a message's): nothing changed then.
+        """
+        message_id = task_id.removeprefix("m-")
+        if not task_id.startswith("m-") or not _STREAM_ID.fullmatch(message_id):
+            return None
+        now = time.time() if now is None else now
+        k = self.keys
+        event = self._event_json(
+            name, now, "Dropped", f"task {task_id} dropped by {by}: its message will not run", ""
+        )
+        keys = [
+            k.inbox(name),
+            k.dead(name),
+            k.dead_order(name),
+            k.task(name, task_id),
+            k.tasks(name),
+            k.events(name),
+            k.lease(name),
+        ]
+        if not self.cluster:
+            keys.append(k.fleet_events(k.feed_shard(name)))
+        args: list[str | int] = [
+            message_id,
+            task_id,
+            INBOX_GROUP,
+            repr(now),
+            name,
+            f"dropped by {by}",
+            self._tasks_ttl_s(),
+            event,
+            EVENTS_MAXLEN,
+            FLEET_EVENTS_MAXLEN,
+        ]
+        reply = await self._drop_script(keys=keys, args=args)
+        if not int(reply[0]):
+            return None
+        if self.cluster:
+            await self._feed_copy(name, event)
+        if int(reply[2]):
+            await self.signal("drop", name, task=task_id)
+        return "inbox" if _s(reply[1]) == "inbox" else "dead"
+
+    @translate
+    async def redrive(
+        self, name: str, task_id: str, *, by: str, now: float | None = None
+    ) -> str | None:
+        """Send the dead letter of task ``task_id`` again: a new message in the inbox
+        (same body, key and trace), out of the dead letters, the old task record naming
+        the new task (``redriven_as``), a ``Redriven`` event; one atomic step, then the
+        agent is nudged as for a send. Returns the new message id, None when the task has
+        no dead letter. Raises :class:`SendRefused` (limit None) when the agent is no
+        longer applied, :class:`InboxFull` when its inbox is full.
+        """
+        now = time.time() if now is None else now
+        k = self.keys
+        # The script writes the new task's id in place of {task}.
+        sent = f"the message of task {task_id} sent again by {by} as {{task}}"
+        event = self._event_json(name, now, "Redriven", sent, "")
+        keys = [
+            k.dead(name),
+            k.dead_order(name),
+            k.inbox(name),
+            k.applied(name),
+            k.lease(name),
+            k.task(name, task_id),
+            k.events(name),
+        ]
+        if not self.cluster:
+            keys += [k.signals(k.signal_shard(name)), k.fleet_events(k.feed_shard(name))]
+        args: list[str | int] = [
+            task_id,
+            INBOX_MAX_DEPTH,
+            repr(now),
+            name,
+            SIGNALS_MAXLEN,
+            event,
+            EVENTS_MAXLEN,
+            FLEET_EVENTS_MAXLEN,
+            self._tasks_ttl_s(),
+        ]
+        verdict, value, *rest = await self._redrive_script(keys=keys, args=args)
+        match _s(verdict):
+            case "missing":
+                return None
+            case "gone":
+                raise SendRefused(name, None)
+            case "full":
+                raise InboxFull(name, int(value), int(rest[0]))
+        if self.cluster:
+            await self._feed_copy(name, _s(rest[1]))
+        await self._after_enqueue(name, held=bool(int(rest[0])))
+        return _s(value)
+
+    @translate
+    async def dead_letters(self, name: str, *, count: int = 100) -> list[DeadLetter]:
+        """The agent's dead letters, newest first (at most ``count``)."""
+        k = self.keys
+        ids = [_s(t) for t in await self._r.zrevrange(k.dead_order(name), 0, count - 1)]
+        if not ids:
+            return []
+        raw = await self._r.hmget(k.dead(name), ids)
+        return [
+            DeadLetter({str(f): str(v) for f, v in json.loads(r).items()})
+            for r in raw
+            if r is not None
+        ]
 
     @translate
     async def open_agent(self, name: str, consumer: str) -> AgentSnapshot:
@@ -326,20 +612,11 @@ class InboxOps:
 
     @translate
     async def inbox_depth(self, name: str) -> int:
-        """Messages not yet acknowledged (pending + not yet delivered)."""
-        try:
-            groups = await self._r.xinfo_groups(self.keys.inbox(name))
-        except rexc.ResponseError:
-            return 0
-        for g in groups:
-            if _s(g.get("name")) == INBOX_GROUP:
-                lag = g.get("lag")
-                if lag is None:
-                    # Redis cannot tell the lag when an entry after the group's last
-                    # delivered one was deleted (acks delete out of order): count them.
-                    last = _s(g.get("last-delivered-id")) or "0-0"
-                    lag = len(await self._r.xrange(self.keys.inbox(name), min=f"({last}"))
-                return int(g.get("pending", 0)) + int(lag)
+        """Messages not yet acknowledged (pending + not yet delivered): the inbox's
+        length, since every ack deletes its entry (and so does a drop or a move to the
+        dead letters). The same count a checked send compares with ``maxDepth``; the
+        consumer group's ``lag`` is not used, as Redis leaves it stale once an entry
+        that was never delivered is deleted."""
         return int(await self._r.xlen(self.keys.inbox(name)))
 
 

@@ -202,9 +202,9 @@ class Keys:
         return f"{self.namespace}:{{{name}}}:{what}"
 
     def applied(self, name: str) -> str:
-        """String "spec_hash priority inbox_max_bytes": the agent's entry of the fleet
-        index, kept in the agent's own slot so that a send checks it in the same atomic
-        step as it enqueues, and a purge never removes an agent applied again."""
+        """String "spec_hash priority inbox_max_bytes inbox_max_depth": the agent's entry
+        of the fleet index, kept in the agent's own slot so that a send checks it in the
+        same atomic step as it enqueues, and a purge never removes an agent applied again."""
         return self._agent(name, "applied")
 
     def status(self, name: str) -> str:
@@ -273,8 +273,19 @@ class Keys:
         return self._agent(name, "ops")
 
     def sent(self, name: str, send_id: str) -> str:
-        """String with a TTL: the message id a send with this send id produced."""
+        """String with a TTL: "message_id digest" of the send with this send id (the
+        digest of its body, when the sender gave one: a reuse with another body is a
+        conflict)."""
         return self._agent(name, f"sent:{send_id}")
+
+    def dead(self, name: str) -> str:
+        """Hash: task id -> JSON of a dead letter (a message whose task failed or was
+        interrupted too many times in a row: its fields, attempts, last error, when)."""
+        return self._agent(name, "dead")
+
+    def dead_order(self, name: str) -> str:
+        """Sorted set: dead letters' task ids by when they died (listing and the bound)."""
+        return self._agent(name, "dead:order")
 
     def agent_keys(self, name: str) -> list[str]:
         """Every key that belongs to one agent, for deletion.
@@ -295,6 +306,8 @@ class Keys:
             self.schedule(name),
             self.usage_days(name),
             self.ops(name),
+            self.dead(name),
+            self.dead_order(name),
         ]
 
 

@@ -233,7 +233,8 @@ class QuotaOps:
     async def quota_renew(
         self, calls: Sequence[tuple[str, tuple[str, str]]], *, lease_s: float
     ) -> None:
-        """Extend running calls' concurrency leases: (call id, (class, agent)) each."""
+        """Extend admitted calls' concurrency leases (waiting or running; never shortened):
+        (call id, (class, agent)) each."""
         q = self.keys.quota
         batch = [
             (

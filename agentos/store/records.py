@@ -52,6 +52,7 @@ class SpecRecord:
     spec_hash: str
     priority: int = 50
     max_message_bytes: int | None = None  # an Agent's inbox limit, checked by sends
+    max_inbox_depth: int | None = None  # an Agent's inbox depth limit, checked by sends
 
 
 @dataclass(frozen=True, slots=True)

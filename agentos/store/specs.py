@@ -384,6 +384,10 @@ def _verdict(old_hash: str | None, new_hash: str) -> str:
 
 
 def _index_entry(rec: SpecRecord) -> str:
-    """ "spec_hash priority [max_message_bytes]": what reconcile and checked sends read."""
+    """ "spec_hash priority [max_message_bytes [max_inbox_depth]]": what reconcile and
+    checked sends read (``lua/inbox_send.lua``)."""
     entry = f"{rec.spec_hash} {rec.priority}"
-    return entry if rec.max_message_bytes is None else f"{entry} {rec.max_message_bytes}"
+    if rec.max_message_bytes is None:
+        return entry
+    entry = f"{entry} {rec.max_message_bytes}"
+    return entry if rec.max_inbox_depth is None else f"{entry} {rec.max_inbox_depth}"

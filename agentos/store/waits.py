@@ -35,9 +35,39 @@ from agentos.store.errors import translate
 from agentos.store.keys import DUE_SHARDS, Keys
 from agentos.store.records import SIGNALS_MAXLEN, _s
 
-__all__ = ["DUE_HEAD", "DUE_PEEK", "EVENTS_KEPT_S", "WaitOps"]
+__all__ = [
+    "BUFFERED_EVENTS_MAX",
+    "BUFFERED_EVENT_BYTES_MAX",
+    "DUE_HEAD",
+    "DUE_PEEK",
+    "EVENTS_KEPT_S",
+    "EventsFull",
+    "WaitOps",
+]
 
 EVENTS_KEPT_S = 7 * 86_400  # an event nobody waited for is forgotten after a week
+# What one agent keeps of events sent while it did not wait for them: a sender cannot
+# fill Redis through an agent that never waits (latest of each name; a new name past
+# the count, or bytes past the total, is refused).
+BUFFERED_EVENTS_MAX = 100
+BUFFERED_EVENT_BYTES_MAX = 1_048_576
+
+
+class EventsFull(Exception):
+    """An event was refused, nothing kept: the agent does not wait for it and already
+    keeps ``BUFFERED_EVENTS_MAX`` other events (``what`` "count"), or keeping it would
+    pass ``BUFFERED_EVENT_BYTES_MAX`` bytes (``what`` "bytes"); ``limit`` is that bound."""
+
+    def __init__(self, name: str, event: str, what: str, limit: int) -> None:
+        self.name, self.event, self.what, self.limit = name, event, what, limit
+        held = f"{limit} events" if what == "count" else f"{limit} bytes of events"
+        super().__init__(
+            f'agent "{name}" does not wait for event "{event}" and already keeps {held} '
+            "sent while it was not waiting; it takes more once it waits for them "
+            "(or after a week)"
+        )
+
+
 DUE_PEEK = 8  # entries read per shard and pass: the earliest ones, never the whole index
 DUE_HEAD = 256  # ... and at most this many due ones of a shard that has more due
 
@@ -128,9 +158,13 @@ class WaitOps:
     ) -> bool:
         """Deliver ``event`` to agent ``name``: True when it answered the agent's wait,
         False when it is kept for the agent's next ``wait_for`` of that name. A retry
-        with the same ``event_id`` after a lost reply is not applied twice."""
+        with the same ``event_id`` after a lost reply is not applied twice.
+
+        Raises :class:`EventsFull` when it would be kept past the agent's bound
+        (:data:`BUFFERED_EVENTS_MAX` names, :data:`BUFFERED_EVENT_BYTES_MAX` bytes).
+        """
         wait, due = self._wait_keys(name)
-        return bool(
+        verdict = int(
             await self._wait_scripts["event"](
                 keys=[wait, due, self.keys.wait_events(name)],
                 args=[
@@ -140,9 +174,16 @@ class WaitOps:
                     repr(now),
                     EVENTS_KEPT_S,
                     event_id,
+                    BUFFERED_EVENTS_MAX,
+                    BUFFERED_EVENT_BYTES_MAX,
                 ],
             )
         )
+        if verdict == -1:
+            raise EventsFull(name, event, "count", BUFFERED_EVENTS_MAX)
+        if verdict == -2:
+            raise EventsFull(name, event, "bytes", BUFFERED_EVENT_BYTES_MAX)
+        return verdict == 1
 
     @translate
     async def wait_clear(self, name: str, park_id: str) -> bool:
