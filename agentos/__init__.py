@@ -5,13 +5,14 @@ learn``; programs operate a fleet through :class:`Client`. The names below are t
 public surface (pinned by ``tests/test_public_api.py``); everything else may change.
 """
 
-from agentos.client import Client, ClientError, NotFound
+from agentos.client import Client, ClientError, MessageTooLarge, NotFound
 from agentos.core.chat import Reply, TokenUsage, ToolCall
 from agentos.core.lifecycle import Phase, StopReason
 from agentos.core.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
 from agentos.engine.base import Completion, EngineError, NoFreeSlot
 from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage, WaitTimeout
 from agentos.settings import Settings
+from agentos.store import InboxFull
 from agentos.tools import Tool, Toolbox, ToolError, tool
 
 __version__ = "0.1.0"
@@ -25,7 +26,9 @@ __all__ = [
     "Completion",
     "Context",
     "EngineError",
+    "InboxFull",
     "Message",
+    "MessageTooLarge",
     "NoFreeSlot",
     "NotFound",
     "Phase",

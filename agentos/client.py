@@ -19,6 +19,12 @@ from typing import Any
 import anyio
 
 from agentos.client_waits import AnswerRejected, WaitClientMixin
+from agentos.core.errors import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ClientError,
+    MessageTooLarge,
+    NotFound,
+)
 from agentos.core.fairness import day_window
 from agentos.core.metering import Prices, UsageRow, aggregate
 from agentos.core.models import model_issues
@@ -53,6 +59,7 @@ from agentos.store.embedded import embedded_url
 from agentos.store.retry import new_op_id, retry
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "AgentDetail",
     "AgentSummary",
     "AnswerRejected",
@@ -67,25 +74,6 @@ __all__ = [
     "resolve_redis_url",
     "spec_hash",
 ]
-
-DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
-
-
-class ClientError(Exception):
-    """A request the fleet cannot carry out, explained in words (exit code 1)."""
-
-
-class NotFound(ClientError):
-    """The named agent or policy does not exist."""
-
-
-class MessageTooLarge(ClientError):
-    """A message larger than the agent's inbox accepts (``maxMessageBytes``); nothing
-    was enqueued."""
-
-    def __init__(self, name: str, size: int, limit: int) -> None:
-        self.name, self.size, self.limit = name, size, limit
-        super().__init__(f'message is {size} bytes; agent "{name}" accepts at most {limit}')
 
 
 class InboxFull(ClientError, _StoreInboxFull):

@@ -356,3 +356,30 @@ class Chatter(agentos.Agent):
     async def act(self, ctx: agentos.Context, message: Any) -> Any:
         reply = await ctx.llm.chat([{"role": "user", "content": message.body}], max_tokens=8)
         return reply.text
+
+
+class Picky(agentos.Agent):
+    """Raises on a message that starts with "poison"; echoes the others."""
+
+    async def act(self, ctx: agentos.Context, message: Any) -> Any:
+        if message.body.startswith("poison"):
+            raise ValueError(f"cannot digest {message.body!r}")
+        return message.body
+
+
+class Gated(agentos.Agent):
+    """A message "gate:NAME" waits until the test opens GATES[NAME]; others echo."""
+
+    async def act(self, ctx: agentos.Context, message: Any) -> Any:
+        if message.body.startswith("gate:"):
+            await GATES.setdefault(message.body[5:], anyio.Event()).wait()
+        return message.body
+
+
+class DownstreamDown(agentos.Agent):
+    """Every heartbeat's observe finds the model down (an infrastructure fault)."""
+
+    async def observe(self, ctx: agentos.Context) -> Any:
+        from agentos.engine import EngineUnavailable
+
+        raise EngineUnavailable("the model is down")

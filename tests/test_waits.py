@@ -434,3 +434,22 @@ async def test_deleting_a_waiting_agent_forgets_its_wait(store: Store, tmp_path:
         await wait_until(forgotten, what="the wait to be purged")
         assert "appr" not in d.runners
     assert await client.pending() == []
+
+
+async def test_a_resumed_task_gets_its_whole_message_back(store: Store, tmp_path: Path) -> None:
+    body = "deploy " + "x" * 1000  # far past the record's 200-character preview
+    await apply(
+        store,
+        agent_doc(
+            "late",
+            "tests.wait_agents:LateAsker",
+            triggers=[{"inbox": {}}],
+        ),
+    )
+    client = Client(store)
+    async with running_daemon(store):
+        await client.send("late", body)
+        task = await waiting_task(store, "late")
+        await client.answer("late", task, yes=True, by="alice")
+        record = await done(store, "late", task)
+    assert record["result"] == f"{body}: yes"

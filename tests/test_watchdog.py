@@ -182,14 +182,16 @@ async def test_a_task_whose_every_start_is_cut_short_fails_after_crash_loop_afte
             )
     async with running_daemon(store, grace_s=0.3):
         record = await wait_until(
-            lambda: _task_with(store, "stuck", task_id, status="failed"), within=20
+            lambda: _task_with(store, "stuck", task_id, status="dead"), within=20
         )
         await wait_until(lambda: status_is(store, "stuck", phase="Idle"), within=20)
     assert "started 2 time(s) without finishing" in record["error"]
-    assert record["interrupted"] == "2"
-    assert await store.inbox_depth("stuck") == 0  # acknowledged: never redelivered
-    (event,) = await _events(store, "stuck", "TaskFailed")
-    assert event.reason == "Interrupted"
+    assert record["attempt"] == "2"
+    assert await store.inbox_depth("stuck") == 0  # out of the inbox: never redelivered
+    (letter,) = await store.dead_letters("stuck")  # kept, to look at or re-drive
+    assert letter["task"] == task_id
+    (event,) = await _events(store, "stuck", "DeadLettered")
+    assert task_id in event.message
 
 
 def test_the_watchdog_names_the_agents_own_frame_not_the_runtimes() -> None:

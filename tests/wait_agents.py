@@ -76,3 +76,24 @@ class Sleeper(agentos.Agent):
         await ctx.sleep(message.body)
         note(ctx, "awake")
         return "slept"
+
+
+class LateAsker(agentos.Agent):
+    """Takes its message in one loop iteration and asks about it in the next, so the
+    message is acknowledged before the task waits."""
+
+    async def observe(self, ctx: Context) -> Any:
+        message = ctx.take_message()
+        if message is not None:
+            return "took"
+        if ctx.task.message is not None and ctx.state.get("asked") != ctx.task.id:
+            return "ask"
+        return None
+
+    async def act(self, ctx: Context, plan: Any) -> Any:
+        if plan == "took":
+            return "took"
+        answer = await ctx.ask("go?", choices=["yes", "no"])
+        ctx.state["asked"] = ctx.task.id
+        assert ctx.task.message is not None
+        return f"{ctx.task.message.body}: {answer}"

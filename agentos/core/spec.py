@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from agentos.core.durations import Duration, PositiveDuration, format_duration
+from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES
 from agentos.core.modelspec import ModelResource
 from agentos.core.specbase import (
     _ERROR_TYPE,
@@ -198,7 +199,7 @@ class Inbox(_Model):
     keep their hash.
     """
 
-    max_message_bytes: int = Field(default=1_048_576, gt=0, strict=True)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0, strict=True)
     max_depth: int | None = Field(default=None, ge=1, strict=True)
 
     @property

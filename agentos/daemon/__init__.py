@@ -520,6 +520,8 @@ class Daemon(Peers, Upkeep):
                     self.activator.nudge()
                 elif runner is not None and cmd in ("message", "wake", "hibernate"):
                     runner.nudge(cmd)
+                elif runner is not None and cmd == "drop":
+                    runner.drop(fields.get("task", ""))
                 elif agent in self._opening and cmd in ("message", "wake"):
                     self._opening[agent].add(cmd)
                 # Any other agent is held elsewhere, or released (due: a "due" signal).

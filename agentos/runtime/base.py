@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import anyio
 
+from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge, NotFound
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
 from agentos.core.modelusage import model_usage
@@ -56,7 +57,15 @@ from agentos.sdk import (
     Context,
     StateCodec,
 )
-from agentos.store import AgentSnapshot, Duplicate, Store, StoreError, TaskWrite, Write
+from agentos.store import (
+    AgentSnapshot,
+    Duplicate,
+    SendRefused,
+    Store,
+    StoreError,
+    TaskWrite,
+    Write,
+)
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 
@@ -154,6 +163,8 @@ class RunnerBase:
         self.tasks_failed = 0
         self.restarts = 0
         self.consecutive_failures = 0
+        # Messages moved to the dead letters since the last task that succeeded.
+        self.dead_letters_in_row = 0
         self.tokens_in = 0
         self.tokens_out = 0
         self.dirty = False
@@ -187,6 +198,14 @@ class RunnerBase:
         else:
             self._cmds.add(cmd)
         self._nudged.set()
+
+    def drop(self, task_id: str) -> None:
+        """An operator dropped this task's message (``agentos tasks drop``): forget its
+        queued work. A task already running it finishes (its record then says how)."""
+        kept = [w for w in self._queue if w.id != task_id]
+        if len(kept) != len(self._queue):
+            self._queue = deque(kept)
+            log.info("agent %s: task %s dropped before it ran", self.name, task_id)
 
     def note_blocked(self, stall: Stall) -> None:
         """The watchdog found this agent's code blocking the event loop: recorded (and
@@ -432,9 +451,22 @@ class RunnerBase:
         )
 
     async def _send(self, agent: str, body: str) -> str:
+        """``ctx.send``: checked like ``agentos send`` (the agent exists, the message fits
+        its inbox, the inbox is not full), so a misspelled name leaves no orphan stream.
+        Raises :class:`NotFound`, :class:`MessageTooLarge` or ``InboxFull`` to the agent."""
         # One send id for every retry: a send whose reply was lost is not sent twice.
         send_id = new_op_id()
-        return await self.writer.call(lambda: self.store.send(agent, body, send_id=send_id), "send")
+        try:
+            return await self.writer.call(
+                lambda: self.store.send(
+                    agent, body, send_id=send_id, check_limit=DEFAULT_MAX_MESSAGE_BYTES
+                ),
+                "send",
+            )
+        except SendRefused as e:
+            if e.limit is None:
+                raise NotFound(f'agent "{agent}" not found') from None
+            raise MessageTooLarge(agent, len(body.encode()), e.limit) from None
 
     def _next_due(self, *, pop: bool) -> Work | None:
         """The first queued work not parked into the future (taken off the queue if ``pop``)."""

@@ -137,6 +137,27 @@ class FaultMixin(RunnerBase):
         self.restarts += 1
         log.warning("agent %s: %s", self.name, error)
         failed = verdict.action is Action.FAIL
+        if failed and work.message is not None:
+            # The message failed crashLoopAfter times in a row: it goes to the dead
+            # letters. If the message before it went there too, with no success between,
+            # every message fails: the agent is at fault, and the crash loop stops it.
+            await self._dead_letter(work, verdict.consecutive_failures, str(error))
+            self.dead_letters_in_row += 1
+            if self.dead_letters_in_row < 2:
+                await self._go_on_after_dead_letter(work, error)
+                return
+            self.usage.add(tasks_failed=1)
+            self.dirty = True
+            self.telemetry.tasks.add(
+                1, {"agentos.task.status": "failed", "gen_ai.agent.name": self.name}
+            )
+            await self._fail(
+                "CrashLoop",
+                f"{error} ({verdict.consecutive_failures} failures in a row; the last two "
+                "messages are dead letters)",
+                error.tb,
+            )
+            return
         if failed:
             self.usage.add(tasks_failed=1)
             self.dirty = True
@@ -184,6 +205,54 @@ class FaultMixin(RunnerBase):
             await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
             self._queue.appendleft(retry)
 
+    async def _dead_letter(self, work: Work, attempts: int, error: str) -> None:
+        """Move ``work``'s message to the agent's dead letters (acknowledged, kept with its
+        error; its task recorded ``dead``). Raises :class:`LeaseLost` if the lease is gone."""
+        assert work.message is not None
+        message_id = work.message.id
+        await self.writer.flush()  # a held-back close of the previous task goes first
+        moved = await self.writer.call(
+            lambda: self.store.dead_letter(
+                self.name,
+                self.lease_value,
+                message_id,
+                task_id=work.id,
+                attempts=attempts,
+                error=short(error, 500),
+                now=self.clock(),
+                daemon=self.daemon_id,
+            ),
+            "dead letter",
+        )
+        if moved == "not-held":
+            raise LeaseLost(self.name)
+        self._unacked = None
+        self._unacked_key = None
+        self.telemetry.tasks.add(1, {"agentos.task.status": "dead", "gen_ai.agent.name": self.name})
+
+    async def _go_on_after_dead_letter(self, work: Work, error: AgentCodeError) -> None:
+        """A fresh instance goes on with the next message (the dead one is not retried)."""
+        self.consecutive_failures = 0
+        self.usage.add(tasks_failed=1)
+        self.dirty = True
+        saved = await self._release_slot()
+        await self._set_phase(
+            PhaseEvent.CRASH,
+            status={
+                **saved,
+                **self.task_counters(),
+                "last_error": str(error),
+                "last_traceback": error.tb,
+                "last_error_at": repr(self.clock()),
+                "reason": "DeadLettered",
+                "message": f"task {work.id} failed {self._policy.crash_loop_after} times in a "
+                "row; its message is a dead letter, the agent goes on with the next",
+            },
+        )
+        if self.stop_reason is None and await self._instantiate():
+            self._move(PhaseEvent.START)
+            await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
+
     async def _charge_blocked(self) -> None:
         """Record the event-loop blocks the watchdog charged to this agent, each counted
         as a crash; at ``crashLoopAfter`` in a row the agent is Failed (CrashLoop)."""
@@ -225,9 +294,12 @@ class FaultMixin(RunnerBase):
         self.telemetry.tasks.add(
             1, {"agentos.task.status": "failed", "gen_ai.agent.name": self.name}
         )
+        if work.message is not None:  # kept as a dead letter, to look at and re-drive
+            await self._dead_letter(work, starts, message)
+            await self.writer.write(status=self.task_counters())
+            return
         await self.writer.write(
             status=self.task_counters(),
-            ack_id=work.message.id if work.message is not None else None,
             task=TaskWrite(
                 work.id,
                 {

@@ -432,7 +432,13 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         fires = self._triggers.due_fires(self.clock())
         if fires:
             # Heartbeats only ask observe: they get a record if it finds work.
-            self._queue.extend(Work("heartbeat") for f in fires if f.kind == "heartbeat")
+            # At most one heartbeat queued per trigger: one whose observe is parked (a
+            # spent budget, an engine down) must not pile up a copy per beat.
+            waiting = {w.index for w in self._queue if w.trigger == "heartbeat"}
+            for f in fires:
+                if f.kind == "heartbeat" and f.index not in waiting:
+                    waiting.add(f.index)
+                    self._queue.append(Work("heartbeat", index=f.index))
             timed = [
                 Work(f.kind, scheduled_at=f.at, index=f.index)
                 for f in fires

@@ -315,6 +315,7 @@ class TaskMixin(RunnerBase):
         if result.steps:
             # A wake-up whose first observe found nothing to do is not a task.
             self.tasks_succeeded += 1
+            self.dead_letters_in_row = 0
             self.usage.add(tasks_succeeded=1)
             self.dirty = True
         span.set_attribute("agentos.task.steps", result.steps)

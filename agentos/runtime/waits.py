@@ -164,6 +164,7 @@ class WaitMixin(RunnerBase):
                     "answers": json.dumps(answers),
                     "calls": json.dumps(calls),
                     "message_taken": "1" if taken else "",
+                    **_message_fields(work),
                 },
             ),
             event=self.writer.event(
@@ -298,6 +299,19 @@ class WaitMixin(RunnerBase):
             pass
 
 
+def _message_fields(work: Work) -> dict[str, str]:
+    """What a parked task keeps of its message so that it resumes with all of it: the
+    message is acknowledged by then, and the record's payload is only a preview."""
+    m = work.message
+    if m is None:
+        return {}
+    return {
+        "message_body": m.body,
+        "message_sent_at": repr(m.sent_at or 0.0),
+        "message_traceparent": m.traceparent or "",
+    }
+
+
 def _work_of(record: dict[str, str], task_id: str) -> Work:
     """The work of a waiting task whose message is no longer pending (or that has none)."""
     index = record.get("trigger_index")
@@ -306,7 +320,15 @@ def _work_of(record: dict[str, str], task_id: str) -> Work:
     if record.get("message_id"):
         # Acknowledged (with its idempotency key) by an earlier iteration: no key here,
         # or the resumed task would be skipped as a duplicate of itself.
-        message = InboxMessage(record["message_id"], record.get("payload", ""), None, 0.0, None)
+        # The whole message, as the park kept it (the payload is a 200-character preview,
+        # all that records written before the park kept the whole body have).
+        message = InboxMessage(
+            record["message_id"],
+            record.get("message_body", record.get("payload", "")),
+            None,
+            float(record.get("message_sent_at") or 0.0),
+            record.get("message_traceparent") or None,
+        )
     return Work(
         record.get("trigger") or "wake",
         message,
