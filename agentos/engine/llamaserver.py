@@ -36,6 +36,7 @@ Model's ``chatTemplate``, else the built-in ``gemma`` (see :func:`server_templat
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 
 from agentos.core.chat import (
@@ -292,6 +294,12 @@ def _estimate(text: str) -> int:
 # compact form is 14 tokens. Decoding dominates a tool loop on a CPU, so tool calls are
 # constrained compact (the option is ignored by servers built without llguidance).
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+
+
+async def _remove(path: Path) -> None:
+    """Delete a slot file off the event loop, even while the caller is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
 
 
 def _constraint(
@@ -671,12 +679,12 @@ class LlamaServerEngine:
         path = Path(s.replica.slot_dir) / filename
         try:
             saved = await self._slot_action(s, session_id, "save", {"filename": filename})
-            data = path.read_bytes()
+            data = await anyio.to_thread.run_sync(path.read_bytes)  # tens of MB: off the loop
         except (OSError, EngineError) as e:
             log.warning("%s: slot save failed (%s); keeping the token history only", session_id, e)
             return KVSnapshot(self._fingerprint, tokens, None, conversation=conversation)
         finally:
-            path.unlink(missing_ok=True)
+            await _remove(path)
         self.stats.saves += 1
         n_saved = int(saved.get("n_saved", len(tokens)))
         return KVSnapshot(self._fingerprint, tokens, data, n_saved, conversation)
@@ -699,8 +707,9 @@ class LlamaServerEngine:
         filename = f"agentos-{uuid.uuid4().hex}.bin"
         path = Path(s.replica.slot_dir) / filename
         expected = snapshot.n_kv if snapshot.n_kv is not None else len(snapshot.tokens)
+        data = snapshot.data
         try:
-            path.write_bytes(snapshot.data)
+            await anyio.to_thread.run_sync(path.write_bytes, data)
             restored = await self._slot_action(s, session_id, "restore", {"filename": filename})
         except (OSError, EngineError) as e:
             log.warning("%s: slot restore refused: %s", session_id, e)
@@ -708,7 +717,7 @@ class LlamaServerEngine:
             self._dirty.add((s.replica.url, s.slot))
             return False
         finally:
-            path.unlink(missing_ok=True)
+            await _remove(path)
         self._dirty.discard((s.replica.url, s.slot))
         n = int(restored.get("n_restored", -1))
         if n != expected:
