@@ -398,11 +398,16 @@ class Client(WaitClientMixin):
 
     # ------------------------------------------------------------------ status
 
-    async def agents(self) -> list[AgentSummary]:
-        """Every applied agent with its status, sorted by name."""
-        specs = await self.store.agent_specs()
-        names = sorted(specs)
-        statuses = await self.store.statuses(names)
+    async def agents(self, names: Sequence[str] | None = None) -> list[AgentSummary]:
+        """Every applied agent with its status, sorted by name; with ``names``, only
+        those (in that order; names not applied are left out), reading only theirs."""
+        if names is None:
+            specs = await self.store.agent_specs()
+            names = sorted(specs)
+        else:
+            specs = await self.store.agent_specs_of(names)
+            names = [n for n in names if n in specs]  # deleted since the names were read
+        statuses = await self.store.statuses(list(names))
         out = []
         for name in names:
             st = statuses.get(name, {})

@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -52,7 +52,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentos.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    AgentSummary,
     AnswerRejected,
     Client,
     ClientError,
@@ -312,34 +311,6 @@ class _Names:
         return names[bisect.bisect_right(names, cursor) :] if cursor else names
 
 
-async def _summaries(client: Client, names: Sequence[str]) -> list[AgentSummary]:
-    """`agentos ps` rows of ``names`` only (Client.agents reads every agent)."""
-    specs = await client.store.agent_specs_of(names)
-    statuses = await client.store.statuses([n for n in names if n in specs])
-    rows = []
-    for name in names:
-        if name not in specs:
-            continue  # deleted since the names were read
-        st, spec = statuses.get(name, {}), specs[name]
-        last = st.get("last_activity")
-        rows.append(
-            AgentSummary(
-                name=name,
-                phase=st.get("phase") or "Pending",
-                owner=st.get("owner", ""),
-                reason=st.get("reason", ""),
-                restarts=int(st.get("restarts") or 0),
-                tasks=int(st.get("tasks_succeeded") or 0),
-                steps=int(st.get("steps") or 0),
-                last_activity=float(last) if last else None,
-                priority=int(spec.get("spec", {}).get("priority", 50)),
-                labels=dict(spec.get("metadata", {}).get("labels", {})),
-                kv_bytes=int(st.get("kv_bytes") or 0),
-            )
-        )
-    return rows
-
-
 class _Trust:
     """ASGI middleware: every request (unknown routes too) passes :func:`refusal` first."""
 
@@ -528,7 +499,7 @@ def build_app(
         limit, cursor = _page(request)
         after = await names.after(cursor)
         page = after[:limit]
-        rows = await _summaries(client, page)
+        rows = await client.agents(page)
         more = page[-1] if len(after) > limit else None
         return _paged(request, [a.to_dict() for a in rows], more, limit)
 
