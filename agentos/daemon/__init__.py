@@ -717,6 +717,9 @@ class Daemon(Peers, Upkeep):
                 await self._lease_lost(runner)
             if self.runners.get(name) is runner:
                 del self.runners[name]
+                # At once, not at the next publish: a released lease renewed again would
+                # be a command per agent for nothing (and a lost-lease report).
+                self.keeper.forget(name, runner.lease_value)
                 self._scopes.pop(name, None)
                 if name not in self._stopping:
                     self._desired.pop(name, None)

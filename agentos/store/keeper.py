@@ -163,6 +163,12 @@ class LeaseKeeper:
             if info is not None:
                 self._info = dict(info)
 
+    def forget(self, name: str, lease_value: str) -> None:
+        """Stop renewing ``name``'s lease (its runner ended) before the next publish."""
+        with self._lock:
+            if self._held.get(name) == lease_value:
+                del self._held[name]
+
     def take_lost(self) -> dict[str, str]:
         """Leases found lost since the last call (agent -> the value that was ours)."""
         with self._lock:
