@@ -197,7 +197,9 @@ async def test_a_crashed_agent_gives_its_slot_back(
     )
     engine = like_llama(2)
     async with running_daemon(store, engine):
+        # Two failing messages: the first alone would be a dead letter, the agent going on.
         await Client(store).send("odd", "1")
+        await Client(store).send("odd", "3")
         await wait_until(lambda: status_is(store, "odd", **status))
         assert not engine.has_session("odd")
 
