@@ -275,8 +275,10 @@ async def test_a_thousand_hibernated_agents_cost_redis_nothing(store: Store) -> 
     calls = {c: after.get(c, 0) - before.get(c, 0) for c in after}
     total = sum(calls.values()) - calls.get("info", 0)
     # The daemon's fleet-level work (heartbeat, signals, quota refresh, the due index's
-    # head) goes on; nothing scales with the released agents.
-    assert total < 200, json.dumps({c: n for c, n in calls.items() if n})
+    # head) goes on: about 150 commands in 10 s, and 10 more per signal group (one on a
+    # server, one per shard on a cluster: four). Nothing scales with the released agents:
+    # one command per agent would be 1000 more.
+    assert total < 250, json.dumps({c: n for c, n in calls.items() if n})
     assert per_agent
     assert min(idle) >= 10, "a released agent's key was touched while it slept"
     assert d.runners == {}

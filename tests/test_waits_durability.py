@@ -115,8 +115,10 @@ async def test_a_thousand_waiting_agents_cost_redis_nothing_while_they_wait(stor
         idle = [await store.key_idle_s(k) for k in per_agent]
     total = sum(calls.values())
     # The daemon's own fleet-level work (heartbeat, signals, quota refresh, due index reads)
-    # goes on; nothing scales with the waiting agents.
-    assert total < FLEET / 5, json.dumps({c: n for c, n in calls.items() if n})
+    # goes on: about 150 commands in 10 s, and 10 more per signal group (one on a server,
+    # one per shard on a cluster: four). Nothing scales with the waiting agents: one
+    # command each would be FLEET more.
+    assert total < FLEET / 4, json.dumps({c: n for c, n in calls.items() if n})
     assert per_agent
     assert min(idle) >= 10, "a waiting agent's key was touched while it waited"
     used = {c: n for c, n in calls.items() if n}

@@ -230,8 +230,12 @@ class Daemon(Peers, Upkeep):
             await self._run(until_idle, duration_s)
         finally:
             # Our leases are released by now (or they are left to expire): no more
-            # renewals, and no heartbeat written after it is removed below.
-            await anyio.to_thread.run_sync(self.keeper.stop)
+            # renewals, and no heartbeat written after it is removed below. Shielded: a
+            # run cancelled from outside (its task group failed) must not leave the
+            # thread beating for a daemon that is gone, which would keep the others from
+            # ever adopting its agents.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.keeper.stop)
         try:
             if not await self.store.still_held(self.id):
                 await self.store.leave_holders(self.id)
