@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from agentos.client_usage import UsageClientMixin
 from agentos.client_waits import AnswerRejected, WaitClientMixin
 from agentos.core.errors import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -25,21 +26,13 @@ from agentos.core.errors import (
     MessageTooLarge,
     NotFound,
 )
-from agentos.core.fairness import day_window
-from agentos.core.metering import Prices, UsageRow, aggregate
+from agentos.core.fleet import DEFAULT_CLASS, diff_paths, fleet_issues, inbox_depth
 from agentos.core.models import model_issues
-from agentos.core.modelspec import ModelResource
-from agentos.core.modelusage import ModelUsageRow, by_model
-from agentos.core.policy import ClassQuota, Evaluation, RuleStatus, base_quotas, evaluate
 from agentos.core.spec import (
-    INBOX_MAX_DEPTH,
     AgentResource,
     Document,
-    QuotaPolicyResource,
     SpecError,
-    SpecIssue,
     inbox_limit,
-    parse_resource,
 )
 from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
@@ -177,7 +170,7 @@ class AgentDetail:
         }
 
 
-class Client(WaitClientMixin):
+class Client(WaitClientMixin, UsageClientMixin):
     """Operate one agentos namespace. Use ``async with await Client.connect(settings)``."""
 
     def __init__(self, store: Store) -> None:
@@ -235,7 +228,7 @@ class Client(WaitClientMixin):
                     spec_hash(body),
                     agent.spec.priority if agent is not None else 0,
                     inbox_limit(agent) if agent is not None else None,
-                    _inbox_depth(agent) if agent is not None else None,
+                    inbox_depth(agent) if agent is not None else None,
                 )
             )
         changes = await self.store.apply(records, dry_run=dry_run)
@@ -293,108 +286,6 @@ class Client(WaitClientMixin):
     async def policies(self) -> dict[str, dict[str, Any]]:
         """Every applied QuotaPolicy resource by name (canonical form)."""
         return await self.store.policies()
-
-    # ------------------------------------------------------------------ quotas
-
-    async def _quotas_now(self) -> dict[str, ClassQuota]:
-        effective = await self.store.quota_effective()
-        if effective is not None:
-            return effective
-        return base_quotas(stored_policies(await self.store.policies()))
-
-    async def quota(self, *, now: float | None = None) -> dict[str, Any]:
-        """Effective limits per class and per agent, usage now, and who is waiting."""
-        now = time.time() if now is None else now
-        quotas = await self._quotas_now()
-        specs = await self.store.agent_specs()
-        members: dict[str, list[tuple[str, int]]] = {}
-        for agent, body in sorted(specs.items()):
-            spec = body.get("spec", {})
-            members.setdefault(str(spec.get("quotaClass", DEFAULT_CLASS)), []).append(
-                (agent, int(spec.get("priority", 50)))
-            )
-        days = {n: day_window(q.timezone, now)[0] for n, q in quotas.items()}
-        usage = await self.store.quota_usage(days, now=now)
-        classes = []
-        for name in sorted(set(quotas) | set(members)):
-            q = quotas.get(name)
-            u = usage.get(name)
-            agents = []
-            for agent, priority in members.get(name, []):
-                waiting = ""
-                if u is not None and agent in u.queued:
-                    waiting = "queued"
-                elif u is not None and agent in u.pacing:
-                    waiting = "paced"
-                agents.append(
-                    {
-                        "name": agent,
-                        "priority": priority,
-                        "tokensLastMinute": u.agent_tokens_last_minute.get(agent, 0) if u else 0,
-                        "dayTokens": u.agent_day_tokens.get(agent, 0) if u else 0,
-                        "dayAgentSeconds": round(u.agent_day_seconds.get(agent, 0.0), 1)
-                        if u
-                        else 0,
-                        "inFlight": u.in_flight.get(agent, 0) if u else 0,
-                        "waiting": waiting,
-                    }
-                )
-            classes.append(
-                {
-                    "name": name,
-                    "policy": q.policy if q else None,
-                    "timezone": q.timezone if q else None,
-                    "day": days.get(name),
-                    "limits": q.limits.to_json() if q else {},
-                    "perAgent": q.per_agent.to_json() if q else {},
-                    "base": q.base.to_json() if q else {},
-                    "basePerAgent": q.base_per_agent.to_json() if q else {},
-                    "rules": list(q.rules) if q else [],
-                    "usage": {
-                        "tokensLastMinute": u.tokens_last_minute if u else 0,
-                        "inFlight": sum(u.in_flight.values()) if u else 0,
-                        "queued": u.queued if u else [],
-                        "paced": u.pacing if u else [],
-                        "dayTokens": u.day_tokens if u else 0,
-                        "dayAgentSeconds": round(u.day_seconds, 1) if u else 0,
-                    },
-                    "agents": agents,
-                }
-            )
-        effective_at = None
-        raw = await self.store.quota_state()
-        if raw[1]:
-            effective_at = raw[1].get("at")
-        return {"at": now, "evaluatedAt": effective_at, "classes": classes}
-
-    async def explain(
-        self,
-        name: str | None = None,
-        *,
-        documents: Sequence[Document] = (),
-        now: float | None = None,
-    ) -> tuple[Evaluation, dict[str, float], float | None]:
-        """Evaluate the policies now, without writing anything.
-
-        Uses the fleet metrics and rule memory the evaluator last stored. ``documents``
-        (QuotaPolicy ones) stand in for the stored policies of the same name: what
-        ``apply --dry-run`` shows. With ``name``, only that policy's rules are listed.
-        Returns the evaluation, the metrics used and when they were measured.
-        """
-        now = time.time() if now is None else now
-        policies = stored_policies(await self.store.policies())
-        for doc in documents:
-            if isinstance(doc.resource, QuotaPolicyResource):
-                policies[doc.name] = doc.resource
-        if name is not None and name not in policies:
-            raise NotFound(f'policy "{name}" not found')
-        memory, metrics_doc = await self.store.quota_state()
-        metrics = {k: float(v) for k, v in metrics_doc.get("values", {}).items()}
-        result = evaluate(policies, metrics, now, memory)
-        if name is not None:
-            rules: tuple[RuleStatus, ...] = tuple(r for r in result.rules if r.policy == name)
-            result = Evaluation(result.quotas, result.memory, result.changes, rules)
-        return result, metrics, metrics_doc.get("at")
 
     # ------------------------------------------------------------------ status
 
@@ -613,41 +504,6 @@ class Client(WaitClientMixin):
         status = (await self.store.task(name, task_id)).get("status", "not started")
         raise ClientError(f"task {task_id} of {name} is still {status} after {timeout_s:g}s")
 
-    async def usage(
-        self,
-        *,
-        by: str = "agent",
-        since_days: int = 7,
-        prices: Prices | None = None,
-        now: float | None = None,
-    ) -> list[UsageRow]:
-        """Metered usage of the last ``since_days`` UTC days (today included), summed by
-        ``agent``, ``class`` or ``day`` and priced with ``prices``."""
-        specs = await self.store.agent_specs()
-        classes = {
-            n: str(b.get("spec", {}).get("quotaClass", "standard")) for n, b in specs.items()
-        }
-        end = time.time() if now is None else now
-        days = [time.strftime("%Y-%m-%d", time.gmtime(end - 86400 * i)) for i in range(since_days)]
-        records = await self.store.usage(sorted(specs), days)
-        return aggregate(records, by=by, classes=classes, prices=prices or Prices())
-
-    async def usage_by_model(
-        self, *, since_days: int = 7, now: float | None = None
-    ) -> list[ModelUsageRow]:
-        """Tokens in, cached and out per model over the last ``since_days`` UTC days,
-        priced with each applied Model's ``prices``."""
-        specs = await self.store.agent_specs()
-        end = time.time() if now is None else now
-        days = [time.strftime("%Y-%m-%d", time.gmtime(end - 86400 * i)) for i in range(since_days)]
-        records = await self.store.usage(sorted(specs), days)
-        prices = {}
-        for name, body in (await self.store.models()).items():
-            resource = parse_resource(body)
-            if isinstance(resource, ModelResource):
-                prices[name] = resource.spec.prices
-        return by_model(records, prices)
-
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""
         return await self.store.daemons()
@@ -659,107 +515,10 @@ class Client(WaitClientMixin):
         return spec
 
 
-DEFAULT_CLASS = "standard"
-"""The quota class agents get when they name none; it exists (unlimited) without a policy."""
-
-
 def body_digest(body: str) -> str:
     """A message body's digest, kept with its send id: the same id with another body is
     a conflict (:class:`SendConflict`), not a replay."""
     return hashlib.sha256(body.encode()).hexdigest()[:32]
-
-
-def _inbox_depth(agent: AgentResource) -> int:
-    """The most messages the agent's inbox holds (its first ``inbox`` trigger's
-    ``maxDepth``; the default when it declares none)."""
-    for trigger in agent.spec.triggers:
-        if trigger.inbox is not None:
-            return trigger.inbox.depth_limit
-    return INBOX_MAX_DEPTH
-
-
-def fleet_issues(
-    documents: Sequence[Document],
-    agents: dict[str, str],
-    policies: dict[str, QuotaPolicyResource],
-) -> list[SpecIssue]:
-    """Problems applying ``documents`` would cause with the stored ``agents`` (name ->
-    quota class) and ``policies``: each reported at its document."""
-    issues: list[SpecIssue] = []
-    after = dict(policies)
-    policy_docs: dict[str, Document] = {}
-    for doc in documents:
-        if isinstance(doc.resource, QuotaPolicyResource):
-            after[doc.name] = doc.resource
-            policy_docs[doc.name] = doc
-    owner: dict[str, str] = {}
-    for pname in sorted(after, key=lambda n: (n in policy_docs, n)):  # stored ones first
-        for cname in after[pname].spec.classes:
-            if cname in owner and pname in policy_docs:
-                doc = policy_docs[pname]
-                issues.append(
-                    SpecIssue(
-                        doc.source,
-                        doc.line_of("spec", "classes", cname),
-                        f"spec.classes.{cname}",
-                        f'quota class "{cname}" is already defined by policy "{owner[cname]}"; '
-                        "class names are fleet-wide",
-                    )
-                )
-            owner.setdefault(cname, pname)
-    known = set(owner) | {DEFAULT_CLASS}
-    wanted = dict(agents)
-    for doc in documents:
-        if isinstance(doc.resource, AgentResource):
-            wanted[doc.name] = doc.resource.spec.quota_class
-            cname = doc.resource.spec.quota_class
-            if cname not in known:
-                defined = ", ".join(sorted(known))
-                issues.append(
-                    SpecIssue(
-                        doc.source,
-                        doc.line_of("spec", "quotaClass"),
-                        "spec.quotaClass",
-                        f'unknown quota class "{cname}" (defined: {defined}); '
-                        "apply a QuotaPolicy that defines it first, or with this agent",
-                    )
-                )
-    for pname, doc in policy_docs.items():
-        before = policies.get(pname)
-        if before is None:
-            continue
-        for cname in sorted(set(before.spec.classes) - set(after[pname].spec.classes)):
-            users = sorted(a for a, c in wanted.items() if c == cname and cname not in known)
-            if users:
-                issues.append(
-                    SpecIssue(
-                        doc.source,
-                        doc.line_of("spec", "classes"),
-                        "spec.classes",
-                        f'removes quota class "{cname}" that agents still use: {", ".join(users)}',
-                    )
-                )
-    return issues
-
-
-def diff_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths (``spec.config.limit``, ``spec.triggers[0]``) where two documents differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old or key not in new:
-                out.append(path)
-            else:
-                out.extend(diff_paths(old[key], new[key], path))
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [
-            p
-            for i, (a, b) in enumerate(zip(old, new, strict=True))
-            for p in diff_paths(a, b, f"{prefix}[{i}]")
-        ]
-    return [] if old == new else [prefix or "."]
 
 
 def read_message_arg(value: str) -> str:

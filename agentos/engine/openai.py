@@ -31,12 +31,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from agentos.core.chat import Reply, TokenUsage, ToolCall, ToolSpec
+from agentos.core.chat import Reply, TokenUsage, ToolSpec
 from agentos.engine.base import (
     Completion,
     ContextOverflow,
@@ -45,6 +44,13 @@ from agentos.engine.base import (
     KVSnapshot,
     SessionInfo,
     StreamChunk,
+)
+from agentos.engine.openai_wire import (
+    Conversation,
+    Reading,
+    decode_conversation,
+    finish_reason_of,
+    tool_choice_body,
 )
 from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
 
@@ -62,174 +68,6 @@ _OVERFLOW_MARKS = (
     "exceeds the available context",
     "maximum context length",
 )
-
-
-@dataclass(slots=True)
-class _Conversation:
-    text: str = ""  # completions API
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat API
-    n_tokens: int = 0  # the last call's prompt + output tokens, as the server counted them
-
-    def encode(self) -> bytes:
-        if not self.text and not self.messages:
-            return b""  # nothing to restore: the hibernator then starts the context empty
-        return json.dumps(
-            {"messages": self.messages, "text": self.text}, ensure_ascii=False
-        ).encode()
-
-
-def _conversation_of(data: Any) -> _Conversation:
-    """A conversation from its stored JSON; raises EngineError naming what is wrong."""
-    if not isinstance(data, dict):
-        raise EngineError("stored conversation is not a JSON object {messages, text}")
-    text, messages = data.get("text", ""), data.get("messages", [])
-    if not isinstance(text, str):
-        raise EngineError("stored conversation: text is not a string")
-    if not isinstance(messages, list):
-        raise EngineError("stored conversation: messages is not a list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise EngineError(f"stored conversation: messages[{i}] has no role")
-    return _Conversation(text, [dict(m) for m in messages])
-
-
-def _decode(conversation: bytes, tokens: Sequence[int]) -> _Conversation:
-    """The conversation a snapshot holds: its ``conversation`` JSON, or for a snapshot
-    written by an earlier version, the same JSON as code points in ``tokens``."""
-    try:
-        if conversation:
-            return _conversation_of(json.loads(conversation))
-        if tokens:
-            return _conversation_of(json.loads("".join(chr(t) for t in tokens)))
-    except (ValueError, TypeError, OverflowError) as e:
-        raise EngineError(f"stored conversation does not decode: {e}") from e
-    return _Conversation()
-
-
-def _usage(event: Mapping[str, Any]) -> TokenUsage | None:
-    """Usage from an answer (or a stream's last event); None when it carries none.
-
-    ``prompt_tokens`` is the whole prompt; the cached part comes from
-    ``prompt_tokens_details.cached_tokens`` (OpenAI, vLLM) or llama.cpp's
-    ``timings.cache_n``, and is not counted as input.
-    """
-    usage = event.get("usage")
-    if not isinstance(usage, Mapping):
-        return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    details = usage.get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or 0) if isinstance(details, Mapping) else 0
-    timings = event.get("timings") or {}
-    if not cached and isinstance(timings, Mapping) and timings.get("cache_n"):
-        cached = int(timings["cache_n"])
-    cached = min(cached, prompt)
-    return TokenUsage(prompt - cached, cached, int(usage.get("completion_tokens") or 0))
-
-
-def _finish(reason: str | None, has_calls: bool) -> str:
-    if reason == "length":
-        return "length"  # even with calls: their arguments may be cut off
-    if has_calls or reason in ("tool_calls", "function_call"):
-        return "tool_calls"
-    return "stop"
-
-
-def _tool_choice(choice: str) -> str | dict[str, Any]:
-    if choice in ("auto", "required", "none"):
-        return choice
-    return {"type": "function", "function": {"name": choice}}
-
-
-@dataclass(slots=True)
-class _CallParts:
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Reading:
-    """What an answer (streamed in events, or whole) has said so far."""
-
-    chat: bool
-    parts: list[str] = field(default_factory=list)
-    calls: dict[int, _CallParts] = field(default_factory=dict)
-    finish: str | None = None
-    usage: TokenUsage | None = None
-    first_token_at: float | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def take(self, event: Mapping[str, Any], *, whole: bool = False) -> str:
-        """Read one event (``whole``: a non-streamed answer); returns its new text."""
-        usage = _usage(event)
-        if usage is not None:
-            self.usage = usage
-        new: list[str] = []
-        choices = event.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, Mapping):
-                continue
-            if self.chat:
-                delta = choice.get("message" if whole else "delta")
-                if isinstance(delta, Mapping):
-                    content = delta.get("content")
-                    if isinstance(content, str) and content:  # null deltas carry nothing
-                        new.append(content)
-                    self._take_calls(delta.get("tool_calls"), positional=whole)
-            else:
-                text = choice.get("text")
-                if isinstance(text, str) and text:
-                    new.append(text)
-            self.finish = choice.get("finish_reason") or self.finish
-        piece = "".join(new)
-        if piece:
-            self.parts.append(piece)
-        if (piece or self.calls) and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        return piece
-
-    def _take_calls(self, deltas: Any, *, positional: bool) -> None:
-        """Assemble tool-call deltas: the first names the call, later ones carry more of
-        the arguments' text (in fragments), all keyed by ``index``."""
-        if not isinstance(deltas, list):
-            return
-        for position, delta in enumerate(deltas):
-            if not isinstance(delta, Mapping):
-                continue
-            index = delta.get("index")
-            if positional or not isinstance(index, int):
-                # A whole answer lists its calls in order; a server that omits the index
-                # in a stream starts a call with an id and continues it without one.
-                if positional:
-                    index = position
-                elif delta.get("id") and all(c.id != delta["id"] for c in self.calls.values()):
-                    index = len(self.calls)
-                else:
-                    index = max(self.calls, default=0)
-            parts = self.calls.setdefault(index, _CallParts())
-            if isinstance(delta.get("id"), str) and delta["id"] and not parts.id:
-                parts.id = delta["id"]
-            fn = delta.get("function")
-            if isinstance(fn, Mapping):
-                if isinstance(fn.get("name"), str):
-                    parts.name += fn["name"]
-                args = fn.get("arguments")
-                if isinstance(args, str):
-                    parts.arguments.append(args)
-                elif isinstance(args, Mapping):  # some servers send an object, not its text
-                    parts.arguments.append(json.dumps(dict(args), ensure_ascii=False))
-
-    def tool_calls(self, calls_so_far: int) -> tuple[ToolCall, ...]:
-        """The assembled calls; a call the server gave no id gets ``call_{n}``."""
-        out = []
-        for n, i in enumerate(sorted(self.calls)):
-            parts = self.calls[i]
-            call_id = parts.id or f"call_{calls_so_far + n}"
-            out.append(ToolCall.parse(call_id, parts.name, "".join(parts.arguments)))
-        return tuple(out)
 
 
 class OpenAIEngine:
@@ -272,7 +110,7 @@ class OpenAIEngine:
             attempts=attempts,
             board=throttle_board,
         )
-        self._sessions: dict[str, _Conversation] = {}
+        self._sessions: dict[str, Conversation] = {}
 
     # ------------------------------------------------------------------ identity
 
@@ -306,7 +144,7 @@ class OpenAIEngine:
 
     # ------------------------------------------------------------------ sessions
 
-    def _conv(self, session_id: str) -> _Conversation:
+    def _conv(self, session_id: str) -> Conversation:
         conv = self._sessions.get(session_id)
         if conv is None:
             raise EngineError(f"no open session {session_id!r}")
@@ -315,7 +153,7 @@ class OpenAIEngine:
     def open_session(self, session_id: str) -> None:
         if session_id in self._sessions:
             raise EngineError(f"session {session_id!r} is already open")
-        self._sessions[session_id] = _Conversation()
+        self._sessions[session_id] = Conversation()
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
@@ -333,7 +171,7 @@ class OpenAIEngine:
 
     async def reset_session(self, session_id: str) -> None:
         self._conv(session_id)
-        self._sessions[session_id] = _Conversation()
+        self._sessions[session_id] = Conversation()
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         return KVSnapshot(
@@ -351,7 +189,7 @@ class OpenAIEngine:
         call resends it). ``tokens`` is read only for a snapshot of an earlier version,
         which kept the conversation's JSON as code points there."""
         self._conv(session_id)
-        self._sessions[session_id] = _decode(conversation, tokens)
+        self._sessions[session_id] = decode_conversation(conversation, tokens)
         return 0.0
 
     # ------------------------------------------------------------------ calls
@@ -381,7 +219,7 @@ class OpenAIEngine:
     def _text_body(
         self,
         session: str,
-        conv: _Conversation,
+        conv: Conversation,
         prompt: str,
         *,
         max_tokens: int,
@@ -406,7 +244,7 @@ class OpenAIEngine:
             body["response_format"] = {"type": "json_object", "schema": dict(json_schema)}
         return "/completions", body
 
-    def _append_text(self, conv: _Conversation, prompt: str, text: str) -> None:
+    def _append_text(self, conv: Conversation, prompt: str, text: str) -> None:
         if self.api == "chat":
             conv.messages.append({"role": "user", "content": prompt})
             conv.messages.append({"role": "assistant", "content": text})
@@ -421,9 +259,9 @@ class OpenAIEngine:
 
     def _metered(
         self,
-        conv: _Conversation,
+        conv: Conversation,
         replica: Replica,
-        reading: _Reading,
+        reading: Reading,
         sent: Mapping[str, Any],
     ) -> TokenUsage:
         """The call's usage, counted on the replica and kept as the session's size."""
@@ -443,7 +281,7 @@ class OpenAIEngine:
         return usage
 
     async def _read(
-        self, replica: Replica, response: httpx.Response, reading: _Reading
+        self, replica: Replica, response: httpx.Response, reading: Reading
     ) -> AsyncIterator[str]:
         """The text pieces of an answer as they arrive, all of it read into ``reading``."""
         if "json" in response.headers.get("content-type", ""):
@@ -534,11 +372,11 @@ class OpenAIEngine:
         body["messages"] = [*conv.messages, *new]
         if tools:
             body["tools"] = [t.openai() for t in tools]
-            body["tool_choice"] = _tool_choice(tool_choice)
+            body["tool_choice"] = tool_choice_body(tool_choice)
             body["parallel_tool_calls"] = parallel_tool_calls
         if response_format is not None:
             body["response_format"] = dict(response_format)
-        reading = _Reading(chat=True)
+        reading = Reading(chat=True)
         started = time.perf_counter()
         try:
             async with self.client.call(
@@ -559,7 +397,7 @@ class OpenAIEngine:
         reply = Reply(
             content=text if text or not calls else None,
             tool_calls=calls,
-            finish_reason=_finish(reading.finish, bool(calls)),
+            finish_reason=finish_reason_of(reading.finish, bool(calls)),
             usage=usage,
             time_to_first_token_s=(
                 reading.first_token_at - started if reading.first_token_at else duration
@@ -593,7 +431,7 @@ class OpenAIEngine:
             json_schema=json_schema,
             stream=False,
         )
-        reading = _Reading(chat=self.api == "chat")
+        reading = Reading(chat=self.api == "chat")
         started = time.perf_counter()
         try:
             async with self.client.call(session_id, "POST", path, body) as (replica, response):
@@ -644,7 +482,7 @@ class OpenAIEngine:
             json_schema=json_schema,
             stream=True,
         )
-        reading = _Reading(chat=self.api == "chat")
+        reading = Reading(chat=self.api == "chat")
         try:
             async with self.client.call(session_id, "POST", path, body, stream=True) as (
                 replica,

@@ -41,58 +41,26 @@ Behaviour callers should know:
 
 Stricter defaults would make most runtime tests slower without testing more; tests of
 slot pressure, overflow and hibernation timing should use ``SimEngine.like_llama()``.
-
-Chat (:meth:`SimEngine.chat`) is where agent authors and tests drive an agent: replies
-are *scripted* per session (:meth:`SimEngine.script`, the session id being the agent's
-name) and taken in order; scripts belong to the agent, not to its slot, so they survive
-``close_session`` / ``open_session`` and an agent that hibernates mid-script goes on
-with it. With the script empty the reply is synthetic: the words :meth:`generate` would
-give, up to the first ``.`` (``finish_reason`` "stop", "length" at ``max_tokens``), or
-under ``tool_choice="required"`` / a tool's name a call to that tool (the first one for
-"required") whose arguments are the schema's required properties with plain defaults
-(``0``, ``""``, ``false``, ``[]``, ``{}``; ``const``/``enum`` first values). Token
-accounting is real: the conversation is lowered and rendered with the ``plain``
-template like a base model's would be, the new turns' tokens are prefilled and the
-reply's rendered tokens decoded through the same steps as ``generate`` (delays, stats,
-``parallel=N`` turns, overflow), so usage is append-only exactly as on llama.cpp.
-Where llama would cut a reply at a full context with "length", the sim raises
-:class:`ContextOverflow` for any chat whose turns and reply do not fit under
-``overflow="raise"``. A chat that raises or is cancelled leaves the session, its
-conversation and its script as they were. ``stop``, ``temperature``,
-``response_format`` and ``parallel_tool_calls`` are accepted and ignored, as
-``grammar`` is: a scripted reply is returned as given, even a call to a tool that was
-not offered (the SDK answers it with an unknown-tool error).
+Chat, scripted replies and the chat state a snapshot carries are in
+:mod:`agentos.engine.sim_chat`; a session's context and its KV blob in
+:mod:`agentos.engine.sim_state`.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
-import json
 import math
 import re
-import struct
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.lowlevel
 
-from agentos.core.chat import (
-    Reply,
-    TokenUsage,
-    ToolCall,
-    ToolSpec,
-    generation_prompt,
-    lower_messages,
-    render,
-    render_turn,
-)
+from agentos.core.chat import Reply
 from agentos.engine.base import (
     Completion,
     ContextOverflow,
@@ -103,35 +71,23 @@ from agentos.engine.base import (
     SessionInfo,
     StreamChunk,
 )
+from agentos.engine.sim_chat import Scripted, SimChat, chat_state, read_chat_state
+from agentos.engine.sim_state import (
+    KV_FORMAT_VERSION,
+    MIN_KV_BYTES_PER_TOKEN,
+    SimSession,
+    SimStats,
+    kv_blob,
+    kv_problem,
+)
 
 __all__ = ["Overflow", "Scripted", "SimEngine", "SimStats"]
 
 Overflow = Literal["slide", "raise"]
-Scripted = str | ToolCall | Sequence[ToolCall] | Reply
-"""One scripted chat reply: text, one tool call, parallel calls, or a whole :class:`Reply`."""
-
-# The template a base model without one of its own gets; chat usage counts its tokens.
-_TEMPLATE = "plain"
-_CHAT_FORMAT = "agentos.sim.chat/1"
-# Plain values that validate against the common JSON Schema types.
-_TYPED_DEFAULTS: dict[str, Any] = {
-    "string": "",
-    "integer": 0,
-    "number": 0,
-    "boolean": False,
-    "array": [],
-    "object": {},
-    "null": None,
-}
 
 # Newlines stand alone so that a generated "\n" followed by a bare word re-tokenizes to
 # the same two tokens; other whitespace rides on the next piece like in BPE vocabularies.
 _PIECE_RE = re.compile(r"\n|[^\S\n]*(?:\w+|[^\w\s])|[^\S\n]+")
-
-_KV_MAGIC = b"AOSIMKV1"
-# magic, fingerprint digest, token count, checksum of tokens + body.
-_KV_HEADER = struct.Struct("<8s16sQ32s")
-_KV_FORMAT_VERSION = 1
 
 # The synthetic continuation draws from these; plain lowercase words so output is easy
 # to read in traces and can never be mistaken for structured data.
@@ -159,74 +115,13 @@ _WORDS = _WORD_TEXT.split()
 _PERIOD_PER_MILLE = 90
 _NEWLINE_PER_MILLE = 25
 _MIN_WORDS = 32
-_MIN_KV_BYTES_PER_TOKEN = _KV_HEADER.size
-
-
-@dataclass(slots=True)
-class SimStats:
-    """Counters for tests and the runtime's metrics; they only ever grow."""
-
-    prefill_tokens: int = 0  # prompt tokens prefilled by stream/generate/chat plus prefill()
-    decode_tokens: int = 0  # tokens sampled (a chat's: its reply's rendered tokens)
-    generations: int = 0  # stream/generate calls that started
-    chats: int = 0  # chat calls that returned a reply
-    exports: int = 0
-    imports_accepted: int = 0
-    imports_rejected: int = 0
-    last_reject_reason: str | None = None  # why the latest rejected import_kv said False
-
-
-@dataclass(slots=True, eq=False)
-class _Session:
-    session_id: str = ""
-    tokens: list[int] = field(default_factory=list)
-    # Running hash of ``tokens``; None after the window slid, rebuilt on demand.
-    hasher: hashlib.blake2b | None = field(default_factory=lambda: hashlib.blake2b(digest_size=32))
-    busy: str | None = None  # the call in flight under parallel=N, named in errors
-    messages: list[dict[str, Any]] = field(default_factory=list)  # the chat so far
-    # The tools the rendered conversation describes; None before its first chat.
-    described: list[ToolSpec] | None = None
-
-    def extend(self, ids: Sequence[int], n_ctx: int) -> None:
-        self.tokens.extend(ids)
-        if len(self.tokens) > n_ctx:
-            del self.tokens[: len(self.tokens) - n_ctx]
-            self.hasher = None
-        elif self.hasher is not None:
-            self.hasher.update(_pack(ids))
-
-    def clear(self) -> None:
-        self.tokens.clear()
-        self.hasher = hashlib.blake2b(digest_size=32)
-        self.messages = []
-        self.described = None
-
-    def fork(self) -> hashlib.blake2b:
-        """A copy of the running hash, to sample ahead without touching the context."""
-        if self.hasher is None:
-            self.hasher = hashlib.blake2b(_pack(self.tokens), digest_size=32)
-        return self.hasher.copy()
-
-    def rewind(self, tokens: list[int], hasher: hashlib.blake2b | None) -> None:
-        """Put back a context saved before a call that failed."""
-        self.tokens[:] = tokens
-        self.hasher = hasher
-
-    def digest(self) -> bytes:
-        if self.hasher is None:
-            self.hasher = hashlib.blake2b(_pack(self.tokens), digest_size=32)
-        return self.hasher.digest()
-
-
-def _pack(ids: Sequence[int]) -> bytes:
-    return struct.pack(f"<{len(ids)}I", *ids)
 
 
 def _piece_hash(piece: str) -> int:
     return int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=8).digest(), "little")
 
 
-class SimEngine:
+class SimEngine(SimChat):
     """A model-free engine whose output is a deterministic function of seed and context."""
 
     def __init__(
@@ -249,9 +144,9 @@ class SimEngine:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-        if kv_bytes_per_token < _MIN_KV_BYTES_PER_TOKEN:
+        if kv_bytes_per_token < MIN_KV_BYTES_PER_TOKEN:
             raise ValueError(
-                f"kv_bytes_per_token must be >= {_MIN_KV_BYTES_PER_TOKEN} (the snapshot "
+                f"kv_bytes_per_token must be >= {MIN_KV_BYTES_PER_TOKEN} (the snapshot "
                 f"header lives in the first token's bytes), got {kv_bytes_per_token}"
             )
         if prefill_s_per_token < 0 or decode_s_per_token < 0:
@@ -279,7 +174,7 @@ class SimEngine:
         self._import_s = import_latency_s
         # Only with parallel=N: calls take turns here like llama.cpp's calls on its lock.
         self._gate = anyio.CapacityLimiter(parallel) if parallel is not None else None
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, SimSession] = {}
         self._pieces: dict[int, str] = {}
         # Keyed by session id and kept across close/open: the agent owns its script.
         self._scripts: dict[str, deque[Reply]] = {}
@@ -288,7 +183,7 @@ class SimEngine:
         self._fingerprint = (
             "sim:"
             + hashlib.blake2b(
-                f"{_KV_FORMAT_VERSION}|{model}|{seed}|{n_ctx}|{kv_bytes_per_token}|{vocab_size}".encode(),
+                f"{KV_FORMAT_VERSION}|{model}|{seed}|{n_ctx}|{kv_bytes_per_token}|{vocab_size}".encode(),
                 digest_size=8,
             ).hexdigest()
         )
@@ -389,7 +284,7 @@ class SimEngine:
 
     # -- sessions ---------------------------------------------------------------------
 
-    def _session(self, session_id: str) -> _Session:
+    def _session(self, session_id: str) -> SimSession:
         try:
             return self._sessions[session_id]
         except KeyError:
@@ -402,7 +297,7 @@ class SimEngine:
             raise NoFreeSlot(
                 f"all {self._slots} slots are held; cannot open session {session_id!r}"
             )
-        self._sessions[session_id] = _Session(session_id)
+        self._sessions[session_id] = SimSession(session_id)
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
@@ -426,7 +321,7 @@ class SimEngine:
 
     # -- llama's constraints (parallel=N, overflow="raise") ----------------------------
 
-    def _check_idle(self, session: _Session, what: str) -> None:
+    def _check_idle(self, session: SimSession, what: str) -> None:
         if self._gate is not None and session.busy is not None:
             raise EngineError(
                 f"{what} on session {session.session_id!r} while its {session.busy} is in "
@@ -435,7 +330,7 @@ class SimEngine:
             )
 
     @asynccontextmanager
-    async def _call(self, session: _Session, what: str) -> AsyncIterator[None]:
+    async def _call(self, session: SimSession, what: str) -> AsyncIterator[None]:
         """Hold ``session`` for one whole call (a stream: until it finishes or closes)."""
         if self._gate is None:
             yield
@@ -448,7 +343,7 @@ class SimEngine:
             session.busy = None
 
     @asynccontextmanager
-    async def _step(self, session: _Session) -> AsyncIterator[None]:
+    async def _step(self, session: SimSession) -> AsyncIterator[None]:
         """One locked section, as llama.cpp holds its context lock per decode or export."""
         if self._gate is None:
             yield
@@ -458,7 +353,7 @@ class SimEngine:
                 raise EngineError(f"session {session.session_id!r} was closed")
             yield
 
-    def _check_fits(self, session: _Session, extra: int, held: int | None = None) -> None:
+    def _check_fits(self, session: SimSession, extra: int, held: int | None = None) -> None:
         held = len(session.tokens) if held is None else held
         if self._overflow == "raise" and held + extra > self._n_ctx:
             raise ContextOverflow(
@@ -469,7 +364,7 @@ class SimEngine:
 
     # -- generation -------------------------------------------------------------------
 
-    def _next_token(self, session: _Session) -> tuple[int, str]:
+    def _next_token(self, session: SimSession) -> tuple[int, str]:
         after_newline = not session.tokens or session.tokens[-1] == self._newline
         return self._draw(session.digest(), after_newline)
 
@@ -510,7 +405,7 @@ class SimEngine:
         return self._stream(session, prompt, max_tokens, tuple(s for s in stop if s))
 
     async def _stream(
-        self, session: _Session, prompt: str, max_tokens: int, stops: tuple[str, ...]
+        self, session: SimSession, prompt: str, max_tokens: int, stops: tuple[str, ...]
     ) -> AsyncGenerator[StreamChunk, None]:
         generation = self._generation(session, prompt, max_tokens, stops)
         async with self._call(session, "stream"), aclosing(generation):
@@ -518,7 +413,7 @@ class SimEngine:
                 yield chunk
 
     async def _generation(
-        self, session: _Session, prompt: str, max_tokens: int, stops: tuple[str, ...]
+        self, session: SimSession, prompt: str, max_tokens: int, stops: tuple[str, ...]
     ) -> AsyncGenerator[StreamChunk, None]:
         self.stats.generations += 1
         prompt_ids = self.encode(prompt)
@@ -603,176 +498,7 @@ class SimEngine:
             duration_s=end - start,
         )
 
-    # -- chat -------------------------------------------------------------------------
-
-    def script(self, session_id: str, *replies: Scripted) -> None:
-        """Queue ``replies`` for the session's next chat calls, in order.
-
-        A ``str`` is an answer (finish "stop"); a :class:`ToolCall` one call and a list or
-        tuple of them parallel calls (finish "tool_calls"); a :class:`Reply` is returned
-        as given, with the sim's usage. A call with an empty id gets ``call_{n}`` when it
-        is returned, ``n`` counting the calls in the conversation so far. The session need
-        not be open: the script belongs to the agent and survives close/open. Raises
-        TypeError naming the first reply that is none of these.
-        """
-        queued: list[Reply] = []
-        for i, item in enumerate(replies):
-            queued.append(_scripted_reply(session_id, i, item))
-        self._scripts.setdefault(session_id, deque()).extend(queued)
-
-    def scripted_left(self, session_id: str) -> int:
-        """How many scripted replies the session has not been given yet."""
-        return len(self._scripts.get(session_id, ()))
-
-    def conversation(self, session_id: str) -> list[dict[str, Any]]:
-        """The session's chat messages so far, OpenAI-shaped (a copy)."""
-        return copy.deepcopy(self._session(session_id).messages)
-
-    async def chat(
-        self,
-        session_id: str,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        tool_choice: str = "auto",
-        parallel_tool_calls: bool = True,
-        response_format: Mapping[str, Any] | None = None,
-        max_tokens: int = 256,
-        stop: Sequence[str] = (),
-        temperature: float = 0.0,
-    ) -> Reply:
-        """Append ``messages`` (already validated new turns) and answer with the next
-        scripted reply, or a synthetic one (see the module docstring); the reply is
-        appended too. Usage: input = the new turns' rendered tokens, cached = the tokens
-        the session held, output = the reply's rendered tokens. Raises
-        :class:`ContextOverflow` (``overflow="raise"``) and :class:`EngineError` (a busy
-        session under ``parallel=N``, a closed one) as :meth:`generate` does; on any
-        failure the session, its conversation and its script are left as they were.
-        """
-        session = self._session(session_id)
-        if max_tokens < 0:
-            raise EngineError(f"max_tokens must be >= 0, got {max_tokens}")
-        self._check_idle(session, "chat")
-        start = time.perf_counter()
-        new = [copy.deepcopy(dict(m)) for m in messages]
-        specs = [_plain_spec(t) for t in tools]
-        lowered = lower_messages(new, specs, described=session.described)
-        prompt_ids = self.encode(render(_TEMPLATE, lowered, add_generation_prompt=True))
-        n_calls = sum(len(m.get("tool_calls") or ()) for m in (*session.messages, *new))
-
-        script = self._scripts.get(session.session_id)
-        queued = script.popleft() if script else None
-        scripted = _with_ids(queued, n_calls) if queued is not None else None
-        scripted_ids = self._reply_ids(scripted, specs) if scripted is not None else None
-        held = len(session.tokens)
-        saved_tokens = list(session.tokens)
-        saved_hasher = session.hasher.copy() if session.hasher is not None else None
-        first: float | None = None
-        try:
-            # A synthetic reply needs one token of room at least, as generate() does.
-            self._check_fits(session, len(prompt_ids) + len(scripted_ids or (0,)))
-            async with self._call(session, "chat"):
-                async with self._step(session):
-                    # Without parallel=N another call may have grown the context since.
-                    self._check_fits(session, len(prompt_ids) + len(scripted_ids or (0,)))
-                    session.extend(prompt_ids, self._n_ctx)
-                    self.stats.prefill_tokens += len(prompt_ids)
-                    await anyio.lowlevel.checkpoint()
-                    if self._prefill_s > 0:
-                        await anyio.sleep(self._prefill_s * len(prompt_ids))
-                    if scripted is None:
-                        reply = self._synthetic(session, specs, tool_choice, n_calls, max_tokens)
-                        reply_ids = self._reply_ids(reply, specs)
-                    else:
-                        reply, reply_ids = scripted, scripted_ids or []
-                    self._check_fits(session, len(prompt_ids) + len(reply_ids), held=held)
-                for token in reply_ids:
-                    async with self._step(session):
-                        if self._decode_s > 0:
-                            await anyio.sleep(self._decode_s)
-                        session.extend((token,), self._n_ctx)
-                    self.stats.decode_tokens += 1
-                    if first is None:
-                        first = time.perf_counter()
-        except BaseException:
-            session.rewind(saved_tokens, saved_hasher)
-            if queued is not None:
-                self._scripts.setdefault(session.session_id, deque()).appendleft(queued)
-            raise
-        end = time.perf_counter()
-        reply = dataclasses.replace(
-            reply,
-            usage=TokenUsage(len(prompt_ids), held, len(reply_ids)),
-            time_to_first_token_s=(first if first is not None else end) - start,
-            duration_s=end - start,
-        )
-        session.messages.extend(new)
-        session.messages.append(reply.message())
-        if specs or session.described is None:
-            session.described = specs
-        self.stats.chats += 1
-        return reply
-
-    def _reply_ids(self, reply: Reply, specs: list[ToolSpec]) -> list[int]:
-        """Tokens of the reply as the model writes it after the generation prompt."""
-        # Lowered against the tools just described, so no description turn comes with it.
-        (turn,) = lower_messages([reply.message()], specs, described=specs)
-        whole = render_turn(_TEMPLATE, "assistant", turn["content"])
-        return self.encode(whole.removeprefix(generation_prompt(_TEMPLATE)))
-
-    def _synthetic(
-        self,
-        session: _Session,
-        specs: list[ToolSpec],
-        tool_choice: str,
-        n_calls: int,
-        max_tokens: int,
-    ) -> Reply:
-        """The reply when the script is empty: a call the choice forces, or generated words."""
-        if tool_choice in ("auto", "none"):
-            forced = None
-        elif tool_choice == "required":
-            forced = specs[0] if specs else None
-        else:
-            forced = next((t for t in specs if t.name == tool_choice), None)
-        if forced is not None:
-            call = ToolCall(f"call_{n_calls}", forced.name, _default_arguments(forced.parameters))
-            return Reply(None, (call,), "tool_calls")
-        # Sampled the way generate() samples, on a copy of the context's running hash.
-        hasher = session.fork()
-        after_newline = not session.tokens or session.tokens[-1] == self._newline
-        pieces: list[str] = []
-        for _ in range(max_tokens):
-            token, piece = self._draw(hasher.digest(), after_newline)
-            hasher.update(_pack((token,)))
-            after_newline = token == self._newline
-            pieces.append(piece)
-            if piece == ".":
-                return Reply("".join(pieces).strip(), (), "stop")
-        return Reply("".join(pieces).strip(), (), "length")
-
     # -- KV ---------------------------------------------------------------------------
-
-    def _kv_bytes(self, tokens: Sequence[int]) -> bytes:
-        # Each token contributes a block derived from its id, so the blob is a function of
-        # the token sequence and any edit to either side shows up in the comparison.
-        if not tokens:
-            return b""
-        size = self._kv_bytes_per_token
-        reps = -(-size // 64)
-        body = b"".join(
-            (
-                hashlib.blake2b(
-                    struct.pack("<I", t), key=self._fingerprint_digest, digest_size=64
-                ).digest()
-                * reps
-            )[:size]
-            for t in tokens
-        )
-        rest = body[_KV_HEADER.size :]
-        checksum = hashlib.blake2b(_pack(tokens) + rest, digest_size=32).digest()
-        header = _KV_HEADER.pack(_KV_MAGIC, self._fingerprint_digest, len(tokens), checksum)
-        return header + rest
 
     async def export_kv(self, session_id: str) -> KVSnapshot:
         session = self._session(session_id)
@@ -781,10 +507,13 @@ class SimEngine:
             if self._export_s > 0:
                 await anyio.sleep(self._export_s)
             tokens = tuple(session.tokens)
-            conversation = _chat_state(session)
+            conversation = chat_state(session)
         self.stats.exports += 1
         return KVSnapshot(
-            self._fingerprint, tokens, self._kv_bytes(tokens), conversation=conversation
+            self._fingerprint,
+            tokens,
+            kv_blob(tokens, self._kv_bytes_per_token, self._fingerprint_digest),
+            conversation=conversation,
         )
 
     def _reject_reason(self, snapshot: KVSnapshot) -> str | None:
@@ -800,18 +529,7 @@ class SimEngine:
             return "token id out of vocabulary"
         if len(data) != n * self._kv_bytes_per_token:
             return f"data is {len(data)} bytes, expected {n * self._kv_bytes_per_token}"
-        if n == 0:
-            return None
-        magic, fp, count, _ = _KV_HEADER.unpack_from(data)
-        if magic != _KV_MAGIC:
-            return "bad magic"
-        if fp != self._fingerprint_digest:
-            return "data was written by another engine configuration"
-        if count != n:
-            return f"data holds {count} tokens, snapshot lists {n}"
-        if data != self._kv_bytes(snapshot.tokens):
-            return "data does not match the tokens (corrupt or edited)"
-        return None
+        return kv_problem(data, snapshot.tokens, self._fingerprint_digest)
 
     async def import_kv(self, session_id: str, snapshot: KVSnapshot) -> bool:
         session = self._session(session_id)
@@ -824,7 +542,7 @@ class SimEngine:
             reason = self._reject_reason(snapshot)
             if reason is None:
                 try:
-                    messages, described = _read_chat_state(snapshot.conversation)
+                    messages, described = read_chat_state(snapshot.conversation)
                 except ValueError as e:
                     reason = str(e)
             if reason is None:
@@ -849,7 +567,7 @@ class SimEngine:
         if bad:
             raise EngineError(f"token ids out of vocabulary for session {session_id!r}: {bad[:5]}")
         try:
-            chat = _read_chat_state(conversation) if conversation else None
+            chat = read_chat_state(conversation) if conversation else None
         except ValueError as e:
             raise EngineError(f"prefill of session {session_id!r}: {e}") from None
         self._check_fits(session, len(tokens))
@@ -875,122 +593,6 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
                 longest = k
                 break
     return longest
-
-
-def _scripted_reply(session_id: str, index: int, item: object) -> Reply:
-    if isinstance(item, Reply):
-        return item
-    if isinstance(item, str):
-        return Reply(item, (), "stop")
-    if isinstance(item, ToolCall):
-        return Reply(None, (item,), "tool_calls")
-    if isinstance(item, list | tuple) and item and all(isinstance(c, ToolCall) for c in item):
-        return Reply(None, tuple(item), "tool_calls")
-    raise TypeError(
-        f"script({session_id!r}): reply {index} is {type(item).__name__} {item!r:.80}; "
-        "expected a str, a ToolCall, a non-empty list of ToolCall or a Reply"
-    )
-
-
-def _with_ids(reply: Reply, n_calls: int) -> Reply:
-    """``reply`` with ``call_{n}`` ids on its calls that have none, ``n`` counting on."""
-    if all(c.id for c in reply.tool_calls):
-        return reply
-    calls = tuple(
-        c if c.id else dataclasses.replace(c, id=f"call_{n_calls + i}")
-        for i, c in enumerate(reply.tool_calls)
-    )
-    return dataclasses.replace(reply, tool_calls=calls)
-
-
-def _plain_spec(tool: ToolSpec) -> ToolSpec:
-    """``tool`` with plain JSON parameters, so specs restored from a snapshot compare equal."""
-    params = json.loads(json.dumps(dict(tool.parameters)))
-    return ToolSpec(tool.name, tool.description, params)
-
-
-def _default_arguments(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Arguments with every required property of ``schema`` set to a plain value."""
-    value = _example(schema, schema, 0)
-    return value if isinstance(value, dict) else {}
-
-
-def _example(schema: Any, root: Mapping[str, Any], depth: int) -> Any:
-    if not isinstance(schema, Mapping) or depth > 32:  # 32: a self-referencing $ref
-        return None
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part) if isinstance(target, Mapping) else None
-        return _example(target, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return _example(schema[key][0], root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties")
-        props = props if isinstance(props, Mapping) else {}
-        required = schema.get("required")
-        names = [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
-        return {n: _example(props.get(n, {}), root, depth + 1) for n in names}
-    return copy.copy(_TYPED_DEFAULTS.get(kind)) if isinstance(kind, str) else None
-
-
-def _chat_state(session: _Session) -> bytes:
-    """The session's chat as :attr:`KVSnapshot.conversation` carries it; b"" without one."""
-    if session.described is None and not session.messages:
-        return b""
-    tools = None
-    if session.described is not None:
-        tools = [
-            {"name": t.name, "description": t.description, "parameters": dict(t.parameters)}
-            for t in session.described
-        ]
-    state = {"format": _CHAT_FORMAT, "messages": session.messages, "tools": tools}
-    return json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _read_chat_state(data: bytes) -> tuple[list[dict[str, Any]], list[ToolSpec] | None]:
-    """Messages and described tools from :func:`_chat_state`'s bytes; ValueError says what
-    is wrong with them."""
-    if not data:
-        return [], None
-    try:
-        state = json.loads(data)
-    except ValueError as e:  # UnicodeDecodeError is one
-        raise ValueError(f"conversation is not JSON: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != _CHAT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"conversation format is {found!r}, expected {_CHAT_FORMAT!r}")
-    messages = state.get("messages")
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
-    ):
-        raise ValueError("conversation messages must be a list of objects with a role")
-    tools = state.get("tools")
-    if tools is None:
-        return messages, None
-    specs: list[ToolSpec] = []
-    if isinstance(tools, list):
-        for t in tools:
-            if not (
-                isinstance(t, dict)
-                and isinstance(t.get("name"), str)
-                and isinstance(t.get("description"), str)
-                and isinstance(t.get("parameters"), dict)
-            ):
-                break
-            specs.append(ToolSpec(t["name"], t["description"], t["parameters"]))
-        else:
-            return messages, specs
-    raise ValueError("conversation tools must be null or a list of {name, description, parameters}")
 
 
 if TYPE_CHECKING:
