@@ -26,7 +26,13 @@ from agentos.core.errors import (
     MessageTooLarge,
     NotFound,
 )
-from agentos.core.fleet import DEFAULT_CLASS, diff_paths, fleet_issues, inbox_depth
+from agentos.core.fleet import (
+    DEFAULT_CLASS,
+    diff_paths,
+    fleet_issues,
+    inbox_depth,
+    toolserver_issues,
+)
 from agentos.core.models import model_issues
 from agentos.core.spec import (
     AgentResource,
@@ -248,6 +254,7 @@ class Client(WaitClientMixin, UsageClientMixin):
         policies = stored_policies(await self.store.policies())
         issues = fleet_issues(documents, agents, policies)
         issues += model_issues(documents, set(await self.store.models()))
+        issues += toolserver_issues(documents, await self.store.toolservers())
         if issues:
             raise SpecError(issues)
 

@@ -19,7 +19,10 @@ from agentos.store.retry import new_op_id, retry
 if TYPE_CHECKING:
     from agentos.store import Store
 
-__all__ = ["AnswerRejected", "WaitClientMixin"]
+__all__ = ["MAX_REASON_CHARS", "AnswerRejected", "WaitClientMixin"]
+
+MAX_REASON_CHARS = 2000
+"""The longest reason an answer may give (it reaches the model as part of a refusal)."""
 
 
 class AnswerRejected(Exception):
@@ -60,12 +63,16 @@ class WaitClientMixin:
         text: str | None = None,
         by: str,
         now: float | None = None,
+        reason: str = "",
     ) -> Resolution:
         """Answer the question task ``task_id`` of agent ``name`` waits on; returns what was
         recorded. Raises :class:`AnswerRejected` (nothing changed) when the answer does
         not fit, the task does not wait, or it was answered already, and
-        :class:`agentos.client.NotFound` for an unknown agent.
+        :class:`agentos.client.NotFound` for an unknown agent. ``reason`` (why; for a
+        refused tool call it reaches the model) is kept with the answer.
         """
+        if len(reason) > MAX_REASON_CHARS:
+            raise AnswerRejected("invalid", f"a reason has at most {MAX_REASON_CHARS} characters")
         await self._require(name)
         wait = await self.store.wait_get(name)
         try:
@@ -79,7 +86,7 @@ class WaitClientMixin:
             raise AnswerRejected(code, str(e)) from None
         assert wait is not None
         at = time.time() if now is None else now
-        resolution = Resolution("answered", value, by, at, wait.kind.value)
+        resolution = Resolution("answered", value, by, at, wait.kind.value, reason)
         answer_id = new_op_id()  # one id for every retry: applied once
         result = await retry(
             lambda: self.store.wait_answer(wait, resolution, answer_id=answer_id, now=at),
@@ -100,7 +107,8 @@ class WaitClientMixin:
             name,
             "Answered",
             wait.kind.value,
-            f"task {task_id}: {json.dumps(value)[:200]} by {by}",
+            f"task {task_id}: {json.dumps(value)[:200]} by {by}"
+            + (f" ({reason[:200]})" if reason else ""),
             "",
         )
         return resolution

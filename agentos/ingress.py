@@ -61,6 +61,7 @@ from agentos.client import (
     NotFound,
     SendConflict,
 )
+from agentos.client_waits import MAX_REASON_CHARS
 from agentos.core.spec import AgentResource, SpecError, inbox_limit, parse_resource
 from agentos.store import StoreError
 
@@ -445,14 +446,21 @@ def build_app(
     async def answer(request: Request) -> Response:
         name, task = request.path_params["name"], request.path_params["task"]
         body = await json_body(request)
-        allowed = {"yes", "no", "choice", "text", "by"}
+        allowed = {"yes", "no", "choice", "text", "by", "reason"}
         if not isinstance(body, dict) or not set(body) <= allowed:
             return _error(
                 400, "bad_answer", 'send {"yes": true} | {"no": true} | {"choice": X} | {"text": T}'
             )
         choice, text, who = body.get("choice"), body.get("text"), body.get("by")
-        if any(v is not None and not isinstance(v, str) for v in (choice, text, who)):
-            return _error(400, "bad_answer", "choice, text and by must be strings")
+        reason = body.get("reason")
+        if any(v is not None and not isinstance(v, str) for v in (choice, text, who, reason)):
+            return _error(400, "bad_answer", "choice, text, by and reason must be strings")
+        if reason is not None:
+            _plain('"reason"', reason)
+            if len(reason) > MAX_REASON_CHARS:
+                return _error(
+                    400, "bad_answer", f'"reason" has at most {MAX_REASON_CHARS} characters'
+                )
         if who is not None:
             _plain('"by"', who)
             if len(who) > MAX_BY_CHARS:
@@ -466,9 +474,11 @@ def build_app(
             choice=choice,
             text=text,
             by=by,
+            reason=reason or "",
         )
         return JSONResponse(
             {"agent": name, "task": task, "answer": r.value, "by": r.by, "at": r.at}
+            | ({"reason": r.reason} if r.reason else {})
         )
 
     async def event(request: Request) -> Response:

@@ -80,6 +80,8 @@ class DaemonSettings:
     # An agent running tools this long may lend its engine slot to an agent waiting for
     # one (KV saved, restored for its next model call); see README "Agents with tools".
     lend_slot_after_s: float = 0.5
+    # An MCP tool server no agent of this daemon has called for this long is stopped.
+    tool_server_idle_s: float = 300.0
     # Isolation (README "Isolation"): the loop beats every loop_beat_s; a beat later than
     # blocked_loop_s means agent code blocked the loop: a BlockedLoop event on that agent,
     # counted toward its crash loop.

@@ -42,6 +42,7 @@ from agentos.sdk import (
     agent_logger,
     freeze_config,
 )
+from agentos.tools import Ledger
 
 __all__ = ["AgentHarness", "Reply", "SentMessage", "ToolCall"]
 
@@ -92,6 +93,9 @@ class AgentHarness:
             _sender=self._send,
         )
         self.ctx.tools.extend(self.agent_class.tools)
+        # Approvals park the task (answer them with :meth:`answer`); calls are recorded
+        # and replayed on resume as a daemon does (in memory here).
+        self.ctx.tools.ledger = Ledger(self.ctx._waits)
 
     def script(self, *replies: str | ToolCall | list[ToolCall] | Reply) -> None:
         """Queue the model's next replies to this agent, in order (the sim engine only).
@@ -121,9 +125,10 @@ class AgentHarness:
         answers: list[Resolution] | None = None,
         calls: list[dict[str, Any]] | None = None,
         taken: bool = False,
+        tools: dict[str, dict[str, Any]] | None = None,
     ) -> TaskResult:
         self.ctx.begin(task)
-        self.ctx._waits.begin(answers or (), calls or ())
+        self.ctx._waits.begin(answers or (), calls or (), tools=tools)
         self.ctx._message_taken = taken
         self.waiting = None
         self._saved = self.codec.encode(self.ctx.state)
@@ -140,6 +145,7 @@ class AgentHarness:
                 list(self.ctx._waits.answers[: w.seq]),
                 list(self.ctx._waits.made),
                 self.ctx.message_taken and self._steps > 0,
+                dict(self.ctx._waits.tools),
             )
             self.ctx.state = self.codec.decode(self._saved)
             self.state = self.ctx.state
@@ -147,9 +153,10 @@ class AgentHarness:
         self.tasks.append(result)
         return result
 
-    async def answer(self, value: Any) -> TaskResult:
-        """Answer the question the last task waits on and resume it."""
-        return await self._resume(Resolution("answered", value, "test"))
+    async def answer(self, value: Any, *, by: str = "test", reason: str = "") -> TaskResult:
+        """Answer the question the last task waits on (an approval: ``"yes"`` or
+        ``"no"``) and resume it."""
+        return await self._resume(Resolution("answered", value, by, reason=reason))
 
     async def event(self, data: Any = None) -> TaskResult:
         """Send the event the last task waits for (with ``data``) and resume it."""
@@ -164,8 +171,8 @@ class AgentHarness:
     async def _resume(self, resolution: Resolution) -> TaskResult:
         if self.waiting is None:
             raise RuntimeError("no task is waiting")
-        task, answers, calls, taken = self._parked
-        return await self._run(task, [*answers, resolution], calls, taken)
+        task, answers, calls, taken, tools = self._parked
+        return await self._run(task, [*answers, resolution], calls, taken, tools)
 
     async def message(self, body: str, *, key: str | None = None) -> TaskResult:
         """Deliver an inbox message and run the task it starts."""

@@ -299,14 +299,14 @@ BAD_DOCUMENTS = [
         "apiVersion: agentos/v1\nmetadata: {name: a}\n",
         1,
         "kind",
-        "missing (expected one of: Agent, QuotaPolicy, Model)",
+        "missing (expected one of: Agent, QuotaPolicy, Model, ToolServer)",
     ),
     (
         "unknown kind",
         AGENT_HEAD.replace("kind: Agent", "kind: Agnet"),
         2,
         "kind",
-        'unknown kind "Agnet" (expected one of: Agent, QuotaPolicy, Model)',
+        'unknown kind "Agnet" (expected one of: Agent, QuotaPolicy, Model, ToolServer)',
     ),
     (
         "bad name",
@@ -357,7 +357,7 @@ BAD_DOCUMENTS = [
         6,
         "spec.triggrs",
         "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
-        'quotaClass, priority, restartPolicy, config, context); did you mean "triggers"?',
+        'quotaClass, priority, restartPolicy, config, context, tools); did you mean "triggers"?',
     ),
     (
         "unknown top-level field",
@@ -1203,6 +1203,7 @@ def test_json_schema() -> None:
         "#/$defs/AgentResource",
         "#/$defs/QuotaPolicyResource",
         "#/$defs/ModelResource",
+        "#/$defs/ToolServerResource",
     }
     definitions = schema["$defs"]
     assert "keepKV" in definitions["Hibernation"]["properties"]

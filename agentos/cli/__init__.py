@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, models, quota, waits
+from agentos.cli import fleet, launch, models, quota, toolservers, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -86,6 +86,7 @@ for _cmd in (
 ):
     app.command()(_cmd)
 fleet.delete_app.command("model")(models.delete_model)
+fleet.delete_app.command("toolserver")(toolservers.delete_toolserver)
 app.add_typer(fleet.delete_app, name="delete")
 app.add_typer(quota.policy_app, name="policy")
 

@@ -44,6 +44,7 @@ from agentos.cli.render import (
     _task_line,
     _tasks_table,
 )
+from agentos.cli.toolservers import describe_toolserver, toolserver_details, toolservers_table
 from agentos.cli.waits import _who
 from agentos.client import read_message_arg
 from agentos.core.durations import parse_duration
@@ -58,6 +59,7 @@ class Kind(enum.StrEnum):
     policies = "policies"
     daemons = "daemons"
     models = "models"
+    toolservers = "toolservers"
 
 
 delete_app = typer.Typer(help="Delete an agent or a policy.", no_args_is_help=True)
@@ -104,7 +106,7 @@ def delete_policy(name: str) -> None:
 
 
 def get(kind: Kind, output: OutputOpt = Output.table) -> None:
-    """List agents, policies, daemons or models."""
+    """List agents, policies, daemons, models or tool servers."""
 
     async def go() -> None:
         async with await _client() as client:
@@ -114,6 +116,9 @@ def get(kind: Kind, output: OutputOpt = Output.table) -> None:
             elif kind is Kind.models:
                 rows = await model_details(client)
                 _emit(rows, output, lambda: _models_table(rows))
+            elif kind is Kind.toolservers:
+                servers = await toolserver_details(client)
+                _emit(servers, output, lambda: toolservers_table(servers))
             elif kind is Kind.policies:
                 policies = await client.policies()
                 _emit(list(policies.values()), output, lambda: _policies_table(policies))
@@ -140,15 +145,21 @@ def ps(output: OutputOpt = Output.table) -> None:
 
 
 def describe(
-    kind: Annotated[str, typer.Argument(help="`agent` or `model`.")],
+    kind: Annotated[str, typer.Argument(help="`agent`, `model` or `toolserver`.")],
     name: str,
     output: OutputOpt = Output.table,
 ) -> None:
     """Spec, status, recent events and last error (with traceback) of an agent."""
     if kind in ("model", "models"):
         return describe_model(name, output)
+    if kind in ("toolserver", "toolservers"):
+        return describe_toolserver(name, output)
     if kind not in ("agent", "agents"):
-        _fail(f"cannot describe {kind!r}: use `describe agent NAME` or `describe model NAME`", 2)
+        _fail(
+            f"cannot describe {printable(kind)!r}: use `describe agent NAME`, "
+            "`describe model NAME` or `describe toolserver NAME`",
+            2,
+        )
 
     async def go() -> None:
         async with await _client() as client:

@@ -45,8 +45,8 @@ def _pending_table(waits: list[WaitRecord]) -> Table | str:
                 (
                     w.agent,
                     w.task_id,
-                    w.kind.value,
-                    w.question,
+                    "approval" if w.tool else w.kind.value,
+                    f"{w.tool}({w.arguments})" if w.tool else w.question,
                     "/".join(w.choices)
                     if w.choices
                     else ("-" if w.kind.value != "ask" else "(text)"),
@@ -96,18 +96,28 @@ def answer(
     as_: Annotated[
         str | None, typer.Option("--as", help="Who answers (default: the OS user).")
     ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Why (kept with the answer; a refused tool call tells the model)."),
+    ] = None,
 ) -> None:
-    """Answer a waiting task's question; the agent resumes with the answer."""
+    """Answer a waiting task's question (or a tool call's approval); the agent resumes."""
     by = _who(as_)
+    if reason is not None and has_control(reason):
+        _fail("--reason must not hold control characters", 2)
 
     async def go() -> None:
         async with await _client() as client:
             try:
-                r = await client.answer(name, task, yes=yes, no=no, choice=choice, text=text, by=by)
+                r = await client.answer(
+                    name, task, yes=yes, no=no, choice=choice, text=text, by=by, reason=reason or ""
+                )
             except AnswerRejected as e:
                 _fail(str(e), 2)
+        why = f": {r.reason}" if r.reason else ""
         out.print(
-            printable(f"answered {name}/{task}: {json.dumps(r.value)} (by {by})"), markup=False
+            printable(f"answered {name}/{task}: {json.dumps(r.value)} (by {by}{why})"),
+            markup=False,
         )
 
     _run(go)

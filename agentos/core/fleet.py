@@ -3,15 +3,18 @@
 ``agentos apply`` validates each document on its own (:mod:`agentos.core.spec`); what
 only the fleet as a whole can say is here: an agent naming a quota class that no policy
 defines, two policies defining one class, a policy dropping a class agents still use
-(:func:`fleet_issues`, each at its document's line), and which fields of a stored
-resource an apply changes (:func:`diff_paths`). Models have theirs in
-:mod:`agentos.core.models`.
+(:func:`fleet_issues`, each at its document's line), an agent naming a ToolServer
+nobody applied or asking approval for a tool its server denies
+(:func:`toolserver_issues`), and which fields of a stored resource an apply changes
+(:func:`diff_paths`). Models have theirs in :mod:`agentos.core.models`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from pydantic import ValidationError
 
 from agentos.core.spec import (
     INBOX_MAX_DEPTH,
@@ -20,8 +23,9 @@ from agentos.core.spec import (
     QuotaPolicyResource,
     SpecIssue,
 )
+from agentos.core.toolserver import ToolServerResource, ToolServerSpec, unreachable_approvals
 
-__all__ = ["DEFAULT_CLASS", "diff_paths", "fleet_issues", "inbox_depth"]
+__all__ = ["DEFAULT_CLASS", "diff_paths", "fleet_issues", "inbox_depth", "toolserver_issues"]
 
 DEFAULT_CLASS = "standard"
 """The quota class agents get when they name none; it exists (unlimited) without a policy."""
@@ -95,6 +99,78 @@ def fleet_issues(
                         doc.line_of("spec", "classes"),
                         "spec.classes",
                         f'removes quota class "{cname}" that agents still use: {", ".join(users)}',
+                    )
+                )
+    return issues
+
+
+def toolserver_issues(
+    documents: Sequence[Document], stored: Mapping[str, Mapping[str, Any]]
+) -> list[SpecIssue]:
+    """Problems with the ToolServers ``documents`` name, given the ``stored`` ones (name
+    -> canonical body): an unknown server in ``spec.tools.servers``, and an approval
+    entry for a tool the server denies (it would never ask)."""
+    servers: dict[str, ToolServerSpec] = {}
+    for name, body in stored.items():
+        try:
+            servers[name] = ToolServerResource.model_validate(body).spec
+        except ValidationError:
+            continue  # stored by another version: the apply of it was checked then
+    for doc in documents:
+        if isinstance(doc.resource, ToolServerResource):
+            servers[doc.name] = doc.resource.spec
+    listed = ", ".join(sorted(servers)) or "none are applied"
+    issues: list[SpecIssue] = []
+    for doc in documents:
+        resource = doc.resource
+        if isinstance(resource, ToolServerResource):
+            for entry, why in unreachable_approvals(
+                (f"{doc.name}.{p}" for p in resource.spec.approval.required), servers
+            ):
+                index = resource.spec.approval.required.index(entry.partition(".")[2])
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line_of("spec", "approval", "required", index),
+                        f"spec.approval.required[{index}]",
+                        f"{why}: the approval would never apply (see spec.tools.deny/allow)",
+                    )
+                )
+            continue
+        if not isinstance(resource, AgentResource) or resource.spec.tools is None:
+            continue
+        tools = resource.spec.tools
+        for i, server in enumerate(tools.servers):
+            if server not in servers:
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line_of("spec", "tools", "servers", i),
+                        f"spec.tools.servers[{i}]",
+                        f'unknown tool server "{server}" (tool servers: {listed}); apply the '
+                        "ToolServer first, or with this agent",
+                    )
+                )
+        mine = {s: servers[s] for s in tools.servers if s in servers}
+        for entry, why in unreachable_approvals(tools.approval.required, mine):
+            index = tools.approval.required.index(entry)
+            issues.append(
+                SpecIssue(
+                    doc.source,
+                    doc.line_of("spec", "tools", "approval", "required", index),
+                    f"spec.tools.approval.required[{index}]",
+                    f"{why}: the approval would never apply",
+                )
+            )
+        for i, entry in enumerate(tools.approval.required):
+            server, dot, _ = entry.partition(".")
+            if dot and server not in tools.servers and server in servers:
+                issues.append(
+                    SpecIssue(
+                        doc.source,
+                        doc.line_of("spec", "tools", "approval", "required", i),
+                        f"spec.tools.approval.required[{i}]",
+                        f'names tool server "{server}", which spec.tools.servers does not list',
                     )
                 )
     return issues

@@ -31,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "ModelTimeouts",
     "SecretRef",
+    "check_http_url",
 ]
 
 EngineKind = Literal["llama", "llamaserver", "openai", "sim"]
@@ -39,6 +40,25 @@ ModelApi = Literal["chat", "completions"]
 
 _SECRET_QUERY = re.compile(r"(key|token|secret|password|passwd|auth|signature)", re.IGNORECASE)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_http_url(value: str, by_reference: str) -> str:
+    """``value`` without a trailing ``/`` if it is an http(s) URL that carries no secret;
+    else ValueError saying how to give the credential instead (``by_reference``)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL; got {value!r}")
+    if parts.password is not None or parts.username is not None:
+        raise ValueError(
+            f"the URL carries a user or password; give credentials by reference ({by_reference})"
+        )
+    for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_QUERY.search(key):
+            raise ValueError(
+                f"the URL's query parameter {key!r} looks like a secret; give credentials "
+                f"by reference ({by_reference})"
+            )
+    return value.rstrip("/")
 
 
 class SecretRef(_Model):
@@ -84,21 +104,7 @@ class Endpoint(_Model):
     @field_validator("url")
     @classmethod
     def _plain_http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected an http:// or https:// URL; got {value!r}")
-        if parts.password is not None or parts.username is not None:
-            raise ValueError(
-                "the URL carries a user or password; give credentials by reference "
-                "(credentials.apiKey: {env: VARIABLE})"
-            )
-        for key, _ in parse_qsl(parts.query, keep_blank_values=True):
-            if _SECRET_QUERY.search(key):
-                raise ValueError(
-                    f"the URL's query parameter {key!r} looks like a secret; give credentials "
-                    "by reference (credentials.apiKey: {env: VARIABLE})"
-                )
-        return value.rstrip("/")
+        return check_http_url(value, "credentials.apiKey: {env: VARIABLE}")
 
 
 class ModelTimeouts(_Model):

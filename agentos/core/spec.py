@@ -1,4 +1,4 @@
-"""The declarative resources (Agent, QuotaPolicy, Model): their schema and how to load them.
+"""The declarative resources (Agent, QuotaPolicy, Model, ToolServer): schema and loading.
 
 Operators describe agents and quota policies in YAML; ``agentos apply`` must validate a
 whole set of files before it changes anything and, when something is wrong, name every
@@ -54,6 +54,7 @@ from agentos.core.specbase import (
     _show,
     _SubPath,
 )
+from agentos.core.toolserver import AgentTools, ToolServerResource
 
 __all__ = [
     "API_VERSION",
@@ -364,6 +365,8 @@ class AgentSpec(_Model):
     # Left out of the canonical form unless given (None: compact), so existing specs
     # keep their hash.
     context: ContextPolicy | None = None
+    # The ToolServers the agent may use and its own approvals (None: none).
+    tools: AgentTools | None = None
 
     @property
     def on_overflow(self) -> OnOverflow:
@@ -602,15 +605,16 @@ class QuotaPolicyResource(_Model):
     spec: QuotaPolicySpec
 
 
-AnyResource: TypeAlias = AgentResource | QuotaPolicyResource | ModelResource
+AnyResource: TypeAlias = AgentResource | QuotaPolicyResource | ModelResource | ToolServerResource
 
 Resource = Annotated[AnyResource, Field(discriminator="kind")]
 """Any resource, told apart by ``kind``."""
 
-_MODELS: Final[dict[str, type[AgentResource] | type[QuotaPolicyResource] | type[ModelResource]]] = {
+_MODELS: Final[dict[str, type[AnyResource]]] = {
     "Agent": AgentResource,
     "QuotaPolicy": QuotaPolicyResource,
     "Model": ModelResource,
+    "ToolServer": ToolServerResource,
 }
 KINDS: Final[tuple[str, ...]] = tuple(_MODELS)
 

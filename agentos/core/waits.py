@@ -27,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "APPROVAL",
+    "MAX_TOOL_RECORD_CHARS",
     "AnswerError",
     "Discard",
     "Repark",
@@ -43,6 +44,7 @@ __all__ = [
     "deadline_of",
     "on_activation",
     "resolve",
+    "tool_key",
     "validate_answer",
 ]
 
@@ -90,9 +92,13 @@ class WaitSpec:
     deadline: float | None = None  # epoch seconds; None waits forever
     default: Any = None
     has_default: bool = False
+    tool: str = ""  # a tool call's approval: the tool (SERVER.TOOL or its own name)
+    arguments: str = ""  # ... and its arguments, as the model gave them (JSON)
 
     def describe(self) -> str:
         """One line for events and status messages."""
+        if self.kind is WaitKind.ASK and self.tool:
+            return f"asks approval to call {self.tool}({_cut(self.arguments, 120)})"
         if self.kind is WaitKind.ASK:
             opts = f" [{'/'.join(self.choices)}]" if self.choices else ""
             return f"asks {_cut(self.question, 120)!r}{opts}"
@@ -126,9 +132,13 @@ class Resolution:
     by: str = ""  # who answered (a token's name, an OS user, an agent) or "deadline"
     at: float = 0.0
     kind: str = ""
+    reason: str = ""  # why, as the person who answered said (``answer --reason``)
 
     def to_json(self) -> dict[str, Any]:
-        return {"outcome": self.outcome, "value": self.value, "by": self.by, "at": self.at}
+        data = {"outcome": self.outcome, "value": self.value, "by": self.by, "at": self.at}
+        if self.reason:
+            data["reason"] = self.reason
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], kind: str = "") -> Resolution:
@@ -138,6 +148,7 @@ class Resolution:
             str(data.get("by", "")),
             float(data.get("at", 0.0) or 0.0),
             kind,
+            str(data.get("reason") or ""),
         )
 
 
@@ -151,13 +162,14 @@ def _hash(operation: str, prompt: str) -> str:
 
 @dataclass
 class WaitLog:
-    """The waits and model calls of the loop iteration being run, for replay.
+    """The waits, model calls and tool calls of the loop iteration being run, for replay.
 
-    The runtime gives it what was recorded (``answers``, ``calls``) when a parked task
-    resumes; each wait then takes the next answer, each model call the next recorded
-    completion whose prompt matches (a different prompt stops the replay: the call and
-    every later one go to the model). ``enabled`` is False where nothing can park a
-    task (a heartbeat's first observe).
+    The runtime gives it what was recorded (``answers``, ``calls``, ``tools``) when a
+    parked task resumes or an interrupted one runs again; each wait then takes the next
+    answer, each model call the next recorded completion whose prompt matches (a
+    different prompt stops the replay: the call and every later one go to the model),
+    and each tool call its recorded result (the tool ledger: a call is never run twice).
+    ``enabled`` is False where nothing can park a task (a heartbeat's first observe).
     """
 
     clock: Callable[[], float]
@@ -168,6 +180,8 @@ class WaitLog:
     _next_call: int = 0
     _replaying: bool = True
     made: list[dict[str, Any]] = field(default_factory=list)  # this run's calls, in order
+    # The tool ledger: call key -> {"state": "started" | "done", "content", "outcome"}.
+    tools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def begin(
         self,
@@ -175,6 +189,7 @@ class WaitLog:
         calls: Sequence[Mapping[str, Any]] = (),
         *,
         enabled: bool = True,
+        tools: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Start a loop iteration with what was recorded for it (nothing for a new one)."""
         self.answers = list(answers)
@@ -184,6 +199,7 @@ class WaitLog:
         self._next_call = 0
         self._replaying = True
         self.made = []
+        self.tools = {k: dict(v) for k, v in (tools or {}).items()}
 
     @property
     def consumed(self) -> int:
@@ -200,14 +216,20 @@ class WaitLog:
         Raises :class:`WaitTimeout` for a recorded timeout without a default, and
         RuntimeError where waits cannot park (outside a task).
         """
+        r = self.resolution(spec)
+        if r.outcome == "timeout" and not spec.has_default:
+            raise WaitTimeout(spec.kind.value, spec.question, spec.deadline)
+        if r.outcome == "timeout":
+            return spec.default
+        return r.value
+
+    def resolution(self, spec: WaitSpec) -> Resolution:
+        """Like :meth:`wait`, but the whole recorded :class:`Resolution` (who answered,
+        why); a timeout comes back as one (outcome ``timeout``), never raised."""
         if self._next_answer < len(self.answers):
             r = self.answers[self._next_answer]
             self._next_answer += 1
-            if r.outcome == "timeout" and not spec.has_default:
-                raise WaitTimeout(spec.kind.value, spec.question, spec.deadline)
-            if r.outcome == "timeout":
-                return spec.default
-            return r.value
+            return r
         if not self.enabled:
             raise RuntimeError(
                 f"ctx.{'ask' if spec.kind is WaitKind.ASK else 'wait'} cannot park here: waits "
@@ -233,6 +255,31 @@ class WaitLog:
         """Keep a model call made in this iteration (saved if the iteration parks)."""
         self._replaying = False
         self.made.append({"h": _hash(operation, prompt), **completion})
+
+    def tool_entry(self, key: str) -> dict[str, Any] | None:
+        """What the ledger holds for the tool call ``key`` (see :func:`tool_key`)."""
+        return self.tools.get(key)
+
+    def tool_started(self, key: str, name: str) -> None:
+        """The call ``key`` is about to run (kept for tools that must not run twice)."""
+        self.tools[key] = {"state": "started", "name": name}
+
+    def tool_done(self, key: str, name: str, content: str, outcome: str) -> None:
+        """The call ``key`` returned ``content``: replayed from now on, never run again."""
+        if len(content) > MAX_TOOL_RECORD_CHARS:
+            content = content[:MAX_TOOL_RECORD_CHARS] + TOOL_RECORD_CUT
+        self.tools[key] = {"state": "done", "name": name, "content": content, "outcome": outcome}
+
+
+MAX_TOOL_RECORD_CHARS = 32_000
+"""A tool result kept in the ledger is cut here (the model is given the same cut text)."""
+TOOL_RECORD_CUT = " … [cut: the result was longer]"
+
+
+def tool_key(call_id: str, name: str, arguments: str) -> str:
+    """The ledger key of one tool call: the model's call id, the tool and its arguments
+    (a replayed reply gives the same id; a different call never shares a key)."""
+    return _hash("tool", f"{call_id}\0{name}\0{arguments}")
 
 
 def deadline_of(now: float, timeout_s: float | None) -> float | None:
@@ -288,11 +335,20 @@ class WaitRecord:
     seq: int  # resolutions recorded before this wait, in this iteration
     answer: Resolution | None = None
     quota_class: str = ""  # budget waits: the class whose budget is spent
+    tool: str = ""  # a tool call's approval: the tool and its arguments (JSON)
+    arguments: str = ""
 
     @property
     def spec(self) -> WaitSpec:
         return WaitSpec(
-            self.kind, self.question, self.choices, self.deadline, self.default, self.has_default
+            self.kind,
+            self.question,
+            self.choices,
+            self.deadline,
+            self.default,
+            self.has_default,
+            self.tool,
+            self.arguments,
         )
 
     def to_fields(self) -> dict[str, str]:
@@ -310,6 +366,8 @@ class WaitRecord:
             "since": repr(self.since),
             "seq": str(self.seq),
             "quota_class": self.quota_class,
+            "tool": self.tool,
+            "arguments": self.arguments,
         }
 
     @classmethod
@@ -331,6 +389,8 @@ class WaitRecord:
             seq=int(f.get("seq") or 0),
             answer=Resolution.from_json(json.loads(answer), f.get("kind", "")) if answer else None,
             quota_class=f.get("quota_class", ""),
+            tool=f.get("tool", ""),
+            arguments=f.get("arguments", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,7 +405,17 @@ class WaitRecord:
             "deadline": self.deadline,
             "default": self.default if self.has_default else None,
             "answered": self.answer is not None,
+            "tool": self.tool or None,
+            "arguments": _arguments(self.arguments) if self.tool else None,
         }
+
+
+def _arguments(raw: str) -> Any:
+    """A tool call's arguments as data when they are JSON, else the text as given."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def validate_answer(
@@ -402,9 +472,8 @@ def validate_answer(
 def resolve(wait: WaitRecord, now: float) -> Resolution | None:
     """What ``wait`` resolves to at ``now``: its answer, its deadline, or None (not yet)."""
     if wait.answer is not None:
-        return Resolution(
-            wait.answer.outcome, wait.answer.value, wait.answer.by, wait.answer.at, wait.kind
-        )
+        a = wait.answer
+        return Resolution(a.outcome, a.value, a.by, a.at, wait.kind, a.reason)
     if wait.deadline is not None and wait.deadline <= now:
         if wait.kind is WaitKind.SLEEP:
             return Resolution("woke", None, "deadline", now, wait.kind)
@@ -467,15 +536,19 @@ class Resumed:
     answers: tuple[Resolution, ...] = ()
     calls: tuple[dict[str, Any], ...] = ()
     message_taken: bool = False
+    tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Resumed | None:
-        """From a task record's ``answers`` / ``calls`` fields (None when it has none)."""
+        """From a task record's ``answers`` / ``calls`` / ``tools`` fields (None when it
+        has none: nothing to replay)."""
         raw = record.get("answers") or ""
-        if not raw:
+        tools = record.get("tools") or ""
+        if not raw and not tools:
             return None
         return cls(
-            tuple(Resolution.from_json(a) for a in json.loads(raw)),
+            tuple(Resolution.from_json(a) for a in json.loads(raw or "[]")),
             tuple(json.loads(record.get("calls") or "[]")),
             record.get("message_taken") == "1",
+            json.loads(tools or "{}"),
         )

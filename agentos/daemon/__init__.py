@@ -58,6 +58,7 @@ from agentos.runtime.watchdog import LoopWatchdog, Stall
 from agentos.settings import DaemonSettings
 from agentos.store import Retention, Store, StoreError, StoreUnavailable
 from agentos.telemetry import Telemetry
+from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["Daemon", "DaemonIdInUse"]
 
@@ -124,6 +125,10 @@ class Daemon(Peers, Upkeep, Runners):
             attained=lambda name: self.governor.attained.value(name, time.time()),
             on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
             daemon_id=self.id,
+        )
+        # MCP sessions, one per ToolServer its agents use, shared by them.
+        self.tool_servers = ToolServerPool(
+            store.toolservers, idle_s=self.settings.tool_server_idle_s
         )
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
@@ -219,7 +224,8 @@ class Daemon(Peers, Upkeep, Runners):
         await self._claim_id()
         self.keeper.start()
         try:
-            await self._run(until_idle, duration_s)
+            async with self.tool_servers:  # their sessions outlive every agent's task
+                await self._run(until_idle, duration_s)
         finally:
             # Our leases are released by now (or they are left to expire): no more
             # renewals, and no heartbeat written after it is removed below. Shielded: a

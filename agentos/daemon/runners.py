@@ -34,6 +34,7 @@ from agentos.settings import DaemonSettings
 from agentos.store import Store, StoreError
 from agentos.store.keeper import LeaseKeeper
 from agentos.telemetry import Telemetry
+from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["RUNNER_ERROR_BACKOFF", "Runners", "clean"]
 
@@ -59,6 +60,7 @@ class Runners:
     telemetry: Telemetry
     governor: Governor
     models: ModelPool
+    tool_servers: ToolServerPool
     activator: Activator
     keeper: LeaseKeeper
     runners: dict[str, AgentRunner]
@@ -182,6 +184,7 @@ class Runners:
                 governor=self.governor,
                 opened=opened.get(name),
                 lend_after_s=self.settings.lend_slot_after_s,
+                tool_servers=self.tool_servers,
             )
             runner.error_delay_s = backoff_delay(
                 self._runner_errors.get(name, 0) + 1, *RUNNER_ERROR_BACKOFF

@@ -36,6 +36,7 @@ from agentos.settings import DaemonSettings
 from agentos.store import StatusUpdate, Store, StoreError, StoreFull, StoreUnavailable
 from agentos.store.keeper import LeaseKeeper
 from agentos.store.retry import new_op_id
+from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["Upkeep"]
 
@@ -80,6 +81,7 @@ class Upkeep:
     governor: Governor
     activator: Activator
     models: ModelPool
+    tool_servers: ToolServerPool
     started_at: float
     limit: int | None
     _draining: bool
@@ -386,6 +388,7 @@ class Upkeep:
             "pid": os.getpid(),
             "engine": self.engine.name,
             "models": self.models.describe(),
+            "toolServers": self.tool_servers.describe(),
             "agents": len(self.runners),
             "started_at": self.started_at,
             "share": self.limit,

@@ -49,6 +49,7 @@ from agentos.runtime.loop import (
 )
 from agentos.runtime.session import AgentSession
 from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.toolcalls import LedgerWriter
 from agentos.runtime.usage import UsageMeter
 from agentos.runtime.watchdog import Mark, Stall
 from agentos.runtime.writer import Writer
@@ -68,13 +69,15 @@ from agentos.store import (
 )
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
+from agentos.tools import ToolServerUnavailable
+from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["RunnerBase"]
 
 log = logging.getLogger("agentos.runner")
 _T = TypeVar("_T")
 # Errors raised under agent code that are the infrastructure's, never the agent's.
-INFRA_ERRORS = (NoFreeSlot, EngineUnavailable, StoreError)
+INFRA_ERRORS = (NoFreeSlot, EngineUnavailable, StoreError, ToolServerUnavailable)
 
 
 class RunnerBase:
@@ -97,8 +100,12 @@ class RunnerBase:
         governor: Governor | None = None,
         opened: AgentSnapshot | None = None,
         lend_after_s: float = 0.5,
+        tool_servers: ToolServerPool | None = None,
     ) -> None:
         self.resource = resource
+        # The daemon's MCP sessions, for the agent's spec.tools.servers (None: no servers).
+        self.tool_servers = tool_servers
+        self.ledger: LedgerWriter | None = None  # set with the agent's Context
         # What the daemon already read for this runner (batched with other agents'),
         # or None: the runner reads it as it starts.
         self.opened = opened

@@ -26,6 +26,7 @@ from agentos.core.tasks import (
     Work,
     short,
 )
+from agentos.core.waits import Resumed
 from agentos.engine.base import ModelMisconfigured
 from agentos.runtime.base import INFRA_ERRORS, RunnerBase
 from agentos.runtime.loop import (
@@ -128,8 +129,22 @@ class FaultMixin(RunnerBase):
                 not_before=verdict.resume_at,
                 infra_attempts=verdict.infra_attempts,
                 parked_for=fault.value,
+                resume=self._replay_of(work),
             )
         )
+
+    def _replay_of(self, work: Work) -> Resumed | None:
+        """What the retry of ``work`` replays: the tools it already called (never run
+        twice) and the model calls before them, when it called any; else as before."""
+        before: Resumed | None = work.resume
+        ctx = self.ctx
+        if ctx is None or not ctx._waits.tools:
+            return before
+        log = ctx._waits
+        # The iteration runs again from its start: it takes its message again (unless a
+        # wait before said an earlier iteration had taken it).
+        taken = before is not None and before.message_taken
+        return Resumed(tuple(log.answers), tuple(log.made), taken, dict(log.tools))
 
     async def _crashed(self, error: AgentCodeError, work: Work, verdict: Verdict) -> None:
         self.consecutive_failures = verdict.consecutive_failures

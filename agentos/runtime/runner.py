@@ -36,6 +36,7 @@ from agentos.runtime.loop import (
     AgentCodeError,
 )
 from agentos.runtime.tasking import OnDemandSession, TaskMixin
+from agentos.runtime.toolcalls import LedgerWriter, approval_rule
 from agentos.runtime.waits import WaitMixin
 from agentos.runtime.watchdog import marked, running
 from agentos.runtime.writer import LeaseLost
@@ -50,6 +51,7 @@ from agentos.sdk import (
 )
 from agentos.store import StoreError, TaskWrite, Write
 from agentos.store.inbox import OPEN_NEW_MESSAGES
+from agentos.tools import Ledger
 
 __all__ = ["AgentRunner", "LeaseLost"]
 
@@ -276,6 +278,11 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         except (TypeError, ValueError) as e:
             await self._fail("AgentError", f"{self._agent_cls.__name__}.tools: {e}", "")
             return False
+        ctx = self.ctx
+        self.ledger = LedgerWriter(self.writer, ctx._waits, lambda: ctx.task.id)
+        ctx.tools.ledger = Ledger(
+            ctx._waits, self.ledger.persist, approval_rule(self.resource.spec.tools)
+        )
         return True
 
     async def _compacted(self, compaction: Compaction) -> None:

@@ -35,6 +35,7 @@ from agentos.runtime.loop import (
     no_span,
     run_task,
 )
+from agentos.runtime.toolcalls import attach_server_tools
 from agentos.runtime.watchdog import marked
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import (
@@ -43,6 +44,7 @@ from agentos.sdk import (
 )
 from agentos.store import Duplicate, StoreError, TaskWrite, Write
 from agentos.telemetry import Telemetry
+from agentos.tools import ToolServerUnavailable
 
 __all__ = ["TaskMixin"]
 
@@ -238,6 +240,8 @@ class TaskMixin(RunnerBase):
             return
         self._unacked = work.message.id if work.message is not None else None
         self._unacked_key = work.message.key if work.message is not None else None
+        if not await self._attach_tools(work):
+            return
         scope = anyio.CancelScope()
         result: TaskResult | None = None
         failure: AgentCodeError | None = None
@@ -325,6 +329,22 @@ class TaskMixin(RunnerBase):
         else:
             summary = render_result(result.outcome) if result.steps else "nothing to do"
         await self._finish_task(work, "succeeded", summary, steps=result.steps)
+
+    async def _attach_tools(self, work: Work) -> bool:
+        """The tools of the agent's ToolServers join ``ctx.tools`` (a server opens on
+        first use). False when one cannot be reached: the task is retried later (the
+        infrastructure's fault, with an event naming the server)."""
+        tools = self.resource.spec.tools
+        if tools is None or not tools.servers or self.tool_servers is None:
+            return True
+        assert self.ctx is not None
+        try:
+            await attach_server_tools(self.ctx.tools, self.tool_servers, tools.servers)
+        except (ToolServerUnavailable, ValueError) as e:
+            error = e if isinstance(e, ToolServerUnavailable) else ToolServerUnavailable(str(e))
+            await self._on_fault(AgentCodeError("tools", error), work, infra=True)
+            return False
+        return True
 
     @property
     def _must_wake(self) -> bool:
@@ -518,14 +538,17 @@ class TaskMixin(RunnerBase):
         # The message that started the task is acknowledged in the same atomic write
         # as the first state it produced: a crash can never keep one without the other.
         ack = self._unacked if self.ctx is not None and self.ctx.message_taken else None
-        if state is not None or ack is not None:
+        # A completed iteration's tool ledger is not replayed by the next one.
+        cleared = self.ledger.cleared() if self.ledger is not None else None
+        if state is not None or ack is not None or cleared is not None:
             task = None
-            if ack is not None and self.ctx is not None:
+            if (ack is not None or cleared is not None) and self.ctx is not None:
                 # Completing the key with the ack: a redelivered duplicate is skipped.
+                fields = {**(cleared or {}), **({"acked_at": repr(self.clock())} if ack else {})}
                 task = TaskWrite(
                     self.ctx.task.id,
-                    {"acked_at": repr(self.clock())},
-                    idempotency_key=self._unacked_key,
+                    fields,
+                    idempotency_key=self._unacked_key if ack is not None else None,
                 )
             # Held back until the next step's plan or the task's close, whichever comes
             # first (one write fewer for a one-step task); atomic either way.

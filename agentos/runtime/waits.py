@@ -69,7 +69,7 @@ class WaitMixin(RunnerBase):
         if resumed is None:
             ctx._waits.begin()
             return
-        ctx._waits.begin(resumed.answers, resumed.calls)
+        ctx._waits.begin(resumed.answers, resumed.calls, tools=resumed.tools)
         if resumed.message_taken:
             ctx._message_taken = True
 
@@ -122,6 +122,8 @@ class WaitMixin(RunnerBase):
             since=now,
             seq=seq,
             quota_class=quota_class,
+            tool=spec.tool,
+            arguments=spec.arguments,
         )
         answers = [a.to_json() for a in self.ctx._waits.answers[:seq]]
         calls = list(self.ctx._waits.made)
@@ -156,6 +158,7 @@ class WaitMixin(RunnerBase):
                 work.id,
                 {
                     "status": "parked" if budget else "waiting",
+                    "wait_tool": spec.tool,
                     "wait_kind": spec.kind.value,
                     "wait_question": short(spec.question, 500),
                     "wait_choices": json.dumps(list(spec.choices)) if spec.choices else "",
@@ -163,6 +166,7 @@ class WaitMixin(RunnerBase):
                     "waiting_since": repr(now),
                     "answers": json.dumps(answers),
                     "calls": json.dumps(calls),
+                    "tools": json.dumps(self.ctx._waits.tools),
                     "message_taken": "1" if taken else "",
                     **_message_fields(work),
                 },
@@ -252,6 +256,7 @@ class WaitMixin(RunnerBase):
             tuple(Resolution.from_json(a) for a in answers),
             tuple(json.loads(record.get("calls") or "[]")),
             record.get("message_taken") == "1",
+            json.loads(record.get("tools") or "{}"),
         )
         queued = [w for w in self._queue if w.id == wait.task_id]
         for w in queued:

@@ -65,6 +65,11 @@ class Keys:
         return f"{self.namespace}:{{fleet}}:models"
 
     @property
+    def toolservers(self) -> str:
+        """Hash: ToolServer name -> canonical JSON (with its hash under ``_hash``)."""
+        return f"{self.namespace}:{{fleet}}:toolservers"
+
+    @property
     def model_throttle(self) -> str:
         """Hash: Model name -> epoch seconds until which its provider throttles calls."""
         return f"{self.namespace}:{{fleet}}:model-throttle"

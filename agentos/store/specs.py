@@ -55,8 +55,8 @@ class SpecOps:
         """
         k = self.keys
         agents = [r for r in records if r.kind == "Agent"]
-        policies = [r for r in records if r.kind != "Agent"]  # QuotaPolicy, Model
-        hashes = {"QuotaPolicy": k.policies, "Model": k.models}
+        policies = [r for r in records if r.kind != "Agent"]  # QuotaPolicy, Model, ToolServer
+        hashes = {"QuotaPolicy": k.policies, "Model": k.models, "ToolServer": k.toolservers}
         while True:
             async with self._r.pipeline(transaction=True) as pipe:
                 try:
@@ -170,8 +170,9 @@ class SpecOps:
         KV) go too; an owned agent's daemon stops it and removes them.
         """
         k = self.keys
-        if kind in ("QuotaPolicy", "Model"):
-            removed = await self._r.hdel(k.policies if kind == "QuotaPolicy" else k.models, name)
+        hashes = {"QuotaPolicy": k.policies, "Model": k.models, "ToolServer": k.toolservers}
+        if kind in hashes:
+            removed = await self._r.hdel(hashes[kind], name)
             if removed:
                 await self._r.incr(k.generation)
             return bool(removed)
@@ -361,6 +362,17 @@ class SpecOps:
     async def models(self) -> dict[str, dict[str, Any]]:
         """Every stored Model resource by name."""
         raw = await self._r.hgetall(self.keys.models)
+        out = {}
+        for n, v in raw.items():
+            body = json.loads(v)
+            body.pop("_hash", None)
+            out[_s(n)] = body
+        return out
+
+    @translate
+    async def toolservers(self) -> dict[str, dict[str, Any]]:
+        """Every stored ToolServer resource by name."""
+        raw = await self._r.hgetall(self.keys.toolservers)
         out = {}
         for n, v in raw.items():
             body = json.loads(v)

@@ -223,6 +223,7 @@ class Telemetry:
         self.queue_wait: _Instrument
         self.throttles: _Instrument
         self.tool_calls: _Instrument
+        self.tool_duration: _Instrument
 
     @classmethod
     def disabled(cls) -> Telemetry:

@@ -79,6 +79,7 @@ INSTRUMENTS: list[tuple[str, str, str, str, str]] = [
     ("queue_wait", "histogram", "agentos.task.queue_wait", "s", "Time from queued to running"),
     ("throttles", "counter", "agentos.quota.throttles", "{throttle}", "Inference calls delayed"),
     ("tool_calls", "counter", "agentos.tool.calls", "{call}", "Tool calls, by tool and outcome"),
+    ("tool_duration", "histogram", "agentos.tool.duration", "s", "Tool call latency, by tool"),
 ]
 
 

@@ -1,0 +1,528 @@
+"""MCP tool servers: one client session per daemon and ToolServer, shared by its agents.
+
+A ToolServer (:mod:`agentos.core.toolserver`) is spoken to with the official ``mcp``
+package: a child process over stdio, or a URL over Streamable HTTP. The
+:class:`ToolServerPool` of a daemon opens a server on first use, keeps one session for
+every agent of that daemon, caches its tool list (listed again when the server says it
+changed) and closes it once no agent has used it for ``idle_s``. Agents hold no
+session of their own: a hibernated, waiting or released agent costs a server nothing.
+
+Each session lives in a task of the pool's own (an MCP client's context must be
+entered and left by one task); calls are made from the agents' tasks over it. What goes
+wrong with the server itself, that it does not start, exits mid-call, answers garbage
+or nothing at all, is :class:`ToolServerUnavailable`: the infrastructure's fault, never
+the agent's (the runtime retries the task later with an event naming the server). What
+goes wrong in a tool (its ``isError`` result) goes back to the model as the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import httpx2
+import jsonschema
+import mcp_types
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from agentos.core.modelspec import SecretRef
+from agentos.core.toolserver import (
+    PYTHON,
+    ToolServerResource,
+    ToolServerSpec,
+    matches,
+    model_tool_name,
+    qualified,
+)
+from agentos.tools import ArgumentsInvalid, Tool, ToolError, ToolServerUnavailable
+
+__all__ = ["ServerTool", "ToolServerPool", "resolve_secret"]
+
+log = logging.getLogger("agentos.tools.mcp")
+
+DEFAULT_IDLE_S = 300.0
+_GRACE_S = 5.0  # past the call timeout, a transport that never returns is cut
+# JSON-RPC codes that say the connection, not the tool, failed.
+_TRANSPORT_CODES = frozenset({mcp_types.CONNECTION_CLOSED, mcp_types.REQUEST_TIMEOUT})
+
+
+def resolve_secret(ref: SecretRef | str, where: str) -> str:
+    """The value of a literal or of ``{env: VAR}`` / ``{file: PATH}``, read now (never
+    stored or logged); ToolServerUnavailable naming ``where`` when it cannot be read."""
+    if isinstance(ref, str):
+        return ref
+    if ref.env is not None:
+        value = os.environ.get(ref.env)
+        if value is None:
+            raise ToolServerUnavailable(f"{where}: environment variable {ref.env} is not set")
+        return value
+    assert ref.file is not None
+    try:
+        return Path(ref.file).read_text().strip()
+    except OSError as e:
+        raise ToolServerUnavailable(f"{where}: cannot read {ref.file}: {e.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTool:
+    """One tool as a server lists it, with what agentos decided about it."""
+
+    server: str
+    name: str  # on the server
+    description: str
+    schema: Mapping[str, Any]
+    idempotent: bool
+    approval: bool
+    approval_timeout_s: float = 3600.0
+    approval_on_timeout: str = "deny"
+
+    @property
+    def qualified(self) -> str:
+        """``SERVER.TOOL``: the name agent code and approval lists use."""
+        return qualified(self.server, self.name)
+
+
+@dataclass
+class _Session:
+    """One open (or opening) session with one server."""
+
+    name: str
+    spec: ToolServerSpec
+    spec_hash: str
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    closing: anyio.Event = field(default_factory=anyio.Event)
+    client: Client | None = None
+    tools: list[ServerTool] | None = None
+    stale: bool = False  # the server said its tools changed
+    error: str = ""  # why it failed to open or was lost
+    session_id: str = ""
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    closed: bool = False
+    stderr: Any = None  # a stdio server's stderr (a temporary file)
+
+    def stderr_tail(self) -> str:
+        """The last line the server wrote to stderr, escaped (empty if none)."""
+        f = self.stderr
+        if f is None or f.closed:
+            return ""
+        try:
+            f.flush()
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 2000))
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        except (OSError, ValueError):
+            return ""
+        return _printable(lines[-1][:300]) if lines else ""
+
+
+class ToolServerPool:
+    """The daemon's MCP sessions, by ToolServer (see the module docstring).
+
+    ``specs()`` returns the stored ToolServers (name -> canonical body); it is read when
+    an agent's tools are asked for, so an applied change reaches the next task.
+    Use it as an async context manager (its sessions' tasks live in it).
+    """
+
+    def __init__(
+        self,
+        specs: Callable[[], Any],
+        *,
+        idle_s: float = DEFAULT_IDLE_S,
+        cwd: str | None = None,
+    ) -> None:
+        self._specs = specs
+        self.idle_s = idle_s
+        self.cwd = cwd
+        self._sessions: dict[str, _Session] = {}
+        self._bodies: dict[str, dict[str, Any]] = {}  # as last read: name -> canonical body
+        self._stack = AsyncExitStack()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._lock = anyio.Lock()
+        self.started = 0  # sessions opened, for tests and `describe`
+
+    async def __aenter__(self) -> ToolServerPool:
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._tg.start_soon(self._reap)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for s in list(self._sessions.values()):
+            s.closing.set()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._stack.aclose()
+        self._sessions.clear()
+
+    # ------------------------------------------------------------------ tools of an agent
+
+    async def tools(self, servers: Iterable[str]) -> list[ServerTool]:
+        """The tools agents may use on ``servers`` (opened if need be), in server order.
+        Raises ToolServerUnavailable naming the server that cannot be reached."""
+        out: list[ServerTool] = []
+        self._bodies = dict(await self._specs())  # an apply reaches the next task
+        for name in servers:
+            old = self._sessions.get(name)
+            body = self._bodies.get(name)
+            if old is not None and (body is None or _body_hash(body) != old.spec_hash):
+                self._drop(old)  # changed by an apply (or deleted): opened anew
+            session = await self._open(name)
+            if session.tools is None or session.stale:
+                await self._list(session)
+            assert session.tools is not None
+            out.extend(session.tools)
+        return out
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """What each open session is doing (for the daemon's heartbeat)."""
+        now = time.monotonic()
+        return {
+            name: {
+                "transport": s.spec.transport,
+                "open": s.client is not None and not s.closed,
+                "tools": len(s.tools or ()),
+                "inFlight": s.in_flight,
+                "idleS": round(now - s.last_used, 1),
+            }
+            for name, s in self._sessions.items()
+        }
+
+    async def call(self, server: str, tool: str, arguments: Mapping[str, Any]) -> Any:
+        """Call ``tool`` on ``server``; its result as text or data for the model.
+
+        Raises ToolError for the tool's own error (``isError``: the model reads it) and
+        ToolServerUnavailable when the server cannot answer (not started, gone, hung).
+        """
+        session = await self._open(server)
+        client = session.client
+        assert client is not None
+        timeout = session.spec.timeouts.call
+        session.in_flight += 1
+        session.last_used = time.monotonic()
+        try:
+            with anyio.fail_after(timeout + _GRACE_S):
+                result = await client.call_tool(tool, dict(arguments), read_timeout_seconds=timeout)
+        except TimeoutError:
+            self._lost(session, f"no answer to {tool} within {timeout:g}s")
+            raise ToolServerUnavailable(
+                f"tool server {server!r}: no answer to {tool} within {timeout:g}s", server
+            ) from None
+        except MCPError as e:
+            if e.code in _TRANSPORT_CODES:
+                why = "timed out" if e.code == mcp_types.REQUEST_TIMEOUT else "connection lost"
+                self._lost(session, f"{tool}: {why}")
+                raise ToolServerUnavailable(
+                    f"tool server {server!r}: {tool} {why}: {e.message}", server
+                ) from None
+            raise ToolError(f"{tool}: {e.message}") from None
+        except ToolError:
+            raise
+        except Exception as e:  # the transport broke or the server answered garbage
+            self._lost(session, f"{type(e).__name__}: {e}")
+            raise ToolServerUnavailable(
+                f"tool server {server!r}: {tool} failed: {type(e).__name__}: {e}", server
+            ) from None
+        finally:
+            session.in_flight -= 1
+            session.last_used = time.monotonic()
+        return _result_of(result)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def _open(self, name: str) -> _Session:
+        session = self._sessions.get(name)
+        if session is not None and session.client is not None and not session.closed:
+            return session  # the common case: no lock, no read
+        async with self._lock:
+            body = self._bodies.get(name)
+            if body is None:
+                raise ToolServerUnavailable(f"tool server {name!r} is not applied", name)
+            spec_hash = _body_hash(body)
+            session = self._sessions.get(name)
+            if session is not None and (session.closed or session.spec_hash != spec_hash):
+                self._drop(session)  # changed by an apply, or lost: open anew
+                session = None
+            if session is None:
+                spec = ToolServerResource.model_validate(body).spec
+                session = _Session(name, spec, spec_hash)
+                self._sessions[name] = session
+                assert self._tg is not None, "use the pool as an async context manager"
+                self._tg.start_soon(self._serve, session)
+        with anyio.move_on_after(session.spec.timeouts.connect + _GRACE_S):
+            await session.ready.wait()
+        if session.client is None or session.closed:
+            why = session.error or f"did not start within {session.spec.timeouts.connect:g}s"
+            session.closing.set()
+            if self._sessions.get(name) is session:
+                del self._sessions[name]
+            raise ToolServerUnavailable(f"tool server {name!r}: {why}", name)
+        return session
+
+    async def _serve(self, session: _Session) -> None:
+        """Open the session, keep it until it is closed or lost (this task owns it)."""
+        spec = session.spec
+        scope = anyio.CancelScope(deadline=anyio.current_time() + spec.timeouts.connect)
+        try:
+            with scope:
+                async with AsyncExitStack() as stack:
+                    client = Client(
+                        await self._transport(session, stack),
+                        read_timeout_seconds=spec.timeouts.call,
+                        message_handler=self._on_message(session),
+                        # The initialize handshake: every server speaks it, and its
+                        # tools/list_changed notification reaches us (mcp 2.3's listen
+                        # streams of 2026-07-28 sessions delivered no change events in
+                        # our tests; _listen still uses one where a session is modern).
+                        mode="legacy",
+                    )
+                    await stack.enter_async_context(client)
+                    session.client = client
+                    session.session_id = _session_id(client)
+                    self.started += 1
+                    await self._list(session)
+                    scope.deadline = math.inf
+                    session.ready.set()
+                    log.info(
+                        "tool server %s: open, %d tools", session.name, len(session.tools or ())
+                    )
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._listen, session, client)
+                        await session.closing.wait()
+                        tg.cancel_scope.cancel()
+            if scope.cancelled_caught and not session.ready.is_set():
+                session.error = f"did not start within {spec.timeouts.connect:g}s"
+        except ToolServerUnavailable as e:
+            session.error = str(e)
+        except Exception as e:  # it does not start, or answers garbage
+            session.error = f"could not start: {type(e).__name__}: {_first_line(e)}"
+            log.warning("tool server %s: %s", session.name, session.error)
+        finally:
+            if session.error and not session.ready.is_set() and (tail := session.stderr_tail()):
+                session.error += f" (its stderr: {tail})"
+            session.closed = True
+            session.client = None
+            session.ready.set()
+            if self._sessions.get(session.name) is session:
+                del self._sessions[session.name]
+
+    async def _transport(self, session: _Session, stack: AsyncExitStack) -> Any:
+        spec = session.spec
+        where = f"tool server {session.name!r}"
+        if spec.stdio is not None:
+            command = list(spec.stdio.command)
+            if command[0] == PYTHON:
+                command[0] = sys.executable
+            env = {
+                k: resolve_secret(v, f"{where}: stdio.env.{k}") for k, v in spec.stdio.env.items()
+            }
+            params = StdioServerParameters(
+                command=command[0],
+                args=command[1:],
+                env=env or None,
+                cwd=spec.stdio.cwd or self.cwd,
+            )
+            # Its stderr is kept (bounded, escaped) for the error that says why it failed,
+            # not poured raw into the daemon's output.
+            errlog = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115 - on the stack
+            session.stderr = stack.enter_context(errlog)
+            return stdio_client(params, errlog=session.stderr)
+        assert spec.url is not None
+        headers = {k: resolve_secret(v, f"{where}: headers.{k}") for k, v in spec.headers.items()}
+        http = await stack.enter_async_context(
+            httpx2.AsyncClient(
+                headers=headers,
+                timeout=httpx2.Timeout(spec.timeouts.call, connect=spec.timeouts.connect),
+            )
+        )
+        return streamable_http_client(spec.url, http_client=http)
+
+    async def _listen(self, session: _Session, client: Client) -> None:
+        """On a 2026-07-28 session, the server says its tools changed on a listen stream
+        (older ones send a notification: :meth:`_on_message`)."""
+        if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return
+        try:
+            async with client.listen(tools_list_changed=True) as sub:
+                async for _ in sub:
+                    session.stale = True
+        except Exception as e:  # no listen support, or the stream dropped: list per task
+            log.debug("tool server %s: no change stream: %s", session.name, e)
+
+    def _on_message(self, session: _Session) -> Any:
+        async def handle(message: Any) -> None:
+            if isinstance(message, mcp_types.ToolListChangedNotification):
+                session.stale = True  # listed again before the next agent gets them
+            await anyio.lowlevel.checkpoint()
+
+        return handle
+
+    async def _list(self, session: _Session) -> None:
+        client = session.client
+        assert client is not None
+        spec = session.spec
+        try:
+            with anyio.fail_after(spec.timeouts.connect + _GRACE_S):
+                listed: list[mcp_types.Tool] = []
+                cursor: str | None = None
+                for _ in range(100):  # a paginator that never ends cannot hang us
+                    page = (
+                        await client.list_tools(cursor=cursor)
+                        if cursor
+                        else await client.list_tools()
+                    )
+                    listed.extend(page.tools)
+                    cursor = page.next_cursor
+                    if not cursor:
+                        break
+        except Exception as e:
+            self._lost(session, f"listing tools failed: {type(e).__name__}: {_first_line(e)}")
+            raise ToolServerUnavailable(
+                f"tool server {session.name!r}: listing its tools failed: {_first_line(e)}",
+                session.name,
+            ) from None
+        session.stale = False
+        session.tools = [
+            ServerTool(
+                server=session.name,
+                name=t.name,
+                description=(t.description or t.title or t.name).strip(),
+                schema=t.input_schema or {"type": "object", "properties": {}},
+                idempotent=bool(t.annotations and t.annotations.idempotent_hint)
+                or matches(t.name, spec.tools.idempotent),
+                approval=spec.needs_approval(t.name),
+                approval_timeout_s=spec.approval.timeout,
+                approval_on_timeout=spec.approval.on_timeout,
+            )
+            for t in listed
+            if spec.tools.admits(t.name)
+        ]
+
+    def _drop(self, session: _Session) -> None:
+        session.closing.set()
+        if self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+
+    def _lost(self, session: _Session, why: str) -> None:
+        """The session cannot be trusted any more: close it; the next use opens anew
+        (unless only one call timed out on a process that is still there)."""
+        session.error = why
+        log.warning("tool server %s: %s", session.name, why)
+        session.closing.set()
+        session.closed = True
+        if self._sessions.get(session.name) is session:
+            del self._sessions[session.name]
+
+    async def _reap(self) -> None:
+        """Close sessions no agent has used for ``idle_s`` (checked a few times per idle_s)."""
+        while True:
+            await anyio.sleep(max(0.05, min(30.0, self.idle_s / 4)))
+            now = time.monotonic()
+            for name, s in list(self._sessions.items()):
+                if s.in_flight == 0 and now - s.last_used >= self.idle_s and s.ready.is_set():
+                    log.info("tool server %s: idle for %.0fs; closed", name, now - s.last_used)
+                    s.closing.set()
+                    del self._sessions[name]
+
+    def open_sessions(self) -> list[str]:
+        """Names of the servers with an open session."""
+        return [n for n, s in self._sessions.items() if s.client is not None and not s.closed]
+
+
+def _body_hash(body: Mapping[str, Any]) -> str:
+    return json.dumps(body.get("spec", {}), sort_keys=True)
+
+
+def _session_id(client: Client) -> str:
+    for attr in ("session_id", "_session_id"):
+        value = getattr(client.session, attr, None)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def _printable(text: str) -> str:
+    """Server text made one safe line: control characters shown as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup) and e.exceptions:
+        return _first_line(e.exceptions[0])
+    text = str(e).strip().splitlines()
+    return _printable(text[0][:300]) if text else type(e).__name__
+
+
+def _result_of(result: mcp_types.CallToolResult) -> Any:
+    """What the model reads of a call's result: its text blocks (else its structured
+    content); ToolError for a result the server marks ``isError``."""
+    parts: list[str] = []
+    for block in result.content:
+        if isinstance(block, mcp_types.TextContent):
+            parts.append(block.text)
+        else:
+            kind = getattr(block, "type", type(block).__name__)
+            parts.append(f"[{kind} content not shown]")
+    text = "\n".join(parts)
+    if result.is_error:
+        raise ToolError(text or "the tool failed")
+    if result.structured_content is not None and not text:
+        return result.structured_content
+    return text
+
+
+def server_tool(t: ServerTool, pool: ToolServerPool) -> Tool:
+    """``t`` as a :class:`Tool` of an agent's toolbox: the model sees ``SERVER__TOOL``,
+    agent code may call it ``SERVER.TOOL``; arguments are checked against the server's
+    schema before any call."""
+    try:
+        validator = jsonschema.Draft202012Validator(dict(t.schema))
+    except jsonschema.SchemaError:
+        validator = None
+
+    def validate(arguments: Mapping[str, Any]) -> dict[str, Any]:
+        if validator is not None:
+            errors = sorted(validator.iter_errors(dict(arguments)), key=lambda e: list(e.path))
+            if errors:
+                raise ArgumentsInvalid(
+                    "; ".join(
+                        f"{'.'.join(str(p) for p in e.path) or '(arguments)'}: {e.message}"
+                        for e in errors[:5]
+                    )
+                )
+        return dict(arguments)
+
+    async def call(**arguments: Any) -> Any:
+        return await pool.call(t.server, t.name, arguments)
+
+    return Tool(
+        fn=call,
+        name=model_tool_name(t.server, t.name),
+        description=t.description,
+        parameters=dict(t.schema),
+        timeout_s=None,  # the pool applies the server's call timeout
+        idempotent=t.idempotent,
+        approval=t.approval,
+        arguments_model=None,
+        validator=validate,
+        qualified_name=t.qualified,
+        server=t.server,
+        approval_timeout_s=t.approval_timeout_s,
+        approval_on_timeout=t.approval_on_timeout,
+    )
