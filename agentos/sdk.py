@@ -298,6 +298,10 @@ class LLM:
         # The waits' log of this loop iteration: a resumed task's calls made before its
         # wait are served from it (set by the Context).
         self.replay: WaitLog | None = None
+        # Turns of replayed chats that the conversation does not hold (a task run again
+        # on a context older than the task): sent with the next chat that reaches the
+        # model, so its turns answer calls the conversation knows.
+        self._replayed_turns: list[dict[str, Any]] = []
         self.quota_timeout_s: float | None = 60.0
         """How long a call may wait for its quota before :class:`QuotaExceeded` (None: no
         limit); a ``quota_timeout_s=`` argument overrides it for one call."""
@@ -608,13 +612,22 @@ class LLM:
             history = self._engine.conversation(self._session)
         else:
             history = self._messages
-        new = validate_messages(messages, history)
-        new = _answer_dangling(history, new) + new
+        if self.replay is None or self.replay.at_start:
+            self._replayed_turns = []  # a new iteration: nothing replayed yet
+        known = [*history, *self._replayed_turns]
+        new = validate_messages(messages, known)
+        # The key leaves out what the conversation adds (dangling answers): a resumed task
+        # calls with the same turns on a conversation that may already hold them.
         key = json.dumps([new, [t.name for t in specs], choice], sort_keys=True, default=str)
         if self.replay is not None:
             hit = self.replay.replayed("chat", key)
             if hit is not None:  # made before a wait, in the run that parked: not again
-                return Reply.from_dict(hit)
+                reply = Reply.from_dict(hit)
+                if not _holds(history, reply.message()):
+                    self._replayed_turns += [*_answer_dangling(known, new), *new, reply.message()]
+                return reply
+        new = self._replayed_turns + _answer_dangling(known, new) + new
+        self._replayed_turns = []
         queued = time.perf_counter()
         await self._provider.ensure()
         estimate = sum(self._engine.count_tokens(str(m.get("content") or "")) for m in new)
@@ -744,6 +757,20 @@ def compact_history(
     while cut < droppable and turns[cut][0].get("role") != "user":
         cut += 1
     return system + [m for turn in turns[cut:] for m in turn]
+
+
+def _holds(history: Sequence[Mapping[str, Any]], reply: Mapping[str, Any]) -> bool:
+    """Whether the conversation has the assistant turn ``reply`` (by its calls' ids, or
+    its text when it made no call)."""
+    ids = [c["id"] for c in reply.get("tool_calls") or ()]
+    for m in reversed(history):
+        if m.get("role") != "assistant":
+            continue
+        if ids and [c.get("id") for c in m.get("tool_calls") or ()] == ids:
+            return True
+        if not ids and not m.get("tool_calls") and m.get("content") == reply.get("content"):
+            return True
+    return False
 
 
 def _answer_dangling(

@@ -11,12 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from agentos.core.chat import ToolCall
 from agentos.core.fleet import toolserver_issues
 from agentos.core.spec import SpecError, parse_text
 from agentos.core.toolserver import model_tool_name
 from agentos.core.waits import Resolution, WaitLog, WaitRequested, tool_key
+from agentos.engine import SimEngine
+from agentos.sdk import LLM
+from agentos.telemetry import Telemetry
 from agentos.tools import Ledger, Toolbox, ToolError, ToolServerUnavailable, tool
 from agentos.tools.mcp import ToolServerPool, server_tool
 from tests.helpers import wait_until
@@ -338,3 +345,73 @@ def test_the_pool_is_infrastructure_for_the_runtime() -> None:
     from agentos.runtime.base import INFRA_ERRORS
 
     assert issubclass(ToolServerUnavailable, INFRA_ERRORS)
+
+
+async def test_an_mcp_call_is_one_execute_tool_span_and_metered(
+    pool: ToolServerPool, tmp_path: Path
+) -> None:
+    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = Telemetry.from_env(
+        "none-but-tests",
+        env={},
+        span_processors=(SimpleSpanProcessor(spans),),
+        metric_readers=(metrics,),
+    )
+    log = WaitLog(clock=lambda: 0.0)
+    log.begin([Resolution("answered", "no", "dana")])
+    box = await toolbox_for(pool, log)
+    box.telemetry = telemetry
+    box.set_group("fx", [dataclasses.replace(t, approval=t.name == "fx__count") for t in box])
+    await box.call(ToolCall("c1", "fx__add", {"a": 1, "b": 2}))
+    await box.call(ToolCall("c2", "fx__count", {"name": "d"}))
+    telemetry.shutdown()
+    (span,) = [s for s in spans.get_finished_spans() if s.name == "execute_tool fx.add"]
+    attrs = span.attributes or {}
+    assert span.kind is SpanKind.INTERNAL
+    assert attrs["gen_ai.tool.name"] == "fx.add"
+    assert attrs["gen_ai.tool.call.id"] == "c1"
+    assert attrs["mcp.method.name"] == "tools/call"
+    assert attrs["agentos.tool.server"] == "fx"
+    points = {
+        (p.attributes["gen_ai.tool.name"], p.attributes["agentos.tool.outcome"]): p.value
+        for rm in metrics.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "agentos.tool.calls"
+        for p in m.data.data_points
+    }
+    assert points == {("fx.add", "ok"): 1, ("fx.count", "denied"): 1}
+    assert ran(tmp_path) == []
+
+
+async def test_a_task_run_again_on_an_older_context_replays_its_chats_and_sends_their_turns() -> (
+    None
+):
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    question = [{"role": "user", "content": "2 + 3?"}]
+    first = SimEngine()
+    first.script("a", ToolCall("c1", "add", {"a": 2, "b": 3}), "5")
+    llm = LLM(first, "a")
+    log = WaitLog(clock=lambda: 0.0)
+    log.begin()
+    llm.replay = log
+    reply = await llm.chat(question, tools=[add])
+    assert [c.id for c in reply.tool_calls] == ["c1"]
+    recorded = list(log.made)
+    # The daemon died; another one runs the task again on a context without its turns.
+    second = SimEngine()
+    second.script("a", "five")
+    again = LLM(second, "a")
+    log.begin((), recorded)
+    again.replay = log
+    replayed = await again.chat(question, tools=[add])
+    assert [c.id for c in replayed.tool_calls] == ["c1"]
+    answer = await again.chat(
+        [{"role": "tool", "tool_call_id": "c1", "name": "add", "content": "5"}], tools=[add]
+    )
+    assert answer.content == "five"
+    assert [m["role"] for m in again.messages] == ["user", "assistant", "tool", "assistant"]

@@ -238,6 +238,11 @@ class WaitLog:
             )
         raise WaitRequested(spec, self._next_answer)
 
+    @property
+    def at_start(self) -> bool:
+        """Whether this iteration has made (or replayed) no model call yet."""
+        return self._next_call == 0 and not self.made
+
     def replayed(self, operation: str, prompt: str) -> dict[str, Any] | None:
         """The recorded completion of the next model call, if it is the same call."""
         if not self._replaying or self._next_call >= len(self.calls):
