@@ -138,6 +138,8 @@ class Tool:
     # How a call that needs approval waits (a server's tools: its approval settings).
     approval_timeout_s: float | None = 3600.0
     approval_on_timeout: str = "deny"
+    # More attributes for a call's span (a server's tool: its MCP session).
+    span_attributes: Callable[[], Mapping[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def display_name(self) -> str:
@@ -166,10 +168,13 @@ class Tool:
         model = self.arguments_model.model_validate(dict(arguments))
         return {k: getattr(model, k) for k in type(model).model_fields}
 
-    async def invoke(self, arguments: Mapping[str, Any], ctx: Any = None) -> Any:
-        """Validate ``arguments`` and run the function (a sync one in a worker thread),
-        within the tool's timeout (TimeoutError past it). Returns what it returns."""
-        kwargs = self.validate(arguments)
+    async def invoke(
+        self, arguments: Mapping[str, Any], ctx: Any = None, *, validated: bool = False
+    ) -> Any:
+        """Validate ``arguments`` (unless ``validated``: they are :meth:`validate`'s) and run
+        the function (a sync one in a worker thread), within the tool's timeout
+        (TimeoutError past it). Returns what it returns."""
+        kwargs = dict(arguments) if validated else self.validate(arguments)
         if self.takes_ctx:
             kwargs[_INJECTED] = ctx
         with anyio.fail_after(self.timeout_s):
@@ -549,6 +554,8 @@ class Toolbox:
         if found is not None and found.server:
             attributes["mcp.method.name"] = "tools/call"
             attributes["agentos.tool.server"] = found.server
+        if found is not None and found.span_attributes is not None:
+            attributes.update(found.span_attributes())
         if t.capture_content:
             attributes["gen_ai.tool.call.arguments"] = call.raw_arguments
         with t.tool(name, **attributes) as span:
@@ -578,7 +585,7 @@ class Toolbox:
             raw = call.raw_arguments[:500]
             return f"error: {call.error}; the arguments were: {raw}", "bad_arguments", False
         try:
-            found.validate(call.arguments)
+            kwargs = found.validate(call.arguments)
         except pydantic.ValidationError as e:
             text = f"error: invalid arguments for {call.name}: {_validation_text(e)}"
             return text, "bad_arguments", False
@@ -598,7 +605,7 @@ class Toolbox:
             ledger.log.tool_started(key, found.display_name)
             if ledger.persist is not None:
                 await ledger.persist()
-        text, outcome = await self._invoke(call, found)
+        text, outcome = await self._invoke(call, found, kwargs)
         return await self._record(key, found, text, outcome), outcome, False
 
     async def _record(self, key: str, found: Tool, text: str, outcome: str) -> str:
@@ -611,9 +618,11 @@ class Toolbox:
             await ledger.persist()
         return str(ledger.log.tools[key]["content"])
 
-    async def _invoke(self, call: ToolCall, found: Tool) -> tuple[str, str]:
+    async def _invoke(
+        self, call: ToolCall, found: Tool, kwargs: Mapping[str, Any]
+    ) -> tuple[str, str]:
         try:
-            value = await found.invoke(call.arguments, self.context)
+            value = await found.invoke(kwargs, self.context, validated=True)
         except ToolServerUnavailable:
             raise  # the infrastructure's: the task is retried, the call not recorded done
         except pydantic.ValidationError as e:

@@ -294,7 +294,6 @@ class ToolServerPool:
                     )
                     await stack.enter_async_context(client)
                     session.client = client
-                    session.session_id = _session_id(client)
                     self.started += 1
                     await self._list(session)
                     scope.deadline = math.inf
@@ -345,10 +344,17 @@ class ToolServerPool:
             return stdio_client(params, errlog=session.stderr)
         assert spec.url is not None
         headers = {k: resolve_secret(v, f"{where}: headers.{k}") for k, v in spec.headers.items()}
+
+        async def note_session(response: httpx2.Response) -> None:
+            sid = response.headers.get("mcp-session-id")
+            if sid:
+                session.session_id = _printable(sid[:200])
+
         http = await stack.enter_async_context(
             httpx2.AsyncClient(
                 headers=headers,
                 timeout=httpx2.Timeout(spec.timeouts.call, connect=spec.timeouts.connect),
+                event_hooks={"response": [note_session]},
             )
         )
         return streamable_http_client(spec.url, http_client=http)
@@ -404,7 +410,11 @@ class ToolServerPool:
                 name=t.name,
                 description=(t.description or t.title or t.name).strip(),
                 schema=t.input_schema or {"type": "object", "properties": {}},
-                idempotent=bool(t.annotations and t.annotations.idempotent_hint)
+                # Safe to run again: the server says so, or it changes nothing at all.
+                idempotent=bool(
+                    t.annotations
+                    and (t.annotations.idempotent_hint or t.annotations.read_only_hint)
+                )
                 or matches(t.name, spec.tools.idempotent),
                 approval=spec.needs_approval(t.name),
                 approval_timeout_s=spec.approval.timeout,
@@ -440,6 +450,12 @@ class ToolServerPool:
                     s.closing.set()
                     del self._sessions[name]
 
+    def span_attributes(self, server: str) -> dict[str, Any]:
+        """What a call's span says of its session (``mcp.session.id`` where there is one:
+        Streamable HTTP sessions have ids, stdio ones do not)."""
+        session = self._sessions.get(server)
+        return {"mcp.session.id": session.session_id} if session and session.session_id else {}
+
     def open_sessions(self) -> list[str]:
         """Names of the servers with an open session."""
         return [n for n, s in self._sessions.items() if s.client is not None and not s.closed]
@@ -447,14 +463,6 @@ class ToolServerPool:
 
 def _body_hash(body: Mapping[str, Any]) -> str:
     return json.dumps(body.get("spec", {}), sort_keys=True)
-
-
-def _session_id(client: Client) -> str:
-    for attr in ("session_id", "_session_id"):
-        value = getattr(client.session, attr, None)
-        if isinstance(value, str):
-            return value
-    return ""
 
 
 def _printable(text: str) -> str:
@@ -525,4 +533,5 @@ def server_tool(t: ServerTool, pool: ToolServerPool) -> Tool:
         server=t.server,
         approval_timeout_s=t.approval_timeout_s,
         approval_on_timeout=t.approval_on_timeout,
+        span_attributes=lambda: pool.span_attributes(t.server),
     )

@@ -1,0 +1,1 @@
+"""The operator example: an agent that works tasks through an MCP tool server."""
