@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from agentos.core.chat import grammar_safe
 from agentos.engine import (
     BACKENDS,
     Engine,
@@ -320,6 +321,39 @@ async def test_json_schema_output_parses(
     value = json.loads(done.text)
     assert set(value) == {"city"}
     assert isinstance(value["city"], str)
+
+
+async def test_a_schema_with_huge_bounds_is_constrained_not_a_crash(
+    engine: LlamaEngine, sessions: Callable[[str], str]
+) -> None:
+    # llama.cpp nests one rule per allowed character: a file tool's maxLength of 100,000
+    # crashed the process (engine, daemon and every agent) before bounds were cut.
+    s = sessions("s")
+    schema = {
+        "type": "object",
+        "properties": {
+            "content": {"type": "string", "maxLength": 100_000},
+            "lines": {"type": "array", "items": {"type": "string"}, "maxItems": 10_000},
+        },
+        "required": ["content"],
+    }
+    done = await engine.generate(s, PROMPT + "\nAs JSON:", max_tokens=24, json_schema=schema)
+    assert done.text.startswith("{")
+
+
+def test_grammar_bounds_are_cut_and_others_kept() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "maxLength": 100_000, "minLength": 2},
+            "b": {"type": "array", "maxItems": 500, "items": {"maxLength": 9}},
+        },
+    }
+    safe = grammar_safe(schema)
+    assert safe["properties"]["a"] == {"type": "string", "maxLength": 512, "minLength": 2}
+    assert safe["properties"]["b"]["maxItems"] == 64
+    assert safe["properties"]["b"]["items"] == {"maxLength": 9}
+    assert schema["properties"]["a"]["maxLength"] == 100_000  # a copy
 
 
 async def test_invalid_grammar_is_an_engine_error(

@@ -33,6 +33,7 @@ __all__ = [
     "ToolSpec",
     "close_schema",
     "generation_prompt",
+    "grammar_safe",
     "lower_messages",
     "parse_constrained",
     "render",
@@ -310,10 +311,47 @@ def validate_messages(
 # ---------------------------------------------------------------------- constrained tool calls
 
 
+MAX_GRAMMAR_LENGTH = 512
+"""The longest string bound a grammar gets: llama.cpp expands ``maxLength: N`` into N
+nested rules; 5,000 failed to parse and 100,000 (a file-writing tool's content) crashed
+the process, engine and daemon with it. A longer bound is cut to this (the output stays
+valid for the schema; ``max_tokens`` cuts long strings anyway)."""
+MAX_GRAMMAR_ITEMS = 64
+"""The same for ``maxItems`` / ``minItems``."""
+
+
+def grammar_safe(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``schema`` whose length and item bounds a grammar can hold (see
+    :data:`MAX_GRAMMAR_LENGTH`)."""
+    out = copy.deepcopy(dict(schema))
+    limits = {
+        "maxLength": MAX_GRAMMAR_LENGTH,
+        "minLength": MAX_GRAMMAR_LENGTH,
+        "maxItems": MAX_GRAMMAR_ITEMS,
+        "minItems": MAX_GRAMMAR_ITEMS,
+    }
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, cap in limits.items():
+                value = node.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                    node[key] = cap
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(out)
+    return out
+
+
 def close_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``schema`` with ``additionalProperties: false`` on every object that does
-    not say otherwise: a small model given an open object invents keys until the token cap."""
-    out = copy.deepcopy(dict(schema))
+    not say otherwise (a small model given an open object invents keys until the token
+    cap), and bounds a grammar can hold (:func:`grammar_safe`)."""
+    out = grammar_safe(schema)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):

@@ -119,6 +119,7 @@ from agentos.core.chat import (
     TokenUsage,
     ToolCall,
     ToolSpec,
+    grammar_safe,
     parse_constrained,
     tool_choice_of,
 )
@@ -719,7 +720,7 @@ class LlamaEngine:
             raise self._overflow(session, need, held)
         if json_schema is not None:
             try:
-                grammar = json_schema_to_gbnf(json.dumps(json_schema))
+                grammar = json_schema_to_gbnf(json.dumps(grammar_safe(json_schema)))
             except Exception as exc:  # the converter raises bare Exceptions
                 raise EngineError(f"cannot turn json_schema into a grammar: {exc}") from exc
         compiled = _Grammar(self._vocab, grammar) if grammar is not None else None

@@ -60,6 +60,7 @@ from agentos.core.chat import (
     TokenUsage,
     ToolCall,
     ToolSpec,
+    grammar_safe,
     lower_messages,
     parse_constrained,
     template_stops,
@@ -816,7 +817,7 @@ class LlamaServerEngine:
         if grammar is not None:
             body["grammar"] = grammar
         if json_schema is not None:
-            body["json_schema"] = dict(json_schema)
+            body["json_schema"] = grammar_safe(json_schema)  # the server builds a grammar too
         return s, new, body
 
     def _finish(

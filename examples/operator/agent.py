@@ -48,9 +48,9 @@ class Operator(Agent):
         )
         actions = _actions(_since(ctx.llm.messages, plan.body))
         unfinished = [c.name for c in reply.tool_calls]
+        answer = (reply.content or "").strip()
         return {
-            "answer": reply.content.strip()
-            or ("(stopped after the step limit)" if unfinished else ""),
+            "answer": answer or ("(stopped at the step limit)" if unfinished else ""),
             "actions": actions,
             **({"stoppedBefore": unfinished} if unfinished else {}),
         }

@@ -69,6 +69,13 @@ MAX_OUTPUT_BYTES = 64 * 1024
 MAX_READ_BYTES = 1024 * 1024
 MAX_LISTED = 1000
 
+MAX_WRITE_CHARS = 100_000
+# Bounded parameters: a small local model writing a tool call under a JSON-schema
+# constraint otherwise fills an unbounded string until its token cap.
+Path_ = Annotated[
+    str, Field(max_length=200, description='a path relative to the workspace ("." is its top)')
+]
+
 MEMORY_LIMIT_BYTES = 512 * 1024 * 1024
 FILE_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 OPEN_FILES_LIMIT = 256
@@ -430,17 +437,23 @@ def build_server(ws: Workspace, allow: Sequence[str] = DEFAULT_ALLOW) -> MCPServ
     allowed = ", ".join(allow)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
-    def list_files(path: str = ".") -> list[str]:
+    def list_files(path: Path_ = ".") -> list[str]:
         """List a folder of the workspace ("." is the top). Folders end with "/"."""
         return list_entries(ws, path)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
-    def read_file(path: str, max_bytes: int = 65536) -> str:
+    def read_file(
+        path: Path_,
+        max_bytes: Annotated[int, Field(ge=1, le=MAX_READ_BYTES)] = 65536,
+    ) -> str:
         """Read a text file of the workspace. Long files are cut at max_bytes."""
         return read_text(ws, path, max_bytes)
 
     @server.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True))
-    def write_file(path: str, content: str) -> str:
+    def write_file(
+        path: Path_,
+        content: Annotated[str, Field(max_length=MAX_WRITE_CHARS, description="the text")],
+    ) -> str:
         """Write content to a file of the workspace, replacing it. Creates folders as needed."""
         return write_text(ws, path, content)
 
@@ -453,8 +466,13 @@ def build_server(ws: Workspace, allow: Sequence[str] = DEFAULT_ALLOW) -> MCPServ
         annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=False),
     )
     def run(
-        command: Annotated[list[str], Field(description="the program, then its arguments")],
-        timeout_s: Annotated[float, Field(description="seconds before it is killed (max 60)")] = 10,
+        command: Annotated[
+            list[Annotated[str, Field(max_length=200)]],
+            Field(min_length=1, max_length=16, description="the program, then its arguments"),
+        ],
+        timeout_s: Annotated[
+            float, Field(ge=0, le=MAX_TIMEOUT_S, description="seconds before it is killed")
+        ] = 10,
     ) -> RunResult:
         return run_command(ws, allow, command, timeout_s)
 
