@@ -229,3 +229,51 @@ async def test_a_sigkilled_daemon_never_runs_a_non_idempotent_call_twice(
     assert "interrupted: outcome unknown" in record["result"]
     assert (root / "count-s").read_text() == "1"
     assert ran(root) == ["count s"]
+
+
+async def test_the_cli_lists_describes_and_answers_tool_approvals(
+    redis_url: str, namespace: str, store: Store, tmp_path: Path
+) -> None:
+    server = toolserver("fx", tmp_path, approval={"required": ["count"], "timeout": "10m"})
+    await apply(store, server, caller())
+    env = {
+        **base_env(tmp_path / "home"),
+        "AGENTOS_REDIS_URL": redis_url,
+        "AGENTOS_NAMESPACE": namespace,
+    }
+    listed = await cli(env, "get", "toolservers")
+    assert listed.returncode == 0, show(listed)
+    (row,) = [line for line in listed.stdout.splitlines() if line.strip().startswith("fx")]
+    assert "stdio" in row
+    assert "count" in row
+    described = await cli(env, "describe", "toolserver", "fx", "-o", "json")
+    assert described.returncode == 0, show(described)
+    detail = json.loads(described.stdout)
+    assert detail["agents"] == ["caller"]
+    assert detail["spec"]["approval"]["timeout"] == "10m"
+    missing = await cli(env, "describe", "toolserver", "nope")
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
+    refused = await cli(env, "delete", "toolserver", "fx")
+    assert refused.returncode == 1
+    assert "used by agents: caller" in refused.stderr
+    async with running_daemon(store):
+        msg = await Client(store).send("caller", 'fx.count {"name": "q"}')
+        task = f"m-{msg}"
+        await waiting(store, "caller", task)
+        table = await cli(env, "pending")
+        assert table.returncode == 0, show(table)
+        (line,) = [ln for ln in table.stdout.splitlines() if ln.startswith("caller")]
+        assert line.split()[2:4] == ["approval", 'fx.count({"name":']
+        (item,) = json.loads((await cli(env, "pending", "-o", "json")).stdout)
+        assert (item["tool"], item["arguments"]) == ("fx.count", {"name": "q"})
+        no = await cli(
+            env, "answer", "caller", task, "--no", "--reason", "too risky", "--as", "eve"
+        )
+        assert no.returncode == 0, show(no)
+        assert "(by eve: too risky)" in no.stdout
+        record = await finished(store, "caller", task)
+    assert (
+        record["result"] == "refused: fx.count was not approved, by eve: too risky. It did not run."
+    )
+    assert ran(tmp_path) == []
