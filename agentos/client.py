@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from agentos.core.spec import (
     SpecError,
     inbox_limit,
 )
+from agentos.core.taskview import DONE, describe_view, task_view
 from agentos.governor.evaluator import stored_policies
 from agentos.settings import Settings
 from agentos.store import (
@@ -493,23 +494,63 @@ class Client(WaitClientMixin, UsageClientMixin):
         rows.sort(key=lambda t: float(t.get("created_at") or 0), reverse=True)
         return rows[:count]
 
+    async def task_view(self, name: str, task_id: str) -> dict[str, Any]:
+        """Where task ``task_id`` of agent ``name`` got to, for its sender (see
+        :func:`agentos.core.taskview.task_view`). Raises :class:`NotFound` for an
+        unknown agent, or a task that has no record and no message in the inbox."""
+        await self._require(name)
+        record = await self.store.task(name, task_id)
+        wait = await self.store.wait_get(name) if record.get("status") == "waiting" else None
+        status = None
+        if not record.get("status") or record.get("status") == "queued":
+            status = await self.store.status(name)
+            if not record and not await self._queued(name, task_id):
+                raise NotFound(f'agent "{name}" has no task {task_id}')
+        return task_view(name, task_id, record, wait=wait, status=status)
+
+    async def _queued(self, name: str, task_id: str) -> bool:
+        """Whether a task without a record is a message still in the inbox."""
+        if not task_id.startswith("m-"):
+            return False
+        return await self.store.inbox_has(name, task_id[2:])
+
     async def wait_task(
-        self, name: str, task_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.1
+        self,
+        name: str,
+        task_id: str,
+        *,
+        timeout_s: float = 60.0,
+        poll_s: float = 0.1,
+        on_change: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        until_waiting: bool = False,
     ) -> dict[str, str]:
         """Wait until a task ends (succeeded, failed, skipped, cancelled, dropped, dead)
-        and return its record.
+        and return its record; with ``until_waiting``, also return once it waits for an
+        answer. ``on_change(view)`` is awaited each time its status changes (a
+        :meth:`task_view`: the question it waits for, why it retries).
 
-        Raises :class:`ClientError` after ``timeout_s``, saying where the task got to.
+        Raises :class:`ClientError` after ``timeout_s``, saying where the task got to
+        and why.
         """
-        done = {"succeeded", "failed", "skipped", "cancelled", "dropped", "dead"}
+        seen = ""
         with anyio.move_on_after(timeout_s):
             while True:
                 record = await self.store.task(name, task_id)
-                if record.get("status") in done:
+                state = record.get("status", "")
+                if state in DONE:
                     return record
+                if state != seen and state and (on_change is not None or until_waiting):
+                    seen = state
+                    if on_change is not None:
+                        await on_change(await self.task_view(name, task_id))
+                    if until_waiting and state == "waiting":
+                        return record
                 await anyio.sleep(poll_s)
-        status = (await self.store.task(name, task_id)).get("status", "not started")
-        raise ClientError(f"task {task_id} of {name} is still {status} after {timeout_s:g}s")
+        try:
+            view = await self.task_view(name, task_id)
+        except NotFound:
+            view = {"agent": name, "taskId": task_id, "status": "not started"}
+        raise ClientError(f"after {timeout_s:g}s, {describe_view(view)}")
 
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""

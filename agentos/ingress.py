@@ -62,6 +62,7 @@ from agentos.client import (
     SendConflict,
 )
 from agentos.client_waits import MAX_REASON_CHARS
+from agentos.core.durations import parse_duration
 from agentos.core.spec import AgentResource, SpecError, inbox_limit, parse_resource
 from agentos.store import StoreError
 
@@ -274,6 +275,26 @@ def _send_id(key: str | None) -> str | None:
     return "k" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+MAX_TASK_WAIT_S = 60.0
+TASK_POLL_S = 0.1
+
+
+def _wait_of(request: Request) -> float:
+    """``?wait=`` as seconds (a duration such as ``30s``; 0 when absent)."""
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = parse_duration(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_TASK_WAIT_S:
+        raise _Rejected(
+            400, "bad_query", f"wait must be a duration from 0s to {MAX_TASK_WAIT_S:g}s"
+        )
+    return seconds
+
+
 def _page(request: Request) -> tuple[int, str]:
     raw = request.query_params.get("limit", str(PAGE_DEFAULT))
     if not raw.isdigit() or not 1 <= int(raw) <= PAGE_MAX:
@@ -413,7 +434,11 @@ def build_app(
                 },
                 409,
             )
-        return JSONResponse({"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}, 202)
+        return JSONResponse(
+            {"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"},
+            202,
+            headers={"location": f"/v1/agents/{quote(name)}/tasks/m-{quote(msg_id)}"},
+        )
 
     # Who answered, for the audit trail: the credential that let the request in, and
     # the name the caller gives (``"by"``), which only the credential vouches for.
@@ -513,6 +538,20 @@ def build_app(
         more = page[-1] if len(after) > limit else None
         return _paged(request, [a.to_dict() for a in rows], more, limit)
 
+    async def task(request: Request) -> Response:
+        """One task for its sender; ``?wait=30s`` holds the request until the task is
+        done or its status changes (at most 60 s)."""
+        name, task_id = request.path_params["name"], request.path_params["task"]
+        wait_s = _wait_of(request)
+        view = await client.task_view(name, task_id)
+        if wait_s > 0 and not view["done"]:
+            first = view["status"]
+            with anyio.move_on_after(wait_s):
+                while view["status"] == first and not view["done"]:
+                    await anyio.sleep(TASK_POLL_S)
+                    view = await client.task_view(name, task_id)
+        return JSONResponse(view)
+
     async def agent(request: Request) -> Response:
         detail = await client.describe(request.path_params["name"])
         return Response(json.dumps(detail.to_dict(), default=str), media_type="application/json")
@@ -542,6 +581,7 @@ def build_app(
             Route("/v1/agents/{name}/messages", guarded(send), methods=["POST"]),
             Route("/v1/agents", guarded(agents), methods=["GET"]),
             Route("/v1/pending", guarded(pending), methods=["GET"]),
+            Route("/v1/agents/{name}/tasks/{task}", guarded(task), methods=["GET"]),
             Route("/v1/agents/{name}/tasks/{task}/answer", guarded(answer), methods=["POST"]),
             Route("/v1/agents/{name}/tasks/{task}/drop", guarded(drop), methods=["POST"]),
             Route("/v1/agents/{name}/events/{event}", guarded(event), methods=["POST"]),

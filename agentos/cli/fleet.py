@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import typer
@@ -29,6 +29,7 @@ from agentos.cli.common import (
     _print_text,
     _run,
     _run_sync_load,
+    err,
     out,
     printable,
 )
@@ -49,6 +50,7 @@ from agentos.cli.waits import _who
 from agentos.client import read_message_arg
 from agentos.core.durations import parse_duration
 from agentos.core.spec import json_schema
+from agentos.core.taskview import describe_view
 from agentos.store import Event
 
 
@@ -215,6 +217,13 @@ def send(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the task and print its result.")] = False,
     timeout: Annotated[str, typer.Option(help="How long --wait waits.")] = "60s",
+    wait_answer: Annotated[
+        bool,
+        typer.Option(
+            help="With --wait: keep waiting while the task waits for an answer (it prints "
+            "the question and the `agentos answer` command), or return then."
+        ),
+    ] = True,
     output: Annotated[
         Output,
         typer.Option(
@@ -239,7 +248,19 @@ def send(
                 sent = {"agent": name, "messageId": msg_id, "taskId": f"m-{msg_id}"}
                 _emit(sent, output, lambda: f"sent {msg_id} to {name}")
                 return
-            record = await client.wait_task(name, f"m-{msg_id}", timeout_s=timeout_s)
+            task = f"m-{msg_id}"
+
+            async def changed(view: dict[str, Any]) -> None:
+                if view["status"] in ("waiting", "retrying", "parked"):
+                    err.print(printable(describe_view(view)), markup=False)
+
+            record = await client.wait_task(
+                name, task, timeout_s=timeout_s, on_change=changed, until_waiting=not wait_answer
+            )
+            if record.get("status") == "waiting":  # --no-wait-answer
+                if output is not Output.table:
+                    _emit(await client.task_view(name, task), output, lambda: "")
+                return
         if output is not Output.table:
             _emit(record, output, lambda: "")
         if record.get("status") == "failed":

@@ -619,6 +619,15 @@ class InboxOps:
         that was never delivered is deleted."""
         return int(await self._r.xlen(self.keys.inbox(name)))
 
+    @translate
+    async def inbox_has(self, name: str, message_id: str) -> bool:
+        """Whether message ``message_id`` is still in the agent's inbox (not yet done)."""
+        try:
+            found = await self._r.xrange(self.keys.inbox(name), message_id, message_id, count=1)
+        except rexc.ResponseError:  # not a stream id: no such message
+            return False
+        return bool(found)
+
 
 def _pairs(flat: Any) -> dict[Any, Any]:
     """A script's flat [field, value, ...] list as a dict (empty: deleted while pending)."""
