@@ -383,3 +383,15 @@ class DownstreamDown(agentos.Agent):
         from agentos.engine import EngineUnavailable
 
         raise EngineUnavailable("the model is down")
+
+
+class Swallower(agentos.Agent):
+    """Calls the model until told otherwise, swallowing every exception it can."""
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        for i in range(1000):
+            try:
+                await ctx.llm.generate(f"step {i}", max_tokens=8)
+            except Exception:
+                continue
+        return "never"

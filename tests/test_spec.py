@@ -357,7 +357,8 @@ BAD_DOCUMENTS = [
         6,
         "spec.triggrs",
         "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
-        'quotaClass, priority, restartPolicy, config, context, tools); did you mean "triggers"?',
+        "quotaClass, priority, restartPolicy, config, context, tools, limits); "
+        'did you mean "triggers"?',
     ),
     (
         "unknown top-level field",

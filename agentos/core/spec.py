@@ -39,6 +39,7 @@ from pydantic_core import ErrorDetails
 
 from agentos.core.durations import Duration, PositiveDuration, format_duration
 from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES
+from agentos.core.limits import TaskLimits
 from agentos.core.modelspec import ModelResource
 from agentos.core.specbase import (
     _ERROR_TYPE,
@@ -367,6 +368,8 @@ class AgentSpec(_Model):
     context: ContextPolicy | None = None
     # The ToolServers the agent may use and its own approvals (None: none).
     tools: AgentTools | None = None
+    # Limits on each task (None: none): taskTimeout, maxSteps, maxTokensPerTask.
+    limits: TaskLimits | None = None
 
     @property
     def on_overflow(self) -> OnOverflow:

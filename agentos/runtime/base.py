@@ -23,6 +23,7 @@ import anyio
 from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge, NotFound
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
+from agentos.core.limits import TaskLimitExceeded, over_tokens
 from agentos.core.modelusage import model_usage
 from agentos.core.spec import AgentResource
 from agentos.core.supervisor import RestartPolicy
@@ -184,6 +185,7 @@ class RunnerBase:
         self._unacked_key: str | None = None
         self._phase_path: list[str] = []
         self._task_tokens = (0, 0)
+        self._over_tokens: str | None = None  # the task passed maxTokensPerTask
         self._interrupted = False  # cancelled in the middle of an iteration
         # Isolation: blocks of the event loop charged to this agent, not yet recorded
         # (agentos.runtime.watchdog), whether one happened during the current task, and
@@ -389,6 +391,9 @@ class RunnerBase:
         self._uses_model = True
         self.tokens_in += completion.input_tokens
         self.tokens_out += completion.output_tokens
+        if self.busy:  # in a task: its token limit (raised under agent code, after metering)
+            used = self.tokens_in + self.tokens_out - sum(self._task_tokens)
+            self._over_tokens = over_tokens(self.resource.spec.limits, used)
         self.usage.add(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)
         self.usage.add(
             **model_usage(
@@ -399,6 +404,9 @@ class RunnerBase:
             )
         )
         self.dirty = True
+        if self._over_tokens is not None:
+            reason, self._over_tokens = self._over_tokens, None
+            raise TaskLimitExceeded(reason)
 
     async def _release_slot(self) -> dict[str, object]:
         """Save the context (if it changed) and give the slot back; status fields to write.

@@ -48,6 +48,7 @@ class TaskResult:
     steps: int
     outcome: Any
     stopped: bool  # ended early because the agent is stopping
+    limited: bool = False  # observe found more work after max_steps iterations
 
 
 StepHook = Callable[[int, Any], Awaitable[None]]
@@ -98,7 +99,8 @@ async def run_task(
     phase_span: PhaseSpan = no_span,
     before_step: Callable[[], Awaitable[None]] | None = None,
 ) -> TaskResult:
-    """Run loop iterations until ``observe`` returns None or the agent is stopping.
+    """Run loop iterations until ``observe`` returns None or the agent is stopping (or,
+    after ``max_steps`` iterations, observe still finds work: ``limited``).
 
     ``after_step(step, outcome)`` runs after each complete iteration (the runtime
     saves state there). When ``first_observation`` is given, the first iteration
@@ -111,11 +113,13 @@ async def run_task(
     steps = 0
     outcome: Any = None
     observation = first_observation
-    while ctx.stopping is None and (max_steps is None or steps < max_steps):
+    while ctx.stopping is None:
         if observation is None:
             observation = await _call("observe", agent.observe(ctx), phase_span)
             if observation is None:
                 return TaskResult(steps, outcome, stopped=False)
+            if max_steps is not None and steps >= max_steps:
+                return TaskResult(steps, outcome, stopped=False, limited=True)
             if before_step is not None:
                 await before_step()
         plan = await _call("plan", agent.plan(ctx, observation), phase_span)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 
 from agentos.core.lifecycle import Phase, PhaseEvent
+from agentos.core.limits import TaskLimitExceeded
 from agentos.core.results import render_result
 from agentos.core.tasks import (
     Work,
@@ -248,14 +250,20 @@ class TaskMixin(RunnerBase):
         lost: LeaseLost | None = None
         infra: StoreError | None = None  # the runtime's own write after a step failed
         waited: WaitRequested | None = None  # a durable wait ended the iteration
+        limited: str | None = None  # the task passed one of spec.limits
+        limits = self.resource.spec.limits
+        timeout = limits.task_timeout if limits is not None else None
+        clock = anyio.CancelScope(
+            deadline=anyio.current_time() + timeout if timeout is not None else math.inf
+        )
         agent, ctx = self.agent, self.ctx
         self._begin_waits(work)
 
         async def body() -> None:
             # Errors are kept, not raised: inside a task group they would arrive as an
             # ExceptionGroup, and a handler for LeaseLost would silently never run.
-            nonlocal result, failure, lost, infra, waited
-            with scope:
+            nonlocal result, failure, lost, infra, waited, limited
+            with scope, clock:
                 try:
                     # Marked for the watchdog: a block of the loop is charged to us.
                     result = await marked(
@@ -265,11 +273,14 @@ class TaskMixin(RunnerBase):
                             ctx,
                             after_step=self._after_step,
                             first_observation=first_observation,
+                            max_steps=limits.max_steps if limits is not None else None,
                             # Disabled telemetry must cost nothing per loop step.
                             phase_span=self.telemetry.span if self.telemetry.enabled else no_span,
                             before_step=self.writer.flush,
                         ),
                     )
+                except TaskLimitExceeded as e:
+                    limited = e.reason
                 except AgentCodeError as e:
                     failure = e
                 except LeaseLost as e:
@@ -278,6 +289,11 @@ class TaskMixin(RunnerBase):
                     infra = e
                 except WaitRequested as e:
                     waited = e
+
+        def timed_out() -> None:
+            nonlocal limited
+            if clock.cancelled_caught and limits is not None and limited is None:
+                limited = limits.timeout_reason()
 
         try:
             if any(t.kind in ("schedule", "every", "at") for t in self.resource.spec.triggers):
@@ -292,6 +308,12 @@ class TaskMixin(RunnerBase):
             raise
         if lost is not None:
             raise lost
+        timed_out()
+        if result is not None and result.limited and limits is not None:
+            limited = limits.steps_reason()
+        if limited is not None:
+            await self._end_limited(work, limited, span)
+            return
         if waited is not None:
             span.set_attribute("agentos.task.waiting", waited.spec.kind.value)
             await self._park_wait(work, waited)
@@ -345,6 +367,20 @@ class TaskMixin(RunnerBase):
             await self._on_fault(AgentCodeError("tools", error), work, infra=True)
             return False
         return True
+
+    async def _end_limited(self, work: Work, reason: str, span: Any) -> None:
+        """A task past one of ``spec.limits`` ends failed, its message done: running it
+        again would pass the same limit. Not a crash: the agent is not restarted."""
+        self.tasks_failed += 1
+        self.usage.add(tasks_failed=1)
+        self.dirty = True
+        span.set_attribute("agentos.task.status", "failed")
+        span.set_attribute("agentos.task.limit", reason.split(":", 1)[0])
+        log.warning("%s: task %s stopped: %s", self.name, work.id, reason)
+        await self.writer.write(
+            event=self.writer.event("TaskLimitExceeded", reason.split(":", 1)[0], reason)
+        )
+        await self._finish_task(work, "failed", f"stopped: {reason}", error=reason)
 
     @property
     def _must_wake(self) -> bool:
@@ -447,7 +483,9 @@ class TaskMixin(RunnerBase):
         else:
             await self.writer.write(status=status, event=event)
 
-    async def _finish_task(self, work: Work, status: str, result: str, *, steps: int = 0) -> None:
+    async def _finish_task(
+        self, work: Work, status: str, result: str, *, steps: int = 0, error: str = ""
+    ) -> None:
         """Back to Idle, with the task's outcome, its state and its ack in one write."""
         self.telemetry.tasks.add(1, {"agentos.task.status": status, "gen_ai.agent.name": self.name})
         state = self._encode_state()
@@ -462,7 +500,7 @@ class TaskMixin(RunnerBase):
                 "tokens_in": tokens_in,
                 "tokens_out": tokens_out,
                 "result": result,
-                "error": "",
+                "error": error,
             },
             idempotency_key=self._unacked_key if self._unacked else None,
         )
