@@ -395,3 +395,13 @@ class Swallower(agentos.Agent):
             except Exception:
                 continue
         return "never"
+
+
+class Logger(agentos.Agent):
+    """Logs each message it gets with ctx.log (one line per level it is asked for)."""
+
+    async def act(self, ctx: agentos.Context, plan: Any) -> Any:
+        ctx.log.info("got %r", plan.body)
+        if "warn" in plan.body:
+            ctx.log.warning("careful: %s", plan.body)
+        return "logged"

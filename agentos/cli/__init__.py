@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, models, quota, toolservers, waits
+from agentos.cli import fleet, launch, logs, models, quota, toolservers, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -71,6 +71,7 @@ for _cmd in (
     fleet.ps,
     fleet.describe,
     fleet.events,
+    logs.logs,
     fleet.send,
     fleet.tasks,
     waits.pending,

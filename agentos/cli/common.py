@@ -248,10 +248,36 @@ def _run_sync_load(files: Sequence[Path]) -> list[Document]:
         raise typer.Exit(2) from None
 
 
+class _Printable(logging.Formatter):
+    """Log lines are data (an agent's text, a server's error): escaped, one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+class _ByLogger(logging.Filter):
+    """Agents' own lines (``agentos.agent.*``) from INFO, the rest from ``level``."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+        self.agents = min(level, logging.INFO) if level <= logging.WARNING else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        wanted = self.agents if record.name.startswith("agentos.agent.") else self.level
+        return record.levelno >= wanted
+
+
 def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if STATE.debug else level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """The process's log on stderr at ``level``; agents' ``ctx.log`` lines show from INFO
+    (unless ``level`` is above WARNING)."""
+    level = logging.DEBUG if STATE.debug else level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Printable("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(_ByLogger(level))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    # The rest of the process's INFO (HTTP clients, the MCP package) stays quiet.
+    for noisy in ("httpx", "httpx2", "mcp", "uvicorn"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -122,6 +122,33 @@ LeaseOpt = Annotated[
 ]
 
 
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class LogLevel(enum.StrEnum):
+    """``--log-level``: what the daemon prints (agents' ctx.log lines at INFO always show
+    unless the level is above INFO)."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+LogLevelOpt = Annotated[
+    LogLevel,
+    typer.Option(
+        help="What the daemon prints; agents' own lines (ctx.log) show from info unless "
+        "this is above warning."
+    ),
+]
+
+
 def daemon(
     engine: EngineOpt = "sim",
     model: ModelOpt = None,
@@ -140,9 +167,10 @@ def daemon(
     otel: OtelOpt = OtelMode.auto,
     task_retention: KeepOpt = 1000,
     task_max_age: MaxAgeOpt = "7d",
+    log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
-    _setup_logging(logging.INFO)
+    _setup_logging(_LEVELS[log_level])
     options = _engine_options(engine, model, slots, n_ctx)
     dsettings = _daemon_settings(
         engine, max_agents, grace, daemon_id, lease_ttl, options, (task_retention, task_max_age)
@@ -173,6 +201,7 @@ def up(
     otel: OtelOpt = OtelMode.auto,
     task_retention: KeepOpt = 1000,
     task_max_age: MaxAgeOpt = "7d",
+    log_level: LogLevelOpt = LogLevel.warning,
 ) -> None:
     """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
     duration_s = None
@@ -182,7 +211,7 @@ def up(
         except ValueError as e:
             _fail(f"--for: {e}", 2)
     docs = _run_sync_load(files) if files else []
-    _setup_logging(logging.WARNING)
+    _setup_logging(_LEVELS[log_level])
     options = _engine_options(engine, model, slots, n_ctx)
     dsettings = _daemon_settings(
         engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age)

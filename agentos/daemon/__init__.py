@@ -50,6 +50,7 @@ from agentos.engine.base import Engine
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
 from agentos.runtime.activation import Activator
+from agentos.runtime.agentlog import LogShipper
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
@@ -130,6 +131,8 @@ class Daemon(Peers, Upkeep, Runners):
         self.tool_servers = ToolServerPool(
             store.toolservers, idle_s=self.settings.tool_server_idle_s
         )
+        # Agents' log lines, buffered here and shipped to their logs in Redis.
+        self.logs = LogShipper(store, self.id)
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._stopping: set[str] = set()
         self._stop = anyio.Event()
@@ -223,10 +226,15 @@ class Daemon(Peers, Upkeep, Runners):
         )
         await self._claim_id()
         self.keeper.start()
+        self.logs.install()
         try:
-            async with self.tool_servers:  # their sessions outlive every agent's task
+            async with self.tool_servers, anyio.create_task_group() as shipping:
+                # Sessions and the log shipper outlive every agent's task.
+                shipping.start_soon(self.logs.run)
                 await self._run(until_idle, duration_s)
+                shipping.cancel_scope.cancel()
         finally:
+            self.logs.uninstall()
             # Our leases are released by now (or they are left to expire): no more
             # renewals, and no heartbeat written after it is removed below. Shielded: a
             # run cancelled from outside (its task group failed) must not leave the

@@ -28,6 +28,7 @@ from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import EngineError
 from agentos.governor.admission import Governor
 from agentos.runtime.activation import Activator
+from agentos.runtime.agentlog import attributed
 from agentos.runtime.models import ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
 from agentos.settings import DaemonSettings
@@ -242,7 +243,7 @@ class Runners:
         self._scopes[runner.name] = scope
         crashed: BaseException | None = None
         try:
-            with scope:
+            with scope, attributed(runner.name):  # its lines go to its log
                 await runner.run()
         except Exception as e:  # the runner's own last resort failed: back off all the same
             crashed = e

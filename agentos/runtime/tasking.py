@@ -29,6 +29,7 @@ from agentos.core.tasks import (
 )
 from agentos.core.waits import WaitRequested
 from agentos.engine.base import EngineError, EngineUnavailable
+from agentos.runtime.agentlog import current_task
 from agentos.runtime.base import RunnerBase
 from agentos.runtime.hibernator import Restored
 from agentos.runtime.loop import (
@@ -128,11 +129,13 @@ class TaskMixin(RunnerBase):
         # Busy from the first observe on: a holder that is looking for work is not idle.
         self.busy = True
         self._blocked_in_task = self.mark.blocked = False
+        task = current_task.set(work.id)  # its log lines name the task
         try:
             await self._run_work_body(work)
             if self._blocked:  # the task blocked the event loop: a crash, recorded now
                 await self._charge_blocked()
         finally:
+            current_task.reset(task)
             self.busy = False
             self.arbiter.holder_idle()
 
@@ -353,9 +356,8 @@ class TaskMixin(RunnerBase):
         await self._finish_task(work, "succeeded", summary, steps=result.steps)
 
     async def _attach_tools(self, work: Work) -> bool:
-        """The tools of the agent's ToolServers join ``ctx.tools`` (a server opens on
-        first use). False when one cannot be reached: the task is retried later (the
-        infrastructure's fault, with an event naming the server)."""
+        """The agent's ToolServers' tools join ``ctx.tools``; False (the task retried, an
+        event naming the server) when one cannot be reached."""
         tools = self.resource.spec.tools
         if tools is None or not tools.servers or self.tool_servers is None:
             return True
@@ -369,8 +371,7 @@ class TaskMixin(RunnerBase):
         return True
 
     async def _end_limited(self, work: Work, reason: str, span: Any) -> None:
-        """A task past one of ``spec.limits`` ends failed, its message done: running it
-        again would pass the same limit. Not a crash: the agent is not restarted."""
+        """Past one of ``spec.limits``: failed and done (not retried, not a crash)."""
         self.tasks_failed += 1
         self.usage.add(tasks_failed=1)
         self.dirty = True

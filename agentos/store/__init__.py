@@ -40,6 +40,7 @@ from agentos.store.inbox import UNFINISHED_SCAN as UNFINISHED_SCAN
 from agentos.store.inbox import DeadLetter, InboxFull, InboxOps, SendConflict
 from agentos.store.keys import INBOX_GROUP, Keys
 from agentos.store.leases import LeaseOps
+from agentos.store.logs import LogLine, LogOps
 from agentos.store.modelops import ModelOps
 from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, QuotaOps
 from agentos.store.records import FLEET_EVENTS_MAXLEN as FLEET_EVENTS_MAXLEN
@@ -84,6 +85,7 @@ __all__ = [
     "Keys",
     "LeaseInfo",
     "LoadedSnapshot",
+    "LogLine",
     "Manifest",
     "Retention",
     "SavedSnapshot",
@@ -111,7 +113,7 @@ def _load_script(name: str) -> str:
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps):
+class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, LogOps):
     """Async access to one agentos namespace on one Redis server or one Redis Cluster.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).

@@ -228,6 +228,10 @@ class Keys:
         """Stream: the agent's own events."""
         return self._agent(name, "events")
 
+    def logs(self, name: str) -> str:
+        """Stream: the agent's log lines (capped, expiring; agentos.store.logs)."""
+        return self._agent(name, "logs")
+
     def state(self, name: str) -> str:
         """String: the agent's durable state (msgspec JSON)."""
         return self._agent(name, "state")
@@ -302,6 +306,7 @@ class Keys:
             self.status(name),
             self.lease(name),
             self.events(name),
+            self.logs(name),
             self.state(name),
             self.inbox(name),
             self.kv_manifest(name),
