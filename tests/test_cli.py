@@ -400,7 +400,8 @@ async def test_schema_and_version(env: dict[str, str]) -> None:
         (["describe", "policy", "x"], "cannot describe 'policy': use `describe agent NAME`"),
         (["daemon", "--grace", "5s", "--lease-ttl", "3s"], "--grace must be shorter"),
         (["up", "--for", "soon"], "--for:"),
-        (["get", "gadgets"], "Invalid value"),
+        (["get", "gadgets"], "cannot get 'gadgets': use one of agents"),
+        (["get", "agents", "-l", "app"], "-l: 'app' is not key=value"),
     ],
 )
 async def test_usage_errors_exit_2_and_touch_nothing(

@@ -122,3 +122,31 @@ async def test_logs_prints_follows_and_selects(
         result = await cli(env, *bad)
         assert result.returncode == 2, show(result)
         assert why in result.stderr
+
+
+async def test_get_and_ps_take_names_singular_kinds_and_selectors(
+    redis_url: str, namespace: str, store: Store, tmp_path: Path
+) -> None:
+    await apply(store, labelled("scribe", "notes"), labelled("other", "else"))
+    env = {
+        **base_env(tmp_path / "home"),
+        "AGENTOS_REDIS_URL": redis_url,
+        "AGENTOS_NAMESPACE": namespace,
+    }
+
+    async def names(*args: str) -> list[str]:
+        result = await cli(env, *args, "-o", "json")
+        assert result.returncode == 0, show(result)
+        return [row["name"] for row in json.loads(result.stdout)]
+
+    assert await names("get", "agent", "scribe") == ["scribe"]
+    assert await names("get", "agents") == ["other", "scribe"]
+    assert await names("get", "agents", "-l", "app=else") == ["other"]
+    assert await names("ps", "-l", "app=notes") == ["scribe"]
+    assert await names("get", "Agents", "scribe", "other", "-l", "app=notes") == ["scribe"]
+    missing = await cli(env, "get", "agent", "nobody")
+    assert missing.returncode == 1
+    assert 'agent "nobody" not found' in missing.stderr
+    version = await cli(env, "--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("agentos ")

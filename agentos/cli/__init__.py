@@ -35,6 +35,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        fleet.version()
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     redis: Annotated[
@@ -57,6 +63,15 @@ def _main(
         typer.Option(envvar="AGENTOS_HOME", help="agentos home folder (default ~/.agentos)."),
     ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the agentos version and exit.",
+        ),
+    ] = False,
 ) -> None:
     settings = Settings.from_env({}, redis_url=redis, namespace=namespace, home=home)
     STATE.settings = settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from agentos.cli.common import (
     out,
     printable,
 )
+from agentos.cli.logs import parse_selector, selected
 from agentos.cli.models import _models_table, describe_model, model_details
 from agentos.cli.render import (
     _agents_table,
@@ -107,40 +109,91 @@ def delete_policy(name: str) -> None:
     _command(lambda client: client.delete_policy(name), f"quotapolicy/{name} deleted")
 
 
-def get(kind: Kind, output: OutputOpt = Output.table) -> None:
-    """List agents, policies, daemons, models or tool servers."""
+_KINDS = {
+    **dict.fromkeys(("agent", "agents"), Kind.agents),
+    **dict.fromkeys(("policy", "policies", "quotapolicy", "quotapolicies"), Kind.policies),
+    **dict.fromkeys(("daemon", "daemons"), Kind.daemons),
+    **dict.fromkeys(("model", "models"), Kind.models),
+    **dict.fromkeys(("toolserver", "toolservers"), Kind.toolservers),
+}
+SelectorOpt = Annotated[
+    str | None,
+    typer.Option("--selector", "-l", help="Only those whose labels match k=v[,k=v]."),
+]
+
+
+def _wanted(
+    kind: Kind, names: Sequence[str], selector: str | None, bodies: Mapping[str, Any]
+) -> Callable[[str], bool]:
+    """Which names to show: the ones given (each must exist) and those the selector
+    matches (a bad selector or an unknown name: one line and an exit code)."""
+    missing = [n for n in names if n not in bodies]
+    if missing:
+        _fail(f'{kind.value.rstrip("s")} "{missing[0]}" not found', 1)
+    chosen = set(names or bodies)
+    if selector is not None:
+        try:
+            chosen &= set(selected(bodies, parse_selector(selector)))
+        except ValueError as e:
+            _fail(f"-l: {e}", 2)
+    return chosen.__contains__
+
+
+def get(
+    kind: Annotated[
+        str, typer.Argument(help="agents, policies, daemons, models or toolservers (or one).")
+    ],
+    names: Annotated[list[str] | None, typer.Argument(help="Only these.")] = None,
+    selector: SelectorOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List agents, policies, daemons, models or tool servers (all, some, or by label)."""
+    which = _KINDS.get(kind.lower())
+    if which is None:
+        _fail(f"cannot get {kind!r}: use one of {', '.join(k.value for k in Kind)}", 2)
 
     async def go() -> None:
         async with await _client() as client:
-            if kind is Kind.agents:
-                agents = await client.agents()
-                _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
-            elif kind is Kind.models:
-                rows = await model_details(client)
-                _emit(rows, output, lambda: _models_table(rows))
-            elif kind is Kind.toolservers:
-                servers = await toolserver_details(client)
-                _emit(servers, output, lambda: toolservers_table(servers))
-            elif kind is Kind.policies:
-                policies = await client.policies()
-                _emit(list(policies.values()), output, lambda: _policies_table(policies))
-            else:
+            if which is Kind.daemons:
                 daemons = await client.daemons()
+                keep = _wanted(which, names or [], selector, {d: {} for d in daemons})
+                daemons = {k: v for k, v in daemons.items() if keep(k)}
                 _emit(
                     [{"id": k, **v} for k, v in daemons.items()],
                     output,
                     lambda: _daemons_table(daemons),
                 )
+                return
+            bodies = {
+                Kind.agents: client.store.agent_specs,
+                Kind.models: client.store.models,
+                Kind.toolservers: client.store.toolservers,
+                Kind.policies: client.store.policies,
+            }[which]
+            keep = _wanted(which, names or [], selector, await bodies())
+            if which is Kind.agents:
+                agents = [a for a in await client.agents() if keep(a.name)]
+                _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            elif which is Kind.models:
+                rows = [r for r in await model_details(client) if keep(r["name"])]
+                _emit(rows, output, lambda: _models_table(rows))
+            elif which is Kind.toolservers:
+                servers = [r for r in await toolserver_details(client) if keep(r["name"])]
+                _emit(servers, output, lambda: toolservers_table(servers))
+            else:
+                policies = {k: v for k, v in (await client.policies()).items() if keep(k)}
+                _emit(list(policies.values()), output, lambda: _policies_table(policies))
 
     _run(go)
 
 
-def ps(output: OutputOpt = Output.table) -> None:
-    """Show every agent's phase, restarts, tasks and last activity."""
+def ps(selector: SelectorOpt = None, output: OutputOpt = Output.table) -> None:
+    """Show every agent's phase, restarts, tasks and last activity (or those -l selects)."""
 
     async def go() -> None:
         async with await _client() as client:
-            agents = await client.agents()
+            keep = _wanted(Kind.agents, [], selector, await client.store.agent_specs())
+            agents = [a for a in await client.agents() if keep(a.name)]
         _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
 
     _run(go)
