@@ -59,7 +59,6 @@ from agentos.runtime.watchdog import LoopWatchdog, Stall
 from agentos.settings import DaemonSettings
 from agentos.store import Retention, Store, StoreError, StoreUnavailable
 from agentos.telemetry import Telemetry
-from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["Daemon", "DaemonIdInUse"]
 
@@ -127,7 +126,10 @@ class Daemon(Peers, Upkeep, Runners):
             on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
             daemon_id=self.id,
         )
-        # MCP sessions, one per ToolServer its agents use, shared by them.
+        # MCP sessions, one per ToolServer its agents use, shared by them (the mcp
+        # package is imported here, not by every CLI command that imports the daemon).
+        from agentos.tools.mcp import ToolServerPool
+
         self.tool_servers = ToolServerPool(
             store.toolservers, idle_s=self.settings.tool_server_idle_s
         )

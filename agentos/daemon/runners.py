@@ -35,7 +35,9 @@ from agentos.settings import DaemonSettings
 from agentos.store import Store, StoreError
 from agentos.store.keeper import LeaseKeeper
 from agentos.telemetry import Telemetry
-from agentos.tools.mcp import ToolServerPool
+
+if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
+    from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["RUNNER_ERROR_BACKOFF", "Runners", "clean"]
 

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -36,7 +37,9 @@ from agentos.settings import DaemonSettings
 from agentos.store import StatusUpdate, Store, StoreError, StoreFull, StoreUnavailable
 from agentos.store.keeper import LeaseKeeper
 from agentos.store.retry import new_op_id
-from agentos.tools.mcp import ToolServerPool
+
+if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
+    from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["Upkeep"]
 

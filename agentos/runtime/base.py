@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -71,7 +71,9 @@ from agentos.store import (
 from agentos.store.retry import new_op_id
 from agentos.telemetry import Telemetry
 from agentos.tools import ToolServerUnavailable
-from agentos.tools.mcp import ToolServerPool
+
+if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
+    from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["RunnerBase"]
 

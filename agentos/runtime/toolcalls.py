@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,7 +28,9 @@ from agentos.core.waits import WaitLog
 from agentos.runtime.writer import Writer
 from agentos.store import TaskWrite
 from agentos.tools import Approval, Tool, Toolbox
-from agentos.tools.mcp import ToolServerPool, server_tool
+
+if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
+    from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["LedgerWriter", "approval_rule", "attach_server_tools"]
 
@@ -51,6 +54,8 @@ async def attach_server_tools(
 ) -> None:
     """Give ``toolbox`` the current tools of ``servers`` (each its own group). Raises
     ToolServerUnavailable naming a server that cannot be reached."""
+    from agentos.tools.mcp import server_tool
+
     listed = await pool.tools(servers)
     for server in servers:
         toolbox.set_group(server, [server_tool(t, pool) for t in listed if t.server == server])
