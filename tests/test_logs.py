@@ -147,6 +147,12 @@ async def test_get_and_ps_take_names_singular_kinds_and_selectors(
     missing = await cli(env, "get", "agent", "nobody")
     assert missing.returncode == 1
     assert 'agent "nobody" not found' in missing.stderr
+    described = await cli(env, "describe", "agent", "scribe")
+    assert described.returncode == 0, show(described)
+    text = described.stdout
+    assert "Model:         default" in text
+    assert "Labels:        app=notes" in text
+    assert "Hibernation:   after 1m idle, KV auto" in text
     version = await cli(env, "--version")
     assert version.returncode == 0
     assert version.stdout.startswith("agentos ")

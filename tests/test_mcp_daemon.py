@@ -251,6 +251,9 @@ async def test_the_cli_lists_describes_and_answers_tool_approvals(
     detail = json.loads(described.stdout)
     assert detail["agents"] == ["caller"]
     assert detail["spec"]["approval"]["timeout"] == "10m"
+    agent = await cli(env, "describe", "agent", "caller")
+    assert agent.returncode == 0, show(agent)
+    assert "Tool servers:  fx" in agent.stdout
     missing = await cli(env, "describe", "toolserver", "nope")
     assert missing.returncode == 1
     assert "not found" in missing.stderr

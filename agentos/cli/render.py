@@ -10,6 +10,7 @@ message cannot colour the terminal or start a line of its own.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -239,6 +240,7 @@ def _describe_text(d: dict[str, Any]) -> str:
         f"Snapshot:      {_snapshot_text(status)}",
         f"Last wake:     {_wake_text(status)}",
         "Triggers:      " + (", ".join(_trigger_text(t) for t in spec.get("triggers", [])) or "-"),
+        *_spec_lines(d["spec"]),
     ]
     if status.get("last_error"):
         lines += ["", f"Last error:    {status['last_error']}"]
@@ -258,6 +260,36 @@ def _describe_text(d: dict[str, Any]) -> str:
         lines.append(f"  {stamp}  {e['type']}{reason}  {e['message']}")
     # Per line: a field's own newline is escaped, not a line of its own.
     return "\n".join(printable(line) for line in lines)
+
+
+def _spec_lines(resource: dict[str, Any]) -> list[str]:
+    """What the spec says beyond the status: model, labels, hibernation, tools, limits,
+    config (one line each, left out when not set)."""
+    spec = resource.get("spec", {})
+    labels = (resource.get("metadata") or {}).get("labels") or {}
+    hib = spec.get("hibernation") or {}
+    idle = hib.get("idleAfter", "60s")
+    lines = [
+        f"Model:         {spec.get('model', 'default')}"
+        + ("" if spec.get("modelFallback", True) else " (no fallback)"),
+        "Labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
+        f"Hibernation:   {'never' if idle in ('0s', 0) else f'after {idle} idle'}, "
+        f"KV {hib.get('keepKV', 'auto')}",
+    ]
+    tools = spec.get("tools") or {}
+    if tools.get("servers"):
+        approvals = (tools.get("approval") or {}).get("required") or []
+        lines.append(
+            "Tool servers:  "
+            + ", ".join(tools["servers"])
+            + (f"; approval: {', '.join(approvals)}" if approvals else "")
+        )
+    limits = spec.get("limits") or {}
+    if limits:
+        lines.append("Limits:        " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+    if spec.get("config"):
+        lines.append(f"Config:        {json.dumps(spec['config'], sort_keys=True)[:300]}")
+    return lines
 
 
 def _snapshot_text(status: dict[str, str]) -> str:
