@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from agentos.client_usage import UsageClientMixin
-from agentos.client_waits import AnswerRejected, WaitClientMixin
+from agentos.client_waits import AnswerRejected, TaskOver, WaitClientMixin
 from agentos.core.errors import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ClientError,
@@ -71,6 +71,7 @@ __all__ = [
     "NoRedisConfigured",
     "NotFound",
     "SendConflict",
+    "TaskOver",
     "resolve_redis_url",
     "spec_hash",
 ]

@@ -13,13 +13,15 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentos.core.errors import ClientError, NotFound
+from agentos.core.taskview import DONE
 from agentos.core.waits import AnswerError, Resolution, WaitRecord, validate_answer
 from agentos.store.retry import new_op_id, retry
 
 if TYPE_CHECKING:
     from agentos.store import Store
 
-__all__ = ["MAX_REASON_CHARS", "AnswerRejected", "WaitClientMixin"]
+__all__ = ["MAX_REASON_CHARS", "AnswerRejected", "TaskOver", "WaitClientMixin"]
 
 MAX_REASON_CHARS = 2000
 """The longest reason an answer may give (it reaches the model as part of a refusal)."""
@@ -35,6 +37,14 @@ class AnswerRejected(Exception):
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         super().__init__(message)
+
+
+class TaskOver(ClientError):
+    """A task that cannot be cancelled: it has ended (``status`` says how)."""
+
+    def __init__(self, name: str, task_id: str, status: str) -> None:
+        self.status = status
+        super().__init__(f"task {task_id} of {name} is over already ({status})")
 
 
 class WaitClientMixin:
@@ -112,6 +122,42 @@ class WaitClientMixin:
             "",
         )
         return resolution
+
+    async def cancel_task(self, name: str, task_id: str, *, by: str, reason: str = "") -> str:
+        """Cancel task ``task_id`` of agent ``name`` (``agentos tasks cancel``): it ends
+        ``cancelled`` with a ``TaskCancelled`` event naming ``by``; it is not retried and
+        is not a crash. Returns where it was: ``inbox`` (its message had not run: gone
+        now), ``dead`` (a dead letter: gone now), ``waiting`` (parked on a wait: ended
+        when a daemon next activates the agent, at once) or ``running`` (its daemon cuts
+        it short; a task that is not running anywhere then ends when it comes up).
+
+        Raises :class:`agentos.client.NotFound` for an unknown agent or task,
+        :class:`TaskOver` for a task that ended already (nothing changed).
+        """
+        if len(reason) > MAX_REASON_CHARS:
+            raise AnswerRejected("invalid", f"a reason has at most {MAX_REASON_CHARS} characters")
+        await self._require(name)
+        record = await self.store.task(name, task_id)
+        status = record.get("status", "")  # none yet: a message no daemon has read
+        if status in DONE:
+            raise TaskOver(name, task_id, status)
+        if status in ("waiting", "parked"):
+            wait = await self.store.wait_get(name)
+            if wait is not None and wait.task_id == task_id:
+                at = time.time()
+                resolution = Resolution("cancelled", None, by, at, wait.kind.value, reason)
+                done = await self.store.wait_answer(wait, resolution, answer_id=new_op_id(), now=at)
+                if done == 1:
+                    await self.store.signal("due", name)
+                    return "waiting"
+        where = await self.store.drop_message(name, task_id, by=by, cancel=True)
+        if where is not None:  # the owner, if it runs the task now, cuts it short
+            return "running" if status == "running" else where
+        if not record:
+            raise NotFound(f'agent "{name}" has no task {task_id}')
+        # Running (or a timer's task, queued in its runner): its daemon cuts it short.
+        await self.store.signal("cancel", name, task=task_id, by=by)
+        return "running"
 
     async def send_event(
         self, name: str, event: str, data: Any = None, *, by: str, now: float | None = None

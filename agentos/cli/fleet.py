@@ -52,7 +52,7 @@ from agentos.cli.waits import _who
 from agentos.client import read_message_arg
 from agentos.core.durations import parse_duration
 from agentos.core.spec import json_schema
-from agentos.core.taskview import describe_view
+from agentos.core.taskview import DONE, describe_view
 from agentos.store import Event
 
 
@@ -324,17 +324,19 @@ def send(
     _run(go)
 
 
-_TASK_ACTIONS = ("drop", "retry")
+_TASK_ACTIONS = ("drop", "retry", "cancel")
+_CANCEL_WAIT_S = 10.0  # how long `tasks cancel` waits to see the task end
 
 
 def tasks(
     args: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="NAME | drop NAME TASK | retry NAME TASK",
-            help="An agent (every agent if left out); or `drop NAME TASK` to remove a "
-            "poison message for good (waiting in the inbox or a dead letter), `retry NAME "
-            "TASK` to send a dead letter again.",
+            metavar="NAME | cancel NAME TASK | drop NAME TASK | retry NAME TASK",
+            help="An agent (every agent if left out); or `cancel NAME TASK` to end a "
+            "queued, running or waiting task (cancelled: not retried, not a crash), "
+            "`drop NAME TASK` to remove a poison message for good (waiting in the inbox "
+            "or a dead letter), `retry NAME TASK` to send a dead letter again.",
             show_default=False,
         ),
     ] = None,
@@ -347,17 +349,25 @@ def tasks(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep refreshing.")] = False,
     count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 20,
     as_: Annotated[
-        str | None, typer.Option("--as", help="Who drops or retries (default: the OS user).")
+        str | None,
+        typer.Option("--as", help="Who cancels, drops or retries (default: the OS user)."),
     ] = None,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (cancel: kept with the task's event).")
+    ] = "",
     output: OutputOpt = Output.table,
 ) -> None:
     """Recent tasks (one per wake-up) with their trigger, status, attempt and result;
-    dead letters with --dead; `tasks drop` and `tasks retry` for poison messages."""
+    dead letters with --dead; `tasks cancel` to end a task; `tasks drop` and `tasks
+    retry` for poison messages."""
     words = list(args or [])
     if len(words) == 3 and words[0] in _TASK_ACTIONS:
-        return _task_action(*words, by=_who(as_), output=output)
+        return _task_action(*words, by=_who(as_), output=output, reason=reason)
     if len(words) > 1:
-        _fail("usage: agentos tasks [NAME] | tasks drop NAME TASK | tasks retry NAME TASK", 2)
+        _fail(
+            "usage: agentos tasks [NAME] | tasks cancel|drop|retry NAME TASK",
+            2,
+        )
     name = words[0] if words else None
     if dead:
         if name is None:
@@ -382,10 +392,23 @@ def tasks(
     _run(go)
 
 
-def _task_action(action: str, name: str, task: str, *, by: str, output: Output) -> None:
+def _task_action(
+    action: str, name: str, task: str, *, by: str, output: Output, reason: str = ""
+) -> None:
     async def go() -> None:
         async with await _client() as client:
-            if action == "drop":
+            if action == "cancel":
+                who = f"{by} ({reason})" if reason else by
+                where = await client.cancel_task(name, task, by=who, reason=reason)
+                status = await _settled_status(client, name, task)
+                done = {"agent": name, "task": task, "was": where, "status": status}
+                text = (
+                    f"task {task} of {name} cancelled"
+                    if status == "cancelled"
+                    else f"task {task} of {name}: cancel requested (it was {where}; "
+                    f"status {status} so far)"
+                )
+            elif action == "drop":
                 where = await client.drop(name, task, by=by)
                 done = {"agent": name, "task": task, "droppedFrom": where}
                 text = f"task {task} of {name} dropped (from the {where})"
@@ -396,6 +419,18 @@ def _task_action(action: str, name: str, task: str, *, by: str, output: Output) 
         _emit(done, output, lambda: printable(text))
 
     _run(go)
+
+
+async def _settled_status(client: Any, name: str, task: str) -> str:
+    """The task's status once it has ended, or as it is after a few seconds."""
+    status = ""
+    with anyio.move_on_after(_CANCEL_WAIT_S):
+        while True:
+            status = (await client.store.task(name, task)).get("status", "")
+            if status in DONE:
+                break
+            await anyio.sleep(0.1)
+    return status
 
 
 def _dead_letters(name: str, count: int, output: Output) -> None:

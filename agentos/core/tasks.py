@@ -53,6 +53,8 @@ class Work:
     parked_for: str = ""  # why: "rate", "budget", "infra" (a quota change frees the first two)
     infra_attempts: int = 0  # infrastructure retries in a row (never counted as crashes)
     resume: Any = None  # an agentos.core.waits.Resumed: a parked task's recorded answers
+    cancelled_by: str | None = None  # `agentos tasks cancel`: who; it ends, never runs on
+    cancel_recorded: bool = False  # ... and its record and event say so already
 
 
 def inbox_work(message: MessageLike) -> Work:

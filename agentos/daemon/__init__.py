@@ -534,6 +534,9 @@ class Daemon(Peers, Upkeep, Runners):
                     runner.nudge(cmd)
                 elif runner is not None and cmd == "drop":
                     runner.drop(fields.get("task", ""))
+                elif runner is not None and cmd == "cancel":
+                    task, by = fields.get("task", ""), fields.get("by", "")
+                    runner.cancel(task, by, dropped=fields.get("dropped") == "1")
                 elif agent in self._opening and cmd in ("message", "wake"):
                     self._opening[agent].add(cmd)
                 # Any other agent is held elsewhere, or released (due: a "due" signal).

@@ -59,6 +59,7 @@ class Activator:
         self._start = start
         self.due: dict[str, float] = {}  # the head of the index, as last read
         self.backlog = 0  # how many of it were due and not held here
+        self.full = False  # the last pass had due agents and no room for them
         # ``room(due)``: how many more agents the daemon may take with ``due`` waiting.
         self.loaded = False  # read at least once
         self._kick = anyio.Event()
@@ -82,7 +83,8 @@ class Activator:
                 delay = 0.1
                 # More may be due than one read showed: go on while some were taken.
                 wait = 0.0 if claimed else self.poll_s
-                wait = min(wait, max(0.0, self.next_due_at - self.clock()))
+                if not self.full:  # with no room, what is due already must wait for room
+                    wait = min(wait, max(0.0, self.next_due_at - self.clock()))
             except StoreError as e:
                 log.warning("due index: %s; retrying in %.1fs", e, delay)
                 wait, delay = delay, min(delay * 2, self.poll_s)
@@ -108,10 +110,14 @@ class Activator:
             await self.store.wait_clear(name, "")
             self.due.pop(name, None)
         self.backlog = len(candidates)
+        self.full = False
         if not candidates:
             return []
         room = await self._room(len(candidates))
         if room <= 0:
+            # Until room frees up (a runner ends, a peer joins or leaves: a nudge) or the
+            # next poll; not at once: that would read the index in a loop.
+            self.full = True
             return []
         candidates = candidates[:room]
         index = await self.store.index_of(candidates)

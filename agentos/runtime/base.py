@@ -162,6 +162,8 @@ class RunnerBase:
         self.done = anyio.Event()
         self._nudged = anyio.Event()
         self._queue: deque[Work] = deque()
+        # The task running now and its cancel scope (`agentos tasks cancel` cuts it).
+        self._running: tuple[Work, anyio.CancelScope] | None = None
         self._cmds: set[str] = set()
         self._triggers = TriggerClock(spec.triggers, now=clock())
         self._stop_scopes: set[anyio.CancelScope] = set()
@@ -217,6 +219,26 @@ class RunnerBase:
         if len(kept) != len(self._queue):
             self._queue = deque(kept)
             log.info("agent %s: task %s dropped before it ran", self.name, task_id)
+
+    def cancel(self, task_id: str, by: str, *, dropped: bool = False) -> None:
+        """An operator cancelled this task (``agentos tasks cancel``): cut it short if it
+        runs now, or end it when its turn comes if it is queued here. Either way it ends
+        ``cancelled`` with a ``TaskCancelled`` event, not retried and not a crash.
+        ``dropped``: its message is gone and its record says so already (it only has to
+        leave the queue)."""
+        running = self._running
+        if running is not None and running[0].id == task_id:
+            running[0].cancelled_by = by
+            running[0].cancel_recorded = dropped
+            running[1].cancel()
+            log.info("agent %s: task %s cancelled by %s", self.name, task_id, by)
+        elif dropped:
+            self.drop(task_id)
+        else:
+            for work in self._queue:
+                if work.id == task_id:
+                    work.cancelled_by = by
+            self._nudged.set()
 
     def note_blocked(self, stall: Stall) -> None:
         """The watchdog found this agent's code blocking the event loop: recorded (and

@@ -245,6 +245,9 @@ class TaskMixin(RunnerBase):
             return
         self._unacked = work.message.id if work.message is not None else None
         self._unacked_key = work.message.key if work.message is not None else None
+        if work.cancelled_by is not None:  # cancelled while it was queued or waiting
+            await self._end_cancelled(work, work.cancelled_by, span)
+            return
         if not await self._attach_tools(work):
             return
         scope = anyio.CancelScope()
@@ -298,6 +301,7 @@ class TaskMixin(RunnerBase):
             if clock.cancelled_caught and limits is not None and limited is None:
                 limited = limits.timeout_reason()
 
+        self._running = (work, scope)
         try:
             if any(t.kind in ("schedule", "every", "at") for t in self.resource.spec.triggers):
                 async with anyio.create_task_group() as tg:
@@ -309,8 +313,13 @@ class TaskMixin(RunnerBase):
         except anyio.get_cancelled_exc_class():
             self._interrupted = True
             raise
+        finally:
+            self._running = None
         if lost is not None:
             raise lost
+        if work.cancelled_by is not None and scope.cancelled_caught:
+            await self._end_cancelled(work, work.cancelled_by, span)
+            return
         timed_out()
         if result is not None and result.limited and limits is not None:
             limited = limits.steps_reason()
@@ -382,6 +391,18 @@ class TaskMixin(RunnerBase):
             event=self.writer.event("TaskLimitExceeded", reason.split(":", 1)[0], reason)
         )
         await self._finish_task(work, "failed", f"stopped: {reason}", error=reason)
+
+    async def _end_cancelled(self, work: Work, by: str, span: Any) -> None:
+        """Cancelled by an operator (``agentos tasks cancel``): done, not retried, not a
+        crash; what it recorded before (tool calls, state) stays."""
+        self.dirty = True
+        span.set_attribute("agentos.task.status", "cancelled")
+        reason = f"cancelled by {by}"
+        if not work.cancel_recorded:
+            await self.writer.write(
+                event=self.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+            )
+        await self._finish_task(work, "cancelled", reason, error=reason)
 
     @property
     def _must_wake(self) -> bool:

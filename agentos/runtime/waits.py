@@ -264,6 +264,8 @@ class WaitMixin(RunnerBase):
         work = queued[0] if queued else _work_of(record, wait.task_id)
         work.resume = resumed
         work.recorded = True
+        if resolution.outcome == "cancelled":  # `agentos tasks cancel` on a waiting task
+            work.cancelled_by = resolution.by or "an operator"
         self._queue.appendleft(work)
         waited_s = max(0.0, now - wait.since)
         shown = resolution.value if resolution.outcome != "timeout" else "(deadline)"

@@ -265,12 +265,21 @@ class InboxOps:
 
     @translate
     async def drop_message(
-        self, name: str, task_id: str, *, by: str, now: float | None = None
+        self,
+        name: str,
+        task_id: str,
+        *,
+        by: str,
+        now: float | None = None,
+        cancel: bool = False,
     ) -> Literal["inbox", "dead"] | None:
         """Drop the message of task ``task_id`` (``m-<message id>``): out of the inbox
         (acknowledged and deleted, read or not) or out of the dead letters, the task
         recorded as ``dropped`` and a ``Dropped`` event naming ``by`` written, in one
         atomic step; the agent's owner, if any, gets a ``drop`` signal (with ``task``).
+        With ``cancel`` (``agentos tasks cancel``) the task is recorded ``cancelled`` with
+        a ``TaskCancelled`` event, and the owner gets a ``cancel`` signal instead: a task
+        already running that message is cut short there.
 
         Returns where the message was, or None when it is in neither (or the task is not
         a message's): nothing changed then.
@@ -280,8 +289,15 @@ class InboxOps:
             return None
         now = time.time() if now is None else now
         k = self.keys
+        status = "cancelled" if cancel else "dropped"
         event = self._event_json(
-            name, now, "Dropped", f"task {task_id} dropped by {by}: its message will not run", ""
+            name,
+            now,
+            "TaskCancelled" if cancel else "Dropped",
+            f"task {task_id} cancelled by {by}"
+            if cancel
+            else f"task {task_id} dropped by {by}: its message will not run",
+            "",
         )
         keys = [
             k.inbox(name),
@@ -300,11 +316,12 @@ class InboxOps:
             INBOX_GROUP,
             repr(now),
             name,
-            f"dropped by {by}",
+            f"{status} by {by}",
             self._tasks_ttl_s(),
             event,
             EVENTS_MAXLEN,
             FLEET_EVENTS_MAXLEN,
+            status,
         ]
         reply = await self._drop_script(keys=keys, args=args)
         if not int(reply[0]):
@@ -312,7 +329,10 @@ class InboxOps:
         if self.cluster:
             await self._feed_copy(name, event)
         if int(reply[2]):
-            await self.signal("drop", name, task=task_id)
+            # A cancel also cuts the task short if the owner runs it now.
+            await self.signal(
+                "cancel" if cancel else "drop", name, task=task_id, by=by, dropped="1"
+            )
         return "inbox" if _s(reply[1]) == "inbox" else "dead"
 
     @translate

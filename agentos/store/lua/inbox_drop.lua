@@ -9,7 +9,8 @@
 -- single Redis (on a cluster the caller copies the event after).
 -- ARGV[1] message id, ARGV[2] task id, ARGV[3] consumer group, ARGV[4] now, ARGV[5]
 -- agent, ARGV[6] the record's result text, ARGV[7] task record ttl (s), ARGV[8] event
--- JSON, ARGV[9] events maxlen, ARGV[10] fleet feed maxlen.
+-- JSON, ARGV[9] events maxlen, ARGV[10] fleet feed maxlen, ARGV[11] the status to record
+-- (dropped, or cancelled for `agentos tasks cancel`).
 -- Returns {0} when the message is neither in the inbox nor a dead letter (nothing
 -- done), else {1, 'inbox' | 'dead', 1 held / 0 released}.
 local where
@@ -24,7 +25,7 @@ else
   return {0}
 end
 local ttl = tonumber(ARGV[7])
-redis.call('HSET', KEYS[4], 'status', 'dropped', 'finished_at', ARGV[4], 'result', ARGV[6])
+redis.call('HSET', KEYS[4], 'status', ARGV[11], 'finished_at', ARGV[4], 'result', ARGV[6])
 redis.call('HSETNX', KEYS[4], 'id', ARGV[2])
 redis.call('HSETNX', KEYS[4], 'agent', ARGV[5])
 redis.call('HSETNX', KEYS[4], 'trigger', 'inbox')
