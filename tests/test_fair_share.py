@@ -31,6 +31,13 @@ async def _owners(store: Store, names: list[str]) -> Counter[str]:
     return Counter(leases[n].owner if n in leases else "" for n in names)
 
 
+class _NotYet(Counter[str]):
+    """Owners that do not match yet; falsy, but shown in the timeout message."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
 async def _bodies(store: Store, names: list[str]) -> dict[str, list[str]]:
     out = {}
     for name in names:
@@ -83,11 +90,11 @@ async def test_three_daemons_split_300_agents_and_a_drained_one_hands_its_share_
             sent.append((name, await client.send(name, f"during {name}", key=f"d-{name}")))
         assert await exited(procs[victim], within=30) == 0, logs[victim].read_text()
 
-        async def taken_over() -> Counter[str] | None:
+        async def taken_over() -> Counter[str] | _NotYet:
             owners = await _owners(store, names)
-            return owners if set(owners) == set(survivors) else None
+            return owners if set(owners) == set(survivors) else _NotYet(owners)
 
-        owners = await wait_until(taken_over, within=30, what="the survivors to hold all 300")
+        owners = await wait_until(taken_over, within=60, what="the survivors to hold all 300")
         assert sum(owners.values()) == 300
         assert all(owners[d] <= 300 for d in survivors)
 

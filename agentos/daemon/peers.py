@@ -49,7 +49,10 @@ class Peers:
         # clock, another host's (or ours) may be off by any amount.
         server_now = await self.store.server_time()
         fresh_s = self.settings.lease_ttl_s
-        self._peers = live_daemons(heartbeats, server_now, me=self.id, fresh_s=fresh_s)
+        peers = live_daemons(heartbeats, server_now, me=self.id, fresh_s=fresh_s)
+        if peers != self._peers:  # the share changed: room for due agents, maybe
+            self.activator.nudge()
+        self._peers = peers
         self._live = {self.id}
         for daemon_id, info in heartbeats.items():
             seen_at = info.get("seen_at")
