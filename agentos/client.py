@@ -20,6 +20,7 @@ import anyio
 
 from agentos.client_usage import UsageClientMixin
 from agentos.client_waits import AnswerRejected, TaskOver, WaitClientMixin
+from agentos.core.code import CodeNotFound, code_identity
 from agentos.core.errors import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ClientError,
@@ -38,6 +39,7 @@ from agentos.core.spec import (
     AgentResource,
     Document,
     SpecError,
+    SpecIssue,
     inbox_limit,
 )
 from agentos.core.taskview import DONE, describe_view, task_view
@@ -178,6 +180,31 @@ class AgentDetail:
         }
 
 
+def _with_code(documents: Sequence[Document]) -> list[dict[str, Any]]:
+    """The canonical bodies of ``documents``, agents with their code's place and hash
+    (:func:`agentos.core.code.code_identity`). Raises :class:`SpecError` (file:line) when
+    a ``codePath`` does not hold its agent's module."""
+    bodies, issues = [], []
+    for doc in documents:
+        body = doc.canonical()
+        if isinstance(doc.resource, AgentResource):
+            spec = doc.resource.spec
+            try:
+                path, digest = code_identity(spec.entrypoint, doc.source, spec.code_path)
+            except CodeNotFound as e:
+                issues.append(SpecIssue(doc.source, doc.line_of("spec", "codePath"), "", str(e)))
+                continue
+            body["spec"].pop("codeHash", None)  # apply's to write, never the file's
+            if path is not None:
+                body["spec"]["codePath"] = path
+            if digest is not None:
+                body["spec"]["codeHash"] = digest
+        bodies.append(body)
+    if issues:
+        raise SpecError(issues)
+    return bodies
+
+
 class Client(WaitClientMixin, UsageClientMixin):
     """Operate one agentos namespace. Use ``async with await Client.connect(settings)``."""
 
@@ -224,9 +251,9 @@ class Client(WaitClientMixin, UsageClientMixin):
         )
         before = {("Agent", n): b for n, b in stored_agents.items()}
         before |= {("QuotaPolicy", n): b for n, b in stored_policies.items()}
+        bodies = _with_code(documents)
         records = []
-        for doc in documents:
-            body = doc.canonical()
+        for doc, body in zip(documents, bodies, strict=True):
             agent = doc.resource if isinstance(doc.resource, AgentResource) else None
             records.append(
                 SpecRecord(
@@ -240,7 +267,7 @@ class Client(WaitClientMixin, UsageClientMixin):
                 )
             )
         changes = await self.store.apply(records, dry_run=dry_run)
-        by_key = {(d.kind, d.name): d.canonical() for d in documents}
+        by_key = {(d.kind, d.name): b for d, b in zip(documents, bodies, strict=True)}
         return [
             replace(c, fields=tuple(diff_paths(before[(c.kind, c.name)], by_key[(c.kind, c.name)])))
             if c.action == "configured" and (c.kind, c.name) in before
@@ -483,6 +510,28 @@ class Client(WaitClientMixin, UsageClientMixin):
         await self._require(name)
         if await self.store.wake(name, now=time.time()):
             await self.store.signal("wake", name)
+
+    async def restart(self, name: str, *, grace_s: float | None = None) -> str | None:
+        """Ask the agent's daemon to restart it (``agentos restart``): once its task ends
+        (or after ``grace_s``) it is stopped gracefully and started again with its code
+        loaded anew, and a ``Restarted`` event is written. Returns a mark for
+        :meth:`restarted`, or None when no daemon holds the agent: there is nothing to
+        restart (its next activation loads the applied code)."""
+        await self._require(name)
+        if name not in await self.store.leases([name]):
+            return None
+        last = await self.store.events(name, count=1)
+        grace = "" if grace_s is None else repr(grace_s)
+        await self.store.signal("restart", name, grace=grace)
+        return last[-1].id if last else "0-0"
+
+    async def restarted(self, name: str, mark: str) -> bool:
+        """Whether the agent was restarted (a ``Restarted`` event after ``mark``), or no
+        daemon holds it any more (its next activation starts it afresh)."""
+        events = await self.store.events(name, count=1000, after_id=mark)
+        if any(e.type == "Restarted" for e in events):
+            return True
+        return name not in await self.store.leases([name])
 
     async def tasks(self, name: str | None = None, *, count: int = 20) -> list[dict[str, str]]:
         """Recent task records of one agent, or of every agent, newest first."""

@@ -358,9 +358,9 @@ def test_example_specs_validate() -> None:
 def test_example_entrypoints_import() -> None:
     from agentos.runtime.loop import load_agent_class
 
-    assert load_agent_class("examples.folder_digest:FolderDigest") is FolderDigest
-    assert load_agent_class("examples.inbox_assistant:InboxAssistant") is InboxAssistant
-    assert load_agent_class("examples.file_clerk:FileClerk") is FileClerk
+    assert load_agent_class("examples.folder_digest:FolderDigest")[0] is FolderDigest
+    assert load_agent_class("examples.inbox_assistant:InboxAssistant")[0] is InboxAssistant
+    assert load_agent_class("examples.file_clerk:FileClerk")[0] is FileClerk
 
 
 # ------------------------------------------------------------------------ file clerk

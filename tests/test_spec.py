@@ -357,7 +357,7 @@ BAD_DOCUMENTS = [
         6,
         "spec.triggrs",
         "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
-        "quotaClass, priority, restartPolicy, config, context, tools, limits); "
+        "quotaClass, priority, restartPolicy, config, context, tools, limits, codePath, codeHash); "
         'did you mean "triggers"?',
     ),
     (

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, logs, models, quota, toolservers, waits
+from agentos.cli import fleet, launch, logs, models, quota, restart, toolservers, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -95,6 +95,7 @@ for _cmd in (
     quota.usage,
     fleet.hibernate,
     fleet.wake,
+    restart.restart,
     fleet.schema,
     fleet.version,
     launch.daemon,
@@ -105,6 +106,7 @@ fleet.delete_app.command("model")(models.delete_model)
 fleet.delete_app.command("toolserver")(toolservers.delete_toolserver)
 app.add_typer(fleet.delete_app, name="delete")
 app.add_typer(quota.policy_app, name="policy")
+app.add_typer(restart.rollout_app, name="rollout")
 
 
 def main() -> None:

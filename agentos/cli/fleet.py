@@ -86,7 +86,9 @@ def apply(
                 preview, _, _ = await client.explain(documents=docs)
         suffix = " (dry run)" if dry_run else ""
         for c in changes:
-            changed = f" ({', '.join(c.fields)})" if c.fields else ""
+            # A new hash of the agent's module file: its code was edited.
+            fields = ["code changed" if f == "spec.codeHash" else f for f in c.fields]
+            changed = f" ({', '.join(fields)})" if fields else ""
             out.print(f"{c.kind.lower()}/{c.name} {c.action}{changed}{suffix}", markup=False)
         if preview is not None:
             out.print("\neffective quotas after this apply (with the fleet's metrics now):")

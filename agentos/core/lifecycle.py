@@ -59,6 +59,7 @@ class StopReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the daemon is exiting
     DELETE = "delete"  # the agent was deleted
     RESPEC = "respec"  # a new spec was applied; the agent restarts with it
+    RESTART = "restart"  # `agentos restart`: the agent restarts (with its code loaded anew)
     LEASE_LOST = "lease-lost"  # another daemon owns the agent now
     REBALANCE = "rebalance"  # handed to another daemon: this one holds more than its share
 

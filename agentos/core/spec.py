@@ -370,6 +370,10 @@ class AgentSpec(_Model):
     tools: AgentTools | None = None
     # Limits on each task (None: none): taskTimeout, maxSteps, maxTokensPerTask.
     limits: TaskLimits | None = None
+    # Where the entrypoint's module is imported from (relative to the spec file); `apply`
+    # stores it absolute, with codeHash, a hash of the module file (see core.code).
+    code_path: str | None = Field(default=None, min_length=1)
+    code_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
 
     @property
     def on_overflow(self) -> OnOverflow:

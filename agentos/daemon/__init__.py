@@ -534,6 +534,9 @@ class Daemon(Peers, Upkeep, Runners):
                     runner.nudge(cmd)
                 elif runner is not None and cmd == "drop":
                     runner.drop(fields.get("task", ""))
+                elif runner is not None and cmd == "restart":
+                    grace = fields.get("grace", "")
+                    self._spawn(self._operator_restart(agent, float(grace) if grace else None))
                 elif runner is not None and cmd == "cancel":
                     task, by = fields.get("task", ""), fields.get("by", "")
                     runner.cancel(task, by, dropped=fields.get("dropped") == "1")

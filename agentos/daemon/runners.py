@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -353,6 +354,30 @@ class Runners:
             # Only now: until the restarted runner exists, reconcile must not start one.
             self._stopping.discard(name)
             self._handing_over.discard(name)
+
+    async def _operator_restart(self, name: str, grace_s: float | None) -> None:
+        """``agentos restart``: once the agent is between tasks (or ``grace_s`` is up),
+        stop it gracefully (state saved, slot released, KV handed over) and start it
+        again here, its code loaded anew; a ``Restarted`` event says it is done."""
+        runner = self.runners.get(name)
+        if runner is None or name in self._stopping:
+            return
+        started = self.clock()
+        # Never cut a task short for a restart: wait until it ends (or the grace is up).
+        with anyio.move_on_after(math.inf if grace_s is None else grace_s):
+            while runner.busy and not runner.done.is_set():
+                await runner.task_over.wait()
+        if self.runners.get(name) is not runner or name in self._stopping:
+            return
+        await self._stop_one(name, StopReason.RESTART, runner.spec_hash)
+        if name in self.runners:
+            waited = self.clock() - started
+            message = f"restarted by an operator on daemon {self.id} (after {waited:.1f}s)"
+            log.info("%s: %s", name, message)
+            try:
+                await self.store.record_agent_event(name, "Restarted", "operator", message, self.id)
+            except StoreError as e:
+                self._store_failed("Restarted event", e)
 
     async def _restart(self, name: str, spec_hash: str) -> None:
         """Start a respecced agent again; a Redis blip (or anything else) delays it, with

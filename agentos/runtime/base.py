@@ -158,6 +158,7 @@ class RunnerBase:
         self._lend_asked = anyio.Event()
         self.failed = False
         self.busy = False
+        self.task_over = anyio.Event()  # set (and renewed) each time a task ends
         self.last_activity = clock()
         self.done = anyio.Event()
         self._nudged = anyio.Event()
@@ -519,12 +520,19 @@ class RunnerBase:
 
     async def _load_class(self) -> bool:
         """Import the entrypoint's Agent class; ``Failed`` (not retried) when it is wrong."""
+        spec = self.resource.spec
         try:
-            self._agent_cls = load_agent_class(self.resource.spec.entrypoint)
+            self._agent_cls, reload_error = load_agent_class(
+                spec.entrypoint, code_path=spec.code_path, code_hash=spec.code_hash
+            )
             self.codec = StateCodec(self._agent_cls.State)
         except (EntrypointError, TypeError) as e:
             await self._fail("EntrypointError", str(e), "")
             return False
+        if reload_error is not None:
+            message = f"the new code did not load, the previous code keeps running: {reload_error}"
+            log.warning("%s: %s", self.name, message)
+            await self.writer.write(event=self.writer.event("CodeReloadFailed", "code", message))
         return True
 
     # Jobs of the other parts, called across them.

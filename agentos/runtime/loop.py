@@ -7,10 +7,12 @@ author's tests exercise exactly the loop the daemon runs.
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import anyio.lowlevel
@@ -59,21 +61,45 @@ def no_span(phase: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def load_agent_class(entrypoint: str) -> type[Agent]:
-    """Import ``module.path:ClassName`` and check that it is an Agent subclass.
+_loaded: dict[str, tuple[str, ModuleType]] = {}
+"""Modules loaded for a spec's ``codeHash``: name -> (hash, module), for reloads."""
 
-    Raises :class:`EntrypointError` saying what went wrong, in words an operator
-    can act on.
+
+def load_agent_class(
+    entrypoint: str, *, code_path: str | None = None, code_hash: str | None = None
+) -> tuple[type[Agent], str | None]:
+    """Import ``module.path:ClassName`` and check that it is an Agent subclass; returns
+    the class and, when new code failed to load, why (the previous code is kept).
+
+    ``code_path`` (``spec.codePath``) is where the module is imported from. A
+    ``code_hash`` other than the one the module was last loaded with (the file was
+    edited and applied again) loads the module afresh, as a new module object: agents
+    still running the old class keep it. New code that fails to import leaves the old
+    module in place: its class is returned with the error.
+
+    Raises :class:`EntrypointError` saying what went wrong and where it looked.
     """
     module_name, sep, attr = entrypoint.partition(":")
     if not sep or not module_name or not attr:
         raise EntrypointError(f"entrypoint {entrypoint!r} must look like 'package.module:Class'")
+    if code_path is not None and code_path not in sys.path:
+        sys.path.insert(0, code_path)
+    known = _loaded.get(module_name)
+    reload_error = None
     try:
+        if known is not None and code_hash is not None and known[0] != code_hash:
+            del sys.modules[module_name]  # a new module object from the file as it is now
+            importlib.invalidate_caches()
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise EntrypointError(
-            f"entrypoint {entrypoint!r}: cannot import {module_name!r}: {type(e).__name__}: {e}"
-        ) from None
+        where = f"from codePath {code_path}" if code_path else f"on the daemon's path ({_path()})"
+        error = f"cannot import {module_name!r} {where}: {type(e).__name__}: {e}"
+        if known is None:
+            raise EntrypointError(f"entrypoint {entrypoint!r}: {error}") from None
+        sys.modules[module_name] = module = known[1]
+        reload_error, code_hash = error, known[0]
+    if code_hash is not None:
+        _loaded[module_name] = (code_hash, module)
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -86,7 +112,13 @@ def load_agent_class(entrypoint: str) -> type[Agent]:
         raise EntrypointError(
             f"entrypoint {entrypoint!r} is {obj!r}, not a subclass of agentos.Agent"
         )
-    return obj
+    return obj, reload_error
+
+
+def _path() -> str:
+    """The daemon's module path, short, for an import error."""
+    shown = [p or "." for p in sys.path[:4]]
+    return ", ".join(shown) + (", …" if len(sys.path) > 4 else "")
 
 
 async def run_task(

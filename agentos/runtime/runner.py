@@ -546,7 +546,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         never = self.resource.spec.hibernation.never
         if (
             self.phase is Phase.IDLE
-            and reason is not StopReason.RESPEC
+            and reason not in (StopReason.RESPEC, StopReason.RESTART)
             and (self.session.open or not never)
         ):
             await self._hibernate(f"daemon stopping the agent ({reason.value})")
@@ -554,7 +554,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             await self.writer.write(status=await self._release_slot())
         # The flush loop skips stopping runners: this write carries every counter.
         status: dict[str, object] = {**self.counters(), **self.task_counters(), "owner": ""}
-        if reason is StopReason.RESPEC:
+        if reason in (StopReason.RESPEC, StopReason.RESTART):
             # The restarted runner takes over at once: counters and usage, not a phase.
             await self.writer.write(status=status, usage=self.usage_delta(), release=True)
             return

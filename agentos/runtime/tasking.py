@@ -137,6 +137,8 @@ class TaskMixin(RunnerBase):
         finally:
             current_task.reset(task)
             self.busy = False
+            self.task_over.set()  # for whoever waits for the end of a task (a restart)
+            self.task_over = anyio.Event()
             self.arbiter.holder_idle()
 
     async def _run_work_body(self, work: Work) -> None:

@@ -1,0 +1,59 @@
+"""Where an agent's code is and which version of it was applied.
+
+`agentos apply` looks for the entrypoint's module next to the spec file (the file's
+directory, then its parents, as Python would from a project root) or under
+``spec.codePath``, and stores that directory and a hash of the module file with the
+spec. A daemon imports the module from there, and an edited module changes the hash:
+`apply` reports ``configured (code changed)`` and daemons load the new code at the
+agent's next idle point. A module found nowhere near the spec file (an installed
+package, a module on the daemon's own path) gets neither: the daemon imports it as
+Python would, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+__all__ = ["CodeNotFound", "code_identity", "module_candidates"]
+
+
+class CodeNotFound(ValueError):
+    """``spec.codePath`` does not hold the entrypoint's module; says where it looked."""
+
+
+def module_candidates(base: Path, module: str) -> tuple[Path, Path]:
+    """The files ``module`` (``a.b``) would be under ``base``: ``a/b.py``, ``a/b/__init__.py``."""
+    rel = Path(*module.split("."))
+    return base / rel.with_suffix(".py"), base / rel / "__init__.py"
+
+
+def code_identity(
+    entrypoint: str, source: str, code_path: str | None
+) -> tuple[str | None, str | None]:
+    """``(codePath, codeHash)`` of an agent applied from the spec file ``source``: the
+    directory its entrypoint's module is imported from (absolute) and a hash of that
+    module file; ``(None, None)`` when the module is not near the spec file. Raises
+    :class:`CodeNotFound` when a given ``code_path`` does not hold it."""
+    module = entrypoint.partition(":")[0]
+    spec_file = Path(source)
+    spec_dir = spec_file.parent if spec_file.is_file() else None
+    if code_path is not None:
+        base = Path(code_path).expanduser()
+        if not base.is_absolute():
+            base = (spec_dir or Path.cwd()) / base
+        bases = [base.resolve()]
+    elif spec_dir is not None:
+        here = spec_dir.resolve()
+        bases = [here, *here.parents]
+    else:
+        return None, None
+    for base in bases:
+        for candidate in module_candidates(base, module):
+            if candidate.is_file():
+                digest = hashlib.sha256(candidate.read_bytes()).hexdigest()[:16]
+                return str(base), digest
+    if code_path is not None:
+        looked = " and ".join(str(c) for c in module_candidates(bases[0], module))
+        raise CodeNotFound(f"codePath: module {module!r} not found (looked for {looked})")
+    return None, None

@@ -1,0 +1,179 @@
+"""Code reload and restarts: an edited module applied again runs without a daemon restart;
+code that no longer imports leaves the old code running; `agentos restart` and `rollout
+restart` never cut a task short."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agentos.client import Client
+from agentos.core.spec import Document, SpecError, load_paths, parse_text
+from agentos.store import Store
+from tests.fixture_agents import GATES
+from tests.helpers import agent_doc, apply, running_daemon, wait_until
+from tests.test_cli import cli, env, show  # noqa: F401  (env is a fixture)
+
+pytestmark = [pytest.mark.anyio]
+
+INBOX = [{"inbox": {}}]
+
+AGENT = """
+import agentos
+
+
+class Greeter(agentos.Agent):
+    async def act(self, ctx, message):
+        return "{word} " + message.body
+"""
+
+
+def _write_agent(folder: Path, word: str, *, module: str) -> Path:
+    (folder / f"{module}.py").write_text(AGENT.replace("{word}", word))
+    spec = folder / "agent.yaml"
+    spec.write_text(
+        "apiVersion: agentos/v1\nkind: Agent\nmetadata: {name: greeter}\n"
+        f"spec:\n  entrypoint: {module}:Greeter\n  triggers: [{{inbox: {{}}}}]\n"
+    )
+    return spec
+
+
+async def _ask(client: Client, body: str) -> str:
+    sent = await client.send("greeter", body)
+    return (await client.wait_task("greeter", f"m-{sent}", timeout_s=20))["result"]
+
+
+async def test_an_edited_module_is_loaded_after_apply_without_a_daemon_restart(
+    store: Store, tmp_path: Path
+) -> None:
+    folder = tmp_path / "greeter"  # its own folder, not on the daemon's path
+    folder.mkdir()
+    module = f"greeter_{uuid.uuid4().hex[:8]}"
+    spec = _write_agent(folder, "hello", module=module)
+    client = Client(store)
+    (created,) = await client.apply(load_paths([spec]))
+    assert created.action == "created"
+    stored = (await store.agent_specs_of(["greeter"]))["greeter"]["spec"]
+    assert stored["codePath"] == str(folder.resolve())
+    async with running_daemon(store) as daemon:
+        assert await _ask(client, "ada") == "hello ada"
+        _write_agent(folder, "bonjour", module=module)
+        (changed,) = await client.apply(load_paths([spec]))
+        assert (changed.action, changed.fields) == ("configured", ("spec.codeHash",))
+        await wait_until(
+            lambda: _restarted_with(daemon, "greeter", changed_hash(stored)), what="respec"
+        )
+        assert await _ask(client, "ada") == "bonjour ada"
+        # New code that does not import: the old code keeps running, an event says why.
+        (folder / f"{module}.py").write_text("def broken(:\n")
+        await client.apply(load_paths([spec]))
+        events = await wait_until(lambda: _events_of(store, "CodeReloadFailed"), within=20)
+        assert "SyntaxError" in events[0].message
+        assert "previous code keeps running" in events[0].message
+        assert await _ask(client, "ada") == "bonjour ada"
+        assert (await store.status("greeter"))["phase"] != "Failed"
+    unchanged = await client.apply(load_paths([spec]))
+    assert unchanged[0].action == "unchanged"
+
+
+def changed_hash(stored: dict[str, object]) -> object:
+    return stored["codeHash"]
+
+
+async def _restarted_with(daemon: object, name: str, old_hash: object) -> bool:
+    runner = daemon.runners.get(name)  # type: ignore[attr-defined]
+    return runner is not None and runner.resource.spec.code_hash != old_hash
+
+
+async def _events_of(store: Store, type_: str) -> list[object]:
+    return [e for e in await store.events("greeter") if e.type == type_]
+
+
+async def test_a_code_path_without_the_module_is_refused_at_apply(tmp_path: Path) -> None:
+    spec = tmp_path / "agent.yaml"
+    spec.write_text(
+        "apiVersion: agentos/v1\nkind: Agent\nmetadata: {name: lost}\n"
+        "spec:\n  entrypoint: lost:Agent\n  codePath: code\n"
+    )
+    from agentos.client import _with_code
+
+    with pytest.raises(SpecError) as caught:
+        _with_code(load_paths([spec]))
+    message = str(caught.value)
+    assert f"{spec}:6" in message
+    assert str(tmp_path / "code" / "lost.py") in message
+
+
+async def test_restart_waits_for_the_running_task_and_never_cuts_it(store: Store) -> None:
+    GATES.clear()
+    await apply(store, agent_doc("gated", "tests.fixture_agents:Gated", triggers=INBOX))
+    client = Client(store)
+    sent = await client.send("gated", "gate:slow")
+    async with running_daemon(store):
+        await wait_until(lambda: _task_is(store, "gated", f"m-{sent}", "running"))
+        mark = await client.restart("gated")
+        assert mark is not None
+        assert not await client.restarted("gated", mark)
+        GATES["slow"].set()
+        await wait_until(lambda: client.restarted("gated", mark), within=20, what="restart")
+        record = await store.task("gated", f"m-{sent}")
+        assert (record["status"], record["result"]) == ("succeeded", "gate:slow")
+        # The restart came after the task ended: it waited, it did not cut it.
+        events = [e for e in await store.events("gated") if e.type in ("Restarted", "Stopped")]
+        assert [e.type for e in events] == ["Restarted"], events
+        assert events[0].time >= float(record["finished_at"])
+        after = await client.send("gated", "after")
+        assert (await client.wait_task("gated", f"m-{after}", timeout_s=20))["result"] == "after"
+
+
+def _labelled(name: str, team: str) -> Document:
+    body = {
+        "apiVersion": "agentos/v1",
+        "kind": "Agent",
+        "metadata": {"name": name, "labels": {"team": team}},
+        "spec": {"entrypoint": "tests.fixture_agents:Echo", "triggers": INBOX},
+    }
+    (doc,) = parse_text(json.dumps(body), source=f"<{name}>")
+    return doc
+
+
+async def _task_is(store: Store, name: str, task: str, status: str) -> bool:
+    return (await store.task(name, task)).get("status") == status
+
+
+async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]) -> None:  # noqa: F811
+    names = [f"echo-{i}" for i in range(5)]
+    await apply(store, *(_labelled(n, "a" if i < 4 else "b") for i, n in enumerate(names)))
+    client = Client(store)
+    async with running_daemon(store):
+        for n in names:
+            sent = await client.send(n, "hi")
+            await client.wait_task(n, f"m-{sent}", timeout_s=20)
+        one = await cli(env, "restart", "echo-0")
+        assert one.returncode == 0, show(one)
+        assert one.stdout.strip() == "agent/echo-0 restarted", show(one)
+        rollout = await cli(env, "rollout", "restart", "-l", "team=a", "--batch", "2")
+        assert rollout.returncode == 0, show(rollout)
+        lines = rollout.stdout.splitlines()
+        assert lines[0] == "wave 1/2: 2/2 done", show(rollout)
+        assert "wave 2/2: 2/2 done" in lines, show(rollout)
+        assert lines[-1] == "rollout restarted 4 agent(s)", show(rollout)
+        as_json = await cli(env, "restart", "-l", "team=b", "-o", "json")
+        assert as_json.returncode == 0, show(as_json)
+        assert '"outcome": "restarted"' in as_json.stdout, show(as_json)
+        for args in (
+            ("restart", "ghost"),
+            ("restart",),
+            ("restart", "-l", "team"),
+            ("restart", "-l", "team=none"),
+            ("restart", "echo-1", "--grace", "soon"),
+            ("rollout", "restart", "-l", "=x"),
+        ):
+            bad = await cli(env, *args)
+            assert bad.returncode == 2, show(bad)
+            assert bad.stderr.count("\n") == 1, show(bad)
+    restarted = [e for e in await store.events("echo-1") if e.type == "Restarted"]
+    assert len(restarted) == 1
