@@ -1,32 +1,26 @@
-"""Cheap tracing: spans recorded as tuples, exported by a process of their own.
+"""Tracing on the OpenTelemetry SDK: span trees, sampling, context, OTLP export, drops.
 
-The encoder is checked against the SDK's own (same request, field for field); the
-exporter process against a real OTLP/HTTP receiver; the bounded queue by counting what it
-sent and dropped; sampling by the standard variables.
+Spans are checked in memory and at a real OTLP/HTTP receiver; the bounded queue by
+counting what it sent and dropped; sampling by the standard variables; context by spans
+of the global tracer API and the ``traceparent`` we hand on.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from agentos.telemetry import Telemetry
-from agentos.telemetry.encode import SpanEncoder
-from agentos.telemetry.export import Traces
-from agentos.telemetry.otlp import SCHEMA_URL, Converter
-from agentos.telemetry.spans import NOOP_SPAN, Record
-from tests.test_telemetry import collector
+from agentos.telemetry import NOOP_SPAN, TOKEN_BUCKETS, Telemetry
+from tests.test_telemetry import _free_port, collector
 
 __all__ = ["collector"]  # the fixture, shared with test_telemetry
 
@@ -34,21 +28,10 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
 
 
-class _Records:
-    """A sink that keeps what it gets."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.measures: list[tuple[int, float, Mapping[str, Any] | None]] = []
-
-    def emit(self, record: Record) -> None:
-        self.records.append(record)
-
-    def measure(self, instrument: int, value: float, attributes: Mapping[str, Any] | None) -> None:
-        self.measures.append((instrument, value, attributes))
-
-    def shutdown(self, timeout_s: float) -> None:
-        pass
+def _in_memory(env: dict[str, str] | None = None) -> tuple[Telemetry, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    t = Telemetry.from_env("tests", env=env or {}, span_processors=(SimpleSpanProcessor(exporter),))
+    return t, exporter
 
 
 def _a_task(t: Telemetry, *, traceparent: str | None = TRACEPARENT, fail: bool = False) -> None:
@@ -75,41 +58,6 @@ def _a_task(t: Telemetry, *, traceparent: str | None = TRACEPARENT, fail: bool =
         root.set_attribute("agentos.task.steps", 1)
         if fail:
             Telemetry.fail(root, RuntimeError("boom"))
-
-
-def test_the_encoder_writes_the_request_the_sdk_writes() -> None:
-    sink = _Records()
-    t = Telemetry(sink=sink)
-    _a_task(t)
-    _a_task(t, traceparent=None)
-    with pytest.raises(RuntimeError), t.span("learn"):
-        raise RuntimeError("agent code failed")
-    convert = Converter(os.environ)
-    encoder = SpanEncoder(convert.resource, "agentos", SCHEMA_URL, 128)
-    plain = [r for r in sink.records if not r[11]]
-    with_events = [r for r in sink.records if r[11]]
-    assert len(plain) == 12
-    assert len(with_events) == 1
-    assert encoder.span(with_events[0]) is None  # exceptions go through the SDK's encoder
-    encoded = [encoder.span(r) for r in plain]
-    assert all(e is not None for e in encoded)
-    ours = ExportTraceServiceRequest.FromString(encoder.request([e for e in encoded if e]))
-    sdk = ExportTraceServiceRequest.FromString(
-        encode_spans([convert.span(r) for r in plain]).SerializePartialToString()
-    )
-    assert ours == sdk
-    spans = ours.resource_spans[0].scope_spans[0].spans
-    root = next(s for s in spans if s.name == "invoke_agent späher")
-    assert root.parent_span_id == bytes.fromhex(TRACEPARENT.split("-")[2])
-    assert root.flags == 0x300  # the parent is remote
-
-
-def test_the_standard_http_exporter_posts_our_bytes() -> None:
-    # The exporter process hands encoded bytes to the standard exporter's HTTP client;
-    # an SDK release without it must fail here, not silently fall back to the slow path.
-    traces = Traces(OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces"), os.environ)
-    assert traces.client is not None
-    traces.shutdown()
 
 
 def test_spans_keep_their_tree_status_and_attributes() -> None:
@@ -175,6 +123,7 @@ def test_sampling_follows_the_standard_variables(
 
 def test_the_current_span_propagates_and_disabled_telemetry_costs_nothing() -> None:
     off = Telemetry.disabled()
+    assert not off.enabled
     assert (
         off.task(
             agent="a",
@@ -189,14 +138,29 @@ def test_the_current_span_propagates_and_disabled_telemetry_costs_nothing() -> N
     )
     with off.span("observe"):
         assert Telemetry.current_traceparent() is None
-    t = Telemetry(sink=_Records())
+    t, exporter = _in_memory()
+    assert t.tracer_provider is not None
+    library = t.tracer_provider.get_tracer("some.library")
     assert Telemetry.current_traceparent() is None
     with t.span("observe") as span:
+        ctx = span.get_span_context()
+        assert trace.get_current_span() is span  # current in the OpenTelemetry context
         here = Telemetry.current_traceparent()
-        assert here == f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
-        with t.span("child") as child:
-            assert child.trace_id == span.trace_id
+        assert here is not None
+        assert here[:-2] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-"
+        assert int(here[-2:], 16) & 1  # sampled (W3C level 2 may add the "random" bit)
+        headers: dict[str, str] = {}
+        Telemetry.inject(headers)
+        assert headers["traceparent"] == here
+        # A library's span, through the API, then ours inside it.
+        with library.start_as_current_span("GET"), t.span("child") as child:
+            assert child.get_span_context().trace_id == ctx.trace_id
     assert Telemetry.current_traceparent() is None
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["GET"].parent is not None
+    assert spans["GET"].parent.span_id == spans["observe"].context.span_id
+    assert spans["child"].parent is not None
+    assert spans["child"].parent.span_id == spans["GET"].context.span_id
 
 
 def _received(bodies: list[bytes]) -> list[Any]:
@@ -209,7 +173,7 @@ def _received(bodies: list[bytes]) -> list[Any]:
     ]
 
 
-def test_the_exporter_process_delivers_every_span_and_metric(
+def test_otlp_export_delivers_every_span_and_metric(
     collector: tuple[int, dict[str, list[bytes]]],
 ) -> None:
     port, received = collector
@@ -218,7 +182,7 @@ def test_the_exporter_process_delivers_every_span_and_metric(
         "OTEL_SERVICE_NAME": "agentos-test",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    t = Telemetry.from_env(env=env)
+    t = Telemetry.from_env(env=env, install_global=False)
     for _ in range(3):
         _a_task(t)
     _a_task(t, fail=True)
@@ -231,6 +195,9 @@ def test_the_exporter_process_delivers_every_span_and_metric(
     by_id = {s.span_id: s for s in spans}
     chat = next(s for s in spans if s.name == "chat sim-1")
     assert by_id[chat.parent_span_id].name == "act"
+    root = next(s for s in spans if s.name == "invoke_agent späher")
+    assert root.parent_span_id == bytes.fromhex(TRACEPARENT.split("-")[2])
+    assert root.flags == 0x300  # the parent is remote
     failed = [s for s in spans if s.events]
     assert [e.name for s in failed for e in s.events] == ["exception"]
     req = ExportTraceServiceRequest.FromString(received["traces"][0])
@@ -244,9 +211,12 @@ def test_the_exporter_process_delivers_every_span_and_metric(
                     points.setdefault(m.name, []).append(m)
     assert {"gen_ai.client.token.usage", "gen_ai.server.time_to_first_token"} <= set(points)
     (tasks,) = points["agentos.tasks"][-1].sum.data_points
-    assert tasks.as_int == 3  # summed in the exporter, same value as three adds
+    assert tasks.as_int == 3
     usage = points["gen_ai.client.token.usage"][-1].histogram.data_points
     assert sum(p.count for p in usage) == 8  # input and output, four tasks
+    assert list(usage[0].explicit_bounds) == [float(b) for b in TOKEN_BUCKETS]
+    (dropped,) = points["agentos.telemetry.spans_dropped"][-1].sum.data_points
+    assert dropped.as_int == 0
 
 
 def test_a_full_queue_drops_and_counts_never_blocks(
@@ -258,138 +228,40 @@ def test_a_full_queue_drops_and_counts_never_blocks(
         "OTEL_BSP_MAX_QUEUE_SIZE": "8",
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8",
     }
-    t = Telemetry.from_env(env=env)
+    reader = InMemoryMetricReader()
+    t = Telemetry.from_env(env=env, metric_readers=(reader,), install_global=False)
     for _ in range(5000):
         with t.span("observe"):
             pass
-    t.shutdown(timeout_s=20)
     counts = t.export_counts()
     assert counts["dropped"] > 0
+    (metric,) = [
+        m
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "agentos.telemetry.spans_dropped"
+    ]
+    (point,) = metric.data.data_points
+    assert point.value >= counts["dropped"]  # read later: more may have dropped since
+    t.shutdown(timeout_s=20)
+    counts = t.export_counts()
     assert counts["spans_sent"] + counts["dropped"] == 5000
     assert len(_received(received["traces"])) == counts["spans_sent"]
 
 
-def test_a_dead_exporter_process_only_costs_telemetry(
-    collector: tuple[int, dict[str, list[bytes]]],
-) -> None:
-    port, _ = collector
+def test_a_dead_collector_only_costs_telemetry() -> None:
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{_free_port()}",  # nobody there
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
         "OTEL_BSP_SCHEDULE_DELAY": "10",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "512",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64",
     }
-    t = Telemetry.from_env(env=env)
-    sink: Any = t._sink
-    sink.proc.kill()
-    sink.proc.wait()
+    t = Telemetry.from_env(env=env, install_global=False)
     for _ in range(2000):
         _a_task(t)
-    t.shutdown(timeout_s=5)
+    t.shutdown(timeout_s=2)
     counts = t.export_counts()
-    assert counts["dropped"] > 0
-    assert counts["spans_sent"] + counts["dropped"] == 2000 * 6
-
-
-class _Captured:
-    """A metric exporter that keeps what it is given (the SDK's interface: ``export``)."""
-
-    def __init__(self, preferred: dict[type, Any] | None = None) -> None:
-        self._preferred_temporality = preferred or {}
-        self.exported: list[Any] = []
-
-    def export(self, data: Any) -> None:
-        self.exported.append(data)
-
-    def shutdown(self) -> None:
-        pass
-
-
-def _points(data: Any) -> dict[tuple[str, tuple[tuple[str, Any], ...]], Any]:
-    return {
-        (m.name, tuple(sorted(p.attributes.items()))): p
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        for p in m.data.data_points
-    }
-
-
-_MEASURES = [
-    (0, 12, {"gen_ai.token.type": "input", "gen_ai.request.model": "m"}),
-    (0, 3, {"gen_ai.token.type": "output", "gen_ai.request.model": "m"}),
-    (0, 70000, {"gen_ai.token.type": "input", "gen_ai.request.model": "m"}),
-    (1, 0.05, {"gen_ai.request.model": "m"}),
-    (1, 0.32, {"gen_ai.request.model": "m"}),
-    (2, 7.5, None),
-    (4, 1, {"agentos.task.status": "succeeded"}),
-    (4, 2, {"agentos.task.status": "succeeded"}),
-    (4, 1, {"agentos.task.status": "failed"}),
-    (9, 100, None),
-    (9, -40, None),
-]
-
-
-def test_the_exporter_process_aggregates_as_the_sdk_does() -> None:
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-    from agentos.telemetry import otlp
-    from agentos.telemetry.aggregate import Aggregator
-
-    reader = InMemoryMetricReader()
-    made = otlp.instruments(otlp.meter_provider({}, [reader]).get_meter("agentos"))
-    for instrument, value, attrs in _MEASURES:
-        otlp.record_measurement(made, instrument, value, attrs)
-    expected = _points(reader.get_metrics_data())
-    exporter = _Captured()
-    agg = Aggregator(exporter, otlp.resource({}), InstrumentationScope("agentos"), 1)
-    agg.add(_MEASURES)
-    agg.export()
-    got = _points(exporter.exported[0])
-    assert set(got) == set(expected)
-    for key, want in expected.items():
-        have = got[key]
-        if hasattr(want, "bucket_counts"):
-            assert (have.count, have.sum, have.min, have.max) == (
-                want.count, want.sum, want.min, want.max,
-            ), key  # fmt: skip
-            assert list(have.bucket_counts) == list(want.bucket_counts), key
-            assert list(have.explicit_bounds) == list(want.explicit_bounds), key
-        else:
-            assert have.value == want.value, key
-    assert got[("agentos.tasks", (("agentos.task.status", "succeeded"),))].value == 3
-    # cumulative: a second export repeats every series from the same start
-    agg.add([(4, 1, {"agentos.task.status": "failed"})])
-    agg.export()
-    again = _points(exporter.exported[1])
-    assert set(again) == set(got)
-    assert again[("agentos.tasks", (("agentos.task.status", "failed"),))].value == 2
-
-
-def test_delta_temporality_exports_only_what_arrived_since() -> None:
-    from opentelemetry.sdk.metrics import Counter, Histogram
-    from opentelemetry.sdk.metrics.export import AggregationTemporality
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-    from agentos.telemetry import otlp
-    from agentos.telemetry.aggregate import Aggregator
-
-    delta = AggregationTemporality.DELTA
-    exporter = _Captured({Counter: delta, Histogram: delta})
-    agg = Aggregator(exporter, otlp.resource({}), InstrumentationScope("agentos"), 1)
-    agg.add(_MEASURES)
-    agg.export()
-    agg.add([(4, 5, {"agentos.task.status": "failed"}), (9, 1, None)])
-    agg.export()
-    first, second = (_points(d) for d in exporter.exported)
-    failed = ("agentos.tasks", (("agentos.task.status", "failed"),))
-    assert first[failed].value == 1
-    assert second[failed].value == 5
-    assert second[failed].start_time_unix_nano == first[failed].time_unix_nano
-    kv = ("agentos.kv.stored", ())
-    assert second[kv].value == 61  # up-down counters stay cumulative under delta
-    assert set(second) == {failed, kv}
-    metric = exporter.exported[1].resource_metrics[0].scope_metrics[0].metrics
-    assert [m.data.aggregation_temporality for m in metric] == [
-        delta,
-        AggregationTemporality.CUMULATIVE,
-    ]
+    assert counts["spans_sent"] == 0
+    assert counts["dropped"] > 2000 * 6 - 512 - 64  # at most a queue and a batch unaccounted

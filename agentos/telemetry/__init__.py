@@ -7,89 +7,111 @@ Attribute and metric names follow the OpenTelemetry GenAI semantic conventions a
 semantic-conventions 1.37 (status: Development; ``gen_ai.*``), the version pinned by
 ``opentelemetry-semantic-conventions`` 0.58b0 and newer.
 
-Export is configured only by the standard ``OTEL_*`` variables: with
+They are spans of the standard SDK (``TracerProvider``), and each is the current span of
+the OpenTelemetry context while the code inside it runs: a span that a library opens with
+the global tracer API (httpx, a database driver, the MCP client, instrumented by the
+user) inside an agent's ``act`` is a child of that ``act``, and a ``traceparent`` sent on
+(:meth:`Telemetry.current_traceparent`, :meth:`Telemetry.inject`) names the current span.
+A daemon that exports sets its providers as the global ones unless some were set before,
+so those libraries' spans and metrics leave through the same exporters.
+
+Export is configured only by the standard ``OTEL_*`` variables (:mod:`.otlp`): with
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the per-signal ``..._TRACES_ENDPOINT`` /
 ``..._METRICS_ENDPOINT``) spans and metrics go out by OTLP, over HTTP/protobuf unless
 ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``; headers, service name, resource attributes,
 batching (``OTEL_BSP_*``) and sampler (``OTEL_TRACES_SAMPLER``) come from their
 variables too. ``--otel console`` prints to stderr for development; with nothing
-configured nothing is exported.
+configured nothing is exported and every span is the same no-op object.
 
-Tracing must not cost the agents it watches (target: under 5% of task throughput), so
-the hot path records spans and measurements as plain tuples (:mod:`.spans`) and OTLP
-export runs in a process of its own with the SDK's standard exporters (:mod:`.export`);
-a dead or slow collector drops telemetry, it never blocks agents. Message content is
-recorded only when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``.
+Export runs off the agents' path, in the SDK's ``BatchSpanProcessor`` and
+``PeriodicExportingMetricReader`` threads: a dead or slow collector fills a bounded queue
+and drops telemetry (counted in ``agentos.telemetry.spans_dropped``, :mod:`.export`), it
+never blocks agents. Message content is recorded only when
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation, UpDownCounter
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.sdk.trace import sampling as sdk_sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    get_current_span,
-    set_span_in_context,
-)
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
 from agentos.telemetry import otlp
-from agentos.telemetry.spans import (
-    NOOP_SPAN,
-    Remote,
-    Sink,
-    Span,
-    clean,
-    current,
-    parse_traceparent,
-)
+from agentos.telemetry.export import SPANS_DROPPED, CountingBatchSpanProcessor, CountingExporter
 
-__all__ = ["Inference", "Span", "Telemetry"]
+__all__ = ["NOOP_SPAN", "Inference", "Telemetry"]
 
 log = logging.getLogger("agentos.telemetry")
 
 SEMCONV_VERSION = otlp.SEMCONV_VERSION
 TOKEN_BUCKETS = otlp.TOKEN_BUCKETS
 DURATION_BUCKETS = otlp.DURATION_BUCKETS
-_INTERNAL = SpanKind.INTERNAL.value
-_CLIENT = SpanKind.CLIENT.value
+# What disabled telemetry hands out: one span that records nothing and is never current.
+NOOP_SPAN: trace.Span = trace.INVALID_SPAN
+_TRACECONTEXT = TraceContextTextMapPropagator()
+_PLAIN = (str, bool, int, float)
 
 
 def _capture_content(env: Mapping[str, str]) -> bool:
     return env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").lower() == "true"
 
 
-class _Instrument:
-    """A metric instrument whose measurements go to the sink (cheap: a tuple queued)."""
+def clean(value: Any) -> AttributeValue:
+    """An attribute value OTLP can carry: plain values as they are, sequences as tuples of
+    plain values, anything else as its ``str``."""
+    if type(value) in _PLAIN:
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        return tuple(v if type(v) in _PLAIN else str(v) for v in value)
+    return str(value)
 
-    __slots__ = ("_index", "_sink")
 
-    def __init__(self, sink: Sink | None, index: int) -> None:
-        self._sink = sink
-        self._index = index
+class _Current:
+    """An SDK span, current in the OpenTelemetry context for the ``with`` block (entering
+    gives the span). An exception leaving the block is recorded and sets an error status,
+    as ``start_as_current_span`` does, at a fraction of its cost."""
 
-    def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if self._sink is not None:
-            self._sink.measure(self._index, amount, attributes)
+    __slots__ = ("_span", "_token")
 
-    record = add
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._span.__exit__(exc_type, exc, tb)  # the SDK's: records exc, ends the span
+        finally:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 class Inference:
@@ -99,16 +121,22 @@ class Inference:
     and records the duration with it.
     """
 
-    __slots__ = ("attributes", "span", "started", "telemetry")
+    __slots__ = ("_scope", "attributes", "span", "started", "telemetry")
 
-    def __init__(self, span: Span, telemetry: Telemetry, attributes: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        span: trace.Span,
+        telemetry: Telemetry,
+        attributes: dict[str, Any],
+    ) -> None:
         self.span = span
+        self._scope: Any = _Current(span) if span is not NOOP_SPAN else NOOP_SPAN
         self.telemetry = telemetry
         self.attributes = attributes
         self.started = time.perf_counter()
 
     def __enter__(self) -> Inference:
-        self.span.__enter__()
+        self._scope.__enter__()
         return self
 
     def __exit__(
@@ -123,7 +151,7 @@ class Inference:
                 time.perf_counter() - self.started,
                 {**self.attributes, "error.type": type(exc).__name__},
             )
-        self.span.__exit__(exc_type, exc, tb)
+        self._scope.__exit__(exc_type, exc, tb)
 
     def finish(
         self,
@@ -135,13 +163,16 @@ class Inference:
         queue_wait_s: float = 0.0,
     ) -> None:
         """Set the usage attributes and record the GenAI client metrics."""
-        attrs = self.span._attributes
         if self.span.is_recording():
-            attrs["gen_ai.usage.input_tokens"] = input_tokens
-            attrs["gen_ai.usage.output_tokens"] = output_tokens
-            attrs["agentos.time_to_first_token_s"] = time_to_first_token_s
-            attrs["agentos.kv_restored"] = kv_restored
-            attrs["agentos.queue_wait_s"] = queue_wait_s
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": input_tokens,
+                    "gen_ai.usage.output_tokens": output_tokens,
+                    "agentos.time_to_first_token_s": time_to_first_token_s,
+                    "agentos.kv_restored": kv_restored,
+                    "agentos.queue_wait_s": queue_wait_s,
+                }
+            )
         t = self.telemetry
         base = self.attributes
         t.token_usage.record(input_tokens, {**base, "gen_ai.token.type": "input"})
@@ -150,80 +181,64 @@ class Inference:
         t.time_to_first_token.record(time_to_first_token_s, base)
 
 
-def _sampler(env: Mapping[str, str]) -> Any:
-    """The root sampler ``OTEL_TRACES_SAMPLER`` names; None for the default
-    (``parentbased_always_on``), which costs nothing to apply."""
-    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "")
-    try:
-        rate = float(arg) if arg else 1.0
-    except ValueError:
-        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using 1.0", arg)
-        rate = 1.0
-    samplers: dict[str, Any] = {
-        "always_on": sdk_sampling.ALWAYS_ON,
-        "always_off": sdk_sampling.ALWAYS_OFF,
-        "traceidratio": sdk_sampling.TraceIdRatioBased(rate),
-        "parentbased_always_off": sdk_sampling.ParentBased(sdk_sampling.ALWAYS_OFF),
-        "parentbased_traceidratio": sdk_sampling.ParentBased(sdk_sampling.TraceIdRatioBased(rate)),
-    }
-    if name == "parentbased_always_on":
-        return None
-    if name not in samplers:
-        log.warning("unknown OTEL_TRACES_SAMPLER %r; using parentbased_always_on", name)
-        return None
-    sampler = samplers[name]
-    kinds = {k.value: k for k in SpanKind}
-
-    def decide(
-        trace_id: int, name: str, kind: int, attrs: Mapping[str, Any], parent: Remote | None
-    ) -> bool:
-        context = None
-        if parent is not None:
-            flags = TraceFlags(TraceFlags.SAMPLED if parent.sampled else TraceFlags.DEFAULT)
-            remote = SpanContext(parent.trace_id, parent.span_id, True, flags)
-            context = set_span_in_context(NonRecordingSpan(remote))
-        result = sampler.should_sample(context, trace_id, name, kinds[kind], attrs)
-        return bool(result.decision.is_sampled())
-
-    return decide
-
-
 class Telemetry:
     """Spans and metrics for one daemon (or one test); no-op unless configured.
 
-    ``sink`` receives the ended spans and the measurements; None disables both.
+    ``tracer_provider`` None disables spans (every span is :data:`NOOP_SPAN`);
+    ``meter_provider`` None makes the instruments no-ops. ``batch`` is the span processor
+    that exports by OTLP or to the console, if any (its drops are counted).
     """
 
     def __init__(
         self,
         *,
-        sink: Any = None,
-        sampler: Any = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        batch: CountingBatchSpanProcessor | None = None,
         capture_content: bool = False,
     ) -> None:
-        self.enabled = sink is not None
-        self._sink = sink
-        self._closed: Any = None
-        self._sampler = sampler
+        self.enabled = tracer_provider is not None
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
         self.capture_content = capture_content
-        for index, (attr, *_) in enumerate(otlp.INSTRUMENTS):
-            setattr(self, attr, _Instrument(sink, index))
-        # Spelled out for type checkers; set by the loop above.
-        self.token_usage: _Instrument
-        self.operation_duration: _Instrument
-        self.time_to_first_token: _Instrument
-        self.active_seconds: _Instrument
-        self.tasks: _Instrument
-        self.hibernations: _Instrument
-        self.wakes: _Instrument
-        self.wake_latency: _Instrument
-        self.hibernate_latency: _Instrument
-        self.kv_bytes: _Instrument
-        self.queue_wait: _Instrument
-        self.throttles: _Instrument
-        self.tool_calls: _Instrument
-        self.tool_duration: _Instrument
+        self._batch = batch
+        self._tracer: trace.Tracer = (
+            tracer_provider.get_tracer("agentos", schema_url=otlp.SCHEMA_URL)
+            if tracer_provider is not None
+            else trace.NoOpTracer()
+        )
+        meter = (
+            meter_provider.get_meter("agentos", schema_url=otlp.SCHEMA_URL)
+            if meter_provider is not None
+            else otel_metrics.NoOpMeterProvider().get_meter("agentos")
+        )
+        made = otlp.instruments(meter)
+        self.token_usage: Histogram = made["token_usage"]
+        self.operation_duration: Histogram = made["operation_duration"]
+        self.time_to_first_token: Histogram = made["time_to_first_token"]
+        self.active_seconds: Counter = made["active_seconds"]
+        self.tasks: Counter = made["tasks"]
+        self.hibernations: Counter = made["hibernations"]
+        self.wakes: Counter = made["wakes"]
+        self.wake_latency: Histogram = made["wake_latency"]
+        self.hibernate_latency: Histogram = made["hibernate_latency"]
+        self.kv_bytes: UpDownCounter = made["kv_bytes"]
+        self.queue_wait: Histogram = made["queue_wait"]
+        self.throttles: Counter = made["throttles"]
+        self.tool_calls: Counter = made["tool_calls"]
+        self.tool_duration: Histogram = made["tool_duration"]
+        if batch is not None:
+            meter.create_observable_counter(
+                SPANS_DROPPED,
+                callbacks=[self._observe_dropped],
+                unit="{span}",
+                description="Spans dropped because the export queue was full",
+            )
+        self._exporter = batch.span_exporter if batch is not None else None
+
+    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        assert self._batch is not None
+        return [Observation(self._batch.dropped)]
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -238,51 +253,94 @@ class Telemetry:
         env: Mapping[str, str] | None = None,
         span_processors: tuple[SpanProcessor, ...] = (),
         metric_readers: tuple[MetricReader, ...] = (),
+        install_global: bool | None = None,
     ) -> Telemetry:
         """Build from ``OTEL_*`` variables. ``mode``: ``auto`` (OTLP when configured),
         ``console`` (stderr, for development) or ``none``.
 
-        Tests pass their own ``span_processors`` / ``metric_readers`` (in-memory): spans
-        reach them as ``ReadableSpan`` as soon as they end. OTLP export runs in an
-        exporter process (:mod:`agentos.telemetry.export`).
+        Tests pass their own ``span_processors`` / ``metric_readers`` (in-memory).
+        ``install_global`` (default: when spans are exported by OTLP or to the console)
+        makes the providers the process's global ones, unless some were set before.
         """
         env = os.environ if env is None else env
         if mode == "none" or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
             return cls.disabled()
-        processors = list(span_processors)
+        span_exporter: Any = None
         readers = list(metric_readers)
-        sink: Any = None
         if mode == "console":
-            processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), 10_000))
+            span_exporter = ConsoleSpanExporter(out=sys.stderr)
+            readers.append(
+                PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr), 10_000)
+            )
         elif mode == "auto":
-            traces, metrics, _ = otlp.otlp_endpoints(env)
-            if traces or metrics:
-                sink = _exporter_sink(env)
-        if processors or readers:
-            provider = otlp.meter_provider(env, readers) if readers else None
-            local = otlp.InProcessSink(env, processors, provider)
-            sink = local if sink is None else _Both(local, sink)
-        if sink is None:
+            span_exporter, metric_exporter = otlp.otlp_exporters(env)
+            if metric_exporter is not None:
+                interval = otlp.int_env(env, "OTEL_METRIC_EXPORT_INTERVAL", 60_000)
+                readers.append(PeriodicExportingMetricReader(metric_exporter, interval))
+        batch = (
+            CountingBatchSpanProcessor(CountingExporter(span_exporter), **otlp.batching(env))
+            if span_exporter is not None
+            else None
+        )
+        processors = [*span_processors, *([batch] if batch is not None else [])]
+        if not processors and not readers:
             return cls.disabled()
-        return cls(sink=sink, sampler=_sampler(env), capture_content=_capture_content(env))
+        tracer_provider = None
+        if processors:
+            tracer_provider = TracerProvider(
+                sampler=otlp.sampler(env),
+                resource=otlp.resource(env),
+                shutdown_on_exit=False,
+                span_limits=SpanLimits(),
+            )
+            for p in processors:
+                tracer_provider.add_span_processor(p)
+        meter_provider = otlp.meter_provider(env, readers) if readers else None
+        telemetry = cls(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            batch=batch,
+            capture_content=_capture_content(env),
+        )
+        if install_global if install_global is not None else batch is not None:
+            telemetry.install_global()
+        return telemetry
+
+    def install_global(self) -> None:
+        """Make these providers the global ones (what ``trace.get_tracer`` and
+        ``metrics.get_meter`` of instrumented libraries use), unless some were set."""
+        if self.tracer_provider is not None and isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        ):
+            trace.set_tracer_provider(self.tracer_provider)
+        # The API names no proxy class for metrics; an SDK provider means one was set.
+        if self.meter_provider is not None and not isinstance(
+            otel_metrics.get_meter_provider(), MeterProvider
+        ):
+            otel_metrics.set_meter_provider(self.meter_provider)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Flush what can be flushed within ``timeout_s`` and stop the exporters."""
-        if self._sink is not None:
-            sink, self._sink = self._sink, None
-            self._closed = sink
-            sink.shutdown(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        tracer_provider, self.tracer_provider = self.tracer_provider, None
+        meter_provider, self.meter_provider = self.meter_provider, None
+        if tracer_provider is not None:
+            if self._batch is not None:
+                self._batch.shutdown_within(timeout_s)
+            tracer_provider.shutdown()  # the batch is done; in-memory processors are quick
+        if meter_provider is not None:
+            left_ms = max(0.0, deadline - time.monotonic()) * 1000
+            meter_provider.shutdown(timeout_millis=max(left_ms, 100))
 
     def export_counts(self) -> dict[str, int]:
-        """Spans handed to the exporter process so far, and spans dropped because its queue
-        was full or it had exited (empty when nothing is exported by OTLP)."""
-        sink = self._sink if self._sink is not None else self._closed
-        if isinstance(sink, _Both):
-            sink = sink.second
-        if not hasattr(sink, "sent"):
+        """Spans the collector accepted so far, and spans dropped (a full queue, a failed
+        export, a shutdown timeout); empty when spans are not exported."""
+        if self._batch is None or not isinstance(self._exporter, CountingExporter):
             return {}
-        return {"spans_sent": sink.sent, "dropped": sink.dropped}
+        return {
+            "spans_sent": self._exporter.sent,
+            "dropped": self._batch.dropped + self._exporter.failed,
+        }
 
     # ------------------------------------------------------------------ spans
 
@@ -297,10 +355,10 @@ class Telemetry:
         daemon_id: str,
         provider: str,
         traceparent: str | None = None,
-    ) -> Span:
-        """The root span of one task (``invoke_agent {agent}``), continuing ``traceparent``;
-        a context manager."""
-        if self._sink is None:
+    ) -> AbstractContextManager[trace.Span]:
+        """The root span of one task (``invoke_agent {agent}``), continuing ``traceparent``
+        (else the current span); a context manager that gives the span."""
+        if not self.enabled:
             return NOOP_SPAN
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "invoke_agent",
@@ -312,31 +370,31 @@ class Telemetry:
             "agentos.task.attempt": attempt,
             "agentos.daemon.id": daemon_id,
         }
-        parent = parse_traceparent(traceparent) or current()
-        return Span(
-            self._sink, self._sampler, f"invoke_agent {agent}", _INTERNAL, attributes, parent
-        )
+        parent = None
+        if traceparent:
+            remote = _TRACECONTEXT.extract({"traceparent": traceparent})
+            if trace.get_current_span(remote).get_span_context().is_valid:
+                parent = remote
+        span = self._tracer.start_span(f"invoke_agent {agent}", parent, attributes=attributes)
+        return _Current(span)
 
-    def span(self, name: str, **attributes: Any) -> Span:
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[trace.Span]:
         """A child span of the current one (``observe``, ``plan``, ``agentos.wake``...);
-        a context manager."""
-        if self._sink is None:
+        a context manager that gives the span."""
+        if not self.enabled:
             return NOOP_SPAN
-        return Span(self._sink, self._sampler, name, _INTERNAL, attributes, current())
+        return _Current(self._tracer.start_span(name, attributes=attributes))
 
-    def tool(self, name: str, **attributes: Any) -> Span:
+    def tool(self, name: str, **attributes: Any) -> AbstractContextManager[trace.Span]:
         """``execute_tool {name}`` around a tool call made by agent code."""
-        if self._sink is None:
+        if not self.enabled:
             return NOOP_SPAN
         attrs = {k: clean(v) for k, v in attributes.items()}
-        return Span(
-            self._sink,
-            self._sampler,
+        span = self._tracer.start_span(
             f"execute_tool {name}",
-            _INTERNAL,
-            {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name, **attrs},
-            current(),
+            attributes={"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name, **attrs},
         )
+        return _Current(span)
 
     def inference(
         self, *, model: str, provider: str, operation: str = "text_completion", prompt: str = ""
@@ -347,10 +405,10 @@ class Telemetry:
             "gen_ai.provider.name": provider,
             "gen_ai.request.model": model,
         }
-        if self._sink is None:
+        if not self.enabled:
             return Inference(NOOP_SPAN, self, attributes)
-        span = Span(
-            self._sink, self._sampler, f"{operation} {model}", _CLIENT, dict(attributes), current()
+        span = self._tracer.start_span(
+            f"{operation} {model}", kind=SpanKind.CLIENT, attributes=attributes
         )
         if self.capture_content and prompt:
             span.set_attribute("gen_ai.input.messages", prompt)
@@ -365,52 +423,15 @@ class Telemetry:
 
     @staticmethod
     def current_traceparent() -> str | None:
-        """The W3C traceparent of the current span, to hand to a message we send."""
-        span = current()
-        if isinstance(span, Span):
-            return span.traceparent() if span.trace_id else None
-        if isinstance(span, Remote):
-            return f"00-{span.trace_id:032x}-{span.span_id:016x}-{'01' if span.sampled else '00'}"
-        other = get_current_span().get_span_context()  # a span of the caller's own SDK
-        if not other.is_valid:
+        """The W3C traceparent of the current span (ours or any other SDK span current in
+        this context), to hand to a message or request we send; None outside a span."""
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid:
             return None
-        return f"00-{other.trace_id:032x}-{other.span_id:016x}-{int(other.trace_flags):02x}"
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
-
-class _Both:
-    """In-memory processors (tests) and OTLP export at once."""
-
-    def __init__(self, first: Any, second: Any) -> None:
-        self.first, self.second = first, second
-
-    def emit(self, record: Any) -> None:
-        self.first.emit(record)
-        self.second.emit(record)
-
-    def measure(self, instrument: int, value: float, attributes: Any) -> None:
-        self.first.measure(instrument, value, attributes)
-        self.second.measure(instrument, value, attributes)
-
-    def shutdown(self, timeout_s: float) -> None:
-        try:
-            self.first.shutdown(timeout_s)
-        finally:
-            self.second.shutdown(timeout_s)
-
-
-def _exporter_sink(env: Mapping[str, str]) -> Any:
-    """OTLP export: in an exporter process; in this one if that cannot start."""
-    from agentos.telemetry.export import PipeSink
-
-    try:
-        return PipeSink(env, otlp.child_env(env))
-    except OSError as e:
-        log.warning("cannot start the telemetry exporter process (%s); exporting in-process", e)
-    span_exporter, metric_exporter = otlp.otlp_exporters(env)
-    processors = [BatchSpanProcessor(span_exporter)] if span_exporter is not None else []
-    readers: list[MetricReader] = []
-    if metric_exporter is not None:
-        interval = int(env.get("OTEL_METRIC_EXPORT_INTERVAL", "15000"))
-        readers.append(PeriodicExportingMetricReader(metric_exporter, interval))
-    provider = otlp.meter_provider(env, readers) if readers else None
-    return otlp.InProcessSink(env, processors, provider)
+    @staticmethod
+    def inject(carrier: MutableMapping[str, str]) -> None:
+        """Add the current context to outgoing headers with the global propagator
+        (``OTEL_PROPAGATORS``; W3C ``traceparent`` and ``baggage`` by default)."""
+        propagate.inject(carrier)

@@ -1,29 +1,26 @@
-"""The SDK side of telemetry: instruments, exporters chosen by ``OTEL_*``, and records
-turned into the SDK's ``ReadableSpan``.
+"""What the standard ``OTEL_*`` variables configure: resource, sampler, batching, OTLP exporters.
 
-Shared by the daemon's process (in-memory test processors, ``--otel console``) and the
-exporter process (``agentos.telemetry.export``), so both export exactly the same spans
-and metrics.
+Read from a mapping (the process environment, or a test's own) and handed to the SDK's
+own classes, so a daemon configured like any other OpenTelemetry service behaves like
+one. Also the metric instruments agentos records, with the histogram buckets the GenAI
+semantic conventions recommend.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
+from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from agentos.telemetry.spans import Record
+log = logging.getLogger("agentos.telemetry")
 
 SEMCONV_VERSION = "1.37.0"
 SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
@@ -45,8 +42,7 @@ DURATION_BUCKETS = [
     40.96,
     81.92,
 ]
-# (attribute on Telemetry, kind, metric name, unit, description); a measurement names
-# its instrument by its index here.
+# (attribute on Telemetry, kind, metric name, unit, description)
 INSTRUMENTS: list[tuple[str, str, str, str, str]] = [
     (
         "token_usage",
@@ -83,6 +79,19 @@ INSTRUMENTS: list[tuple[str, str, str, str, str]] = [
 ]
 
 
+def instruments(meter: Meter) -> dict[str, Any]:
+    """The instruments of :data:`INSTRUMENTS`, by attribute name."""
+    made: dict[str, Any] = {}
+    for attr, kind, name, unit, description in INSTRUMENTS:
+        if kind == "histogram":
+            made[attr] = meter.create_histogram(name, unit=unit, description=description)
+        elif kind == "counter":
+            made[attr] = meter.create_counter(name, unit=unit, description=description)
+        else:
+            made[attr] = meter.create_up_down_counter(name, unit=unit, description=description)
+    return made
+
+
 def resource(env: Mapping[str, str]) -> Resource:
     """``service.name`` from ``OTEL_SERVICE_NAME`` (default ``agentos``), plus
     ``OTEL_RESOURCE_ATTRIBUTES`` (read by the SDK from the process environment)."""
@@ -90,6 +99,7 @@ def resource(env: Mapping[str, str]) -> Resource:
 
 
 def meter_provider(env: Mapping[str, str], readers: Sequence[MetricReader]) -> MeterProvider:
+    """An SDK meter provider with the GenAI buckets for tokens and durations."""
     return MeterProvider(
         resource=resource(env),
         metric_readers=list(readers),
@@ -106,51 +116,57 @@ def meter_provider(env: Mapping[str, str], readers: Sequence[MetricReader]) -> M
     )
 
 
-def instruments(meter: Meter) -> list[Any]:
-    """The SDK instruments of :data:`INSTRUMENTS`, in order."""
-    made: list[Any] = []
-    for _, kind, name, unit, description in INSTRUMENTS:
-        if kind == "histogram":
-            made.append(meter.create_histogram(name, unit=unit, description=description))
-        elif kind == "counter":
-            made.append(meter.create_counter(name, unit=unit, description=description))
-        else:
-            made.append(meter.create_up_down_counter(name, unit=unit, description=description))
-    return made
+def int_env(env: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer variable, or ``default`` (with a warning when it is not one)."""
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        log.warning("%s=%r is not a positive integer; using %d", name, raw, default)
+        return default
+    return value
 
 
-def record_measurement(made: list[Any], instrument: int, value: float, attrs: Any) -> None:
-    target = made[instrument]
-    if INSTRUMENTS[instrument][1] == "histogram":
-        target.record(value, attrs)
-    else:
-        target.add(value, attrs)
+def batching(env: Mapping[str, str]) -> dict[str, int]:
+    """``BatchSpanProcessor`` arguments from ``OTEL_BSP_*`` (the SDK's defaults otherwise)."""
+    queue = int_env(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    return {
+        "max_queue_size": queue,
+        "schedule_delay_millis": int_env(env, "OTEL_BSP_SCHEDULE_DELAY", 5000),
+        "max_export_batch_size": min(int_env(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), queue),
+        "export_timeout_millis": int_env(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000),
+    }
 
 
-def otlp_exporters(env: Mapping[str, str]) -> tuple[SpanExporter | None, Any | None]:
-    """OTLP exporters chosen by the standard variables, or (None, None) when not configured.
-
-    Endpoints are resolved here from ``env`` (so tests and embedders can pass their own);
-    headers, timeouts, compression and certificates are read by the exporters from the
-    process environment as usual.
-    """
-    traces, metrics, protocol = otlp_endpoints(env)
-    if not traces and not metrics:
-        return None, None
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
-            OTLPMetricExporter,
-        )
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-            OTLPSpanExporter,
-        )
-    return (
-        OTLPSpanExporter(endpoint=traces) if traces else None,
-        OTLPMetricExporter(endpoint=metrics) if metrics else None,
-    )
+def sampler(env: Mapping[str, str]) -> sampling.Sampler:
+    """The sampler ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` name (default
+    ``parentbased_always_on``: a task continues its sender's decision)."""
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "")
+    try:
+        rate = float(arg) if arg else 1.0
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(arg)
+    except ValueError:
+        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a rate in [0, 1]; using 1.0", arg)
+        rate = 1.0
+    if name == "always_on":
+        return sampling.ALWAYS_ON
+    if name == "always_off":
+        return sampling.ALWAYS_OFF
+    if name == "traceidratio":
+        return sampling.TraceIdRatioBased(rate)
+    if name == "parentbased_always_off":
+        return sampling.ParentBased(sampling.ALWAYS_OFF)
+    if name == "parentbased_traceidratio":
+        return sampling.ParentBased(sampling.TraceIdRatioBased(rate))
+    if name != "parentbased_always_on":
+        log.warning("unknown OTEL_TRACES_SAMPLER %r; using parentbased_always_on", name)
+    return sampling.ParentBased(sampling.ALWAYS_ON)
 
 
 def otlp_endpoints(env: Mapping[str, str]) -> tuple[str | None, str | None, str]:
@@ -167,91 +183,51 @@ def otlp_endpoints(env: Mapping[str, str]) -> tuple[str | None, str | None, str]
     return traces, metrics, protocol
 
 
-class Converter:
-    """Records to ``ReadableSpan``, with the resource, scope and limits of one process."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.resource = resource(env)
-        self.scope = InstrumentationScope("agentos", None, SCHEMA_URL)
-        self.limits = SpanLimits()  # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and friends
-        self._flags = TraceFlags(TraceFlags.SAMPLED)
-        self._kinds = {k.value: k for k in SpanKind}
-        self._codes = {c.value: c for c in StatusCode}
-
-    def span(self, record: Record) -> ReadableSpan:
-        (name, kind, trace_id, span_id, parent_id, remote, start, end) = record[:8]
-        attributes, status, description, events = record[8:]
-        flags = self._flags
-        parent = SpanContext(trace_id, parent_id, remote, flags) if parent_id else None
-        limits = self.limits
-        return ReadableSpan(
-            name=name,
-            context=SpanContext(trace_id, span_id, False, flags),
-            parent=parent,
-            resource=self.resource,
-            attributes=BoundedAttributes(
-                limits.max_span_attributes,
-                attributes,
-                immutable=True,
-                max_value_len=limits.max_span_attribute_length,
-            ),
-            events=[
-                Event(
-                    n,
-                    BoundedAttributes(limits.max_event_attributes, a, immutable=True),
-                    ts,
-                )
-                for n, ts, a in events or ()
-            ],
-            kind=self._kinds[kind],
-            status=Status(self._codes[status], description),
-            start_time=start,
-            end_time=end,
-            instrumentation_scope=self.scope,
-        )
+def _timeout_s(env: Mapping[str, str], signal: str) -> float | None:
+    raw = env.get(f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    if not raw:
+        return None  # the exporter's default (10 s), or the process environment's
+    try:
+        return float(raw) / 1000 if float(raw) > 0 else None
+    except ValueError:
+        log.warning("OTLP timeout %r is not a number of milliseconds; ignored", raw)
+        return None
 
 
-class InProcessSink:
-    """Records handed at once, as ``ReadableSpan``, to span processors in this process
-    (tests' in-memory exporters, ``--otel console``); measurements go to SDK instruments.
+def otlp_exporters(
+    env: Mapping[str, str],
+) -> tuple[SpanExporter | None, MetricExporter | None]:
+    """OTLP exporters chosen by the standard variables, or (None, None) when not configured.
+
+    Endpoints and timeouts are resolved here from ``env`` (so tests and embedders can pass
+    their own); headers, compression and certificates are read by the exporters from the
+    process environment as usual.
     """
-
-    def __init__(
-        self,
-        env: Mapping[str, str],
-        processors: Sequence[SpanProcessor],
-        provider: MeterProvider | None,
-    ) -> None:
-        self._convert = Converter(env).span
-        self._processors = list(processors)
-        self._made = (
-            instruments(provider.get_meter("agentos", schema_url=SCHEMA_URL)) if provider else []
+    traces, metrics, protocol = otlp_endpoints(env)
+    span_exporter: SpanExporter | None = None
+    metric_exporter: MetricExporter | None = None
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetrics,
         )
-        self._provider = provider
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpans,
+        )
 
-    def emit(self, record: Record) -> None:
-        if self._processors:
-            span = self._convert(record)
-            for p in self._processors:
-                p.on_end(span)
+        if traces:
+            span_exporter = GrpcSpans(endpoint=traces, timeout=_timeout_s(env, "TRACES"))
+        if metrics:
+            metric_exporter = GrpcMetrics(endpoint=metrics, timeout=_timeout_s(env, "METRICS"))
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetrics,
+        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpans,
+        )
 
-    def measure(self, instrument: int, value: float, attributes: Mapping[str, Any] | None) -> None:
-        if self._made:
-            record_measurement(self._made, instrument, value, attributes)
-
-    def shutdown(self, timeout_s: float) -> None:
-        for p in self._processors:
-            try:
-                p.force_flush(int(timeout_s * 1000))
-            finally:
-                p.shutdown()
-        if self._provider is not None:
-            try:
-                self._provider.force_flush(int(timeout_s * 1000))
-            finally:
-                self._provider.shutdown()
-
-
-def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The exporter process's environment: ours, with the given ``OTEL_*`` on top."""
-    return {**os.environ, **{k: v for k, v in env.items() if k.startswith("OTEL_")}}
+        if traces:
+            span_exporter = HttpSpans(endpoint=traces, timeout=_timeout_s(env, "TRACES"))
+        if metrics:
+            metric_exporter = HttpMetrics(endpoint=metrics, timeout=_timeout_s(env, "METRICS"))
+    return span_exporter, metric_exporter
