@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from agentos.core.fleet import (
     inbox_depth,
     toolserver_issues,
 )
+from agentos.core.machine import machine_record, rfc3339
 from agentos.core.models import model_issues
 from agentos.core.spec import (
     AgentResource,
@@ -139,6 +140,7 @@ class AgentSummary:
     priority: int
     labels: dict[str, str]
     kv_bytes: int = 0
+    tasks_failed: int = 0  # of ``tasks`` (those that ran: succeeded or failed)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `-o json|yaml`."""
@@ -150,8 +152,9 @@ class AgentSummary:
             "reason": self.reason,
             "restarts": self.restarts,
             "tasks": self.tasks,
+            "tasksFailed": self.tasks_failed,
             "steps": self.steps,
-            "lastActivity": self.last_activity,
+            "lastActivity": None if self.last_activity is None else rfc3339(self.last_activity),
             "priority": self.priority,
             "labels": self.labels,
         }
@@ -168,14 +171,25 @@ class AgentDetail:
     inbox_depth: int = 0
     tasks: list[dict[str, str]] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for `-o json|yaml`."""
+    def stored(self) -> dict[str, Any]:
+        """As stored (string fields, epoch times): what the describe text reads."""
         return {
             "name": self.name,
             "spec": self.spec,
             "status": self.status,
             "inboxDepth": self.inbox_depth,
             "tasks": self.tasks,
+            "events": [asdict(e) for e in self.events],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `-o json|yaml`: camelCase, numbers, RFC 3339 times."""
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "status": machine_record(self.status),
+            "inboxDepth": self.inbox_depth,
+            "tasks": [machine_record(t) for t in self.tasks],
             "events": [e.to_dict() for e in self.events],
         }
 
@@ -347,7 +361,8 @@ class Client(WaitClientMixin, UsageClientMixin):
                     owner=st.get("owner", ""),
                     reason=st.get("reason", ""),
                     restarts=int(st.get("restarts") or 0),
-                    tasks=int(st.get("tasks_succeeded") or 0),
+                    tasks=int(st.get("tasks_succeeded") or 0) + int(st.get("tasks_failed") or 0),
+                    tasks_failed=int(st.get("tasks_failed") or 0),
                     steps=int(st.get("steps") or 0),
                     last_activity=float(last) if last else None,
                     priority=int(spec.get("spec", {}).get("priority", 50)),
@@ -498,11 +513,16 @@ class Client(WaitClientMixin, UsageClientMixin):
         await self._require(name)
         return await self.store.dead_letters(name, count=count)
 
-    async def hibernate(self, name: str) -> None:
-        """Ask the agent's daemon to hibernate (and release) it as soon as it is idle; an
-        agent no daemon holds is hibernated already."""
+    async def hibernate(self, name: str) -> bool:
+        """Ask the agent's daemon to hibernate (and release) it as soon as it is idle;
+        False (nothing asked) when it is hibernated already or no daemon holds it."""
         await self._require(name)
+        if (await self.store.status(name)).get("phase") == "Hibernated":
+            return False
+        if name not in await self.store.leases([name]):
+            return False
         await self.store.signal("hibernate", name)
+        return True
 
     async def wake(self, name: str) -> None:
         """Run a wake task (and retry the agent if it Failed); an agent no daemon holds is

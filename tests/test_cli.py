@@ -254,7 +254,7 @@ async def test_up_until_idle_runs_the_fleet_and_the_read_commands_show_it(
     table = await cli(env, "ps")
     assert table.returncode == 0, show(table)
     assert table.stdout.split()[:9] == [
-        *("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"),
+        *("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "LAST-ACTIVE", "OWNER", "REASON"),
     ]
     assert re.search(rf"^counter\s+{row['phase']}\s+0\s+1\s+2\s", table.stdout, re.M)
 
@@ -302,7 +302,7 @@ async def test_describe_shows_a_crash_looping_agent_with_its_traceback(
     detail = json.loads(as_json.stdout)
     assert detail["name"] == "crasher"
     assert detail["status"]["phase"] == "Failed"
-    assert "RuntimeError" in detail["status"]["last_traceback"]
+    assert "RuntimeError" in detail["status"]["lastTraceback"]
     assert "Failed" in [e["type"] for e in detail["events"]]
 
 

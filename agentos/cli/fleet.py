@@ -51,6 +51,7 @@ from agentos.cli.toolservers import describe_toolserver, toolserver_details, too
 from agentos.cli.waits import _who
 from agentos.client import read_message_arg
 from agentos.core.durations import parse_duration
+from agentos.core.machine import machine_record
 from agentos.core.spec import json_schema
 from agentos.core.taskview import DONE, describe_view
 from agentos.store import Event
@@ -221,7 +222,7 @@ def describe(
     async def go() -> None:
         async with await _client() as client:
             detail = await client.describe(name)
-        _emit(detail.to_dict(), output, lambda: _describe_text(detail.to_dict()))
+        _emit(detail.to_dict(), output, lambda: _describe_text(detail.stored()))
 
     _run(go)
 
@@ -317,7 +318,7 @@ def send(
                     _emit(await client.task_view(name, task), output, lambda: "")
                 return
         if output is not Output.table:
-            _emit(record, output, lambda: "")
+            _emit(machine_record(record), output, lambda: "")
         if record.get("status") == "failed":
             _fail(f"task m-{msg_id} failed: {record.get('error', '')}")
         if output is Output.table:
@@ -382,7 +383,7 @@ def tasks(
             while True:
                 rows = await client.tasks(name, count=count)
                 if not follow:
-                    _emit(rows, output, partial(_tasks_table, rows))
+                    _emit([machine_record(r) for r in rows], output, partial(_tasks_table, rows))
                     return
                 for row in reversed(rows):
                     key = row.get("id", "")
@@ -439,7 +440,7 @@ def _dead_letters(name: str, count: int, output: Output) -> None:
     async def go() -> None:
         async with await _client() as client:
             letters = await client.dead_letters(name, count=count)
-        _emit([dict(d) for d in letters], output, partial(_dead_table, letters))
+        _emit([machine_record(d) for d in letters], output, partial(_dead_table, letters))
 
     _run(go)
 
@@ -447,7 +448,13 @@ def _dead_letters(name: str, count: int, output: Output) -> None:
 def hibernate(name: str) -> None:
     """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
 
-    _command(lambda client: client.hibernate(name), f"agent/{name} hibernation requested")
+    async def go() -> None:
+        async with await _client() as client:
+            asked = await client.hibernate(name)
+        done = "hibernation requested" if asked else "is hibernated already (no daemon runs it)"
+        out.print(printable(f"agent/{name} {done}"), markup=False)
+
+    _run(go)
 
 
 def wake(name: str) -> None:

@@ -55,7 +55,18 @@ def _size(nbytes: int) -> str:
 
 def _agents_table(agents: Sequence[AgentSummary]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NAME", "PHASE", "RESTARTS", "TASKS", "STEPS", "KV", "ACTIVE", "OWNER", "REASON"):
+    columns = (
+        "NAME",
+        "PHASE",
+        "RESTARTS",
+        "TASKS",
+        "STEPS",
+        "KV",
+        "LAST-ACTIVE",
+        "OWNER",
+        "REASON",
+    )
+    for col in columns:
         table.add_column(col, no_wrap=col != "REASON")
     colors = {
         "Running": "green",

@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentos.core.machine import rfc3339
+
 __all__ = [
     "APPROVAL",
     "MAX_TOOL_RECORD_CHARS",
@@ -406,8 +408,8 @@ class WaitRecord:
             "kind": self.kind.value,
             "question": self.question,
             "choices": list(self.choices) if self.choices is not None else None,
-            "since": self.since,
-            "deadline": self.deadline,
+            "since": rfc3339(self.since),
+            "deadline": None if self.deadline is None else rfc3339(self.deadline),
             "default": self.default if self.has_default else None,
             "answered": self.answer is not None,
             "tool": self.tool or None,

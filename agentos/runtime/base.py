@@ -478,7 +478,13 @@ class RunnerBase:
         with ``hold`` the record rides with the runner's next write (:meth:`Writer.defer`)."""
         self._move(edge)
         self._phase_path.append(self.phase.value)
-        fields: dict[str, object] = {"phase": self.phase.value, "updated_at": repr(self.clock())}
+        # A new phase has its own reason and message, or none: never the last one's.
+        fields: dict[str, object] = {
+            "phase": self.phase.value,
+            "updated_at": repr(self.clock()),
+            "reason": "",
+            "message": "",
+        }
         if status:
             fields.update(status)
         if hold:

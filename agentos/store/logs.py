@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agentos.core.machine import rfc3339
 from agentos.store.errors import translate
 from agentos.store.keys import Keys
 from agentos.store.records import _s
@@ -43,7 +44,7 @@ class LogLine:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON and YAML output."""
         return {
-            "time": self.time,
+            "time": rfc3339(self.time),
             "agent": self.agent,
             "level": self.level,
             "logger": self.logger,

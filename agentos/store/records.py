@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentos.core.machine import rfc3339
+
 __all__ = [
     "FLEET_EVENTS_MAXLEN",
     "SIGNALS_MAXLEN",
@@ -89,7 +91,7 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON and YAML output."""
         return {
-            "time": self.time,
+            "time": rfc3339(self.time),
             "agent": self.agent,
             "type": self.type,
             "reason": self.reason,
