@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # whose CPU reports AMX crashed (general protection fault in libggml-cpu) on these VMs.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run run-models test lint format bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev,llama,server]'
 	touch $(STAMP)
 
+# One engine: the example agents and the operator on the daemon's own model (the real
+# one: `up` picks llama when it is installed, as it is here).
 run: $(STAMP)
-	$(BIN)/agentos up -f examples/ -f policies/ --engine llama
+	$(BIN)/agentos up -f examples/agents.yaml -f examples/operator/ -f policies/
+
+# The two-model example (examples/models/): the daemon's model triages, a second model
+# (an embedded llama.cpp server, stopped after its idleStop without calls) answers.
+run-models: $(STAMP)
+	$(BIN)/agentos up -f examples/models/ -f policies/
 
 test: lint
 	$(BIN)/pytest

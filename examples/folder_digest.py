@@ -16,7 +16,8 @@ Config (the Agent spec's ``config``):
   saved after each iteration, so a large backlog is resumed, not redone, after a crash.
 
 Send ``rescan`` to its inbox to summarise every file again; any other message just
-makes it look now instead of at the next heartbeat.
+makes it look now instead of at the next heartbeat. A task's result is the digest's
+lines it wrote, as a person reads them (``agentos tasks folder-digest``).
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class FolderDigest(Agent):
                 entries.append(Entry(job.change, summary, summarised=True))
         folder, digest = await anyio.to_thread.run_sync(_locate, ctx.config)
         await anyio.to_thread.run_sync(_append_digest, digest, folder, entries, time.time())
+        ctx.set_result(_readable(entries, digest))
         return entries
 
     async def learn(self, ctx: Context, outcome: list[Entry]) -> None:
@@ -194,6 +196,12 @@ class FolderDigest(Agent):
         state.digests_written += 1
         state.last_digest_at = time.time()
         ctx.log.info("digest updated with %d file(s)", len(outcome))
+
+
+def _readable(entries: list[Entry], digest: Path) -> str:
+    """The task's result: one line per file, as the digest has it."""
+    lines = [f"{e.change.name} ({e.change.kind}): {e.text}" for e in entries]
+    return f"{len(entries)} file(s) added to {digest}:\n" + "\n".join(lines)
 
 
 async def _summarise(ctx: Context, name: str, excerpt: str) -> str:

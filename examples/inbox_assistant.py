@@ -11,6 +11,8 @@ Anything else is a question for the model; the facts it was told to remember are
 to the model as context. Every answer is appended to the outbox (``config.outbox``,
 default ``./var/outbox.jsonl``, one JSON object per line with the message id, question
 and answer) where a person or a program can read it, and the last 20 are kept in state.
+The task's result is the answer's text, so ``agentos send inbox-assistant "..." --wait``
+prints the answer itself.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class InboxAssistant(Agent):
         # is delivered again (at least once) and answered twice; readers can drop
         # duplicates by id, which is better than an answer that was never written.
         await anyio.to_thread.run_sync(_append_line, outbox, reply.answer.model_dump_json())
+        ctx.set_result(reply.answer.answer)  # what `send --wait` prints, not the record
         return reply
 
     async def learn(self, ctx: Context, outcome: Reply) -> None:

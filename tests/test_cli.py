@@ -237,7 +237,19 @@ async def test_up_until_idle_runs_the_fleet_and_the_read_commands_show_it(
     spec = write(tmp_path / "counter.yaml", COUNTER_YAML.format(limit=2))
 
     started = time.monotonic()
-    up = await cli(env, "up", "--until-idle", "--grace", "1s", "--lease-ttl", "3s", "-f", str(spec))
+    up = await cli(
+        env,
+        "up",
+        "--engine",
+        "sim",
+        "--until-idle",
+        "--grace",
+        "1s",
+        "--lease-ttl",
+        "3s",
+        "-f",
+        str(spec),
+    )
     assert up.returncode == 0, show(up)
     assert time.monotonic() - started < 20
     assert "agent/counter created" in up.stderr
@@ -286,7 +298,19 @@ async def test_describe_shows_a_crash_looping_agent_with_its_traceback(
             crashLoopAfter: 2
         """,
     )
-    up = await cli(env, "up", "--until-idle", "--grace", "1s", "--lease-ttl", "3s", "-f", str(spec))
+    up = await cli(
+        env,
+        "up",
+        "--engine",
+        "sim",
+        "--until-idle",
+        "--grace",
+        "1s",
+        "--lease-ttl",
+        "3s",
+        "-f",
+        str(spec),
+    )
     assert up.returncode == 0, show(up)
 
     text = await cli(env, "describe", "agent", "crasher")
@@ -533,7 +557,17 @@ async def test_up_starts_an_embedded_redis_when_none_is_configured(tmp_path: Pat
         assert "AGENTOS_REDIS_URL" not in env
 
         up = await cli(
-            env, "up", "--until-idle", "--grace", "1s", "--lease-ttl", "3s", "-f", str(spec)
+            env,
+            "up",
+            "--engine",
+            "sim",
+            "--until-idle",
+            "--grace",
+            "1s",
+            "--lease-ttl",
+            "3s",
+            "-f",
+            str(spec),
         )
         assert up.returncode == 0, show(up)
         assert "embedded Redis at unix://" in up.stderr

@@ -4,6 +4,11 @@ Durations, engine options, retention and ``--http`` (with its bearer token) are
 parsed here into :class:`agentos.settings.DaemonSettings` and a
 :class:`agentos.cli.serve._Serve` plan, so that a bad flag is exit code 2 and one
 sentence, never a half-started daemon. :mod:`agentos.cli.serve` runs the plan.
+
+The engine is chosen here too: ``up`` runs the real model (``llama``) when it is
+installed and says so in a warning when it falls back to ``sim``; ``--engine`` forces
+one. llama.cpp threads default to the CPUs the process may use
+(:func:`agentos.settings.default_llama_threads`), ``--threads`` sets them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,18 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli.common import STATE, FilesOpt, _fail, _run, _run_sync_load, _setup_logging
+from agentos.cli.common import (
+    STATE,
+    FilesOpt,
+    _fail,
+    _run,
+    _run_sync_load,
+    _setup_logging,
+    err,
+)
 from agentos.cli.serve import _Serve, _serve
 from agentos.core.durations import parse_duration
+from agentos.engine import llama_missing
 from agentos.ingress import is_loopback
 from agentos.settings import DaemonSettings, new_daemon_id
 
@@ -50,8 +64,32 @@ HttpTokenOpt = Annotated[
 ]
 
 
+AUTO = "auto"
+_LOCAL = ("llama", "llamaserver")  # engines that run llama.cpp in (or under) the daemon
+
+
+def _choose_engine(engine: str, model: Path | None) -> str:
+    """``engine``, or for ``auto`` llama when it can run here, else sim with a warning."""
+    if engine != AUTO:
+        return engine
+    missing = llama_missing(model, STATE.settings.home)
+    if missing is None:
+        err.print("engine: llama, the real model (--engine sim for the simulator)", markup=False)
+        return "llama"
+    err.print(
+        f"warning: running the sim engine (placeholder text, no model) because {missing}; "
+        "--engine sim chooses it without this warning",
+        markup=False,
+    )
+    return "sim"
+
+
 def _engine_options(
-    engine: str, model: Path | None, slots: int | None, n_ctx: int | None
+    engine: str,
+    model: Path | None,
+    slots: int | None,
+    n_ctx: int | None,
+    threads: int | None = None,
 ) -> dict[str, object]:
     options: dict[str, object] = {}
     if slots is not None:
@@ -64,6 +102,10 @@ def _engine_options(
             options["n_ctx"] = n_ctx
     elif model is not None or n_ctx is not None:
         _fail(f"--model and --n-ctx apply to the llama engine, not {engine!r}", 2)
+    if threads is not None:
+        if engine not in _LOCAL:
+            _fail(f"--threads applies to the llama and llamaserver engines, not {engine!r}", 2)
+        options["n_threads"] = threads
     return options
 
 
@@ -104,7 +146,16 @@ EngineOpt = Annotated[
     str,
     typer.Option(
         help="Inference engine: llama (in-process, extra agentos[llama]), llamaserver (embedded "
-        "llama.cpp server, extra agentos[server]) or sim."
+        "llama.cpp server, extra agentos[server]), sim (placeholder text, no model) or auto "
+        "(llama when installed, else sim with a warning)."
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="llama.cpp threads (llama, llamaserver). Default: the CPUs this process may use "
+        "(affinity, cgroup quota) less one for the daemon.",
     ),
 ]
 ModelOpt = Annotated[
@@ -154,6 +205,7 @@ def daemon(
     model: ModelOpt = None,
     slots: SlotsOpt = None,
     n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
     max_agents: Annotated[
         int | None, typer.Option(min=1, help="Agents this daemon runs at most.")
     ] = None,
@@ -171,7 +223,8 @@ def daemon(
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(_LEVELS[log_level])
-    options = _engine_options(engine, model, slots, n_ctx)
+    engine = _choose_engine(engine, model)
+    options = _engine_options(engine, model, slots, n_ctx, threads)
     dsettings = _daemon_settings(
         engine, max_agents, grace, daemon_id, lease_ttl, options, (task_retention, task_max_age)
     )
@@ -181,10 +234,11 @@ def daemon(
 
 def up(
     files: FilesOpt = [],  # noqa: B006 (typer reads the default)
-    engine: EngineOpt = "sim",
+    engine: EngineOpt = AUTO,
     model: ModelOpt = None,
     slots: SlotsOpt = None,
     n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
     for_: Annotated[
         str | None, typer.Option("--for", help="Stop after this long (e.g. 30s).")
     ] = None,
@@ -212,7 +266,8 @@ def up(
             _fail(f"--for: {e}", 2)
     docs = _run_sync_load(files) if files else []
     _setup_logging(_LEVELS[log_level])
-    options = _engine_options(engine, model, slots, n_ctx)
+    engine = _choose_engine(engine, model)
+    options = _engine_options(engine, model, slots, n_ctx, threads)
     dsettings = _daemon_settings(
         engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age)
     )

@@ -2,7 +2,9 @@
 
 A fleet mixes a small local model with larger remote ones; each is declared once, with
 where it is served (endpoints, the replicas), what it costs (prices per 1k tokens), how
-long to wait for it (timeouts) and what to use when it is down (``fallback``). An
+long to wait for it (timeouts) and what to use when it is down (``fallback``); a local
+engine also says how many llama.cpp threads it runs (``threads``) and an embedded
+server how long it may sit idle before it is stopped (``idleStop``). An
 agent names one in ``spec.model``. Credentials are references only (an environment
 variable or a file the daemon reads when it connects): a spec is stored in Redis and
 printed by ``get -o yaml``, so a secret written inline is refused at apply rather than
@@ -21,6 +23,7 @@ from agentos.core.durations import Duration, PositiveDuration
 from agentos.core.specbase import API_VERSION, Metadata, Name, _error, _errors, _Model, _SubPath
 
 __all__ = [
+    "DEFAULT_IDLE_STOP_S",
     "ENGINE_KINDS",
     "Credentials",
     "Endpoint",
@@ -37,6 +40,8 @@ __all__ = [
 EngineKind = Literal["llama", "llamaserver", "openai", "sim"]
 ENGINE_KINDS: tuple[str, ...] = ("llama", "llamaserver", "openai", "sim")
 ModelApi = Literal["chat", "completions"]
+DEFAULT_IDLE_STOP_S = 600.0
+"""How long an embedded llamaserver sits without calls before it is stopped (``idleStop``)."""
 
 _SECRET_QUERY = re.compile(r"(key|token|secret|password|passwd|auth|signature)", re.IGNORECASE)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -139,6 +144,12 @@ class ModelSpec(_Model):
     # How chat turns are rendered on a local engine: a built-in template (gemma, chatml,
     # plain) or a Jinja file; None: the GGUF's own template, else plain.
     chat_template: str | None = Field(default=None, min_length=1)
+    # llama.cpp threads (llama, embedded llamaserver); None: from the CPUs the daemon may
+    # use (agentos.settings.default_llama_threads).
+    threads: int | None = Field(default=None, ge=1, strict=True)
+    # An embedded llamaserver with no call for this long is stopped, and started again by
+    # the next call; None: DEFAULT_IDLE_STOP_S.
+    idle_stop: PositiveDuration | None = None
     timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
     prices: ModelPrices = Field(default_factory=ModelPrices)
     fallback: Name | None = None
@@ -164,6 +175,23 @@ class ModelSpec(_Model):
             issues.append(
                 (("modelPath",), "the server at the endpoint loads its own model; no modelPath")
             )
+        embedded = self.engine == "llama" or (self.engine == "llamaserver" and not self.endpoints)
+        if self.threads is not None and not embedded:
+            issues.append(
+                (
+                    ("threads",),
+                    "only a model the daemon runs (llama, llamaserver without endpoints) "
+                    f"takes threads; not {self._where()}",
+                )
+            )
+        if self.idle_stop is not None and (self.engine != "llamaserver" or self.endpoints):
+            issues.append(
+                (
+                    ("idleStop",),
+                    "only an embedded llamaserver (no endpoints) is stopped when idle; "
+                    f"not {self._where()}",
+                )
+            )
         if self.chat_template is not None and self.engine not in ("llama", "llamaserver"):
             issues.append(
                 (("chatTemplate",), f"only llama and llamaserver render chat; not {self.engine}")
@@ -188,6 +216,16 @@ class ModelSpec(_Model):
         if issues:
             raise _errors(issues)
         return self
+
+    def _where(self) -> str:
+        if self.engine == "llamaserver" and self.endpoints:
+            return "a llamaserver with endpoints"
+        return f"engine {self.engine}"
+
+    @property
+    def idle_stop_s(self) -> float:
+        """Seconds an embedded server may sit without calls before it is stopped."""
+        return DEFAULT_IDLE_STOP_S if self.idle_stop is None else self.idle_stop
 
     @property
     def resolved_api(self) -> ModelApi:

