@@ -177,3 +177,82 @@ async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]
             assert bad.stderr.count("\n") == 1, show(bad)
     restarted = [e for e in await store.events("echo-1") if e.type == "Restarted"]
     assert len(restarted) == 1
+
+
+async def test_ps_watch_prints_an_agent_again_when_it_changes(
+    store: Store,
+    env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    GATES.clear()
+    await apply(store, agent_doc("gated", "tests.fixture_agents:Gated", triggers=INBOX))
+    client = Client(store)
+    log = tmp_path / "watch.log"
+    with log.open("w") as sink:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "agentos.cli", "ps", "--watch"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await wait_until(lambda: _has(log, "gated"), what="the first table")
+            async with running_daemon(store):
+                sent = await client.send("gated", "gate:w")
+                await wait_until(lambda: _has(log, "gated  Running"), what="a Running line")
+                GATES["w"].set()
+                await client.wait_task("gated", f"m-{sent}", timeout_s=20)
+                await wait_until(lambda: _has(log, "gated  Idle  0  1"), what="an Idle line")
+        finally:
+            watcher.terminate()
+            watcher.wait(timeout=10)
+    assert log.read_text().splitlines()[0].split()[:2] == ["NAME", "PHASE"]
+
+
+async def _has(path: Path, text: str) -> bool:
+    return text in path.read_text()
+
+
+async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, str]) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    await apply(store, *(_labelled(n, "a") for n in ("alpha", "alps", "beta")))
+    script = Path(sys.executable).parent / "agentos"
+
+    def complete(words: str) -> list[str]:
+        proc = subprocess.run(
+            [str(script)],
+            env={
+                **env,
+                "_AGENTOS_COMPLETE": "complete_bash",
+                "COMP_WORDS": words,
+                "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return proc.stdout.split()
+
+    assert complete("agentos describe agent al") == ["alpha", "alps"]
+    assert complete("agentos logs b") == ["beta"]
+    assert complete("agentos restart ") == ["alpha", "alps", "beta"]
+    # A fleet out of reach completes nothing, and prints no error into the shell.
+    unreachable = {**env, "AGENTOS_REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run(
+        [str(script)],
+        env={
+            **unreachable,
+            "_AGENTOS_COMPLETE": "complete_bash",
+            "COMP_WORDS": "agentos logs b",
+            "COMP_CWORD": "2",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.stdout.strip(), proc.stderr.strip()) == ("", "")

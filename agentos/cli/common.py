@@ -184,6 +184,26 @@ def _command(action: Callable[[Client], Awaitable[object]], done: str) -> None:
     _run(go)
 
 
+def complete_agents(incomplete: str) -> list[str]:
+    """Shell completion of agent names (``--install-completion``): the applied agents
+    starting with ``incomplete``, read from the fleet that ``AGENTOS_REDIS_URL`` (or the
+    embedded server) names. Never fails: a fleet out of reach completes nothing."""
+
+    async def names() -> list[str]:
+        with anyio.fail_after(2.0):
+            async with await Client.connect(Settings.from_env()) as client:
+                return sorted(await client.store.agent_specs())
+
+    try:
+        return [n for n in anyio.run(names) if n.startswith(incomplete)]
+    except Exception:  # completion must never print an error into the shell
+        return []
+
+
+AgentArg = Annotated[str, typer.Argument(metavar="NAME", autocompletion=complete_agents)]
+"""An agent's name, completed from the fleet."""
+
+
 async def _client() -> Client:
     if STATE.settings.redis_url:
         check_redis_url(STATE.settings.redis_url)

@@ -19,6 +19,7 @@ import typer
 
 from agentos import __version__
 from agentos.cli.common import (
+    AgentArg,
     FilesOpt,
     Output,
     OutputOpt,
@@ -49,7 +50,7 @@ from agentos.cli.render import (
 )
 from agentos.cli.toolservers import describe_toolserver, toolserver_details, toolservers_table
 from agentos.cli.waits import _who
-from agentos.client import read_message_arg
+from agentos.client import AgentSummary, read_message_arg
 from agentos.core.durations import parse_duration
 from agentos.core.machine import machine_record
 from agentos.core.spec import json_schema
@@ -99,7 +100,7 @@ def apply(
 
 
 @delete_app.command("agent")
-def delete_agent(name: str) -> None:
+def delete_agent(name: AgentArg) -> None:
     """Delete an agent: it stops, and its state, events and inbox are removed."""
 
     _command(lambda client: client.delete_agent(name), f"agent/{name} deleted")
@@ -190,21 +191,59 @@ def get(
     _run(go)
 
 
-def ps(selector: SelectorOpt = None, output: OutputOpt = Output.table) -> None:
+def ps(
+    selector: SelectorOpt = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", "-w", help="After the table, print each agent again when it changes."
+        ),
+    ] = False,
+    output: OutputOpt = Output.table,
+) -> None:
     """Show every agent's phase, restarts, tasks and last activity (or those -l selects)."""
 
     async def go() -> None:
         async with await _client() as client:
             keep = _wanted(Kind.agents, [], selector, await client.store.agent_specs())
             agents = [a for a in await client.agents() if keep(a.name)]
-        _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
+            if not watch:
+                return
+            # Like `kubectl get -w`: a line (or a JSON object) per agent that changed.
+            seen = {a.name: _watched(a) for a in agents}
+            while True:
+                await anyio.sleep(1.0)
+                specs = await client.store.agent_specs()
+                keep = _wanted(Kind.agents, [], selector, specs)
+                for a in await client.agents():
+                    if keep(a.name) and seen.get(a.name) != _watched(a):
+                        seen[a.name] = _watched(a)
+                        _watch_line(a, output)
+                for gone in sorted(set(seen) - set(specs)):
+                    del seen[gone]
+                    if output is Output.table:
+                        out.print(printable(f"{gone} deleted"), markup=False)
 
     _run(go)
 
 
+def _watched(a: AgentSummary) -> tuple[object, ...]:
+    """What `ps --watch` reports a change of (not the age of the last activity)."""
+    return (a.phase, a.reason, a.owner, a.restarts, a.tasks, a.steps, a.kv_bytes)
+
+
+def _watch_line(a: AgentSummary, output: Output) -> None:
+    if output is Output.table:
+        fields = (a.name, a.phase, a.restarts, a.tasks, a.steps, a.owner or "-", a.reason)
+        out.print(printable("  ".join(str(f) for f in fields).rstrip()), markup=False)
+    else:
+        out.print(json.dumps(a.to_dict()), markup=False)
+
+
 def describe(
     kind: Annotated[str, typer.Argument(help="`agent`, `model` or `toolserver`.")],
-    name: str,
+    name: AgentArg,
     output: OutputOpt = Output.table,
 ) -> None:
     """Spec, status, recent events and last error (with traceback) of an agent."""
@@ -263,7 +302,7 @@ def _print_event(e: Event, output: Output) -> None:
 
 
 def send(
-    name: str,
+    name: AgentArg,
     message: Annotated[str, typer.Argument(help="The text; @FILE reads a file, - reads stdin.")],
     key: Annotated[
         str | None, typer.Option(help="Idempotency key: a message with a key is run once.")
@@ -445,7 +484,7 @@ def _dead_letters(name: str, count: int, output: Output) -> None:
     _run(go)
 
 
-def hibernate(name: str) -> None:
+def hibernate(name: AgentArg) -> None:
     """Hibernate an agent now (as soon as it is idle): KV and state go to Redis."""
 
     async def go() -> None:
@@ -457,7 +496,7 @@ def hibernate(name: str) -> None:
     _run(go)
 
 
-def wake(name: str) -> None:
+def wake(name: AgentArg) -> None:
     """Wake an agent (restores its KV); also retries an agent that Failed."""
 
     _command(lambda client: client.wake(name), f"agent/{name} wake requested")

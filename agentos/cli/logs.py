@@ -16,7 +16,16 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from agentos.cli.common import Output, OutputOpt, _client, _fail, _run, out, printable
+from agentos.cli.common import (
+    Output,
+    OutputOpt,
+    _client,
+    _fail,
+    _run,
+    complete_agents,
+    out,
+    printable,
+)
 from agentos.client import Client
 from agentos.core.durations import parse_duration
 from agentos.store import LogLine
@@ -91,7 +100,10 @@ async def _follow(
 
 
 def logs(
-    name: Annotated[str | None, typer.Argument(help="The agent (or use -l).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="The agent (or use -l).", autocompletion=complete_agents),
+    ] = None,
     selector: Annotated[
         str | None, typer.Option("--selector", "-l", help="Agents whose labels match k=v[,k=v].")
     ] = None,

@@ -16,7 +16,17 @@ from typing import Annotated
 import anyio
 import typer
 
-from agentos.cli.common import Output, OutputOpt, _client, _emit, _fail, _run, out, printable
+from agentos.cli.common import (
+    Output,
+    OutputOpt,
+    _client,
+    _emit,
+    _fail,
+    _run,
+    complete_agents,
+    out,
+    printable,
+)
 from agentos.cli.logs import parse_selector, selected
 from agentos.client import Client
 from agentos.core.durations import parse_duration
@@ -98,7 +108,9 @@ def _say(name: str, outcome: str) -> str:
 
 
 def restart(
-    names: Annotated[list[str] | None, typer.Argument(metavar="[NAME]...")] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="[NAME]...", autocompletion=complete_agents)
+    ] = None,
     selector: SelectorOpt = None,
     grace: GraceOpt = None,
     timeout: TimeoutOpt = "5m",

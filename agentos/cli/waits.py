@@ -16,7 +16,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from agentos.cli.common import Output, OutputOpt, _client, _emit, _fail, _run, cell, out, printable
+from agentos.cli.common import (
+    Output,
+    OutputOpt,
+    _client,
+    _emit,
+    _fail,
+    _run,
+    cell,
+    complete_agents,
+    out,
+    printable,
+)
 from agentos.client import AnswerRejected
 from agentos.core.waits import WaitRecord
 from agentos.ingress import has_control, parse_json
@@ -73,7 +84,10 @@ def _choices_text(w: WaitRecord) -> str:
 
 
 def pending(
-    name: Annotated[str | None, typer.Argument(help="Only this agent's waits.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Only this agent's waits.", autocompletion=complete_agents),
+    ] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """List the tasks that wait for an answer, an event or a time."""
@@ -87,7 +101,7 @@ def pending(
 
 
 def answer(
-    name: Annotated[str, typer.Argument(help="The agent.")],
+    name: Annotated[str, typer.Argument(help="The agent.", autocompletion=complete_agents)],
     task: Annotated[str, typer.Argument(help="The waiting task's id (see `agentos pending`).")],
     yes: Annotated[bool, typer.Option("--yes", help="Approve (a yes/no question).")] = False,
     no: Annotated[bool, typer.Option("--no", help="Refuse (a yes/no question).")] = False,
@@ -124,7 +138,7 @@ def answer(
 
 
 def event(
-    name: Annotated[str, typer.Argument(help="The agent.")],
+    name: Annotated[str, typer.Argument(help="The agent.", autocompletion=complete_agents)],
     event_name: Annotated[str, typer.Argument(metavar="EVENT", help="The event's name.")],
     data: Annotated[str, typer.Argument(help="The event's data, as JSON.")] = "null",
     as_: Annotated[
