@@ -5,9 +5,12 @@ restart` never cut a task short."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 
 from agentos.client import Client
@@ -15,7 +18,7 @@ from agentos.core.spec import Document, SpecError, load_paths, parse_text
 from agentos.store import Store
 from tests.fixture_agents import GATES
 from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import cli, env, show  # noqa: F401  (env is a fixture)
+from tests.test_cli import cli, env, show, spawn  # noqa: F401  (env is a fixture)
 
 pytestmark = [pytest.mark.anyio]
 
@@ -184,50 +187,34 @@ async def test_ps_watch_prints_an_agent_again_when_it_changes(
     env: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    import subprocess
-    import sys
-
     GATES.clear()
     await apply(store, agent_doc("gated", "tests.fixture_agents:Gated", triggers=INBOX))
     client = Client(store)
     log = tmp_path / "watch.log"
-    with log.open("w") as sink:
-        watcher = subprocess.Popen(
-            [sys.executable, "-m", "agentos.cli", "ps", "--watch"],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            await wait_until(lambda: _has(log, "gated"), what="the first table")
-            async with running_daemon(store):
-                sent = await client.send("gated", "gate:w")
-                await wait_until(lambda: _has(log, "gated  Running"), what="a Running line")
-                GATES["w"].set()
-                await client.wait_task("gated", f"m-{sent}", timeout_s=20)
-                await wait_until(lambda: _has(log, "gated  Idle  0  1"), what="an Idle line")
-        finally:
-            watcher.terminate()
-            watcher.wait(timeout=10)
+    with spawn(env, log, "ps", "--watch"):
+        await wait_until(lambda: _has(log, "gated"), what="the first table")
+        async with running_daemon(store):
+            sent = await client.send("gated", "gate:w")
+            await wait_until(lambda: _has(log, "gated  Running"), what="a Running line")
+            GATES["w"].set()
+            await client.wait_task("gated", f"m-{sent}", timeout_s=20)
+            await wait_until(lambda: _has(log, "gated  Idle  0  1"), what="an Idle line")
     assert log.read_text().splitlines()[0].split()[:2] == ["NAME", "PHASE"]
 
 
 async def _has(path: Path, text: str) -> bool:
-    return text in path.read_text()
+    return text in await anyio.Path(path).read_text()
 
 
 async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, str]) -> None:  # noqa: F811
-    import subprocess
-    import sys
-
     await apply(store, *(_labelled(n, "a") for n in ("alpha", "alps", "beta")))
     script = Path(sys.executable).parent / "agentos"
 
-    def complete(words: str) -> list[str]:
+    def complete(words: str, fleet: dict[str, str] = env) -> tuple[list[str], str]:
         proc = subprocess.run(
             [str(script)],
             env={
-                **env,
+                **fleet,
                 "_AGENTOS_COMPLETE": "complete_bash",
                 "COMP_WORDS": words,
                 "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
@@ -236,23 +223,15 @@ async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, 
             text=True,
             timeout=60,
         )
-        return proc.stdout.split()
+        return proc.stdout.split(), proc.stderr
 
-    assert complete("agentos describe agent al") == ["alpha", "alps"]
-    assert complete("agentos logs b") == ["beta"]
-    assert complete("agentos restart ") == ["alpha", "alps", "beta"]
+    for words, names in (
+        ("agentos describe agent al", ["alpha", "alps"]),
+        ("agentos logs b", ["beta"]),
+        ("agentos restart ", ["alpha", "alps", "beta"]),
+    ):
+        assert await anyio.to_thread.run_sync(complete, words) == (names, ""), words
     # A fleet out of reach completes nothing, and prints no error into the shell.
     unreachable = {**env, "AGENTOS_REDIS_URL": "redis://127.0.0.1:1/0"}
-    proc = subprocess.run(
-        [str(script)],
-        env={
-            **unreachable,
-            "_AGENTOS_COMPLETE": "complete_bash",
-            "COMP_WORDS": "agentos logs b",
-            "COMP_CWORD": "2",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (proc.stdout.strip(), proc.stderr.strip()) == ("", "")
+    got = await anyio.to_thread.run_sync(complete, "agentos logs b", unreachable)
+    assert got == ([], "")
