@@ -34,6 +34,7 @@ class Behaviour:
     retry_after: str = "2"
     requests: list[dict[str, Any]] = field(default_factory=list)
     authorization: list[str] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)  # each request's, "" if none
     last_prompt: dict[str, str] = field(default_factory=dict)  # user -> last prompt text
     # Calls the next chat answers make: {"id", "name", "arguments" (the raw text)}.
     tool_calls: list[dict[str, str]] = field(default_factory=list)
@@ -96,6 +97,7 @@ def _handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length) or b"{}")
             behaviour.requests.append(body)
             behaviour.authorization.append(self.headers.get("Authorization", ""))
+            behaviour.traceparents.append(self.headers.get("traceparent", ""))
             if behaviour.mode == "drop":
                 self.close_connection = True
                 self.connection.close()

@@ -47,6 +47,7 @@ from agentos.daemon.peers import Peers
 from agentos.daemon.runners import Runners, clean
 from agentos.daemon.upkeep import Upkeep
 from agentos.engine.base import Engine
+from agentos.engine.remote import propagate_traces
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
 from agentos.runtime.activation import Activator
@@ -97,6 +98,8 @@ class Daemon(Peers, Upkeep, Runners):
         self.clock = clock
         self.runners: dict[str, AgentRunner] = {}
         self.telemetry = telemetry or Telemetry.disabled()
+        # Model calls carry the trace context of the span they are made in.
+        propagate_traces(self.telemetry.inject if self.telemetry.enabled else None)
         self.governor = Governor(
             store,
             daemon_id=self.id,

@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -210,6 +210,24 @@ class _Retry(Exception):
         self.throttled = throttled
 
 
+TraceInject = Callable[[MutableMapping[str, str]], None]
+_trace_inject: TraceInject | None = None
+
+
+def propagate_traces(inject: TraceInject | None) -> None:
+    """Make every model call carry the caller's trace context (``traceparent``): the
+    daemon passes its telemetry's injector (this layer does not import opentelemetry),
+    None stops it. A call made inside an inference span then continues that trace at the
+    model server (vLLM, SGLang and llama.cpp's server read it)."""
+    global _trace_inject
+    _trace_inject = inject
+
+
+async def _add_trace_context(request: httpx.Request) -> None:
+    if _trace_inject is not None:
+        _trace_inject(request.headers)
+
+
 class RemoteClient:
     """The HTTP side of a remote model: one pooled client, replica choice and retries."""
 
@@ -236,6 +254,7 @@ class RemoteClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
             headers=headers,
+            event_hooks={"request": [_add_trace_context]},
             timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=sum(r.max_concurrent for r in replicas) + 4),
         )
