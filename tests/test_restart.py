@@ -235,3 +235,23 @@ async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, 
     unreachable = {**env, "AGENTOS_REDIS_URL": "redis://127.0.0.1:1/0"}
     got = await anyio.to_thread.run_sync(complete, "agentos logs b", unreachable)
     assert got == ([], "")
+
+
+async def test_delete_agent_by_selector_or_names_all_or_nothing(
+    store: Store,
+    env: dict[str, str],  # noqa: F811
+) -> None:
+    await apply(store, _labelled("a1", "a"), _labelled("a2", "a"), _labelled("b1", "b"))
+    partly = await cli(env, "delete", "agent", "b1", "ghost")
+    assert partly.returncode == 1, show(partly)
+    assert 'agent "ghost" not found' in partly.stderr, show(partly)
+    assert sorted(await store.agent_specs()) == ["a1", "a2", "b1"]  # none deleted
+    for args in (("delete", "agent"), ("delete", "agent", "a1", "-l", "team=a")):
+        usage = await cli(env, *args)
+        assert usage.returncode == 2, show(usage)
+    gone = await cli(env, "delete", "agent", "-l", "team=a")
+    assert gone.returncode == 0, show(gone)
+    assert gone.stdout.splitlines() == ["agent/a1 deleted", "agent/a2 deleted"]
+    assert sorted(await store.agent_specs()) == ["b1"]
+    nobody = await cli(env, "delete", "agent", "-l", "team=z")
+    assert nobody.returncode == 2, show(nobody)

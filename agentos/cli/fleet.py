@@ -31,6 +31,7 @@ from agentos.cli.common import (
     _print_text,
     _run,
     _run_sync_load,
+    complete_agents,
     err,
     out,
     printable,
@@ -100,10 +101,41 @@ def apply(
 
 
 @delete_app.command("agent")
-def delete_agent(name: AgentArg) -> None:
-    """Delete an agent: it stops, and its state, events and inbox are removed."""
+def delete_agent(
+    names: Annotated[
+        list[str] | None, typer.Argument(metavar="[NAME]...", autocompletion=complete_agents)
+    ] = None,
+    selector: Annotated[
+        str | None,
+        typer.Option("--selector", "-l", help="Delete the agents whose labels match k=v[,k=v]."),
+    ] = None,
+) -> None:
+    """Delete agents (named, or selected with -l): each stops, and its state, events
+    and inbox are removed."""
+    if bool(names) == (selector is not None):
+        _fail("name agents or select them: agentos delete agent NAME... | -l key=value", 2)
 
-    _command(lambda client: client.delete_agent(name), f"agent/{name} deleted")
+    async def go() -> None:
+        async with await _client() as client:
+            if selector is not None:
+                try:
+                    wanted = parse_selector(selector)
+                except ValueError as e:
+                    _fail(f"-l: {e}", 2)
+                chosen = selected(await client.agent_specs(), wanted)
+                if not chosen:
+                    _fail(f"no agent has the labels {selector}", 2)
+            else:
+                chosen = list(names or [])
+                specs = await client.agent_specs()
+                missing = [n for n in chosen if n not in specs]
+                if missing:  # all or nothing: none is deleted
+                    _fail(f'agent "{missing[0]}" not found')
+            for name in chosen:
+                await client.delete_agent(name)
+                out.print(printable(f"agent/{name} deleted"), markup=False)
+
+    _run(go)
 
 
 @delete_app.command("policy")
