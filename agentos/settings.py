@@ -24,12 +24,14 @@ from agentos.core.placement import HANDOVER_BATCH, SHARE_MARGIN
 
 __all__ = [
     "DaemonSettings",
+    "SecretUnreadable",
     "Settings",
     "check_daemon_id",
     "default_home",
     "default_llama_threads",
     "llama_threads",
     "new_daemon_id",
+    "read_secret",
     "usable_cpus",
 ]
 
@@ -75,6 +77,27 @@ def llama_threads(cpus: int) -> int:
     """llama.cpp threads for ``cpus`` usable CPUs: one is left for the daemon (its event
     loop, Redis, agents' code), at least 1."""
     return max(1, cpus - 1)
+
+
+class SecretUnreadable(ValueError):
+    """A secret reference that does not resolve; the message names the variable or the
+    file, never a value."""
+
+
+def read_secret(env: str | None, file: str | None) -> str:
+    """The secret in environment variable ``env`` or in ``file`` (stripped), read now and
+    never kept: Model credentials and ToolServer env and headers both point at secrets
+    this way. Raises :class:`SecretUnreadable` when it is unset, empty or unreadable."""
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise SecretUnreadable(f"environment variable {env} is not set")
+        return value
+    assert file is not None
+    try:
+        return Path(file).read_text().strip()
+    except OSError as e:
+        raise SecretUnreadable(f"cannot read {file}: {e.strerror}") from None
 
 
 def default_llama_threads() -> int:

@@ -14,13 +14,13 @@ that the credential's file or variable changed without keeping the secret around
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentos.core.modelspec import ModelResource, SecretRef
 from agentos.engine import create_engine
 from agentos.engine.base import Engine, EngineError, EngineUnavailable, ModelMisconfigured
+from agentos.settings import SecretUnreadable, read_secret
 
 if TYPE_CHECKING:  # the HTTP client is imported only by the engines that use it
     from agentos.engine.remote import ThrottleBoard
@@ -39,16 +39,10 @@ __all__ = ["build_engine", "credential_digest", "engine_options", "resolve_secre
 
 def resolve_secret(ref: SecretRef) -> str:
     """The secret ``ref`` points at. Raises :class:`EngineError` naming the reference only."""
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if not value:
-            raise EngineError(f"environment variable {ref.env} (the model's apiKey) is not set")
-        return value
-    assert ref.file is not None
     try:
-        return Path(ref.file).read_text().strip()
-    except OSError as e:
-        raise EngineError(f"cannot read the model's apiKey file {ref.file}: {e.strerror}") from e
+        return read_secret(ref.env, ref.file)
+    except SecretUnreadable as e:
+        raise EngineError(f"the model's apiKey: {e}") from None
 
 
 def _api_key(resource: ModelResource) -> str | None:
