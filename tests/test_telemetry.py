@@ -245,8 +245,19 @@ async def test_the_daemon_exports_spans_and_metrics_by_otlp(
                         out.update(s.name for s in ss.spans)
             return out
 
+        def metric_names() -> set[str]:
+            out: set[str] = set()
+            for body in list(received["metrics"]):
+                for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+                    for sm in rm.scope_metrics:
+                        out.update(x.name for x in sm.metrics)
+            return out
+
         async def arrived() -> bool:
-            return "invoke_agent scout" in names() and bool(received["metrics"])
+            # The token metric, not any metrics: an export may come before the inference.
+            return "invoke_agent scout" in names() and (
+                "gen_ai.client.token.usage" in metric_names()
+            )
 
         await wait_until(arrived, within=20, what="spans and metrics at the collector")
         proc.terminate()

@@ -59,7 +59,7 @@ from agentos.runtime.slots import SlotArbiter
 from agentos.runtime.watchdog import LoopWatchdog, Stall
 from agentos.settings import DaemonSettings
 from agentos.store import Retention, Store, StoreError, StoreUnavailable
-from agentos.telemetry import Telemetry
+from agentos.telemetry import Telemetry, settle_heap
 
 __all__ = ["Daemon", "DaemonIdInUse"]
 
@@ -134,7 +134,10 @@ class Daemon(Peers, Upkeep, Runners):
         from agentos.tools.mcp import ToolServerPool
 
         self.tool_servers = ToolServerPool(
-            store.toolservers, idle_s=self.settings.tool_server_idle_s
+            store.toolservers,
+            idle_s=self.settings.tool_server_idle_s,
+            # A tool call carries its task's trace context (``_meta``, HTTP headers).
+            trace_headers=self.telemetry.trace_headers if self.telemetry.enabled else None,
         )
         # Agents' log lines, buffered here and shipped to their logs in Redis.
         self.logs = LogShipper(store, self.id)
@@ -229,6 +232,8 @@ class Daemon(Peers, Upkeep, Runners):
             self.engine.name,
             self.store.keys.namespace,
         )
+        # Started: the heap's long-lived part is here; full collections skip it from now.
+        settle_heap()
         await self._claim_id()
         self.keeper.start()
         self.logs.install()

@@ -13,6 +13,15 @@ wrong with the server itself, that it does not start, exits mid-call, answers ga
 or nothing at all, is :class:`ToolServerUnavailable`: the infrastructure's fault, never
 the agent's (the runtime retries the task later with an event naming the server). What
 goes wrong in a tool (its ``isError`` result) goes back to the model as the result.
+
+Trace context goes with every call (MCP's SEP-414): the ``mcp`` package itself writes the
+W3C ``traceparent`` of the span current at the call into the request's ``params._meta``
+(with the global OpenTelemetry propagator; under agentos's own tracer, a ``MCP send
+tools/call`` span child of the ``execute_tool`` span). The pool's ``trace_headers``
+callback (the daemon passes its telemetry's) adds the caller's context there even where
+the package would not, and over Streamable HTTP the request also carries it as the
+``traceparent`` / ``tracestate`` headers, copied from the body it sends: the session's
+HTTP requests are made by the session's own task, not in the caller's context.
 """
 
 from __future__ import annotations
@@ -27,8 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -51,6 +59,7 @@ from agentos.core.toolserver import (
     model_tool_name,
     qualified,
 )
+from agentos.settings import SecretUnreadable, read_secret
 from agentos.tools import ArgumentsInvalid, Tool, ToolError, ToolServerUnavailable
 
 __all__ = ["ServerTool", "ToolServerPool", "resolve_secret"]
@@ -61,6 +70,8 @@ DEFAULT_IDLE_S = 300.0
 _GRACE_S = 5.0  # past the call timeout, a transport that never returns is cut
 # JSON-RPC codes that say the connection, not the tool, failed.
 _TRANSPORT_CODES = frozenset({mcp_types.CONNECTION_CLOSED, mcp_types.REQUEST_TIMEOUT})
+# W3C trace context, carried in a request's ``_meta`` and, over HTTP, as headers.
+_TRACE_KEYS = ("traceparent", "tracestate")
 
 
 def resolve_secret(ref: SecretRef | str, where: str) -> str:
@@ -68,16 +79,10 @@ def resolve_secret(ref: SecretRef | str, where: str) -> str:
     stored or logged); ToolServerUnavailable naming ``where`` when it cannot be read."""
     if isinstance(ref, str):
         return ref
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if value is None:
-            raise ToolServerUnavailable(f"{where}: environment variable {ref.env} is not set")
-        return value
-    assert ref.file is not None
     try:
-        return Path(ref.file).read_text().strip()
-    except OSError as e:
-        raise ToolServerUnavailable(f"{where}: cannot read {ref.file}: {e.strerror}") from None
+        return read_secret(ref.env, ref.file)
+    except SecretUnreadable as e:
+        raise ToolServerUnavailable(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,8 @@ class ToolServerPool:
     ``specs()`` returns the stored ToolServers (name -> canonical body); it is read when
     an agent's tools are asked for, so an applied change reaches the next task.
     Use it as an async context manager (its sessions' tasks live in it).
+    ``trace_headers()`` (optional) returns the caller's trace context as W3C headers
+    (``traceparent``...); each call sends it in ``_meta`` and, over HTTP, as headers.
     """
 
     def __init__(
@@ -147,8 +154,11 @@ class ToolServerPool:
         *,
         idle_s: float = DEFAULT_IDLE_S,
         cwd: str | None = None,
+        trace_headers: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._specs = specs
+        # The current trace context as W3C headers, read in the calling agent's task.
+        self._trace_headers = trace_headers
         self.idle_s = idle_s
         self.cwd = cwd
         self._sessions: dict[str, _Session] = {}
@@ -214,11 +224,14 @@ class ToolServerPool:
         client = session.client
         assert client is not None
         timeout = session.spec.timeouts.call
+        meta = self._trace_meta()
         session.in_flight += 1
         session.last_used = time.monotonic()
         try:
             with anyio.fail_after(timeout + _GRACE_S):
-                result = await client.call_tool(tool, dict(arguments), read_timeout_seconds=timeout)
+                result = await client.call_tool(
+                    tool, dict(arguments), read_timeout_seconds=timeout, meta=meta
+                )
         except TimeoutError:
             self._lost(session, f"no answer to {tool} within {timeout:g}s")
             raise ToolServerUnavailable(
@@ -243,6 +256,12 @@ class ToolServerPool:
             session.in_flight -= 1
             session.last_used = time.monotonic()
         return _result_of(result)
+
+    def _trace_meta(self) -> mcp_types.RequestParamsMeta | None:
+        if self._trace_headers is None:
+            return None
+        meta = {k: v for k, v in self._trace_headers().items() if k in _TRACE_KEYS}
+        return cast(mcp_types.RequestParamsMeta, meta) if meta else None
 
     # ------------------------------------------------------------------ sessions
 
@@ -354,7 +373,7 @@ class ToolServerPool:
             httpx2.AsyncClient(
                 headers=headers,
                 timeout=httpx2.Timeout(spec.timeouts.call, connect=spec.timeouts.connect),
-                event_hooks={"response": [note_session]},
+                event_hooks={"request": [_trace_context_headers], "response": [note_session]},
             )
         )
         return streamable_http_client(spec.url, http_client=http)
@@ -459,6 +478,23 @@ class ToolServerPool:
     def open_sessions(self) -> list[str]:
         """Names of the servers with an open session."""
         return [n for n, s in self._sessions.items() if s.client is not None and not s.closed]
+
+
+async def _trace_context_headers(request: httpx2.Request) -> None:
+    """Send the trace context of a JSON-RPC request's ``params._meta`` as HTTP headers
+    too, for proxies and servers that read ``traceparent`` from the request."""
+    if request.method != "POST" or b'"traceparent"' not in request.content:
+        return
+    try:
+        meta = json.loads(request.content).get("params", {}).get("_meta", {})
+    except (ValueError, AttributeError):
+        return
+    if not isinstance(meta, dict):
+        return
+    for key in _TRACE_KEYS:
+        value = meta.get(key)
+        if isinstance(value, str) and value.isprintable() and key not in request.headers:
+            request.headers[key] = value
 
 
 def _body_hash(body: Mapping[str, Any]) -> str:
