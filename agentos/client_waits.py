@@ -129,7 +129,8 @@ class WaitClientMixin:
         is not a crash. Returns where it was: ``inbox`` (its message had not run: gone
         now), ``dead`` (a dead letter: gone now), ``waiting`` (parked on a wait: ended
         when a daemon next activates the agent, at once) or ``running`` (its daemon cuts
-        it short; a task that is not running anywhere then ends when it comes up).
+        it short; the record notes the cancel, so a daemon that takes the agent over
+        ends the task instead of running it).
 
         Raises :class:`agentos.client.NotFound` for an unknown agent or task,
         :class:`TaskOver` for a task that ended already (nothing changed).
@@ -155,7 +156,9 @@ class WaitClientMixin:
             return "running" if status == "running" else where
         if not record:
             raise NotFound(f'agent "{name}" has no task {task_id}')
-        # Running (or a timer's task, queued in its runner): its daemon cuts it short.
+        # Running (or a timer's task, queued in its runner): its daemon cuts it short;
+        # noted on the record too, so a daemon that takes the agent over ends it.
+        await self.store.mark_cancel(name, task_id, by)
         await self.store.signal("cancel", name, task=task_id, by=by)
         return "running"
 

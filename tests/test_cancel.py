@@ -125,3 +125,27 @@ async def test_cli_tasks_cancel(store: Store, env: dict[str, str]) -> None:  # n
         assert usage.returncode == 2, show(usage)
     record = await store.task("gated", f"m-{stuck}")
     assert record["result"] == "cancelled by alice"
+
+
+async def test_a_task_cancelled_during_its_crash_backoff_never_runs_again(store: Store) -> None:
+    slow = {"backoff": {"initial": "2s", "max": "2s"}, "crashLoopAfter": 5}
+    await apply(
+        store,
+        agent_doc("picky", "tests.fixture_agents:Picky", triggers=INBOX, restartPolicy=slow),
+    )
+    client = Client(store)
+    poison = await client.send("picky", "poison pill")
+    task = f"m-{poison}"
+    async with running_daemon(store):
+        await wait_until(lambda: _backing_off(store), what="the crash backoff")
+        assert await client.cancel_task("picky", task, by="ops") == "inbox"
+        after = await client.send("picky", "fine")
+        assert (await client.wait_task("picky", f"m-{after}", timeout_s=20))["result"] == "fine"
+    record = await store.task("picky", task)
+    assert record["status"] == "cancelled", record
+    assert record["attempt"] == "1"  # the retry never ran
+    assert [e.type for e in await store.events("picky")].count("TaskCancelled") == 1
+
+
+async def _backing_off(store: Store) -> bool:
+    return (await store.status("picky")).get("reason") == "BackOff"

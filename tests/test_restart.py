@@ -255,3 +255,46 @@ async def test_delete_agent_by_selector_or_names_all_or_nothing(
     assert sorted(await store.agent_specs()) == ["b1"]
     nobody = await cli(env, "delete", "agent", "-l", "team=z")
     assert nobody.returncode == 2, show(nobody)
+
+
+def test_two_folders_with_the_same_module_name_load_their_own_code(tmp_path: Path) -> None:
+    from agentos.core.code import code_identity
+    from agentos.runtime.loop import load_agent_class
+
+    module = f"agent_{uuid.uuid4().hex[:8]}"
+    loaded = {}
+    for word in ("one", "two", "one"):
+        folder = tmp_path / word
+        folder.mkdir(exist_ok=True)
+        spec = _write_agent(folder, word, module=module)
+        path, digest = code_identity(f"{module}:Greeter", str(spec), None)
+        assert path == str(folder.resolve())
+        cls, error = load_agent_class(f"{module}:Greeter", code_path=path, code_hash=digest)
+        assert error is None
+        loaded.setdefault(word, cls)
+        assert cls is loaded[word]  # the same class again for the same folder and hash
+    assert loaded["one"] is not loaded["two"]
+
+
+def test_a_package_entrypoint_reloads_with_its_submodules(tmp_path: Path) -> None:
+    from agentos.core.code import code_identity
+    from agentos.runtime.loop import load_agent_class
+
+    package = f"pkg_{uuid.uuid4().hex[:8]}"
+    root = tmp_path / package
+    root.mkdir()
+    (root / "__init__.py").write_text("from .impl import Greeter\n")
+    spec = tmp_path / "agent.yaml"
+    spec.write_text("kind: Agent\n")
+
+    def version(word: str) -> type:
+        (root / "impl.py").write_text(AGENT.replace("{word}", word))
+        path, digest = code_identity(f"{package}:Greeter", str(spec), None)
+        cls, error = load_agent_class(f"{package}:Greeter", code_path=path, code_hash=digest)
+        assert error is None
+        return cls
+
+    first, second = version("v1"), version("v2")
+    assert first is not second  # an edited submodule changes the hash and is loaded anew
+    assert second.__module__ == f"{package}.impl"
+    assert "v2" in (root / "impl.py").read_text()

@@ -28,6 +28,17 @@ def module_candidates(base: Path, module: str) -> tuple[Path, Path]:
     return base / rel.with_suffix(".py"), base / rel / "__init__.py"
 
 
+def _digest(file: Path) -> str:
+    """A hash of a module file, or of every ``.py`` file of a package (its
+    ``__init__.py``'s folder, with their paths): an edit to any of them changes it."""
+    if file.name != "__init__.py":
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in sorted(file.parent.rglob("*.py")):
+        h.update(str(path.relative_to(file.parent)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def code_identity(
     entrypoint: str, source: str, code_path: str | None
 ) -> tuple[str | None, str | None]:
@@ -51,8 +62,7 @@ def code_identity(
     for base in bases:
         for candidate in module_candidates(base, module):
             if candidate.is_file():
-                digest = hashlib.sha256(candidate.read_bytes()).hexdigest()[:16]
-                return str(base), digest
+                return str(base), _digest(candidate)
     if code_path is not None:
         looked = " and ".join(str(c) for c in module_candidates(bases[0], module))
         raise CodeNotFound(f"codePath: module {module!r} not found (looked for {looked})")

@@ -165,6 +165,9 @@ class RunnerBase:
         self._queue: deque[Work] = deque()
         # The task running now and its cancel scope (`agentos tasks cancel` cuts it).
         self._running: tuple[Work, anyio.CancelScope] | None = None
+        # Tasks cancelled while not running here (queued, starting, backing off, or
+        # noted on their records): id -> (who, recorded already); each ends as it comes up.
+        self._cancels: dict[str, tuple[str, bool]] = {}
         self._cmds: set[str] = set()
         self._triggers = TriggerClock(spec.triggers, now=clock())
         self._stop_scopes: set[anyio.CancelScope] = set()
@@ -233,13 +236,15 @@ class RunnerBase:
             running[0].cancel_recorded = dropped
             running[1].cancel()
             log.info("agent %s: task %s cancelled by %s", self.name, task_id, by)
-        elif dropped:
+            return
+        if dropped:  # its message is gone: out of the queue, if it is there
             self.drop(task_id)
-        else:
-            for work in self._queue:
-                if work.id == task_id:
-                    work.cancelled_by = by
-            self._nudged.set()
+        # Between the queue and running (a slot wait, a crash's backoff) or queued
+        # without a message: it ends when it comes up.
+        while len(self._cancels) >= 1000:  # ids of tasks that ended meanwhile
+            del self._cancels[next(iter(self._cancels))]
+        self._cancels[task_id] = (by, dropped)
+        self._nudged.set()
 
     def note_blocked(self, stall: Stall) -> None:
         """The watchdog found this agent's code blocking the event loop: recorded (and

@@ -7,16 +7,19 @@ author's tests exercise exactly the loop the daemon runs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import anyio.lowlevel
 
+from agentos.core.code import module_candidates
 from agentos.sdk import Agent, Context
 
 __all__ = [
@@ -61,8 +64,8 @@ def no_span(phase: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-_loaded: dict[str, tuple[str, ModuleType]] = {}
-"""Modules loaded for a spec's ``codeHash``: name -> (hash, module), for reloads."""
+_loaded: dict[tuple[str, str], tuple[str, ModuleType]] = {}
+"""Modules loaded from a spec's ``codePath``: (path, name) -> (codeHash, module)."""
 
 
 def load_agent_class(
@@ -71,35 +74,40 @@ def load_agent_class(
     """Import ``module.path:ClassName`` and check that it is an Agent subclass; returns
     the class and, when new code failed to load, why (the previous code is kept).
 
-    ``code_path`` (``spec.codePath``) is where the module is imported from. A
-    ``code_hash`` other than the one the module was last loaded with (the file was
-    edited and applied again) loads the module afresh, as a new module object: agents
-    still running the old class keep it. New code that fails to import leaves the old
-    module in place: its class is returned with the error.
+    With ``code_path`` (``spec.codePath``) the module is loaded from its file there, not
+    from whatever the daemon's path finds first (two agents' folders may both hold an
+    ``agent.py``), and that folder joins the end of the path for what the module
+    imports. A ``code_hash`` other than the one it was last loaded with (the file was
+    edited and applied again) loads it afresh, as a new module object (a package with
+    its submodules): agents still running the old class keep it. New code that fails to
+    import leaves the old module in place: its class is returned with the error.
 
     Raises :class:`EntrypointError` saying what went wrong and where it looked.
     """
     module_name, sep, attr = entrypoint.partition(":")
     if not sep or not module_name or not attr:
         raise EntrypointError(f"entrypoint {entrypoint!r} must look like 'package.module:Class'")
-    if code_path is not None and code_path not in sys.path:
-        sys.path.insert(0, code_path)
-    known = _loaded.get(module_name)
     reload_error = None
-    try:
-        if known is not None and code_hash is not None and known[0] != code_hash:
-            del sys.modules[module_name]  # a new module object from the file as it is now
-            importlib.invalidate_caches()
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        where = f"from codePath {code_path}" if code_path else f"on the daemon's path ({_path()})"
-        error = f"cannot import {module_name!r} {where}: {type(e).__name__}: {e}"
-        if known is None:
-            raise EntrypointError(f"entrypoint {entrypoint!r}: {error}") from None
-        sys.modules[module_name] = module = known[1]
-        reload_error, code_hash = error, known[0]
-    if code_hash is not None:
-        _loaded[module_name] = (code_hash, module)
+    if code_path is None:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise EntrypointError(
+                f"entrypoint {entrypoint!r}: cannot import {module_name!r} on the daemon's "
+                f"path ({_path()}): {type(e).__name__}: {e}"
+            ) from None
+    else:
+        known = _loaded.get((code_path, module_name))
+        try:
+            module = _from_folder(module_name, code_path, code_hash, known)
+        except Exception as e:
+            error = f"cannot import {module_name!r} from codePath {code_path}: "
+            error += e.args[0] if isinstance(e, EntrypointError) else f"{type(e).__name__}: {e}"
+            if known is None:
+                raise EntrypointError(f"entrypoint {entrypoint!r}: {error}") from None
+            sys.modules[module_name] = module = known[1]
+            reload_error, code_hash = error, known[0]
+        _loaded[(code_path, module_name)] = (code_hash or "", module)
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -113,6 +121,53 @@ def load_agent_class(
             f"entrypoint {entrypoint!r} is {obj!r}, not a subclass of agentos.Agent"
         )
     return obj, reload_error
+
+
+def _from_folder(
+    name: str, folder: str, code_hash: str | None, known: tuple[str, ModuleType] | None
+) -> ModuleType:
+    """Module ``name`` from its file under ``folder``: the one loaded before while its
+    hash is the same (or the one Python has from that very file), else loaded anew."""
+    if known is not None and known[0] == (code_hash or ""):
+        return known[1]
+    files = [f for f in module_candidates(Path(folder), name) if f.is_file()]
+    if not files:
+        looked = " and ".join(str(f) for f in module_candidates(Path(folder), name))
+        raise EntrypointError(f"not found (looked for {looked})")
+    file = files[0]
+    if folder not in sys.path:
+        sys.path.append(folder)  # for what the module imports; never ahead of the rest
+    cached = sys.modules.get(name)
+    cached_file = getattr(cached, "__file__", None)
+    if (
+        known is None
+        and cached is not None
+        and cached_file
+        and Path(cached_file).resolve() == file.resolve()
+    ):
+        return cached  # already imported from this file (by this process, before)
+    package = file.name == "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name, file, submodule_search_locations=[str(file.parent)] if package else None
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    stale = {n: m for n, m in sys.modules.items() if package and n.startswith(name + ".")}
+    for sub in stale:  # the package's submodules come anew with it
+        del sys.modules[sub]
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.update(stale)
+        if previous is not None:
+            sys.modules[name] = previous
+        else:
+            del sys.modules[name]
+        raise
+    return module
 
 
 def _path() -> str:

@@ -138,6 +138,9 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             else:
                 self._queue.append(step.work)
         self._count_starts(snapshot.unfinished)
+        for record in snapshot.unfinished:  # cancelled while another daemon held it
+            if record.get("cancel_by"):
+                self._cancels[record.get("id", "")] = (record["cancel_by"], False)
         if not await self._resume_wait(snapshot):
             return  # still waiting: released again
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING

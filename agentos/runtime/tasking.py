@@ -142,6 +142,8 @@ class TaskMixin(RunnerBase):
             self.arbiter.holder_idle()
 
     async def _run_work_body(self, work: Work) -> None:
+        if await self._end_if_cancelled(work):
+            return
         assert self.agent is not None
         assert self.ctx is not None
         message = None
@@ -247,10 +249,12 @@ class TaskMixin(RunnerBase):
             return
         self._unacked = work.message.id if work.message is not None else None
         self._unacked_key = work.message.key if work.message is not None else None
-        if work.cancelled_by is not None:  # cancelled while it was queued or waiting
-            await self._end_cancelled(work, work.cancelled_by, span)
-            return
         if not await self._attach_tools(work):
+            return
+        if work.id in self._cancels:  # cancelled while it started
+            work.cancelled_by, work.cancel_recorded = self._cancels.pop(work.id)
+        if work.cancelled_by is not None:  # ... or while it waited for an answer
+            await self._end_cancelled(work, work.cancelled_by, span)
             return
         scope = anyio.CancelScope()
         result: TaskResult | None = None
@@ -319,7 +323,8 @@ class TaskMixin(RunnerBase):
             self._running = None
         if lost is not None:
             raise lost
-        if work.cancelled_by is not None and scope.cancelled_caught:
+        # Cut short by `tasks cancel` (whatever the agent's code made of the cancellation).
+        if work.cancelled_by is not None and scope.cancel_called:
             await self._end_cancelled(work, work.cancelled_by, span)
             return
         timed_out()
@@ -393,6 +398,34 @@ class TaskMixin(RunnerBase):
             event=self.writer.event("TaskLimitExceeded", reason.split(":", 1)[0], reason)
         )
         await self._finish_task(work, "failed", f"stopped: {reason}", error=reason)
+
+    async def _end_if_cancelled(self, work: Work) -> bool:
+        """A task cancelled before it started (``agentos tasks cancel``) is recorded
+        cancelled, its message acknowledged, without waking the agent or running its
+        code. True when it was."""
+        if work.id in self._cancels:
+            work.cancelled_by, work.cancel_recorded = self._cancels.pop(work.id)
+        if work.cancelled_by is None or work.resume is not None:
+            return False  # a resumed wait ends inside its task (its record is written)
+        reason = f"cancelled by {work.cancelled_by}"
+        now = self.clock()
+        fields: dict[str, object] = {
+            "status": "cancelled",
+            "finished_at": repr(now),
+            "result": reason,
+            "error": reason,
+        }
+        if not work.recorded:
+            fields = {**queued_record(work, self.name, now), **fields}
+        event = None
+        if not work.cancel_recorded:
+            event = self.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+        await self.writer.write(
+            task=TaskWrite(work.id, fields, created_at=None if work.recorded else now),
+            ack_id=work.message.id if work.message is not None else None,
+            event=event,
+        )
+        return True
 
     async def _end_cancelled(self, work: Work, by: str, span: Any) -> None:
         """Cancelled by an operator (``agentos tasks cancel``): done, not retried, not a

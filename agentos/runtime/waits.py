@@ -283,6 +283,8 @@ class WaitMixin(RunnerBase):
                     "answered_by": resolution.by,
                     "answered_at": repr(resolution.at or now),
                     "waited_s": f"{waited_s:.3f}",
+                    # A daemon that takes the agent over ends it too, never replays it.
+                    **({"cancel_by": work.cancelled_by} if work.cancelled_by else {}),
                 },
             ),
             event=self.writer.event(

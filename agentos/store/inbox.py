@@ -508,6 +508,20 @@ class InboxOps:
         return {_s(a): _s(b) for a, b in raw.items()}
 
     @translate
+    async def mark_cancel(self, name: str, task_id: str, by: str) -> bool:
+        """Note on an existing task record that ``by`` cancelled it (``cancel_by``): a
+        daemon that takes the agent over ends the task instead of running it. False when
+        there is no such record."""
+        key = self.keys.task(name, task_id)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hsetnx(key, "cancel_by", by)
+            exists, _ = await pipe.execute()
+        if not exists:
+            await self._r.delete(key)  # the field alone: not a record
+        return bool(exists)
+
+    @translate
     async def idempotency_done(self, name: str, key: str) -> bool:
         """Whether a message with this idempotency key already completed."""
         return await self._r.zscore(self.keys.idempotency(name), key) is not None
