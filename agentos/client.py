@@ -546,12 +546,10 @@ class Client(WaitClientMixin, UsageClientMixin):
         return last[-1].id if last else "0-0"
 
     async def restarted(self, name: str, mark: str) -> bool:
-        """Whether the agent was restarted (a ``Restarted`` event after ``mark``), or no
-        daemon holds it any more (its next activation starts it afresh)."""
+        """Whether the agent's daemon restarted it since ``mark`` (a ``Restarted``
+        event: by the restart, or by a respec or a release that came first)."""
         events = await self.store.events(name, count=1000, after_id=mark)
-        if any(e.type == "Restarted" for e in events):
-            return True
-        return name not in await self.store.leases([name])
+        return any(e.type == "Restarted" for e in events)
 
     async def tasks(self, name: str | None = None, *, count: int = 20) -> list[dict[str, str]]:
         """Recent task records of one agent, or of every agent, newest first."""

@@ -50,7 +50,7 @@ def test_the_view_of_a_waiting_task_says_what_to_run() -> None:
         "kind": "approval",
         "question": "Deploy?",
         "choices": ["yes", "no"],
-        "deadline": 100.0,
+        "deadline": "1970-01-01T00:01:40.000Z",
         "answered": False,
         "answer": "agentos answer a m-1-0 --yes | --no [--reason TEXT]",
         "tool": "ws.write_file",
@@ -66,7 +66,11 @@ def test_the_view_of_a_waiting_task_says_what_to_run() -> None:
     assert queued["status"] == "notStarted"
     assert queued["reason"].startswith("the agent is Hibernated (Idle")
     done = task_view("a", "t", {"status": "succeeded", "result": "ok", "finished_at": "5.0"})
-    assert (done["done"], done["result"], done["finishedAt"]) == (True, "ok", 5.0)
+    assert (done["done"], done["result"], done["finishedAt"]) == (
+        True,
+        "ok",
+        "1970-01-01T00:00:05.000Z",
+    )
 
 
 async def test_send_wait_prints_the_question_and_the_answer_command_then_the_result(

@@ -123,7 +123,8 @@ def restart(
     if names and selector is not None:
         _fail("give names or -l, not both", 2)
     grace_s = _seconds("--grace", grace)
-    timeout_s = _seconds("--timeout", timeout) or math.inf
+    timeout_s = _seconds("--timeout", timeout)
+    assert timeout_s is not None
 
     async def go() -> None:
         async with await _client() as client:
@@ -153,7 +154,8 @@ def rollout_restart(
     """Restart every agent (or those selected with -l) in waves, each wave done before
     the next starts; a wave that does not finish in --timeout stops the rollout."""
     grace_s = _seconds("--grace", grace)
-    timeout_s = _seconds("--timeout", timeout) or math.inf
+    timeout_s = _seconds("--timeout", timeout)
+    assert timeout_s is not None
 
     async def go() -> None:
         async with await _client() as client:

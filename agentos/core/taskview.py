@@ -14,12 +14,19 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
+from agentos.core.machine import rfc3339
 from agentos.core.waits import WaitKind, WaitRecord
 
 __all__ = ["DONE", "answer_command", "describe_view", "task_view"]
 
 DONE = frozenset({"succeeded", "failed", "skipped", "cancelled", "dropped", "dead"})
 """Task statuses that do not change any more."""
+
+
+def _time(raw: str | None) -> str | None:
+    """An epoch-seconds field as RFC 3339 (None when unset or not a number)."""
+    value = _number(raw)
+    return None if value is None else rfc3339(value)
 
 
 def _number(raw: str | None) -> float | None:
@@ -50,8 +57,8 @@ def task_view(
     wait: WaitRecord | None = None,
     status: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The task as its sender sees it (camelCase keys, numbers as numbers, times as epoch
-    seconds). ``wait`` is the agent's parked wait, ``status`` its status hash."""
+    """The task as its sender sees it (camelCase keys, numbers as numbers, times as RFC
+    3339). ``wait`` is the agent's parked wait, ``status`` its status hash."""
     state = record.get("status") or "notStarted"
     view: dict[str, Any] = {
         "agent": agent,
@@ -59,8 +66,8 @@ def task_view(
         "status": state,
         "done": state in DONE,
         "attempt": int(record.get("attempt") or 0) or None,
-        "createdAt": _number(record.get("created_at")),
-        "finishedAt": _number(record.get("finished_at")),
+        "createdAt": _time(record.get("created_at")),
+        "finishedAt": _time(record.get("finished_at")),
     }
     if state in DONE:
         view["result"] = record.get("result", "")
@@ -72,7 +79,7 @@ def task_view(
             "kind": "approval" if wait.tool else wait.kind.value,
             "question": wait.question,
             "choices": list(wait.choices) if wait.choices is not None else None,
-            "deadline": wait.deadline,
+            "deadline": None if wait.deadline is None else rfc3339(wait.deadline),
             "answered": wait.answer is not None,
             "answer": answer_command(wait),
         }
@@ -85,7 +92,7 @@ def task_view(
         view["waitingFor"] = waiting
     elif state in ("retrying", "parked"):
         view["reason"] = record.get("error", "")
-        view["resumeAt"] = _number(record.get("resume_at"))
+        view["resumeAt"] = _time(record.get("resume_at"))
     elif status is not None:  # queued or not started: what the agent is doing
         phase = status.get("phase", "")
         why = status.get("reason", "")

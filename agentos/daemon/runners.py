@@ -360,7 +360,7 @@ class Runners:
         stop it gracefully (state saved, slot released, KV handed over) and start it
         again here, its code loaded anew; a ``Restarted`` event says it is done."""
         runner = self.runners.get(name)
-        if runner is None or name in self._stopping:
+        if runner is None:
             return
         started = self.clock()
         # Never cut a task short for a restart: wait until it ends (or the grace is up).
@@ -368,16 +368,26 @@ class Runners:
             while runner.busy and not runner.done.is_set():
                 await runner.task_over.wait()
         if self.runners.get(name) is not runner or name in self._stopping:
-            return
-        await self._stop_one(name, StopReason.RESTART, runner.spec_hash)
-        if name in self.runners:
+            # Restarted by a respec meanwhile, or let go of: either way its next runner
+            # loads the code anew. Said, so that whoever waits for the restart knows.
+            reason, message = "superseded", "restarted or released meanwhile by this daemon"
+        else:
+            # Started with the spec stored now (an apply may have landed while it waited).
+            want = self._desired.get(name)
+            await self._stop_one(
+                name, StopReason.RESTART, want.spec_hash if want else runner.spec_hash
+            )
+            if name not in self.runners:
+                return  # not started again (the daemon is stopping): due for another
             waited = self.clock() - started
-            message = f"restarted by an operator on daemon {self.id} (after {waited:.1f}s)"
-            log.info("%s: %s", name, message)
-            try:
-                await self.store.record_agent_event(name, "Restarted", "operator", message, self.id)
-            except StoreError as e:
-                self._store_failed("Restarted event", e)
+            reason, message = "operator", f"restarted after {waited:.1f}s"
+        log.info("%s: %s", name, message)
+        try:
+            await self.store.record_agent_event(
+                name, "Restarted", reason, f"{message} (daemon {self.id})", self.id
+            )
+        except StoreError as e:
+            self._store_failed("Restarted event", e)
 
     async def _restart(self, name: str, spec_hash: str) -> None:
         """Start a respecced agent again; a Redis blip (or anything else) delays it, with

@@ -675,7 +675,9 @@ class LlamaServerEngine:
             replica.url = server.url
         replica.ok()
         self._dirty.clear()
-        for s in self._sessions.values():
+        # A copy (one step under the GIL): this runs in a worker thread while the event
+        # loop may open or close sessions.
+        for s in list(self._sessions.values()):
             s.restored = -1  # nothing restored is in the new server's slots
             s.cold = True
 

@@ -217,7 +217,9 @@ class FaultMixin(RunnerBase):
             return
         if await self._instantiate():
             self._move(PhaseEvent.START)
-            await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
+            await self.writer.write(
+                status={"phase": self.phase.value, "reason": "Restarted", "message": ""}
+            )
             self._queue.appendleft(retry)
 
     async def _dead_letter(self, work: Work, attempts: int, error: str) -> None:
@@ -266,7 +268,9 @@ class FaultMixin(RunnerBase):
         )
         if self.stop_reason is None and await self._instantiate():
             self._move(PhaseEvent.START)
-            await self.writer.write(status={"phase": self.phase.value, "reason": "Restarted"})
+            await self.writer.write(
+                status={"phase": self.phase.value, "reason": "Restarted", "message": ""}
+            )
 
     async def _charge_blocked(self) -> None:
         """Record the event-loop blocks the watchdog charged to this agent, each counted
@@ -356,7 +360,12 @@ class FaultMixin(RunnerBase):
             return
         self._move(PhaseEvent.START)
         await self.writer.write(
-            status={"phase": self.phase.value, "reason": "Recovered", "consecutive_failures": 0},
+            status={
+                "phase": self.phase.value,
+                "reason": "Recovered",
+                "message": "",
+                "consecutive_failures": 0,
+            },
             event=self.writer.event("Recovered", "wake", "woken by operator after failure"),
         )
         if not self._queue:

@@ -495,8 +495,13 @@ class TaskMixin(RunnerBase):
         waited = time.perf_counter()
         self._slow_slot = False
         waking = hibernated or self.session.has_snapshot
-        traced = self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name})
-        with traced if waking else nullcontext(_NO_SPAN) as span:
+        # A span only for a real wake: one started and never ended would leak.
+        traced = (
+            self.telemetry.span("agentos.wake", **{"gen_ai.agent.name": self.name})
+            if waking
+            else nullcontext(_NO_SPAN)
+        )
+        with traced as span:
             ok, restored = await self._until_stopped(self.session.ensure)
             if not ok:
                 return False

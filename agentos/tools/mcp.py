@@ -26,6 +26,7 @@ HTTP requests are made by the session's own task, not in the caller's context.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -283,7 +284,10 @@ class ToolServerPool:
                 session = _Session(name, spec, spec_hash)
                 self._sessions[name] = session
                 assert self._tg is not None, "use the pool as an async context manager"
-                self._tg.start_soon(self._serve, session)
+                # In a context of its own: the session serves every agent of the
+                # daemon, so it must not keep the first caller's trace span or log
+                # attribution (a task copies the context it is started in).
+                contextvars.Context().run(self._tg.start_soon, self._serve, session)
         with anyio.move_on_after(session.spec.timeouts.connect + _GRACE_S):
             await session.ready.wait()
         if session.client is None or session.closed:
