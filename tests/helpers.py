@@ -91,6 +91,26 @@ async def wait_until(
     raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
 
 
+async def finished(store: Store, agent: str, task: str) -> dict[str, str]:
+    """Task ``task`` of ``agent`` once it has succeeded or failed (its record)."""
+
+    async def done() -> dict[str, str] | None:
+        record = await store.task(agent, task)
+        return record if record.get("status") in ("succeeded", "failed") else None
+
+    record: dict[str, str] = await wait_until(done, within=40, what=f"task {task} to end")
+    return record
+
+
+async def waiting(store: Store, agent: str, task: str) -> None:
+    """Until task ``task`` of ``agent`` is parked on a wait."""
+
+    async def parked() -> bool:
+        return (await store.task(agent, task)).get("status") == "waiting"
+
+    await wait_until(parked, within=40, what=f"task {task} to wait")
+
+
 class _Mismatch(dict[str, str]):
     """A status that did not match; falsy, but shows itself in timeout messages."""
 

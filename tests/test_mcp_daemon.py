@@ -19,7 +19,7 @@ from agentos.core.chat import ToolCall
 from agentos.core.spec import Document, parse_text
 from agentos.engine import SimEngine
 from agentos.store import Store
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
+from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until, waiting
 from tests.test_cli import base_env, cli, show, spawn
 
 pytestmark = [pytest.mark.anyio]
@@ -52,22 +52,6 @@ def caller(name: str = "caller", **spec: Any) -> Document:
 def ran(root: Path) -> list[str]:
     log = root / "ran.log"
     return log.read_text().splitlines() if log.exists() else []
-
-
-async def finished(store: Store, agent: str, task: str) -> dict[str, str]:
-    async def done() -> dict[str, str] | None:
-        record = await store.task(agent, task)
-        return record if record.get("status") in ("succeeded", "failed") else None
-
-    record: dict[str, str] = await wait_until(done, within=40, what=f"task {task} to end")
-    return record
-
-
-async def waiting(store: Store, agent: str, task: str) -> None:
-    async def parked() -> bool:
-        return (await store.task(agent, task)).get("status") == "waiting"
-
-    await wait_until(parked, within=40, what=f"task {task} to wait")
 
 
 async def test_the_model_calls_server_tools_through_ctx_llm_run(

@@ -20,7 +20,7 @@ from agentos.core.chat import ToolCall
 from agentos.core.spec import Document, load_paths, parse_text
 from agentos.engine import SimEngine
 from agentos.store import Store
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
+from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until, waiting
 
 pytestmark = [pytest.mark.anyio]
 
@@ -39,22 +39,6 @@ def example_docs(workspace: Path) -> list[Document]:
         (again,) = parse_text(json.dumps(body), source=doc.source)
         docs.append(again)
     return docs
-
-
-async def finished(store: Store, agent: str, task: str) -> dict[str, str]:
-    async def done() -> dict[str, str] | None:
-        record = await store.task(agent, task)
-        return record if record.get("status") in ("succeeded", "failed") else None
-
-    result: dict[str, str] = await wait_until(done, within=40, what=f"task {task} to end")
-    return result
-
-
-async def waiting(store: Store, agent: str, task: str) -> None:
-    async def parked() -> bool:
-        return (await store.task(agent, task)).get("status") == "waiting"
-
-    await wait_until(parked, within=40, what=f"task {task} to wait")
 
 
 async def test_the_operator_lists_writes_with_approval_and_reports(

@@ -23,8 +23,7 @@ from agentos.core.spec import parse_text
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 from agentos.tools.mcp import ToolServerPool
-from tests.helpers import agent_doc, apply, running_daemon
-from tests.test_mcp_daemon import finished
+from tests.helpers import agent_doc, apply, finished, running_daemon
 
 pytestmark = [pytest.mark.anyio]
 
