@@ -12,15 +12,16 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from agentos.client_usage import UsageClientMixin
+from agentos.client_views import AgentDetail, AgentSummary
 from agentos.client_waits import AnswerRejected, TaskOver, WaitClientMixin
-from agentos.core.code import CodeNotFound, code_identity
+from agentos.core.code import with_code
 from agentos.core.errors import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ClientError,
@@ -34,13 +35,11 @@ from agentos.core.fleet import (
     inbox_depth,
     toolserver_issues,
 )
-from agentos.core.machine import machine_record, rfc3339
 from agentos.core.models import model_issues
 from agentos.core.spec import (
     AgentResource,
     Document,
     SpecError,
-    SpecIssue,
     inbox_limit,
 )
 from agentos.core.taskview import DONE, describe_view, task_view
@@ -125,100 +124,6 @@ def spec_hash(document: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
-class AgentSummary:
-    """One row of `agentos ps`."""
-
-    name: str
-    phase: str
-    owner: str
-    reason: str
-    restarts: int
-    tasks: int
-    steps: int
-    last_activity: float | None
-    priority: int
-    labels: dict[str, str]
-    kv_bytes: int = 0
-    tasks_failed: int = 0  # of ``tasks`` (those that ran: succeeded or failed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for `-o json|yaml`."""
-        return {
-            "kvBytes": self.kv_bytes,
-            "name": self.name,
-            "phase": self.phase,
-            "owner": self.owner,
-            "reason": self.reason,
-            "restarts": self.restarts,
-            "tasks": self.tasks,
-            "tasksFailed": self.tasks_failed,
-            "steps": self.steps,
-            "lastActivity": None if self.last_activity is None else rfc3339(self.last_activity),
-            "priority": self.priority,
-            "labels": self.labels,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class AgentDetail:
-    """Everything `agentos describe agent` shows."""
-
-    name: str
-    spec: dict[str, Any]
-    status: dict[str, str]
-    events: list[Event] = field(default_factory=list)
-    inbox_depth: int = 0
-    tasks: list[dict[str, str]] = field(default_factory=list)
-
-    def stored(self) -> dict[str, Any]:
-        """As stored (string fields, epoch times): what the describe text reads."""
-        return {
-            "name": self.name,
-            "spec": self.spec,
-            "status": self.status,
-            "inboxDepth": self.inbox_depth,
-            "tasks": self.tasks,
-            "events": [asdict(e) for e in self.events],
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for `-o json|yaml`: camelCase, numbers, RFC 3339 times."""
-        return {
-            "name": self.name,
-            "spec": self.spec,
-            "status": machine_record(self.status),
-            "inboxDepth": self.inbox_depth,
-            "tasks": [machine_record(t) for t in self.tasks],
-            "events": [e.to_dict() for e in self.events],
-        }
-
-
-def _with_code(documents: Sequence[Document]) -> list[dict[str, Any]]:
-    """The canonical bodies of ``documents``, agents with their code's place and hash
-    (:func:`agentos.core.code.code_identity`). Raises :class:`SpecError` (file:line) when
-    a ``codePath`` does not hold its agent's module."""
-    bodies, issues = [], []
-    for doc in documents:
-        body = doc.canonical()
-        if isinstance(doc.resource, AgentResource):
-            spec = doc.resource.spec
-            try:
-                path, digest = code_identity(spec.entrypoint, doc.source, spec.code_path)
-            except CodeNotFound as e:
-                issues.append(SpecIssue(doc.source, doc.line_of("spec", "codePath"), "", str(e)))
-                continue
-            body["spec"].pop("codeHash", None)  # apply's to write, never the file's
-            if path is not None:
-                body["spec"]["codePath"] = path
-            if digest is not None:
-                body["spec"]["codeHash"] = digest
-        bodies.append(body)
-    if issues:
-        raise SpecError(issues)
-    return bodies
-
-
 class Client(WaitClientMixin, UsageClientMixin):
     """Operate one agentos namespace. Use ``async with await Client.connect(settings)``."""
 
@@ -265,7 +170,7 @@ class Client(WaitClientMixin, UsageClientMixin):
         )
         before = {("Agent", n): b for n, b in stored_agents.items()}
         before |= {("QuotaPolicy", n): b for n, b in stored_policies.items()}
-        bodies = _with_code(documents)
+        bodies = with_code(documents)
         records = []
         for doc, body in zip(documents, bodies, strict=True):
             agent = doc.resource if isinstance(doc.resource, AgentResource) else None

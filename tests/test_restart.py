@@ -101,7 +101,7 @@ async def test_a_code_path_without_the_module_is_refused_at_apply(tmp_path: Path
         "apiVersion: agentos/v1\nkind: Agent\nmetadata: {name: lost}\n"
         "spec:\n  entrypoint: lost:Agent\n  codePath: code\n"
     )
-    from agentos.client import _with_code
+    from agentos.core.code import with_code as _with_code
 
     with pytest.raises(SpecError) as caught:
         _with_code(load_paths([spec]))

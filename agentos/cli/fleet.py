@@ -36,7 +36,7 @@ from agentos.cli.common import (
     out,
     printable,
 )
-from agentos.cli.logs import parse_selector, selected
+from agentos.cli.logs import parse_selector, pick_agents, selected
 from agentos.cli.models import _models_table, describe_model, model_details
 from agentos.cli.render import (
     _agents_table,
@@ -117,20 +117,8 @@ def delete_agent(
 
     async def go() -> None:
         async with await _client() as client:
-            if selector is not None:
-                try:
-                    wanted = parse_selector(selector)
-                except ValueError as e:
-                    _fail(f"-l: {e}", 2)
-                chosen = selected(await client.agent_specs(), wanted)
-                if not chosen:
-                    _fail(f"no agent has the labels {selector}", 2)
-            else:
-                chosen = list(names or [])
-                specs = await client.agent_specs()
-                missing = [n for n in chosen if n not in specs]
-                if missing:  # all or nothing: none is deleted
-                    _fail(f'agent "{missing[0]}" not found')
+            # All or nothing: an unknown name deletes none.
+            chosen = await pick_agents(client, names or [], selector, missing_exit=1)
             for name in chosen:
                 await client.delete_agent(name)
                 out.print(printable(f"agent/{name} deleted"), markup=False)

@@ -30,7 +30,7 @@ from agentos.client import Client
 from agentos.core.durations import parse_duration
 from agentos.store import LogLine
 
-__all__ = ["logs", "parse_selector", "selected"]
+__all__ = ["logs", "parse_selector", "pick_agents", "selected"]
 
 FOLLOW_POLL_S = 0.5
 
@@ -64,21 +64,28 @@ def _line(entry: LogLine, output: Output) -> str:
     return printable(f"{stamp} {entry.agent} {entry.level}{task} {entry.message}")
 
 
-async def _agents(client: Client, name: str | None, selector: str | None) -> list[str]:
+async def pick_agents(
+    client: Client, names: Sequence[str], selector: str | None, *, missing_exit: int = 2
+) -> list[str]:
+    """The agents named (each must exist: exit ``missing_exit`` naming the first that
+    does not) or those ``selector`` selects (at least one, exit 2 otherwise); every agent
+    with neither. A selector that does not parse exits 2."""
     bodies = await client.agent_specs()
-    if name is not None:
-        if name not in bodies:
-            _fail(f'agent "{name}" not found', 2)
-        return [name]
-    assert selector is not None
+    if names:
+        missing = [n for n in names if n not in bodies]
+        if missing:
+            _fail(f'agent "{missing[0]}" not found', missing_exit)
+        return list(names)
+    if selector is None:
+        return sorted(bodies)
     try:
         wanted = parse_selector(selector)
     except ValueError as e:
         _fail(f"-l: {e}", 2)
-    names = selected(bodies, wanted)
-    if not names:
+    found = selected(bodies, wanted)
+    if not found:
         _fail(f"no agent has the labels {selector}", 2)
-    return names
+    return found
 
 
 async def _follow(
@@ -128,7 +135,7 @@ def logs(
 
     async def go() -> None:
         async with await _client() as client:
-            names = await _agents(client, name, selector)
+            names = await pick_agents(client, [name] if name else [], selector)
             lines: list[LogLine] = []
             for agent in names:
                 lines += await client.store.logs(agent, tail=tail, since=since_at)

@@ -27,7 +27,7 @@ from agentos.cli.common import (
     out,
     printable,
 )
-from agentos.cli.logs import parse_selector, selected
+from agentos.cli.logs import pick_agents
 from agentos.client import Client
 from agentos.core.durations import parse_duration
 
@@ -58,26 +58,6 @@ def _seconds(option: str, text: str | None) -> float | None:
         return parse_duration(text)
     except ValueError as e:
         _fail(f"{option}: {e}", 2)
-
-
-async def _names(client: Client, names: list[str], selector: str | None) -> list[str]:
-    """The agents named (each must exist) or selected (at least one); all with neither."""
-    bodies = await client.agent_specs()
-    if names:
-        missing = [n for n in names if n not in bodies]
-        if missing:
-            _fail(f'agent "{missing[0]}" not found', 2)
-        return names
-    if selector is None:
-        return sorted(bodies)
-    try:
-        wanted = parse_selector(selector)
-    except ValueError as e:
-        _fail(f"-l: {e}", 2)
-    found = selected(bodies, wanted)
-    if not found:
-        _fail(f"no agent has the labels {selector}", 2)
-    return found
 
 
 async def _restart_wave(
@@ -128,7 +108,7 @@ def restart(
 
     async def go() -> None:
         async with await _client() as client:
-            chosen = await _names(client, list(names or []), selector)
+            chosen = await pick_agents(client, names or [], selector)
             outcome = await _restart_wave(client, chosen, grace_s, timeout_s)
         rows = [{"agent": n, "outcome": o} for n, o in outcome.items()]
         _emit(rows, output, lambda: printable("\n".join(_say(n, o) for n, o in outcome.items())))
@@ -159,7 +139,7 @@ def rollout_restart(
 
     async def go() -> None:
         async with await _client() as client:
-            chosen = await _names(client, [], selector)
+            chosen = await pick_agents(client, [], selector)
             size = batch or max(1, math.ceil(len(chosen) / 4))
             waves = [chosen[i : i + size] for i in range(0, len(chosen), size)]
             rows: list[dict[str, object]] = []

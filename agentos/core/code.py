@@ -13,9 +13,13 @@ Python would, once.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CodeNotFound", "code_identity", "module_candidates"]
+from agentos.core.spec import AgentResource, Document, SpecError, SpecIssue
+
+__all__ = ["CodeNotFound", "code_identity", "module_candidates", "with_code"]
 
 
 class CodeNotFound(ValueError):
@@ -67,3 +71,28 @@ def code_identity(
         looked = " and ".join(str(c) for c in module_candidates(bases[0], module))
         raise CodeNotFound(f"codePath: module {module!r} not found (looked for {looked})")
     return None, None
+
+
+def with_code(documents: Sequence[Document]) -> list[dict[str, Any]]:
+    """The canonical bodies of ``documents``, agents with their code's place and hash
+    (:func:`code_identity`). Raises :class:`SpecError` (file:line) when
+    a ``codePath`` does not hold its agent's module."""
+    bodies, issues = [], []
+    for doc in documents:
+        body = doc.canonical()
+        if isinstance(doc.resource, AgentResource):
+            spec = doc.resource.spec
+            try:
+                path, digest = code_identity(spec.entrypoint, doc.source, spec.code_path)
+            except CodeNotFound as e:
+                issues.append(SpecIssue(doc.source, doc.line_of("spec", "codePath"), "", str(e)))
+                continue
+            body["spec"].pop("codeHash", None)  # apply's to write, never the file's
+            if path is not None:
+                body["spec"]["codePath"] = path
+            if digest is not None:
+                body["spec"]["codeHash"] = digest
+        bodies.append(body)
+    if issues:
+        raise SpecError(issues)
+    return bodies

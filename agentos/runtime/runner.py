@@ -24,17 +24,11 @@ import time
 import anyio
 
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason
-from agentos.core.tasks import (
-    Close,
-    Work,
-    inbox_work,
-    resume_plan,
-)
+from agentos.core.tasks import Close, Work, inbox_work, resume_plan
 from agentos.core.triggers import TriggerClock
+from agentos.runtime.endings import noted_cancels
 from agentos.runtime.faults import FaultMixin
-from agentos.runtime.loop import (
-    AgentCodeError,
-)
+from agentos.runtime.loop import AgentCodeError
 from agentos.runtime.tasking import OnDemandSession, TaskMixin
 from agentos.runtime.toolcalls import LedgerWriter, approval_rule
 from agentos.runtime.waits import WaitMixin
@@ -138,9 +132,7 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             else:
                 self._queue.append(step.work)
         self._count_starts(snapshot.unfinished)
-        for record in snapshot.unfinished:  # cancelled while another daemon held it
-            if record.get("cancel_by"):
-                self._cancels[record.get("id", "")] = (record["cancel_by"], False)
+        self._cancels.update(noted_cancels(snapshot.unfinished))
         if not await self._resume_wait(snapshot):
             return  # still waiting: released again
         self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING

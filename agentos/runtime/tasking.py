@@ -22,29 +22,18 @@ import anyio
 from agentos.core.lifecycle import Phase, PhaseEvent
 from agentos.core.limits import TaskLimitExceeded
 from agentos.core.results import render_result
-from agentos.core.tasks import (
-    Work,
-    overlap_action,
-    queued_record,
-)
+from agentos.core.tasks import Work, overlap_action, queued_record
 from agentos.core.waits import WaitRequested
 from agentos.engine.base import EngineError, EngineUnavailable
 from agentos.runtime.agentlog import current_task
 from agentos.runtime.base import RunnerBase
+from agentos.runtime.endings import end_cancelled, end_if_cancelled, end_limited
 from agentos.runtime.hibernator import Restored
-from agentos.runtime.loop import (
-    AgentCodeError,
-    TaskResult,
-    no_span,
-    run_task,
-)
+from agentos.runtime.loop import AgentCodeError, TaskResult, no_span, run_task
 from agentos.runtime.toolcalls import attach_server_tools
 from agentos.runtime.watchdog import marked
 from agentos.runtime.writer import LeaseLost
-from agentos.sdk import (
-    Message,
-    TaskInfo,
-)
+from agentos.sdk import Message, TaskInfo
 from agentos.store import Duplicate, StoreError, TaskWrite, Write
 from agentos.telemetry import Telemetry
 from agentos.tools import ToolServerUnavailable
@@ -142,7 +131,7 @@ class TaskMixin(RunnerBase):
             self.arbiter.holder_idle()
 
     async def _run_work_body(self, work: Work) -> None:
-        if await self._end_if_cancelled(work):
+        if await end_if_cancelled(self, work):
             return
         assert self.agent is not None
         assert self.ctx is not None
@@ -254,7 +243,7 @@ class TaskMixin(RunnerBase):
         if work.id in self._cancels:  # cancelled while it started
             work.cancelled_by, work.cancel_recorded = self._cancels.pop(work.id)
         if work.cancelled_by is not None:  # ... or while it waited for an answer
-            await self._end_cancelled(work, work.cancelled_by, span)
+            await end_cancelled(self, work, work.cancelled_by, span)
             return
         scope = anyio.CancelScope()
         result: TaskResult | None = None
@@ -325,13 +314,13 @@ class TaskMixin(RunnerBase):
             raise lost
         # Cut short by `tasks cancel` (whatever the agent's code made of the cancellation).
         if work.cancelled_by is not None and scope.cancel_called:
-            await self._end_cancelled(work, work.cancelled_by, span)
+            await end_cancelled(self, work, work.cancelled_by, span)
             return
         timed_out()
         if result is not None and result.limited and limits is not None:
             limited = limits.steps_reason()
         if limited is not None:
-            await self._end_limited(work, limited, span)
+            await end_limited(self, work, limited, span)
             return
         if waited is not None:
             span.set_attribute("agentos.task.waiting", waited.spec.kind.value)
@@ -385,59 +374,6 @@ class TaskMixin(RunnerBase):
             await self._on_fault(AgentCodeError("tools", error), work, infra=True)
             return False
         return True
-
-    async def _end_limited(self, work: Work, reason: str, span: Any) -> None:
-        """Past one of ``spec.limits``: failed and done (not retried, not a crash)."""
-        self.tasks_failed += 1
-        self.usage.add(tasks_failed=1)
-        self.dirty = True
-        span.set_attribute("agentos.task.status", "failed")
-        span.set_attribute("agentos.task.limit", reason.split(":", 1)[0])
-        log.warning("%s: task %s stopped: %s", self.name, work.id, reason)
-        await self.writer.write(
-            event=self.writer.event("TaskLimitExceeded", reason.split(":", 1)[0], reason)
-        )
-        await self._finish_task(work, "failed", f"stopped: {reason}", error=reason)
-
-    async def _end_if_cancelled(self, work: Work) -> bool:
-        """A task cancelled before it started (``agentos tasks cancel``) is recorded
-        cancelled, its message acknowledged, without waking the agent or running its
-        code. True when it was."""
-        if work.id in self._cancels:
-            work.cancelled_by, work.cancel_recorded = self._cancels.pop(work.id)
-        if work.cancelled_by is None or work.resume is not None:
-            return False  # a resumed wait ends inside its task (its record is written)
-        reason = f"cancelled by {work.cancelled_by}"
-        now = self.clock()
-        fields: dict[str, object] = {
-            "status": "cancelled",
-            "finished_at": repr(now),
-            "result": reason,
-            "error": reason,
-        }
-        if not work.recorded:
-            fields = {**queued_record(work, self.name, now), **fields}
-        event = None
-        if not work.cancel_recorded:
-            event = self.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
-        await self.writer.write(
-            task=TaskWrite(work.id, fields, created_at=None if work.recorded else now),
-            ack_id=work.message.id if work.message is not None else None,
-            event=event,
-        )
-        return True
-
-    async def _end_cancelled(self, work: Work, by: str, span: Any) -> None:
-        """Cancelled by an operator (``agentos tasks cancel``): done, not retried, not a
-        crash; what it recorded before (tool calls, state) stays."""
-        self.dirty = True
-        span.set_attribute("agentos.task.status", "cancelled")
-        reason = f"cancelled by {by}"
-        if not work.cancel_recorded:
-            await self.writer.write(
-                event=self.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
-            )
-        await self._finish_task(work, "cancelled", reason, error=reason)
 
     @property
     def _must_wake(self) -> bool:

@@ -1,0 +1,85 @@
+"""How a task ends before its loop is done: past one of ``spec.limits``, or cancelled
+by an operator (``agentos tasks cancel``).
+
+Either way the task is over: recorded (``failed`` with the limit, or ``cancelled``
+with who), with its event, its message acknowledged; it is not retried and it is not
+a crash. A cancel that reaches the runner while the task is not running (queued,
+waiting for a slot, in a crash backoff, or noted on the record by another daemon's
+client) is kept in the runner's ``_cancels`` until the task comes up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from agentos.core.tasks import Work, queued_record
+from agentos.store import TaskWrite
+
+if TYPE_CHECKING:
+    from agentos.runtime.tasking import TaskMixin
+
+__all__ = ["end_cancelled", "end_if_cancelled", "end_limited", "noted_cancels"]
+
+log = logging.getLogger("agentos.runner")
+
+
+async def end_limited(runner: TaskMixin, work: Work, reason: str, span: Any) -> None:
+    """Past one of ``spec.limits``: failed and done (not retried, not a crash)."""
+    runner.tasks_failed += 1
+    runner.usage.add(tasks_failed=1)
+    runner.dirty = True
+    limit = reason.split(":", 1)[0]
+    span.set_attribute("agentos.task.status", "failed")
+    span.set_attribute("agentos.task.limit", limit)
+    log.warning("%s: task %s stopped: %s", runner.name, work.id, reason)
+    await runner.writer.write(event=runner.writer.event("TaskLimitExceeded", limit, reason))
+    await runner._finish_task(work, "failed", f"stopped: {reason}", error=reason)
+
+
+async def end_if_cancelled(runner: TaskMixin, work: Work) -> bool:
+    """A task cancelled before it started is recorded cancelled, its message
+    acknowledged, without waking the agent or running its code. True when it was."""
+    if work.id in runner._cancels:
+        work.cancelled_by, work.cancel_recorded = runner._cancels.pop(work.id)
+    if work.cancelled_by is None or work.resume is not None:
+        return False  # a resumed wait ends inside its task (its record is written)
+    reason = f"cancelled by {work.cancelled_by}"
+    now = runner.clock()
+    fields: dict[str, object] = {
+        "status": "cancelled",
+        "finished_at": repr(now),
+        "result": reason,
+        "error": reason,
+    }
+    if not work.recorded:
+        fields = {**queued_record(work, runner.name, now), **fields}
+    event = None
+    if not work.cancel_recorded:
+        event = runner.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+    await runner.writer.write(
+        task=TaskWrite(work.id, fields, created_at=None if work.recorded else now),
+        ack_id=work.message.id if work.message is not None else None,
+        event=event,
+    )
+    return True
+
+
+async def end_cancelled(runner: TaskMixin, work: Work, by: str, span: Any) -> None:
+    """Cancelled while it ran (or as it resumed): done, not retried, not a crash; what it
+    recorded before (tool calls, state) stays."""
+    runner.dirty = True
+    span.set_attribute("agentos.task.status", "cancelled")
+    reason = f"cancelled by {by}"
+    if not work.cancel_recorded:
+        await runner.writer.write(
+            event=runner.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+        )
+    await runner._finish_task(work, "cancelled", reason, error=reason)
+
+
+def noted_cancels(unfinished: Iterable[Mapping[str, str]]) -> dict[str, tuple[str, bool]]:
+    """The cancels noted on unfinished task records (``cancel_by``, written while another
+    daemon held the agent): task id -> (who, recorded already: no)."""
+    return {r.get("id", ""): (r["cancel_by"], False) for r in unfinished if r.get("cancel_by")}
