@@ -3,17 +3,42 @@
 :class:`AgentSummary` is one row of `ps` (and of ``GET /v1/agents``), :class:`AgentDetail`
 everything `describe` shows; ``to_dict`` is their machine form (camelCase, numbers,
 RFC 3339 times: :mod:`agentos.core.machine`). Built by :class:`agentos.client.Client`.
+
+An agent that no live daemon may host (its ``spec.placement`` or a local Model's site
+matches none of their labels) is shown ``Pending`` with reason ``Unschedulable`` and a
+message naming what it needs and the live daemons' labels, whatever its stored status
+says: it will not run until a daemon that matches joins. That is computed here, from
+the daemons' heartbeats, since no daemon writes the status of an agent it may not host
+(:func:`unschedulable_agents`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from agentos.core.machine import machine_record, rfc3339
-from agentos.store import Event
+from agentos.core.placement import (
+    ANYWHERE,
+    DEFAULT_MODEL,
+    live_labels,
+    model_resources,
+    needs_of_body,
+    unschedulable,
+)
+from agentos.store import Event, Store
 
-__all__ = ["AgentDetail", "AgentSummary"]
+__all__ = [
+    "UNSCHEDULABLE",
+    "AgentDetail",
+    "AgentSummary",
+    "mark_unschedulable",
+    "unschedulable_agents",
+    "unschedulable_rows",
+]
+
+UNSCHEDULABLE = "Unschedulable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +57,7 @@ class AgentSummary:
     labels: dict[str, str]
     kv_bytes: int = 0
     tasks_failed: int = 0  # of ``tasks`` (those that ran: succeeded or failed)
+    message: str = ""  # why it is in this phase, when there is more to say than the reason
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `-o json|yaml`."""
@@ -48,6 +74,7 @@ class AgentSummary:
             "lastActivity": None if self.last_activity is None else rfc3339(self.last_activity),
             "priority": self.priority,
             "labels": self.labels,
+            "message": self.message,
         }
 
 
@@ -83,3 +110,53 @@ class AgentDetail:
             "tasks": [machine_record(t) for t in self.tasks],
             "events": [e.to_dict() for e in self.events],
         }
+
+
+async def unschedulable_agents(
+    store: Store, specs: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """The agents of ``specs`` (name -> stored Agent resource) that no live daemon may
+    host, each with why (:func:`agentos.core.placement.unschedulable`). Empty when no
+    daemon is live (then nothing runs, and no one agent is to blame); the Models are read
+    only when an agent asks for one."""
+    if not specs:
+        return {}
+    heartbeats = await store.daemons()
+    if not heartbeats:
+        return {}
+    daemons = live_labels(heartbeats, await store.server_time())
+    if not daemons:
+        return {}
+    needs = {name: needs_of_body(body.get("spec") or {}) for name, body in specs.items()}
+    asking = {n: x for n, x in needs.items() if x is not ANYWHERE}
+    if not asking:
+        return {}
+    named = any(m != DEFAULT_MODEL for x in asking.values() for m in x.models)
+    models = model_resources(await store.models()) if named else {}
+    out = {}
+    for name, need in asking.items():
+        why = unschedulable(daemons, need, models)
+        if why:
+            out[name] = why
+    return out
+
+
+def mark_unschedulable(status: Mapping[str, str], message: str | None) -> dict[str, str]:
+    """``status`` shown as ``Pending`` / ``Unschedulable`` with ``message`` (unchanged
+    when ``message`` is None or empty)."""
+    if not message:
+        return dict(status)
+    return {**status, "phase": "Pending", "reason": UNSCHEDULABLE, "message": message}
+
+
+def unschedulable_rows(rows: list[AgentSummary], notes: Mapping[str, str]) -> list[AgentSummary]:
+    """``rows`` with those in ``notes`` (name -> why no daemon may host it) shown as
+    ``Pending`` / ``Unschedulable``."""
+    if not notes:
+        return rows
+    return [
+        replace(r, phase="Pending", reason=UNSCHEDULABLE, message=notes[r.name])
+        if r.name in notes
+        else r
+        for r in rows
+    ]

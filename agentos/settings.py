@@ -8,6 +8,10 @@ How many llama.cpp threads to run by default is decided here too
 (:func:`default_llama_threads`): from the CPUs this process may use, never
 ``os.cpu_count()``. On a loaded 2-core machine a llama.cpp server decoded 1.1 tokens/s
 with 2 threads and 52 with 1: spin-waiting threads collapse when a core is taken.
+
+A daemon's labels (``site=host-a,region=eu``: which agents it may host, see
+:mod:`agentos.core.placement`) come from ``--labels`` or ``AGENTOS_DAEMON_LABELS``
+(:func:`daemon_labels`), read here like everything else from the environment.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentos.core.placement import HANDOVER_BATCH, SHARE_MARGIN
+from agentos.core.routespec import check_labels
 
 __all__ = [
+    "LABELS_ENV",
     "DaemonSettings",
     "SecretUnreadable",
     "Settings",
     "check_daemon_id",
+    "daemon_labels",
     "default_home",
     "default_llama_threads",
     "llama_threads",
     "new_daemon_id",
+    "parse_labels",
     "read_secret",
     "usable_cpus",
 ]
@@ -131,6 +139,40 @@ def check_daemon_id(daemon_id: str) -> str:
     return daemon_id
 
 
+LABELS_ENV = "AGENTOS_DAEMON_LABELS"
+
+
+def parse_labels(text: str, *, what: str = "--labels") -> dict[str, str]:
+    """``NAME=VALUE,NAME=VALUE`` as a dict (spaces around a pair or its parts are
+    ignored; blank text is no labels). Raises ValueError naming ``what`` and the first
+    bad pair: one without ``=`` or a name, a name or value that is not a label
+    (letters, digits, ``-_.``; ``/`` too in names), a name given twice."""
+    labels: dict[str, str] = {}
+    if not text.strip():
+        return labels
+    for raw in text.split(","):
+        pair = raw.strip()
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
+            raise ValueError(
+                f"{what}: {pair!r} is not NAME=VALUE (labels look like site=host-a,region=eu)"
+            )
+        if key in labels:
+            raise ValueError(f"{what}: {pair!r}: label {key} is given twice")
+        check_labels({key: value}, f"{what}: {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def daemon_labels(flag: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A daemon's labels: ``--labels`` when given (``flag``), else
+    ``AGENTOS_DAEMON_LABELS``, else none. Raises ValueError (see :func:`parse_labels`)."""
+    if flag is not None:
+        return parse_labels(flag)
+    env = os.environ if env is None else env
+    return parse_labels(env.get(LABELS_ENV, ""), what=LABELS_ENV)
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
     """How a daemon runs its fleet. Durations in seconds."""
@@ -170,9 +212,13 @@ class DaemonSettings:
     # counted toward its crash loop.
     blocked_loop_s: float = 1.0
     loop_beat_s: float = 0.1
+    # Which agents it may host (their spec.placement selects on these; a local Model
+    # with a site is served by the daemons labelled site=<it>); in its heartbeat.
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_daemon_id(self.daemon_id)
+        check_labels(dict(self.labels), "labels")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,9 @@ The engine is chosen here too: ``up`` runs the real model (``llama``) when it is
 installed and says so in a warning when it falls back to ``sim``; ``--engine`` forces
 one. llama.cpp threads default to the CPUs the process may use
 (:func:`agentos.settings.default_llama_threads`), ``--threads`` sets them.
+
+A daemon's labels (``--labels site=host-a,region=eu``, else ``AGENTOS_DAEMON_LABELS``)
+say which agents it may host; a pair that does not parse is exit code 2 naming it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from agentos.cli.serve import _Serve, _serve
 from agentos.core.durations import parse_duration
 from agentos.engine import llama_missing
 from agentos.ingress import is_loopback
-from agentos.settings import DaemonSettings, new_daemon_id
+from agentos.settings import LABELS_ENV, DaemonSettings, daemon_labels, new_daemon_id
 
 
 class OtelMode(enum.StrEnum):
@@ -117,7 +120,12 @@ def _daemon_settings(
     lease_ttl: str,
     engine_options: dict[str, object],
     retention: tuple[int, str] = (1000, "7d"),
+    labels: str | None = None,
 ) -> DaemonSettings:
+    try:
+        chosen = daemon_labels(labels)
+    except ValueError as e:
+        _fail(str(e), 2)
     values = {}
     keep, max_age = retention
     for flag, text in (("--grace", grace), ("--lease-ttl", lease_ttl), ("--task-max-age", max_age)):
@@ -137,6 +145,7 @@ def _daemon_settings(
             engine_options=engine_options,
             task_retention_count=keep,
             task_retention_s=values["--task-max-age"],
+            labels=chosen,
         )
     except ValueError as e:  # a bad --id: one line, exit 2
         _fail(str(e), 2)
@@ -170,6 +179,15 @@ GraceOpt = Annotated[str, typer.Option(help="How long agents get to stop on shut
 LeaseOpt = Annotated[
     str,
     typer.Option(help="Agent lease length: how soon another daemon adopts this one's agents."),
+]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="This daemon's labels, NAME=VALUE,... (e.g. site=host-a,region=eu): agents' "
+        "spec.placement selects on them, and a local Model with a site is served by the "
+        f"daemons labelled site=<it>. Default: ${LABELS_ENV}, else none.",
+        show_default=False,
+    ),
 ]
 
 
@@ -220,13 +238,21 @@ def daemon(
     task_retention: KeepOpt = 1000,
     task_max_age: MaxAgeOpt = "7d",
     log_level: LogLevelOpt = LogLevel.info,
+    labels: LabelsOpt = None,
 ) -> None:
     """Run a daemon against an existing Redis (several may share one)."""
     _setup_logging(_LEVELS[log_level])
     engine = _choose_engine(engine, model)
     options = _engine_options(engine, model, slots, n_ctx, threads)
     dsettings = _daemon_settings(
-        engine, max_agents, grace, daemon_id, lease_ttl, options, (task_retention, task_max_age)
+        engine,
+        max_agents,
+        grace,
+        daemon_id,
+        lease_ttl,
+        options,
+        (task_retention, task_max_age),
+        labels,
     )
     where, token = _http_options(http, http_token_file)
     _run(lambda: _serve(_Serve(dsettings, http=where, http_token=token, otel=otel.value)))
@@ -256,6 +282,7 @@ def up(
     task_retention: KeepOpt = 1000,
     task_max_age: MaxAgeOpt = "7d",
     log_level: LogLevelOpt = LogLevel.warning,
+    labels: LabelsOpt = None,
 ) -> None:
     """Start Redis (embedded unless --redis), apply -f files and run a daemon in the foreground."""
     duration_s = None
@@ -269,7 +296,7 @@ def up(
     engine = _choose_engine(engine, model)
     options = _engine_options(engine, model, slots, n_ctx, threads)
     dsettings = _daemon_settings(
-        engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age)
+        engine, None, grace, None, lease_ttl, options, (task_retention, task_max_age), labels
     )
     live = sys.stdout.isatty() if table is None else table
     embedded = STATE.settings.redis_url is None

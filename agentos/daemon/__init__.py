@@ -21,6 +21,13 @@ share plus a margin. One over it (another daemon joined) hands idle agents over 
 reason ``rebalance`` (they are due at once, for another daemon); one that drains
 (SIGTERM) marks its heartbeat ``draining`` first, so the others' share grows.
 
+A daemon has labels (``--labels``, in its heartbeat) and hosts only the agents they
+allow (``spec.placement``, a local Model's site): it activates no other
+(:class:`~agentos.runtime.activation.Placer`), and lets go of one it holds once a new
+spec or a changed Model rules it out, so that a daemon that matches takes it. Agents
+only some daemons may host are pinned: never handed over for the fair share, which
+balances the rest.
+
 The loops that keep Redis current (flushes, leases and heartbeats, quotas, sweeps,
 retention, fault reports) are in :mod:`agentos.daemon.upkeep`, the view of the other
 daemons in :mod:`agentos.daemon.peers`, starting, supervising and stopping runners in
@@ -30,6 +37,7 @@ outlives :meth:`Daemon.run`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -50,7 +58,7 @@ from agentos.engine.base import Engine
 from agentos.engine.remote import propagate_traces
 from agentos.governor.admission import Governor
 from agentos.governor.evaluator import Evaluator
-from agentos.runtime.activation import Activator
+from agentos.runtime.activation import Activator, Placer
 from agentos.runtime.agentlog import LogShipper
 from agentos.runtime.hibernator import Hibernator
 from agentos.runtime.models import DEFAULT_MODEL, ModelEntry, ModelPool
@@ -129,6 +137,8 @@ class Daemon(Peers, Upkeep, Runners):
             on_new=lambda m: self.governor.add_model(m.name, m.engine.parallel),
             daemon_id=self.id,
         )
+        # Which local models with a site this daemon serves (a route's candidates too).
+        self.models.labels = dict(self.settings.labels)
         # MCP sessions, one per ToolServer its agents use, shared by them (the mcp
         # package is imported here, not by every CLI command that imports the daemon).
         from agentos.tools.mcp import ToolServerPool
@@ -166,7 +176,9 @@ class Daemon(Peers, Upkeep, Runners):
         self._quota_kick = anyio.Event()
         self.ready = False  # set after the first reconcile pass (for /readyz)
         self._layout_checked = False
-        # Released agents: no runner anywhere; activated from the due index in Redis.
+        # Released agents: no runner anywhere; activated from the due index in Redis, the
+        # ones this daemon may host only.
+        self.placer = Placer(store, self.settings.labels)
         self.activator = Activator(
             store,
             clock=clock,
@@ -175,6 +187,7 @@ class Daemon(Peers, Upkeep, Runners):
             room=self._room,
             running=self.runners,
             start=self._start_many,
+            placer=self.placer,
         )
         self._live: set[str] = {self.id}  # daemons whose heartbeat is fresh, as last read
         # Redis at maxmemory: when writes were first and last refused (None: they are not).
@@ -456,6 +469,8 @@ class Daemon(Peers, Upkeep, Runners):
                 else:
                     self._desired.pop(name, None)
             self._generation = generation
+            await self.placer.refresh(generation)
+            self._let_go_of_unhostable()
         now = self.clock()
         # Runners being stopped count as running: starting a second runner for an agent
         # whose first one is still saving its context would put two owners on one
@@ -472,6 +487,11 @@ class Daemon(Peers, Upkeep, Runners):
             self._kicked = False
             self._leases_checked_at = now
             await self._look_at_peers(now)
+        # Pinned agents (some live daemon may not host them) are never handed over: they
+        # are outside the fair share (see agentos.runtime.activation), held as "busy".
+        pinned = self._pinned_held() & local.keys()
+        for n in pinned:
+            local[n] = dataclasses.replace(local[n], busy=True)
         desired = {n: d for n, d in self._desired.items() if n in local}
         # What is shared: the agents held anywhere, and those due for a daemon now
         # (agents being handed over among them, so a handover does not shrink the share).
@@ -489,7 +509,7 @@ class Daemon(Peers, Upkeep, Runners):
             {},
             now,
             daemon_id=self.id,
-            capacity=self.limit,
+            capacity=None if self.limit is None else self.limit + len(pinned),
             handover=self.settings.handover_batch,
         )
         handed = []

@@ -5,8 +5,10 @@ the others' held sets: the live daemons and how many agents they hold give its f
 (:mod:`agentos.core.placement`), and the held set of a daemon not seen for a lease is
 recovered: its agents are due again, for whoever has room. Heartbeats carry the Redis
 server's time and are compared with it: no host's clock is compared with another's.
-Deleted agents whose daemon died before it could purge them are purged here too. A
-mixin of :class:`agentos.daemon.Daemon`.
+Deleted agents whose daemon died before it could purge them are purged here too. The
+live daemons' labels (in their heartbeats) tell which held agents are pinned: agents some
+other daemon may not host, left out of the fair share. A mixin of
+:class:`agentos.daemon.Daemon`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from agentos.core.placement import live_daemons, share_limit
+from agentos.core.placement import live_daemons, live_labels, share_limit
 from agentos.core.reconcile import Desired
-from agentos.runtime.activation import Activator
+from agentos.runtime.activation import UNBOUNDED, Activator, Placer, Room
 from agentos.runtime.runner import AgentRunner
 from agentos.settings import DaemonSettings
 from agentos.store import Store
@@ -35,6 +37,7 @@ class Peers:
     clock: Callable[[], float]
     runners: dict[str, AgentRunner]
     activator: Activator
+    placer: Placer
     _desired: dict[str, Desired]
     _peers: int
     _live: set[str]
@@ -53,6 +56,11 @@ class Peers:
         if peers != self._peers:  # the share changed: room for due agents, maybe
             self.activator.nudge()
         self._peers = peers
+        labels = live_labels(heartbeats, server_now, fresh_s=fresh_s)
+        labels.pop(self.id, None)
+        if labels != self.placer.peers:  # which agents are pinned changed
+            self.placer.peers = labels
+            self.activator.nudge()
         self._live = {self.id}
         for daemon_id, info in heartbeats.items():
             seen_at = info.get("seen_at")
@@ -97,14 +105,24 @@ class Peers:
             margin=self.settings.share_margin,
         )
 
-    async def _room(self, due: int) -> int:
+    def _pinned_held(self) -> set[str]:
+        """The agents held here that some other live daemon may not host (pinned)."""
+        return self.placer.pinned_of((n, r.resource.spec) for n, r in self.runners.items())
+
+    async def _room(self, due: int) -> Room:
         """How many more agents this daemon may take now, with ``due`` agents waiting for
-        a daemon: up to ``--max-agents`` and its fair share of what is held and due. The
-        others' counts are read fresh (their held sets, one command per daemon), so two
-        daemons never both think the other has the room."""
-        if self.settings.max_agents is None and self._peers <= 1:
-            return 1_000_000
+        a daemon: up to ``--max-agents`` in all, and of those any daemon may host up to
+        its fair share of what is held and due (pinned agents held here do not count
+        against it). The others' counts are read fresh (their held sets, one command per
+        daemon), so two daemons never both think the other has the room."""
+        cap = self.settings.max_agents
+        total = UNBOUNDED if cap is None else cap - len(self.runners)
+        if cap is None and self._peers <= 1:
+            return Room(total, total)
         others = sorted(self._live - {self.id})
         self._fleet_active = sum((await self.store.held_counts(others)).values())
         limit = self._share(self._fleet_active + len(self.runners) + due)
-        return 1_000_000 if limit is None else limit - len(self.runners)
+        if limit is None:
+            return Room(total, total)
+        shared_held = len(self.runners) - len(self._pinned_held())
+        return Room(min(total, limit - shared_held), total)

@@ -7,8 +7,9 @@ state opened in a few pipelines, and a runner started for each under a superviso
 supervisor finishes a release that was cut short, backs off a runner that failed (a
 runtime bug, not the agent's), and says why on an agent whose lease was lost. Stopping
 is here too: one agent (a respec restarts it, a rebalance hands it over) or all of them
-within the grace period. Kept apart from :mod:`agentos.daemon`, which decides what runs
-where.
+within the grace period. An agent this daemon may not host (its new spec, or a changed
+Model, rules the daemon's labels out) is let go of at once, due for a daemon that may.
+Kept apart from :mod:`agentos.daemon`, which decides what runs where.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import anyio
 import anyio.abc
 
 from agentos.core.lifecycle import StopReason, backoff_delay
+from agentos.core.placement import format_labels
 from agentos.core.reconcile import Desired
 from agentos.core.spec import AgentResource, SpecError, parse_resource
 from agentos.engine.base import EngineError
 from agentos.governor.admission import Governor
-from agentos.runtime.activation import Activator
+from agentos.runtime.activation import Activator, Placer
 from agentos.runtime.agentlog import attributed
 from agentos.runtime.models import ModelEntry, ModelPool
 from agentos.runtime.runner import AgentRunner
@@ -66,6 +68,7 @@ class Runners:
     models: ModelPool
     tool_servers: ToolServerPool
     activator: Activator
+    placer: Placer
     keeper: LeaseKeeper
     runners: dict[str, AgentRunner]
     _agents_tg: anyio.abc.TaskGroup | None
@@ -99,10 +102,14 @@ class Runners:
         self._agents_tg.start_soon(_run_coro, coro)
 
     async def _start_many(
-        self, wanted: list[tuple[str, str]], claims: dict[str, float] | None = None
+        self,
+        wanted: list[tuple[str, str]],
+        claims: dict[str, float] | None = None,
+        resources: dict[str, AgentResource] | None = None,
     ) -> None:
         """Take the leases of ``wanted`` (name, spec hash) and start their runners;
-        ``claims``: the due-index claims they were activated with (dropped once held)."""
+        ``claims``: the due-index claims they were activated with (dropped once held);
+        ``resources``: specs of some of them read already (the others are read here)."""
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
         # Leases and specs in a few pipelines: starting 10,000 agents must not take
         # 20,000 sequential round trips.
@@ -111,13 +118,17 @@ class Runners:
                 return
             chunk = dict(wanted[i : i + 500])
             try:
-                await self._start_chunk(chunk, ttl_ms, claims or {})
+                await self._start_chunk(chunk, ttl_ms, claims or {}, resources or {})
             finally:
                 for name in chunk:
                     self._opening.pop(name, None)
 
     async def _start_chunk(
-        self, chunk: dict[str, str], ttl_ms: int, claims: dict[str, float]
+        self,
+        chunk: dict[str, str],
+        ttl_ms: int,
+        claims: dict[str, float],
+        read: dict[str, AgentResource],
     ) -> None:
         """Start one batch of ``_start_many``: name -> spec hash."""
         for name in chunk:
@@ -141,10 +152,18 @@ class Runners:
                 {n: now + o.ttl_ms / 1000 + 0.05 for n, o in owners.items() if n not in live}
             )
         await self.store.due_unclaim(drop)
-        bodies = await self.store.agent_specs_of(won)
+        bodies = await self.store.agent_specs_of([n for n in won if n not in read])
+        if won and not self.placer.loaded:
+            # Read once; a later change of a Model is the reconcile's (it lets go of
+            # what this daemon may no longer host).
+            await self.placer.refresh()
         resources: dict[str, tuple[AgentResource, ModelEntry]] = {}
         for name in won:
-            resource = self._parse(name, bodies.get(name))
+            resource = read.get(name) or self._parse(name, bodies.get(name))
+            why = "" if resource is None else self.placer.here(resource.spec)
+            if why:
+                await self._not_here(name, tokens[name], why)
+                continue
             model = await self._model_of(name, resource)
             if resource is None or model is None:
                 await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
@@ -190,6 +209,8 @@ class Runners:
                 lend_after_s=self.settings.lend_slot_after_s,
                 tool_servers=self.tool_servers,
             )
+            runner.price_of = self.models.prices
+            runner.spend = self.models.spend
             runner.error_delay_s = backoff_delay(
                 self._runner_errors.get(name, 0) + 1, *RUNNER_ERROR_BACKOFF
             )
@@ -203,29 +224,66 @@ class Runners:
             # next pass must not cost them their leases.
             self._publish_held()
 
+    async def _not_here(self, name: str, token: int, why: str) -> None:
+        """Let go of an agent this daemon may not host (just taken: its spec or a Model
+        it uses changed): due now for a daemon that may, never again here until the
+        fleet changes. An ``Unhostable`` event says why."""
+        self.placer.reject(name)
+        self._desired.pop(name, None)
+        await self._until_done(
+            lambda: self.store.release_lease(name, f"{self.id}|{token}"), "release"
+        )
+        await self._until_done(
+            lambda: self.store.due_release(name, self.id, self.clock(), now=self.clock()),
+            "release",
+        )
+        labels = format_labels(self.settings.labels) or "no labels"
+        message = (
+            f"daemon {self.id} ({labels}) may not host the agent: {why}; it is due for a "
+            "daemon that may"
+        )
+        log.info("%s: %s", clean(name), message)
+        try:
+            await self.store.record_agent_event(name, "Unhostable", "placement", message, self.id)
+        except StoreError as e:
+            self._store_failed("Unhostable event", e)
+
+    def _let_go_of_unhostable(self) -> None:
+        """After the fleet changed: restart the agents held here that this daemon may no
+        longer host (a Model they use moved to another site); their start lets them go.
+        A changed agent spec restarts its agent anyway (and the start checks it)."""
+        for name, runner in self.runners.items():
+            want = self._desired.get(name)
+            if name in self._stopping or want is None or want.spec_hash != runner.spec_hash:
+                continue
+            why = self.placer.here(runner.resource.spec)
+            if why:
+                log.info(
+                    "%s: may not be hosted here any more (%s); letting it go", clean(name), why
+                )
+                self._spawn(self._stop_one(name, StopReason.RESPEC, runner.spec_hash))
+
     async def _model_of(self, name: str, resource: AgentResource | None) -> ModelEntry | None:
         """The model ``resource`` names, started on first use; None when it cannot serve."""
         if resource is None:
             return None
         try:
-            return await self.models.for_agent(
-                name, resource.spec.model, allow_fallback=resource.spec.model_fallback is not False
-            )
+            return await self.models.for_spec(name, resource.spec)
         except Exception as e:  # an OSError too (a full or read-only AGENTOS_HOME)
             # Not started now: the agent is due again in a lease (see _start_chunk).
             if not isinstance(e, EngineError):
                 e = EngineError(f"{type(e).__name__}: {e}")
-                if self._reported.get(f"model {resource.spec.model}") == str(e):
+                if self._reported.get(f"model {resource.spec.route_key}") == str(e):
                     e.repeated = True  # type: ignore[attr-defined]
-                self._reported[f"model {resource.spec.model}"] = str(e)
+                self._reported[f"model {resource.spec.route_key}"] = str(e)
             if not getattr(e, "repeated", False):
-                log.error("%s: model %s cannot serve: %s", name, resource.spec.model, e)
+                log.error("%s: model %s cannot serve: %s", name, resource.spec.route_key, e)
                 with contextlib.suppress(StoreError):
                     await self.store.record_fleet_event(
                         name,
                         "ModelUnavailable",
-                        resource.spec.model,
-                        f"model {resource.spec.model} cannot serve: {e}",
+                        resource.spec.route_key,
+                        f"model {resource.spec.route_key} cannot serve: {e}",
                         self.id,
                     )
             return None

@@ -2,9 +2,10 @@
 
 Status counters and metered usage are flushed in fenced batches with op ids (a batch
 whose reply was lost is sent again unchanged and counted once); leases are renewed and
-the heartbeat written every third of a lease by a thread of their own
-(:mod:`agentos.store.keeper`: agent code that blocks the event loop cannot cost the
-daemon its leases; on a cluster, a node that is out fails only the leases it serves);
+the heartbeat (with the daemon's labels, which clients read) written every third of a
+lease by a thread of their own (:mod:`agentos.store.keeper`: agent code that blocks the
+event loop cannot cost the daemon its leases; on a cluster, a node that is out fails
+only the leases it serves);
 effective quotas are reloaded and this daemon's samples published; inboxes are swept for
 messages whose signal was lost; task records are trimmed. None of these loops ends the
 daemon when Redis is away or full: they log once, retry, and afterwards one
@@ -396,4 +397,7 @@ class Upkeep:
             "started_at": self.started_at,
             "share": self.limit,
             "draining": self._draining,
+            # Which agents it may host; clients read them (ps: Unschedulable, get daemons).
+            "labels": dict(self.settings.labels),
+            "lease_ttl_s": self.settings.lease_ttl_s,  # how fresh a live one's heartbeat is
         }
