@@ -7,10 +7,10 @@ here and nowhere else. Exit codes: 0 ok, 1 failure (Redis away, unknown agent, .
 traceback.
 
 The package splits it by job: :mod:`~agentos.cli.common` (consoles, output modes,
-errors), :mod:`~agentos.cli.render` (tables and text), :mod:`~agentos.cli.fleet` and
-:mod:`~agentos.cli.quota` (the commands), :mod:`~agentos.cli.launch` (``daemon`` and
-``up``'s flags) and :mod:`~agentos.cli.serve` (the process they run). This module
-builds the app from them.
+errors), :mod:`~agentos.cli.render` (tables and text), :mod:`~agentos.cli.fleet`,
+:mod:`~agentos.cli.quota` and :mod:`~agentos.cli.evaluate` (the commands),
+:mod:`~agentos.cli.launch` (``daemon`` and ``up``'s flags) and :mod:`~agentos.cli.serve`
+(the process they run). This module builds the app from them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import fleet, launch, logs, models, quota, restart, toolservers, waits
+from agentos.cli import evaluate, fleet, launch, logs, models, quota, restart, toolservers, waits
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -93,6 +93,7 @@ for _cmd in (
     waits.answer,
     waits.event,
     quota.usage,
+    evaluate.eval_tasks,
     fleet.hibernate,
     fleet.wake,
     restart.restart,
@@ -101,7 +102,7 @@ for _cmd in (
     launch.daemon,
     launch.up,
 ):
-    app.command()(_cmd)
+    app.command(name="eval" if _cmd is evaluate.eval_tasks else None)(_cmd)
 fleet.delete_app.command("model")(models.delete_model)
 fleet.delete_app.command("toolserver")(toolservers.delete_toolserver)
 app.add_typer(fleet.delete_app, name="delete")

@@ -50,15 +50,6 @@ class Output(enum.StrEnum):
     yaml = "yaml"
 
 
-class UsageBy(enum.StrEnum):
-    """How `agentos usage` groups."""
-
-    agent = "agent"
-    class_ = "class"
-    day = "day"
-    model = "model"
-
-
 class _State:
     settings: Settings = Settings()
     debug: bool = False

@@ -41,7 +41,9 @@ _INTS = frozenset(
 )
 _FLOATS = frozenset({"waited_s", "cost"})
 _TIMES = frozenset({"last_activity", "waiting_since", "wait_deadline"})
-_JSON = frozenset({"answers", "calls", "tools", "wait_choices", "answer"})
+_JSON = frozenset(
+    {"answers", "calls", "tools", "wait_choices", "answer", "outcome", "agent_outcome"}
+)
 _FLAGS = frozenset({"message_taken", "kv_kept"})
 
 

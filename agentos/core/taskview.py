@@ -4,7 +4,12 @@
 started it. A task that is not done says why: it waits for an answer (the question, the
 choices, the tool call it would make, and the exact ``agentos answer`` command), it is
 retrying (the error, when it runs again), or it has not started (what the agent is
-doing). Pure: built from the task's record, the agent's wait and its status.
+doing). A finished task also says whether it did its job (its outcome).
+
+The same records are what an Agent's evaluator judges (:class:`EvaluatedTask`), after
+the task and again with ``agentos eval``: both see exactly what the record keeps, so a
+re-run judges what the first run judged. Pure: built from the task's record, the
+agent's wait and its status.
 """
 
 from __future__ import annotations
@@ -12,15 +17,96 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from agentos.core.machine import rfc3339
+from agentos.core.outcomes import Outcome
 from agentos.core.waits import WaitKind, WaitRecord
 
-__all__ = ["DONE", "answer_command", "describe_view", "task_view"]
+__all__ = [
+    "DONE",
+    "EvaluatedTask",
+    "answer_command",
+    "describe_view",
+    "record_outcome",
+    "task_view",
+]
 
 DONE = frozenset({"succeeded", "failed", "skipped", "cancelled", "dropped", "dead"})
 """Task statuses that do not change any more."""
+
+
+FAILED = frozenset({"failed", "dead"})
+"""Statuses of tasks that ended without doing their job (raised until the retries ran
+out, passed a limit, or were abandoned): judged ``fail`` by the runtime."""
+
+
+def _outcome_field(raw: str | None) -> Outcome | None:
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        return Outcome.from_dict(data) if isinstance(data, Mapping) else None
+    except ValueError:
+        return None
+
+
+def record_outcome(record: Mapping[str, str]) -> Outcome | None:
+    """The verdict on a finished task: its ``outcome`` field; for a failed task that has
+    none (its retries ran out), ``fail`` from the runtime with the error; None for a
+    task not finished (or finished before outcomes were recorded)."""
+    outcome = _outcome_field(record.get("outcome"))
+    if outcome is not None:
+        return outcome
+    if record.get("status") in FAILED:
+        return Outcome("fail", reason=record.get("error") or None, source="runtime")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluatedTask:
+    """What an Agent's evaluator (``spec.evaluate``) sees of a finished task: read-only,
+    built from its record, so ``agentos eval`` later shows it exactly the same.
+
+    ``message`` is the body of the message that started it (its first 200 characters,
+    as recorded; None when a trigger started it), ``result`` the text the record keeps
+    (JSON for a structured result), ``outcome`` the agent's own verdict
+    (``ctx.succeed`` / ``ctx.fail``; None when it gave none).
+    """
+
+    id: str
+    agent: str
+    trigger: str
+    status: str
+    message: str | None
+    result: str
+    error: str
+    attempt: int
+    outcome: Outcome | None
+
+    @classmethod
+    def from_record(cls, agent: str, record: Mapping[str, str]) -> EvaluatedTask:
+        """The view of ``record`` (a task record of ``agent``)."""
+        try:
+            attempt = int(float(record.get("attempt") or 0))
+        except ValueError:
+            attempt = 0
+        own = _outcome_field(record.get("agent_outcome"))
+        if own is None:  # no evaluator overrode it: the recorded outcome, if the agent's
+            recorded = _outcome_field(record.get("outcome"))
+            own = recorded if recorded is not None and recorded.source == "agent" else None
+        return cls(
+            id=record.get("id", ""),
+            agent=record.get("agent") or agent,
+            trigger=record.get("trigger", ""),
+            status=record.get("status", ""),
+            message=record.get("payload") if record.get("message_id") else None,
+            result=record.get("result", ""),
+            error=record.get("error", ""),
+            attempt=attempt,
+            outcome=own,
+        )
 
 
 def _time(raw: str | None) -> str | None:
@@ -73,6 +159,9 @@ def task_view(
         view["result"] = record.get("result", "")
         if record.get("error"):
             view["error"] = record["error"]
+        outcome = record_outcome(record)
+        if outcome is not None:
+            view["outcome"] = outcome.to_dict()
         return view
     if state == "waiting" and wait is not None and wait.task_id == task_id:
         waiting: dict[str, Any] = {

@@ -1,9 +1,13 @@
-"""How a task ends before its loop is done: past one of ``spec.limits``, or cancelled
-by an operator (``agentos tasks cancel``).
+"""How a task ends before its loop is done: past one of ``spec.limits``, cancelled by
+an operator (``agentos tasks cancel``), or with no model of its route able to serve
+(``onExhausted: fail``).
 
 Either way the task is over: recorded (``failed`` with the limit, or ``cancelled``
 with who), with its event, its message acknowledged; it is not retried and it is not
-a crash. A cancel that reaches the runner while the task is not running (queued,
+a crash. Its verdict is the runtime's, not the evaluator's: ``fail`` past a limit (it
+did not finish its job), ``unknown`` when cancelled (nobody judged what it did).
+
+A cancel that reaches the runner while the task is not running (queued,
 waiting for a slot, in a crash backoff, or noted on the record by another daemon's
 client) is kept in the runner's ``_cancels`` until the task comes up.
 """
@@ -14,28 +18,61 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from agentos.core.outcomes import Outcome
 from agentos.core.tasks import Work, queued_record
 from agentos.store import TaskWrite
 
 if TYPE_CHECKING:
     from agentos.runtime.tasking import TaskMixin
 
-__all__ = ["end_cancelled", "end_if_cancelled", "end_limited", "noted_cancels"]
+__all__ = [
+    "end_cancelled",
+    "end_exhausted",
+    "end_if_cancelled",
+    "end_limited",
+    "noted_cancels",
+]
 
 log = logging.getLogger("agentos.runner")
 
 
 async def end_limited(runner: TaskMixin, work: Work, reason: str, span: Any) -> None:
-    """Past one of ``spec.limits``: failed and done (not retried, not a crash)."""
+    """Past one of ``spec.limits``: failed and done (not retried, not a crash); counted
+    in ``tasks_failed`` (a ``fail`` verdict) when it closes."""
     runner.tasks_failed += 1
-    runner.usage.add(tasks_failed=1)
     runner.dirty = True
     limit = reason.split(":", 1)[0]
     span.set_attribute("agentos.task.status", "failed")
     span.set_attribute("agentos.task.limit", limit)
     log.warning("%s: task %s stopped: %s", runner.name, work.id, reason)
     await runner.writer.write(event=runner.writer.event("TaskLimitExceeded", limit, reason))
-    await runner._finish_task(work, "failed", f"stopped: {reason}", error=reason)
+    await runner._finish_task(
+        work,
+        "failed",
+        f"stopped: {reason}",
+        error=reason,
+        outcome=Outcome("fail", reason=reason, source="runtime"),
+        span=span,
+    )
+
+
+async def end_exhausted(runner: TaskMixin, work: Work, reason: str, span: Any) -> None:
+    """No model of the agent's route could serve a call and the route says ``onExhausted:
+    fail``: the agent's code let :class:`RouteExhausted` through, so the task failed, for
+    a reason that is not the agent's code (not retried, not a crash; the route wrote its
+    ``RouteExhausted`` event)."""
+    runner.tasks_failed += 1
+    runner.dirty = True
+    span.set_attribute("agentos.task.status", "failed")
+    log.warning("%s: task %s failed: %s", runner.name, work.id, reason)
+    await runner._finish_task(
+        work,
+        "failed",
+        f"failed: {reason}",
+        error=f"RouteExhausted: {reason}",
+        outcome=Outcome("fail", reason=reason, source="runtime"),
+        span=span,
+    )
 
 
 async def end_if_cancelled(runner: TaskMixin, work: Work) -> bool:
@@ -76,7 +113,14 @@ async def end_cancelled(runner: TaskMixin, work: Work, by: str, span: Any) -> No
         await runner.writer.write(
             event=runner.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
         )
-    await runner._finish_task(work, "cancelled", reason, error=reason)
+    await runner._finish_task(
+        work,
+        "cancelled",
+        reason,
+        error=reason,
+        outcome=Outcome("unknown", reason=reason, source="runtime"),
+        span=span,
+    )
 
 
 def noted_cancels(unfinished: Iterable[Mapping[str, str]]) -> dict[str, tuple[str, bool]]:

@@ -9,7 +9,9 @@ A message nobody can process leaves the inbox in one atomic step each way: to th
 agent's dead letters after too many failed starts (``dead_letter``, by the owner), out
 of the fleet when an operator drops it (``drop_message``), back in when one re-drives
 it (``redrive``). The task records and idempotency keys that fenced writes leave behind
-are read and trimmed here.
+are read and trimmed here, and a finished task's verdict is judged again here
+(``set_task_outcome``, ``lua/task_outcome.lua``: the record and the day's usage counters
+in one step).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class InboxOps:
     _dead_script: Any
     _drop_script: Any
     _redrive_script: Any
+    _outcome_script: Any
     _batch: ScriptBatcher
     keys: Keys
     due_now: Any  # agentos.store.waits.WaitOps
@@ -110,6 +113,7 @@ class InboxOps:
         self._dead_script = client.register_script(load("inbox_dead"))
         self._drop_script = client.register_script(load("inbox_drop"))
         self._redrive_script = client.register_script(load("inbox_redrive"))
+        self._outcome_script = client.register_script(load("task_outcome"))
 
     @translate
     async def send(
@@ -496,10 +500,47 @@ class InboxOps:
         return [{_s(a): _s(b) for a, b in h.items()} for h in raw if h]
 
     @translate
-    async def tasks(self, name: str, *, count: int = 20) -> list[dict[str, str]]:
-        """The agent's most recent task records, newest first."""
-        ids = await self._r.zrevrange(self.keys.tasks(name), 0, count - 1)
+    async def tasks(
+        self, name: str, *, count: int = 20, since: float | None = None
+    ) -> list[dict[str, str]]:
+        """The agent's most recent task records (created at ``since`` or later, when
+        given), newest first."""
+        if since is None:
+            ids = await self._r.zrevrange(self.keys.tasks(name), 0, count - 1)
+        else:
+            ids = await self._r.zrevrangebyscore(
+                self.keys.tasks(name), "+inf", repr(since), start=0, num=count
+            )
         return await self._task_records(name, [_s(i) for i in ids])
+
+    @translate
+    async def set_task_outcome(
+        self,
+        name: str,
+        task_id: str,
+        *,
+        outcome: str,
+        verdict: str,
+        day: str,
+        agent_outcome: str = "",
+    ) -> tuple[bool, str]:
+        """Give a task that ended normally the verdict ``verdict`` (``outcome``: its JSON)
+        and move its count in the usage of ``day`` (the record's ``counted_on``, or the
+        day it finished when it was never counted) from the old verdict to it, for the
+        agent and for the model that served its last call; keep ``agent_outcome`` (the
+        agent's own verdict, JSON) beside it. Atomic, and a no-op on the counters when
+        the verdict is the same.
+
+        Returns ``(True, old verdict or "")``, or ``(False, why)``: ``missing`` (no such
+        record), ``status`` (it did not end normally), ``day`` (counted on another day:
+        read the record again).
+        """
+        k = self.keys
+        reply = await self._outcome_script(
+            keys=[k.task(name, task_id), k.usage(name, day), k.usage_days(name)],
+            args=[outcome, verdict, day, math.ceil(self.retention.usage_s), agent_outcome],
+        )
+        return bool(int(reply[0])), _s(reply[1])
 
     @translate
     async def task(self, name: str, task_id: str) -> dict[str, str]:
