@@ -8,8 +8,9 @@ public surface (pinned by ``tests/test_public_api.py``); everything else may cha
 from agentos.client import Client, ClientError, MessageTooLarge, NotFound
 from agentos.core.chat import Reply, TokenUsage, ToolCall
 from agentos.core.lifecycle import Phase, StopReason
+from agentos.core.outcomes import Outcome
 from agentos.core.spec import AgentResource, QuotaPolicyResource, SpecError, load_paths, parse_text
-from agentos.engine.base import Completion, EngineError, NoFreeSlot
+from agentos.engine.base import Completion, EngineError, NoFreeSlot, RouteExhausted
 from agentos.sdk import LLM, Agent, Context, Message, QuotaExceeded, TaskInfo, Usage, WaitTimeout
 from agentos.settings import Settings
 from agentos.store import InboxFull
@@ -31,10 +32,12 @@ __all__ = [
     "MessageTooLarge",
     "NoFreeSlot",
     "NotFound",
+    "Outcome",
     "Phase",
     "QuotaExceeded",
     "QuotaPolicyResource",
     "Reply",
+    "RouteExhausted",
     "Settings",
     "SpecError",
     "StopReason",

@@ -19,7 +19,13 @@ from typing import Any
 import anyio
 
 from agentos.client_usage import UsageClientMixin
-from agentos.client_views import AgentDetail, AgentSummary
+from agentos.client_views import (
+    AgentDetail,
+    AgentSummary,
+    mark_unschedulable,
+    unschedulable_agents,
+    unschedulable_rows,
+)
 from agentos.client_waits import AnswerRejected, TaskOver, WaitClientMixin
 from agentos.core.code import with_code
 from agentos.core.errors import (
@@ -35,6 +41,7 @@ from agentos.core.fleet import (
     inbox_depth,
     toolserver_issues,
 )
+from agentos.core.metering import price_issues
 from agentos.core.models import model_issues
 from agentos.core.spec import (
     AgentResource,
@@ -201,7 +208,8 @@ class Client(WaitClientMixin, UsageClientMixin):
         }
         policies = stored_policies(await self.store.policies())
         issues = fleet_issues(documents, agents, policies)
-        issues += model_issues(documents, set(await self.store.models()))
+        issues += model_issues(documents, await self.store.models())
+        issues += price_issues(documents, policies)
         issues += toolserver_issues(documents, await self.store.toolservers())
         if issues:
             raise SpecError(issues)
@@ -275,7 +283,8 @@ class Client(WaitClientMixin, UsageClientMixin):
                     kv_bytes=int(st.get("kv_bytes") or 0),
                 )
             )
-        return out
+        # No live daemon may host these: they say so, whatever their status says.
+        return unschedulable_rows(out, await unschedulable_agents(self.store, specs))
 
     async def describe(self, name: str, *, events: int = 20) -> AgentDetail:
         """Spec, status, inbox depth and recent events of one agent.
@@ -285,10 +294,11 @@ class Client(WaitClientMixin, UsageClientMixin):
         spec = await self.store.agent_spec(name)
         if spec is None:
             raise NotFound(f'agent "{name}" not found')
+        unplaced = (await unschedulable_agents(self.store, {name: spec})).get(name)
         return AgentDetail(
             name=name,
             spec=spec,
-            status=await self.store.status(name),
+            status=mark_unschedulable(await self.store.status(name), unplaced),
             events=await self.store.events(name, count=events),
             inbox_depth=await self.store.inbox_depth(name),
             tasks=await self.store.tasks(name, count=5),

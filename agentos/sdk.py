@@ -33,6 +33,7 @@ from agentos.core.chat import (
 from agentos.core.durations import parse_duration
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import StopReason
+from agentos.core.outcomes import Outcome
 from agentos.core.waits import WaitKind, WaitLog, WaitSpec, WaitTimeout, ask_spec, deadline_of
 from agentos.engine.base import Completion, ContextOverflow, Engine, EngineError, KVSnapshot
 from agentos.telemetry import Telemetry
@@ -414,6 +415,10 @@ class LLM:
                     time_to_first_token_s=completion.time_to_first_token_s,
                     kv_restored=self.kv_restored,
                     queue_wait_s=queue_wait,
+                    cached_tokens=completion.cached_tokens,
+                    response_model=completion.served_by,
+                    route_reason=completion.routed,
+                    server_address=completion.served_at,
                 )
         self.kv_restored = False
         self._count(completion)
@@ -662,6 +667,10 @@ class LLM:
                     time_to_first_token_s=reply.time_to_first_token_s,
                     kv_restored=self.kv_restored,
                     queue_wait_s=queue_wait,
+                    cached_tokens=reply.cached_tokens,
+                    response_model=reply.served_by,
+                    route_reason=reply.routed,
+                    server_address=reply.served_at,
                 )
         self.kv_restored = False
         self._messages = [*history, *new, reply.message()]
@@ -712,6 +721,15 @@ class LLM:
             if choice not in (None, "auto", "none"):
                 choice = "auto"
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def escalate(self, reason: str) -> bool:
+        """Ask for a stronger model: on a ``cascade`` route the rest of this task's calls
+        go to the next candidate (a ``Routed`` event says why). Returns False when there
+        is none (the last candidate, or an agent with one model)."""
+        if not isinstance(reason, str) or not reason:
+            raise ValueError("ctx.llm.escalate needs a reason")
+        escalate = getattr(self._engine, "escalate", None)
+        return bool(escalate(self._session, reason)) if callable(escalate) else False
 
     async def reset(self) -> None:
         """Forget the context: the next call starts from an empty one."""
@@ -845,6 +863,7 @@ class Context:
     _telemetry: Telemetry = field(default_factory=Telemetry.disabled, repr=False)
     _events: EventSender = field(default=_no_events, repr=False)
     _waits: WaitLog = field(default_factory=lambda: WaitLog(time.time), repr=False)
+    _outcome: Outcome | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.llm.replay = self._waits
@@ -967,6 +986,26 @@ class Context:
         self._result = value
         self._has_result = True
 
+    def succeed(self, score: float | None = None, reason: str | None = None) -> None:
+        """Mark this task successful (``score`` in any scale you use, ``reason`` free
+        text). The verdict goes on the task record and into ``agentos usage`` (success
+        rate, cost per successful task); an Agent's ``spec.evaluate`` has the last word.
+        The latest of :meth:`succeed` and :meth:`fail` wins.
+        """
+        self._outcome = Outcome("pass", None if score is None else float(score), reason)
+
+    def fail(self, reason: str) -> None:
+        """Mark this task failed (it did not do its job) without raising: the task ends
+        normally, its result is kept, and it counts as unsuccessful in ``usage``."""
+        if not isinstance(reason, str) or not reason:
+            raise ValueError("ctx.fail needs a reason")
+        self._outcome = Outcome("fail", None, reason)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """The verdict :meth:`succeed` or :meth:`fail` gave this task (None: neither)."""
+        return self._outcome
+
     @property
     def result(self) -> Any:
         """What :meth:`set_result` was last given in this task (None if it was not called)."""
@@ -983,6 +1022,7 @@ class Context:
         self._message_taken = False
         self._result = None
         self._has_result = False
+        self._outcome = None
         self._waits.begin(enabled=False)
 
 

@@ -603,8 +603,8 @@ async def test_send_wait_prints_the_result_and_tasks_lists_it(
         ("succeeded", "ping 42"),
     ]
     assert table.returncode == 0, show(table)
-    assert table.stdout.split()[:8] == [
-        *("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT")
+    assert table.stdout.split()[:9] == [
+        *("AGENT", "TASK", "TRIGGER", "STATUS", "VERDICT", "ATTEMPT", "AGE", "TOOK", "RESULT")
     ]
     assert "succeeded" in table.stdout
 

@@ -357,7 +357,8 @@ BAD_DOCUMENTS = [
         6,
         "spec.triggrs",
         "unknown field (expected one of: entrypoint, model, modelFallback, triggers, hibernation, "
-        "quotaClass, priority, restartPolicy, config, context, tools, limits, codePath, codeHash); "
+        "quotaClass, priority, restartPolicy, config, context, tools, limits, codePath, codeHash, "
+        "route, placement, evaluate); "
         'did you mean "triggers"?',
     ),
     (
@@ -544,7 +545,7 @@ BAD_DOCUMENTS = [
         6,
         "spec.classes.standard.tokensPerMinit",
         "unknown field (expected one of: tokensPerMinute, maxConcurrent, dailyTokens, "
-        'dailyAgentSeconds, perAgent); did you mean "tokensPerMinute"?',
+        'dailyAgentSeconds, perAgent, dailyCost); did you mean "tokensPerMinute"?',
     ),
     (
         "unknown per-agent limit",

@@ -180,7 +180,8 @@ def get(
         async with await _client() as client:
             if which is Kind.daemons:
                 daemons = await client.daemons()
-                keep = _wanted(which, names or [], selector, {d: {} for d in daemons})
+                labels = {d: dict(info.get("labels") or {}) for d, info in daemons.items()}
+                keep = _wanted(which, names or [], selector, labels)
                 daemons = {k: v for k, v in daemons.items() if keep(k)}
                 _emit(
                     [{"id": k, **v} for k, v in daemons.items()],

@@ -16,9 +16,9 @@ from rich.table import Table
 from agentos.cli.common import Output, _client, _emit, _fail, _run, cell, out, printable
 from agentos.client import Client, NotFound
 from agentos.core.models import model_users
-from agentos.core.modelusage import ModelUsageRow
+from agentos.core.modelspec import ModelSpec
 
-__all__ = ["delete_model", "describe_model", "get_models", "model_details", "usage_by_model"]
+__all__ = ["delete_model", "describe_model", "get_models", "model_details"]
 
 
 async def model_details(client: Client) -> list[dict[str, Any]]:
@@ -91,6 +91,22 @@ def _models_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def _placement(spec: Mapping[str, Any]) -> str:
+    """Tier, site, region and data boundary as the router sees them (defaults by engine)."""
+    try:
+        model = ModelSpec.model_validate(spec)
+    except ValueError:
+        return "-"
+    placement = model.placement
+    where: list[str] = [model.tier]
+    if placement is not None and placement.site:
+        where.append(f"site {placement.site}")
+    if placement is not None and placement.region:
+        where.append(f"region {placement.region}")
+    tools = "" if model.tools_capable else ", no tool calls"
+    return f"{', '.join(where)}; data stays within {model.data_boundary}{tools}"
+
+
 def _describe_text(row: Mapping[str, Any]) -> str:
     spec = row["spec"]
     prices = spec.get("prices", {})
@@ -99,6 +115,7 @@ def _describe_text(row: Mapping[str, Any]) -> str:
         f"Engine:     {spec.get('engine')}",
         f"Served as:  {spec.get('servedModel') or row['name']}",
         f"Fallback:   {spec.get('fallback') or '-'}",
+        f"Placement:  {_placement(spec)}",
         f"Prices/1k:  input {prices.get('input', 0)}, cached "
         f"{prices.get('cachedInput', prices.get('input', 0))}, output {prices.get('output', 0)}",
     ]
@@ -160,28 +177,5 @@ def delete_model(name: str) -> None:
             if not await client.store.delete("Model", name):
                 raise NotFound(f'model "{name}" not found')
         out.print(f"model/{name} deleted", markup=False)
-
-    _run(go)
-
-
-def _usage_table(rows: Sequence[ModelUsageRow]) -> Table:
-    table = Table("MODEL", "CALLS", "TOKENS IN", "CACHED", "TOKENS OUT", "COST", box=None)
-    for r in rows:
-        table.add_row(
-            *map(
-                cell,
-                (r.model, r.calls, r.tokens_in, r.tokens_cached, r.tokens_out, f"{r.cost:.4f}"),
-            )
-        )
-    return table
-
-
-def usage_by_model(days: int, output: Output) -> None:
-    """`agentos usage --by model`."""
-
-    async def go() -> None:
-        async with await _client() as client:
-            rows = await client.usage_by_model(since_days=days)
-        _emit([r.to_dict() for r in rows], output, lambda: _usage_table(rows))
 
     _run(go)

@@ -19,9 +19,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from agentos.cli.common import UsageBy, cell, printable
+from agentos.cli.common import cell, printable
 from agentos.client import AgentSummary
-from agentos.core.metering import UsageRow
+from agentos.core.placement import format_labels
 from agentos.core.policy import ClassQuota, RuleStatus
 from agentos.core.results import summarize
 from agentos.store import Event
@@ -206,11 +206,13 @@ def _policies_table(policies: dict[str, dict[str, Any]]) -> Table:
 
 def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("ID", "HOST", "PID", "ENGINE", "AGENTS", "SHARE", "SEEN"):
+    for col in ("ID", "HOST", "PID", "ENGINE", "LABELS", "AGENTS", "SHARE", "SEEN"):
         table.add_column(col)
     for did, info in sorted(daemons.items()):
         # SHARE: the most agents it may hold (its fair share of the fleet plus the margin).
         share = "draining" if info.get("draining") else str(info.get("share") or "")
+        labels = info.get("labels")
+        shown = format_labels(labels) if isinstance(labels, dict) else ""
         table.add_row(
             *map(
                 cell,
@@ -219,6 +221,7 @@ def _daemons_table(daemons: dict[str, dict[str, Any]]) -> Table:
                     info.get("host", ""),
                     info.get("pid", ""),
                     info.get("engine", ""),
+                    shown or "-",
                     info.get("agents", ""),
                     share,
                     _ago(info.get("seen_at")) + " ago",
@@ -280,13 +283,29 @@ def _spec_lines(resource: dict[str, Any]) -> list[str]:
     labels = (resource.get("metadata") or {}).get("labels") or {}
     hib = spec.get("hibernation") or {}
     idle = hib.get("idleAfter", "60s")
+    route = spec.get("route")
+    if isinstance(route, dict):
+        model_line = (
+            f"Route:         {route.get('strategy', 'cascade')} over "
+            + " > ".join(route.get("models") or ())
+            + f"; data {route.get('dataClass', 'any')}"
+            + (f", ttft {route['ttftTarget']}" if route.get("ttftTarget") else "")
+            + (f", max {route['maxCostPerTask']}/task" if "maxCostPerTask" in route else "")
+            + f", exhausted: {route.get('onExhausted', 'park')}"
+        )
+    else:
+        model_line = f"Model:         {spec.get('model', 'default')}" + (
+            "" if spec.get("modelFallback", True) else " (no fallback)"
+        )
     lines = [
-        f"Model:         {spec.get('model', 'default')}"
-        + ("" if spec.get("modelFallback", True) else " (no fallback)"),
+        model_line,
         "Labels:        " + (", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
         f"Hibernation:   {'never' if idle in ('0s', 0) else f'after {idle} idle'}, "
         f"KV {hib.get('keepKV', 'auto')}",
     ]
+    selector = (spec.get("placement") or {}).get("daemons") or {}
+    if selector:
+        lines.append(f"Placement:     daemons labelled {format_labels(selector)}")
     tools = spec.get("tools") or {}
     if tools.get("servers"):
         approvals = (tools.get("approval") or {}).get("required") or []
@@ -334,7 +353,8 @@ def _trigger_text(trigger: dict[str, Any]) -> str:
 
 def _tasks_table(rows: Sequence[dict[str, str]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("AGENT", "TASK", "TRIGGER", "STATUS", "ATTEMPT", "AGE", "TOOK", "RESULT"):
+    columns = ("AGENT", "TASK", "TRIGGER", "STATUS", "VERDICT", "ATTEMPT", "AGE", "TOOK", "RESULT")
+    for col in columns:
         table.add_column(col, no_wrap=True, overflow="ellipsis")
     for row in rows:
         table.add_row(*map(cell, _task_cells(row)))
@@ -350,6 +370,7 @@ def _task_cells(row: dict[str, str]) -> list[str]:
         row.get("id", ""),
         row.get("trigger", ""),
         row.get("status", ""),
+        row.get("verdict") or "-",
         row.get("attempt", ""),
         _ago(float(row["created_at"])) if row.get("created_at") else "-",
         took,
@@ -384,40 +405,7 @@ def _dead_table(letters: Sequence[dict[str, str]]) -> Table:
 
 
 def _task_line(row: dict[str, str]) -> str:
-    agent, task_id, trigger, status, attempt, _, took, detail = _task_cells(row)
-    return f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}) {detail}".rstrip()
-
-
-def _usage_table(rows: Sequence[UsageRow], by: UsageBy) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in (
-        by.value.upper(),
-        "AGENT-HOURS",
-        "TOKENS-IN",
-        "TOKENS-OUT",
-        "KV-GB-H",
-        "TASKS",
-        "FAILED",
-        "COST",
-        "COST/TASK",
-    ):
-        table.add_column(col, justify="left" if col == by.value.upper() else "right")
-    for r in rows:
-        per = "-" if r.cost_per_task is None else f"{r.cost_per_task:.6f}"
-        table.add_row(
-            *map(
-                cell,
-                (
-                    r.key,
-                    f"{r.agent_hours:.4f}",
-                    r.tokens_in,
-                    r.tokens_out,
-                    f"{r.kv_gb_hours:.6f}",
-                    r.tasks_succeeded,
-                    r.tasks_failed,
-                    f"{r.cost:.6f}",
-                    per,
-                ),
-            )
-        )
-    return table
+    agent, task_id, trigger, status, verdict, attempt, _, took, detail = _task_cells(row)
+    judged = "" if verdict == "-" else f", verdict {verdict}"
+    line = f"{agent} {task_id} {trigger} {status} (attempt {attempt}, {took}{judged}) {detail}"
+    return line.rstrip()

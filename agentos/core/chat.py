@@ -137,6 +137,8 @@ class Reply:
     time_to_first_token_s: float = 0.0
     duration_s: float = 0.0
     served_by: str = ""  # the model that answered when not the agent's own (a fallback)
+    routed: str = ""  # why a route chose that model (empty: the agent has one model)
+    served_at: str = ""  # where it ran (server.address), when the engine knows
 
     @property
     def text(self) -> str:

@@ -9,9 +9,12 @@ against the stored models plus those applied with it. Pure: no I/O.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from agentos.core.modelspec import ModelResource
-from agentos.core.spec import AgentResource, Document, SpecIssue
+from agentos.core.route import DEFAULT_BOUNDARY, within
+from agentos.core.routespec import Route
+from agentos.core.spec import AgentResource, Document, SpecError, SpecIssue, parse_resource
 
 __all__ = ["DEFAULT_MODEL", "model_issues", "model_users"]
 
@@ -19,14 +22,28 @@ DEFAULT_MODEL = "default"
 """What ``spec.model`` means when it names no Model: the daemon's own ``--engine``."""
 
 
-def model_issues(documents: Sequence[Document], stored: Collection[str]) -> list[SpecIssue]:
-    """Problems with the models ``documents`` name, given the ``stored`` Model names."""
-    known = set(stored) | {d.name for d in documents if isinstance(d.resource, ModelResource)}
+def model_issues(
+    documents: Sequence[Document], stored: Mapping[str, Mapping[str, Any]] | Collection[str]
+) -> list[SpecIssue]:
+    """Problems with the models ``documents`` name, given the ``stored`` Models (name ->
+    canonical body; names alone check existence only)."""
+    resources: dict[str, ModelResource | None] = {}
+    for name in stored:
+        body = stored[name] if isinstance(stored, Mapping) else None
+        resources[name] = _parsed(body)
+    for doc in documents:
+        if isinstance(doc.resource, ModelResource):
+            resources[doc.name] = doc.resource
+    known = set(resources)
     listed = ", ".join(sorted(known)) or "none are applied"
     issues: list[SpecIssue] = []
     for doc in documents:
         resource = doc.resource
         if isinstance(resource, AgentResource):
+            route = resource.spec.route
+            if route is not None:
+                issues += _route_issues(doc, route, resources, listed)
+                continue
             model = resource.spec.model
             if model != DEFAULT_MODEL and model not in known:
                 issues.append(
@@ -52,11 +69,66 @@ def model_issues(documents: Sequence[Document], stored: Collection[str]) -> list
     return issues
 
 
+def _parsed(body: Mapping[str, Any] | None) -> ModelResource | None:
+    if body is None:
+        return None
+    try:
+        resource = parse_resource(body)
+    except SpecError:
+        return None
+    return resource if isinstance(resource, ModelResource) else None
+
+
+def _route_issues(
+    doc: Document,
+    route: Route,
+    resources: Mapping[str, ModelResource | None],
+    listed: str,
+) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    boundaries: list[str] = []
+    for index, model in enumerate(route.models):
+        if model == DEFAULT_MODEL:
+            boundaries.append(DEFAULT_BOUNDARY)
+        elif model not in resources:
+            issues.append(
+                SpecIssue(
+                    doc.source,
+                    doc.line_of("spec", "route", "models", index),
+                    f"spec.route.models[{index}]",
+                    f'unknown model "{model}" (models: {listed}); apply the Model first, '
+                    "or with this agent",
+                )
+            )
+        else:
+            found = resources[model]
+            boundaries.append(found.spec.data_boundary if found is not None else "any")
+    if not issues and not any(within(b, route.data_class) for b in boundaries):
+        shown = ", ".join(f"{m} ({b})" for m, b in zip(route.models, boundaries, strict=True))
+        issues.append(
+            SpecIssue(
+                doc.source,
+                doc.line_of("spec", "route", "dataClass"),
+                "spec.route.dataClass",
+                f"no candidate keeps data within {route.data_class}: {shown}; add a model "
+                "whose placement.dataBoundary is within it",
+            )
+        )
+    return issues
+
+
 def model_users(model: str, agents: Mapping[str, Mapping[str, object]]) -> list[str]:
     """Names of the stored agents (name -> canonical body) whose ``spec.model`` is ``model``."""
     users = []
     for name, body in agents.items():
         spec = body.get("spec")
-        if isinstance(spec, Mapping) and spec.get("model", DEFAULT_MODEL) == model:
+        if not isinstance(spec, Mapping):
+            continue
+        route = spec.get("route")
+        if isinstance(route, Mapping):
+            uses = model in (route.get("models") or ())
+        else:
+            uses = spec.get("model", DEFAULT_MODEL) == model
+        if uses:
             users.append(name)
     return sorted(users)

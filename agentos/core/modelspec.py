@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agentos.core.chat import TEMPLATES
 from agentos.core.durations import Duration, PositiveDuration
+from agentos.core.routespec import ModelCapabilities, ModelPlacement, Tier
 from agentos.core.specbase import API_VERSION, Metadata, Name, _error, _errors, _Model, _SubPath
 
 __all__ = [
@@ -153,6 +154,10 @@ class ModelSpec(_Model):
     timeouts: ModelTimeouts = Field(default_factory=ModelTimeouts)
     prices: ModelPrices = Field(default_factory=ModelPrices)
     fallback: Name | None = None
+    # Where it runs and how far data sent to it may go; what it can do (routes filter
+    # on both). Left out of the canonical form unless given.
+    placement: ModelPlacement | None = None
+    capabilities: ModelCapabilities | None = None
 
     @model_validator(mode="after")
     def _fits_engine(self) -> Self:
@@ -221,6 +226,40 @@ class ModelSpec(_Model):
         if self.engine == "llamaserver" and self.endpoints:
             return "a llamaserver with endpoints"
         return f"engine {self.engine}"
+
+    @property
+    def runs_in_daemon(self) -> bool:
+        """Whether the daemon runs the model itself (llama, sim, an embedded llamaserver)."""
+        return self.engine in ("llama", "sim") or (
+            self.engine == "llamaserver" and not self.endpoints
+        )
+
+    @property
+    def tier(self) -> Tier:
+        """``placement.tier``, or ``local`` for a model the daemon runs, else ``hosted``."""
+        if self.placement is not None and self.placement.tier is not None:
+            return self.placement.tier
+        return "local" if self.runs_in_daemon else "hosted"
+
+    @property
+    def data_boundary(self) -> str:
+        """``placement.dataBoundary``, or by tier: local ``host``, regional ``site``,
+        hosted ``any``."""
+        if self.placement is not None and self.placement.data_boundary is not None:
+            return self.placement.data_boundary
+        return {"local": "host", "regional": "site", "hosted": "any"}[self.tier]
+
+    @property
+    def tools_capable(self) -> bool:
+        """Whether calls that offer tools may go to this model."""
+        return self.capabilities is None or self.capabilities.tools
+
+    @property
+    def max_context(self) -> int | None:
+        """The context length calls must fit (capabilities, else contextLength)."""
+        if self.capabilities is not None and self.capabilities.context_length is not None:
+            return self.capabilities.context_length
+        return self.context_length
 
     @property
     def idle_stop_s(self) -> float:

@@ -41,6 +41,7 @@ from agentos.core.durations import Duration, PositiveDuration, format_duration
 from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES
 from agentos.core.limits import TaskLimits
 from agentos.core.modelspec import ModelResource
+from agentos.core.routespec import AgentPlacement, Evaluate, FleetPrices, Route
 from agentos.core.specbase import (
     _ERROR_TYPE,
     _ISSUES_KEY,
@@ -374,6 +375,44 @@ class AgentSpec(_Model):
     # stores it absolute, with codeHash, a hash of the module file (see core.code).
     code_path: str | None = Field(default=None, min_length=1)
     code_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
+    # The long form of ``model``: candidates and how a call picks one (an agent has one
+    # or the other). Left out of the canonical form unless given, like the two below.
+    route: Route | None = None
+    # Which daemons may host the agent: a node selector over their labels.
+    placement: AgentPlacement | None = None
+    # A function that judges each task (pass, fail or a score) after it ran.
+    evaluate: Evaluate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_or_route(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "route" in data and "model" in data:
+            raise _error(
+                "an agent has spec.model or spec.route, not both (route.models lists the "
+                "candidates)",
+                "route",
+            )
+        return data
+
+    @model_serializer(mode="wrap")
+    def _serialize_model_or_route(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.route is not None:
+            data.pop("model", None)
+        return data
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models the agent's calls may go to: the route's candidates, or its model."""
+        return self.route.models if self.route is not None else (self.model,)
+
+    @property
+    def route_key(self) -> str:
+        """How ``usage --by route`` names the agent's route: ``STRATEGY:M1,M2`` for a
+        route, the model's name for an agent with one model."""
+        if self.route is None:
+            return self.model
+        return f"{self.route.strategy}:{','.join(self.route.models)}"
 
     @property
     def on_overflow(self) -> OnOverflow:
@@ -408,6 +447,9 @@ class ClassLimits(QuotaLimits):
     """
 
     per_agent: QuotaLimits | None = Field(default=None, alias="perAgent")
+    # Money the class may spend per day (in the Models' price unit), enforced before each
+    # call on its projected cost.
+    daily_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 QuotaClass = ClassLimits
@@ -505,6 +547,9 @@ class QuotaPolicySpec(_Model):
     timezone: TimeZoneName = "UTC"
     classes: dict[Name, ClassLimits] = Field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    # The fleet's prices per agent-hour and per GB-hour of KV (token prices are on each
+    # Model); at most one applied policy declares them.
+    prices: FleetPrices | None = None
 
     @model_validator(mode="after")
     def _rules_fit_classes(self) -> Self:

@@ -27,6 +27,8 @@ __all__ = [
     "ModelMisconfigured",
     "NoFreeSlot",
     "Reply",
+    "RouteExhausted",
+    "RouteUnavailable",
     "SessionInfo",
     "StreamChunk",
     "TokenUsage",
@@ -53,6 +55,17 @@ class NoFreeSlot(EngineError):
 class EngineUnavailable(EngineError):
     """The backend cannot serve now (down, restarting, overloaded): the infrastructure's
     fault, never the agent's; the runtime retries the task later."""
+
+
+class RouteUnavailable(EngineUnavailable):
+    """No candidate of an agent's route can serve this call now (``onExhausted: park``):
+    the task parks as an infrastructure fault; the message names each candidate and why
+    it was skipped."""
+
+
+class RouteExhausted(EngineError):
+    """No candidate of an agent's route can serve this call (``onExhausted: fail``): the
+    agent's code may catch it; the message names each candidate and why it was skipped."""
 
 
 class ModelMisconfigured(EngineUnavailable):
@@ -99,6 +112,8 @@ class Completion:
     duration_s: float
     cached_tokens: int = 0  # prompt tokens already in the session's KV (not re-prefilled)
     served_by: str = ""  # the model that answered when not the agent's own (a fallback)
+    routed: str = ""  # why a route chose that model (empty: the agent has one model)
+    served_at: str = ""  # where it ran (server.address), when the engine knows
 
 
 @dataclass(frozen=True, slots=True)

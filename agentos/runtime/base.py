@@ -14,8 +14,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -24,7 +24,8 @@ from agentos.core.errors import DEFAULT_MAX_MESSAGE_BYTES, MessageTooLarge, NotF
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
 from agentos.core.limits import TaskLimitExceeded, over_tokens
-from agentos.core.modelusage import model_usage
+from agentos.core.modelspec import ModelPrices
+from agentos.core.modelusage import call_cost, model_usage
 from agentos.core.spec import AgentResource
 from agentos.core.supervisor import RestartPolicy
 from agentos.core.tasks import (
@@ -48,8 +49,10 @@ from agentos.runtime.loop import (
     EntrypointError,
     load_agent_class,
 )
+from agentos.runtime.routes import RouteEngine
 from agentos.runtime.session import AgentSession
 from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.spend import ClassSpend
 from agentos.runtime.toolcalls import LedgerWriter
 from agentos.runtime.usage import UsageMeter
 from agentos.runtime.watchdog import Mark, Stall
@@ -183,6 +186,25 @@ class RunnerBase:
         self.dead_letters_in_row = 0
         self.tokens_in = 0
         self.tokens_out = 0
+        # What the running task has cost so far (its calls priced with each Model's
+        # prices, the same prices `agentos usage` uses); reset when a task starts.
+        self.task_cost = 0.0
+        # Prices of a model by name (set by the daemon from its model pool).
+        self.price_of: Callable[[str], ModelPrices] = lambda _model: ModelPrices()
+        # The quota classes' money per day (set by the daemon; None: not enforced).
+        self.spend: ClassSpend | None = None
+        # The model that holds the agent's session: spec.model, or the route's home.
+        self.home_model = spec.model
+        if isinstance(engine, RouteEngine):
+            self.home_model = engine.home
+            engine.events = self._route_event
+            engine.spent = lambda: self.task_cost
+            engine.task_id = lambda: self.ctx.task.id if self.ctx is not None else ""
+            engine.charge = self._on_usage
+            engine.class_left = self._class_left
+            engine.day_resets_in = lambda: (
+                self.spend.resets_in(spec.quota_class) if self.spend is not None else 3600.0
+            )
         self.dirty = False
         self._saved_state: bytes | None = None
         self.agent: Agent | None = None
@@ -404,18 +426,48 @@ class RunnerBase:
         data = self.codec.encode(self.ctx.state)
         return None if data == self._saved_state else data
 
-    def _admit(
+    @asynccontextmanager
+    async def _admit(
         self, estimate: Callable[[], int], timeout_s: float | None
-    ) -> AbstractAsyncContextManager[Ticket]:
+    ) -> AsyncIterator[Ticket]:
+        """Admit one model call: the class's money for the day first (a routed call is
+        checked by its route, which prices each candidate), then the governor."""
         assert self.governor is not None
-        return self.governor.call(
+        quota_class = self.resource.spec.quota_class
+        if not isinstance(self.engine, RouteEngine):
+            left = await self._class_left()
+            if left is not None:
+                prices = self.price_of(self.home_model)
+                projected = estimate() * max(prices.input, prices.output) / 1000
+                if projected > left:
+                    assert self.spend is not None
+                    raise QuotaExceeded(
+                        kind="budget",
+                        scope="class",
+                        quota_class=quota_class,
+                        limit="dailyCost",
+                        retry_after_s=self.spend.resets_in(quota_class),
+                        agent=self.name,
+                    )
+        async with self.governor.call(
             agent=self.name,
-            quota_class=self.resource.spec.quota_class,
+            quota_class=quota_class,
             priority=self.priority,
             estimate=estimate,
             timeout_s=timeout_s,
-            model=self.resource.spec.model,
-        )
+            model=self.home_model,
+        ) as ticket:
+            yield ticket
+
+    async def _class_left(self) -> float | None:
+        """What the agent's quota class may still spend today (None: no dailyCost)."""
+        if self.spend is None:
+            return None
+        return await self.spend.left(self.resource.spec.quota_class)
+
+    async def _route_event(self, type_: str, reason: str, message: str) -> None:
+        """An event of the agent's route (Routed, Escalated, RouteExhausted)."""
+        await self.writer.write(event=self.writer.event(type_, reason, message))
 
     def _on_usage(self, completion: Completion | Reply) -> None:
         self._uses_model = True
@@ -425,14 +477,24 @@ class RunnerBase:
             used = self.tokens_in + self.tokens_out - sum(self._task_tokens)
             self._over_tokens = over_tokens(self.resource.spec.limits, used)
         self.usage.add(tokens_in=completion.input_tokens, tokens_out=completion.output_tokens)
+        model = completion.served_by or self.home_model
         self.usage.add(
             **model_usage(
-                completion.served_by or self.resource.spec.model,
+                model,
                 tokens_in=completion.input_tokens,
                 cached=completion.cached_tokens,
                 tokens_out=completion.output_tokens,
             )
         )
+        cost = call_cost(
+            self.price_of(model),
+            tokens_in=completion.input_tokens,
+            cached=completion.cached_tokens,
+            tokens_out=completion.output_tokens,
+        )
+        self.task_cost += cost
+        if self.spend is not None:
+            self.spend.add(self.resource.spec.quota_class, cost)
         self.dirty = True
         if self._over_tokens is not None:
             reason, self._over_tokens = self._over_tokens, None

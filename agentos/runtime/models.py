@@ -27,6 +27,7 @@ across, the old one is closed, and the parked work resumes with its next attempt
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -40,8 +41,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from agentos.core.modelspec import ModelResource
-from agentos.core.spec import SpecError, parse_resource
+from agentos.core.modelspec import ModelPrices, ModelResource
+from agentos.core.placement import serves_model
+from agentos.core.route import DEFAULT_BOUNDARY, Candidate, ModelStats, within
+from agentos.core.spec import AgentSpec, SpecError, parse_resource
 from agentos.engine.base import (
     Engine,
     EngineError,
@@ -51,8 +54,10 @@ from agentos.engine.base import (
 from agentos.engine.fallback import FallbackEngine
 from agentos.engine.models import build_engine, credential_digest
 from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.routes import RouteEngine
 from agentos.runtime.served import Condition, ServedEngine, Unstarted
 from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.spend import ClassSpend
 from agentos.store import Store, StoreError
 
 __all__ = [
@@ -161,6 +166,13 @@ class ModelPool:
         self._clock = clock
         self._bodies: dict[str, dict[str, Any]] = {}
         self._bodies_at = -_CHECK_S
+        # The daemon's labels (agentos daemon --labels): which site-bound models it serves.
+        self.labels: Mapping[str, str] = {}
+        # What routed calls taught this daemon of each model: latency, output, cooldowns.
+        self.route_stats: dict[str, ModelStats] = {}
+        self._route_prices: dict[str, ModelPrices] = {}
+        # The quota classes' money per day, shared by the daemon's agents.
+        self.spend = ClassSpend(store, clock=clock)
 
     def get(self, name: str) -> ModelEntry | None:
         """The model called ``name`` if this daemon already serves it."""
@@ -265,6 +277,67 @@ class ModelPool:
             reason = found.served.condition.reason if found.served.condition else "not started"
             raise ModelUnavailable(reason, repeated=True)
         return found.engine
+
+    def prices(self, name: str) -> ModelPrices:
+        """The prices of the model called ``name`` as this daemon serves it (none known:
+        zero, as for the daemon's own engine)."""
+        found = self.entries.get(name)
+        if found is not None and found.resource is not None:
+            return found.resource.spec.prices
+        return self._route_prices.get(name, ModelPrices())
+
+    async def for_spec(self, agent: str, spec: AgentSpec) -> ModelEntry:
+        """The model entry an agent runs on: its ``spec.model``, or for a route its home
+        model with a :class:`RouteEngine` over the route's candidates."""
+        if spec.route is None:
+            return await self.for_agent(
+                agent, spec.model, allow_fallback=spec.model_fallback is not False
+            )
+        route = spec.route
+        try:
+            bodies = await self.store.models()
+        except StoreError as e:
+            raise ModelUnavailable(f"cannot read the route's Models: {e}", repeated=False) from e
+        candidates: list[Candidate] = []
+        home = ""
+        for name in route.models:
+            resource = _parsed_model(bodies.get(name)) if name != DEFAULT_MODEL else None
+            candidates.append(candidate_of(name, resource))
+            why = serves_model(self.labels, resource)
+            if why:
+                self.route_stats.setdefault(name, ModelStats()).down = why
+            elif not home and within(candidates[-1].boundary, route.data_class):
+                home = name
+        if not home:
+            raise ModelUnavailable(
+                f"no model of the route can be served by this daemon ({', '.join(route.models)})",
+                repeated=False,
+            )
+        entry = await self.for_agent(agent, home, allow_fallback=False)
+        for name in route.models:  # the prices of every candidate, for metering
+            if name != home and name != DEFAULT_MODEL and name not in self.entries:
+                resource = _parsed_model(bodies.get(name))
+                if resource is not None:
+                    self._route_prices[name] = resource.spec.prices
+        engine = RouteEngine(
+            agent=agent,
+            route=route,
+            candidates=candidates,
+            home=home,
+            primary=entry.engine,
+            resolve=self._route_engine_of,
+            stats=self.route_stats,
+            quota_class=spec.quota_class,
+            clock=self._clock,
+        )
+        return dataclasses.replace(entry, engine=engine)
+
+    async def _route_engine_of(self, name: str) -> Engine:
+        """A route candidate's engine; one that cannot serve is unavailable (failover)."""
+        try:
+            return await self._engine_of(name)
+        except EngineError as e:
+            raise EngineUnavailable(str(e)) from e
 
     async def for_agent(self, agent: str, model: str, *, allow_fallback: bool) -> ModelEntry:
         """:meth:`entry` for one agent, recording whether its calls may fall back.
@@ -381,6 +454,34 @@ class ModelPool:
                 continue
             await _close(name, e.served.inner if e.served is not None else e.engine)
             del self.entries[name]
+
+
+def _parsed_model(body: Mapping[str, Any] | None) -> ModelResource | None:
+    if body is None:
+        return None
+    try:
+        resource = parse_resource(body)
+    except SpecError:
+        return None
+    return resource if isinstance(resource, ModelResource) else None
+
+
+def candidate_of(name: str, resource: ModelResource | None) -> Candidate:
+    """A route candidate as the router sees the Model ``resource`` (None: the daemon's
+    own engine, or a Model not applied: it then cannot serve and fails over)."""
+    if resource is None:
+        return Candidate(name, DEFAULT_BOUNDARY if name == DEFAULT_MODEL else "any")
+    spec = resource.spec
+    prices = spec.prices
+    return Candidate(
+        name,
+        spec.data_boundary,
+        input_price=prices.input,
+        cached_price=prices.input if prices.cached_input is None else prices.cached_input,
+        output_price=prices.output,
+        tools=spec.tools_capable,
+        max_context=spec.max_context,
+    )
 
 
 async def _close(name: str, engine: Engine) -> None:

@@ -1,10 +1,21 @@
-"""Running one task of an agent: secure the session, record it, run the loop, close it.
+"""Running one task of an agent: secure the session, record it, run the loop, judge it, close it.
 
 A task secures the agent's engine session (a slot, its context restored) before any
 agent code runs, records itself as running, runs observe/plan/act/learn until observe
 says there is nothing left, acknowledges its message with the first state it
 produced, and closes with its outcome in one fenced write. While it runs, time
 triggers that fire follow their ``overlap`` policy.
+
+Before the close, the task is judged: did it do its job? The Agent's evaluator
+(``spec.evaluate``, :mod:`agentos.runtime.evaluate`) has the last word on a task that
+ended normally, else the agent's own ``ctx.succeed`` / ``ctx.fail``, else nobody
+(``unknown``). A task that ended failed (past a limit; raised until its retries ran
+out, :mod:`.faults`) is ``fail`` and a cancelled one ``unknown``, by the runtime; neither
+is shown to the evaluator. The close records the verdict (``outcome``), what the task
+cost (``cost``, its calls priced with each Model's prices) and the models that served
+it (``models``, the last one credited in ``usage --by model``), counts the verdict in
+the day's usage (``counted_on`` names the day, for ``agentos eval`` to move it) and
+adds a ``gen_ai.evaluation.result`` event to the task's span.
 """
 
 from __future__ import annotations
@@ -21,16 +32,18 @@ import anyio
 
 from agentos.core.lifecycle import Phase, PhaseEvent
 from agentos.core.limits import TaskLimitExceeded
+from agentos.core.outcomes import Outcome
 from agentos.core.results import render_result
 from agentos.core.tasks import Work, overlap_action, queued_record
 from agentos.core.waits import WaitRequested
-from agentos.engine.base import EngineError, EngineUnavailable
+from agentos.engine.base import EngineError, EngineUnavailable, RouteExhausted
 from agentos.runtime.agentlog import current_task
 from agentos.runtime.base import RunnerBase
-from agentos.runtime.endings import end_cancelled, end_if_cancelled, end_limited
+from agentos.runtime.endings import end_cancelled, end_exhausted, end_if_cancelled, end_limited
 from agentos.runtime.hibernator import Restored
 from agentos.runtime.loop import AgentCodeError, TaskResult, no_span, run_task
 from agentos.runtime.toolcalls import attach_server_tools
+from agentos.runtime.verdicts import count_outcome, judge_task
 from agentos.runtime.watchdog import marked
 from agentos.runtime.writer import LeaseLost
 from agentos.sdk import Message, TaskInfo
@@ -133,6 +146,7 @@ class TaskMixin(RunnerBase):
     async def _run_work_body(self, work: Work) -> None:
         if await end_if_cancelled(self, work):
             return
+        self.usage.begin_task()
         assert self.agent is not None
         assert self.ctx is not None
         message = None
@@ -211,6 +225,7 @@ class TaskMixin(RunnerBase):
         assert self.agent is not None
         assert self.ctx is not None
         self._task_tokens = (self.tokens_in, self.tokens_out)
+        self.task_cost = 0.0
         started = self.clock()
         if work.queued_at is not None:
             self.telemetry.queue_wait.record(
@@ -322,6 +337,9 @@ class TaskMixin(RunnerBase):
         if limited is not None:
             await end_limited(self, work, limited, span)
             return
+        if failure is not None and isinstance(failure.error, RouteExhausted):
+            await end_exhausted(self, work, str(failure.error), span)
+            return
         if waited is not None:
             span.set_attribute("agentos.task.waiting", waited.spec.kind.value)
             await self._park_wait(work, waited)
@@ -335,7 +353,14 @@ class TaskMixin(RunnerBase):
             await self._on_fault(failure, work)
             return
         if result is None:  # cancelled by a newer fire of the same trigger
-            await self._finish_task(work, "cancelled", "cancelled by a newer fire (overlap)")
+            reason = "cancelled by a newer fire (overlap)"
+            await self._finish_task(
+                work,
+                "cancelled",
+                reason,
+                outcome=Outcome("unknown", reason=reason, source="runtime"),
+                span=span,
+            )
             return
         if result.stopped and result.steps == 0:
             # Stopped before doing anything: the task stays queued for the next owner.
@@ -358,7 +383,11 @@ class TaskMixin(RunnerBase):
             summary = render_result(ctx.result)
         else:
             summary = render_result(result.outcome) if result.steps else "nothing to do"
-        await self._finish_task(work, "succeeded", summary, steps=result.steps)
+        # A wake-up that did nothing is not a task: nothing to judge, nothing counted.
+        outcome = await judge_task(self, work, summary, ctx.outcome) if result.steps else None
+        await self._finish_task(
+            work, "succeeded", summary, steps=result.steps, outcome=outcome, span=span
+        )
 
     async def _attach_tools(self, work: Work) -> bool:
         """The agent's ToolServers' tools join ``ctx.tools``; False (the task retried, an
@@ -482,25 +511,41 @@ class TaskMixin(RunnerBase):
             await self.writer.write(status=status, event=event)
 
     async def _finish_task(
-        self, work: Work, status: str, result: str, *, steps: int = 0, error: str = ""
+        self,
+        work: Work,
+        status: str,
+        result: str,
+        *,
+        steps: int = 0,
+        error: str = "",
+        outcome: Outcome | None = None,
+        span: Any = None,
     ) -> None:
-        """Back to Idle, with the task's outcome, its state and its ack in one write."""
+        """Back to Idle, with the task's result, verdict and cost, its state and its ack
+        in one write. ``outcome`` None: not a task that counts (it did nothing); a
+        ``failed`` task counts in ``tasks_failed`` (and so as a ``fail`` verdict)."""
         self.telemetry.tasks.add(1, {"agentos.task.status": status, "gen_ai.agent.name": self.name})
         state = self._encode_state()
         tokens_in = self.tokens_in - self._task_tokens[0]
         tokens_out = self.tokens_out - self._task_tokens[1]
+        now = self.clock()
+        fields: dict[str, object] = {
+            "status": status,
+            "finished_at": repr(now),
+            "steps": steps,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "result": result,
+            "error": error,
+            "cost": repr(round(self.task_cost, 9)),
+        }
+        served = self.usage.served
+        if served:
+            fields["models"] = ",".join(served)
+        if outcome is not None:
+            fields |= count_outcome(self, status, outcome, now, span)
         close = TaskWrite(
-            work.id,
-            {
-                "status": status,
-                "finished_at": repr(self.clock()),
-                "steps": steps,
-                "tokens_in": tokens_in,
-                "tokens_out": tokens_out,
-                "result": result,
-                "error": error,
-            },
-            idempotency_key=self._unacked_key if self._unacked else None,
+            work.id, fields, idempotency_key=self._unacked_key if self._unacked else None
         )
         await self._set_phase(
             PhaseEvent.IDLE,

@@ -448,3 +448,26 @@ class QuotaOps:
         return {
             c: (int(float(r[0] or 0)), float(r[1] or 0)) for c, r in zip(classes, raw, strict=True)
         }
+
+    @translate
+    async def quota_add_cost(self, costs: Mapping[tuple[str, str], float]) -> None:
+        """Add money spent to classes' budget days: (class, day) -> amount (the ``cost``
+        field of the day's counters, beside its tokens and seconds)."""
+        if not costs:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for (quota_class, day), amount in costs.items():
+                key = self.keys.quota(quota_class, f"day:{day}")
+                pipe.hincrbyfloat(key, "cost", float(amount))
+                pipe.expire(key, BUDGET_TTL_S)
+            await pipe.execute()
+
+    @translate
+    async def quota_cost_used(self, days: Mapping[str, str]) -> dict[str, float]:
+        """Class -> money spent on its current day (``days``: class -> that day)."""
+        classes = list(days)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for c in classes:
+                pipe.hget(self.keys.quota(c, f"day:{days[c]}"), "cost")
+            raw = await pipe.execute()
+        return {c: float(r or 0) for c, r in zip(classes, raw, strict=True)}

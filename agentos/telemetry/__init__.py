@@ -189,18 +189,30 @@ class Inference:
         time_to_first_token_s: float,
         kv_restored: bool,
         queue_wait_s: float = 0.0,
+        cached_tokens: int = 0,
+        response_model: str = "",
+        route_reason: str = "",
+        server_address: str = "",
     ) -> None:
-        """Set the usage attributes and record the GenAI client metrics."""
+        """Set the usage attributes and record the GenAI client metrics; on a routed
+        call, the model that served it (``gen_ai.response.model``), where it ran
+        (``server.address``) and why it was chosen (``agentos.route.reason``)."""
         if self.span.is_recording():
-            self.span.set_attributes(
-                {
-                    "gen_ai.usage.input_tokens": input_tokens,
-                    "gen_ai.usage.output_tokens": output_tokens,
-                    "agentos.time_to_first_token_s": time_to_first_token_s,
-                    "agentos.kv_restored": kv_restored,
-                    "agentos.queue_wait_s": queue_wait_s,
-                }
-            )
+            attributes: dict[str, Any] = {
+                "gen_ai.usage.input_tokens": input_tokens,
+                "gen_ai.usage.output_tokens": output_tokens,
+                "gen_ai.usage.cache_read.input_tokens": cached_tokens,
+                "agentos.time_to_first_token_s": time_to_first_token_s,
+                "agentos.kv_restored": kv_restored,
+                "agentos.queue_wait_s": queue_wait_s,
+            }
+            if response_model:
+                attributes["gen_ai.response.model"] = response_model
+            if route_reason:
+                attributes["agentos.route.reason"] = route_reason
+            if server_address:
+                attributes["server.address"] = server_address
+            self.span.set_attributes(attributes)
         t = self.telemetry
         base = self.attributes
         t.token_usage.record(input_tokens, {**base, "gen_ai.token.type": "input"})
@@ -448,6 +460,34 @@ class Telemetry:
         span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
         span.set_attribute("error.type", type(error).__name__)
         span.record_exception(error)
+
+    @staticmethod
+    def evaluation(
+        span: Any,
+        *,
+        name: str,
+        verdict: str,
+        score: float | None = None,
+        reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record the verdict on the task of ``span`` as a ``gen_ai.evaluation.result``
+        event on it: ``name`` is who judged (the evaluator's entrypoint, ``agent`` or
+        ``runtime``), ``verdict`` the label (pass, fail, unknown); ``error`` (its type
+        or text) when the evaluator gave no verdict."""
+        if not span.is_recording():
+            return
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.evaluation.name": name,
+            "gen_ai.evaluation.score.label": verdict,
+        }
+        if score is not None:
+            attributes["gen_ai.evaluation.score.value"] = float(score)
+        if reason:
+            attributes["gen_ai.evaluation.explanation"] = reason[:1000]
+        if error:
+            attributes["error.type"] = error[:200]
+        span.add_event("gen_ai.evaluation.result", attributes)
 
     @staticmethod
     def current_traceparent() -> str | None:
