@@ -264,6 +264,8 @@ class UsageClientMixin:
         declared = fleet_prices(stored_policies(await self.store.policies()))
         if declared is None:
             return PriceBook(models)
+        if declared[1].default_model is not None:  # the daemons' own engine's, declared once
+            models.setdefault("default", declared[1].default_model)
         return PriceBook(models, declared[1], declared[0])
 
     async def _usage_records(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import agentos
@@ -13,6 +14,7 @@ class Solver(agentos.Agent):
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
         assert isinstance(plan, agentos.Message)
+        started = time.perf_counter()
         reply = await ctx.llm.chat(
             [{"role": "user", "content": plan.body}],
             response_format={"type": "json_object"},
@@ -23,7 +25,10 @@ class Solver(agentos.Agent):
                 "question": plan.body,
                 "answer": reply.text,
                 "by": reply.served_by,
-                "ttft_s": reply.time_to_first_token_s,
+                "ttft_s": reply.time_to_first_token_s,  # of the model that answered
+                # From the call to its answer, rejected attempts included: the answer
+                # comes whole here, so this is the first token as the agent sees it.
+                "call_s": time.perf_counter() - started,
             }
         )
         return reply.text

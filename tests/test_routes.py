@@ -109,6 +109,41 @@ def test_a_slow_model_is_used_only_when_nothing_faster_is_left() -> None:
     assert "slower" in only.reason
 
 
+def test_a_host_or_site_model_in_another_region_is_outside_that_region() -> None:
+    from agentos.core.route import within
+
+    assert within("site", "region:eu", "eu")
+    assert within("site", "region:eu", None)  # no region declared: taken at its word
+    assert not within("site", "region:eu", "us")
+    assert not within("host", "region:eu", "us")
+    route = Route.model_validate({"models": ["us-gpu", "eu"], "dataClass": "region:eu"})
+    us = Candidate("us-gpu", "site", region="us")
+    choice = choose(route, [us, EU], CALL, stats={}, now=0)
+    assert choice.model == "eu"
+    assert "in region us is outside dataClass region:eu" in dict(choice.skipped)["us-gpu"]
+
+
+def test_a_daemon_hosts_a_route_only_through_a_candidate_within_its_data_class() -> None:
+    from agentos.core.placement import hostable
+    from agentos.core.spec import parse_resource
+
+    def model(name: str, **spec: Any) -> Any:
+        return parse_resource(_model(name, **spec))
+
+    models = {
+        "local-small": model("local-small", engine="sim", placement={"site": "a"}),
+        "hosted": model("hosted", engine="sim", placement={"tier": "hosted"}),
+    }
+    (doc,) = parse_text(
+        _agent({"route": {"models": ["local-small", "hosted"], "dataClass": "host"}}), "a.yaml"
+    )
+    spec = doc.resource.spec  # type: ignore[union-attr]
+    assert hostable({"site": "a"}, spec, models) == ""
+    why = hostable({"site": "b"}, spec, models)
+    assert "local-small" in why
+    assert "hosted is outside dataClass host" in why
+
+
 def test_capabilities_filter_tools_and_context() -> None:
     route = _route()
     no_tools = Candidate("local", "host", tools=False, max_context=512)
@@ -242,12 +277,46 @@ async def test_a_cascade_escalates_when_a_reply_fails_its_check(store: Store) ->
         record = await finished(store, "asker", f"m-{second}")
         assert json.loads(record["result"])["by"] == "small"
         conversation = small.conversation("asker")
-        assert [m["content"] for m in conversation if m["role"] == "assistant"] == [
-            '{"answer": 42}',
-            '{"fine": true}',
+        assert [(m["role"], m["content"]) for m in conversation] == [
+            ("user", "what is the answer?"),
+            ("assistant", '{"answer": 42}'),
+            ("user", "and again?"),
+            ("assistant", '{"fine": true}'),
         ]
+        # The large model saw the question once, without the rejected reply.
+        assert large.stats.chats == 1
         routed = [e.reason for e in await _events(store, "asker", "Routed")]
         assert routed == ["small", "large", "small"]
+
+
+async def test_an_inference_span_names_the_model_that_served_it_and_why(store: Store) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentos.telemetry import Telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry.from_env(
+        "tests", env={}, span_processors=(SimpleSpanProcessor(exporter),)
+    )
+    await apply(
+        store,
+        policy_doc(SMALL),
+        policy_doc(LARGE),
+        agent_doc("traced", "tests.route_agents:JsonAsker", route={"models": ["small", "large"]}),
+    )
+    async with running_daemon(store, telemetry=telemetry) as daemon:
+        small, large = await _sim(daemon, "small"), await _sim(daemon, "large")
+        small.script("traced", "no json")
+        large.script("traced.route", '{"ok": 1}')
+        msg = await store.send("traced", "q")
+        await finished(store, "traced", f"m-{msg}")
+    chats = [s for s in exporter.get_finished_spans() if s.name.startswith("chat ")]
+    (span,) = chats  # one call of the agent, whatever the route did inside it
+    attributes = dict(span.attributes or {})
+    assert attributes["gen_ai.response.model"] == "large"
+    assert "escalated" in str(attributes["agentos.route.reason"])
+    assert "gen_ai.usage.cache_read.input_tokens" in attributes
 
 
 async def test_escalate_moves_the_conversation_and_the_move_is_paid(store: Store) -> None:
@@ -465,3 +534,166 @@ async def test_the_routes_example_escalates_and_keeps_private_data_home(store: S
     assert private["models"] == "local-small"
     assert hosted.stats.chats == 1  # the helpdesk's escalation, nothing of private-notes
     assert not [e for e in await store.events("private-notes", count=100) if e.type == "Escalated"]
+
+
+async def test_a_candidate_s_own_fallback_never_carries_data_past_the_class(
+    store: Store,
+) -> None:
+    down = {"connect": "0.5s", "request": "1s", "throttleWait": "0s"}
+    url = [{"url": "http://127.0.0.1:9/v1"}]
+    await apply(
+        store,
+        policy_doc(LARGE),  # hosted: boundary any
+        policy_doc(_model("near", engine="openai", endpoints=url, timeouts=down, fallback="large")),
+        policy_doc(
+            _model(
+                "eu",
+                engine="openai",
+                endpoints=url,
+                timeouts=down,
+                fallback="large",
+                placement={"tier": "regional", "dataBoundary": "region:eu"},
+            )
+        ),
+        agent_doc(
+            "resident",
+            "tests.route_agents:JsonAsker",
+            route={"models": ["near", "eu"], "dataClass": "region:eu"},
+        ),
+    )
+    async with running_daemon(store) as daemon:
+        large = await _sim(daemon, "large")
+        msg = await store.send("resident", "stay in the EU")
+
+        async def parked() -> dict[str, str] | None:
+            record = await store.task("resident", f"m-{msg}")
+            return record if record.get("status") in ("retrying", "parked") else None
+
+        record = await wait_until(parked, within=20, what="the task to park")
+        assert "eu: failed this call" in record["error"]
+        assert large.stats.chats == 0  # neither model's fallback answered
+
+
+async def test_a_spent_task_budget_ends_the_task(store: Store) -> None:
+    await apply(
+        store,
+        policy_doc(LARGE),
+        agent_doc(
+            "capped",
+            "tests.route_agents:JsonAsker",
+            route={"models": ["large"], "maxCostPerTask": 0.0001},
+        ),
+    )
+    async with running_daemon(store) as daemon:
+        large = await _sim(daemon, "large")
+        msg = await store.send("capped", "too dear")
+        record = await finished(store, "capped", f"m-{msg}")
+        assert record["status"] == "failed"
+        assert record["error"].startswith("maxCostPerTask: the task has spent 0 of 0.0001")
+        assert large.stats.chats == 0
+        st = await store.status("capped")
+        assert st.get("restarts", "0") == "0"
+
+
+class _Recording(SimEngine):
+    """A sim engine that records what each chat was sent, and can be down."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model=model)
+        self.down = False
+        self.sent: list[list[tuple[str, str]]] = []
+
+    async def chat(self, session_id: str, messages: Any, **options: Any) -> Any:  # type: ignore[override]
+        if self.down:
+            from agentos.engine.base import EngineUnavailable
+
+            raise EngineUnavailable("503 from the test")
+        self.sent.append([(m["role"], str(m.get("content"))) for m in messages])
+        return await super().chat(session_id, messages, **options)
+
+
+async def test_a_failover_right_after_a_rebuild_keeps_the_whole_conversation() -> None:
+    from agentos.runtime.routes import RouteEngine
+
+    home, other = _Recording("home"), _Recording("other")
+
+    async def resolve(name: str) -> Any:
+        return other
+
+    route = Route.model_validate({"models": ["home", "other"]})
+    engine = RouteEngine(
+        agent="a",
+        route=route,
+        candidates=[Candidate("home"), Candidate("other")],
+        home="home",
+        primary=home,
+        resolve=resolve,
+        stats={},
+    )
+    task = ["t1"]
+    engine.task_id = lambda: task[0]
+    engine.open_session("a")
+    home.script("a", "not json")
+    other.script("a.route", '{"x": 1}', '{"y": 2}')
+    asked = {"type": "json_object"}
+    first = await engine.chat("a", [{"role": "user", "content": "q1"}], response_format=asked)
+    assert first.served_by == "other"
+    assert other.sent[-1] == [("user", "q1")]  # once, without the rejected reply
+    task[0], home.down = "t2", True  # the next task: home is rebuilt, then fails
+    second = await engine.chat("a", [{"role": "user", "content": "q2"}], response_format=asked)
+    assert second.served_by == "other"
+    assert other.sent[-1] == [
+        ("user", "q1"),
+        ("assistant", '{"x": 1}'),
+        ("user", "q2"),
+    ]
+    assert [m["content"] for m in engine.conversation("a")] == ["q1", '{"x": 1}', "q2", '{"y": 2}']
+
+
+async def test_usage_by_route_matches_the_task_records(store: Store) -> None:
+    from agentos.client import Client
+
+    cascade = {"models": ["small", "large"]}
+    await apply(
+        store,
+        policy_doc(SMALL),
+        policy_doc(LARGE),
+        agent_doc("routed-a", "tests.route_agents:Judged", route=cascade),
+        agent_doc("routed-b", "tests.route_agents:Judged", route=cascade),
+        agent_doc("pinned", "tests.route_agents:Judged", model="large"),
+    )
+    sent: list[tuple[str, str]] = []
+    async with running_daemon(store, metering_flush_s=0.1) as daemon:
+        small, large = await _sim(daemon, "small"), await _sim(daemon, "large")
+        # routed-a: right at once; routed-b: an empty answer escalates, then wrong;
+        # pinned: right, then wrong.
+        small.script("routed-a", "right", "right")
+        small.script("routed-b", "")
+        large.script("routed-b.route", "wrong")
+        large.script("pinned", "right", "wrong")
+        for agent, n in (("routed-a", 2), ("routed-b", 1), ("pinned", 2)):
+            for i in range(n):
+                sent.append((agent, f"m-{await store.send(agent, f'question {i}')}"))
+        records = [await finished(store, agent, task) for agent, task in sent]
+
+        async def counted() -> Any:
+            report = await Client(store).usage_report(by="route", since_days=1)
+            done = sum(r.tasks.passed + r.tasks.failed for r in report.rows)
+            return report if done == len(sent) else None
+
+        report = await wait_until(counted, what="every verdict counted")
+    rows = {r.key: r for r in report.rows}
+    assert set(rows) == {"cascade:small,large", "large"}
+    for key, agents in (("cascade:small,large", {"routed-a", "routed-b"}), ("large", {"pinned"})):
+        mine = [rec for (agent, _), rec in zip(sent, records, strict=True) if agent in agents]
+        passed = sum(json.loads(r["outcome"])["verdict"] == "pass" for r in mine)
+        cost = sum(float(r["cost"]) for r in mine)
+        row = rows[key]
+        assert row.tasks.passed == passed
+        assert row.tasks.failed == len(mine) - passed
+        assert row.token_cost == pytest.approx(cost, rel=1e-6)
+        data = row.to_dict()
+        assert data["successRate"] == pytest.approx(passed / len(mine))
+        assert data["costPerSuccess"] == pytest.approx(row.cost / passed, rel=1e-6)
+    assert rows["cascade:small,large"].tasks.passed == 2
+    assert float(records[2]["cost"]) > 0  # the escalation was paid at the large model

@@ -236,15 +236,17 @@ def price_warnings(
         count = round(tokens[model])
         prices = book.models.get(model)
         if prices is None:
-            what = (
-                "the daemon's --engine, which has no Model"
-                if model == "default"
-                else "no Model of that name is applied"
-            )
-            warnings.append(
-                f'model "{model}" has no prices ({what}): its {count} tokens cost 0; apply a '
-                f'Model named "{model}" with spec.prices'
-            )
+            if model == "default":
+                warnings.append(
+                    f'model "default" (the daemon\'s --engine, which has no Model) has no '
+                    f"prices: its {count} tokens cost 0; declare them once on the QuotaPolicy "
+                    "with the fleet's prices (spec.prices.defaultModel: {input, output})"
+                )
+            else:
+                warnings.append(
+                    f'model "{model}" has no prices (no Model of that name is applied): its '
+                    f"{count} tokens cost 0"
+                )
         elif not (prices.input or prices.output or prices.cached_input):
             warnings.append(f'model "{model}" declares no spec.prices: its {count} tokens cost 0')
     if by != "model" and book.fleet is None and (hours > 0 or kv > 0):

@@ -86,10 +86,10 @@ def _route_issues(
     listed: str,
 ) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
-    boundaries: list[str] = []
+    boundaries: list[tuple[str, str | None]] = []
     for index, model in enumerate(route.models):
         if model == DEFAULT_MODEL:
-            boundaries.append(DEFAULT_BOUNDARY)
+            boundaries.append((DEFAULT_BOUNDARY, None))
         elif model not in resources:
             issues.append(
                 SpecIssue(
@@ -102,9 +102,17 @@ def _route_issues(
             )
         else:
             found = resources[model]
-            boundaries.append(found.spec.data_boundary if found is not None else "any")
-    if not issues and not any(within(b, route.data_class) for b in boundaries):
-        shown = ", ".join(f"{m} ({b})" for m, b in zip(route.models, boundaries, strict=True))
+            if found is None:
+                boundaries.append(("any", None))
+            else:
+                placement = found.spec.placement
+                region = placement.region if placement is not None else None
+                boundaries.append((found.spec.data_boundary, region))
+    if not issues and not any(within(b, route.data_class, r) for b, r in boundaries):
+        shown = ", ".join(
+            f"{m} ({b}{f' in region {r}' if r else ''})"
+            for m, (b, r) in zip(route.models, boundaries, strict=True)
+        )
         issues.append(
             SpecIssue(
                 doc.source,

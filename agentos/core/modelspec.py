@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agentos.core.chat import TEMPLATES
 from agentos.core.durations import Duration, PositiveDuration
-from agentos.core.routespec import ModelCapabilities, ModelPlacement, Tier
+from agentos.core.routespec import ModelCapabilities, ModelPlacement, ModelPrices, Tier
 from agentos.core.specbase import API_VERSION, Metadata, Name, _error, _errors, _Model, _SubPath
 
 __all__ = [
@@ -121,14 +121,6 @@ class ModelTimeouts(_Model):
     # A throttled model (429/503 with Retry-After) is waited for up to this long within a
     # call; beyond it the call fails over (fallback) or the task is retried later.
     throttle_wait: Duration = 10.0
-
-
-class ModelPrices(_Model):
-    """Prices per 1,000 tokens (any currency, the same for every model of a fleet)."""
-
-    input: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    cached_input: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: input
-    output: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class ModelSpec(_Model):

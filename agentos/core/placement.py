@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentos.core.modelspec import ModelResource
+from agentos.core.route import DEFAULT_BOUNDARY, within
 from agentos.core.spec import AgentSpec, SpecError, parse_resource
 
 __all__ = [
@@ -138,6 +139,7 @@ class Needs:
     selector: tuple[tuple[str, str], ...] = ()
     models: tuple[str, ...] = (DEFAULT_MODEL,)
     route: bool = False
+    data_class: str = "any"  # a route's: only candidates within it count
 
 
 ANYWHERE = Needs()
@@ -147,7 +149,9 @@ ANYWHERE = Needs()
 def needs_of(spec: AgentSpec) -> Needs:
     """What ``spec`` asks of the daemon that hosts it."""
     selector = tuple(sorted(spec.placement.daemons.items())) if spec.placement else ()
-    needs = Needs(selector, tuple(spec.models), spec.route is not None)
+    route = spec.route
+    data_class = route.data_class if route is not None else "any"
+    needs = Needs(selector, tuple(spec.models), route is not None, data_class)
     return ANYWHERE if needs == ANYWHERE else needs
 
 
@@ -158,7 +162,8 @@ def needs_of_body(spec: Mapping[str, Any]) -> Needs:
     selector = tuple(sorted((str(k), str(v)) for k, v in (placement.get("daemons") or {}).items()))
     route = spec.get("route")
     if isinstance(route, Mapping):
-        needs = Needs(selector, tuple(str(m) for m in route.get("models") or ()), True)
+        models = tuple(str(m) for m in route.get("models") or ())
+        needs = Needs(selector, models, True, str(route.get("dataClass") or "any"))
     else:
         needs = Needs(selector, (str(spec.get("model") or DEFAULT_MODEL),))
     return ANYWHERE if needs == ANYWHERE else needs
@@ -183,12 +188,28 @@ def fits(
         )
     if needs == ANYWHERE:
         return ""
-    reasons = [serves_model(labels, models.get(m)) for m in needs.models]
     if not needs.route:
-        return reasons[0] if reasons else ""
+        return serves_model(labels, models.get(needs.models[0])) if needs.models else ""
+    reasons = [_serves_within(labels, m, models.get(m), needs.data_class) for m in needs.models]
     if not reasons or "" in reasons:
         return ""
     return "no model of its route is served here: " + "; ".join(reasons)
+
+
+def _serves_within(
+    labels: Mapping[str, str], name: str, model: ModelResource | None, data_class: str
+) -> str:
+    """Why a route candidate cannot serve the agent from this daemon ("" when it can):
+    not served here, or outside the route's ``dataClass`` (the route never uses it)."""
+    if model is None:
+        boundary, region = (DEFAULT_BOUNDARY if name == DEFAULT_MODEL else "any"), None
+    else:
+        placement = model.spec.placement
+        boundary = model.spec.data_boundary
+        region = placement.region if placement is not None else None
+    if not within(boundary, data_class, region):
+        return f"{name} is outside dataClass {data_class}"
+    return serves_model(labels, model)
 
 
 def hostable(

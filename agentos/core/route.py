@@ -53,17 +53,22 @@ DEFAULT_BOUNDARY = "host"
 _EWMA = 0.3  # weight of the newest observation in a model's latency and output averages
 
 
-def within(boundary: str, data_class: str) -> bool:
+def within(boundary: str, data_class: str, region: str | None = None) -> bool:
     """Whether data sent to a model with ``boundary`` stays within ``data_class``.
 
     ``host`` ⊂ ``site`` ⊂ ``region:NAME`` ⊂ ``any``: a model that keeps data on its
     host satisfies every class; a hosted model (``any``) only ``any``; two regions
-    never satisfy each other.
+    never satisfy each other. A model on a host or site declared in another ``region``
+    (its ``placement.region``) does not satisfy ``region:NAME``.
     """
-    if data_class == "any" or boundary == "host":
+    if data_class == "any":
         return True
     if boundary == "any":
         return False
+    if data_class.startswith("region:") and boundary in ("host", "site"):
+        return region is None or data_class == f"region:{region}"
+    if boundary == "host":
+        return True
     if boundary == "site":
         return data_class != "host"
     # boundary is region:NAME
@@ -81,6 +86,7 @@ class Candidate:
     output_price: float = 0.0
     tools: bool = True
     max_context: int | None = None
+    region: str | None = None  # placement.region, where a host or site model is
 
 
 @dataclass(slots=True)
@@ -232,8 +238,9 @@ def _filtered(
     failed: str | None,
 ) -> str:
     """Why ``c`` may not serve ``call`` ("" when it may)."""
-    if not within(c.boundary, route.data_class):
-        return f"data boundary {c.boundary} is outside dataClass {route.data_class}"
+    if not within(c.boundary, route.data_class, c.region):
+        where = f" in region {c.region}" if c.region else ""
+        return f"data boundary {c.boundary}{where} is outside dataClass {route.data_class}"
     if call.needs_tools and not c.tools:
         return "cannot call tools"
     if c.max_context is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "FleetPrices",
     "ModelCapabilities",
     "ModelPlacement",
+    "ModelPrices",
     "Route",
     "RouteStrategy",
     "Tier",
@@ -101,7 +102,7 @@ class Route(_Model):
     ttft_target: PositiveDuration | None = None
     # Money per task, in the Models' price unit; a call that would pass it is sent to a
     # cheaper model, or the task parks with BudgetExhausted.
-    max_cost_per_task: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_cost_per_task: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
     strategy: RouteStrategy = "cascade"
     # Every candidate down, throttled or over budget: park the task (retried later) or
     # fail it.
@@ -142,8 +143,22 @@ class Evaluate(_Model):
     timeout: PositiveDuration = 30.0
 
 
-class FleetPrices(_Model):
-    """The fleet's prices that are not per token (token prices are on each Model)."""
+class ModelPrices(_Model):
+    """Prices per 1,000 tokens (any currency, the same for every model of a fleet)."""
 
-    per_agent_hour: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    per_gb_hour_kv: float = Field(default=0.0, ge=0, allow_inf_nan=False, alias="perGBHourKV")
+    input: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    cached_input: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: input
+    output: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class FleetPrices(_Model):
+    """The fleet's prices that are not a Model's: agent-hours, KV storage, and the token
+    prices of the daemons' own engine (``default``, which has no Model)."""
+
+    # The daemon's own engine (spec.model: default) has no Model to carry prices.
+    default_model: ModelPrices | None = None
+
+    per_agent_hour: float = Field(default=0.0, ge=0, allow_inf_nan=False, strict=True)
+    per_gb_hour_kv: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, strict=True, alias="perGBHourKV"
+    )

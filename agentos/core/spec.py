@@ -449,7 +449,7 @@ class ClassLimits(QuotaLimits):
     per_agent: QuotaLimits | None = Field(default=None, alias="perAgent")
     # Money the class may spend per day (in the Models' price unit), enforced before each
     # call on its projected cost.
-    daily_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    daily_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
 
 
 QuotaClass = ClassLimits

@@ -55,6 +55,7 @@ class Work:
     resume: Any = None  # an agentos.core.waits.Resumed: a parked task's recorded answers
     cancelled_by: str | None = None  # `agentos tasks cancel`: who; it ends, never runs on
     cancel_recorded: bool = False  # ... and its record and event say so already
+    spent: float = 0.0  # money its earlier attempts and runs spent (maxCostPerTask)
 
 
 def inbox_work(message: MessageLike) -> Work:

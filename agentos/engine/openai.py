@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -403,6 +404,7 @@ class OpenAIEngine:
                 reading.first_token_at - started if reading.first_token_at else duration
             ),
             duration_s=duration,
+            served_at=urlsplit(replica.url).hostname or "",
         )
         conv.messages.extend(new)
         conv.messages.append(reply.message())
@@ -456,6 +458,7 @@ class OpenAIEngine:
             time_to_first_token_s=elapsed,  # not streamed: the whole answer came at once
             duration_s=elapsed,
             cached_tokens=usage.cached_tokens,
+            served_at=urlsplit(replica.url).hostname or "",
         )
 
     async def stream(

@@ -130,6 +130,7 @@ class FaultMixin(RunnerBase):
                 infra_attempts=verdict.infra_attempts,
                 parked_for=fault.value,
                 resume=self._replay_of(work),
+                spent=self.task_cost,
             )
         )
 
@@ -187,7 +188,12 @@ class FaultMixin(RunnerBase):
         # The message stays unacknowledged: the next attempt (or, after Failed, the
         # operator's wake) runs it again.
         retry = replace(
-            work, attempt=work.attempt + 1, recorded=True, not_before=0.0, parked_for=""
+            work,
+            attempt=work.attempt + 1,
+            recorded=True,
+            not_before=0.0,
+            parked_for="",
+            spent=self.task_cost,
         )
         if failed:
             self._queue.appendleft(retry)

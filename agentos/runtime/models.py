@@ -33,7 +33,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,7 @@ class ModelPool:
         # What routed calls taught this daemon of each model: latency, output, cooldowns.
         self.route_stats: dict[str, ModelStats] = {}
         self._route_prices: dict[str, ModelPrices] = {}
+        self._parsed: dict[str, tuple[str, ModelResource | None]] = {}
         # The quota classes' money per day, shared by the daemon's agents.
         self.spend = ClassSpend(store, clock=clock)
 
@@ -281,6 +282,8 @@ class ModelPool:
     def prices(self, name: str) -> ModelPrices:
         """The prices of the model called ``name`` as this daemon serves it (none known:
         zero, as for the daemon's own engine)."""
+        if name == DEFAULT_MODEL:  # no Model: the fleet's prices for it, if declared
+            return self.spend.default_prices
         found = self.entries.get(name)
         if found is not None and found.resource is not None:
             return found.resource.spec.prices
@@ -298,46 +301,100 @@ class ModelPool:
             bodies = await self.store.models()
         except StoreError as e:
             raise ModelUnavailable(f"cannot read the route's Models: {e}", repeated=False) from e
-        candidates: list[Candidate] = []
-        home = ""
-        for name in route.models:
-            resource = _parsed_model(bodies.get(name)) if name != DEFAULT_MODEL else None
-            candidates.append(candidate_of(name, resource))
-            why = serves_model(self.labels, resource)
-            if why:
-                self.route_stats.setdefault(name, ModelStats()).down = why
-            elif not home and within(candidates[-1].boundary, route.data_class):
-                home = name
+        self._bodies, self._bodies_at = bodies, self._monotonic()
+        candidates = await self.route_candidates(route.models)
+        home = next(
+            (
+                c.name
+                for c in candidates
+                if not self.route_stats.get(c.name, ModelStats()).down
+                and within(c.boundary, route.data_class, c.region)
+            ),
+            "",
+        )
         if not home:
             raise ModelUnavailable(
                 f"no model of the route can be served by this daemon ({', '.join(route.models)})",
                 repeated=False,
             )
         entry = await self.for_agent(agent, home, allow_fallback=False)
-        for name in route.models:  # the prices of every candidate, for metering
-            if name != home and name != DEFAULT_MODEL and name not in self.entries:
-                resource = _parsed_model(bodies.get(name))
-                if resource is not None:
-                    self._route_prices[name] = resource.spec.prices
         engine = RouteEngine(
             agent=agent,
             route=route,
             candidates=candidates,
             home=home,
-            primary=entry.engine,
+            # The home model itself, not a fallback wrapper: a Model's fallback could
+            # answer past the route's data boundary.
+            primary=entry.served if entry.served is not None else entry.engine,
             resolve=self._route_engine_of,
             stats=self.route_stats,
             quota_class=spec.quota_class,
             clock=self._clock,
         )
+        engine.refresh = lambda: self.route_candidates(route.models)
         return dataclasses.replace(entry, engine=engine)
 
+    async def route_candidates(self, names: Sequence[str]) -> list[Candidate]:
+        """The route candidates ``names`` as their stored Models say now (read at most
+        every few seconds for the whole pool): a re-applied Model's boundary, prices and
+        capabilities apply to the next call. Marks each one this daemon may not serve
+        (a local Model of another site) down, and clears that once it may."""
+        bodies = await self._stored()
+        out: list[Candidate] = []
+        for name in names:
+            resource = None
+            if name != DEFAULT_MODEL and bodies is None:  # unreadable now: as last read
+                cached = self._parsed.get(name)
+                resource = cached[1] if cached is not None else None
+            elif name != DEFAULT_MODEL and bodies is not None:
+                resource = self._parse_cached(name, bodies.get(name))
+                if resource is not None:
+                    self._route_prices[name] = resource.spec.prices
+            candidate = candidate_of(name, resource)
+            if name == DEFAULT_MODEL:
+                prices = self.spend.default_prices
+                candidate = dataclasses.replace(
+                    candidate,
+                    input_price=prices.input,
+                    cached_price=prices.input
+                    if prices.cached_input is None
+                    else prices.cached_input,
+                    output_price=prices.output,
+                )
+            out.append(candidate)
+            self.route_stats.setdefault(name, ModelStats()).down = serves_model(
+                self.labels, resource
+            )
+        return out
+
+    def _parse_cached(self, name: str, body: Mapping[str, Any] | None) -> ModelResource | None:
+        """``body`` parsed, once per distinct body of ``name`` (None: no such Model)."""
+        if body is None:
+            self._parsed.pop(name, None)
+            return None
+        digest = _hash(body)
+        cached = self._parsed.get(name)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        resource = _parsed_model(body)
+        self._parsed[name] = (digest, resource)
+        return resource
+
     async def _route_engine_of(self, name: str) -> Engine:
-        """A route candidate's engine; one that cannot serve is unavailable (failover)."""
+        """A route candidate's engine; one that cannot serve is unavailable (failover).
+        Never the Model's own ``fallback``: that would answer past the route's data
+        boundary; the route fails over within its candidates."""
         try:
-            return await self._engine_of(name)
+            found = await self.entry(name)
         except EngineError as e:
             raise EngineUnavailable(str(e)) from e
+        served = found.served
+        if served is None:
+            return found.engine
+        if not served.started:
+            reason = served.condition.reason if served.condition else "not started"
+            raise EngineUnavailable(f"model {name} cannot serve: {reason}")
+        return served
 
     async def for_agent(self, agent: str, model: str, *, allow_fallback: bool) -> ModelEntry:
         """:meth:`entry` for one agent, recording whether its calls may fall back.
@@ -476,6 +533,7 @@ def candidate_of(name: str, resource: ModelResource | None) -> Candidate:
     return Candidate(
         name,
         spec.data_boundary,
+        region=spec.placement.region if spec.placement is not None else None,
         input_price=prices.input,
         cached_price=prices.input if prices.cached_input is None else prices.cached_input,
         output_price=prices.output,

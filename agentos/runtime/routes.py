@@ -17,10 +17,13 @@ not fit their schema) escalates to the next candidate, as ``ctx.llm.escalate`` d
 the rejected reply is metered all the same, and a home session that holds it is
 rebuilt from the conversation on its next call. When no candidate can serve, the call
 waits a little for a cooldown to end, then parks the task (``onExhausted: park``, an
-infrastructure fault; a budget that is spent parks with ``BudgetExhausted``) or raises
-:class:`RouteExhausted` to the agent (``fail``), with a ``RouteExhausted`` event
-naming every candidate and why it was skipped. A ``Routed`` event is written only
-when the choice changes.
+infrastructure fault) or raises :class:`RouteExhausted` to the agent (``fail``), with
+a ``RouteExhausted`` event naming every candidate and why it was skipped. Money is
+apart: a class whose ``dailyCost`` is spent parks the task with ``BudgetExhausted``
+until its day ends; a task whose ``maxCostPerTask`` is spent ends (failed, like a
+task past ``maxTokensPerTask``: a retry would find the same money spent, since a
+retried or resumed task keeps what it spent). A ``Routed`` event is written only when
+the choice changes.
 
 What a route does not carry: turns answered away from home are in the daemon's memory
 until the home model's next call; an agent hibernated before that wakes with the home
@@ -39,6 +42,7 @@ import anyio
 
 from agentos.core.chat import Reply, TokenUsage, ToolSpec
 from agentos.core.fairness import QuotaExceeded
+from agentos.core.limits import TaskLimitExceeded
 from agentos.core.route import (
     Call,
     Candidate,
@@ -70,6 +74,8 @@ EXHAUSTED_WAIT_S = 10.0
 """A call whose candidates are all cooling down waits this long at most for one."""
 _MAX_ATTEMPTS = 8  # model calls one routed call may make (failovers and escalations)
 _FULL_PAUSE_S = 1.0  # a candidate with no free slot is skipped this long
+_MONEY = "remaining budget"  # how core.route says a candidate was skipped for the task's money
+_DAILY = "daily cost left"  # ... and for the class's
 
 Events = Callable[[str, str, str], Awaitable[None]]
 
@@ -80,7 +86,9 @@ class _Session:
 
     unsent: list[dict[str, Any]] = field(default_factory=list)  # chat turns home lacks
     unsent_text: str = ""  # text the home context lacks (generate)
-    rebuild: bool = False  # home holds a rejected reply: rebuild it before its next call
+    # Trailing messages home holds that the conversation does not (a rejected reply and
+    # the turns it answered): home is rebuilt from the conversation before its next call.
+    drop: int = 0
     level: int = 0  # the cascade's escalation level in this task: the lowest candidate
     served: int = -1  # the candidate that served this task's last call (-1: none yet)
     task: str = ""  # the task the level belongs to
@@ -130,6 +138,8 @@ class RouteEngine:
         self.day_resets_in: Callable[[], float] = lambda: 3600.0
         # Meters a reply that was made and then rejected (it cost tokens all the same).
         self.charge: Callable[[Completion | Reply], None] = lambda _c: None
+        # The candidates as their stored Models say now (set by the pool; None: fixed).
+        self.refresh: Callable[[], Awaitable[Sequence[Candidate]]] | None = None
 
     # Identity and sessions are the home model's.
 
@@ -193,8 +203,8 @@ class RouteEngine:
         home = self.primary.conversation(session_id)
         if state is None:
             return home
-        if state.rebuild and home:
-            home = home[:-1]
+        if state.drop:
+            home = home[: max(0, len(home) - state.drop)]
         return [*home, *(dict(m) for m in state.unsent)]
 
     def describe(self) -> dict[str, Any]:
@@ -207,9 +217,10 @@ class RouteEngine:
         """The session's context is gone (closed, reset, restored): so are the turns
         other models answered; the running task's escalation stays."""
         state = self._sessions.pop(session_id, None)
-        if state is not None and state.task:
+        if state is not None and (state.task or state.last):
             kept = self._sessions[session_id] = _Session()
             kept.task, kept.level, kept.served = state.task, state.level, state.served
+            kept.last = state.last  # the choice is unchanged: no new Routed event
 
     def _state(self, session_id: str) -> _Session:
         state = self._sessions.get(session_id)
@@ -239,7 +250,8 @@ class RouteEngine:
         if self.route.strategy != "cascade":
             return None
         for j in range(index + 1, len(self.candidates)):
-            if within(self.candidates[j].boundary, self.route.data_class):
+            c = self.candidates[j]
+            if within(c.boundary, self.route.data_class, c.region):
                 return j
         return None
 
@@ -254,6 +266,11 @@ class RouteEngine:
 
     # Choosing.
 
+    async def _refresh(self) -> None:
+        """Take the candidates' Models as stored now (a re-apply changes the next call)."""
+        if self.refresh is not None:
+            self.candidates = tuple(await self.refresh())
+
     def _call(
         self, session_id: str, new_text: str, max_tokens: int, *, tools: bool
     ) -> tuple[Call, _Session]:
@@ -263,7 +280,7 @@ class RouteEngine:
             history = self.primary.session_info(session_id).n_tokens
         history += sum(self.count_tokens(str(m.get("content") or "")) for m in state.unsent)
         history += self.count_tokens(state.unsent_text) if state.unsent_text else 0
-        warm = {self.home} if not state.rebuild else set()
+        warm = {self.home} if not state.drop else set()
         if state.last and state.last != self.home:
             warm.add(state.last)  # its prefix cache holds the conversation
         call = Call(
@@ -310,20 +327,26 @@ class RouteEngine:
             await self._exhausted(choice)
 
     async def _exhausted(self, choice: Choice) -> None:
+        """Nothing can serve the call: park it, fail it, or end it for money (see the
+        module docstring)."""
         skipped = choice.skipped_text()
         await self.events("RouteExhausted", self.route.on_exhausted, skipped)
-        over_budget = bool(choice.skipped) and all(
-            "budget" in why or "daily cost" in why for _, why in choice.skipped
-        )
-        if over_budget:
-            daily = any("daily cost" in why for _, why in choice.skipped)
+        money = [why for _, why in choice.skipped if _MONEY in why or _DAILY in why]
+        if any(_DAILY in why for why in money):
             raise QuotaExceeded(
                 kind="budget",
-                scope="class" if daily else "agent",
+                scope="class",
                 quota_class=self.quota_class,
-                limit="dailyCost" if daily else "maxCostPerTask",
-                retry_after_s=self.day_resets_in() if daily else 3600.0,
+                limit="dailyCost",
+                retry_after_s=self.day_resets_in(),
                 agent=self.agent,
+            )
+        if money:
+            # The task's own money is spent: like maxTokensPerTask, the task ends (a
+            # retry would find the same budget spent; it is not a crash).
+            raise TaskLimitExceeded(
+                f"maxCostPerTask: the task has spent {self.spent():.6g} of "
+                f"{self.route.max_cost_per_task:g} and no model fits in the rest ({skipped})"
             )
         message = f"no model of the route can serve: {skipped}"
         if self.route.on_exhausted == "fail":
@@ -390,6 +413,7 @@ class RouteEngine:
         schemas = {t.name: t.parameters for t in tools}
         json_wanted, schema = _json_format(response_format)
         failed: dict[str, str] = {}
+        await self._refresh()
         for _attempt in range(_MAX_ATTEMPTS):
             call, state = self._call(session_id, new_text, max_tokens, tools=bool(tools))
             choice = await self._choose(state, call, failed)
@@ -410,7 +434,9 @@ class RouteEngine:
             if problem and await self._check_failed(state, model, problem):
                 self.charge(replace(reply, served_by=model))
                 if model == self.home:
-                    state.rebuild = True
+                    # Home holds the turns and the rejected reply; the conversation
+                    # does not yet (the next model answers them).
+                    state.drop = len(turns) + 1
                 else:
                     del state.unsent[len(state.unsent) - len(turns) - 1 :]
                 await self.events("Escalated", model, f"reply failed its check: {problem}")
@@ -428,14 +454,13 @@ class RouteEngine:
         options: dict[str, Any],
     ) -> Reply:
         if model == self.home:
-            if state.rebuild:
+            if state.drop:
                 history = self.conversation(session_id)
                 await self.primary.reset_session(session_id)
-                state.unsent, state.rebuild = [], False
-                sent = [*history, *turns]
-            else:
-                sent = [*state.unsent, *turns]
-            reply = await self.primary.chat(session_id, sent, **options)
+                # Home is empty now: until it answers, the conversation is all unsent
+                # (a failover after this point still has every turn).
+                state.unsent, state.drop = history, 0
+            reply = await self.primary.chat(session_id, [*state.unsent, *turns], **options)
             state.unsent = []
             return reply
         engine = await self._engine(model)
@@ -468,6 +493,7 @@ class RouteEngine:
             "json_schema": json_schema,
         }
         failed: dict[str, str] = {}
+        await self._refresh()
         for _attempt in range(_MAX_ATTEMPTS):
             call, state = self._call(session_id, prompt, max_tokens, tools=False)
             choice = await self._choose(state, call, failed)

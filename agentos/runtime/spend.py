@@ -10,7 +10,8 @@ most every :data:`REFRESH_S` and writes what its agents spent meanwhile in the s
 round trip, so a class with no ``dailyCost`` costs nothing here, and one with it costs
 one round trip per daemon and second, not one per call. Daemons therefore see each
 other's spending up to a second late: a class may go over its budget by what the fleet
-spends in that second.
+spends in that second. The same read of the policies keeps the fleet's token prices of
+the daemon's own engine (``spec.prices.defaultModel``), which has no Model to carry them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Callable
 import anyio
 
 from agentos.core.fairness import day_window
+from agentos.core.metering import fleet_prices
+from agentos.core.modelspec import ModelPrices
 from agentos.core.spec import SpecError
 from agentos.governor.evaluator import stored_policies
 from agentos.store import Store, StoreError
@@ -41,6 +44,9 @@ class ClassSpend:
         self.store = store
         self.clock = clock
         self._limits: dict[str, tuple[float, str]] = {}  # class -> (dailyCost, timezone)
+        # The fleet's token prices of the daemon's own engine (QuotaPolicy
+        # spec.prices.defaultModel), read with the policies.
+        self.default_prices = ModelPrices()
         self._limits_at = -_POLICIES_S
         self._spent: dict[str, float] = {}  # class -> spent today, as last read
         self._pending: dict[tuple[str, str], float] = {}  # (class, day) -> not yet written
@@ -82,7 +88,9 @@ class ClassSpend:
             self._read_at = now
             try:
                 if now - self._limits_at >= _POLICIES_S:
-                    self._limits = _daily_costs(await self.store.policies())
+                    raw = await self.store.policies()
+                    self._limits = _daily_costs(raw)
+                    self.default_prices = _default_prices(raw)
                     self._limits_at = now
                 if not self._limits:
                     self._pending.clear()
@@ -90,8 +98,8 @@ class ClassSpend:
                 pending, self._pending = self._pending, {}
                 try:
                     await self.store.quota_add_cost(pending)
-                except StoreError:
-                    for key, amount in pending.items():  # not lost: written next time
+                except BaseException:  # a Redis error, a cancel: not lost, written next time
+                    for key, amount in pending.items():
                         self._pending[key] = self._pending.get(key, 0.0) + amount
                     raise
                 days = {c: day_window(tz, self.clock())[0] for c, (_, tz) in self._limits.items()}
@@ -113,3 +121,14 @@ def _daily_costs(raw: dict[str, dict[str, object]]) -> dict[str, tuple[float, st
             if limits.daily_cost is not None and name not in out:
                 out[name] = (limits.daily_cost, policy.spec.timezone)
     return out
+
+
+def _default_prices(raw: dict[str, dict[str, object]]) -> ModelPrices:
+    """The fleet's prices of the daemon's own engine (none declared: zero)."""
+    try:
+        declared = fleet_prices(stored_policies(raw))
+    except SpecError:
+        return ModelPrices()
+    if declared is None or declared[1].default_model is None:
+        return ModelPrices()
+    return declared[1].default_model

@@ -225,7 +225,7 @@ class TaskMixin(RunnerBase):
         assert self.agent is not None
         assert self.ctx is not None
         self._task_tokens = (self.tokens_in, self.tokens_out)
-        self.task_cost = 0.0
+        self.task_cost = work.spent  # a retried or resumed task's budget is not fresh
         started = self.clock()
         if work.queued_at is not None:
             self.telemetry.queue_wait.record(

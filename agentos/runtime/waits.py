@@ -168,6 +168,7 @@ class WaitMixin(RunnerBase):
                     "calls": json.dumps(calls),
                     "tools": json.dumps(self.ctx._waits.tools),
                     "message_taken": "1" if taken else "",
+                    "spent": repr(self.task_cost),  # the resumed run goes on from it
                     **_message_fields(work),
                 },
             ),
@@ -263,6 +264,7 @@ class WaitMixin(RunnerBase):
             self._queue.remove(w)
         work = queued[0] if queued else _work_of(record, wait.task_id)
         work.resume = resumed
+        work.spent = _float(record.get("spent"))
         work.recorded = True
         if resolution.outcome == "cancelled":  # `agentos tasks cancel` on a waiting task
             work.cancelled_by = resolution.by or "an operator"
@@ -347,3 +349,11 @@ def _work_of(record: dict[str, str], task_id: str) -> Work:
         scheduled_at=float(scheduled) if scheduled else None,
         recorded=True,
     )
+
+
+def _float(raw: str | None) -> float:
+    """A number a record keeps (0 for none or garbage)."""
+    try:
+        return float(raw or 0.0)
+    except ValueError:
+        return 0.0
