@@ -119,17 +119,15 @@ async def unschedulable_agents(
     host, each with why (:func:`agentos.core.placement.unschedulable`). Empty when no
     daemon is live (then nothing runs, and no one agent is to blame); the Models are read
     only when an agent asks for one."""
-    if not specs:
+    needs = {name: needs_of_body(body.get("spec") or {}) for name, body in specs.items()}
+    asking = {n: x for n, x in needs.items() if x is not ANYWHERE}
+    if not asking:  # nothing to read when no agent asks anything of its daemon
         return {}
     heartbeats = await store.daemons()
     if not heartbeats:
         return {}
     daemons = live_labels(heartbeats, await store.server_time())
     if not daemons:
-        return {}
-    needs = {name: needs_of_body(body.get("spec") or {}) for name, body in specs.items()}
-    asking = {n: x for n, x in needs.items() if x is not ANYWHERE}
-    if not asking:
         return {}
     named = any(m != DEFAULT_MODEL for x in asking.values() for m in x.models)
     models = model_resources(await store.models()) if named else {}

@@ -238,9 +238,9 @@ def price_warnings(
         if prices is None:
             if model == "default":
                 warnings.append(
-                    f'model "default" (the daemon\'s --engine, which has no Model) has no '
-                    f"prices: its {count} tokens cost 0; declare them once on the QuotaPolicy "
-                    "with the fleet's prices (spec.prices.defaultModel: {input, output})"
+                    f'model "default" has no prices (the daemon\'s --engine, which has no '
+                    f"Model): its {count} tokens cost 0; declare them with the fleet's prices "
+                    "(spec.prices.defaultModel: {input, output})"
                 )
             else:
                 warnings.append(
