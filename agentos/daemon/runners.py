@@ -118,7 +118,12 @@ class Runners:
                 return
             chunk = dict(wanted[i : i + 500])
             try:
-                await self._start_chunk(chunk, ttl_ms, claims or {}, resources or {})
+                # Not cut by the shutdown once leases may be taken: a chunk that took a
+                # lease and was cancelled would keep the agent from every daemon until
+                # the lease expired; finished, a stop seen meanwhile lets them go (below).
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + self.settings.lease_ttl_s
+                    await self._start_chunk(chunk, ttl_ms, claims or {}, resources or {})
             finally:
                 for name in chunk:
                     self._opening.pop(name, None)
