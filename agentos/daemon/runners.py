@@ -118,12 +118,7 @@ class Runners:
                 return
             chunk = dict(wanted[i : i + 500])
             try:
-                # Not cut by the shutdown once leases may be taken: a chunk that took a
-                # lease and was cancelled would keep the agent from every daemon until
-                # the lease expired; finished, a stop seen meanwhile lets them go (below).
-                with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + self.settings.lease_ttl_s
-                    await self._start_chunk(chunk, ttl_ms, claims or {}, resources or {})
+                await self._start_chunk(chunk, ttl_ms, claims or {}, resources or {})
             finally:
                 for name in chunk:
                     self._opening.pop(name, None)
@@ -142,6 +137,31 @@ class Runners:
         # Started meanwhile by another pass (the same daemon gets the same lease
         # back): one runner per agent.
         won = [n for n, t in tokens.items() if t and n not in self.runners]
+        try:
+            await self._start_won(chunk, tokens, won, claims, read)
+        except anyio.get_cancelled_exc_class():
+            # Cut by the shutdown with leases taken: let those agents go at once, or no
+            # daemon could run them until the leases expired.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.lease_ttl_s):
+                for name in won:
+                    if name not in self.runners:
+                        with contextlib.suppress(StoreError):
+                            await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+                            await self.store.due_release(
+                                name, self.id, self.clock(), now=self.clock()
+                            )
+            raise
+
+    async def _start_won(
+        self,
+        chunk: dict[str, str],
+        tokens: dict[str, int],
+        won: list[str],
+        claims: dict[str, float],
+        read: dict[str, AgentResource],
+    ) -> None:
+        """The rest of :meth:`_start_chunk` once the leases were asked for: ``won``, the
+        agents whose leases we got."""
         # Held before the claim goes: if we die now, our held set brings the agent back.
         await self.store.held_add(self.id, won)
         taken = [n for n, t in tokens.items() if not t]
