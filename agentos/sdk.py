@@ -33,6 +33,7 @@ from agentos.core.chat import (
 from agentos.core.durations import parse_duration
 from agentos.core.fairness import QuotaExceeded
 from agentos.core.lifecycle import StopReason
+from agentos.core.messages import Message
 from agentos.core.outcomes import Outcome
 from agentos.core.waits import WaitKind, WaitLog, WaitSpec, WaitTimeout, ask_spec, deadline_of
 from agentos.engine.base import Completion, ContextOverflow, Engine, EngineError, KVSnapshot
@@ -128,17 +129,6 @@ class StateCodec:
         if issubclass(self.state_type, pydantic.BaseModel):
             return self.state_type.model_validate_json(data)
         return msgspec.json.decode(data, type=self.state_type)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message from an agent's inbox."""
-
-    id: str
-    body: str
-    key: str | None = None
-    sent_at: float = 0.0
-    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

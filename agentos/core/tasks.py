@@ -8,15 +8,19 @@ take ``now`` and plain data, and are tested by tables.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 __all__ = [
+    "DONE",
+    "FAILED",
     "Close",
     "MessageLike",
     "Requeue",
+    "TaskStatus",
     "Work",
     "inbox_work",
     "overlap_action",
@@ -24,6 +28,40 @@ __all__ = [
     "resume_plan",
     "short",
 ]
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is, as its record's ``status`` field says (the Redis value is the
+    member's value, so records written before this enum read the same)."""
+
+    QUEUED = "queued"  # recorded, waiting for the agent
+    RUNNING = "running"
+    RETRYING = "retrying"  # the agent raised; it runs again after a backoff
+    PARKED = "parked"  # held back by a quota, a budget or infrastructure; runs later
+    WAITING = "waiting"  # waits durably for an answer, an event or a time
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # raised until its retries ran out, or passed a limit
+    SKIPPED = "skipped"  # an overlapping fire, or a missed one not caught up
+    CANCELLED = "cancelled"  # `agentos tasks cancel`
+    DROPPED = "dropped"  # its message was dropped from the dead letters / inbox
+    DEAD = "dead"  # its message was dead-lettered
+
+
+DONE = frozenset(
+    {
+        TaskStatus.SUCCEEDED,
+        TaskStatus.FAILED,
+        TaskStatus.SKIPPED,
+        TaskStatus.CANCELLED,
+        TaskStatus.DROPPED,
+        TaskStatus.DEAD,
+    }
+)
+"""Task statuses that do not change any more."""
+
+FAILED = frozenset({TaskStatus.FAILED, TaskStatus.DEAD})
+"""Statuses of tasks that ended without doing their job (raised until the retries ran
+out, passed a limit, or were abandoned): judged ``fail`` by the runtime."""
 
 
 class MessageLike(Protocol):
@@ -76,7 +114,7 @@ def queued_record(work: Work, agent: str, now: float) -> dict[str, object]:
         "id": work.id,
         "agent": agent,
         "trigger": work.trigger,
-        "status": "queued",
+        "status": TaskStatus.QUEUED,
         "created_at": repr(now),
         "attempt": work.attempt - 1,
     }
@@ -128,7 +166,7 @@ def resume_plan(
                 Close(
                     task_id,
                     {
-                        "status": "succeeded",
+                        "status": TaskStatus.SUCCEEDED,
                         "finished_at": repr(now),
                         "result": "completed; its owner died before recording the end",
                     },

@@ -22,6 +22,7 @@ from typing import Any
 
 from agentos.core.machine import rfc3339
 from agentos.core.outcomes import Outcome
+from agentos.core.tasks import DONE, FAILED
 from agentos.core.waits import WaitKind, WaitRecord
 
 __all__ = [
@@ -32,14 +33,6 @@ __all__ = [
     "record_outcome",
     "task_view",
 ]
-
-DONE = frozenset({"succeeded", "failed", "skipped", "cancelled", "dropped", "dead"})
-"""Task statuses that do not change any more."""
-
-
-FAILED = frozenset({"failed", "dead"})
-"""Statuses of tasks that ended without doing their job (raised until the retries ran
-out, passed a limit, or were abandoned): judged ``fail`` by the runtime."""
 
 
 def _outcome_field(raw: str | None) -> Outcome | None:

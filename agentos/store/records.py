@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.core.machine import rfc3339
+from agentos.core.messages import Message
 
 __all__ = [
     "FLEET_EVENTS_MAXLEN",
@@ -36,6 +37,9 @@ TASK_RETENTION_S = 7 * 86_400.0
 # Caps per shard: the fleet feed keeps about 16 x 1,000 events, the signals 4 x 2,500.
 FLEET_EVENTS_MAXLEN = 1_000
 SIGNALS_MAXLEN = 2_500
+
+InboxMessage = Message
+"""A message waiting in an agent's inbox: the one message type (:mod:`agentos.core.messages`)."""
 
 
 def _s(value: bytes | str | None) -> str:
@@ -127,18 +131,6 @@ class AgentSnapshot:
     # Messages no reader had seen yet (up to OPEN_NEW_MESSAGES): read in the same trip.
     new: list[InboxMessage] = field(default_factory=list)
     wait: dict[str, str] = field(default_factory=dict)  # its parked wait's fields, if any
-
-
-@dataclass(frozen=True, slots=True)
-class InboxMessage:
-    """A message waiting in an agent's inbox."""
-
-    id: str
-    body: str
-    key: str | None
-    sent_at: float
-    traceparent: str | None
-    deliveries: int = 1
 
 
 StatusUpdate = tuple[str, str, Mapping[str, object], tuple[str, Mapping[str, float]], str | None]
