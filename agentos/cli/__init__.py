@@ -8,9 +8,9 @@ traceback.
 
 The package splits it by job: :mod:`~agentos.cli.common` (consoles, output modes,
 errors), :mod:`~agentos.cli.render` (tables and text), :mod:`~agentos.cli.fleet`,
-:mod:`~agentos.cli.quota` and :mod:`~agentos.cli.evaluate` (the commands),
-:mod:`~agentos.cli.launch` (``daemon`` and ``up``'s flags) and :mod:`~agentos.cli.serve`
-(the process they run). This module builds the app from them.
+:mod:`~agentos.cli.tasks`, :mod:`~agentos.cli.quota` and :mod:`~agentos.cli.evaluate`
+(the commands), :mod:`~agentos.cli.launch` (``daemon`` and ``up``'s flags) and
+:mod:`~agentos.cli.serve` (the process they run). This module builds the app from them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,18 @@ from typing import Annotated
 
 import typer
 
-from agentos.cli import evaluate, fleet, launch, logs, models, quota, restart, toolservers, waits
+from agentos.cli import (
+    evaluate,
+    fleet,
+    launch,
+    logs,
+    models,
+    quota,
+    restart,
+    tasks,
+    toolservers,
+    waits,
+)
 from agentos.cli.common import STATE
 from agentos.settings import Settings
 
@@ -87,8 +98,8 @@ for _cmd in (
     fleet.describe,
     fleet.events,
     logs.logs,
-    fleet.send,
-    fleet.tasks,
+    tasks.send,
+    tasks.tasks,
     waits.pending,
     waits.answer,
     waits.event,

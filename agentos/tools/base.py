@@ -137,7 +137,7 @@ class Tool:
         return {k: getattr(model, k) for k in type(model).model_fields}
 
     async def invoke(
-        self, arguments: Mapping[str, Any], ctx: Any = None, *, validated: bool = False
+        self, arguments: Mapping[str, Any], ctx: object = None, *, validated: bool = False
     ) -> Any:
         """Validate ``arguments`` (unless ``validated``: they are :meth:`validate`'s) and run
         the function (a sync one in a worker thread), within the tool's timeout

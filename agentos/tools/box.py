@@ -134,7 +134,7 @@ class Toolbox:
         tools: Iterable[Tool | Callable[..., Any]] = (),
         *,
         telemetry: Telemetry | None = None,
-        context: Any = None,
+        context: object = None,
         away: Away | None = None,
         ledger: Ledger | None = None,
     ) -> None:

@@ -22,46 +22,44 @@ callback (the daemon passes its telemetry's) adds the caller's context there eve
 the package would not, and over Streamable HTTP the request also carries it as the
 ``traceparent`` / ``tracestate`` headers, copied from the body it sends: the session's
 HTTP requests are made by the session's own task, not in the caller's context.
+
+What one session is, its transport, its tool list and its results are in
+:mod:`agentos.tools.mcp_session`; this module keeps the sessions of a daemon.
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import math
-import os
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
-import httpx2
 import jsonschema
 import mcp_types
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from agentos.core.modelspec import SecretRef
-from agentos.core.toolserver import (
-    PYTHON,
-    ToolServerResource,
-    ToolServerSpec,
-    matches,
-    model_tool_name,
-    qualified,
+from agentos.core.toolserver import ToolServerResource, model_tool_name
+from agentos.tools.base import ArgumentsInvalid, Tool, ToolError, ToolServerUnavailable
+from agentos.tools.mcp_session import (
+    TRACE_KEYS,
+    ServerTool,
+    Session,
+    body_hash,
+    fetch_tools,
+    first_line,
+    listen,
+    message_handler,
+    resolve_secret,
+    result_of,
+    server_tools,
+    transport,
 )
-from agentos.settings import SecretUnreadable, read_secret
-from agentos.tools import ArgumentsInvalid, Tool, ToolError, ToolServerUnavailable
 
 __all__ = ["ServerTool", "ToolServerPool", "resolve_secret"]
 
@@ -71,72 +69,9 @@ DEFAULT_IDLE_S = 300.0
 _GRACE_S = 5.0  # past the call timeout, a transport that never returns is cut
 # JSON-RPC codes that say the connection, not the tool, failed.
 _TRANSPORT_CODES = frozenset({mcp_types.CONNECTION_CLOSED, mcp_types.REQUEST_TIMEOUT})
-# W3C trace context, carried in a request's ``_meta`` and, over HTTP, as headers.
-_TRACE_KEYS = ("traceparent", "tracestate")
 
-
-def resolve_secret(ref: SecretRef | str, where: str) -> str:
-    """The value of a literal or of ``{env: VAR}`` / ``{file: PATH}``, read now (never
-    stored or logged); ToolServerUnavailable naming ``where`` when it cannot be read."""
-    if isinstance(ref, str):
-        return ref
-    try:
-        return read_secret(ref.env, ref.file)
-    except SecretUnreadable as e:
-        raise ToolServerUnavailable(f"{where}: {e}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class ServerTool:
-    """One tool as a server lists it, with what agentos decided about it."""
-
-    server: str
-    name: str  # on the server
-    description: str
-    schema: Mapping[str, Any]
-    idempotent: bool
-    approval: bool
-    approval_timeout_s: float = 3600.0
-    approval_on_timeout: str = "deny"
-
-    @property
-    def qualified(self) -> str:
-        """``SERVER.TOOL``: the name agent code and approval lists use."""
-        return qualified(self.server, self.name)
-
-
-@dataclass
-class _Session:
-    """One open (or opening) session with one server."""
-
-    name: str
-    spec: ToolServerSpec
-    spec_hash: str
-    ready: anyio.Event = field(default_factory=anyio.Event)
-    closing: anyio.Event = field(default_factory=anyio.Event)
-    client: Client | None = None
-    tools: list[ServerTool] | None = None
-    stale: bool = False  # the server said its tools changed
-    error: str = ""  # why it failed to open or was lost
-    session_id: str = ""
-    last_used: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
-    closed: bool = False
-    stderr: Any = None  # a stdio server's stderr (a temporary file)
-
-    def stderr_tail(self) -> str:
-        """The last line the server wrote to stderr, escaped (empty if none)."""
-        f = self.stderr
-        if f is None or f.closed:
-            return ""
-        try:
-            f.flush()
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 2000))
-            lines = [ln for ln in f.read().splitlines() if ln.strip()]
-        except (OSError, ValueError):
-            return ""
-        return _printable(lines[-1][:300]) if lines else ""
+Specs = Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]]
+"""Reads the stored ToolServers: name -> canonical body."""
 
 
 class ToolServerPool:
@@ -151,7 +86,7 @@ class ToolServerPool:
 
     def __init__(
         self,
-        specs: Callable[[], Any],
+        specs: Specs,
         *,
         idle_s: float = DEFAULT_IDLE_S,
         cwd: str | None = None,
@@ -162,8 +97,8 @@ class ToolServerPool:
         self._trace_headers = trace_headers
         self.idle_s = idle_s
         self.cwd = cwd
-        self._sessions: dict[str, _Session] = {}
-        self._bodies: dict[str, dict[str, Any]] = {}  # as last read: name -> canonical body
+        self._sessions: dict[str, Session] = {}
+        self._bodies: dict[str, Mapping[str, Any]] = {}  # as last read: name -> canonical body
         self._stack = AsyncExitStack()
         self._tg: anyio.abc.TaskGroup | None = None
         self._lock = anyio.Lock()
@@ -192,7 +127,7 @@ class ToolServerPool:
         for name in servers:
             old = self._sessions.get(name)
             body = self._bodies.get(name)
-            if old is not None and (body is None or _body_hash(body) != old.spec_hash):
+            if old is not None and (body is None or body_hash(body) != old.spec_hash):
                 self._drop(old)  # changed by an apply (or deleted): opened anew
             session = await self._open(name)
             if session.tools is None or session.stale:
@@ -256,17 +191,17 @@ class ToolServerPool:
         finally:
             session.in_flight -= 1
             session.last_used = time.monotonic()
-        return _result_of(result)
+        return result_of(result)
 
     def _trace_meta(self) -> mcp_types.RequestParamsMeta | None:
         if self._trace_headers is None:
             return None
-        meta = {k: v for k, v in self._trace_headers().items() if k in _TRACE_KEYS}
+        meta = {k: v for k, v in self._trace_headers().items() if k in TRACE_KEYS}
         return cast(mcp_types.RequestParamsMeta, meta) if meta else None
 
     # ------------------------------------------------------------------ sessions
 
-    async def _open(self, name: str) -> _Session:
+    async def _open(self, name: str) -> Session:
         session = self._sessions.get(name)
         if session is not None and session.client is not None and not session.closed:
             return session  # the common case: no lock, no read
@@ -274,14 +209,14 @@ class ToolServerPool:
             body = self._bodies.get(name)
             if body is None:
                 raise ToolServerUnavailable(f"tool server {name!r} is not applied", name)
-            spec_hash = _body_hash(body)
+            spec_hash = body_hash(body)
             session = self._sessions.get(name)
             if session is not None and (session.closed or session.spec_hash != spec_hash):
                 self._drop(session)  # changed by an apply, or lost: open anew
                 session = None
             if session is None:
                 spec = ToolServerResource.model_validate(body).spec
-                session = _Session(name, spec, spec_hash)
+                session = Session(name, spec, spec_hash)
                 self._sessions[name] = session
                 assert self._tg is not None, "use the pool as an async context manager"
                 # In a context of its own: the session serves every agent of the
@@ -298,7 +233,7 @@ class ToolServerPool:
             raise ToolServerUnavailable(f"tool server {name!r}: {why}", name)
         return session
 
-    async def _serve(self, session: _Session) -> None:
+    async def _serve(self, session: Session) -> None:
         """Open the session, keep it until it is closed or lost (this task owns it)."""
         spec = session.spec
         scope = anyio.CancelScope(deadline=anyio.current_time() + spec.timeouts.connect)
@@ -306,13 +241,13 @@ class ToolServerPool:
             with scope:
                 async with AsyncExitStack() as stack:
                     client = Client(
-                        await self._transport(session, stack),
+                        await transport(session, stack, cwd=self.cwd),
                         read_timeout_seconds=spec.timeouts.call,
-                        message_handler=self._on_message(session),
+                        message_handler=message_handler(session),
                         # The initialize handshake: every server speaks it, and its
                         # tools/list_changed notification reaches us (mcp 2.3's listen
                         # streams of 2026-07-28 sessions delivered no change events in
-                        # our tests; _listen still uses one where a session is modern).
+                        # our tests; listen() still uses one where a session is modern).
                         mode="legacy",
                     )
                     await stack.enter_async_context(client)
@@ -325,7 +260,7 @@ class ToolServerPool:
                         "tool server %s: open, %d tools", session.name, len(session.tools or ())
                     )
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._listen, session, client)
+                        tg.start_soon(listen, session, client)
                         await session.closing.wait()
                         tg.cancel_scope.cancel()
             if scope.cancelled_caught and not session.ready.is_set():
@@ -333,7 +268,7 @@ class ToolServerPool:
         except ToolServerUnavailable as e:
             session.error = str(e)
         except Exception as e:  # it does not start, or answers garbage
-            session.error = f"could not start: {type(e).__name__}: {_first_line(e)}"
+            session.error = f"could not start: {type(e).__name__}: {first_line(e)}"
             log.warning("tool server %s: %s", session.name, session.error)
         finally:
             if session.error and not session.ready.is_set() and (tail := session.stderr_tail()):
@@ -344,115 +279,28 @@ class ToolServerPool:
             if self._sessions.get(session.name) is session:
                 del self._sessions[session.name]
 
-    async def _transport(self, session: _Session, stack: AsyncExitStack) -> Any:
-        spec = session.spec
-        where = f"tool server {session.name!r}"
-        if spec.stdio is not None:
-            command = list(spec.stdio.command)
-            if command[0] == PYTHON:
-                command[0] = sys.executable
-            env = {
-                k: resolve_secret(v, f"{where}: stdio.env.{k}") for k, v in spec.stdio.env.items()
-            }
-            params = StdioServerParameters(
-                command=command[0],
-                args=command[1:],
-                env=env or None,
-                cwd=spec.stdio.cwd or self.cwd,
-            )
-            # Its stderr is kept (bounded, escaped) for the error that says why it failed,
-            # not poured raw into the daemon's output.
-            errlog = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115 - on the stack
-            session.stderr = stack.enter_context(errlog)
-            return stdio_client(params, errlog=session.stderr)
-        assert spec.url is not None
-        headers = {k: resolve_secret(v, f"{where}: headers.{k}") for k, v in spec.headers.items()}
-
-        async def note_session(response: httpx2.Response) -> None:
-            sid = response.headers.get("mcp-session-id")
-            if sid:
-                session.session_id = _printable(sid[:200])
-
-        http = await stack.enter_async_context(
-            httpx2.AsyncClient(
-                headers=headers,
-                timeout=httpx2.Timeout(spec.timeouts.call, connect=spec.timeouts.connect),
-                event_hooks={"request": [_trace_context_headers], "response": [note_session]},
-            )
-        )
-        return streamable_http_client(spec.url, http_client=http)
-
-    async def _listen(self, session: _Session, client: Client) -> None:
-        """On a 2026-07-28 session, the server says its tools changed on a listen stream
-        (older ones send a notification: :meth:`_on_message`)."""
-        if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            return
-        try:
-            async with client.listen(tools_list_changed=True) as sub:
-                async for _ in sub:
-                    session.stale = True
-        except Exception as e:  # no listen support, or the stream dropped: list per task
-            log.debug("tool server %s: no change stream: %s", session.name, e)
-
-    def _on_message(self, session: _Session) -> Any:
-        async def handle(message: Any) -> None:
-            if isinstance(message, mcp_types.ToolListChangedNotification):
-                session.stale = True  # listed again before the next agent gets them
-            await anyio.lowlevel.checkpoint()
-
-        return handle
-
-    async def _list(self, session: _Session) -> None:
+    async def _list(self, session: Session) -> None:
         client = session.client
         assert client is not None
         spec = session.spec
         try:
             with anyio.fail_after(spec.timeouts.connect + _GRACE_S):
-                listed: list[mcp_types.Tool] = []
-                cursor: str | None = None
-                for _ in range(100):  # a paginator that never ends cannot hang us
-                    page = (
-                        await client.list_tools(cursor=cursor)
-                        if cursor
-                        else await client.list_tools()
-                    )
-                    listed.extend(page.tools)
-                    cursor = page.next_cursor
-                    if not cursor:
-                        break
+                listed = await fetch_tools(client)
         except Exception as e:
-            self._lost(session, f"listing tools failed: {type(e).__name__}: {_first_line(e)}")
+            self._lost(session, f"listing tools failed: {type(e).__name__}: {first_line(e)}")
             raise ToolServerUnavailable(
-                f"tool server {session.name!r}: listing its tools failed: {_first_line(e)}",
+                f"tool server {session.name!r}: listing its tools failed: {first_line(e)}",
                 session.name,
             ) from None
         session.stale = False
-        session.tools = [
-            ServerTool(
-                server=session.name,
-                name=t.name,
-                description=(t.description or t.title or t.name).strip(),
-                schema=t.input_schema or {"type": "object", "properties": {}},
-                # Safe to run again: the server says so, or it changes nothing at all.
-                idempotent=bool(
-                    t.annotations
-                    and (t.annotations.idempotent_hint or t.annotations.read_only_hint)
-                )
-                or matches(t.name, spec.tools.idempotent),
-                approval=spec.needs_approval(t.name),
-                approval_timeout_s=spec.approval.timeout,
-                approval_on_timeout=spec.approval.on_timeout,
-            )
-            for t in listed
-            if spec.tools.admits(t.name)
-        ]
+        session.tools = server_tools(session.name, spec, listed)
 
-    def _drop(self, session: _Session) -> None:
+    def _drop(self, session: Session) -> None:
         session.closing.set()
         if self._sessions.get(session.name) is session:
             del self._sessions[session.name]
 
-    def _lost(self, session: _Session, why: str) -> None:
+    def _lost(self, session: Session, why: str) -> None:
         """The session cannot be trusted any more: close it; the next use opens anew
         (unless only one call timed out on a process that is still there)."""
         session.error = why
@@ -482,57 +330,6 @@ class ToolServerPool:
     def open_sessions(self) -> list[str]:
         """Names of the servers with an open session."""
         return [n for n, s in self._sessions.items() if s.client is not None and not s.closed]
-
-
-async def _trace_context_headers(request: httpx2.Request) -> None:
-    """Send the trace context of a JSON-RPC request's ``params._meta`` as HTTP headers
-    too, for proxies and servers that read ``traceparent`` from the request."""
-    if request.method != "POST" or b'"traceparent"' not in request.content:
-        return
-    try:
-        meta = json.loads(request.content).get("params", {}).get("_meta", {})
-    except (ValueError, AttributeError):
-        return
-    if not isinstance(meta, dict):
-        return
-    for key in _TRACE_KEYS:
-        value = meta.get(key)
-        if isinstance(value, str) and value.isprintable() and key not in request.headers:
-            request.headers[key] = value
-
-
-def _body_hash(body: Mapping[str, Any]) -> str:
-    return json.dumps(body.get("spec", {}), sort_keys=True)
-
-
-def _printable(text: str) -> str:
-    """Server text made one safe line: control characters shown as escapes."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _first_line(e: BaseException) -> str:
-    if isinstance(e, BaseExceptionGroup) and e.exceptions:
-        return _first_line(e.exceptions[0])
-    text = str(e).strip().splitlines()
-    return _printable(text[0][:300]) if text else type(e).__name__
-
-
-def _result_of(result: mcp_types.CallToolResult) -> Any:
-    """What the model reads of a call's result: its text blocks (else its structured
-    content); ToolError for a result the server marks ``isError``."""
-    parts: list[str] = []
-    for block in result.content:
-        if isinstance(block, mcp_types.TextContent):
-            parts.append(block.text)
-        else:
-            kind = getattr(block, "type", type(block).__name__)
-            parts.append(f"[{kind} content not shown]")
-    text = "\n".join(parts)
-    if result.is_error:
-        raise ToolError(text or "the tool failed")
-    if result.structured_content is not None and not text:
-        return result.structured_content
-    return text
 
 
 def server_tool(t: ServerTool, pool: ToolServerPool) -> Tool:
