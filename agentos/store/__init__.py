@@ -8,41 +8,53 @@ when the server cannot be reached, :class:`StoreFull` when it refuses writes at
 rest of the code base does not depend on the client library. Nothing here retries:
 :mod:`agentos.store.retry` is the one retry policy, for operations safe to repeat.
 
-The operations are split by job into mixins that :class:`Store` composes:
-:mod:`~agentos.store.specs` (desired state), :mod:`~agentos.store.writes` (fenced writes,
-status, events), :mod:`~agentos.store.inbox` (inboxes, task records),
-:mod:`~agentos.store.leases` (leases, signals, daemons), :mod:`~agentos.store.quota` and
-:mod:`~agentos.store.waits` (parked waits, the due-time index);
-the values they take and return are in :mod:`~agentos.store.records`.
+The operations are split by job into small repositories over one shared connection
+(:class:`~agentos.store.conn.Conn`: client, keys, scripts, batcher), which :class:`Store`
+builds and holds as attributes: ``specs`` (desired state), ``writes`` (fenced writes),
+``agents`` (status, state), ``events``, ``usage``, ``inbox``, ``poison`` (dead letters,
+drops, re-drives), ``tasks`` (task records), ``takeover`` (what a new owner reads),
+``leases``, ``signals``, ``heartbeats``, ``waits`` (parked waits, the due-time index,
+held sets), ``quotas``, ``models``, ``logs`` and ``snapshots`` (hibernated KV). The
+values they take and return are in :mod:`~agentos.store.records`.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from importlib import resources
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import redis.asyncio as aredis
 from redis import exceptions as rexc
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from agentos.engine.base import KVSnapshot
-from agentos.store.batching import ScriptBatcher
+from agentos.store import legacy_kv, transition
+from agentos.store.agents import Agents
 from agentos.store.clusterclient import AgentosCluster
-from agentos.store.errors import SendRefused, StoreError, StoreFull, StoreUnavailable, translate
+from agentos.store.conn import Conn
+from agentos.store.errors import (
+    InboxFull,
+    SendConflict,
+    SendRefused,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+    translate,
+)
 from agentos.store.errors import reason as _reason
-from agentos.store.inbox import DEAD_LETTERS_KEPT as DEAD_LETTERS_KEPT
+from agentos.store.events import Events
+from agentos.store.heartbeats import Heartbeats
 from agentos.store.inbox import SEND_DEDUPE_TTL_S as SEND_DEDUPE_TTL_S
-from agentos.store.inbox import UNFINISHED_SCAN as UNFINISHED_SCAN
-from agentos.store.inbox import DeadLetter, InboxFull, InboxOps, SendConflict
+from agentos.store.inbox import Inbox
 from agentos.store.keys import INBOX_GROUP, Keys
-from agentos.store.leases import LeaseOps
-from agentos.store.logs import LogLine, LogOps
-from agentos.store.modelops import ModelOps
-from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, QuotaOps
+from agentos.store.kvformat import SnapshotHeader
+from agentos.store.leases import Leases
+from agentos.store.logs import LogLine, Logs
+from agentos.store.models import Models
+from agentos.store.poison import DEAD_LETTERS_KEPT as DEAD_LETTERS_KEPT
+from agentos.store.poison import DeadLetter, Poison
+from agentos.store.quota import AdmitReply, AdmitRequest, ClassUsage, Quotas
 from agentos.store.records import FLEET_EVENTS_MAXLEN as FLEET_EVENTS_MAXLEN
 from agentos.store.records import SIGNALS_MAXLEN as SIGNALS_MAXLEN
 from agentos.store.records import TASK_RETENTION_S as TASK_RETENTION_S
@@ -59,11 +71,16 @@ from agentos.store.records import (
     TaskWrite,
     _s,
 )
+from agentos.store.signals import Signals
 from agentos.store.snapshots import LoadedSnapshot, Manifest, SavedSnapshot, Snapshots
-from agentos.store.specs import SpecOps
+from agentos.store.specs import Specs
+from agentos.store.takeover import UNFINISHED_SCAN as UNFINISHED_SCAN
+from agentos.store.takeover import Takeover
+from agentos.store.tasks import Tasks
 from agentos.store.urls import redact_url
-from agentos.store.waits import EventsFull, WaitOps
-from agentos.store.writes import DUPLICATE, Duplicate, Write, WriteOps
+from agentos.store.usage import Usage
+from agentos.store.waits import EventsFull, Waits
+from agentos.store.writes import DUPLICATE, Duplicate, Write, Writes
 from agentos.store.writes import EVENTS_MAXLEN as EVENTS_MAXLEN
 from agentos.store.writes import OP_IDS_KEPT as OP_IDS_KEPT
 from agentos.store.writes import OP_IDS_TTL_S as OP_IDS_TTL_S
@@ -91,6 +108,7 @@ __all__ = [
     "SavedSnapshot",
     "SendConflict",
     "SendRefused",
+    "SnapshotHeader",
     "SpecRecord",
     "StatusUpdate",
     "Store",
@@ -103,54 +121,75 @@ __all__ = [
 ]
 
 
-log = logging.getLogger("agentos.store")
-
-
-def _load_script(name: str) -> str:
-    return resources.files("agentos.store").joinpath("lua", f"{name}.lua").read_text()
-
-
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, LogOps):
-    """Async access to one agentos namespace on one Redis server or one Redis Cluster.
+_F = TypeVar("_F")
+
+
+class _Moved(Generic[_F]):
+    """TODO(#26 sweep): an old flat name's type, for the type checker only."""
+
+    def __init__(self, get: Callable[[Store], _F]) -> None:
+        self._get = get
+
+    def __get__(self, obj: Store, owner: type[Store]) -> _F:
+        return self._get(obj)
+
+
+class Store:
+    """Async access to one agentos namespace on one Redis server or one Redis Cluster:
+    the shared connection, the repositories over it, and its lifecycle.
 
     Create with :meth:`connect`; close with :meth:`close` (or ``async with``).
     """
 
     def __init__(
-        self, client: aredis.Redis | RedisCluster, keys: Keys, display_url: str, *, cluster: bool
+        self, client: Redis | RedisCluster, keys: Keys, display_url: str, *, cluster: bool
     ) -> None:
-        # redis-py's asyncio stubs type replies as unions of everything; this module
-        # is the typed boundary, so the client is Any here and results are converted.
-        self._r: Any = client
-        self.keys = keys
-        self.display_url = display_url
-        # On a cluster one script or transaction may only touch keys of one slot: the
-        # copies that go to fleet-wide streams are written in a step of their own.
-        self.cluster = cluster
-        self._topology_stale = False  # a node failed: re-read the slot map (cluster)
-        self._topology_read_at = 0.0
-        self._acquire = client.register_script(_load_script("lease_acquire"))
-        self._renew = client.register_script(_load_script("lease_renew"))
-        self._release = client.register_script(_load_script("lease_release"))
-        self._fenced = client.register_script(_load_script("fenced_ops"))
-        self._batch = ScriptBatcher(client)
-        self._send_once = client.register_script(_load_script("inbox_send"))
-        self._read_fenced = client.register_script(_load_script("inbox_read"))
-        self._heartbeat = client.register_script(_load_script("daemon_heartbeat"))
-        self.retention = Retention()
-        self.snapshots = Snapshots(
-            client,
-            keys,
-            client.register_script(_load_script("kv_commit")),
-            client.register_script(_load_script("kv_begin")),
-            self._release,
-        )
-        self._quota_scripts(client, _load_script)
-        self._waits_scripts(client, _load_script)
-        self._inbox_scripts(client, _load_script)
+        conn = Conn(client, keys, display_url, cluster=cluster)
+        self.conn = conn
+        # TODO(#26 sweep): tests read and write through the raw client; they should
+        # use ``store.conn.r``.
+        self._r = conn.r
+        self.specs = Specs(conn)
+        self.writes = Writes(conn)
+        self.agents = Agents(conn)
+        self.events = Events(conn)
+        self.usage = Usage(conn)
+        self.inbox = Inbox(conn)
+        self.poison = Poison(conn)
+        self.tasks = Tasks(conn)
+        self.takeover = Takeover(conn, self.inbox)
+        self.leases = Leases(conn)
+        self.signals = Signals(conn)
+        self.heartbeats = Heartbeats(conn)
+        self.waits = Waits(conn)
+        self.quotas = Quotas(conn)
+        self.models = Models(conn)
+        self.logs = Logs(conn)
+        self.snapshots = Snapshots(conn)
+
+    @property
+    def keys(self) -> Keys:
+        return self.conn.keys
+
+    @property
+    def display_url(self) -> str:
+        return self.conn.display_url
+
+    @property
+    def cluster(self) -> bool:
+        return self.conn.cluster
+
+    @property
+    def retention(self) -> Retention:
+        """How long task records and usage are kept (the daemon sets it from its settings)."""
+        return self.conn.retention
+
+    @retention.setter
+    def retention(self, value: Retention) -> None:
+        self.conn.retention = value
 
     @classmethod
     async def connect(
@@ -186,7 +225,7 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
         try:
             # A bounded, blocking pool: ten thousand agents starting at once queue
             # for 64 connections instead of opening ten thousand sockets.
-            pool = aredis.BlockingConnectionPool.from_url(
+            pool = BlockingConnectionPool.from_url(
                 url,
                 max_connections=max_connections,
                 timeout=None,
@@ -200,14 +239,14 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
                 retry=Retry(NoBackoff(), 0),
                 retry_on_error=[],
             )
-            client = aredis.Redis.from_pool(pool)
+            client = Redis.from_pool(pool)
         except ValueError as e:
             raise StoreUnavailable(f"invalid Redis URL {shown}: {e}") from None
         store = cls(client, Keys(namespace), shown, cluster=False)
         if check:
             try:
                 await store.ping()
-                await store._check_not_cluster()
+                await store.conn.check_not_cluster()
             except StoreError:
                 await store.close()
                 raise
@@ -244,93 +283,13 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
             raise StoreUnavailable(f"invalid Redis Cluster URL {shown}: {_reason(e)}") from None
         store = cls(client, Keys(namespace), shown, cluster=True)
         try:
-            await store._initialize_cluster()
+            await store.conn.initialize_cluster()
             if check:
                 await store.ping()
         except StoreError:
             await store.close()
             raise
         return store
-
-    async def _initialize_cluster(self) -> None:
-        try:
-            await self._r.initialize()
-        except rexc.AuthenticationError as e:
-            raise StoreUnavailable(
-                f"Redis at {self.display_url} refused the credentials: {_reason(e)}"
-            ) from None
-        except (rexc.RedisError, rexc.RedisClusterException, OSError) as e:
-            text = _reason(e)
-            if "username-password" in text or "WRONGPASS" in text or "NOAUTH" in text:
-                raise StoreUnavailable(
-                    f"Redis at {self.display_url} refused the credentials: {text}"
-                ) from None
-            if (
-                "cluster mode is not enabled" in text.lower()
-                or "cluster support disabled" in text.lower()
-            ):
-                raise StoreUnavailable(
-                    f"Redis at {self.display_url} is a single server, not a cluster: "
-                    "use a redis:// URL for it"
-                ) from None
-            if "slots" in text.lower() and "covered" in text.lower():
-                raise StoreUnavailable(
-                    f"Redis Cluster at {self.display_url} does not serve every slot "
-                    f"({text}); fix the cluster (CLUSTER INFO, --cluster check) first"
-                ) from None
-            raise StoreUnavailable(
-                f"cannot reach Redis Cluster at {self.display_url}: {text}"
-            ) from None
-        await self._check_cluster_state()
-
-    @translate
-    async def _check_cluster_state(self) -> None:
-        """Every master serves its slots and every slot is served: otherwise some agents'
-        keys cannot be reached at all."""
-        per_node = await self._r.cluster_info(target_nodes=RedisCluster.PRIMARIES)
-        infos = list(per_node.values()) if "cluster_state" not in per_node else [per_node]
-        for info in infos:
-            assigned = int(info.get("cluster_slots_assigned", 0))
-            if info.get("cluster_state") != "ok" or assigned < 16384:
-                raise StoreUnavailable(
-                    f"Redis Cluster at {self.display_url} is not ok (cluster_state "
-                    f"{info.get('cluster_state')}, {assigned} of 16384 slots assigned); fix "
-                    "the cluster first (CLUSTER INFO, valkey-cli --cluster check)"
-                )
-
-    async def _refresh_topology(self) -> None:
-        """Re-read the cluster's slot map after a node failed, at most twice a second.
-
-        redis-py's own way (flagging the client for a full re-initialisation) also sends
-        ``COMMAND`` to its default node and fails every call while that node is the dead
-        one: during a failover then no lease on the healthy masters could be renewed.
-        Only the slot map is refreshed here, from any node that answers; until the
-        replica has taken over, calls for the dead master's slots fail and the others
-        go through.
-        """
-        now = time.monotonic()
-        if now - self._topology_read_at < 0.5:
-            return
-        self._topology_read_at = now
-        try:
-            await self._r.nodes_manager.initialize()
-        except Exception as e:
-            log.debug("cluster slot map not refreshed: %s", _reason(e))
-            return
-        alive = {n.name for n in self._r.get_primaries()}
-        if self._r.get_default_node() is None or self._r.get_default_node().name not in alive:
-            self._r.replace_default_node()
-        self._topology_stale = False
-
-    @translate
-    async def _check_not_cluster(self) -> None:
-        """A plain URL that names a cluster node would fail later, key by key, with MOVED."""
-        info = await self._r.info("cluster")
-        if int(info.get("cluster_enabled", 0)):
-            raise StoreUnavailable(
-                f"Redis at {self.display_url} is a Redis Cluster node: use "
-                "redis+cluster:// (or rediss+cluster://) with the same address"
-            )
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -342,21 +301,9 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @translate
     async def ping(self) -> None:
         """Round trip to the server; raises StoreUnavailable when it is not there."""
-        try:
-            await self._r.ping()
-        except rexc.AuthenticationError as e:
-            raise StoreUnavailable(
-                f"Redis at {self.display_url} refused the credentials: {e}"
-            ) from None
-        except rexc.ResponseError as e:
-            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-                raise StoreUnavailable(
-                    f"Redis at {self.display_url} needs a password: {_reason(e)}"
-                ) from None
-            raise
+        await self.conn.ping()
 
     @translate
     async def command_calls(self) -> dict[str, int]:
@@ -387,27 +334,6 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
         """Seconds since any command last read or wrote ``key`` (``OBJECT IDLETIME``)."""
         return int(await self._r.object("idletime", key))
 
-    # ---------------------------------------------------------------- hibernated KV
-
-    @translate
-    async def save_snapshot(
-        self, name: str, lease_value: str, snapshot: KVSnapshot, *, keep_kv: bool, reason: str = ""
-    ) -> SavedSnapshot | None:
-        """Write and commit the agent's KV snapshot; None when the lease is not ours."""
-        return await self.snapshots.save(
-            name, lease_value, snapshot, keep_kv=keep_kv, reason=reason
-        )
-
-    @translate
-    async def load_snapshot(self, name: str) -> LoadedSnapshot:
-        """Read and verify the agent's snapshot (invalid ones come back with a reason)."""
-        return await self.snapshots.load(name)
-
-    @translate
-    async def snapshot_manifest(self, name: str) -> Manifest | None:
-        """The committed snapshot's manifest, or None."""
-        return await self.snapshots.manifest(name)
-
     # ---------------------------------------------------------------- namespace
 
     @translate
@@ -424,3 +350,138 @@ class Store(SpecOps, WriteOps, InboxOps, LeaseOps, QuotaOps, WaitOps, ModelOps, 
         for i in range(0, len(keys), 500):
             await self._r.delete(*keys[i : i + 500])
         return len(keys)
+
+    # ---------------------------------------------------------------- TODO(#26 sweep)
+    # The old flat names, for the type checker: each is what ``__getattr__`` returns.
+    if TYPE_CHECKING:
+        acquire_lease = _Moved(lambda s: s.leases.acquire_lease)
+        acquire_leases = _Moved(lambda s: s.leases.acquire_leases)
+        agent_spec = _Moved(lambda s: s.specs.agent_spec)
+        agent_specs = _Moved(lambda s: s.specs.agent_specs)
+        agent_specs_of = _Moved(lambda s: s.specs.agent_specs_of)
+        append_logs = _Moved(lambda s: s.logs.append_logs)
+        apply = _Moved(lambda s: s.specs.apply)
+        budget_warn_once = _Moved(lambda s: s.quotas.budget_warn_once)
+        claim_inbox = _Moved(lambda s: s.inbox.claim_inbox)
+        daemons = _Moved(lambda s: s.heartbeats.daemons)
+        dead_letter = _Moved(lambda s: s.poison.dead_letter)
+        dead_letters = _Moved(lambda s: s.poison.dead_letters)
+        delete = _Moved(lambda s: s.specs.delete)
+        desired_index = _Moved(lambda s: s.specs.desired_index)
+        drop_message = _Moved(lambda s: s.poison.drop_message)
+        due_claim = _Moved(lambda s: s.waits.due_claim)
+        due_count = _Moved(lambda s: s.waits.due_count)
+        due_defer = _Moved(lambda s: s.waits.due_defer)
+        due_head = _Moved(lambda s: s.waits.due_head)
+        due_now = _Moved(lambda s: s.waits.due_now)
+        due_release = _Moved(lambda s: s.waits.due_release)
+        due_scan = _Moved(lambda s: s.waits.due_scan)
+        due_unclaim = _Moved(lambda s: s.waits.due_unclaim)
+        ensure_inbox = _Moved(lambda s: s.inbox.ensure_inbox)
+        fenced_status_batch = _Moved(lambda s: s.writes.fenced_status_batch)
+        forget_daemon = _Moved(lambda s: s.heartbeats.forget_daemon)
+        generation = _Moved(lambda s: s.specs.generation)
+        heartbeat = _Moved(lambda s: s.heartbeats.heartbeat)
+        held_add = _Moved(lambda s: s.waits.held_add)
+        held_counts = _Moved(lambda s: s.waits.held_counts)
+        held_remove = _Moved(lambda s: s.waits.held_remove)
+        holders = _Moved(lambda s: s.waits.holders)
+        idempotency_done = _Moved(lambda s: s.tasks.idempotency_done)
+        inbox_depth = _Moved(lambda s: s.inbox.inbox_depth)
+        inbox_has = _Moved(lambda s: s.inbox.inbox_has)
+        inbox_lengths = _Moved(lambda s: s.inbox.inbox_lengths)
+        index_of = _Moved(lambda s: s.specs.index_of)
+        is_holder = _Moved(lambda s: s.waits.is_holder)
+        last_signal_id = _Moved(lambda s: s.signals.last_signal_id)
+        lease_keeper = _Moved(lambda s: s.leases.lease_keeper)
+        leave_holders = _Moved(lambda s: s.waits.leave_holders)
+        load_state = _Moved(lambda s: s.agents.load_state)
+        logs_after = _Moved(lambda s: s.logs.logs_after)
+        mark_cancel = _Moved(lambda s: s.tasks.mark_cancel)
+        model_throttle = _Moved(lambda s: s.models.model_throttle)
+        model_throttled_until = _Moved(lambda s: s.models.model_throttled_until)
+        open_agent = _Moved(lambda s: s.takeover.open_agent)
+        open_agents = _Moved(lambda s: s.takeover.open_agents)
+        pending_purges = _Moved(lambda s: s.specs.pending_purges)
+        pending_waits = _Moved(lambda s: s.waits.pending_waits)
+        policies = _Moved(lambda s: s.specs.policies)
+        purge_agent = _Moved(lambda s: s.specs.purge_agent)
+        purge_waits = _Moved(lambda s: s.waits.purge_waits)
+        quota_add_cost = _Moved(lambda s: s.quotas.quota_add_cost)
+        quota_admit = _Moved(lambda s: s.quotas.quota_admit)
+        quota_admit_many = _Moved(lambda s: s.quotas.quota_admit_many)
+        quota_budget_used = _Moved(lambda s: s.quotas.quota_budget_used)
+        quota_charge_seconds = _Moved(lambda s: s.quotas.quota_charge_seconds)
+        quota_cost_used = _Moved(lambda s: s.quotas.quota_cost_used)
+        quota_effective = _Moved(lambda s: s.quotas.quota_effective)
+        quota_evaluator_lease = _Moved(lambda s: s.quotas.quota_evaluator_lease)
+        quota_evaluator_release = _Moved(lambda s: s.quotas.quota_evaluator_release)
+        quota_publish = _Moved(lambda s: s.quotas.quota_publish)
+        quota_renew = _Moved(lambda s: s.quotas.quota_renew)
+        quota_report = _Moved(lambda s: s.quotas.quota_report)
+        quota_reports = _Moved(lambda s: s.quotas.quota_reports)
+        quota_settle = _Moved(lambda s: s.quotas.quota_settle)
+        quota_state = _Moved(lambda s: s.quotas.quota_state)
+        quota_unqueue = _Moved(lambda s: s.quotas.quota_unqueue)
+        quota_usage = _Moved(lambda s: s.quotas.quota_usage)
+        read_inbox = _Moved(lambda s: s.inbox.read_inbox)
+        read_signals = _Moved(lambda s: s.signals.read_signals)
+        record_agent_event = _Moved(lambda s: s.events.record_agent_event)
+        record_fleet_event = _Moved(lambda s: s.events.record_fleet_event)
+        recover_held = _Moved(lambda s: s.waits.recover_held)
+        redrive = _Moved(lambda s: s.poison.redrive)
+        release_lease = _Moved(lambda s: s.leases.release_lease)
+        renew_leases = _Moved(lambda s: s.leases.renew_leases)
+        send = _Moved(lambda s: s.inbox.send)
+        server_time = _Moved(lambda s: s.heartbeats.server_time)
+        set_task_outcome = _Moved(lambda s: s.tasks.set_task_outcome)
+        signal = _Moved(lambda s: s.signals.signal)
+        signal_groups = _Moved(lambda s: s.signals.signal_groups)
+        snapshot_manifest = _Moved(lambda s: s.snapshots.manifest)
+        status = _Moved(lambda s: s.agents.status)
+        statuses = _Moved(lambda s: s.agents.statuses)
+        still_held = _Moved(lambda s: s.waits.still_held)
+        task = _Moved(lambda s: s.tasks.task)
+        toolservers = _Moved(lambda s: s.specs.toolservers)
+        trim_tasks = _Moved(lambda s: s.tasks.trim_tasks)
+        trim_tasks_many = _Moved(lambda s: s.tasks.trim_tasks_many)
+        upgrade_layout = _Moved(lambda s: s.specs.upgrade_layout)
+        wait_answer = _Moved(lambda s: s.waits.wait_answer)
+        wait_arm = _Moved(lambda s: s.waits.wait_arm)
+        wait_clear = _Moved(lambda s: s.waits.wait_clear)
+        wait_event = _Moved(lambda s: s.waits.wait_event)
+        wait_get = _Moved(lambda s: s.waits.wait_get)
+        wait_park = _Moved(lambda s: s.waits.wait_park)
+        wake = _Moved(lambda s: s.waits.wake)
+        fenced_write = _Moved(lambda s: transition.FencedWriteFields(s.writes))
+
+    async def save_snapshot(
+        self,
+        name: str,
+        lease_value: str,
+        snapshot: legacy_kv.KVSnapshot,
+        *,
+        keep_kv: bool,
+        reason: str = "",
+    ) -> SavedSnapshot | None:
+        """Old call: :func:`agentos.store.legacy_kv.save_snapshot` (``store.snapshots.save``)."""
+        return await legacy_kv.save_snapshot(
+            self.snapshots, name, lease_value, snapshot, keep_kv=keep_kv, reason=reason
+        )
+
+    async def load_snapshot(self, name: str) -> legacy_kv.LoadedKV:
+        """Old call: :func:`agentos.store.legacy_kv.load_snapshot` (``store.snapshots.load``)."""
+        return await legacy_kv.load_snapshot(self.snapshots, name)
+
+    def __getattr__(self, name: str) -> Any:
+        """Old flat method names, forwarded to the repository that owns them now
+        (:data:`agentos.store.transition.MOVED`)."""
+        if name == "fenced_write":  # its fields as keywords: one Write now
+            return transition.FencedWriteFields(self.writes)
+        if name in transition.SCRIPTS:  # tests name the scripts' SHAs by the old names
+            return getattr(self.conn.scripts, transition.SCRIPTS[name])
+        moved = transition.MOVED.get(name)
+        if moved is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        repo, method = moved
+        return getattr(self.__dict__[repo], method)

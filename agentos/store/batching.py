@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.lowlevel
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+
+from agentos.store.raw import RawArg, RawClient, RawReply
 
 __all__ = ["ScriptBatcher", "raise_first", "run_many"]
 
@@ -36,9 +37,9 @@ MAX_BATCH = 1000  # calls per pipeline: bounds one reply's size and the loop's p
 @dataclass(slots=True)
 class _Call:
     script: AsyncScript | None  # None: ``args`` is a plain command
-    keys: Sequence[Any]
-    args: Sequence[Any]
-    reply: Any = None
+    keys: Sequence[str]
+    args: Sequence[RawArg]
+    reply: RawReply = None
     error: BaseException | None = None
 
 
@@ -49,8 +50,10 @@ class _Batch:
 
 
 async def run_many(
-    client: Any, script: AsyncScript, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
-) -> list[Any]:
+    client: RawClient,
+    script: AsyncScript,
+    calls: Sequence[tuple[Sequence[str], Sequence[RawArg]]],
+) -> list[RawReply]:
     """Run ``script`` once per (keys, args) in as few pipelines as it takes; returns each
     call's reply, or its error as an exception object in its place."""
     batch = [_Call(script, keys, args) for keys, args in calls]
@@ -58,7 +61,7 @@ async def run_many(
     return [c.error if c.error is not None else c.reply for c in batch]
 
 
-def raise_first(replies: list[Any]) -> list[Any]:
+def raise_first(replies: list[RawReply]) -> list[RawReply]:
     """``replies`` of :func:`run_many`, or the first error among them raised."""
     for reply in replies:
         if isinstance(reply, Exception):
@@ -66,7 +69,7 @@ def raise_first(replies: list[Any]) -> list[Any]:
     return replies
 
 
-def _by_node(client: Any, calls: Sequence[_Call]) -> list[list[_Call]]:
+def _by_node(client: RawClient, calls: Sequence[_Call]) -> list[list[_Call]]:
     """On a cluster, ``calls`` grouped by the node that serves their first key.
 
     redis-py's cluster pipeline fails as a whole when one node cannot be reached (the
@@ -86,7 +89,7 @@ def _by_node(client: Any, calls: Sequence[_Call]) -> list[list[_Call]]:
     return list(groups.values())
 
 
-async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
+async def _run_calls(client: RawClient, calls: Sequence[_Call]) -> None:
     """Run ``calls`` in pipelines of at most :data:`MAX_BATCH` (one per node on a
     cluster, concurrently), storing each one's reply or error on it (a connection error
     goes to every call of its pipeline)."""
@@ -99,7 +102,7 @@ async def _run_calls(client: Any, calls: Sequence[_Call]) -> None:
             tg.start_soon(_run_group, client, group)
 
 
-async def _run_group(client: Any, calls: Sequence[_Call]) -> None:
+async def _run_group(client: RawClient, calls: Sequence[_Call]) -> None:
     for start in range(0, len(calls), MAX_BATCH):
         chunk = list(calls[start : start + MAX_BATCH])
         for attempt in range(2):
@@ -143,17 +146,17 @@ async def _run_group(client: Any, calls: Sequence[_Call]) -> None:
 class ScriptBatcher:
     """Joins the script calls of one event-loop tick into one pipeline."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: RawClient) -> None:
         self._client = client
         self._open: _Batch | None = None
 
-    async def command(self, *args: Any) -> Any:
+    async def command(self, *args: RawArg) -> RawReply:
         """Send one plain command (its key first after the name) in this tick's pipeline."""
         return await self.run(None, (), args)
 
     async def run(
-        self, script: AsyncScript | None, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:
+        self, script: AsyncScript | None, keys: Sequence[str], args: Sequence[RawArg]
+    ) -> RawReply:
         """Run ``script`` with ``keys`` and ``args``, in this tick's pipeline; returns its
         reply or raises its error (redis-py's exceptions, as a direct call would)."""
         call = _Call(script, keys, args)

@@ -9,9 +9,9 @@ finds their keys locally: every key follows ``STREAMS``, one id per key after th
 
 from __future__ import annotations
 
-from typing import Any
-
 from redis.asyncio.cluster import RedisCluster
+
+from agentos.store.raw import RawArg
 
 __all__ = ["AgentosCluster"]
 
@@ -21,7 +21,7 @@ _STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
 class AgentosCluster(RedisCluster):
     """:class:`RedisCluster` that routes XREAD/XREADGROUP without a GETKEYS round trip."""
 
-    async def _determine_slot(self, command: str, *args: Any) -> int:
+    async def _determine_slot(self, command: str, *args: RawArg) -> int:
         if command.upper() in _STREAM_READS:
             upper = [a.upper() if isinstance(a, str) else a for a in args]
             for marker in ("STREAMS", b"STREAMS"):

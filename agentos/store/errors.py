@@ -13,11 +13,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar, cast
 
 from redis import exceptions as rexc
 
-__all__ = ["SendRefused", "StoreError", "StoreFull", "StoreUnavailable", "reason", "translate"]
+__all__ = [
+    "INBOX_FULL_RETRY_AFTER_S",
+    "InboxFull",
+    "SendConflict",
+    "SendRefused",
+    "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
+    "reason",
+    "translate",
+]
+
+# What a refused sender is told to wait: an inbox drains at its agent's pace, which
+# nobody knows in advance; long enough not to hammer, short enough to catch up.
+INBOX_FULL_RETRY_AFTER_S = 30.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -50,6 +64,33 @@ class SendRefused(Exception):
         super().__init__(f'agent "{name}" {what}')
 
 
+class InboxFull(Exception):
+    """A checked send was refused, nothing enqueued: the agent's inbox holds ``depth``
+    messages not yet done, its ``maxDepth`` is ``limit``; try again after
+    ``retry_after_s`` seconds."""
+
+    def __init__(
+        self, name: str, depth: int, limit: int, retry_after_s: float = INBOX_FULL_RETRY_AFTER_S
+    ) -> None:
+        self.name, self.depth, self.limit, self.retry_after_s = name, depth, limit, retry_after_s
+        super().__init__(
+            f'the inbox of agent "{name}" is full: {depth} messages waiting, maxDepth '
+            f"{limit}; try again in {retry_after_s:g}s"
+        )
+
+
+class SendConflict(Exception):
+    """A send id (an ``Idempotency-Key``) was reused with another body, nothing
+    enqueued: ``message_id`` is the message the first send produced."""
+
+    def __init__(self, name: str, message_id: str) -> None:
+        self.name, self.message_id = name, message_id
+        super().__init__(
+            f'this send id already sent another message to agent "{name}" '
+            f"(message {message_id}, task m-{message_id})"
+        )
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, rexc.OutOfMemoryError) or "OOM command not allowed" in str(e)
 
@@ -73,12 +114,29 @@ _UNREACHABLE = (
 )
 
 
-def classify(e: BaseException, store: Any) -> StoreError | None:
+class Endpoint(Protocol):
+    """What errors need of :class:`agentos.store.conn.Conn` (a protocol: conn imports this)."""
+
+    display_url: str
+    cluster: bool
+    topology_stale: bool
+
+    async def refresh_topology(self) -> None: ...
+
+
+def endpoint(holder: object) -> Endpoint:
+    """The connection behind a store method's ``self``: a repository's or the store's
+    ``conn``, or the connection itself."""
+    return cast(Endpoint, getattr(holder, "conn", holder))
+
+
+def classify(e: BaseException, store: object) -> StoreError | None:
     """The store error for redis-py's ``e`` (None: not a Redis error), naming the
     store's URL without its password; a failed node also refreshes a cluster's slot map."""
-    where = store.display_url
+    conn = endpoint(store)
+    where = conn.display_url
     if isinstance(e, _UNREACHABLE):
-        _refresh(store)
+        _refresh(conn)
         return StoreUnavailable(f"cannot reach Redis at {where}: {reason(e)}")
     if isinstance(e, rexc.RedisClusterException):  # not a RedisError
         if "cannot be connected" in str(e) or "not covered" in str(e).lower():
@@ -99,9 +157,9 @@ def translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-        store = args[0]
-        if getattr(store, "_topology_stale", False):
-            await store._refresh_topology()  # type: ignore[attr-defined]
+        conn = endpoint(args[0])
+        if conn.topology_stale:
+            await conn.refresh_topology()
         try:
             return await fn(*args, **kwargs)
         except (rexc.RedisError, rexc.RedisClusterException, OSError) as e:
@@ -113,12 +171,12 @@ def translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return inner
 
 
-def _refresh(store: Any) -> None:
+def _refresh(conn: Endpoint) -> None:
     """After a failure to reach a node, have a cluster store re-read the slot map before
-    its next call (see ``Store._refresh_topology``): a failed-over master's slots are
+    its next call (see ``Conn.refresh_topology``): a failed-over master's slots are
     served by its replica now, and a dead node never answers with a redirect."""
-    if getattr(store, "cluster", False):
-        store._topology_stale = True
+    if conn.cluster:
+        conn.topology_stale = True
 
 
 def reason(e: BaseException) -> str:

@@ -20,13 +20,13 @@ import math
 import threading
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any
 
 import redis
 from redis import exceptions as rexc
 from redis.cluster import ClusterNode, RedisCluster
 
 from agentos.store.keys import Keys
+from agentos.store.raw import RawClient, RawReply
 
 __all__ = ["LeaseKeeper", "heartbeat_args", "sync_client"]
 
@@ -74,7 +74,7 @@ def heartbeat_args(
     now: float | None,
     forget_after_s: float,
     fresh_s: float,
-) -> list[object]:
+) -> list[str | int]:
     """The arguments of ``lua/daemon_heartbeat.lua`` (``body`` without ``seen_at``)."""
     return [
         daemon_id,
@@ -87,7 +87,7 @@ def heartbeat_args(
     ]
 
 
-def sync_client(client: Any, *, cluster: bool, timeout_s: float = 5.0) -> Any:
+def sync_client(client: RawClient, *, cluster: bool, timeout_s: float = 5.0) -> RawClient:
     """A synchronous client for the server (or cluster) that the asyncio ``client`` talks
     to, with the same address, credentials and TLS settings and a pool of its own."""
     if cluster:
@@ -97,7 +97,7 @@ def sync_client(client: Any, *, cluster: bool, timeout_s: float = 5.0) -> Any:
             if k in _SHARED and k not in ("host", "port", "db", "path")
         }
         ssl = "SSL" in getattr(client.connection_kwargs.get("connection_class"), "__name__", "")
-        make_node: Any = ClusterNode  # untyped in redis-py
+        make_node: RawClient = ClusterNode  # untyped in redis-py
         nodes = [make_node(n.host, n.port) for n in client.get_nodes()]
         return RedisCluster(
             startup_nodes=nodes,
@@ -127,7 +127,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        client: Any,
+        client: RawClient,
         keys: Keys,
         daemon_id: str,
         *,
@@ -251,11 +251,11 @@ class LeaseKeeper:
                     lost[name] = held[name]
         return lost
 
-    def _renew_batch(self, names: list[str], held: dict[str, str]) -> dict[str, Any]:
+    def _renew_batch(self, names: list[str], held: dict[str, str]) -> dict[str, RawReply]:
         """One pipeline per server (redis-py's sync cluster pipeline has no EVAL): each
         lease's reply, or the error that left it unknown."""
-        groups: dict[str, tuple[Any, list[str]]] = {}
-        cluster: Any = self._r if isinstance(self._r, RedisCluster) else None  # untyped
+        groups: dict[str, tuple[RawClient, list[str]]] = {}
+        cluster: RawClient = self._r if isinstance(self._r, RedisCluster) else None  # untyped
         for name in names:
             if cluster is not None:
                 node = cluster.get_node_from_key(self.keys.lease(name))
@@ -263,7 +263,7 @@ class LeaseKeeper:
                 groups.setdefault(node.name, (client, []))[1].append(name)
             else:
                 groups.setdefault("", (self._r, []))[1].append(name)
-        replies: dict[str, Any] = {}
+        replies: dict[str, RawReply] = {}
         for client, group in groups.values():
             pipe = client.pipeline(transaction=False)
             for name in group:

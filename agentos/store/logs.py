@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentos.core.machine import rfc3339
+from agentos.store.conn import Conn
 from agentos.store.errors import translate
-from agentos.store.keys import Keys
+from agentos.store.raw import RawReply
 from agentos.store.records import _s
 
-__all__ = ["LOG_MAXLEN", "LOG_TTL_S", "LogLine", "LogOps"]
+__all__ = ["LOG_MAXLEN", "LOG_TTL_S", "LogLine", "Logs"]
 
 LOG_MAXLEN = 500
 """Lines kept per agent (approximately: trimmed in whole stream nodes)."""
@@ -54,7 +55,7 @@ class LogLine:
         }
 
 
-def _line(agent: str, entry_id: Any, fields: Mapping[Any, Any]) -> LogLine:
+def _line(agent: str, entry_id: RawReply, fields: Mapping[RawReply, RawReply]) -> LogLine:
     f = {_s(k): _s(v) for k, v in fields.items()}
     return LogLine(
         _s(entry_id),
@@ -68,12 +69,13 @@ def _line(agent: str, entry_id: Any, fields: Mapping[Any, Any]) -> LogLine:
     )
 
 
-class LogOps:
-    """Log methods of :class:`agentos.store.Store` (mixed in; uses its client and keys)."""
+class Logs:
+    """Agents' logs (``store.logs``; ``read`` was ``Store.logs``)."""
 
-    _r: Any
-    keys: Keys
-    cluster: bool
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._r = conn.r
+        self.keys = conn.keys
 
     @translate
     async def append_logs(self, lines: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
@@ -95,7 +97,7 @@ class LogOps:
             await pipe.execute()
 
     @translate
-    async def logs(
+    async def read(
         self, agent: str, *, tail: int = 100, since: float | None = None
     ) -> list[LogLine]:
         """The agent's newest ``tail`` lines (only those at or after ``since``, epoch
@@ -104,6 +106,9 @@ class LogOps:
         start = f"{int(since * 1000)}-0" if since is not None else "-"
         entries = await self._r.xrevrange(key, "+", start, count=tail)
         return [_line(agent, i, f) for i, f in reversed(entries)]
+
+    # TODO(#26 sweep): ``store.logs(...)`` reads until the call sites say ``.read``.
+    __call__ = read
 
     @translate
     async def logs_after(

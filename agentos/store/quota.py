@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.core.policy import ClassQuota, Limits, RuleMemory
-from agentos.store.batching import ScriptBatcher, raise_first, run_many
+from agentos.store.batching import raise_first, run_many
+from agentos.store.conn import Conn
 from agentos.store.errors import translate
-from agentos.store.keys import Keys, event_fields
+from agentos.store.keys import event_fields
+from agentos.store.raw import RawReply
 from agentos.store.records import FLEET_EVENTS_MAXLEN
 
-__all__ = ["AdmitReply", "AdmitRequest", "ClassUsage", "QuotaOps"]
+__all__ = ["AdmitReply", "AdmitRequest", "ClassUsage", "Quotas"]
 
 BUDGET_TTL_S = 3 * 86_400  # a day's counters outlive the day, for `agentos quota` and reports
 REPORTS_TTL_S = 3600  # the daemons' published samples, if no daemon reports any more
@@ -67,7 +69,7 @@ class ClassUsage:
 
 @dataclass(frozen=True, slots=True)
 class AdmitRequest:
-    """One call asking for admission (see :meth:`QuotaOps.quota_admit_many`)."""
+    """One call asking for admission (see :meth:`Quotas.quota_admit_many`)."""
 
     agent: str
     call: str
@@ -86,7 +88,7 @@ def _limit_args(lim: Limits) -> list[int]:
     ]
 
 
-def _s(value: Any) -> str:
+def _s(value: RawReply) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -95,22 +97,23 @@ def _minute_tokens(current: Mapping[str, int], previous: Mapping[str, int], frac
     return round(sum(current.values()) + sum(previous.values()) * (1.0 - frac))
 
 
-class QuotaOps:
-    """Quota methods of :class:`agentos.store.Store` (mixed in; uses its client and keys)."""
+class Quotas:
+    """Quota admission, settlement, budgets and the fleet's quota documents
+    (``store.quotas``)."""
 
-    _r: Any
-    _batch: ScriptBatcher
-    _acquire: Any
-    _release: Any
-    keys: Keys
-    display_url: str
-
-    def _quota_scripts(self, client: Any, load: Any) -> None:
-        self._q_admit = client.register_script(load("quota_admit"))
-        self._q_settle = client.register_script(load("quota_settle"))
-        self._q_renew = client.register_script(load("quota_renew"))
-        self._q_publish = client.register_script(load("quota_publish"))
-        self._q_charge = client.register_script(load("quota_charge"))
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._r = conn.r
+        self._batch = conn.batch
+        self.keys = conn.keys
+        self._acquire = conn.scripts.lease_acquire
+        self._release = conn.scripts.lease_release
+        sc = conn.scripts
+        self._q_admit = sc.quota_admit
+        self._q_settle = sc.quota_settle
+        self._q_renew = sc.quota_renew
+        self._q_publish = sc.quota_publish
+        self._q_charge = sc.quota_charge
 
     # ------------------------------------------------------------------ admission
 
@@ -471,3 +474,10 @@ class QuotaOps:
                 pipe.hget(self.keys.quota(c, f"day:{days[c]}"), "cost")
             raw = await pipe.execute()
         return {c: float(r or 0) for c, r in zip(classes, raw, strict=True)}
+
+    @translate
+    @translate
+    async def budget_warn_once(self, quota_class: str, day: str, limit: str) -> bool:
+        """True the first time it is asked for (class, day, limit); kept two days."""
+        key = self.keys.quota(quota_class, f"warned:{day}:{limit}")
+        return bool(await self._r.set(key, "1", nx=True, ex=2 * 86_400))

@@ -15,8 +15,10 @@ from typing import Any
 
 from agentos.core.machine import rfc3339
 from agentos.core.messages import Message
+from agentos.store.raw import RawReply
 
 __all__ = [
+    "EVENTS_MAXLEN",
     "FLEET_EVENTS_MAXLEN",
     "SIGNALS_MAXLEN",
     "TASK_RETENTION_S",
@@ -30,12 +32,16 @@ __all__ = [
     "SpecRecord",
     "StatusUpdate",
     "TaskWrite",
+    "messages_of",
+    "pairs_of",
 ]
+
 
 USAGE_RETENTION_S = 400 * 86_400.0
 TASK_RETENTION_S = 7 * 86_400.0
 # Caps per shard: the fleet feed keeps about 16 x 1,000 events, the signals 4 x 2,500.
 FLEET_EVENTS_MAXLEN = 1_000
+EVENTS_MAXLEN = 1000  # per agent's own event stream
 SIGNALS_MAXLEN = 2_500
 
 InboxMessage = Message
@@ -148,3 +154,28 @@ class Retention:
 
     usage_s: float = USAGE_RETENTION_S
     tasks_s: float = TASK_RETENTION_S
+
+
+def pairs_of(flat: RawReply) -> dict[RawReply, RawReply]:
+    """A script's flat [field, value, ...] list as a dict (empty: deleted while pending)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+
+
+def messages_of(reply: RawReply) -> list[InboxMessage]:
+    """The messages of an XREADGROUP / XAUTOCLAIM-style reply (deleted entries left out)."""
+    out = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending
+                continue
+            f = {_s(a): _s(b) for a, b in fields.items()}
+            out.append(
+                InboxMessage(
+                    id=_s(entry_id),
+                    body=f.get("body", ""),
+                    key=f.get("key"),
+                    sent_at=float(f.get("sent_at", "0")),
+                    traceparent=f.get("traceparent"),
+                )
+            )
+    return out

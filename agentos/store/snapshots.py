@@ -18,6 +18,10 @@ size and XXH3-128 digest the manifest records, so a crash mid-write, a corrupt o
 evicted chunk, or a manifest without chunks all read as "no valid snapshot" (with the
 reason), and the wake falls back to re-prefilling the token history kept in the manifest.
 
+The store never sees an engine type: it takes the KV bytes and a
+:class:`~agentos.store.kvformat.SnapshotHeader`, and gives back the bytes and the
+:class:`~agentos.store.kvformat.Manifest` (:mod:`agentos.store.kvformat`).
+
 Compression is off: zstd gained under 8% on this data (FACTS), not worth the CPU on wake.
 """
 
@@ -26,55 +30,36 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
-import xxhash
 
-from agentos.engine.base import KVSnapshot
-from agentos.store.keys import Keys
+from agentos.store.conn import Conn
+from agentos.store.errors import translate
+from agentos.store.kvformat import (
+    FORMAT,
+    ChunkRef,
+    Manifest,
+    Pending,
+    SnapshotHeader,
+    decode_manifest,
+    digest,
+    pending_chunks,
+    snapshot_keys,
+)
 
-__all__ = ["CHUNK_BYTES", "ChunkRef", "LoadedSnapshot", "Manifest", "SavedSnapshot", "Snapshots"]
+__all__ = [
+    "CHUNK_BYTES",
+    "ChunkRef",
+    "LoadedSnapshot",
+    "Manifest",
+    "SavedSnapshot",
+    "SnapshotHeader",
+    "Snapshots",
+]
 
 CHUNK_BYTES = 1 << 20
-FORMAT = 2
 PENDING_TTL_S = 3600  # a snapshot not committed within this long is garbage
 REPLACED_TTL_S = 60  # a replaced snapshot's chunks outlive it this long, for its readers
-
-
-class ChunkRef(msgspec.Struct, frozen=True):
-    """One chunk of a snapshot: its key, size and XXH3-128 digest."""
-
-    key: str
-    size: int
-    digest: str
-
-
-class Manifest(msgspec.Struct, frozen=True):
-    """What makes a snapshot valid and what rebuilds it when the bytes cannot be used.
-
-    Stays a msgpack map (not ``array_like``): ``kv_commit.lua`` reads ``chunks[].key``.
-    """
-
-    format: int
-    id: str
-    fingerprint: str  # engine build + cache layout: KV is only portable between equals
-    n_tokens: int
-    tokens: list[int]  # the whole token history, for re-prefill
-    chunks: list[ChunkRef]  # empty when the KV bytes were not kept (keepKV said recompute)
-    total_bytes: int
-    kept_kv: bool
-    created_at: float
-    reason: str = ""
-    n_kv: int | None = None  # leading tokens the KV covers (None: all)
-    # The engine's chat state (its JSON: messages...), kept with or without KV. Text, not
-    # bytes: kv_commit.lua's cmsgpack cannot decode msgpack's bin type.
-    conversation: str = ""
-
-
-class _Pending(msgspec.Struct, frozen=True):
-    id: str
-    n_chunks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +74,13 @@ class SavedSnapshot:
 class LoadedSnapshot:
     """The result of reading a snapshot back.
 
-    ``snapshot`` is None when there is none or it is invalid (``reason`` says why);
-    ``tokens`` is the token history whenever the manifest was readable, even if the
-    KV bytes were not (so a wake can still re-prefill).
+    ``data`` (the KV bytes) is None when there is no snapshot or it is invalid
+    (``reason`` says why); ``tokens`` is the token history whenever the manifest was
+    readable, even if the KV bytes were not (so a wake can still re-prefill). With
+    ``data`` the manifest rebuilds the engine's snapshot (its fingerprint, ``n_kv``).
     """
 
-    snapshot: KVSnapshot | None
+    data: bytes | None
     manifest: Manifest | None
     tokens: tuple[int, ...]
     reason: str
@@ -103,43 +89,39 @@ class LoadedSnapshot:
     conversation: bytes = b""  # the engine's chat state, whenever the manifest was readable
 
 
-def _digest(data: bytes | memoryview) -> str:
-    # XXH3-128 checks ~20 MB in well under a millisecond; BLAKE2b took ~45 ms, a third
-    # of a wake. The threat is bit rot and partial writes, not an adversary.
-    return str(xxhash.xxh3_128_hexdigest(data))
-
-
 class Snapshots:
-    """Save, load and delete KV snapshots through a redis-py asyncio client."""
+    """Save, load and delete KV snapshots (``store.snapshots``)."""
 
-    def __init__(
-        self, client: Any, keys: Keys, commit_script: Any, begin_script: Any, release_script: Any
-    ) -> None:
-        self._r = client
-        self._k = keys
-        self._commit = commit_script
-        self._begin = begin_script
-        self._release = release_script  # compare-and-delete (lease_release.lua)
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._r = conn.r
+        self._k = conn.keys
+        self._commit = conn.scripts.kv_commit
+        self._begin = conn.scripts.kv_begin
+        self._release = conn.scripts.lease_release  # compare-and-delete
 
+    @translate
     async def save(
         self,
         name: str,
         lease_value: str,
-        snapshot: KVSnapshot,
+        data: bytes | None,
+        header: SnapshotHeader,
         *,
         keep_kv: bool,
         reason: str = "",
     ) -> SavedSnapshot | None:
-        """Write and commit a snapshot. Returns None when the lease is no longer ours.
-
-        With ``keep_kv`` False only the token history is stored (wake re-prefills).
+        """Write and commit a snapshot of ``data`` (the KV bytes, None when the engine
+        cannot export them) described by ``header``. Returns None when the lease is no
+        longer ours. With ``keep_kv`` False only the token history is stored (wake
+        re-prefills).
         """
         started = time.perf_counter()
         k = self._k
         snap_id = uuid.uuid4().hex[:12]
-        data = memoryview(snapshot.data or b"") if keep_kv else memoryview(b"")
-        n_chunks = (len(data) + CHUNK_BYTES - 1) // CHUNK_BYTES
-        pending = msgspec.msgpack.encode(_Pending(snap_id, n_chunks))
+        view = memoryview(data or b"") if keep_kv else memoryview(b"")
+        n_chunks = (len(view) + CHUNK_BYTES - 1) // CHUNK_BYTES
+        pending = msgspec.msgpack.encode(Pending(snap_id, n_chunks))
         # Claim the pending marker under the lease: a stale writer touches nothing, and
         # the marker it replaces names a dead (or superseded) writer's chunks.
         begun = await self._begin(
@@ -148,29 +130,29 @@ class Snapshots:
         if not int(begun[0]):
             return None
         if len(begun) > 1 and begun[1]:
-            await self._delete_chunks(_pending_chunks(k, name, begun[1]))
+            await self._delete_chunks(pending_chunks(k, name, begun[1]))
         chunks: list[ChunkRef] = []
         async with self._r.pipeline(transaction=False) as pipe:
             for i in range(n_chunks):
-                part = data[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]
+                part = view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]
                 key = k.kv_chunk(name, snap_id, i)
                 # Chunks expire unless committed: a writer that dies leaves nothing behind.
                 pipe.set(key, part.tobytes(), ex=PENDING_TTL_S)
-                chunks.append(ChunkRef(key, len(part), _digest(part)))
+                chunks.append(ChunkRef(key, len(part), digest(part)))
             await pipe.execute()
         manifest = Manifest(
             format=FORMAT,
             id=snap_id,
-            fingerprint=snapshot.fingerprint,
-            n_tokens=len(snapshot.tokens),
-            tokens=list(snapshot.tokens),
+            fingerprint=header.fingerprint,
+            n_tokens=len(header.tokens),
+            tokens=list(header.tokens),
             chunks=chunks,
-            total_bytes=len(data),
-            kept_kv=keep_kv and bool(data),
+            total_bytes=len(view),
+            kept_kv=keep_kv and bool(view),
             created_at=time.time(),
             reason=reason,
-            n_kv=snapshot.n_kv,
-            conversation=snapshot.conversation.decode("utf-8", "surrogateescape"),
+            n_kv=header.n_kv,
+            conversation=header.conversation.decode("utf-8", "surrogateescape"),
         )
         reply = await self._commit(
             keys=[k.lease(name), k.kv_manifest(name), k.kv_pending(name), *(c.key for c in chunks)],
@@ -184,17 +166,16 @@ class Snapshots:
             return None
         return SavedSnapshot(manifest, time.perf_counter() - started)
 
+    @translate
     async def load(self, name: str) -> LoadedSnapshot:
         """Read and verify the committed snapshot; never raises for a bad snapshot."""
         started = time.perf_counter()
 
-        def result(
-            snapshot: KVSnapshot | None, manifest: Manifest | None, reason: str
-        ) -> LoadedSnapshot:
+        def result(data: bytes | None, manifest: Manifest | None, reason: str) -> LoadedSnapshot:
             tokens = tuple(manifest.tokens) if manifest is not None else ()
-            nbytes = len(snapshot.data or b"") if snapshot is not None else 0
+            nbytes = len(data) if data is not None else 0
             return LoadedSnapshot(
-                snapshot,
+                data,
                 manifest,
                 tokens,
                 reason,
@@ -208,7 +189,7 @@ class Snapshots:
         raw = await self._r.get(self._k.kv_manifest(name))
         if raw is None:
             return result(None, None, "no snapshot")
-        manifest = _decode_manifest(raw)
+        manifest = decode_manifest(raw)
         if manifest is None:
             return result(None, None, "snapshot manifest unreadable")
         if not manifest.kept_kv:
@@ -219,62 +200,27 @@ class Snapshots:
         for i, (ref, part) in enumerate(zip(manifest.chunks, parts, strict=True)):
             if part is None:
                 return result(None, manifest, f"chunk {i} of {len(manifest.chunks)} missing")
-            if len(part) != ref.size or _digest(part) != ref.digest:
+            if len(part) != ref.size or digest(part) != ref.digest:
                 return result(None, manifest, f"chunk {i} of {len(manifest.chunks)} corrupt")
         data = b"".join(parts)  # one copy
         if len(data) != manifest.total_bytes:
             return result(None, manifest, "snapshot size does not match its manifest")
-        snapshot = KVSnapshot(
-            manifest.fingerprint,
-            tuple(manifest.tokens),
-            data,
-            manifest.n_kv,
-            manifest.conversation.encode("utf-8", "surrogateescape"),
-        )
-        return result(snapshot, manifest, "valid")
+        return result(data, manifest, "valid")
 
+    @translate
     async def manifest(self, name: str) -> Manifest | None:
         """The committed manifest alone (for `describe`), or None."""
         raw = await self._r.get(self._k.kv_manifest(name))
-        return None if raw is None else _decode_manifest(raw)
+        return None if raw is None else decode_manifest(raw)
 
+    @translate
     async def delete(self, name: str) -> None:
         """Remove the snapshot, its chunks and any half-written one (unfenced: for purges)."""
         k = self._k
         manifest_raw, pending_raw = await self._r.mget([k.kv_manifest(name), k.kv_pending(name)])
-        keys = self.keys_of(name, manifest_raw, pending_raw)
+        keys = snapshot_keys(k, name, manifest_raw, pending_raw)
         await self._delete_chunks(keys)
-
-    def keys_of(
-        self, name: str, manifest_raw: bytes | None, pending_raw: bytes | None
-    ) -> list[str]:
-        """Every key of the agent's snapshots, given its manifest and pending marker values:
-        the committed chunks, a half-written snapshot's chunks, the manifest, the marker."""
-        k = self._k
-        keys = [k.kv_manifest(name), k.kv_pending(name)]
-        manifest = _decode_manifest(manifest_raw) if manifest_raw is not None else None
-        if manifest is not None:
-            keys += [c.key for c in manifest.chunks]
-        if pending_raw is not None:
-            keys += _pending_chunks(k, name, pending_raw)
-        return keys
 
     async def _delete_chunks(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 256):
             await self._r.delete(*keys[i : i + 256])
-
-
-def _pending_chunks(k: Keys, name: str, raw: bytes) -> list[str]:
-    try:
-        pending = msgspec.msgpack.decode(raw, type=_Pending)
-    except msgspec.DecodeError:
-        return []
-    return [k.kv_chunk(name, pending.id, i) for i in range(pending.n_chunks)]
-
-
-def _decode_manifest(raw: bytes) -> Manifest | None:
-    try:
-        manifest = msgspec.msgpack.decode(raw, type=Manifest)
-    except msgspec.DecodeError:
-        return None
-    return manifest if manifest.format == FORMAT else None

@@ -17,26 +17,33 @@ from typing import Any
 
 from redis import exceptions as rexc
 
+from agentos.store import steps
+from agentos.store.conn import Conn
 from agentos.store.errors import translate
-from agentos.store.keys import Keys
 from agentos.store.keys import event_fields as _event_fields
-from agentos.store.records import FLEET_EVENTS_MAXLEN, SIGNALS_MAXLEN, AppliedChange, SpecRecord, _s
-from agentos.store.snapshots import Snapshots
+from agentos.store.kvformat import snapshot_keys
+from agentos.store.raw import RawClient
+from agentos.store.records import (
+    FLEET_EVENTS_MAXLEN,
+    SIGNALS_MAXLEN,
+    AppliedChange,
+    SpecRecord,
+    _s,
+)
 
-__all__ = ["LAYOUT", "SpecOps"]
+__all__ = ["LAYOUT", "Specs"]
 
 LAYOUT = "3"  # see upgrade_layout
 
 
-class SpecOps:
-    """Desired-state methods of :class:`agentos.store.Store` (mixed in; uses its client,
-    keys and snapshots)."""
+class Specs:
+    """The desired state (``store.specs``): Agent specs, their index, policies, the
+    fleet generation and the agents still to purge."""
 
-    _r: Any
-    keys: Keys
-    snapshots: Snapshots
-    due_now: Any  # agentos.store.waits.WaitOps
-    purge_waits: Any
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._r = conn.r
+        self.keys = conn.keys
 
     @translate
     async def apply(
@@ -119,7 +126,7 @@ class SpecOps:
         for verdict, new in (("created", True), ("configured", False)):
             names = [c.name for c in touched if c.kind == "Agent" and c.action == verdict]
             for i in range(0, len(names), 5000):
-                await self.due_now(names[i : i + 5000], now=now, new=new)
+                await steps.due_now(self.conn, names[i : i + 5000], now=now, new=new)
         await self._after_change(
             [
                 (
@@ -228,7 +235,7 @@ class SpecOps:
             return False
         if not await self._purge_agent_keys(name, guard=True):
             return False
-        await self.purge_waits(name)  # its due entry too: another slot
+        await steps.purge_waits(self.conn, name)  # its due entry too: another slot
         await self._r.srem(k.deleted, name)
         return True
 
@@ -254,7 +261,7 @@ class SpecOps:
                 except rexc.WatchError:
                     continue
 
-    async def _purge_keys(self, pipe: Any, name: str) -> list[str]:
+    async def _purge_keys(self, pipe: RawClient, name: str) -> list[str]:
         """WATCH what lists an agent's keys and read them: every key a purge deletes."""
         k = self.keys
         listing = [k.usage_days(name), k.tasks(name), k.kv_manifest(name), k.kv_pending(name)]
@@ -265,7 +272,7 @@ class SpecOps:
         manifest_raw = await pipe.get(k.kv_manifest(name))
         pending_raw = await pipe.get(k.kv_pending(name))
         return [
-            *self.snapshots.keys_of(name, manifest_raw, pending_raw),
+            *snapshot_keys(k, name, manifest_raw, pending_raw),
             *(k.usage(name, d) for d in days),
             *(k.task(name, t) for t in ids),
             *k.agent_keys(name),
@@ -297,7 +304,7 @@ class SpecOps:
                 added = sum(1 for ok in await pipe.execute() if ok)
         names = sorted(index)
         for i in range(0, len(names), 5000):
-            await self.due_now(names[i : i + 5000], now=time.time(), new=True)
+            await steps.due_now(self.conn, names[i : i + 5000], now=time.time(), new=True)
         await self._r.set(k.layout, LAYOUT)
         return added or len(names)
 
@@ -351,17 +358,6 @@ class SpecOps:
     async def policies(self) -> dict[str, dict[str, Any]]:
         """Every stored QuotaPolicy resource by name."""
         raw = await self._r.hgetall(self.keys.policies)
-        out = {}
-        for n, v in raw.items():
-            body = json.loads(v)
-            body.pop("_hash", None)
-            out[_s(n)] = body
-        return out
-
-    @translate
-    async def models(self) -> dict[str, dict[str, Any]]:
-        """Every stored Model resource by name."""
-        raw = await self._r.hgetall(self.keys.models)
         out = {}
         for n, v in raw.items():
             body = json.loads(v)

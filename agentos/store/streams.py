@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from agentos.store.raw import RawClient
 from agentos.store.records import _s
 
 __all__ = ["POLL_S", "Entry", "latest", "read_after", "tail"]
@@ -79,7 +80,7 @@ def _walk(base: list[str], items: list[Any]) -> list[Entry]:
 
 
 async def tail(
-    client: Any, streams: Sequence[str], count: int, *, order: Order = _by_id
+    client: RawClient, streams: Sequence[str], count: int, *, order: Order = _by_id
 ) -> list[Entry]:
     """The newest ``count`` entries over all ``streams``, oldest first, in ``order``
     (entry ids by default; two shards' ids tie within a millisecond)."""
@@ -96,7 +97,7 @@ async def tail(
     return _walk(base, items[cut:])
 
 
-async def latest(client: Any, streams: Sequence[str]) -> str:
+async def latest(client: RawClient, streams: Sequence[str]) -> str:
     """A cursor at the newest entry of every shard: where a new reader starts."""
     async with client.pipeline(transaction=False) as pipe:
         for stream in streams:
@@ -106,7 +107,7 @@ async def latest(client: Any, streams: Sequence[str]) -> str:
 
 
 async def read_after(
-    client: Any,
+    client: RawClient,
     streams: Sequence[str],
     cursor: str,
     *,

@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from agentos.core.waits import Resolution, WaitRecord
+from agentos.store import steps
 from agentos.store.batching import raise_first, run_many
+from agentos.store.conn import Conn
 from agentos.store.errors import translate
-from agentos.store.keys import DUE_SHARDS, Keys
+from agentos.store.keys import DUE_SHARDS
 from agentos.store.records import SIGNALS_MAXLEN, _s
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "DUE_PEEK",
     "EVENTS_KEPT_S",
     "EventsFull",
-    "WaitOps",
+    "Waits",
 ]
 
 EVENTS_KEPT_S = 7 * 86_400  # an event nobody waited for is forgotten after a week
@@ -76,23 +77,24 @@ def _score(at: float | None) -> str:
     return "+inf" if at is None or math.isinf(at) else repr(at)
 
 
-class WaitOps:
-    """Wait and due-index methods of :class:`agentos.store.Store` (mixed in)."""
+class Waits:
+    """Parked waits, the due-time index and the daemons' held sets (``store.waits``)."""
 
-    _r: Any
-    keys: Keys
-    _wait_scripts: dict[str, Any]
-    _unclaim: Any
-    _wake: Any
-    inbox_depth: Any  # agentos.store.inbox.InboxOps
-
-    def _waits_scripts(self, client: Any, load: Any) -> None:
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self._r = conn.r
+        self.keys = conn.keys
+        sc = conn.scripts
         self._wait_scripts = {
-            n: client.register_script(load(f"wait_{n}"))
-            for n in ("park", "arm", "answer", "event", "claim", "clear")
+            "park": sc.wait_park,
+            "arm": sc.wait_arm,
+            "answer": sc.wait_answer,
+            "event": sc.wait_event,
+            "claim": sc.wait_claim,
+            "clear": sc.wait_clear,
         }
-        self._unclaim = client.register_script(load("due_unclaim"))
-        self._wake = client.register_script(load("agent_wake"))
+        self._unclaim = sc.due_unclaim
+        self._wake = sc.agent_wake
 
     def _wait_keys(self, name: str) -> tuple[str, str]:
         k = self.keys
@@ -241,27 +243,11 @@ class WaitOps:
                 pipe.zcard(k.due(shard))
             return sum(int(n) for n in await pipe.execute())
 
-    @translate
     async def due_now(self, names: Sequence[str], *, now: float, new: bool = False) -> None:
         """Make released agents due at ``now`` (never later than they already are) and
         nudge the daemons. With ``new`` only agents not in the index yet are added
         (freshly applied ones: their first activation runs their start task)."""
-        if not names:
-            return
-        k = self.keys
-        async with self._r.pipeline(transaction=False) as pipe:
-            for name in names:
-                if new:
-                    pipe.zadd(k.due(k.due_shard(name)), {name: now}, nx=True)
-                else:
-                    pipe.zadd(k.due(k.due_shard(name)), {name: now}, lt=True)
-            pipe.xadd(
-                k.signals(k.signal_shard(names[0])),
-                {"cmd": "due", "agent": names[0]},
-                maxlen=SIGNALS_MAXLEN,
-                approximate=True,
-            )
-            await pipe.execute()
+        await steps.due_now(self.conn, names, now=now, new=new)
 
     @translate
     async def due_release(
@@ -281,7 +267,7 @@ class WaitOps:
                 pipe.hget(k.status(name), "woken")
                 pipe.xlen(k.inbox(name))
                 woken, length = await pipe.execute()
-            if woken or (int(length) and await self.inbox_depth(name)):
+            if woken or (int(length) and await steps.inbox_depth(self.conn, name)):
                 at = now
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.zadd(k.due(k.due_shard(name)), {name: _score(at)}, lt=True)
@@ -353,7 +339,7 @@ class WaitOps:
         k = self.keys
         names = sorted(_s(n) for n in await self._r.smembers(k.held(daemon_id)))
         for i in range(0, len(names), 1000):
-            await self.due_now(names[i : i + 1000], now=now)
+            await steps.due_now(self.conn, names[i : i + 1000], now=now)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.delete(k.held(daemon_id))
             pipe.srem(k.holders, daemon_id)
@@ -391,7 +377,7 @@ class WaitOps:
         k = self.keys
         held = bool(int(await self._wake(keys=[k.lease(name), k.status(name)], args=[repr(now)])))
         if not held:
-            await self.due_now([name], now=now)
+            await steps.due_now(self.conn, [name], now=now)
         return held
 
     @translate
@@ -419,17 +405,6 @@ class WaitOps:
             out += [WaitRecord.from_fields({_s(a): _s(b) for a, b in h.items()}) for h in raw if h]
         return out
 
-    @translate
     async def purge_waits(self, name: str) -> None:
         """Forget a deleted agent's wait, buffered events and due entry."""
-        k = self.keys
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.delete(k.wait(name), k.wait_events(name))
-            pipe.zrem(k.due(k.due_shard(name)), name)
-            await pipe.execute()
-
-    @translate
-    async def budget_warn_once(self, quota_class: str, day: str, limit: str) -> bool:
-        """True the first time it is asked for (class, day, limit); kept two days."""
-        key = self.keys.quota(quota_class, f"warned:{day}:{limit}")
-        return bool(await self._r.set(key, "1", nx=True, ex=2 * 86_400))
+        await steps.purge_waits(self.conn, name)
