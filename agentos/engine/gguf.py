@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import struct
 import uuid
 from pathlib import Path
 
 from agentos.engine.base import EngineError
 
-__all__ = ["DEFAULT_MODEL_FILE", "default_model_path", "ensure_default_model", "model_sha256"]
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "default_model_path",
+    "ensure_default_model",
+    "gguf_has_chat_template",
+    "model_sha256",
+]
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 _HASH_BLOCK = 1 << 20
@@ -94,3 +102,62 @@ def model_sha256(path: Path) -> str:
     hexdigest = digest.hexdigest()
     _write_digest_sidecar(path, hexdigest)
     return hexdigest
+
+
+# -- the GGUF header ------------------------------------------------------------------
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_has_chat_template(path: Path) -> bool:
+    """Whether the GGUF's metadata holds ``tokenizer.chat_template``.
+
+    Reads the key/value header only (the server would otherwise fall back to ChatML
+    silently, and ``/props`` cannot tell that fallback from a GGUF's own template).
+    Raises :class:`EngineError` for a file that is not GGUF.
+    """
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return _gguf_has_key(m, b"tokenizer.chat_template")
+    except (OSError, ValueError, struct.error) as e:
+        raise EngineError(f"cannot read the GGUF metadata of {path}: {e}") from e
+
+
+def _gguf_has_key(m: mmap.mmap, wanted: bytes) -> bool:
+    if m[:4] != b"GGUF":
+        raise ValueError("not a GGUF file (bad magic)")
+    (version,) = struct.unpack_from("<I", m, 4)
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    (n_kv,) = struct.unpack_from("<Q", m, 16)
+    pos = 24
+
+    def skip_string(at: int) -> int:
+        n: int = struct.unpack_from("<Q", m, at)[0]
+        return at + 8 + n
+
+    def skip_value(kind: int, at: int) -> int:
+        if kind in _GGUF_SCALARS:
+            return at + _GGUF_SCALARS[kind]
+        if kind == _GGUF_STRING:
+            return skip_string(at)
+        if kind == _GGUF_ARRAY:
+            inner, count = struct.unpack_from("<IQ", m, at)
+            at += 12
+            if inner in _GGUF_SCALARS:
+                return at + _GGUF_SCALARS[inner] * int(count)
+            for _ in range(count):
+                at = skip_value(inner, at)
+            return at
+        raise ValueError(f"unknown GGUF value type {kind} at byte {at}")
+
+    for _ in range(n_kv):
+        (n,) = struct.unpack_from("<Q", m, pos)
+        key = m[pos + 8 : pos + 8 + n]
+        pos += 8 + n
+        (kind,) = struct.unpack_from("<I", m, pos)
+        if key == wanted:
+            return True
+        pos = skip_value(kind, pos + 4)
+    return False

@@ -1,27 +1,8 @@
-"""The ``openai`` engine: any OpenAI-compatible server (vLLM, SGLang, llama-server, Ollama, APIs).
+"""``OpenAIEngine``: the :class:`~agentos.engine.base.Engine` calls on an OpenAI-compatible server.
 
-A session is a conversation held here, in the daemon: the OpenAI-shaped messages
-(``chat`` API: ``system``, ``user``, ``assistant`` with ``tool_calls``, ``tool`` with
-``tool_call_id``) or the text so far (``completions`` API). Every call sends the whole
-conversation as separate messages and only ever appends to it, and the agent's calls
-stay on one replica, so a server with a prefix cache (vLLM's, SGLang's radix cache,
-llama-server's slots) reprocesses only the new part. Tools, ``tool_choice``,
-``parallel_tool_calls`` and ``response_format`` go to the server as they are: tool
-calling is the server's own here (a local base model gets it from the ``llama`` and
-``llamaserver`` engines instead).
-
-Calls stream (``stream_options.include_usage``), so the time to the first token is
-real, and are metered from the server's own ``usage`` (input = prompt tokens it
-processed, cached = those it reused from its prefix cache, output = generated); the
-counts are tokens as the server counted them, never characters.
-
-Such a server gives no call to export one conversation's KV, so hibernation keeps the
-conversation only: :meth:`OpenAIEngine.export_kv` returns no bytes and the messages as
-the snapshot's ``conversation`` JSON, and waking resends them with the next call.
-Connection failures, 5xx and garbage answers are retried on other replicas and then
-raised as :class:`agentos.engine.EngineUnavailable`, never as an agent's own error; a
-4xx is the request's fault (:class:`agentos.engine.remote.RequestRefused`), and one for
-a request with tools says that the model refused tools.
+What a session is and how calls are metered is in :mod:`agentos.engine.openai`; the
+wire format the calls read, and the errors servers word in their own ways, in
+:mod:`.wire`.
 """
 
 from __future__ import annotations
@@ -34,23 +15,21 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from agentos.core.chat import Reply, TokenUsage, ToolSpec
 from agentos.engine.base import (
     Completion,
-    ContextOverflow,
     EngineError,
-    EngineUnavailable,
     KVSnapshot,
     SessionInfo,
     StreamChunk,
 )
-from agentos.engine.openai_wire import (
+from agentos.engine.openai.wire import (
     Conversation,
     Reading,
     decode_conversation,
     finish_reason_of,
+    read_answer,
+    refused,
     tool_choice_body,
 )
 from agentos.engine.remote import RemoteClient, Replica, RequestRefused, ThrottleBoard
@@ -61,14 +40,6 @@ log = logging.getLogger("agentos.engine.openai")
 
 _CHARS_PER_TOKEN = 4  # an estimate for admission when the server's tokenizer is not at hand
 _SESSIONS = 100_000  # conversations are memory here, not server slots
-# How servers word "the prompt does not fit": OpenAI's error code, llama.cpp's error type
-# and message, vLLM's message.
-_OVERFLOW_MARKS = (
-    "context_length_exceeded",
-    "exceed_context_size",
-    "exceeds the available context",
-    "maximum context length",
-)
 
 
 class OpenAIEngine:
@@ -281,61 +252,6 @@ class OpenAIEngine:
         conv.n_tokens = usage.total_tokens
         return usage
 
-    async def _read(
-        self, replica: Replica, response: httpx.Response, reading: Reading
-    ) -> AsyncIterator[str]:
-        """The text pieces of an answer as they arrive, all of it read into ``reading``."""
-        if "json" in response.headers.get("content-type", ""):
-            # A server that ignores ``stream``: the whole answer at once.
-            try:
-                data = json.loads(await response.aread())
-            except ValueError as e:
-                raise self.client.garbage(replica, "the answer is not JSON") from e
-            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-                raise self.client.garbage(replica, "an answer without choices")
-            piece = reading.take(data, whole=True)
-            if piece:
-                yield piece
-            return
-        async for line in response.aiter_lines():
-            field_name, _, payload = line.partition(":")
-            payload = payload.strip()
-            if field_name not in ("data", "error") or not payload:
-                continue  # comments, blank lines, event names
-            if payload == "[DONE]":
-                break
-            try:
-                event = json.loads(payload)
-            except ValueError as e:
-                raise self.client.garbage(replica, "a stream event is not JSON") from e
-            if not isinstance(event, dict):
-                raise self.client.garbage(replica, "a stream event is not a JSON object")
-            if field_name == "error" or ("error" in event and "choices" not in event):
-                raise self._stream_error(event)
-            piece = reading.take(event)
-            if piece:
-                yield piece
-
-    def _stream_error(self, event: Mapping[str, Any]) -> EngineError:
-        error = event.get("error", event)
-        message = error.get("message") if isinstance(error, Mapping) else error
-        detail = self.client.scrub(str(message if message is not None else error))
-        if any(mark in json.dumps(event) for mark in _OVERFLOW_MARKS):
-            return ContextOverflow(f"model {self._model!r}: the prompt does not fit: {detail}")
-        return EngineUnavailable(f"model {self._model!r} failed mid-answer: {detail}")
-
-    def _refused(self, e: RequestRefused, tools: Sequence[ToolSpec] = ()) -> EngineError | None:
-        """What a 4xx means: a prompt too long, a model without tools, or (None) a bad
-        request, which ``e`` says well enough."""
-        if any(mark in e.detail for mark in _OVERFLOW_MARKS):
-            return ContextOverflow(f"model {self._model!r}: the conversation does not fit: {e}")
-        if tools:
-            return EngineError(
-                f"model {self._model!r} refused the request with {len(tools)} tool(s) "
-                f"(HTTP {e.status}): it may not support tool calls; the server said: {e.detail}"
-            )
-        return None
-
     async def chat(
         self,
         session_id: str,
@@ -383,10 +299,10 @@ class OpenAIEngine:
             async with self.client.call(
                 session_id, "POST", "/chat/completions", body, stream=True
             ) as (replica, response):
-                async for _ in self._read(replica, response, reading):
+                async for _ in read_answer(response, reading, replica=replica, client=self.client):
                     pass
         except RequestRefused as e:
-            why = self._refused(e, tools)
+            why = refused(e, model=self._model, tools=tools)
             if why is None:
                 raise
             raise why from e
@@ -439,7 +355,7 @@ class OpenAIEngine:
             async with self.client.call(session_id, "POST", path, body) as (replica, response):
                 data = response.json()
         except RequestRefused as e:
-            why = self._refused(e)
+            why = refused(e, model=self._model)
             if why is None:
                 raise
             raise why from e
@@ -491,10 +407,12 @@ class OpenAIEngine:
                 replica,
                 response,
             ):
-                async for piece in self._read(replica, response, reading):
+                async for piece in read_answer(
+                    response, reading, replica=replica, client=self.client
+                ):
                     yield StreamChunk(piece, ())
         except RequestRefused as e:
-            why = self._refused(e)
+            why = refused(e, model=self._model)
             if why is None:
                 raise
             raise why from e
