@@ -23,7 +23,7 @@ from agentos.core.spec import (
     QuotaPolicyResource,
     SpecIssue,
 )
-from agentos.core.toolserver import ToolServerResource, ToolServerSpec, unreachable_approvals
+from agentos.core.spec.toolserver import ToolServerResource, ToolServerSpec, unreachable_approvals
 
 __all__ = ["DEFAULT_CLASS", "diff_paths", "fleet_issues", "inbox_depth", "toolserver_issues"]
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from agentos.core.modelspec import ModelPrices
 from agentos.core.modelusage import TOKEN_FIELDS, ModelUsageRow, TaskCounts, per_model, token_cost
-from agentos.core.routespec import FleetPrices
 from agentos.core.spec import Document, QuotaPolicyResource, SpecIssue
+from agentos.core.spec.route import FleetPrices, ModelPrices
 
 __all__ = [
     "BY",

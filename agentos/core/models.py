@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from agentos.core.modelspec import ModelResource
 from agentos.core.route import DEFAULT_BOUNDARY, within
-from agentos.core.routespec import Route
 from agentos.core.spec import AgentResource, Document, SpecError, SpecIssue, parse_resource
+from agentos.core.spec.model import ModelResource
+from agentos.core.spec.route import Route
 
 __all__ = ["DEFAULT_MODEL", "model_issues", "model_users"]
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentos.core.modelspec import ModelPrices
 from agentos.core.outcomes import VERDICTS, Verdict
+from agentos.core.spec.route import ModelPrices
 
 __all__ = [
     "TOKEN_FIELDS",

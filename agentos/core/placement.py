@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agentos.core.modelspec import ModelResource
 from agentos.core.route import DEFAULT_BOUNDARY, within
 from agentos.core.spec import AgentSpec, SpecError, parse_resource
+from agentos.core.spec.model import ModelResource
 
 __all__ = [
     "ANYWHERE",

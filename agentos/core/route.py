@@ -33,7 +33,7 @@ from typing import Any
 
 import jsonschema
 
-from agentos.core.routespec import Route
+from agentos.core.spec.route import Route
 
 __all__ = [
     "DEFAULT_BOUNDARY",

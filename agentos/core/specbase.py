@@ -1,20 +1,23 @@
-"""The pieces every resource kind shares: names, metadata, the model base and issue paths.
+"""The pieces every resource kind shares: names, metadata, time zones, the model base and
+issue paths.
 
-Agents and quota policies live in :mod:`agentos.core.spec`, models in
-:mod:`agentos.core.modelspec`; both build on these, and the loader in ``spec`` reads
-the issues raised here (``_errors``) to point at exact sub-paths. Pure: no I/O.
+The resource kinds live in the :mod:`agentos.core.spec` package (agents, quota
+policies, models, tool servers), task limits in :mod:`agentos.core.limits`; all build on
+these, and the loader (``spec.loader``) reads the issues raised here (``_errors``) to
+point at exact sub-paths. Pure: no I/O.
 """
 
 import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Final, TypeAlias
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-__all__ = ["API_VERSION", "NAME_PATTERN", "Metadata", "Name"]
+__all__ = ["API_VERSION", "NAME_PATTERN", "Metadata", "Name", "TimeZoneName"]
 
 API_VERSION: Final = "agentos/v1"
 
@@ -91,6 +94,24 @@ Name = Annotated[
     str,
     AfterValidator(_check_name),
     WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "minLength": 1, "maxLength": 63}),
+]
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f'unknown time zone {_show(value)} (expected an IANA name such as "UTC" or '
+            '"Europe/Paris")'
+        ) from None
+    return value
+
+
+TimeZoneName = Annotated[
+    str,
+    AfterValidator(_check_timezone),
+    WithJsonSchema({"type": "string", "description": 'IANA time zone, e.g. "UTC".'}),
 ]
 
 

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from agentos.core.spec import Trigger
+from agentos.core.spec.agent import Trigger
 
 __all__ = ["DONE", "MAX_CATCH_UP", "ON_TIME_S", "Fire", "Missed", "TriggerClock", "next_fire"]
 
