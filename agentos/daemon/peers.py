@@ -7,19 +7,16 @@ recovered: its agents are due again, for whoever has room. Heartbeats carry the 
 server's time and are compared with it: no host's clock is compared with another's.
 Deleted agents whose daemon died before it could purge them are purged here too. The
 live daemons' labels (in their heartbeats) tell which held agents are pinned: agents some
-other daemon may not host, left out of the fair share. A mixin of
-:class:`agentos.daemon.Daemon`.
+other daemon may not host, left out of the fair share.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from agentos.core.placement import live_daemons, live_labels, share_limit
-from agentos.core.reconcile import Desired
+from agentos.daemon.state import DaemonState
 from agentos.runtime.activation import UNBOUNDED, Activator, Placer, Room
-from agentos.runtime.runner import AgentRunner
 from agentos.settings import DaemonSettings
 from agentos.store import Store
 
@@ -29,21 +26,30 @@ log = logging.getLogger("agentos.daemon")
 
 
 class Peers:
-    """The fair share and dead-daemon recovery of :class:`agentos.daemon.Daemon`."""
+    """One daemon's view of the others: how many live (``count``), which (``live``), how
+    many agents they hold (``fleet_active``); see the module docstring."""
 
-    id: str
-    store: Store
-    settings: DaemonSettings
-    clock: Callable[[], float]
-    runners: dict[str, AgentRunner]
-    activator: Activator
-    placer: Placer
-    _desired: dict[str, Desired]
-    _peers: int
-    _live: set[str]
-    _fleet_active: int
+    def __init__(
+        self,
+        store: Store,
+        *,
+        daemon_id: str,
+        settings: DaemonSettings,
+        state: DaemonState,
+        activator: Activator,
+        placer: Placer,
+    ) -> None:
+        self.store = store
+        self.id = daemon_id
+        self.settings = settings
+        self.state = state
+        self.activator = activator
+        self.placer = placer
+        self.count = 1  # live daemons as last counted, this one included
+        self.live: set[str] = {self.id}  # daemons whose heartbeat is fresh, as last read
+        self.fleet_active = 0  # agents the other live daemons hold (their held sets)
 
-    async def _look_at_peers(self, now: float) -> None:
+    async def look(self, now: float) -> None:
         """Count the live daemons and their agents (the fair share), activate again the
         agents of daemons that died, and purge what deleted agents left behind."""
         await self._purge_deleted()
@@ -53,25 +59,25 @@ class Peers:
         server_now = await self.store.server_time()
         fresh_s = self.settings.lease_ttl_s
         peers = live_daemons(heartbeats, server_now, me=self.id, fresh_s=fresh_s)
-        if peers != self._peers:  # the share changed: room for due agents, maybe
+        if peers != self.count:  # the share changed: room for due agents, maybe
             self.activator.nudge()
-        self._peers = peers
+        self.count = peers
         labels = live_labels(heartbeats, server_now, fresh_s=fresh_s)
         labels.pop(self.id, None)
         if labels != self.placer.peers:  # which agents are pinned changed
             self.placer.peers = labels
             self.activator.nudge()
-        self._live = {self.id}
+        self.live = {self.id}
         for daemon_id, info in heartbeats.items():
             seen_at = info.get("seen_at")
             if isinstance(seen_at, int | float) and server_now - float(seen_at) < fresh_s:
-                self._live.add(daemon_id)
+                self.live.add(daemon_id)
         # What the others hold now (their held sets), not as of their last heartbeat.
-        others = sorted(self._live - {self.id})
-        self._fleet_active = sum((await self.store.held_counts(others)).values())
+        others = sorted(self.live - {self.id})
+        self.fleet_active = sum((await self.store.held_counts(others)).values())
         # Not seen for a lease: gone. Its leases may outlive its last heartbeat a little;
         # a claim that finds one still held makes the agent due when it expires.
-        for daemon_id in await self.store.holders() - self._live:
+        for daemon_id in await self.store.holders() - self.live:
             names = await self.store.recover_held(daemon_id, now=now)
             if names:
                 message = (
@@ -87,7 +93,7 @@ class Peers:
         pending = [
             n
             for n in await self.store.pending_purges()
-            if n not in self._desired and n not in self.runners
+            if n not in self.state.desired and n not in self.state.runners
         ]
         if pending:
             held = await self.store.leases(pending)
@@ -95,34 +101,34 @@ class Peers:
                 if name not in held:
                     await self.store.purge_agent(name)
 
-    def _share(self, agents: int) -> int | None:
-        if self.settings.max_agents is None and self._peers <= 1:
+    def share(self, agents: int) -> int | None:
+        if self.settings.max_agents is None and self.count <= 1:
             return None  # alone and unbounded
         return share_limit(
             agents,
-            self._peers,
+            self.count,
             capacity=self.settings.max_agents,
             margin=self.settings.share_margin,
         )
 
-    def _pinned_held(self) -> set[str]:
+    def pinned_held(self) -> set[str]:
         """The agents held here that some other live daemon may not host (pinned)."""
-        return self.placer.pinned_of((n, r.resource.spec) for n, r in self.runners.items())
+        return self.placer.pinned_of((n, r.resource.spec) for n, r in self.state.runners.items())
 
-    async def _room(self, due: int) -> Room:
+    async def room(self, due: int) -> Room:
         """How many more agents this daemon may take now, with ``due`` agents waiting for
         a daemon: up to ``--max-agents`` in all, and of those any daemon may host up to
         its fair share of what is held and due (pinned agents held here do not count
         against it). The others' counts are read fresh (their held sets, one command per
         daemon), so two daemons never both think the other has the room."""
         cap = self.settings.max_agents
-        total = UNBOUNDED if cap is None else cap - len(self.runners)
-        if cap is None and self._peers <= 1:
+        total = UNBOUNDED if cap is None else cap - len(self.state.runners)
+        if cap is None and self.count <= 1:
             return Room(total, total)
-        others = sorted(self._live - {self.id})
-        self._fleet_active = sum((await self.store.held_counts(others)).values())
-        limit = self._share(self._fleet_active + len(self.runners) + due)
+        others = sorted(self.live - {self.id})
+        self.fleet_active = sum((await self.store.held_counts(others)).values())
+        limit = self.share(self.fleet_active + len(self.state.runners) + due)
         if limit is None:
             return Room(total, total)
-        shared_held = len(self.runners) - len(self._pinned_held())
+        shared_held = len(self.state.runners) - len(self.pinned_held())
         return Room(min(total, limit - shared_held), total)

@@ -28,13 +28,9 @@ across, the old one is closed, and the parked work resumes with its next attempt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +39,25 @@ import anyio.to_thread
 
 from agentos.core.modelspec import ModelPrices, ModelResource
 from agentos.core.placement import serves_model
-from agentos.core.route import DEFAULT_BOUNDARY, Candidate, ModelStats, within
-from agentos.core.spec import AgentSpec, SpecError, parse_resource
-from agentos.engine.base import (
-    Engine,
-    EngineError,
-    EngineUnavailable,
-    ModelMisconfigured,
-)
+from agentos.core.route import Candidate, ModelStats, within
+from agentos.core.spec import AgentSpec
+from agentos.engine.base import Engine, EngineError, EngineUnavailable
 from agentos.engine.fallback import FallbackEngine
 from agentos.engine.models import build_engine, credential_digest
 from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.models_entry import (
+    DEFAULT_MODEL,
+    ModelEntry,
+    ModelUnavailable,
+    StoreThrottleBoard,
+    body_hash,
+    candidate_of,
+    close_engine,
+    make_engine,
+    parsed_model,
+)
 from agentos.runtime.routes import RouteEngine
-from agentos.runtime.served import Condition, ServedEngine, Unstarted
+from agentos.runtime.served import Condition, ServedEngine
 from agentos.runtime.slots import SlotArbiter
 from agentos.runtime.spend import ClassSpend
 from agentos.store import Store, StoreError
@@ -68,73 +70,14 @@ __all__ = [
     "ModelUnavailable",
     "ServedEngine",
     "StoreThrottleBoard",
+    "candidate_of",
 ]
 
 log = logging.getLogger("agentos.models")
 
-DEFAULT_MODEL = "default"
 _CHECK_S = 2.0  # how often a served Model's stored spec is compared with the running one
 _RESOLVE_S = 2.0  # how often a misconfigured Model's credential is resolved again
 _RETRY_START_S = 30.0  # an engine that failed to start is tried again this much later
-_REMOTE_SESSIONS = 100_000  # an openai model's sessions are memory here (as OpenAIEngine)
-
-
-class ModelUnavailable(EngineError):
-    """A model's engine cannot serve; ``repeated``: already reported for this attempt."""
-
-    def __init__(self, message: str, *, repeated: bool) -> None:
-        super().__init__(message)
-        self.repeated = repeated
-
-
-class StoreThrottleBoard:
-    """A model's provider throttle, shared through Redis by every daemon of the fleet."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def throttled_until(self, model: str) -> float:
-        """Until when ``model`` is throttled (epoch seconds, 0: not)."""
-        return await self.store.model_throttled_until(model)
-
-    async def throttle(self, model: str, until: float) -> None:
-        """Record the throttle for every daemon."""
-        await self.store.model_throttle(model, until)
-
-
-@dataclass(slots=True)
-class ModelEntry:
-    """One model as the daemon serves it."""
-
-    name: str
-    engine: Engine
-    arbiter: SlotArbiter
-    hibernator: Hibernator
-    resource: ModelResource | None = None  # None for the daemon's default engine
-    served: ServedEngine | None = None  # None for the daemon's default engine
-    spec_hash: str = ""  # of the stored Model the running engine was built from
-    credential: str = ""  # digest of the secret it was built with (never the secret)
-    check_at: float = 0.0  # monotonic: compare the stored spec again from then on
-    resolve_at: float = 0.0  # monotonic: resolve the credential again from then on
-    started_at: float = 0.0  # monotonic: when the engine was last built
-    told: set[str] = field(default_factory=set)  # agents shown why it did not start
-
-
-def _hash(body: Mapping[str, Any] | None) -> str:
-    if body is None:
-        return "absent"
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _stand_in_size(resource: ModelResource | None) -> tuple[int, int]:
-    """Slots and parallel calls of the engine ``resource`` would start: the stand-in
-    offers as many, so the governor's gate fits the real one."""
-    if resource is None:
-        return 1, 1
-    spec = resource.spec
-    parallel = sum(e.max_concurrent for e in spec.endpoints) or spec.slots or 1
-    slots = _REMOTE_SESSIONS if spec.engine == "openai" else (spec.slots or max(parallel, 2))
-    return slots, parallel
 
 
 class ModelPool:
@@ -227,7 +170,7 @@ class ModelPool:
             Hibernator(outer),
             resource,
             served=served,
-            spec_hash=_hash(body),
+            spec_hash=body_hash(body),
             credential=digest,
             check_at=now + _CHECK_S,
             resolve_at=now + _RESOLVE_S,
@@ -237,40 +180,9 @@ class ModelPool:
     async def _make(
         self, name: str, body: dict[str, Any] | None
     ) -> tuple[Engine, ModelResource | None, Condition | None, str]:
-        """An engine for the Model ``body`` (a stand-in when it cannot start), the parsed
-        resource, the model's condition and the credential's digest."""
-        resource: ModelResource | None = None
-        digest = ""
-        error: EngineUnavailable
-        if body is None:
-            error = ModelMisconfigured(name, "no Model of that name is applied")
-        else:
-            try:
-                parsed = parse_resource(body)
-            except SpecError as e:
-                error = ModelMisconfigured(name, f"its stored spec no longer validates: {e}")
-            else:
-                assert isinstance(parsed, ModelResource)
-                resource = parsed
-        if resource is not None:
-            model = resource
-            digest = await anyio.to_thread.run_sync(lambda: credential_digest(model))
-            try:
-                engine = await anyio.to_thread.run_sync(
-                    lambda: self._build(model, home=self.home, board=self.board)
-                )
-            except EngineUnavailable as e:
-                error = e
-            except (EngineError, OSError) as e:  # a build that does not type its errors
-                error = ModelMisconfigured(name, f"its engine cannot start: {e}")
-            else:
-                log.info("model %s: %s engine started (%d slots)", name, engine.name, engine.slots)
-                return engine, resource, None, digest
-        log.error("model %s cannot serve: %s", name, error)
-        slots, parallel = _stand_in_size(resource)
-        backend = resource.spec.engine if resource is not None else "none"
-        stand_in = Unstarted(name, error, backend=backend, slots=slots, parallel=parallel)
-        return stand_in, resource, Condition.of(error, self._clock()), digest
+        return await make_engine(
+            name, body, build=self._build, home=self.home, board=self.board, clock=self._clock
+        )
 
     async def _engine_of(self, name: str) -> Engine:
         found = await self.entry(name)
@@ -372,11 +284,11 @@ class ModelPool:
         if body is None:
             self._parsed.pop(name, None)
             return None
-        digest = _hash(body)
+        digest = body_hash(body)
         cached = self._parsed.get(name)
         if cached is not None and cached[0] == digest:
             return cached[1]
-        resource = _parsed_model(body)
+        resource = parsed_model(body)
         self._parsed[name] = (digest, resource)
         return resource
 
@@ -432,7 +344,7 @@ class ModelPool:
         if now >= found.check_at:
             found.check_at = now + _CHECK_S
             bodies = await self._stored()
-            if bodies is not None and _hash(bodies.get(name)) != found.spec_hash:
+            if bodies is not None and body_hash(bodies.get(name)) != found.spec_hash:
                 why = "its Model was applied again"
         resource = found.resource
         misconfigured = served.condition is not None and resource is not None
@@ -474,7 +386,7 @@ class ModelPool:
             old = await found.served.swap(engine, condition)
             if resource is not None:
                 found.resource = resource
-            found.spec_hash = _hash(body)
+            found.spec_hash = body_hash(body)
             found.credential = digest
             found.check_at = now + _CHECK_S
             found.resolve_at = now + _RESOLVE_S
@@ -485,7 +397,7 @@ class ModelPool:
                 why,
                 "" if condition is None else f"; still cannot serve: {condition.reason}",
             )
-        await _close(found.name, old)
+        await close_engine(found.name, old)
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """What each served model reports about itself (replicas, health, counters) and
@@ -509,49 +421,5 @@ class ModelPool:
         for name, e in list(self.entries.items()):
             if name == DEFAULT_MODEL:
                 continue
-            await _close(name, e.served.inner if e.served is not None else e.engine)
+            await close_engine(name, e.served.inner if e.served is not None else e.engine)
             del self.entries[name]
-
-
-def _parsed_model(body: Mapping[str, Any] | None) -> ModelResource | None:
-    if body is None:
-        return None
-    try:
-        resource = parse_resource(body)
-    except SpecError:
-        return None
-    return resource if isinstance(resource, ModelResource) else None
-
-
-def candidate_of(name: str, resource: ModelResource | None) -> Candidate:
-    """A route candidate as the router sees the Model ``resource`` (None: the daemon's
-    own engine, or a Model not applied: it then cannot serve and fails over)."""
-    if resource is None:
-        return Candidate(name, DEFAULT_BOUNDARY if name == DEFAULT_MODEL else "any")
-    spec = resource.spec
-    prices = spec.prices
-    return Candidate(
-        name,
-        spec.data_boundary,
-        region=spec.placement.region if spec.placement is not None else None,
-        input_price=prices.input,
-        cached_price=prices.input if prices.cached_input is None else prices.cached_input,
-        output_price=prices.output,
-        tools=spec.tools_capable,
-        max_context=spec.max_context,
-    )
-
-
-async def _close(name: str, engine: Engine) -> None:
-    """Close ``engine`` (an embedded server stops: that blocks, so off the loop)."""
-    try:
-        closer = getattr(engine, "aclose", None)
-        with anyio.CancelScope(shield=True):
-            if closer is not None:
-                result = closer()
-                if inspect.isawaitable(result):
-                    await result
-            elif callable(getattr(engine, "close", None)):
-                await anyio.to_thread.run_sync(engine.close)  # type: ignore[attr-defined]
-    except Exception:
-        log.exception("model %s: closing its engine failed", name)

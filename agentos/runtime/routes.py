@@ -35,14 +35,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
 from agentos.core.chat import Reply, TokenUsage, ToolSpec
-from agentos.core.fairness import QuotaExceeded
-from agentos.core.limits import TaskLimitExceeded
 from agentos.core.route import (
     Call,
     Candidate,
@@ -50,7 +48,6 @@ from agentos.core.route import (
     ModelStats,
     choose,
     reply_problem,
-    within,
 )
 from agentos.core.routespec import Route
 from agentos.engine.base import (
@@ -65,6 +62,20 @@ from agentos.engine.base import (
     SessionInfo,
     StreamChunk,
 )
+from agentos.runtime.routes_state import (
+    Events,
+    RouteSession,
+    call_of,
+    cascade_above,
+    chat_away,
+    cooling_until,
+    exhausted_error,
+    generate_away,
+    index_of,
+    json_format,
+    no_events,
+    no_limit,
+)
 
 __all__ = ["EXHAUSTED_WAIT_S", "RouteEngine", "RouteExhausted", "RouteUnavailable"]
 
@@ -74,34 +85,6 @@ EXHAUSTED_WAIT_S = 10.0
 """A call whose candidates are all cooling down waits this long at most for one."""
 _MAX_ATTEMPTS = 8  # model calls one routed call may make (failovers and escalations)
 _FULL_PAUSE_S = 1.0  # a candidate with no free slot is skipped this long
-_MONEY = "remaining budget"  # how core.route says a candidate was skipped for the task's money
-_DAILY = "daily cost left"  # ... and for the class's
-
-Events = Callable[[str, str, str], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class _Session:
-    """What the route keeps of one agent's session."""
-
-    unsent: list[dict[str, Any]] = field(default_factory=list)  # chat turns home lacks
-    unsent_text: str = ""  # text the home context lacks (generate)
-    # Trailing messages home holds that the conversation does not (a rejected reply and
-    # the turns it answered): home is rebuilt from the conversation before its next call.
-    drop: int = 0
-    level: int = 0  # the cascade's escalation level in this task: the lowest candidate
-    served: int = -1  # the candidate that served this task's last call (-1: none yet)
-    task: str = ""  # the task the level belongs to
-    last: str = ""  # the model that served the last call
-    transcript: list[str] = field(default_factory=list)  # text prompts and answers
-
-
-async def _no_events(_type: str, _reason: str, _message: str) -> None:
-    return None
-
-
-async def _no_limit() -> float | None:
-    return None
 
 
 class RouteEngine:
@@ -129,12 +112,12 @@ class RouteEngine:
         self.stats = stats
         self.quota_class = quota_class
         self.clock = clock
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, RouteSession] = {}
         # Set by the runner: where events go, what the task has cost, which task runs.
-        self.events: Events = _no_events
+        self.events: Events = no_events
         self.spent: Callable[[], float] = lambda: 0.0
         self.task_id: Callable[[], str] = lambda: ""
-        self.class_left: Callable[[], Awaitable[float | None]] = _no_limit
+        self.class_left: Callable[[], Awaitable[float | None]] = no_limit
         self.day_resets_in: Callable[[], float] = lambda: 3600.0
         # Meters a reply that was made and then rejected (it cost tokens all the same).
         self.charge: Callable[[Completion | Reply], None] = lambda _c: None
@@ -218,14 +201,14 @@ class RouteEngine:
         other models answered; the running task's escalation stays."""
         state = self._sessions.pop(session_id, None)
         if state is not None and (state.task or state.last):
-            kept = self._sessions[session_id] = _Session()
+            kept = self._sessions[session_id] = RouteSession()
             kept.task, kept.level, kept.served = state.task, state.level, state.served
             kept.last = state.last  # the choice is unchanged: no new Routed event
 
-    def _state(self, session_id: str) -> _Session:
+    def _state(self, session_id: str) -> RouteSession:
         state = self._sessions.get(session_id)
         if state is None:
-            state = self._sessions[session_id] = _Session()
+            state = self._sessions[session_id] = RouteSession()
         task = self.task_id()
         if task != state.task:
             state.task, state.level, state.served = task, 0, -1
@@ -237,29 +220,12 @@ class RouteEngine:
         """Send the rest of this task's calls to the candidate after the one that served
         the last call (``ctx.llm.escalate``); False when there is none."""
         state = self._state(session_id)
-        nxt = self._above(max(state.level, state.served))
+        nxt = cascade_above(self.route, self.candidates, max(state.level, state.served))
         if nxt is None:
             return False
         state.level = nxt
         self._note(f"escalated to {self.candidates[nxt].name}: {reason}")
         return True
-
-    def _above(self, index: int) -> int | None:
-        """The next cascade candidate after ``index`` that may see the agent's data
-        (None: none, or not a cascade)."""
-        if self.route.strategy != "cascade":
-            return None
-        for j in range(index + 1, len(self.candidates)):
-            c = self.candidates[j]
-            if within(c.boundary, self.route.data_class, c.region):
-                return j
-        return None
-
-    def _index(self, model: str) -> int:
-        for index, c in enumerate(self.candidates):
-            if c.name == model:
-                return index
-        return 0
 
     def _note(self, text: str) -> None:
         log.info("%s: %s", self.agent, text)
@@ -273,26 +239,14 @@ class RouteEngine:
 
     def _call(
         self, session_id: str, new_text: str, max_tokens: int, *, tools: bool
-    ) -> tuple[Call, _Session]:
+    ) -> tuple[Call, RouteSession]:
         state = self._state(session_id)
-        history = 0
-        if self.primary.has_session(session_id):
-            history = self.primary.session_info(session_id).n_tokens
-        history += sum(self.count_tokens(str(m.get("content") or "")) for m in state.unsent)
-        history += self.count_tokens(state.unsent_text) if state.unsent_text else 0
-        warm = {self.home} if not state.drop else set()
-        if state.last and state.last != self.home:
-            warm.add(state.last)  # its prefix cache holds the conversation
-        call = Call(
-            new_tokens=self.count_tokens(new_text),
-            history_tokens=history,
-            max_tokens=max_tokens,
-            needs_tools=tools,
-            warm=frozenset(warm),
+        call = call_of(
+            self.primary, session_id, state, self.home, new_text, max_tokens, tools=tools
         )
         return call, state
 
-    async def _choose(self, state: _Session, call: Call, failed: dict[str, str]) -> Choice:
+    async def _choose(self, state: RouteSession, call: Call, failed: dict[str, str]) -> Choice:
         """The model for ``call``; waits a little when every candidate is cooling down,
         then parks or fails the call (see the module docstring)."""
         waited = False
@@ -313,45 +267,22 @@ class RouteEngine:
                 if choice.model != state.last:
                     await self.events("Routed", choice.model, choice.reason)
                 return choice
-            cooling = [
-                s.cooldown_until
-                for c in self.candidates
-                if (s := self.stats.get(c.name)) is not None
-                and s.cooldown_until > now
-                and c.name not in failed
-            ]
-            if cooling and not waited and min(cooling) - now <= EXHAUSTED_WAIT_S:
+            until = cooling_until(self.candidates, self.stats, now, failed)
+            if until is not None and not waited and until - now <= EXHAUSTED_WAIT_S:
                 waited = True
-                await anyio.sleep(max(0.0, min(cooling) - now))
+                await anyio.sleep(max(0.0, until - now))
                 continue
-            await self._exhausted(choice)
-
-    async def _exhausted(self, choice: Choice) -> None:
-        """Nothing can serve the call: park it, fail it, or end it for money (see the
-        module docstring)."""
-        skipped = choice.skipped_text()
-        await self.events("RouteExhausted", self.route.on_exhausted, skipped)
-        money = [why for _, why in choice.skipped if _MONEY in why or _DAILY in why]
-        if any(_DAILY in why for why in money):
-            raise QuotaExceeded(
-                kind="budget",
-                scope="class",
-                quota_class=self.quota_class,
-                limit="dailyCost",
-                retry_after_s=self.day_resets_in(),
+            # Nothing can serve the call: park it, fail it, or end it for money (see the
+            # module docstring).
+            await self.events("RouteExhausted", self.route.on_exhausted, choice.skipped_text())
+            raise exhausted_error(
+                self.route,
+                choice,
                 agent=self.agent,
+                quota_class=self.quota_class,
+                spent=self.spent(),
+                day_resets_in=self.day_resets_in,
             )
-        if money:
-            # The task's own money is spent: like maxTokensPerTask, the task ends (a
-            # retry would find the same budget spent; it is not a crash).
-            raise TaskLimitExceeded(
-                f"maxCostPerTask: the task has spent {self.spent():.6g} of "
-                f"{self.route.max_cost_per_task:g} and no model fits in the rest ({skipped})"
-            )
-        message = f"no model of the route can serve: {skipped}"
-        if self.route.on_exhausted == "fail":
-            raise RouteExhausted(message)
-        raise RouteUnavailable(message)
 
     async def _engine(self, model: str) -> Engine:
         return self.primary if model == self.home else await self._resolve(model)
@@ -364,17 +295,17 @@ class RouteEngine:
         log.warning("%s: model %s failed (%s); routing again", self.agent, model, why)
         return f"failed this call: {why}"
 
-    def _served(self, state: _Session, model: str, ttft_s: float, output_tokens: int) -> None:
+    def _served(self, state: RouteSession, model: str, ttft_s: float, output_tokens: int) -> None:
         self.stats.setdefault(model, ModelStats()).observe(
             ttft_s=ttft_s, output_tokens=output_tokens
         )
         state.last = model
-        state.served = self._index(model)
+        state.served = index_of(self.candidates, model)
 
-    async def _check_failed(self, state: _Session, model: str, problem: str) -> bool:
+    async def _check_failed(self, state: RouteSession, model: str, problem: str) -> bool:
         """A reply of ``model`` failed its check: escalate past it when the cascade can."""
-        index = self._index(model)
-        nxt = self._above(index)
+        index = index_of(self.candidates, model)
+        nxt = cascade_above(self.route, self.candidates, index)
         if nxt is None or index < state.level:
             # Nothing stronger, or this model served although the cascade is already past
             # it (those above it cannot serve now): its reply is the best there is.
@@ -411,7 +342,7 @@ class RouteEngine:
         turns = [dict(m) for m in messages]
         new_text = " ".join(str(m.get("content") or "") for m in turns)
         schemas = {t.name: t.parameters for t in tools}
-        json_wanted, schema = _json_format(response_format)
+        json_wanted, schema = json_format(response_format)
         failed: dict[str, str] = {}
         await self._refresh()
         for _attempt in range(_MAX_ATTEMPTS):
@@ -449,7 +380,7 @@ class RouteEngine:
         self,
         model: str,
         session_id: str,
-        state: _Session,
+        state: RouteSession,
         turns: list[dict[str, Any]],
         options: dict[str, Any],
     ) -> Reply:
@@ -465,12 +396,7 @@ class RouteEngine:
             return reply
         engine = await self._engine(model)
         history = self.conversation(session_id)
-        ephemeral = f"{session_id}.route"
-        engine.open_session(ephemeral)
-        try:
-            reply = await engine.chat(ephemeral, [*history, *turns], **options)
-        finally:
-            engine.close_session(ephemeral)
+        reply = await chat_away(engine, session_id, [*history, *turns], options)
         state.unsent = [*state.unsent, *turns, reply.message()]
         return reply
 
@@ -523,7 +449,7 @@ class RouteEngine:
         raise RouteUnavailable(f"no model of the route answered in {_MAX_ATTEMPTS} attempts")
 
     async def _generate_on(
-        self, model: str, session_id: str, state: _Session, prompt: str, options: dict[str, Any]
+        self, model: str, session_id: str, state: RouteSession, prompt: str, options: dict[str, Any]
     ) -> Completion:
         if model == self.home:
             completion = await self.primary.generate(
@@ -532,13 +458,7 @@ class RouteEngine:
             state.unsent_text = ""
             return completion
         engine = await self._engine(model)
-        ephemeral = f"{session_id}.route"
-        engine.open_session(ephemeral)
-        try:
-            text = "".join(state.transcript) + prompt
-            return await engine.generate(ephemeral, text, **options)
-        finally:
-            engine.close_session(ephemeral)
+        return await generate_away(engine, session_id, "".join(state.transcript) + prompt, options)
 
     async def stream(
         self,
@@ -566,19 +486,3 @@ class RouteEngine:
         )
         yield StreamChunk(completion.text, ())
         yield StreamChunk("", (), True, completion.finish_reason, usage)
-
-
-def _json_format(
-    response_format: Mapping[str, Any] | None,
-) -> tuple[bool, Mapping[str, Any] | None]:
-    """Whether ``response_format`` asks for JSON, and its schema when it gives one."""
-    if not response_format:
-        return False, None
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return True, None
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, Mapping) else None
-        return True, schema if isinstance(schema, Mapping) else None
-    return False, None
