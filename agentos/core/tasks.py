@@ -1,6 +1,6 @@
 """Task bookkeeping as pure functions: a wake-up's record, what a new owner resumes, overlaps.
 
-A *task* is one wake-up of an agent (a message, a fire, a start, an operator's wake)
+A *task* (:class:`Task`) is one wake-up of an agent (a message, a fire, a start, an operator's wake)
 with a durable record in Redis. These functions decide what the record says and what
 to do with records a dead owner left behind; the runner writes what they return. They
 take ``now`` and plain data, and are tested by tables.
@@ -14,14 +14,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from agentos.core.messages import Message
+from agentos.core.waits import Resumed
+
 __all__ = [
     "DONE",
     "FAILED",
     "Close",
     "MessageLike",
     "Requeue",
+    "Task",
     "TaskStatus",
     "Work",
+    "inbox_task",
     "inbox_work",
     "overlap_action",
     "queued_record",
@@ -37,7 +42,7 @@ class TaskStatus(enum.StrEnum):
     QUEUED = "queued"  # recorded, waiting for the agent
     RUNNING = "running"
     RETRYING = "retrying"  # the agent raised; it runs again after a backoff
-    PARKED = "parked"  # held back by a quota, a budget or infrastructure; runs later
+    PARKED = "parked"  # set aside by a quota or infrastructure (or waits for a budget); runs later
     WAITING = "waiting"  # waits durably for an answer, an event or a time
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # raised until its retries ran out, or passed a limit
@@ -65,7 +70,8 @@ out, passed a limit, or were abandoned): judged ``fail`` by the runtime."""
 
 
 class MessageLike(Protocol):
-    """An inbox message as the task bookkeeping sees it."""
+    """An inbox message as the task bookkeeping sees it (kept for importers; tasks carry
+    :class:`~agentos.core.messages.Message`)."""
 
     @property
     def id(self) -> str: ...
@@ -76,11 +82,12 @@ class MessageLike(Protocol):
 
 
 @dataclass(slots=True)
-class Work:
-    """A wake-up waiting to run; ``id`` is its task record's id."""
+class Task:
+    """A task: one wake-up of an agent, queued on its runner until it runs; ``id`` is
+    its record's id."""
 
     trigger: str
-    message: Any = None  # a MessageLike for inbox work
+    message: Message | None = None  # what an inbox task runs on
     attempt: int = 1
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     scheduled_at: float | None = None
@@ -90,16 +97,21 @@ class Work:
     not_before: float = 0.0  # parked until then (a quota, a budget, an infrastructure retry)
     parked_for: str = ""  # why: "rate", "budget", "infra" (a quota change frees the first two)
     infra_attempts: int = 0  # infrastructure retries in a row (never counted as crashes)
-    resume: Any = None  # an agentos.core.waits.Resumed: a parked task's recorded answers
+    resume: Resumed | None = None  # a task that waited: its recorded answers and calls
     cancelled_by: str | None = None  # `agentos tasks cancel`: who; it ends, never runs on
     cancel_recorded: bool = False  # ... and its record and event say so already
     spent: float = 0.0  # money its earlier attempts and runs spent (maxCostPerTask)
 
 
-def inbox_work(message: MessageLike) -> Work:
-    """The work a message starts. The message id is the task id, so a redelivered
+def inbox_task(message: Message) -> Task:
+    """The task a message starts. The message id is the task id, so a redelivered
     message is the same task, retried."""
-    return Work("inbox", message, id=f"m-{message.id}")
+    return Task("inbox", message, id=f"m-{message.id}")
+
+
+# The names tasks had before (kept for importers): "work" and "task" were the same thing.
+Work = Task
+inbox_work = inbox_task
 
 
 def short(value: Any, limit: int = 200) -> str:
@@ -108,26 +120,26 @@ def short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def queued_record(work: Work, agent: str, now: float) -> dict[str, object]:
-    """The fields of ``work``'s record when it is queued (its first write)."""
+def queued_record(task: Task, agent: str, now: float) -> dict[str, object]:
+    """The fields of ``task``'s record when it is queued (its first write)."""
     fields: dict[str, object] = {
-        "id": work.id,
+        "id": task.id,
         "agent": agent,
-        "trigger": work.trigger,
+        "trigger": task.trigger,
         "status": TaskStatus.QUEUED,
         "created_at": repr(now),
-        "attempt": work.attempt - 1,
+        "attempt": task.attempt - 1,
     }
-    if work.message is not None:
+    if task.message is not None:
         fields |= {
-            "message_id": work.message.id,
-            "payload": short(work.message.body),
-            "key": work.message.key or "",
+            "message_id": task.message.id,
+            "payload": short(task.message.body),
+            "key": task.message.key or "",
         }
-    if work.scheduled_at is not None:
-        fields["scheduled_at"] = repr(work.scheduled_at)
-    if work.index is not None:
-        fields["trigger_index"] = work.index
+    if task.scheduled_at is not None:
+        fields["scheduled_at"] = repr(task.scheduled_at)
+    if task.index is not None:
+        fields["trigger_index"] = task.index
     return fields
 
 
@@ -141,9 +153,9 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Requeue:
-    """Run a dead owner's unfinished work again (same record, next attempt)."""
+    """Run a dead owner's unfinished task again (same record, next attempt)."""
 
-    work: Work
+    work: Task
 
 
 def resume_plan(
@@ -177,7 +189,7 @@ def resume_plan(
         scheduled = record.get("scheduled_at")
         plan.append(
             Requeue(
-                Work(
+                Task(
                     trigger,
                     attempt=int(record.get("attempt") or 0) + 1,
                     id=task_id,

@@ -9,7 +9,7 @@ did not finish its job), ``unknown`` when cancelled (nobody judged what it did).
 
 A cancel that reaches the runner while the task is not running (queued,
 waiting for a slot, in a crash backoff, or noted on the record by another daemon's
-client) is kept in the runner's ``_cancels`` until the task comes up.
+client) is kept in the runner's ``state.cancels`` until the task comes up.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agentos.core.outcomes import Outcome
-from agentos.core.tasks import Work, queued_record
-from agentos.store import TaskWrite
+from agentos.core.tasks import Task, TaskStatus, queued_record
+from agentos.runtime.closing import close_task
+from agentos.store import TaskWrite, Write
 
 if TYPE_CHECKING:
-    from agentos.runtime.tasking import TaskMixin
+    from agentos.runtime.runner import AgentRunner
 
 __all__ = [
     "end_cancelled",
@@ -36,19 +37,20 @@ __all__ = [
 log = logging.getLogger("agentos.runner")
 
 
-async def end_limited(runner: TaskMixin, work: Work, reason: str, span: Any) -> None:
+async def end_limited(runner: AgentRunner, task: Task, reason: str, span: Any) -> None:
     """Past one of ``spec.limits``: failed and done (not retried, not a crash); counted
     in ``tasks_failed`` (a ``fail`` verdict) when it closes."""
     runner.tasks_failed += 1
     runner.dirty = True
     limit = reason.split(":", 1)[0]
-    span.set_attribute("agentos.task.status", "failed")
+    span.set_attribute("agentos.task.status", TaskStatus.FAILED)
     span.set_attribute("agentos.task.limit", limit)
-    log.warning("%s: task %s stopped: %s", runner.name, work.id, reason)
-    await runner.writer.write(event=runner.writer.event("TaskLimitExceeded", limit, reason))
-    await runner._finish_task(
-        work,
-        "failed",
+    log.warning("%s: task %s stopped: %s", runner.name, task.id, reason)
+    await runner.writer.write(Write(event=runner.writer.event("TaskLimitExceeded", limit, reason)))
+    await close_task(
+        runner,
+        task,
+        TaskStatus.FAILED,
         f"stopped: {reason}",
         error=reason,
         outcome=Outcome("fail", reason=reason, source="runtime"),
@@ -56,18 +58,19 @@ async def end_limited(runner: TaskMixin, work: Work, reason: str, span: Any) -> 
     )
 
 
-async def end_exhausted(runner: TaskMixin, work: Work, reason: str, span: Any) -> None:
+async def end_exhausted(runner: AgentRunner, task: Task, reason: str, span: Any) -> None:
     """No model of the agent's route could serve a call and the route says ``onExhausted:
     fail``: the agent's code let :class:`RouteExhausted` through, so the task failed, for
     a reason that is not the agent's code (not retried, not a crash; the route wrote its
     ``RouteExhausted`` event)."""
     runner.tasks_failed += 1
     runner.dirty = True
-    span.set_attribute("agentos.task.status", "failed")
-    log.warning("%s: task %s failed: %s", runner.name, work.id, reason)
-    await runner._finish_task(
-        work,
-        "failed",
+    span.set_attribute("agentos.task.status", TaskStatus.FAILED)
+    log.warning("%s: task %s failed: %s", runner.name, task.id, reason)
+    await close_task(
+        runner,
+        task,
+        TaskStatus.FAILED,
         f"failed: {reason}",
         error=f"RouteExhausted: {reason}",
         outcome=Outcome("fail", reason=reason, source="runtime"),
@@ -75,47 +78,52 @@ async def end_exhausted(runner: TaskMixin, work: Work, reason: str, span: Any) -
     )
 
 
-async def end_if_cancelled(runner: TaskMixin, work: Work) -> bool:
+async def end_if_cancelled(runner: AgentRunner, task: Task) -> bool:
     """A task cancelled before it started is recorded cancelled, its message
     acknowledged, without waking the agent or running its code. True when it was."""
-    if work.id in runner._cancels:
-        work.cancelled_by, work.cancel_recorded = runner._cancels.pop(work.id)
-    if work.cancelled_by is None or work.resume is not None:
+    if task.id in runner.state.cancels:
+        task.cancelled_by, task.cancel_recorded = runner.state.cancels.pop(task.id)
+    if task.cancelled_by is None or task.resume is not None:
         return False  # a resumed wait ends inside its task (its record is written)
-    reason = f"cancelled by {work.cancelled_by}"
+    reason = f"cancelled by {task.cancelled_by}"
     now = runner.clock()
     fields: dict[str, object] = {
-        "status": "cancelled",
+        "status": TaskStatus.CANCELLED,
         "finished_at": repr(now),
         "result": reason,
         "error": reason,
     }
-    if not work.recorded:
-        fields = {**queued_record(work, runner.name, now), **fields}
+    if not task.recorded:
+        fields = {**queued_record(task, runner.name, now), **fields}
     event = None
-    if not work.cancel_recorded:
-        event = runner.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+    if not task.cancel_recorded:
+        event = runner.writer.event("TaskCancelled", "operator", f"task {task.id} {reason}")
     await runner.writer.write(
-        task=TaskWrite(work.id, fields, created_at=None if work.recorded else now),
-        ack_id=work.message.id if work.message is not None else None,
-        event=event,
+        Write(
+            tasks=(TaskWrite(task.id, fields, created_at=None if task.recorded else now),),
+            ack_id=task.message.id if task.message is not None else None,
+            event=event,
+        )
     )
     return True
 
 
-async def end_cancelled(runner: TaskMixin, work: Work, by: str, span: Any) -> None:
+async def end_cancelled(runner: AgentRunner, task: Task, by: str, span: Any) -> None:
     """Cancelled while it ran (or as it resumed): done, not retried, not a crash; what it
     recorded before (tool calls, state) stays."""
     runner.dirty = True
-    span.set_attribute("agentos.task.status", "cancelled")
+    span.set_attribute("agentos.task.status", TaskStatus.CANCELLED)
     reason = f"cancelled by {by}"
-    if not work.cancel_recorded:
+    if not task.cancel_recorded:
         await runner.writer.write(
-            event=runner.writer.event("TaskCancelled", "operator", f"task {work.id} {reason}")
+            Write(
+                event=runner.writer.event("TaskCancelled", "operator", f"task {task.id} {reason}")
+            )
         )
-    await runner._finish_task(
-        work,
-        "cancelled",
+    await close_task(
+        runner,
+        task,
+        TaskStatus.CANCELLED,
         reason,
         error=reason,
         outcome=Outcome("unknown", reason=reason, source="runtime"),

@@ -1,18 +1,25 @@
-"""The supervisor of one agent inside a daemon: its loop, its tasks, its sleep and wake.
+"""The supervisor of one agent inside a daemon: its state, its loop, its tasks, its sleep and wake.
 
 A runner owns an agent while its daemon holds the agent's lease. It turns wake-ups
 (the start, inbox messages, heartbeats, schedules, an operator's `wake`) into tasks
 and runs each task's observe/plan/act/learn loop. Before agent code runs, a task
 secures the agent's engine session (a slot, its context restored); whenever the agent
-parks (hibernation, crash backoff, a quota or budget wait, failure, stop) the slot is
-given back. What to do when a task does not succeed is decided by
+stops running (hibernation, crash backoff, a parked task, a wait, failure, stop) the
+slot is given back. What to do when a task does not succeed is decided by
 :mod:`agentos.core.supervisor`: only the agent's own exceptions count toward its
-crash loop; slots, Redis, engines and quotas delay the task instead.
+crash loop; slots, Redis, engines and quotas park the task instead.
 
-The jobs around it live in their own modules: :mod:`.writer` (every fenced write,
-retried and applied once), :mod:`.session` and :mod:`.slots` (the engine slot),
-:mod:`.hibernator` (KV to Redis and back), :mod:`.usage` (metering), and the pure
-cores :mod:`agentos.core.tasks` and :mod:`agentos.core.supervisor`.
+:class:`AgentRunner` is one object with one state (:class:`.state.RunnerState`): every
+change of its phase, its queue and its stop reason is made here, by the ``_apply_*``,
+``move``/``set_phase`` and ``queue_*`` methods below. Its jobs are module functions
+called with the runner: :mod:`.starting` (open, adopt, instantiate), :mod:`.idling`
+(the loop between tasks), :mod:`.intake` (wake-ups into queued tasks), :mod:`.tasking`
+(run one task), :mod:`.securing` (its engine session, slot lending), :mod:`.closing`
+(its writes), :mod:`.faults` (what a failed task does next), :mod:`.waits` (durable
+waits), :mod:`.releasing` (hibernate, release, stop, fail) and :mod:`.calls` (the
+agent's model calls and sends), over :mod:`.writer` (every fenced write),
+:mod:`.session` and :mod:`.slots` (the engine slot), :mod:`.hibernator` (KV to Redis
+and back) and :mod:`.usage` (metering).
 """
 
 from __future__ import annotations
@@ -20,40 +27,400 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
-from agentos.core.lifecycle import Phase, PhaseEvent, StopReason
-from agentos.core.tasks import Close, Work, inbox_work, resume_plan
+from agentos.core.lifecycle import Phase, PhaseEvent, StopReason, transition
+from agentos.core.modelspec import ModelPrices
+from agentos.core.spec import AgentResource
+from agentos.core.supervisor import RestartPolicy
+from agentos.core.tasks import Task
 from agentos.core.triggers import TriggerClock
-from agentos.runtime.endings import noted_cancels
-from agentos.runtime.faults import FaultMixin
-from agentos.runtime.loop import AgentCodeError
-from agentos.runtime.tasking import OnDemandSession, TaskMixin
-from agentos.runtime.toolcalls import LedgerWriter, approval_rule
-from agentos.runtime.waits import WaitMixin
-from agentos.runtime.watchdog import marked, running
-from agentos.runtime.writer import LeaseLost
-from agentos.sdk import (
-    LLM,
-    Agent,
-    Compaction,
-    Context,
-    TaskInfo,
-    agent_logger,
-    freeze_config,
-)
-from agentos.store import StoreError, TaskWrite, Write
-from agentos.store.inbox import OPEN_NEW_MESSAGES
-from agentos.tools import Ledger
+from agentos.engine.base import Engine
+from agentos.governor.admission import Governor
+from agentos.runtime import idling, intake, releasing, securing, starting
+from agentos.runtime.calls import wire_route
+from agentos.runtime.hibernator import Hibernator
+from agentos.runtime.session import AgentSession
+from agentos.runtime.slots import SlotArbiter
+from agentos.runtime.spend import ClassSpend
+from agentos.runtime.state import RunnerState, View
+from agentos.runtime.toolcalls import LedgerWriter
+from agentos.runtime.usage import UsageMeter
+from agentos.runtime.watchdog import Mark, Stall
+from agentos.runtime.writer import NOTHING, LeaseLost, Writer
+from agentos.sdk import Agent, Context, StateCodec
+from agentos.store import AgentSnapshot, Duplicate, Store, Write
+from agentos.telemetry import Telemetry
+
+if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
+    from agentos.tools.mcp import ToolServerPool
 
 __all__ = ["AgentRunner", "LeaseLost"]
 
 log = logging.getLogger("agentos.runner")
+_T = TypeVar("_T")
 
 
-class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
+class AgentRunner:
     """Runs one agent for as long as this daemon holds its lease."""
+
+    def __init__(
+        self,
+        *,
+        resource: AgentResource,
+        spec_hash: str,
+        lease_value: str,
+        store: Store,
+        engine: Engine,
+        arbiter: SlotArbiter,
+        hibernator: Hibernator,
+        daemon_id: str,
+        clock: Callable[[], float] = time.time,
+        retry_max_s: float = 5.0,
+        telemetry: Telemetry | None = None,
+        governor: Governor | None = None,
+        opened: AgentSnapshot | None = None,
+        lend_after_s: float = 0.5,
+        tool_servers: ToolServerPool | None = None,
+    ) -> None:
+        spec = resource.spec
+        self.resource = resource
+        self.name = resource.metadata.name
+        self.spec_hash = spec_hash
+        self.lease_value = lease_value
+        self.daemon_id = daemon_id
+        self.store = store
+        self.engine = engine
+        self.arbiter = arbiter
+        self.governor = governor
+        self.clock = clock
+        self.telemetry = telemetry or Telemetry.disabled()
+        # The daemon's MCP sessions, for the agent's spec.tools.servers (None: no servers).
+        self.tool_servers = tool_servers
+        # What the daemon already read for this runner (batched with other agents'),
+        # or None: the runner reads it as it starts.
+        self.opened = opened
+        self.state = RunnerState()
+        self.writer = Writer(
+            store, self.name, lease_value, daemon_id=daemon_id, clock=clock, retry_max_s=retry_max_s
+        )
+        self.session = AgentSession(
+            self,
+            engine=engine,
+            arbiter=arbiter,
+            hibernator=hibernator,
+            writer=self.writer,
+            keep_kv=spec.hibernation.keep_kv,
+            on_slow=lambda: securing.slot_slow(self),
+        )
+        self.usage = UsageMeter(self.name, clock, self.telemetry)
+        self.priority = spec.priority
+        self.policy = RestartPolicy(
+            spec.restart_policy.crash_loop_after,
+            spec.restart_policy.backoff.initial,
+            spec.restart_policy.backoff.max,
+        )
+        self.triggers = TriggerClock(spec.triggers, now=clock())
+        # Slot lending (agentos.runtime.securing.away): while agent code runs tools for
+        # lend_after_s or longer, the slot may go to an agent waiting for one.
+        self.lend_after_s = lend_after_s
+        self.lendable = False
+        self.lent = 0  # how many times the slot was lent mid-task
+        self.lend_asked = anyio.Event()
+        self.task_over = anyio.Event()  # set (and renewed) each time a task ends
+        self.done = anyio.Event()
+        self.nudged = anyio.Event()
+        self.stop_scopes: set[anyio.CancelScope] = set()
+        self.last_activity = clock()
+        # counters flushed to the status hash by the daemon
+        self.steps = self.tasks_succeeded = self.tasks_failed = self.restarts = 0
+        self.consecutive_failures = 0
+        self.dead_letters_in_row = 0  # messages dead-lettered since the last success
+        self.tokens_in = self.tokens_out = 0
+        self.dirty = False
+        # Prices of a model by name (set by the daemon from its model pool).
+        self.price_of: Callable[[str], ModelPrices] = lambda _model: ModelPrices()
+        # The quota classes' money per day (set by the daemon; None: not enforced).
+        self.spend: ClassSpend | None = None
+        # The model that holds the agent's session: spec.model, or the route's home.
+        self.home_model = wire_route(self, engine) or spec.model
+        self.agent: Agent | None = None
+        self.ctx: Context | None = None
+        self.codec: StateCodec | None = None
+        self.agent_cls: type[Agent] | None = None
+        self.ledger: LedgerWriter | None = None  # set with the agent's Context
+        self._mark: Mark | None = None
+        self.lost_why = ""  # what the daemon found when the lease was lost
+        # An unexpected error of the runner itself, and how long the agent then waits
+        # before it is activated again (the daemon's backoff for this agent).
+        self.error: BaseException | None = None
+        self.error_delay_s = 1.0
+
+    # What the daemon and the tests read of the state.
+
+    phase: View[Phase] = View("phase")
+    stop_reason: View[StopReason | None] = View("stop_reason")
+    hibernate_requested: View[str | None] = View("hibernate_requested")
+    release_due: View[float | None] = View("release_due")
+    releasing: View[bool] = View("releasing")
+    released: View[bool] = View("released")  # the lease is given up (released or waiting)
+    parked: View[bool] = View("released")  # the old name of `released` (daemon/upkeep.py)
+    failed: View[bool] = View("failed")
+    busy: View[bool] = View("busy")
+    task_cost: View[float] = View("task_cost")
+    _queue: View[deque[Task]] = View("queue")
+
+    # The daemon's controls.
+
+    def nudge(self, cmd: str) -> None:
+        """Tell the runner something happened: ``message``, ``wake`` or ``hibernate``."""
+        if cmd == "hibernate":
+            self.request_hibernate("requested by operator")
+        else:
+            self.state.cmds.add(cmd)
+        self.nudged.set()
+
+    def drop(self, task_id: str) -> None:
+        """An operator dropped this task's message (``agentos tasks drop``): forget its
+        queued task. A task already running it finishes (its record then says how)."""
+        kept = [w for w in self.state.queue if w.id != task_id]
+        if len(kept) != len(self.state.queue):
+            self.state.queue = deque(kept)
+            log.info("agent %s: task %s dropped before it ran", self.name, task_id)
+
+    def cancel(self, task_id: str, by: str, *, dropped: bool = False) -> None:
+        """An operator cancelled this task (``agentos tasks cancel``): cut it short if it
+        runs now, or end it when its turn comes if it is queued here. Either way it ends
+        ``cancelled`` with a ``TaskCancelled`` event, not retried and not a crash.
+        ``dropped``: its message is gone and its record says so already (it only has to
+        leave the queue)."""
+        running = self.state.running
+        if running is not None and running[0].id == task_id:
+            running[0].cancelled_by = by
+            running[0].cancel_recorded = dropped
+            running[1].cancel()
+            log.info("agent %s: task %s cancelled by %s", self.name, task_id, by)
+            return
+        if dropped:  # its message is gone: out of the queue, if it is there
+            self.drop(task_id)
+        # Between the queue and running (a slot wait, a crash's backoff) or queued
+        # without a message: it ends when it comes up.
+        cancels = self.state.cancels
+        while len(cancels) >= 1000:  # ids of tasks that ended meanwhile
+            del cancels[next(iter(cancels))]
+        cancels[task_id] = (by, dropped)
+        self.nudged.set()
+
+    def note_blocked(self, stall: Stall) -> None:
+        """The watchdog found this agent's code blocking the event loop: recorded (and
+        counted toward the crash loop) by the runner's own loop, between its writes."""
+        self.state.blocked.append(stall)
+        if self.state.busy:
+            self.state.blocked_in_task = True
+        self.nudged.set()
+
+    @property
+    def mark(self) -> Mark:
+        """What the watchdog sees while this agent's code runs (one per agent class)."""
+        module = self.agent_cls.__module__ if self.agent_cls is not None else ""
+        if self._mark is None or self._mark.module != module:
+            self._mark = Mark(self.name, module)
+        return self._mark
+
+    def request_hibernate(self, why: str) -> None:
+        """Hibernate as soon as the agent is idle."""
+        self.state.hibernate_requested = why
+        self.nudged.set()
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop at the next loop boundary; the agent sees ``reason`` as ``ctx.stopping``.
+
+        A wait for a slot or a crash's backoff ends at once.
+        """
+        if self.state.stop_reason is None:
+            self.state.stop_reason = reason
+            if self.ctx is not None:
+                self.ctx.stopping = reason
+        for scope in self.stop_scopes:
+            scope.cancel()
+        self.nudged.set()
+
+    def quota_changed(self) -> None:
+        """The agent's class got new limits: tasks parked by a quota may be admitted now."""
+        for task in self.state.queue:
+            if task.parked_for in ("rate", "budget"):
+                task.not_before = 0.0
+        self.nudged.set()
+
+    # The slot arbiter's view (agentos.runtime.slots.Holder).
+
+    @property
+    def evictable(self) -> bool:
+        """Idle with nothing due, or running tools long enough to lend the slot: may be
+        asked to give its slot back."""
+        if self.state.stop_reason is not None or self.state.hibernate_requested is not None:
+            return False
+        if self.lendable:
+            return True
+        return self.phase is Phase.IDLE and not self.busy and self.next_due(pop=False) is None
+
+    def evict(self, why: str) -> None:
+        """The arbiter needs our slot: hibernate now (we are idle), or lend it (tools)."""
+        self.state.evicting = True
+        if self.lendable:
+            self.state.hibernate_requested = why
+            self.lend_asked.set()
+            return
+        self.request_hibernate(why)
+
+    @property
+    def next_fire_at(self) -> float | None:
+        """When the next time trigger fires (epoch seconds), if any."""
+        return self.triggers.next_at
+
+    @property
+    def ending(self) -> bool:
+        """Asked to stop, or it released the agent: this runner is on its way out."""
+        return self.state.stop_reason is not None
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing running, nothing due, nothing queued: what `up --until-idle` waits for."""
+        s = self.state
+        if s.failed:
+            return True
+        return not s.busy and not s.queue and not s.cmds and s.phase is not Phase.PENDING
+
+    @property
+    def settled(self) -> bool:
+        """Idle or hibernated between tasks with nothing queued: it can be handed to
+        another daemon without cutting a task short (what a rebalance waits for)."""
+        s = self.state
+        return (
+            s.phase in (Phase.IDLE, Phase.HIBERNATED)
+            and not (s.busy or s.failed or s.queue or s.cmds or s.releasing)
+            and s.stop_reason is None
+            and s.hibernate_requested is None
+        )
+
+    def counters(self) -> dict[str, object]:
+        """Fast-moving status fields, written only by the daemon's periodic flush.
+
+        Every status field has one writer: these from the flush, task counts and phase
+        from the runner itself, so a flush in flight can never overwrite a newer value.
+        """
+        return {
+            "steps": self.steps,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "last_activity": repr(self.last_activity),
+        }
+
+    def usage_delta(self) -> tuple[str, dict[str, float]]:
+        """Usage since the last call, for the daily usage hash (UTC day), and reset it."""
+        return self.usage.delta(self.phase)
+
+    def task_counters(self) -> dict[str, object]:
+        """Task outcome fields, written with the phase change that produced them."""
+        return {
+            "tasks_succeeded": self.tasks_succeeded,
+            "tasks_failed": self.tasks_failed,
+            "restarts": self.restarts,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+    # The only changes of phase, queue and stop reason.
+
+    def _apply_phase(self, edge: PhaseEvent) -> None:
+        """Change phase without a write; the phase that ends is metered."""
+        self.usage.phase_ends(self.state.phase)
+        self.state.phase = transition(self.state.phase, edge)
+
+    def _apply_started(self, *, hibernated: bool) -> None:
+        """A runner took the agent (hibernated or waiting before: asleep still)."""
+        self.state.phase = Phase.HIBERNATED if hibernated else Phase.PENDING
+        self._apply_phase(PhaseEvent.START)
+
+    def _apply_released(self, why: str) -> None:
+        """The lease is given up: this runner ends without touching the agent again."""
+        self.state.released = True
+        self.state.stop_reason = self.state.stop_reason or StopReason.SHUTDOWN
+        log.info("%s: %s; released", self.name, why)
+
+    def _apply_lease_lost(self) -> None:
+        self.state.stop_reason = StopReason.LEASE_LOST
+
+    def _apply_failed(self) -> None:
+        """``Failed``: nothing runs until an operator wakes the agent."""
+        self.state.failed = True
+        self._apply_phase(PhaseEvent.FAIL)
+
+    def _apply_recovered(self) -> None:
+        self.state.failed = False
+
+    def move(self, edge: PhaseEvent, *, path: bool = False) -> Phase:
+        """Change phase without a write (``path``: on the task's span too); the new one."""
+        self._apply_phase(edge)
+        if path:
+            self.state.phase_path.append(self.state.phase.value)
+        return self.state.phase
+
+    async def set_phase(
+        self,
+        edge: PhaseEvent,
+        part: Write = NOTHING,
+        *,
+        duplicate: Duplicate | None = None,
+        defer: bool = False,
+    ) -> bool:
+        """Move to the next phase and record it with ``part`` (see :meth:`Writer.write` for
+        the result); with ``defer`` the record rides with the runner's next write."""
+        self.move(edge, path=True)
+        # A new phase has its own reason and message, or none: never the last one's.
+        fields: dict[str, object] = {
+            "phase": self.state.phase.value,
+            "updated_at": repr(self.clock()),
+            "reason": "",
+            "message": "",
+            **(part.status or {}),
+        }
+        part = replace(part, status=fields)
+        if defer:
+            self.writer.defer(part)  # refuses an event: deferred parts must be safe to repeat
+            return True
+        return await self.writer.write(part, duplicate=duplicate)
+
+    def queue_next(self, task: Task) -> None:
+        """``task`` runs next (a retry, a parked task, a task a stop left queued)."""
+        self.state.queue.appendleft(task)
+
+    def queue_last(self, task: Task) -> None:
+        """``task`` runs after what is queued."""
+        self.state.queue.append(task)
+
+    def take_queued(self, task_id: str) -> list[Task]:
+        """Take the queued tasks of id ``task_id`` off the queue."""
+        taken = [w for w in self.state.queue if w.id == task_id]
+        for w in taken:
+            self.state.queue.remove(w)
+        return taken
+
+    def next_due(self, *, pop: bool) -> Task | None:
+        """The first queued task not parked into the future (taken off the queue if ``pop``)."""
+        now = self.clock()
+        for i, task in enumerate(self.state.queue):
+            if task.not_before <= now:
+                if pop:
+                    del self.state.queue[i]
+                return task
+        return None
+
+    # The runner's own loop.
 
     async def run(self) -> None:
         """Supervise the agent until it is asked to stop (or cancelled after a grace period).
@@ -64,10 +431,10 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
         self.arbiter.register(self)
         try:
             try:
-                await self._start()
-                await self._loop()
+                await starting.start(self)
+                await idling.loop(self)
             except* LeaseLost:
-                self.stop_reason = StopReason.LEASE_LOST
+                self._apply_lease_lost()
             except* Exception as group:
                 # A bug of the runtime, not of the agent: the agent is let go and activated
                 # again after a backoff (error_delay_s), never at once in a hot loop.
@@ -83,514 +450,37 @@ class AgentRunner(TaskMixin, FaultMixin, WaitMixin):
             finally:
                 # Runs on cancellation too: a daemon past its grace period still
                 # records the stop and releases the lease.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    try:
-                        await self._finish()
-                    except* LeaseLost:
-                        log.warning("%s: lease lost while stopping", self.name)
-                    except* StoreError as group:
-                        log.warning(
-                            "%s: could not record the stop: %s", self.name, group.exceptions[0]
-                        )
+                await releasing.stop(self, self.state.stop_reason or StopReason.SHUTDOWN)
         finally:
             self.session.drop()
             self.arbiter.unregister(self.name)
+            # Cut short while releasing the agent (cancelled past the grace period, or
+            # the stop's own time limit): the release is finished here, shielded.
+            await releasing.complete_release(self)
             self.done.set()
-
-    async def _start(self) -> None:
-        snapshot = self.opened
-        self.opened = None
-        if snapshot is None:
-            snapshot = await self.writer.call(
-                lambda: self.store.open_agent(self.name, self.daemon_id), "open"
-            )
-        prior = snapshot.status
-        self.restarts = int(prior.get("restarts", 0) or 0)
-        self.tasks_succeeded = int(prior.get("tasks_succeeded", 0) or 0)
-        self.tasks_failed = int(prior.get("tasks_failed", 0) or 0)
-        self.steps = int(prior.get("steps", 0) or 0)
-        self.tokens_in = int(prior.get("tokens_in", 0) or 0)
-        self.tokens_out = int(prior.get("tokens_out", 0) or 0)
-        previous_owner = prior.get("owner", "")
-        self.usage.kv_stored = int(prior.get("kv_bytes") or 0)
-        self.session.has_snapshot = bool(prior.get("snapshot_at"))
-        self._uses_model = self.session.has_snapshot or int(prior.get("tokens_in") or 0) > 0
-        # A waiting agent gave its slot back like a hibernated one.
-        was_hibernated = prior.get("phase") in (Phase.HIBERNATED.value, Phase.WAITING.value)
-        if not await self._load_class() or not await self._instantiate(snapshot.state, read=True):
-            return
-        for msg in snapshot.pending:
-            self._queue.append(inbox_work(msg))
-        self._triggers = TriggerClock(
-            self.resource.spec.triggers, now=self.clock(), stored=snapshot.schedule
-        )
-        for step in resume_plan(
-            snapshot.unfinished, {m.id for m in snapshot.pending}, self.clock()
-        ):
-            if isinstance(step, Close):
-                await self.writer.write(task=TaskWrite(step.task_id, step.fields))
-            else:
-                self._queue.append(step.work)
-        self._count_starts(snapshot.unfinished)
-        self._cancels.update(noted_cancels(snapshot.unfinished))
-        if not await self._resume_wait(snapshot):
-            return  # still waiting: released again
-        self.phase = Phase.HIBERNATED if was_hibernated else Phase.PENDING
-        self._move(PhaseEvent.START)
-        adopted = bool(previous_owner) and previous_owner != self.daemon_id
-        message = f"started by {self.daemon_id}"
-        if adopted:
-            message = f"adopted from {previous_owner} by {self.daemon_id}"
-        if snapshot.claimed:
-            message += f"; {snapshot.claimed} unacknowledged message(s) taken over"
-        woken = bool(prior.get("woken"))
-        clear = ("last_error", "last_traceback") if prior.get("phase") != "Failed" else ()
-        await self.writer.write(
-            status={
-                "phase": self.phase.value,
-                "owner": self.daemon_id,
-                "spec_hash": self.spec_hash,
-                "started_at": repr(self.clock()),
-                "reason": "Adopted" if adopted else "Started",
-                "message": message,
-            },
-            clear=(*clear, "woken") if woken else clear,
-            event=self.writer.event("Adopted" if adopted else "Started", "", message),
-        )
-        await self._catch_up()
-        if woken:  # `agentos wake` while no daemon held it: that is what activated it
-            self._cmds.add("wake")
-        elif not was_hibernated and not self._queue:
-            self._queue.append(Work("start"))
-        # Messages that arrived while no daemon ran the agent: the first ones came with
-        # the open, recorded as they start (the inbox keeps them meanwhile).
-        for msg in snapshot.new:
-            self._queue.append(inbox_work(msg))
-        if len(snapshot.new) >= OPEN_NEW_MESSAGES:
-            self._cmds.add("message")
-        self._nudged.set()
-
-    def _count_starts(self, unfinished: list[dict[str, str]]) -> None:
-        """Every start of a task counts an attempt: a queued task whose record says it
-        ran before continues its count, and one left ``running`` (its start was cut
-        short: the daemon stopped, died or lost the lease) adds to its interrupted
-        starts, which end it at ``crashLoopAfter`` (:meth:`_abandon`)."""
-        records = {r.get("id", ""): r for r in unfinished}
-        for work in self._queue:
-            record = records.get(work.id)
-            if record is None:
-                continue
-            work.attempt = max(work.attempt, int(record.get("attempt") or 0) + 1)
-            cut = int(record.get("interrupted") or 0) + (record.get("status") == "running")
-            if cut:
-                self._interrupted_starts[work.id] = cut
 
     async def _catch_up(self) -> None:
         """Fires that passed while no daemon ran the agent, per each trigger's catchUp."""
-        clock = self._triggers
-        for missed in clock.missed:
-            verdict = {"skip": "none run", "one": "the latest runs", "all": f"{missed.run} run"}
-            await self.writer.write(
-                event=self.writer.event(
-                    "MissedFires",
-                    f"catchUp: {missed.policy}",
-                    f"{missed.count} fire(s) of {missed.kind} trigger #{missed.index} passed "
-                    f"while no daemon ran the agent; {verdict[missed.policy]}",
-                )
-            )
-        works = [Work(f.kind, scheduled_at=f.at, index=f.index) for f in clock.catch_up]
-        await self._enqueue(works, persist_schedule=True)
+        await intake.enqueue(self, await intake.missed_fires(self), persist_schedule=True)
 
-    async def _enqueue(
-        self, works: list[Work], *, persist_schedule: bool = False, runs_now: bool = False
-    ) -> None:
-        """Record the wake-ups as queued tasks (one write for all), then queue them.
-
-        With ``persist_schedule`` the triggers' next fire times are stored in the same
-        write, so a fire is never both lost and moved past. With ``runs_now`` the first
-        one runs next and is recorded by its start write; its message keeps it safe
-        meanwhile.
-        """
-        schedule = self._triggers.persisted() if persist_schedule else None
-        now = self.clock()
-        later = works[1:] if runs_now else works
-        if later or schedule:
-            await self.writer.write(tasks=[self._queued_write(w) for w in later], schedule=schedule)
-        for work in later:
-            work.recorded = True
-        for work in works:
-            work.queued_at = now
-            self._queue.append(work)
-
-    async def _instantiate(self, raw: bytes | None = None, *, read: bool = False) -> bool:
-        """Create a fresh agent instance with its saved state (given, or read from Redis
-        unless ``read``: then ``raw`` is what Redis holds, None for no state)."""
-        assert self._agent_cls is not None
-        assert self.codec is not None
-        if raw is None and not read:
-            raw = await self.writer.call(lambda: self.store.load_state(self.name), "load state")
-        try:
-            state = self.codec.decode(raw) if raw is not None else self.codec.new()
-        except Exception as e:
-            await self._fail(
-                "StateError",
-                f"stored state does not fit {self._agent_cls.__name__}.State: {e}",
-                "",
-            )
-            return False
-        try:
-            with running(self.mark):
-                self.agent = self._agent_cls()
-        except Exception as e:
-            err = AgentCodeError("__init__", e)
-            await self._fail("AgentError", str(err), err.tb)
-            return False
-        self._saved_state = raw
-        spec = self.resource.spec
-        llm = LLM(
-            self.engine,
-            self.name,
-            session=OnDemandSession(self),
-            on_usage=self._on_usage,
-            telemetry=self.telemetry,
-            admit=self._admit if self.governor is not None else None,
-            on_overflow=spec.on_overflow,
-            on_compacted=self._compacted,
-        )
-        self.ctx = Context(
-            name=self.name,
-            llm=llm,
-            state=state,
-            config=freeze_config(spec.config),
-            task=TaskInfo(id="", trigger="start"),
-            log=agent_logger(self.name),
-            stopping=self.stop_reason,
-            _sender=self._send,
-            _telemetry=self.telemetry,
-        )
-        try:
-            self.ctx.tools.extend(type(self.agent).tools)
-        except (TypeError, ValueError) as e:
-            await self._fail("AgentError", f"{self._agent_cls.__name__}.tools: {e}", "")
-            return False
-        ctx = self.ctx
-        self.ledger = LedgerWriter(self.writer, ctx._waits, lambda: ctx.task.id)
-        ctx.tools.ledger = Ledger(
-            ctx._waits, self.ledger.persist, approval_rule(self.resource.spec.tools)
-        )
-        return True
-
-    async def _compacted(self, compaction: Compaction) -> None:
-        """The agent's context did not fit the model and was compacted: say so."""
-        await self.writer.write(
-            event=self.writer.event("ContextCompacted", compaction.operation, compaction.describe())
-        )
-
-    async def _loop(self) -> None:
-        while self.stop_reason is None:
-            if self._blocked:  # charged by the watchdog outside a task (observe, init)
-                await self._charge_blocked()
-                continue
-            if self.failed:
-                await self._wait(None)
-                if "wake" in self._cmds:
-                    self._cmds.discard("wake")
-                    await self._recover()
-                continue
-            # A slot promised to a waiting agent goes first: we are idle, it is not.
-            if self.hibernate_requested and self.phase is Phase.IDLE:
-                # An operator's request releases the agent too; an eviction (another
-                # agent needs the slot) only swaps it out until it is idle long enough.
-                asked, why = not self._evicting, self.hibernate_requested
-                self.releasing = (
-                    asked
-                    and not self.resource.spec.hibernation.never
-                    and self._releasable(self.clock())
-                )
-                await self._hibernate(why, release=self.releasing)
-                self.releasing = False
-                continue
-            if self._evicting:  # asked while not idle: let the arbiter ask someone else
-                self._evicting = False
-                self.arbiter.eviction_over(self.name)
-            work = self._next_due(pop=True)
-            if work is not None:
-                await self._run_work(work)
-                continue
-            if self.phase is Phase.HIBERNATED:
-                self.hibernate_requested = None
-            now = self.clock()
-            deadlines = [self._triggers.next_at] + [w.not_before for w in self._queue]
-            hibernation = self.resource.spec.hibernation
-            if self.phase in (Phase.IDLE, Phase.HIBERNATED) and not hibernation.never:
-                idle_deadline = self.last_activity + hibernation.idle_after
-                if idle_deadline <= now and self._releasable(now):
-                    why = f"idle for {hibernation.idle_after:g}s"
-                    self.releasing = True  # not to be handed over meanwhile
-                    if self.phase is Phase.IDLE:
-                        await self._hibernate(why, release=True)
-                    else:
-                        await self._release(why)
-                    continue
-                deadlines.append(idle_deadline)
-            due = [d for d in deadlines if d is not None]
-            await self._wait(max(0.0, min(due) - now) if due else None)
-            await self._collect()
-
-    def _releasable(self, now: float) -> bool:
-        """Nothing to do before the next trigger: the agent may be let go until then."""
-        next_at = self._triggers.next_at
-        return (
-            not self._queue
-            and not self._cmds
-            and not self.busy
-            and self.stop_reason is None
-            and (next_at is None or next_at > now + 0.05)
-        )
-
-    async def _release(
-        self,
-        why: str,
-        fields: dict[str, object] | None = None,
-        event: dict[str, str] | None = None,
-    ) -> None:
-        """Let go of a hibernated agent: no lease, no runner, no timer in any daemon.
-
-        Its counters, usage and next fire times (heartbeats too) are written with the
-        lease's release (with ``fields`` and ``event``: the hibernation's own record, one
-        write for both); then it is due at its next fire (+inf: only a message, a wake
-        or an answer activates it), or now if a message came meanwhile. This runner ends.
-        """
-        if self.phase is not Phase.HIBERNATED:
-            self.releasing = False
+    async def wait_nudge(self, timeout_s: float | None) -> None:
+        """Wait until nudged (a command, a stop) or ``timeout_s``; nothing deferred meanwhile."""
+        await self.writer.flush()  # nothing is deferred across a wait
+        if self.nudged.is_set():
+            self.nudged = anyio.Event()
             return
-        at = self._triggers.next_at
-        due_at = math.inf if at is None else at
-        self.release_due = due_at  # from here on the agent must end up in the index
-        await self.writer.write(
-            status={
-                **(fields or {}),
-                **self.counters(),
-                **self.task_counters(),
-                "owner": "",
-                "released_at": repr(self.clock()),
-                "due_at": repr(due_at),
-            },
-            event=event,
-            usage=self.usage_delta(),
-            schedule=self._triggers.persisted(heartbeats=True),
-            release=True,
-        )
-        self._released(f"hibernated ({why})")
-        await self._into_index(due_at)
+        with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            await self.nudged.wait()
+        self.nudged = anyio.Event()
 
-    async def _into_index(self, at: float, *, look: bool = True) -> None:
-        """After the lease was given up: the agent is due at ``at`` (or sooner). Not cut
-        short by a stop's grace period: a released agent outside the index would wait
-        for the daemon's held set to be recovered."""
-        with anyio.CancelScope(shield=True):
-            # Until it succeeds (a Redis away for minutes included): given up, the agent
-            # would be in no index, with no lease and no runner, its schedules stopped.
-            delay = 0.1
-            while True:
-                try:
-                    await self.writer.call(
-                        lambda: self.store.due_release(
-                            self.name, self.daemon_id, at, now=self.clock(), look=look
-                        ),
-                        "release",
-                    )
-                    break
-                except StoreError as e:
-                    log.warning(
-                        "%s: release not recorded (%s); retrying in %.1fs", self.name, e, delay
-                    )
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-            self.release_due = None
-
-    async def _collect(self) -> None:
-        """Turn commands and due triggers into queued work."""
-        if "message" in self._cmds:
-            self._cmds.discard("message")
-            new = await self.writer.call(
-                lambda: self.store.read_inbox(
-                    self.name, self.daemon_id, count=100, lease=self.lease_value
-                ),
-                "read inbox",
-            )
-            # An idle agent's first message runs at once: its start write records it.
-            await self._enqueue(
-                [inbox_work(m) for m in new],
-                runs_now=not self._queue and self.phase in (Phase.IDLE, Phase.HIBERNATED),
-            )
-            if len(new) == 100:
-                self._cmds.add("message")
-                self._nudged.set()
-        if "wake" in self._cmds:
-            self._cmds.discard("wake")
-            await self.writer.write(clear=("woken",))
-            await self._enqueue([Work("wake")])
-        fires = self._triggers.due_fires(self.clock())
-        if fires:
-            # Heartbeats only ask observe: they get a record if it finds work.
-            # At most one heartbeat queued per trigger: one whose observe is parked (a
-            # spent budget, an engine down) must not pile up a copy per beat.
-            waiting = {w.index for w in self._queue if w.trigger == "heartbeat"}
-            for f in fires:
-                if f.kind == "heartbeat" and f.index not in waiting:
-                    waiting.add(f.index)
-                    self._queue.append(Work("heartbeat", index=f.index))
-            timed = [
-                Work(f.kind, scheduled_at=f.at, index=f.index)
-                for f in fires
-                if f.kind != "heartbeat"
-            ]
-            await self._enqueue(timed, persist_schedule=True)
-
-    async def _hibernate(self, why: str, *, release: bool = False) -> None:
-        """Save the context and give the slot back; with ``release``, let go of the agent
-        in the same write (see :meth:`_release`)."""
-        with self.telemetry.span("agentos.hibernate", **{"gen_ai.agent.name": self.name}) as span:
-            started = time.perf_counter()
-            self.hibernate_requested = None
-            # Without an engine session nothing slow comes before the next write: the
-            # Hibernating phase rides with it.
-            await self._set_phase(
-                PhaseEvent.HIBERNATE,
-                status={"reason": "Hibernating", "message": why},
-                hold=not self.session.open,
-            )
-            had_session = self.session.open
-            tokens = self.session.snapshot_tokens
-            status = await self._release_slot()
-            if not had_session:
-                detail = "no engine session"
-            elif not status:
-                detail = f"snapshot unchanged ({tokens} tokens)"
-            else:
-                detail = (
-                    f"{status.get('kv_bytes')} bytes, {status.get('kv_tokens')} tokens"
-                    if status.get("kv_kept")
-                    else f"token history only ({status.get('kv_tokens')} tokens)"
-                )
-            took_ms = (time.perf_counter() - started) * 1000
-            span.set_attribute("agentos.kv.bytes", self.usage.kv_stored)
-            span.set_attribute("agentos.hibernate.detail", detail)
-            self.telemetry.hibernations.add(1, {"gen_ai.agent.name": self.name})
-            self.telemetry.hibernate_latency.record(
-                took_ms / 1000, {"gen_ai.agent.name": self.name}
-            )
-            fields: dict[str, object] = {
-                "reason": "Hibernated",
-                "message": why,
-                "hibernated_at": repr(self.clock()),
-                "hibernate_ms": f"{took_ms:.1f}",
-                **status,
-                **self.task_counters(),
-            }
-            event = self.writer.event("Hibernated", why, f"{detail}; {took_ms:.1f} ms")
-            if not release:
-                await self._set_phase(PhaseEvent.HIBERNATED, status=fields, event=event)
-                return
-            self._move(PhaseEvent.HIBERNATED)
-            self._phase_path.append(self.phase.value)
-            fields["phase"] = self.phase.value
-            fields["updated_at"] = repr(self.clock())
-            await self._release(why, fields, event)
-
-    async def _finish(self) -> None:
-        if self.parked:  # released with the park: nothing of the agent is ours any more
-            return
-        reason = self.stop_reason or StopReason.SHUTDOWN
-        if reason is StopReason.LEASE_LOST:
-            log.warning("%s: lease lost (%s); stopped here", self.name, self.lost_why or "not ours")
-            self.session.drop()  # not ours to save: the new owner starts from Redis
-            return
-        await self.writer.flush()
-        # Cut off mid-iteration (grace period over): the half-done iteration's state is
-        # not saved; the state of the last complete iteration already is.
-        if self.agent is not None and self.ctx is not None and not self._interrupted:
-            self.ctx.stopping = reason
-            if type(self.agent).on_stop is not Agent.on_stop:  # the default does nothing
-                try:
-                    with anyio.move_on_after(5):
-                        await marked(self.mark, self.agent.on_stop(self.ctx, reason))
-                except Exception as e:
-                    log.warning("%s: on_stop raised %s: %s", self.name, type(e).__name__, e)
-            state = self._encode_state()
-            if state is not None:
-                # Rides with the closing write below (or the hibernation's).
-                self.writer.defer(Write(state=state))
-        if reason is StopReason.DELETE:
-            self.session.drop()
-            await self.writer.call(
-                lambda: self.store.release_lease(self.name, self.lease_value), "release"
-            )
-            await self.writer.call(lambda: self.store.purge_agent(self.name), "purge")
-            await self.writer.call(
-                lambda: self.store.held_remove(self.daemon_id, [self.name]), "release"
-            )
-            return
-        # Hand the next owner (or the respecced runner) a KV snapshot, so it wakes
-        # without re-prefill. A task cut short by the grace period is abandoned; its
-        # message is redelivered. An idle agent is released hibernated, until its next
-        # trigger, with or without an engine session.
-        if self.session.open and self.phase is Phase.RUNNING:
-            self._move(PhaseEvent.IDLE)
-        never = self.resource.spec.hibernation.never
-        if (
-            self.phase is Phase.IDLE
-            and reason not in (StopReason.RESPEC, StopReason.RESTART)
-            and (self.session.open or not never)
-        ):
-            await self._hibernate(f"daemon stopping the agent ({reason.value})")
-        elif self.session.open:
-            await self.writer.write(status=await self._release_slot())
-        # The flush loop skips stopping runners: this write carries every counter.
-        status: dict[str, object] = {**self.counters(), **self.task_counters(), "owner": ""}
-        if reason in (StopReason.RESPEC, StopReason.RESTART):
-            # The restarted runner takes over at once: counters and usage, not a phase.
-            await self.writer.write(status=status, usage=self.usage_delta(), release=True)
-            return
-        if self.phase is not Phase.HIBERNATED and self.phase is not Phase.FAILED:
-            self._move(PhaseEvent.STOP)
-            status.update(
-                phase=self.phase.value, reason="Stopped", message=f"stopped: {reason.value}"
-            )
-        message = f"daemon {self.daemon_id} let go of the agent"
-        if reason is StopReason.REBALANCE:
-            message += ": it holds more than its fair share; another daemon takes the agent"
-        event = self.writer.event("Stopped", reason.value, message)
-        if self.error is not None:
-            event = self.writer.event(
-                "RunnerError",
-                type(self.error).__name__,
-                f"the runner of daemon {self.daemon_id} failed ({type(self.error).__name__}: "
-                f"{self.error}); the agent is activated again in {self.error_delay_s:.0f}s",
-            )
-        await self.writer.write(
-            status=status,
-            event=event,
-            usage=self.usage_delta(),
-            schedule=self._triggers.persisted(heartbeats=True),
-            release=True,
-        )
-        # Released: a hibernated agent until its next fire; any other (work queued,
-        # `hibernation: never`, handed over, failed) at once, for whoever has room.
-        now = self.clock()
-        at: float = now
-        if (
-            self.phase is Phase.HIBERNATED
-            and not self.resource.spec.hibernation.never
-            and reason is not StopReason.REBALANCE
-            and not self._queue
-        ):
-            next_at = self._triggers.next_at
-            at = math.inf if next_at is None else next_at
-        if self.error is not None:
-            # Backs off like a crash: activated again after the delay (what its inbox
-            # holds is not looked at: a message must not make it due at once).
-            at = now + self.error_delay_s
-        self.release_due = at
-        await self._into_index(at, look=self.error is None)
+    async def until_stopped(self, op: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None]:
+        """Run ``op`` unless a stop is requested first (then it is cancelled): (done, result)."""
+        if self.state.stop_reason is not None:
+            return False, None
+        with anyio.CancelScope() as scope:
+            self.stop_scopes.add(scope)
+            try:
+                return True, await op()
+            finally:
+                self.stop_scopes.discard(scope)
+        return False, None

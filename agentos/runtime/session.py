@@ -1,14 +1,14 @@
 """One agent's engine session: a slot from the arbiter, its context restored from or saved to Redis.
 
 The runner secures the session before agent code runs (a task never waits for a
-slot while holding an inference turn) and gives it back whenever the agent parks:
-hibernation, crash backoff, a quota wait, failure, stop. Giving it back saves the
+slot while holding an inference turn) and gives it back whenever the agent stops running:
+hibernation, crash backoff, a parked task, a wait, failure, stop. Giving it back saves the
 context first when it changed since the last snapshot, so the next owner of the
 slot, or of the agent, continues where it was.
 
 When agent code calls the model with no session open (a heartbeat's ``observe`` of a
 hibernated agent), the model handle asks the runner's
-:class:`agentos.runtime.tasking.OnDemandSession`, which wakes the agent as a task
+:class:`agentos.runtime.securing.OnDemandSession`, which wakes the agent as a task
 would and ends here.
 """
 
@@ -107,7 +107,7 @@ class AgentSession:
         self._saved_mark = mark
         return saved
 
-    async def release(self) -> Saved | None:
+    async def give_back(self) -> Saved | None:
         """Save the context (if it changed) and give the slot back.
 
         Raises what :meth:`save` raises; the slot is given back in any case.

@@ -26,7 +26,7 @@ import anyio
 from agentos.core.toolserver import AgentTools
 from agentos.core.waits import WaitLog
 from agentos.runtime.writer import Writer
-from agentos.store import TaskWrite
+from agentos.store import TaskWrite, Write
 from agentos.tools import Approval, Tool, Toolbox
 
 if TYPE_CHECKING:  # the mcp package is imported when a daemon starts, not by every CLI call
@@ -80,7 +80,7 @@ class LedgerWriter:
                 "calls": json.dumps(self._log.made),
                 "tools": json.dumps(self._log.tools),
             }
-            await self._writer.write(task=TaskWrite(self._task_id(), fields))
+            await self._writer.write(Write(tasks=(TaskWrite(self._task_id(), fields),)))
             self.written = True
 
     def cleared(self) -> dict[str, str] | None:

@@ -17,21 +17,21 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agentos.core.outcomes import Outcome
-from agentos.core.tasks import Work, short
+from agentos.core.tasks import Task, TaskStatus, short
 from agentos.core.taskview import EvaluatedTask
 from agentos.runtime.evaluate import evaluator_of
-from agentos.store import StoreError
+from agentos.store import StoreError, Write
 from agentos.telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from agentos.runtime.tasking import TaskMixin
+    from agentos.runtime.runner import AgentRunner
 
 __all__ = ["count_outcome", "judge_task"]
 
 log = logging.getLogger("agentos.runner")
 
 
-async def judge_task(runner: TaskMixin, work: Work, summary: str, own: Outcome | None) -> Outcome:
+async def judge_task(runner: AgentRunner, task: Task, summary: str, own: Outcome | None) -> Outcome:
     """The verdict on a task that ended normally: its evaluator's, else the agent's
     own (``own``), else ``unknown``. An evaluator that fails gives ``unknown`` with its
     error and a ``EvaluationFailed`` event; never an agent crash."""
@@ -39,19 +39,19 @@ async def judge_task(runner: TaskMixin, work: Work, summary: str, own: Outcome |
     if evaluator is None:
         return own if own is not None else Outcome("unknown", source="runtime")
     record: dict[str, str] = {
-        "id": work.id,
+        "id": task.id,
         "agent": runner.name,
-        "trigger": work.trigger,
-        "status": "succeeded",
-        "attempt": str(work.attempt),
+        "trigger": task.trigger,
+        "status": TaskStatus.SUCCEEDED,
+        "attempt": str(task.attempt),
         "result": summary,
     }
-    if work.message is not None:  # what the record keeps: eval re-runs see the same
-        record |= {"message_id": work.message.id, "payload": short(work.message.body)}
+    if task.message is not None:  # what the record keeps: eval re-runs see the same
+        record |= {"message_id": task.message.id, "payload": short(task.message.body)}
     if own is not None:
         record["agent_outcome"] = json.dumps(own.to_dict())
-    task = EvaluatedTask.from_record(runner.name, record)
-    done, outcome = await runner._until_stopped(lambda: evaluator.judge(task))
+    evaluated = EvaluatedTask.from_record(runner.name, record)
+    done, outcome = await runner.until_stopped(lambda: evaluator.judge(evaluated))
     if not done or outcome is None:
         outcome = Outcome(
             "unknown",
@@ -59,23 +59,19 @@ async def judge_task(runner: TaskMixin, work: Work, summary: str, own: Outcome |
             error="not judged: the agent was stopping (judge it with `agentos eval`)",
         )
     if outcome.error:
-        log.warning("%s: task %s: evaluate %s", runner.name, work.id, outcome.error)
+        log.warning("%s: task %s: evaluate %s", runner.name, task.id, outcome.error)
         with contextlib.suppress(StoreError):
-            await runner.writer.write(
-                event=runner.writer.event(
-                    "EvaluationFailed",
-                    "evaluator",
-                    f"task {work.id}: evaluate {evaluator.name}: {outcome.error}; verdict unknown",
-                )
-            )
+            message = f"task {task.id}: evaluate {evaluator.name}: {outcome.error}; verdict unknown"
+            event = runner.writer.event("EvaluationFailed", "evaluator", message)
+            await runner.writer.write(Write(event=event))
     return outcome
 
 
 def count_outcome(
-    runner: TaskMixin, status: str, outcome: Outcome, now: float, span: Any
+    runner: AgentRunner, status: TaskStatus, outcome: Outcome, now: float, span: Any
 ) -> dict[str, object]:
     """Count ``outcome`` in the day's usage and the trace; the record's fields."""
-    if status == "failed":
+    if status == TaskStatus.FAILED:
         runner.usage.add(tasks_failed=1)  # counts its fail verdict too
     else:
         runner.usage.judged(outcome.verdict)
