@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from agentos.store import Store
+from tests.cli_support import env  # noqa: F401 (the fixture, for every test module)
 from tests.proxy import CutProxy
 
 

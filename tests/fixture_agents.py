@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter as Tally
 from typing import Any
 
 import anyio
 import msgspec
 
 import agentos
+
+# Heartbeat checks each Watcher made (agent name -> count), for tests that need to see
+# heartbeats go by (the daemon runs in the test's process).
+HEARTBEAT_CHECKS: Tally[str] = Tally()
+# Set by test_watchdog's Blocker once it blocks the event loop.
+LOOP_BLOCKED = threading.Event()
+
+
+async def work(seconds: float) -> None:
+    """A step that takes ``seconds`` of simulated work: the one timed wait of these
+    agents, because the duration of a step is what the tests using them are about
+    (a task timeout, a fire during a running task, an ``on_stop`` that takes its grace
+    period, calls spaced out to build queue pressure)."""
+    if seconds > 0:
+        await anyio.sleep(seconds)
 
 
 class CountState(msgspec.Struct):
@@ -77,7 +94,7 @@ class Slow(agentos.Agent):
         return True
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
-        await anyio.sleep(float(ctx.config.get("sleep", 60)))
+        await work(float(ctx.config.get("sleep", 60)))
         return None
 
 
@@ -92,7 +109,7 @@ class Flusher(agentos.Agent):
     State = FlushState
 
     async def on_stop(self, ctx: agentos.Context, reason: agentos.StopReason) -> None:
-        await anyio.sleep(float(ctx.config.get("flush_s", 0.5)))
+        await work(float(ctx.config.get("flush_s", 0.5)))
         ctx.state.flushed_with = reason.value
 
 
@@ -147,7 +164,7 @@ class Ticker(agentos.Agent):
         return None
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
-        await anyio.sleep(float(ctx.config.get("sleep", 0)))
+        await work(float(ctx.config.get("sleep", 0)))
         ctx.state.last_task = ctx.task.id
         ctx.state.fires.append(ctx.task.id)
         return plan
@@ -170,6 +187,7 @@ class Watcher(agentos.Agent):
             ctx.state.pending += int(message.body)
         if ctx.task.trigger == "heartbeat":
             ctx.state.checks += 1  # not saved unless a task runs: observe-only costs nothing
+            HEARTBEAT_CHECKS[ctx.name] += 1
         return True if ctx.state.pending else None
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
@@ -224,12 +242,13 @@ class Caller(agentos.Agent):
             completion = await ctx.llm.generate(f"call {i}", max_tokens=4)
             ctx.state.texts.append(completion.text)
             if i < calls - 1:
-                await anyio.sleep(gap)
+                await work(gap)
         ctx.state.n += 1
         return f"{calls} calls"
 
 
-# Events a test sets to release a Gate agent's act: agent name -> event.
+# Events a test sets to release a Gate agent's act (agent name -> event) or a `hold`
+# tool call (gate name -> event).
 GATES: dict[str, anyio.Event] = {}
 
 
@@ -328,9 +347,8 @@ class Recorder(agentos.Agent):
         return plan
 
 
-# Gates the tests open to end a `hold` tool call: a tool that runs exactly as long as the
-# test wants, without sleeping for luck.
-GATES: dict[str, anyio.Event] = {}
+# The `hold` tool waits on GATES too (defined above): a tool call that runs exactly as
+# long as the test wants, without sleeping for luck.
 
 
 @agentos.tool(timeout=None)

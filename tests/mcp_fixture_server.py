@@ -11,12 +11,12 @@ once. Tools: ``echo``, ``add``, ``count`` (a side effect: not idempotent), ``slo
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
@@ -60,21 +60,20 @@ def main() -> None:
     async def slow_count(name: str, seconds: float) -> int:
         """Count one more of name (a side effect), then take its time to answer."""
         value = count(name)
-        await asyncio.sleep(seconds)
+        await anyio.sleep(seconds)  # the slow tool under test: its answer takes this long
         return value
 
     @server.tool()
     async def crash(name: str) -> str:
         """Record that it ran, then exit the server in the middle of the call."""
         ran(f"crash {name}")
-        await asyncio.sleep(0.05)
         os._exit(1)
 
     @server.tool()
     async def hang() -> str:
         """Never answer."""
         ran("hang")
-        await asyncio.sleep(3600)
+        await anyio.sleep_forever()
         return "never"
 
     @server.tool()

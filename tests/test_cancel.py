@@ -10,9 +10,9 @@ import pytest
 
 from agentos.client import Client, NotFound, TaskOver
 from agentos.store import Store
+from tests.cli_support import cli, show
 from tests.fixture_agents import GATES
 from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import cli, env, show  # noqa: F401  (env is a fixture)
 
 pytestmark = [pytest.mark.anyio]
 
@@ -105,7 +105,7 @@ async def test_unknown_or_finished_tasks_are_refused_and_change_nothing(store: S
     assert await _events(store, "echo", "TaskCancelled") == []
 
 
-async def test_cli_tasks_cancel(store: Store, env: dict[str, str]) -> None:  # noqa: F811
+async def test_cli_tasks_cancel(store: Store, env: dict[str, str]) -> None:
     GATES.clear()
     await apply(store, agent_doc("gated", "tests.fixture_agents:Gated", triggers=INBOX))
     client = Client(store)

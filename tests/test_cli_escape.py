@@ -15,8 +15,8 @@ import pytest
 from agentos.cli.common import hides_userinfo, printable
 from agentos.store import Store
 from agentos.store.keys import event_fields
+from tests.cli_support import cli, show
 from tests.helpers import agent_doc, apply
-from tests.test_cli import cli, env, show  # noqa: F401  (env is a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -45,7 +45,7 @@ MARKUP = "[/x]"
     ids=lambda a: " ".join(a[:2]),
 )
 async def test_a_markup_name_is_one_error_line_not_a_traceback(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     args: list[str],
 ) -> None:
     proc = await cli(env, *args)
@@ -56,7 +56,7 @@ async def test_a_markup_name_is_one_error_line_not_a_traceback(
 
 
 async def test_delete_of_a_missing_agent_changes_nothing(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO))
@@ -88,7 +88,7 @@ SHOWN = "hello\\n12:00:00 echo: Deleted (delete) forged\\x1b[2J\\x1b]0;pwned\\x0
 
 
 async def test_stored_text_cannot_forge_lines_or_colour_the_terminal(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
@@ -115,7 +115,7 @@ async def test_stored_text_cannot_forge_lines_or_colour_the_terminal(
 
 
 async def test_control_characters_and_deep_json_from_the_operator_are_refused(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO))
@@ -144,7 +144,7 @@ async def test_control_characters_and_deep_json_from_the_operator_are_refused(
 )
 @pytest.mark.parametrize("command", [["ps"], ["daemon"]])
 async def test_a_url_that_does_not_parse_is_never_shown(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     url: str,
     command: list[str],
 ) -> None:
@@ -189,7 +189,7 @@ def test_printable(text: str, keep: str, shown: str) -> None:
 
 
 async def test_a_bad_daemon_id_is_one_line_and_exit_2(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
 ) -> None:
     proc = await cli(env, "daemon", "--id", "bad{id}", "--engine", "sim")
     assert proc.returncode == 2, show(proc)

@@ -12,8 +12,8 @@ from agentos.store import Store
 from agentos.store.keys import FEED_SHARDS, SIGNAL_SHARDS, Keys
 from agentos.store.localcluster import LocalCluster
 from agentos.store.streams import parse_cursor
+from tests.cli_support import base_env, cli, show
 from tests.conftest import is_cluster
-from tests.test_cli import base_env, cli, show
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 

@@ -20,14 +20,15 @@ import pytest
 from agentos.client import Client
 from agentos.store import Store, StoreError
 from agentos.store.localcluster import LocalCluster
+from tests.cli_support import base_env, spawn
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, wait_until
-from tests.test_cli import base_env, spawn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.timeout(240)]
 
 AGENTS = 12
 MESSAGES = 240
+KILL_AFTER = 100  # messages sent when the master dies; the rest are sent through it
 
 
 async def test_a_master_fails_over_and_no_acknowledged_message_is_lost(
@@ -57,20 +58,26 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
     failed_sends = 0
 
     async def send(i: int) -> None:
-        nonlocal failed_sends
         agent, key = names[i % AGENTS], f"k{i}"
-        while True:
+
+        async def sent() -> bool:
+            nonlocal failed_sends
             try:
                 acked.append((agent, await client.send(agent, f"msg {i}", key=key), key))
-                return
             except StoreError:  # the failover window: retry with the same key
                 failed_sends += 1
-                await anyio.sleep(0.2)
+                return False
+            return True
+
+        await wait_until(sent, within=60, what=f"message {i} sent", every=0.2)
+
+    midway = anyio.Event()  # the kill lands while messages keep coming
 
     async def send_range(start: int, stop: int) -> None:
         for i in range(start, stop):
             await send(i)
-            await anyio.sleep(0.005)
+            if i == KILL_AFTER:
+                midway.set()
 
     logs = [tmp_path / f"daemon-{n}.log" for n in range(2)]
     with (
@@ -92,7 +99,7 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
         victim = cluster.master_of(store.keys.inbox(names[0]))
         async with anyio.create_task_group() as tg:
             tg.start_soon(send_range, 40, MESSAGES)
-            await anyio.sleep(0.3)
+            await midway.wait()
             cluster.kill(victim)
             await anyio.to_thread.run_sync(cluster.wait_failover, victim)
 

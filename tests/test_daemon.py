@@ -15,7 +15,7 @@ from agentos.engine import SimEngine
 from agentos.settings import DaemonSettings
 from agentos.store import Store
 from tests.fixture_agents import CountState, EchoState
-from tests.helpers import FAST, agent_doc, apply, running_daemon, status_is, wait_until
+from tests.helpers import FAST, agent_doc, apply, running_daemon, status_is, steady, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
@@ -181,8 +181,12 @@ async def test_a_daemon_cancelled_from_outside_stops_its_lease_thread(store: Sto
     lease_threads = [t.name for t in threading.enumerate() if t.name.startswith("agentos-leases")]
     assert f"agentos-leases-{d.id}" not in lease_threads
     beat = (await store.daemons())[d.id]["seen_at"]
-    await anyio.sleep(FAST["lease_ttl_s"])  # three of its passes (one every third of a lease)
-    assert (await store.daemons())[d.id]["seen_at"] == beat
+
+    async def unchanged() -> bool:
+        return bool((await store.daemons())[d.id]["seen_at"] == beat)
+
+    # A lease: three of its passes (one every third of a lease) would have beaten.
+    await steady(unchanged, for_s=FAST["lease_ttl_s"], what="the dead daemon's heartbeat")
 
 
 async def test_hibernate_and_wake_restore_the_kv_and_continue_identically(store: Store) -> None:

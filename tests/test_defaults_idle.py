@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 pytest.importorskip("xllamacpp")
@@ -21,7 +20,7 @@ from agentos.core.modelspec import ModelResource
 from agentos.core.spec import parse_resource
 from agentos.engine.llamaserver import LlamaServerEngine
 from agentos.engine.models import build_engine
-from tests.helpers import wait_until
+from tests.helpers import steady, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 
@@ -101,7 +100,10 @@ async def test_a_call_in_flight_keeps_the_server_up(llama_home: Path) -> None:
         async for chunk in chunks:
             if chunk.text:
                 break
-        await anyio.sleep(2.0)  # twice idleStop, while the stream is open
+        # Twice idleStop, while the stream is open.
+        await steady(
+            lambda: engine.stats.idle_stops == 0 and server.alive, for_s=2.0, what="the server up"
+        )
         assert engine.stats.idle_stops == 0
         assert server.alive
         async for chunk in chunks:

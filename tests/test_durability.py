@@ -6,15 +6,14 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-import anyio
 import msgspec
 import pytest
 
 from agentos.client import Client
 from agentos.store import Store
+from tests.cli_support import base_env, spawn
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, wait_until
-from tests.test_cli import base_env, spawn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.redis_tiers]
 
@@ -42,7 +41,6 @@ async def test_500_keyed_messages_survive_two_sigkills_exactly_once(
         for i in range(start, stop):
             agent = names[i % AGENTS]
             sent.append((agent, await client.send(agent, f"msg {i}", key=f"k{i}"), f"k{i}"))
-            await anyio.sleep(0.004)
 
     async def running(daemon_id: str) -> None:
         # Kill a daemon only once it works: on a loaded machine its start can take

@@ -124,13 +124,15 @@ async def test_a_short_retry_after_is_waited_out_within_the_call() -> None:
         server.behaviour.retry_after = "0.3"
 
         async def recover() -> None:
-            await anyio.sleep(0.1)
+            # Once the call has been throttled, within its Retry-After wait.
+            await wait_until(lambda: server.behaviour.requests, what="a throttled request")
             server.behaviour.mode = "ok"
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(recover)
             reply = await engine.generate("a", "hello", max_tokens=2)
         assert reply.text
+        assert len(server.behaviour.requests) == 2  # throttled once, then answered
         await engine.aclose()
 
 

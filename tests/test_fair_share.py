@@ -15,9 +15,9 @@ import pytest
 from agentos.client import Client
 from agentos.core.placement import share_limit
 from agentos.store import Store
+from tests.cli_support import base_env, exited, spawn
 from tests.fixture_agents import HOLD, EchoState
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
-from tests.test_cli import base_env, exited, spawn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 

@@ -25,6 +25,7 @@ from agentos.core.fairness import (
 from agentos.core.policy import ClassQuota, Limits
 from agentos.governor.admission import FairGate, Governor
 from agentos.store import Store
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -133,16 +134,26 @@ async def test_a_dead_holders_slot_returns_after_its_lease(store: Store) -> None
     lim = Limits(max_concurrent=1)
     assert (await admit(store, "dead", 10, limits=lim, lease_s=0.3))[0] == 1  # never settled
     assert (await admit(store, "c2", 10, limits=lim, agent="b"))[0] == 0
-    await anyio.sleep(0.4)
-    assert (await admit(store, "c2", 10, limits=lim, agent="b"))[0] == 1
+
+    async def admitted() -> bool:
+        return (await admit(store, "c2", 10, limits=lim, agent="b"))[0] == 1
+
+    await wait_until(admitted, within=0.4, what="the dead holder's slot")
 
 
 async def test_renewing_keeps_a_long_call_slot(store: Store) -> None:
     lim = Limits(max_concurrent=1)
     assert (await admit(store, "c1", 10, limits=lim, lease_s=0.3))[0] == 1
-    for _ in range(3):
-        await anyio.sleep(0.15)
+    renewals = 0
+
+    async def renewed() -> bool:
+        # Every 0.15 s, for one and a half leases.
+        nonlocal renewals
         await store.quota_renew([("c1", ("std", "a"))], lease_s=0.3)
+        renewals += 1
+        return renewals > 3
+
+    await wait_until(renewed, what="four renewals", every=0.15)
     assert (await admit(store, "c2", 10, limits=lim, agent="b"))[0] == 0
 
 
@@ -295,7 +306,7 @@ async def test_fair_gate_serves_priority_then_least_served() -> None:
             Waiter("low", 10, 0, 0),
         ):
             tg.start_soon(wait, w)
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # all four queued at the gate
         gate.release()
     assert served == ["vip", "quiet", "busy", "low"]
 

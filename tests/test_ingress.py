@@ -11,8 +11,8 @@ import pytest
 from agentos.client import Client
 from agentos.ingress import build_app, is_loopback
 from agentos.store import Store
+from tests.cli_support import base_env, cli, exited, spawn
 from tests.helpers import agent_doc, apply, wait_until
-from tests.test_cli import base_env, cli, exited, spawn
 
 pytestmark = pytest.mark.anyio
 

@@ -40,8 +40,8 @@ from agentos.core.spec import AgentResource, canonical, parse_resource
 from agentos.daemon import Daemon
 from agentos.settings import LABELS_ENV, DaemonSettings, daemon_labels, parse_labels
 from agentos.store import Store
+from tests.cli_support import base_env, cli, show
 from tests.helpers import agent_doc, apply, finished, policy_doc, running_daemon, wait_until
-from tests.test_cli import base_env, cli, show
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,9 @@ import pytest
 from agentos.client import Client
 from agentos.engine.llama import LlamaEngine, default_model_path
 from agentos.store import Store
+from tests.cli_support import base_env, exited, spawn
 from tests.fixture_agents import ReaderState, long_text
 from tests.helpers import agent_doc, apply, status_is, wait_until
-from tests.test_cli import base_env, exited, spawn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 

@@ -13,8 +13,8 @@ from agentos.client import Client
 from agentos.core.spec import Document, parse_text
 from agentos.runtime.agentlog import AgentLogHandler, attributed, current_task
 from agentos.store import Store
+from tests.cli_support import base_env, cli, show, spawn
 from tests.helpers import apply, running_daemon, wait_until
-from tests.test_cli import base_env, cli, show, spawn
 
 pytestmark = [pytest.mark.anyio]
 

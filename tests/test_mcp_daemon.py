@@ -19,8 +19,8 @@ from agentos.core.chat import ToolCall
 from agentos.core.spec import Document, parse_text
 from agentos.engine import SimEngine
 from agentos.store import Store
+from tests.cli_support import base_env, cli, show, spawn
 from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until, waiting
-from tests.test_cli import base_env, cli, show, spawn
 
 pytestmark = [pytest.mark.anyio]
 

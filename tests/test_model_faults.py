@@ -20,11 +20,10 @@ from agentos.engine.base import EngineUnavailable, ModelMisconfigured
 from agentos.engine.openai import OpenAIEngine
 from agentos.engine.remote import RequestRefused, scrub
 from agentos.store import Store
+from tests.cli_support import cli, show
 from tests.helpers import agent_doc, apply, policy_doc, running_daemon, status_is, wait_until
-from tests.test_cli import cli, env, show
 
 pytestmark = pytest.mark.anyio
-__all__ = ["env"]  # the CLI tests' fixture
 
 WRONG = "sk-wrong-Zq8vX1c9TOPSECRET"
 RIGHT = "sk-right-Hh3kP0w7ALSOSECRET"

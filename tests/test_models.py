@@ -17,14 +17,13 @@ from agentos.core.modelusage import by_model, model_usage
 from agentos.core.routing import ring_order
 from agentos.core.spec import SpecError, load_paths, parse_text
 from agentos.store import Store
+from tests.cli_support import cli, show
 from tests.fixture_agents import EchoState
 from tests.helpers import agent_doc, apply, policy_doc, running_daemon, status_is, wait_until
 from tests.openai_server import openai_server
-from tests.test_cli import cli, env, show
 
 pytestmark = pytest.mark.anyio
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "models" / "two-models.yaml"
-__all__ = ["env"]  # the CLI tests' fixture
 
 
 def _model(name: str = "big", **spec: Any) -> dict[str, Any]:

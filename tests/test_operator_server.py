@@ -29,6 +29,7 @@ from examples.operator.server import (
     MAX_OUTPUT_BYTES,
     parse_args,
 )
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.anyio]
 
@@ -227,18 +228,19 @@ def free_port() -> int:
 
 async def accepting(port: int, server: Process, log: Path) -> None:
     """Return once the server accepts connections; fail if it exits first."""
-    with anyio.fail_after(30):
-        while True:
-            if server.returncode is not None:
-                output = await anyio.Path(log).read_text()
-                pytest.fail(f"the server exited with {server.returncode}: {output}")
-            try:
-                stream = await anyio.connect_tcp("127.0.0.1", port)
-            except OSError:
-                await anyio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
+
+    async def accepts() -> bool:
+        if server.returncode is not None:
+            output = await anyio.Path(log).read_text()
+            pytest.fail(f"the server exited with {server.returncode}: {output}")
+        try:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+
+    await wait_until(accepts, within=30, what="the server to accept connections", every=0.05)
 
 
 @asynccontextmanager

@@ -15,40 +15,20 @@ from typing import Any
 import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from opentelemetry.metrics import _internal as metrics_internal
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.util._once import Once
 
 from agentos.client import Client
 from agentos.engine import SimEngine
 from agentos.store import Store
 from agentos.telemetry import Telemetry
 from tests.helpers import agent_doc, apply, running_daemon
-from tests.test_telemetry import collector
-
-__all__ = ["collector"]
+from tests.otel_support import (  # fixtures, and re-exported: modules import them from here
+    collector as collector,
+)
+from tests.otel_support import fresh_globals as fresh_globals
+from tests.otel_support import spans_of as _spans
 
 pytestmark = pytest.mark.anyio
-
-
-def _reset_globals() -> None:
-    """Forget the global providers (what opentelemetry-test-utils does between tests)."""
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
-    trace._PROXY_TRACER_PROVIDER = trace.ProxyTracerProvider()
-    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
-    metrics_internal._METER_PROVIDER = None
-    metrics_internal._PROXY_METER_PROVIDER = metrics_internal._ProxyMeterProvider()
-
-
-@pytest.fixture
-def fresh_globals() -> Iterator[None]:
-    _reset_globals()
-    try:
-        yield
-    finally:
-        _reset_globals()
 
 
 @pytest.fixture
@@ -77,16 +57,6 @@ def web() -> Iterator[tuple[str, list[str]]]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
-
-def _spans(bodies: list[bytes]) -> list[Any]:
-    return [
-        s
-        for body in bodies
-        for rs in ExportTraceServiceRequest.FromString(body).resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
 
 
 async def test_an_httpx_call_in_act_is_a_child_of_the_act_span(

@@ -32,8 +32,8 @@ from agentos.runtime.evaluate import Evaluator, judge
 from agentos.runtime.usage import UsageMeter
 from agentos.store import Store
 from agentos.telemetry import Telemetry
+from tests.cli_support import cli, show
 from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until
-from tests.test_cli import cli, env, show  # noqa: F401 - env is a fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -317,7 +317,7 @@ async def test_eval_refuses_what_it_cannot_judge_and_changes_nothing(store: Stor
 
 async def test_eval_cli_prints_old_and_new_verdicts_escaped(
     store: Store,
-    env: dict[str, str],  # noqa: F811 - the fixture
+    env: dict[str, str],
 ) -> None:
     await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
     (record,) = await _run(store, "graded", ["ok"])
@@ -350,7 +350,7 @@ async def test_eval_cli_prints_old_and_new_verdicts_escaped(
 
 async def test_eval_cli_escapes_the_evaluators_error(
     store: Store,
-    env: dict[str, str],  # noqa: F811 - the fixture
+    env: dict[str, str],
 ) -> None:
     await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_raises"}))
     await _run(store, "graded", ["ok"])

@@ -4,7 +4,9 @@ An inbox holds at most ``maxDepth`` messages (the check is in the script that en
 a checked send to a name nobody applied leaves no key behind; a send id reused with
 another body is a conflict; events nobody waits for are capped per agent; a poison
 message can be dropped, and one that failed too often waits among the agent's dead
-letters until it is re-driven or dropped. The CLI says each in one line.
+letters until it is re-driven or dropped. The CLI says each in one line. (Poison
+messages and what a dropped or parked message does to a running agent:
+test_queues_poison.py.)
 """
 
 from __future__ import annotations
@@ -35,23 +37,14 @@ from agentos.store import SendConflict as StoreSendConflict
 from agentos.store import SendRefused, Store
 from agentos.store import inbox as inbox_module
 from agentos.store.waits import BUFFERED_EVENT_BYTES_MAX, BUFFERED_EVENTS_MAX
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import cli, env, show  # noqa: F401  (env is a fixture)
+from tests.cli_support import cli, show
+from tests.helpers import agent_doc, apply, inbox_triggers, running_daemon, wait_until
+from tests.store_support import held_lease
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
 ECHO = "tests.fixture_agents:Echo"
 CHECK = DEFAULT_MAX_MESSAGE_BYTES
-
-
-def inbox(depth: int | None = None) -> list[dict[str, Any]]:
-    return [{"inbox": {} if depth is None else {"maxDepth": depth}}]
-
-
-async def lease(store: Store, name: str, daemon: str = "d1") -> str:
-    token = await store.acquire_lease(name, daemon, 60_000)
-    assert token
-    return f"{daemon}|{token}"
 
 
 async def checked_send(store: Store, name: str, body: str, **kw: Any) -> str:
@@ -62,8 +55,8 @@ async def checked_send(store: Store, name: str, body: str, **kw: Any) -> str:
 
 
 def test_max_depth_is_optional_validated_and_left_out_of_the_canonical_form() -> None:
-    given = agent_doc("a", ECHO, triggers=inbox(5))
-    default = agent_doc("b", ECHO, triggers=inbox())
+    given = agent_doc("a", ECHO, triggers=inbox_triggers(5))
+    default = agent_doc("b", ECHO, triggers=inbox_triggers())
     assert given.canonical()["spec"]["triggers"] == [
         {"inbox": {"maxMessageBytes": 1_048_576, "maxDepth": 5}}
     ]
@@ -76,11 +69,11 @@ def test_max_depth_is_optional_validated_and_left_out_of_the_canonical_form() ->
     assert b.spec.triggers[0].inbox is not None
     assert b.spec.triggers[0].inbox.depth_limit == INBOX_MAX_DEPTH == 10_000
     with pytest.raises(SpecError, match=r"spec\.triggers\[0\]\.inbox\.maxDepth"):
-        agent_doc("c", ECHO, triggers=inbox(0))
+        agent_doc("c", ECHO, triggers=inbox_triggers(0))
 
 
 async def test_a_send_beyond_max_depth_is_refused_and_nothing_is_enqueued(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox(3)))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers(3)))
     ids = [await checked_send(store, "echo", f"m{i}") for i in range(3)]
     with pytest.raises(StoreInboxFull) as info:
         await checked_send(store, "echo", "one too many")
@@ -88,7 +81,7 @@ async def test_a_send_beyond_max_depth_is_refused_and_nothing_is_enqueued(store:
     assert info.value.retry_after_s > 0
     assert await store.inbox_depth("echo") == 3
     # An acknowledged message leaves the inbox (acks delete): there is room again.
-    held = await lease(store, "echo")
+    held = await held_lease(store, "echo")
     await store.ensure_inbox("echo")
     await store.read_inbox("echo", "d1", count=1)
     assert await store.fenced_write("echo", held, ack_id=ids[0])
@@ -114,7 +107,7 @@ async def test_the_default_depth_holds_for_agents_applied_without_one(store: Sto
 
 
 async def test_a_checked_send_to_a_missing_agent_creates_no_key(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox()))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
     before = await store.namespace_keys()
     with pytest.raises(SendRefused):
         await checked_send(store, "nobody", "hello", send_id="s1")
@@ -127,7 +120,7 @@ async def test_a_checked_send_to_a_missing_agent_creates_no_key(store: Store) ->
 
 
 async def test_a_send_id_with_another_body_is_a_conflict(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox()))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
     first = await checked_send(store, "echo", "v1", send_id="k1", digest="aaa")
     assert await checked_send(store, "echo", "v1", send_id="k1", digest="aaa") == first
     with pytest.raises(StoreSendConflict) as info:
@@ -149,7 +142,7 @@ async def test_a_send_id_with_another_body_is_a_conflict(store: Store) -> None:
 
 
 async def test_a_full_inbox_is_a_client_error_with_the_numbers(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox(1)))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers(1)))
     client = Client(store)
     await client.send("echo", "first")
     with pytest.raises(InboxFull) as info:
@@ -197,12 +190,12 @@ async def test_events_nobody_waits_for_are_capped_by_count_and_bytes(store: Stor
 
 
 async def test_drop_removes_a_read_message_records_it_and_tells_the_owner(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox()))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
     await store.ensure_inbox("echo")
     poison = await checked_send(store, "echo", "poison")
     other = await checked_send(store, "echo", "fine")
     await store.read_inbox("echo", "d1", count=10)  # delivered, not acknowledged
-    await lease(store, "echo")
+    await held_lease(store, "echo")
     assert await Client(store).drop("echo", f"m-{poison}", by="ops") == "inbox"
     assert await store.inbox_depth("echo") == 1
     pending = await store.read_inbox("echo", "d1", count=10, pending=True)
@@ -237,14 +230,14 @@ async def test_drop_removes_a_read_message_records_it_and_tells_the_owner(store:
 async def test_a_dead_letter_is_moved_atomically_listed_redriven_and_dropped(
     store: Store,
 ) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox()))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
     await store.ensure_inbox("echo")
     client = Client(store)
     msg = await client.send("echo", "poison", key="k-1")
     await store.read_inbox("echo", "d1", count=1)
-    stale = await lease(store, "echo", "old")
+    stale = await held_lease(store, "echo", "old")
     await store._r.delete(store.keys.lease("echo"))
-    held = await lease(store, "echo")
+    held = await held_lease(store, "echo")
     task = f"m-{msg}"
     moved = await store.dead_letter(
         "echo", stale, msg, task_id=task, attempts=5, error="RuntimeError: boom"
@@ -289,9 +282,9 @@ async def test_dead_letters_are_bounded_and_a_redrive_respects_max_depth(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(inbox_module, "DEAD_LETTERS_KEPT", 3)
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox(2)))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers(2)))
     await store.ensure_inbox("echo")
-    held = await lease(store, "echo")
+    held = await held_lease(store, "echo")
     tasks = []
     for i in range(5):
         msg = await checked_send(store, "echo", f"m{i}")
@@ -307,9 +300,9 @@ async def test_dead_letters_are_bounded_and_a_redrive_respects_max_depth(
 
 
 async def test_deleting_an_agent_removes_its_dead_letters(store: Store) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox()))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
     await store.ensure_inbox("echo")
-    held = await lease(store, "echo")
+    held = await held_lease(store, "echo")
     msg = await checked_send(store, "echo", "m")
     assert await store.dead_letter("echo", held, msg, task_id=f"m-{msg}", attempts=1, error="e")
     assert store.keys.dead("echo") in store.keys.agent_keys("echo")
@@ -335,7 +328,9 @@ async def test_ctx_send_to_a_missing_agent_is_refused_and_leaves_no_key(
 ) -> None:
     await apply(
         store,
-        agent_doc("fwd", "tests.test_queues:Forwarder", triggers=inbox(), config={"to": "nobody"}),
+        agent_doc(
+            "fwd", "tests.test_queues:Forwarder", triggers=inbox_triggers(), config={"to": "nobody"}
+        ),
     )
     msg = await Client(store).send("fwd", "hello")
     async with running_daemon(store):
@@ -353,11 +348,11 @@ async def test_ctx_send_to_a_missing_agent_is_refused_and_leaves_no_key(
 
 
 async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     store: Store,
     tmp_path: Path,
 ) -> None:
-    await apply(store, agent_doc("echo", ECHO, triggers=inbox(1)))
+    await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers(1)))
     ok = await cli(env, "send", "echo", "poison")
     assert ok.returncode == 0, show(ok)
     msg = re.fullmatch(r"sent (\d+-\d+) to echo\n", ok.stdout)
@@ -371,7 +366,7 @@ async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
     task = f"m-{msg.group(1)}"
     await store.ensure_inbox("echo")
     await store.read_inbox("echo", "d1", count=1)
-    held = await lease(store, "echo")
+    held = await held_lease(store, "echo")
     assert await store.dead_letter(
         "echo", held, msg.group(1), task_id=task, attempts=5, error="boom\x1b[2J"
     )
@@ -404,111 +399,3 @@ async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
     assert refused.returncode == 1, show(refused)
     assert refused.stderr.startswith('error: agent "echo" does not wait for event "one-more"')
     assert refused.stderr.count("\n") == 1
-
-
-# ---------------------------------------------------------------------- poison messages
-
-PICKY = "tests.fixture_agents:Picky"
-FAST_CRASH = {"crashLoopAfter": 2, "backoff": {"initial": "50ms", "max": "100ms"}}
-
-
-async def test_a_poison_message_becomes_a_dead_letter_and_the_agent_goes_on(store: Store) -> None:
-    await apply(store, agent_doc("picky", PICKY, triggers=inbox(), restartPolicy=FAST_CRASH))
-    client = Client(store)
-    poison = await client.send("picky", "poison pill")
-    good = await client.send("picky", "fine")
-    async with running_daemon(store):
-        done = await client.wait_task("picky", f"m-{good}", timeout_s=20)
-        assert done["status"] == "succeeded"
-        assert done["result"] == "fine"
-        dead = await store.task("picky", f"m-{poison}")
-        assert dead["status"] == "dead"
-        assert "cannot digest" in dead["error"]
-        status = await store.status("picky")
-        assert status["phase"] != "Failed"
-    (letter,) = await client.dead_letters("picky")
-    assert letter["body"] == "poison pill"
-    assert await store.inbox_depth("picky") == 0
-
-
-async def test_an_agent_whose_every_message_fails_still_ends_in_a_crash_loop(
-    store: Store,
-) -> None:
-    await apply(store, agent_doc("picky", PICKY, triggers=inbox(), restartPolicy=FAST_CRASH))
-    client = Client(store)
-    first = await client.send("picky", "poison one")
-    second = await client.send("picky", "poison two")
-    async with running_daemon(store):
-        await wait_until(
-            lambda: _phase_is(store, "picky", "Failed"), within=20, what="a crash loop"
-        )
-    status = await store.status("picky")
-    assert status["reason"] == "CrashLoop"
-    dead = {letter["task"] for letter in await client.dead_letters("picky")}
-    assert dead == {f"m-{first}", f"m-{second}"}
-
-
-async def _phase_is(store: Store, name: str, phase: str) -> bool:
-    return (await store.status(name)).get("phase") == phase
-
-
-async def test_a_dropped_message_queued_behind_a_running_task_never_runs(store: Store) -> None:
-    from tests.fixture_agents import GATES
-
-    GATES.clear()
-    await apply(store, agent_doc("gated", "tests.fixture_agents:Gated", triggers=inbox()))
-    client = Client(store)
-    # Both sent before the daemon starts: one read gives the runner both, so the second
-    # waits in the runner's queue while the first runs.
-    first = await client.send("gated", "gate:one")
-    poison = await client.send("gated", "poison")
-    async with running_daemon(store) as daemon:
-        await wait_until(
-            lambda: _task_status(store, "gated", f"m-{first}", "running"), what="first running"
-        )
-        await wait_until(lambda: _queued(daemon, "gated", f"m-{poison}"), what="queued")
-        assert await client.drop("gated", f"m-{poison}", by="ops") == "inbox"
-        await wait_until(lambda: _queued(daemon, "gated", f"m-{poison}", gone=True), what="gone")
-        GATES["one"].set()
-        after = await client.send("gated", "after")
-        assert (await client.wait_task("gated", f"m-{after}", timeout_s=20))["result"] == "after"
-    assert (await store.task("gated", f"m-{poison}"))["status"] == "dropped"
-
-
-async def _task_status(store: Store, name: str, task: str, status: str) -> bool:
-    return (await store.task(name, task)).get("status") == status
-
-
-async def _queued(daemon: Any, name: str, task: str, gone: bool = False) -> bool:
-    runner = daemon.runners.get(name)
-    queued = runner is not None and any(w.id == task for w in runner._queue)
-    return not queued if gone else queued
-
-
-async def test_parked_heartbeats_coalesce_to_one_per_trigger(store: Store) -> None:
-    await apply(
-        store,
-        agent_doc(
-            "beating",
-            "tests.fixture_agents:DownstreamDown",
-            triggers=[{"heartbeat": "50ms"}, {"heartbeat": "70ms"}],
-        ),
-    )
-
-    fires: set[float] = set()
-    most = 0
-
-    async def ten_beats(daemon: Any) -> bool:
-        nonlocal most
-        runner = daemon.runners.get("beating")
-        if runner is None:
-            return False
-        if runner.next_fire_at is not None:
-            fires.add(runner.next_fire_at)
-        most = max(most, sum(w.trigger == "heartbeat" for w in runner._queue))
-        return len(fires) >= 10
-
-    async with running_daemon(store) as daemon:
-        await wait_until(lambda: ten_beats(daemon), within=20, what="ten heartbeats")
-    assert await store.events("beating", count=100)  # its observes were parked
-    assert most <= 2  # one per heartbeat trigger, not one per beat

@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
 from agentos.client import Client, InUse
@@ -17,8 +16,8 @@ from agentos.core.spec import SpecError, parse_text
 from agentos.engine.sim import SimEngine
 from agentos.store import Store
 from agentos.store.quota import BURST_S
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import base_env, cli, env, show, spawn
+from tests.cli_support import base_env, cli, show, spawn
+from tests.helpers import agent_doc, apply, running_daemon, steady, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
@@ -46,6 +45,12 @@ async def _tat_ahead(store: Store, quota_class: str) -> bool:
     """Whether the class's burst allowance is spent (its GCRA clock runs ahead by it)."""
     raw = await store._r.get(store.keys.quota(quota_class, "tat"))
     return raw is not None and int(raw) > (time.time() + BURST_S - 1) * 1_000_000
+
+
+def _last_call(log: Path) -> float:
+    """When the last call an agent logged ended (0 before its first)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return float(lines[-1].split()[0]) if lines else 0.0
 
 
 @pytest.mark.e2e
@@ -92,10 +97,19 @@ async def test_three_daemons_hold_each_class_to_its_rate_and_starve_nobody(
 
         # The burst allowance goes first; measure the steady state after it.
         await wait_until(buckets_drained, within=30, what="the burst to be spent")
-        await anyio.sleep(1.0)
-        start = time.time()
-        await anyio.sleep(WINDOW_S)
-        end = time.time()
+        # The steady state, a second after the burst, for WINDOW_S.
+        start = time.time() + 1.0
+        end = start + WINDOW_S
+
+        def window_logged() -> bool:
+            # Every class has a call logged after the window: all calls in it are logged.
+            return all(
+                max(_last_call(logs / n) for n in members) >= end for members in names.values()
+            )
+
+        await wait_until(
+            window_logged, within=WINDOW_S + 30, what="calls past the window", every=0.2
+        )
         owners = set(await Client(store).daemons())
         for d in (d0, d1, d2):
             d.terminate()
@@ -165,8 +179,11 @@ spec:
         assert "queue_wait_p95_s" in events[0].message
         assert "tokensPerMinute 8000 -> 4000" in events[0].message
         # Not again before the cooldown...
-        await anyio.sleep(2.0)
-        assert await tpm() == 4000
+
+        async def unchanged() -> bool:
+            return await tpm() == 4000
+
+        await steady(unchanged, for_s=2.0, what="batch at 4000 tokens/min")
         explained, _, _ = await client.explain("pressure")
         (rule,) = explained.rules
         assert rule.steps == 1
@@ -270,6 +287,3 @@ async def test_cli_quota_and_policy_explain(env: dict[str, str], tmp_path: Path)
     missing = await cli(env, "policy", "explain", "nope")
     assert missing.returncode == 1
     assert 'policy "nope" not found' in missing.stderr
-
-
-__all__ = ["env"]  # the CLI test's fixture, used here

@@ -16,9 +16,9 @@ import pytest
 from agentos.client import Client
 from agentos.core.spec import Document, SpecError, load_paths, parse_text
 from agentos.store import Store
+from tests.cli_support import cli, show, spawn
 from tests.fixture_agents import GATES
 from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import cli, env, show, spawn  # noqa: F401  (env is a fixture)
 
 pytestmark = [pytest.mark.anyio]
 
@@ -147,7 +147,7 @@ async def _task_is(store: Store, name: str, task: str, status: str) -> bool:
     return (await store.task(name, task)).get("status") == status
 
 
-async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]) -> None:  # noqa: F811
+async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]) -> None:
     names = [f"echo-{i}" for i in range(5)]
     await apply(store, *(_labelled(n, "a" if i < 4 else "b") for i, n in enumerate(names)))
     client = Client(store)
@@ -184,7 +184,7 @@ async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]
 
 async def test_ps_watch_prints_an_agent_again_when_it_changes(
     store: Store,
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     GATES.clear()
@@ -206,7 +206,7 @@ async def _has(path: Path, text: str) -> bool:
     return text in await anyio.Path(path).read_text()
 
 
-async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, str]) -> None:  # noqa: F811
+async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, str]) -> None:
     await apply(store, *(_labelled(n, "a") for n in ("alpha", "alps", "beta")))
     script = Path(sys.executable).parent / "agentos"
 
@@ -239,7 +239,7 @@ async def test_agent_names_complete_from_the_fleet(store: Store, env: dict[str, 
 
 async def test_delete_agent_by_selector_or_names_all_or_nothing(
     store: Store,
-    env: dict[str, str],  # noqa: F811
+    env: dict[str, str],
 ) -> None:
     await apply(store, _labelled("a1", "a"), _labelled("a2", "a"), _labelled("b1", "b"))
     partly = await cli(env, "delete", "agent", "b1", "ghost")

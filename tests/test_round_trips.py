@@ -40,6 +40,10 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
         store._read_fenced.sha: "inbox-read",
     }
     ready = anyio.Event()
+    # Marks this test sends through the server: seen in the feed, every command the
+    # server ran before them is in it too (the server runs one command at a time).
+    marks = {f"watching-{which}-{id(counts)}": anyio.Event() for which in ("on", "off")}
+    on, off = marks
 
     async def listen() -> None:
         async with store._r.monitor() as monitor:
@@ -49,6 +53,11 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
                     continue  # run by a script, not a round trip
                 words = entry["command"].split()
                 name = words[0].upper()
+                if name == "ECHO":
+                    for mark, seen in marks.items():
+                        if mark in entry["command"]:
+                            seen.set()
+                    continue
                 if name == "EVALSHA":
                     name = shas.get(words[1], "other-script")
                 elif name == "HGET" and words[1].endswith(":specs"):
@@ -58,9 +67,13 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(listen)
         await ready.wait()
-        await anyio.sleep(0.05)  # MONITOR is on before the block's first command
+        with anyio.fail_after(10):
+            await store._r.echo(on)
+            await marks[on].wait()  # MONITOR is on before the block's first command
         yield counts
-        await anyio.sleep(0.05)  # the last replies' commands are in the feed
+        with anyio.fail_after(10):
+            await store._r.echo(off)
+            await marks[off].wait()  # the last replies' commands are in the feed
         tg.cancel_scope.cancel()
 
 

@@ -15,8 +15,8 @@ from agentos.core.taskview import answer_command, task_view
 from agentos.core.waits import WaitKind, WaitRecord
 from agentos.ingress import build_app
 from agentos.store import Store
+from tests.cli_support import base_env, cli, exited, show, spawn
 from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import base_env, cli, exited, show, spawn
 
 pytestmark = [pytest.mark.anyio]
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Iterator
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +15,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from agentos.client import Client
 from agentos.core.metering import Prices
@@ -28,8 +22,12 @@ from agentos.core.spec import parse_text
 from agentos.engine import SimEngine
 from agentos.store import Store
 from agentos.telemetry import Telemetry
+from tests.cli_support import base_env, cli, spawn
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
-from tests.test_cli import base_env, cli, spawn
+from tests.otel_support import (  # re-exported: modules that import them from here
+    collector as collector,
+)
+from tests.otel_support import free_port as _free_port  # noqa: F401 (the same)
 
 pytestmark = pytest.mark.anyio
 
@@ -112,14 +110,17 @@ async def test_a_failing_task_sets_error_status(
 
 
 class _Hanging(SpanExporter):
-    """A collector that never answers."""
+    """A collector that never answers (until it is shut down: no thread left behind)."""
+
+    def __init__(self) -> None:
+        self._shut = threading.Event()
 
     def export(self, spans: Any) -> SpanExportResult:
-        time.sleep(3600)
+        self._shut.wait()
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        pass
+        self._shut.set()
 
 
 async def test_a_dead_collector_does_not_hold_agents_up(store: Store) -> None:
@@ -168,49 +169,6 @@ async def test_usage_matches_the_engines_token_counts_exactly(store: Store) -> N
     assert row.cost_per_task == pytest.approx(row.cost / 3)
     st = await store.status("scout")
     assert int(st["tokens_in"]) == row.tokens_in
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def collector() -> Iterator[tuple[int, dict[str, list[bytes]]]]:
-    """An OTLP/HTTP receiver on loopback that keeps the raw protobuf bodies."""
-    import threading
-
-    import uvicorn
-
-    received: dict[str, list[bytes]] = {"traces": [], "metrics": []}
-
-    async def traces(request: Request) -> Response:
-        received["traces"].append(await request.body())
-        return Response(b"", media_type="application/x-protobuf")
-
-    async def metrics(request: Request) -> Response:
-        received["metrics"].append(await request.body())
-        return Response(b"", media_type="application/x-protobuf")
-
-    app = Starlette(
-        routes=[
-            Route("/v1/traces", traces, methods=["POST"]),
-            Route("/v1/metrics", metrics, methods=["POST"]),
-        ]
-    )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield port, received
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.mark.e2e

@@ -11,7 +11,6 @@ import threading
 import time
 from typing import Annotated, Any
 
-import anyio
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -23,6 +22,7 @@ from agentos import Reply, ToolCall, tool
 from agentos.engine import SimEngine
 from agentos.telemetry import Telemetry
 from agentos.testing import AgentHarness
+from tests.fixture_agents import work
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +42,7 @@ def add(a: int, b: int) -> int:
 @tool(timeout="200ms")
 async def slow(seconds: float) -> str:
     """Sleep, then say so."""
-    await anyio.sleep(seconds)
+    await work(seconds)
     return "slept"
 
 

@@ -11,8 +11,8 @@ from agentos.store import Store
 from agentos.telemetry import Telemetry
 from tests.helpers import agent_doc, apply, policy_doc, running_daemon
 from tests.openai_server import openai_server
-from tests.test_otel_httpx import _spans, fresh_globals
-from tests.test_telemetry import collector
+from tests.otel_support import collector, fresh_globals
+from tests.otel_support import spans_of as _spans
 
 __all__ = ["collector", "fresh_globals"]
 

@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agentos.telemetry import NOOP_SPAN, TOKEN_BUCKETS, Telemetry
-from tests.test_telemetry import _free_port, collector
+from tests.otel_support import collector
+from tests.otel_support import free_port as _free_port
 
 __all__ = ["collector"]  # the fixture, shared with test_telemetry
 

@@ -31,8 +31,8 @@ from agentos.core.spec import SpecError, parse_text
 from agentos.core.taskview import record_outcome
 from agentos.engine import SimEngine
 from agentos.store import Store
+from tests.cli_support import cli, show
 from tests.helpers import agent_doc, apply, finished, policy_doc, running_daemon, wait_until
-from tests.test_cli import cli, env, show  # noqa: F401 - env is a fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -302,7 +302,7 @@ async def test_usage_by_every_view_matches_the_task_records(store: Store) -> Non
 
 async def test_usage_cli_shows_success_and_says_what_is_unpriced(
     store: Store,
-    env: dict[str, str],  # noqa: F811 - the fixture
+    env: dict[str, str],
 ) -> None:
     await apply(
         store,

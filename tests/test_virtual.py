@@ -18,16 +18,23 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import msgspec
 import pytest
 
 from agentos.client import Client
 from agentos.daemon import Daemon
 from agentos.store import Store
+from tests.cli_support import base_env, exited, spawn
 from tests.fixture_agents import EchoState, RecordState, TickState
-from tests.helpers import agent_doc, apply, running_daemon, state_of, wait_until
-from tests.test_cli import base_env, exited, spawn
+from tests.helpers import (
+    ShiftedClock,
+    agent_doc,
+    apply,
+    running_daemon,
+    state_of,
+    steady,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
@@ -135,12 +142,17 @@ async def test_a_released_schedule_fires_once_per_due_time_across_daemons_and_a_
     store: Store,
 ) -> None:
     await apply(store, agent_doc("ticker", TICKER, triggers=[{"every": "700ms"}], **QUICK))
+
+    async def fired(n: int) -> bool:
+        state = await state_of(store, "ticker", TickState)
+        return isinstance(state, TickState) and len(state.fires) >= n
+
     async with running_daemon(store, daemon_id="a"), running_daemon(store, daemon_id="b"):
-        await anyio.sleep(3.0)  # either daemon activates it for a fire
+        await wait_until(lambda: fired(3), what="three fires")  # either daemon activates it
     async with running_daemon(store, daemon_id="c"):  # a restart: one daemon, then two
-        await anyio.sleep(2.0)
+        await wait_until(lambda: fired(5), what="two more fires")
     async with running_daemon(store, daemon_id="a2"), running_daemon(store, daemon_id="b2"):
-        await anyio.sleep(2.5)
+        await wait_until(lambda: fired(8), what="three more fires")
     tasks = await store.tasks("ticker", count=100)
     ran = [t for t in tasks if t.get("trigger") == "every"]
     scheduled = sorted(float(t["scheduled_at"]) for t in ran)
@@ -170,16 +182,27 @@ async def test_catch_up_holds_for_a_released_agent(store: Store, policy: str, ru
         await wait_until(fires, what="a first fire")
         await wait_until(lambda: released(store, d, "ticker"), what="the ticker released")
     before = len(await fires())
-    await anyio.sleep(3.5)  # three fire times pass with no daemon at all
-    async with running_daemon(store):
+    stored = await store._r.hget(store.keys.schedule("ticker"), "0")
+    assert stored is not None
+    # Three fire times (that one, a second and two seconds later) pass with no daemon at
+    # all: the next daemon's clock starts halfway to the fourth, and stands still until
+    # it has counted them, so the count is exact.
+    clock = ShiftedClock()
+    clock.hold(float(stored) + 2.5)
+    async with running_daemon(store, clock=clock):
         await wait_until(
             lambda: _event(store, "ticker", "MissedFires"), what="the missed fires event"
         )
-        await anyio.sleep(0.4)  # catch-up runs finish; the next regular fire is ~1s away
+        clock.resume()  # the next regular fire is half a second away
+
+        async def caught_up() -> bool:
+            return len(await fires()) - before >= runs
+
+        await wait_until(caught_up, what="the catch-up runs")
         after = len(await fires())
     (missed,) = [e for e in await store.events("ticker") if e.type == "MissedFires"]
     assert missed.reason == f"catchUp: {policy}"
-    assert "3 fire(s)" in missed.message or "4 fire(s)" in missed.message
+    assert "3 fire(s)" in missed.message
     assert after - before in (runs, runs + 1) if policy != "all" else after - before >= 3
 
 
@@ -214,7 +237,18 @@ async def test_a_killed_daemons_active_agents_are_activated_elsewhere(
             return counts if sum(counts.values()) == 40 and min(counts.values()) >= 15 else None
 
         await wait_until(split, within=30, what="40 agents shared by the two daemons")
-        await anyio.sleep(1.0)  # the share settled: no handover under way
+
+        async def settled() -> dict[str, object] | None:
+            # The share settled, no handover under way: every agent leased, by the
+            # daemon its status names, and still split.
+            leases = await store.leases(names)
+            statuses = await store.statuses(names)
+            if len(leases) != 40 or await split() is None:
+                return None
+            same = all(statuses[n].get("owner") == leases[n].owner for n in names)
+            return dict(leases) if same else None
+
+        await wait_until(settled, within=30, what="the share to settle")
         leases = await store.leases(names)
         victim_agents = [n for n in names if leases[n].owner == "d1"]
         d1.send_signal(signal.SIGKILL)
@@ -264,13 +298,19 @@ async def test_a_thousand_hibernated_agents_cost_redis_nothing(store: Store) -> 
 
         await wait_until(all_released, within=240, what="every agent to be released")
         assert await store.due_count() == 1000
-        await anyio.sleep(1.0)
-        before = await store.command_calls()
-        await anyio.sleep(10)
-        after = await store.command_calls()
         keys = await store.namespace_keys()
         sample = {f"{{{n}}}" for n in names[::20]}
         per_agent = [k for k in keys if k.split(":")[1] in sample]
+
+        async def settled() -> bool:
+            # The stragglers' writes and the last lease renewals have passed: no sampled
+            # agent's key was touched for a second (OBJECT IDLETIME touches nothing).
+            return min([await store.key_idle_s(k) for k in per_agent], default=0) >= 1
+
+        await wait_until(settled, within=30, what="the agents' keys to settle", every=0.2)
+        before = await store.command_calls()
+        await steady(lambda: not d.runners, for_s=10, what="no agent activated")
+        after = await store.command_calls()
         idle = [await store.key_idle_s(k) for k in per_agent]
     calls = {c: after.get(c, 0) - before.get(c, 0) for c in after}
     total = sum(calls.values()) - calls.get("info", 0)

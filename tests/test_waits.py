@@ -361,8 +361,10 @@ async def test_a_spent_budget_parks_the_task_until_the_day_ends(store: Store) ->
         wait = await store.wait_get("spender")
         assert wait is not None
         assert wait.deadline == pytest.approx(midnight, abs=1.0)
-        # Not activated before the day ends on the daemon's clock (a few index polls).
-        await anyio.sleep(3 * FAST["lease_ttl_s"] / 3)
+        # Not activated before the day ends on the daemon's clock (a few index polls:
+        # three passes of its keeper, one every third of a lease, span a whole lease).
+        passes = d.keeper.passes
+        await wait_until(lambda: d.keeper.passes >= passes + 3, what="three keeper passes")
         still = await store.wait_get("spender")
         assert still is not None
         assert still.park_id == wait.park_id

@@ -6,13 +6,12 @@ import json
 import signal
 from pathlib import Path
 
-import anyio
 import pytest
 
 from agentos.client import Client
 from agentos.store import Store
-from tests.helpers import agent_doc, apply, running_daemon, wait_until
-from tests.test_cli import base_env, cli, show, spawn
+from tests.cli_support import base_env, cli, show, spawn
+from tests.helpers import agent_doc, apply, running_daemon, steady, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
@@ -102,15 +101,20 @@ async def test_a_thousand_waiting_agents_cost_redis_nothing_while_they_wait(stor
 
         await wait_until(all_waiting, within=240, what="every agent to wait")
         assert not any(d.engine.has_session(n) for n in names)
-        # Let the stragglers' signals and the last lease renewals pass.
-        await anyio.sleep(1.0)
-        before = await store.command_calls()
-        await anyio.sleep(10)
-        after = await store.command_calls()
-        calls = {c: after.get(c, 0) - before.get(c, 0) for c in after}
         keys = await store.namespace_keys()
         sample = {f"{{{n}}}" for n in names[:: FLEET // 50]}
         per_agent = [k for k in keys if k.split(":")[1] in sample]
+
+        async def settled() -> bool:
+            # The stragglers' signals and the last lease renewals have passed: no sampled
+            # agent's key was touched for a second (OBJECT IDLETIME touches nothing).
+            return min([await store.key_idle_s(k) for k in per_agent], default=0) >= 1
+
+        await wait_until(settled, within=30, what="the agents' keys to settle", every=0.2)
+        before = await store.command_calls()
+        await steady(lambda: not d.runners, for_s=10, what="no agent activated")
+        after = await store.command_calls()
+        calls = {c: after.get(c, 0) - before.get(c, 0) for c in after}
         # OBJECT IDLETIME: seconds since any command last read or wrote the key.
         idle = [await store.key_idle_s(k) for k in per_agent]
     total = sum(calls.values())

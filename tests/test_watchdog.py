@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
-import time
 from typing import Any
 
 import anyio
@@ -18,6 +17,7 @@ import agentos
 from agentos.client import Client
 from agentos.runtime.watchdog import LoopWatchdog, Mark, locate, marked, running
 from agentos.store import Store
+from tests.fixture_agents import LOOP_BLOCKED
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
@@ -33,7 +33,9 @@ class Blocker(agentos.Agent):
     agent whose "shell tool" is ``subprocess.run``)."""
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
-        time.sleep(float(ctx.config.get("block_s", 6)))  # noqa: ASYNC251 (BlockedLoop names it)
+        LOOP_BLOCKED.set()
+        # A synchronous wait on the loop's thread: BlockedLoop names this line.
+        threading.Event().wait(float(ctx.config.get("block_s", 6)))
         return "done"
 
 
@@ -41,12 +43,12 @@ class Stuck(agentos.Agent):
     """Never finishes a task (its daemon stops, or dies, in the middle of every one)."""
 
     async def act(self, ctx: agentos.Context, plan: Any) -> Any:
-        await anyio.sleep(3600)
+        await anyio.sleep_forever()
 
 
-def _sleep_line() -> str:
+def _blocking_line() -> str:
     lines, first = inspect.getsourcelines(Blocker.act)
-    offset = next(i for i, line in enumerate(lines) if "time.sleep" in line)
+    offset = next(i for i, line in enumerate(lines) if "Event().wait" in line)
     return f"tests/test_watchdog.py:{first + offset}"
 
 
@@ -72,6 +74,7 @@ async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_thei
         agent_doc("echo-b", ECHO, **INBOX),
     )
     client = Client(store)
+    LOOP_BLOCKED.clear()
     echoes = ("echo-a", "echo-b")
     sent: dict[str, list[str]] = {n: [] for n in echoes}
 
@@ -84,10 +87,10 @@ async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_thei
                 for i in range(8):
                     for n in echoes:
                         sent[n].append(await Client(other).send(n, f"during {i}"))
-                    await anyio.sleep(0.3)
             finally:
                 await other.close()
 
+        assert LOOP_BLOCKED.wait(timeout=30), "the blocker never ran"
         anyio.run(send)
 
     async with running_daemon(store, lease_ttl_s=2.0) as d:
@@ -117,8 +120,8 @@ async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_thei
             assert len(await _events(store, n, "Started")) == 1
             assert len(sent[n]) == 9
         (event,) = await _events(store, "blocker", "BlockedLoop")
-        assert event.reason == _sleep_line()
-        assert _sleep_line() in event.message
+        assert event.reason == _blocking_line()
+        assert _blocking_line() in event.message
         seconds = float(event.message.split("for ")[1].split("s ")[0])
         assert 4.0 <= seconds < 30
         record = await wait_until(
