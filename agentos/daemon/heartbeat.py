@@ -96,7 +96,7 @@ class Heartbeat:
     def publish_held(self) -> dict[str, str]:
         """Hand the keeper what we hold now (not the runners that released their agent
         already: they are ending) and our heartbeat's facts."""
-        held = {n: r.lease_value for n, r in self.state.runners.items() if not r.parked}
+        held = {n: r.lease_value for n, r in self.state.runners.items() if not r.released}
         self.keeper.publish(held, self.info())
         return held
 

@@ -63,8 +63,8 @@ class Supervisor:
         self.state.spawn(self.supervise(runner))
 
     async def supervise(self, runner: AgentRunner) -> None:
-        """Run ``runner`` to its end, then finish what it left: a cut release, a crash's
-        backoff, a lost lease's event; forget it and make room for the next agent."""
+        """Run ``runner`` to its end, then finish what it left: a crash's backoff, a lost
+        lease's event; forget it and make room for the next agent."""
         scope = anyio.CancelScope()
         self.state.scopes[runner.name] = scope
         crashed: BaseException | None = None
@@ -76,25 +76,15 @@ class Supervisor:
             log.exception("%s: supervisor crashed; the agent is activated again later", runner.name)
         finally:
             name = runner.name
-            if runner.release_due is not None:
-                # Cut short while releasing the agent: finish the job (our lease goes
-                # first, if the release did not get that far), until Redis takes it.
-                due = runner.release_due
-                await self.faults.until_done(
-                    lambda: self.store.release_lease(name, runner.lease_value), "release"
-                )
-                await self.faults.until_done(
-                    lambda: self.store.due_release(name, self.id, due, now=self.clock()),
-                    "release",
-                )
             failed = crashed is not None or runner.error is not None
             if failed:
                 errors = self.state.runner_errors[name] = self.state.runner_errors.get(name, 0) + 1
             else:
                 self.state.runner_errors.pop(name, None)
-            if crashed is not None and runner.release_due is None:
-                # Not released by the runner: due after a backoff, as for a crash (not
-                # at once: a runner that fails as it starts would be a hot loop).
+            if crashed is not None and not runner.released:
+                # Not released by the runner (which finishes a cut-short release itself):
+                # due after a backoff, as for a crash (not at once: a runner that fails
+                # as it starts would be a hot loop).
                 at = self.clock() + backoff_delay(errors, *RUNNER_ERROR_BACKOFF)
                 await self.faults.until_done(
                     lambda: self.store.release_lease(name, runner.lease_value), "release"

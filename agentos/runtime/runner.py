@@ -169,7 +169,6 @@ class AgentRunner:
     release_due: View[float | None] = View("release_due")
     releasing: View[bool] = View("releasing")
     released: View[bool] = View("released")  # the lease is given up (released or waiting)
-    parked: View[bool] = View("released")  # the old name of `released` (daemon/upkeep.py)
     failed: View[bool] = View("failed")
     busy: View[bool] = View("busy")
     task_cost: View[float] = View("task_cost")
