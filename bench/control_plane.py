@@ -73,7 +73,7 @@ def _rss_mb(pid: int) -> float:
 async def _phases(store: Store, names: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for i in range(0, len(names), 2000):
-        for st in (await store.statuses(names[i : i + 2000])).values():
+        for st in (await store.agents.statuses(names[i : i + 2000])).values():
             counts[st.get("phase", "Pending")] = counts.get(st.get("phase", "Pending"), 0) + 1
     return counts
 
@@ -82,7 +82,7 @@ async def _owners(store: Store, names: list[str]) -> list[int]:
     """How many of ``names`` each daemon runs (largest first)."""
     counts: dict[str, int] = {}
     for i in range(0, len(names), 2000):
-        for st in (await store.statuses(names[i : i + 2000])).values():
+        for st in (await store.agents.statuses(names[i : i + 2000])).values():
             counts[st.get("owner", "")] = counts.get(st.get("owner", ""), 0) + 1
     return sorted(counts.values(), reverse=True)
 
@@ -90,7 +90,7 @@ async def _owners(store: Store, names: list[str]) -> list[int]:
 async def _steps(store: Store, names: list[str]) -> int:
     total = 0
     for i in range(0, len(names), 2000):
-        for st in (await store.statuses(names[i : i + 2000])).values():
+        for st in (await store.agents.statuses(names[i : i + 2000])).values():
             total += int(st.get("steps") or 0)
     return total
 

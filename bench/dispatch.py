@@ -87,14 +87,15 @@ async def _finished(store: Store, names: list[str], messages: int) -> float:
     with anyio.fail_after(300):
         while True:
             done = sum(
-                int(s.get("tasks_succeeded") or 0) for s in (await store.statuses(names)).values()
+                int(s.get("tasks_succeeded") or 0)
+                for s in (await store.agents.statuses(names)).values()
             )
             if done >= messages:
                 break
             await anyio.sleep(0.2)
     last = 0.0
     for name in names:
-        for t in await store.tasks(name, count=messages):
+        for t in await store.tasks.recent(name, count=messages):
             if t.get("status") == "succeeded":
                 last = max(last, float(t["finished_at"]))
     return last
@@ -122,7 +123,7 @@ async def agentos_run(url: str, run: int) -> tuple[float, float]:
     try:
         with anyio.fail_after(60):
             while True:
-                phases = [s.get("phase") for s in (await store.statuses(names)).values()]
+                phases = [s.get("phase") for s in (await store.agents.statuses(names)).values()]
                 if all(p == "Idle" for p in phases):
                     break
                 await anyio.sleep(0.2)

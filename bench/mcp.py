@@ -103,7 +103,7 @@ async def _agentos(workspace: Path, persist: Callable[[WaitLog], Ledger] | None)
 async def _with_redis(workspace: Path, url: str) -> float:
     store = await Store.connect(url, namespace="bench-mcp")
     try:
-        token = await store.acquire_lease("bench", "bench-daemon", 600_000)
+        token = await store.leases.acquire("bench", "bench-daemon", 600_000)
         writer = Writer(
             store, "bench", f"bench-daemon|{token}", daemon_id="bench-daemon", clock=time.time
         )

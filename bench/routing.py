@@ -178,11 +178,11 @@ async def _side(store: Store, prefix: str, questions: list[str]) -> dict[str, An
     sent: list[tuple[str, str]] = []
     for i, question in enumerate(questions):
         agent = f"{prefix}-{i % AGENTS}"
-        sent.append((agent, f"m-{await store.send(agent, question)}"))
+        sent.append((agent, f"m-{await store.inbox.send(agent, question)}"))
     records: list[dict[str, str]] = []
     for agent, task in sent:
         while True:
-            record = await store.task(agent, task)
+            record = await store.tasks.get(agent, task)
             outcome = record.get("outcome")
             if record.get("status") in ("succeeded", "failed") and outcome:
                 records.append(record)
@@ -244,7 +244,7 @@ async def run(url: str) -> dict[str, Any]:
             routed = await _side(store, "route", questions)
             escalations = 0
             for i in range(AGENTS):
-                events = await store.events(f"route-{i}", count=1000)
+                events = await store.events.read(f"route-{i}", count=1000)
                 escalations += sum(1 for e in events if e.type == "Escalated")
             daemon.request_stop()
     finally:

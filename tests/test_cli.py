@@ -109,7 +109,7 @@ async def test_apply_reports_created_unchanged_configured_and_dry_run(
 
     first = await cli(env, "apply", "-f", str(spec))
     assert (first.returncode, first.stdout) == (0, "agent/counter created\n"), show(first)
-    stored = await store.agent_spec("counter")
+    stored = await store.specs.agent("counter")
     assert stored is not None
     assert stored["spec"]["config"] == {"limit": 2}
 
@@ -122,7 +122,7 @@ async def test_apply_reports_created_unchanged_configured_and_dry_run(
         0,
         "agent/counter configured (spec.config.limit)\n",
     ), show(changed)
-    configured = await store.agent_spec("counter")
+    configured = await store.specs.agent("counter")
     assert configured is not None
     assert configured["spec"]["config"] == {"limit": 3}
 
@@ -133,7 +133,7 @@ async def test_apply_reports_created_unchanged_configured_and_dry_run(
         0,
         "agent/counter configured (spec.config.limit) (dry run)\n",
     ), show(dry)
-    assert await store.agent_spec("counter") == configured
+    assert await store.specs.agent("counter") == configured
     assert await store.namespace_keys() == keys
 
 
@@ -272,13 +272,13 @@ async def test_send_refuses_unknown_agents_and_oversized_messages(
     assert big.stderr.strip() == 'error: message is 11 bytes; agent "echo" accepts at most 10'
 
     assert await store.namespace_keys() == keys
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
 
     ok = await cli(env, "send", "echo", "x" * 10)
     assert ok.returncode == 0, show(ok)
     match = re.fullmatch(r"sent (\d+-\d+) to echo\n", ok.stdout)
     assert match, ok.stdout
-    assert await store.inbox_depth("echo") == 1
+    assert await store.inbox.depth("echo") == 1
 
     described = await cli(env, "describe", "agent", "echo")
     assert described.returncode == 0, show(described)
@@ -300,7 +300,7 @@ async def test_send_reads_the_message_from_a_file(
 
     ok = await cli(env, "send", "echo", f"@{body}")
     assert ok.returncode == 0, show(ok)
-    assert await store.inbox_depth("echo") == 1
+    assert await store.inbox.depth("echo") == 1
 
 
 async def test_send_dash_reads_the_message_from_stdin(env: dict[str, str], store: Store) -> None:
@@ -309,8 +309,8 @@ async def test_send_dash_reads_the_message_from_stdin(env: dict[str, str], store
     proc = await cli(env, "send", "echo", "-", stdin="hello from stdin")
 
     assert proc.returncode == 0, show(proc)
-    await store.ensure_inbox("echo")
-    messages = await store.read_inbox("echo", "test-reader")
+    await store.inbox.ensure("echo")
+    messages = await store.inbox.read("echo", "test-reader")
     assert [m.body for m in messages] == ["hello from stdin"]
 
 
@@ -363,7 +363,7 @@ async def test_sigterm_stops_the_daemon_gracefully_and_releases_the_lease(
             within=15,
             what="echo Idle",
         )
-        assert (await store.leases(["echo"]))["echo"].owner == "d-term"
+        assert (await store.leases.read(["echo"]))["echo"].owner == "d-term"
         daemons = await cli(env, "get", "daemons", "-o", "json")
         assert daemons.returncode == 0, show(daemons)
         (info,) = json.loads(daemons.stdout)
@@ -373,11 +373,11 @@ async def test_sigterm_stops_the_daemon_gracefully_and_releases_the_lease(
         code = await exited(proc, within=5)
         assert code == 0, log.read_text()
 
-    assert await store.leases(["echo"]) == {}
-    st = await store.status("echo")
+    assert await store.leases.read(["echo"]) == {}
+    st = await store.agents.status("echo")
     assert st["owner"] == ""
     assert st["phase"] in ("Stopped", "Hibernated")
-    assert await store.daemons() == {}
+    assert await store.heartbeats.daemons() == {}
     output = log.read_text()
     assert "stopping agents" in output
     assert "Traceback" not in output
@@ -396,7 +396,7 @@ async def test_a_killed_daemons_agents_are_adopted_by_the_survivor(
         procs = {"d-one": one, "d-two": two}
 
         async def owners() -> dict[str, str] | None:
-            statuses = await store.statuses(names)
+            statuses = await store.agents.statuses(names)
             found = {n: statuses[n].get("owner", "") for n in names}
             return found if all(found.values()) else None
 
@@ -412,8 +412,8 @@ async def test_a_killed_daemons_agents_are_adopted_by_the_survivor(
         # An agent the first daemon handed over while both started (fair share) comes to
         # the survivor hibernated and stays so until something wakes it.
         async def all_with_survivor() -> bool:
-            statuses = await store.statuses(names)
-            leases = await store.leases(names)
+            statuses = await store.agents.statuses(names)
+            leases = await store.leases.read(names)
             return all(
                 statuses[n].get("owner") == survivor
                 and statuses[n].get("phase") in ("Idle", "Hibernated")
@@ -434,9 +434,9 @@ async def test_a_killed_daemons_agents_are_adopted_by_the_survivor(
             return state is not None and "after the adoption" in state.bodies
 
         await wait_until(processed, within=10, what=f"{target} to process the message")
-        events = [e.type for e in await store.events(target)]
+        events = [e.type for e in await store.events.read(target)]
         assert "Adopted" in events
 
         procs[survivor].send_signal(signal.SIGTERM)
         assert await exited(procs[survivor], within=8) == 0
-    assert await store.leases(names) == {}
+    assert await store.leases.read(names) == {}

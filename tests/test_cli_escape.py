@@ -60,9 +60,9 @@ async def test_delete_of_a_missing_agent_changes_nothing(
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO))
-    generation = await store.generation()
+    generation = await store.specs.generation()
     keys = await store.namespace_keys()
-    events = await store.events(None, count=100)
+    events = await store.events.read(None, count=100)
     missing = await cli(env, "delete", "agent", "nosuchagent")
     forged = await cli(env, "delete", "agent", "x\n12:00:00 echo: Deleted (delete) Agent deleted")
     for proc in (missing, forged):
@@ -70,17 +70,17 @@ async def test_delete_of_a_missing_agent_changes_nothing(
         assert len(proc.stderr.splitlines()) == 1, show(proc)
     assert "Deleted" not in missing.stdout + missing.stderr
     assert "\\n12:00:00" in forged.stderr  # the newline is shown, not obeyed
-    assert await store.generation() == generation
+    assert await store.specs.generation() == generation
     assert await store.namespace_keys() == keys
-    assert await store.events(None, count=100) == events
-    assert await store.pending_purges() == set()
+    assert await store.events.read(None, count=100) == events
+    assert await store.specs.pending_purges() == set()
     # An existing agent still goes, once.
     gone = await cli(env, "delete", "agent", "echo")
     assert gone.returncode == 0, show(gone)
-    assert await store.generation() == generation + 1
+    assert await store.specs.generation() == generation + 1
     again = await cli(env, "delete", "agent", "echo")
     assert again.returncode == 1, show(again)
-    assert await store.generation() == generation + 1
+    assert await store.specs.generation() == generation + 1
 
 
 FORGED = "hello\n12:00:00 echo: Deleted (delete) forged\x1b[2J\x1b]0;pwned\x07"
@@ -92,10 +92,10 @@ async def test_stored_text_cannot_forge_lines_or_colour_the_terminal(
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
-    await store.record_fleet_event("echo", "Answered", "ask", FORGED, "")
+    await store.events.record_fleet_event("echo", "Answered", "ask", FORGED, "")
     fields = event_fields("echo", time.time(), "Answered", "ask", FORGED, "")
-    await store._r.xadd(store.keys.events("echo"), fields)  # the agent's own copy
-    await store._r.hset(store.keys.status("echo"), mapping={"reason": f"{MARKUP} \x1b[31mred"})
+    await store.conn.r.xadd(store.keys.events("echo"), fields)  # the agent's own copy
+    await store.conn.r.hset(store.keys.status("echo"), mapping={"reason": f"{MARKUP} \x1b[31mred"})
     fleet = await cli(env, "events")
     mine = await cli(env, "events", "echo")
     described = await cli(env, "describe", "agent", "echo")

@@ -172,7 +172,7 @@ LONG_NAME = "an-agent-with-a-name-long-enough-to-push-every-table-past-80-cols"[
 async def test_piped_tables_print_whole_columns(env: dict[str, str], store: Store) -> None:
     await apply(store, agent_doc(LONG_NAME, ECHO, triggers=[{"inbox": {}}]))
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    await store._r.hset(
+    await store.conn.r.hset(
         store.keys.usage(LONG_NAME, day),
         mapping={
             "active_s": 123456789.0,
@@ -286,13 +286,13 @@ async def _assert_stopped_cleanly(home: Path) -> None:
     url = server.start()
     try:
         async with await Store.connect(url, namespace="agentos") as store:
-            raw = await store.load_state("flusher")
+            raw = await store.agents.load_state("flusher")
             assert raw is not None
             assert msgspec.json.decode(raw, type=FlushState).flushed_with == "shutdown"
-            assert await store.leases(FLEET) == {}
-            assert await store.daemons() == {}
+            assert await store.leases.read(FLEET) == {}
+            assert await store.heartbeats.daemons() == {}
             for name in FLEET:
-                assert (await store.status(name))["owner"] == ""
+                assert (await store.agents.status(name))["owner"] == ""
     finally:
         server.stop()
 

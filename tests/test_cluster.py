@@ -67,36 +67,36 @@ async def test_the_fleet_feed_reads_as_one_stream_across_its_shards(store: Store
     agents = [f"a{i}" for i in range(40)]  # spread over the 16 feed shards
     assert len({store.keys.feed_shard(a) for a in agents}) > 8
     for i, agent in enumerate(agents):
-        await store.record_fleet_event(agent, "Probe", "test", f"m{i}", "")
-    newest = await store.events(None, count=10)
+        await store.events.record_fleet_event(agent, "Probe", "test", f"m{i}", "")
+    newest = await store.events.read(None, count=10)
     assert [e.message for e in newest] == [f"m{i}" for i in range(30, 40)]
     # Resuming from the last event's id (a cursor over every shard) sees only newer ones.
     cursor = newest[-1].id
     assert len(parse_cursor(cursor, FEED_SHARDS)) == FEED_SHARDS
-    assert await store.events(None, after_id=cursor, count=100) == []
+    assert await store.events.read(None, after_id=cursor, count=100) == []
     for i, agent in enumerate(agents[:5]):
-        await store.record_fleet_event(agent, "Probe", "test", f"n{i}", "")
-    later = await store.events(None, after_id=cursor, count=100, block_ms=100)
+        await store.events.record_fleet_event(agent, "Probe", "test", f"n{i}", "")
+    later = await store.events.read(None, after_id=cursor, count=100, block_ms=100)
     assert [e.message for e in later] == [f"n{i}" for i in range(5)]
     # From an older event of the tail: what came after it, nothing twice.
     middle = newest[4]
-    again = await store.events(None, after_id=middle.id, count=100)
+    again = await store.events.read(None, after_id=middle.id, count=100)
     assert [e.message for e in again] == [f"m{i}" for i in range(35, 40)] + [
         f"n{i}" for i in range(5)
     ]
 
 
 async def test_signals_of_every_shard_reach_a_reader_of_each_group(store: Store) -> None:
-    groups = store.signal_groups()
+    groups = store.signals.groups()
     assert sum(len(g) for g in groups) == SIGNAL_SHARDS
     assert len(groups) == (SIGNAL_SHARDS if store.cluster else 1)
-    start = {g: await store.last_signal_id(g) for g in groups}
+    start = {g: await store.signals.last_id(g) for g in groups}
     agents = [f"s{i}" for i in range(20)]
     for agent in agents:
-        await store.signal("message", agent)
+        await store.signals.send("message", agent)
     seen = []
     for g in groups:
-        seen += [f["agent"] for _, f in await store.read_signals(start[g], block_ms=10, group=g)]
+        seen += [f["agent"] for _, f in await store.signals.read(start[g], block_ms=10, group=g)]
     assert sorted(seen) == sorted(agents)
 
 
@@ -112,8 +112,8 @@ async def test_a_cluster_with_a_password_works_and_a_wrong_one_is_refused(
     with LocalCluster(masters=3, password="s3cret") as cluster:
         store = await Store.connect(cluster.url, namespace=namespace)
         try:
-            await store.signal("message", "x")
-            assert await store.read_signals("0-0", block_ms=10)
+            await store.signals.send("message", "x")
+            assert await store.signals.read("0-0", block_ms=10)
             assert len(await store.command_calls()) > 0  # admin reads on every master
         finally:
             await store.drop_namespace()

@@ -88,9 +88,9 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
         async def working() -> bool:
             # Both daemons up (one starting during the failover would stop at its start:
             # a node down at start is an error), and every agent running somewhere.
-            if set(await store.daemons()) != {"d0", "d1"}:
+            if set(await store.heartbeats.daemons()) != {"d0", "d1"}:
                 return False
-            statuses = await store.statuses(names)
+            statuses = await store.agents.statuses(names)
             return sum(1 for s in statuses.values() if s.get("owner")) == AGENTS
 
         await send_range(0, 40)
@@ -105,7 +105,7 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
 
         async def all_done() -> bool:
             for agent, msg_id, _ in acked:
-                record = await store.task(agent, f"m-{msg_id}")
+                record = await store.tasks.get(agent, f"m-{msg_id}")
                 if record.get("status") not in ("succeeded", "skipped"):
                     return False
             return True
@@ -115,13 +115,13 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
         except AssertionError:
             left = []
             for agent, msg_id, key in acked:
-                record = await store.task(agent, f"m-{msg_id}")
+                record = await store.tasks.get(agent, f"m-{msg_id}")
                 if record.get("status") not in ("succeeded", "skipped"):
-                    left.append((agent, msg_id, key, record, await store.inbox_depth(agent)))
+                    left.append((agent, msg_id, key, record, await store.inbox.depth(agent)))
             raise AssertionError(f"unfinished: {left}") from None
 
         async def reported() -> list[str]:
-            events = await store.events(None, count=500)
+            events = await store.events.read(None, count=500)
             return [e.message for e in events if e.type == "RedisUnavailable"]
 
         # The daemons say in the fleet feed that a node was out, and for how long.
@@ -137,11 +137,11 @@ async def _run(cluster: LocalCluster, store: Store, namespace: str, tmp_path: Pa
     # retry enqueues it again with the same key, and that one is skipped as done.
     outcome: Counter[str] = Counter()
     for agent, msg_id, _ in acked:
-        outcome[(await store.task(agent, f"m-{msg_id}"))["status"]] += 1
+        outcome[(await store.tasks.get(agent, f"m-{msg_id}"))["status"]] += 1
     assert outcome["succeeded"] + outcome["skipped"] == MESSAGES, outcome
     handled = 0
     for agent in names:
-        raw = await store.load_state(agent)
+        raw = await store.agents.load_state(agent)
         assert raw is not None
         bodies = msgspec.json.decode(raw, type=EchoState).bodies
         assert len(bodies) == len(set(bodies)), f"{agent} handled a message twice"

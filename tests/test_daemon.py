@@ -13,7 +13,7 @@ from agentos.core.placement import share_limit
 from agentos.daemon import Daemon
 from agentos.engine import SimEngine
 from agentos.settings import DaemonSettings
-from agentos.store import Store
+from agentos.store import Store, Write
 from tests.fixture_agents import CountState, EchoState
 from tests.helpers import FAST, agent_doc, apply, running_daemon, status_is, steady, wait_until
 
@@ -26,7 +26,7 @@ FAST_RESTART = {"backoff": {"initial": "50ms", "max": "100ms"}, "crashLoopAfter"
 
 
 async def state_of(store: Store, name: str, type_: type) -> object | None:
-    raw = await store.load_state(name)
+    raw = await store.agents.load_state(name)
     return None if raw is None else msgspec.json.decode(raw, type=type_)
 
 
@@ -61,7 +61,7 @@ async def test_messages_run_once_each_and_are_acknowledged(store: Store) -> None
 
         await wait_until(all_seen, what="five messages")
         await wait_until(lambda: status_is(store, "echo", phase="Idle"), what="idle")
-        assert await store.inbox_depth("echo") == 0
+        assert await store.inbox.depth("echo") == 0
     state = await state_of(store, "echo", EchoState)
     assert isinstance(state, EchoState)
     assert state.bodies == sent
@@ -84,7 +84,7 @@ async def test_crash_loop_fails_the_agent_with_its_traceback_and_spares_the_rest
     assert "RuntimeError" in st["last_traceback"]
     assert "fixture_agents.py" in st["last_traceback"]
     assert st["restarts"] == "3"
-    types = [e.type for e in await store.events("crasher")]
+    types = [e.type for e in await store.events.read("crasher")]
     assert types.count("BackOff") == 2
     assert "Failed" in types
 
@@ -116,7 +116,7 @@ async def test_failed_agent_recovers_when_woken(store: Store) -> None:
         await wait_until(
             lambda: status_is(store, "crasher", phase="Failed", restarts="6"), what="second loop"
         )
-    types = [e.type for e in await store.events("crasher")]
+    types = [e.type for e in await store.events.read("crasher")]
     assert "Recovered" in types
 
 
@@ -135,7 +135,7 @@ async def test_two_daemons_never_run_the_same_agent_and_adopt_each_other(store: 
 
         await wait_until(all_started, what="all agents started and shared")
         assert not set(one.runners) & set(two.runners)
-        owners = await store.leases(names)
+        owners = await store.leases.read(names)
         assert {n: i.owner for n, i in owners.items()} == {
             n: (one.id if n in one.runners else two.id) for n in names
         }
@@ -143,7 +143,7 @@ async def test_two_daemons_never_run_the_same_agent_and_adopt_each_other(store: 
         one.request_stop()
 
         async def released() -> bool:  # idle: hibernated until their next message
-            statuses = await store.statuses(ones)
+            statuses = await store.agents.statuses(ones)
             return all(
                 st.get("phase") == "Hibernated" and not st.get("owner") for st in statuses.values()
             )
@@ -158,7 +158,7 @@ async def test_two_daemons_never_run_the_same_agent_and_adopt_each_other(store: 
 
         await wait_until(adopted, within=10, what="activation by the second daemon")
         for name in ones:  # started afresh from Redis: the first daemon let it go cleanly
-            started = [e for e in await store.events(name) if e.type == "Started"]
+            started = [e for e in await store.events.read(name) if e.type == "Started"]
             assert f"started by {two.id}" in started[-1].message
 
 
@@ -180,10 +180,10 @@ async def test_a_daemon_cancelled_from_outside_stops_its_lease_thread(store: Sto
     assert failed
     lease_threads = [t.name for t in threading.enumerate() if t.name.startswith("agentos-leases")]
     assert f"agentos-leases-{d.id}" not in lease_threads
-    beat = (await store.daemons())[d.id]["seen_at"]
+    beat = (await store.heartbeats.daemons())[d.id]["seen_at"]
 
     async def unchanged() -> bool:
-        return bool((await store.daemons())[d.id]["seen_at"] == beat)
+        return bool((await store.heartbeats.daemons())[d.id]["seen_at"] == beat)
 
     # A lease: three of its passes (one every third of a lease) would have beaten.
     await steady(unchanged, for_s=FAST["lease_ttl_s"], what="the dead daemon's heartbeat")
@@ -201,7 +201,7 @@ async def test_hibernate_and_wake_restore_the_kv_and_continue_identically(store:
         assert int(st["kv_bytes"]) > 0
         await client.send("chat", "second question")
         await wait_until(lambda: status_is(store, "chat", phase="Idle", tasks_succeeded="2"))
-    woke = [e for e in await store.events("chat") if e.type == "Woke"]
+    woke = [e for e in await store.events.read("chat") if e.type == "Woke"]
     assert woke
     assert woke[0].reason == "restore"
     state = await state_of(store, "chat", EchoState)
@@ -223,13 +223,13 @@ async def test_a_corrupt_snapshot_is_recomputed_and_the_event_says_why(store: St
         await wait_until(lambda: status_is(store, "chat", phase="Idle", tasks_succeeded="1"))
         await client.hibernate("chat")
         await wait_until(lambda: status_is(store, "chat", phase="Hibernated"))
-        manifest = await store.snapshot_manifest("chat")
+        manifest = await store.snapshots.manifest("chat")
         assert manifest is not None
         assert manifest.kept_kv
-        await store._r.setrange(manifest.chunks[0].key, 100, b"garbage")  # bit rot
+        await store.conn.r.setrange(manifest.chunks[0].key, 100, b"garbage")  # bit rot
         await client.send("chat", "second question")
         await wait_until(lambda: status_is(store, "chat", phase="Idle", tasks_succeeded="2"))
-    woke = [e for e in await store.events("chat") if e.type == "Woke"]
+    woke = [e for e in await store.events.read("chat") if e.type == "Woke"]
     assert woke[0].reason == "recompute"
     assert "chunk 0 of 1 corrupt" in woke[0].message
     assert "re-prefilled" in woke[0].message
@@ -257,10 +257,10 @@ async def test_shutdown_saves_state_and_releases_leases(store: Store) -> None:
     async with running_daemon(store):
         await Client(store).send("echo", "one")
         await wait_until(lambda: status_is(store, "echo", phase="Idle", tasks_succeeded="1"))
-    st = await store.status("echo")
+    st = await store.agents.status("echo")
     assert st["owner"] == ""
     assert st["phase"] in ("Stopped", "Hibernated")
-    assert await store.leases(["echo"]) == {}
+    assert await store.leases.read(["echo"]) == {}
 
 
 async def test_delete_stops_the_agent_and_removes_its_keys(store: Store) -> None:
@@ -293,14 +293,17 @@ async def test_a_new_spec_restarts_the_agent_with_it(store: Store) -> None:
 
 async def test_deleting_an_agent_whose_daemon_is_gone_purges_it_later(store: Store) -> None:
     await apply(store, agent_doc("orphan", ECHO))
-    token = await store.acquire_lease("orphan", "dead-daemon", 300)
-    assert await store.fenced_write("orphan", f"dead-daemon|{token}", state=b"{}")
+    token = await store.leases.acquire("orphan", "dead-daemon", 300)
+    assert await store.writes.fenced_write("orphan", f"dead-daemon|{token}", Write(state=b"{}"))
     await Client(store).delete_agent("orphan")
-    assert await store.pending_purges() == {"orphan"}  # its owner still holds the lease
+    assert await store.specs.pending_purges() == {"orphan"}  # its owner still holds the lease
     async with running_daemon(store):
 
         async def purged() -> bool:
-            return not await store.pending_purges() and await store.load_state("orphan") is None
+            return (
+                not await store.specs.pending_purges()
+                and await store.agents.load_state("orphan") is None
+            )
 
         await wait_until(purged, what="the orphan's keys to be purged")
 
@@ -309,7 +312,7 @@ async def test_a_message_whose_signal_was_lost_is_found_by_the_inbox_sweep(store
     await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
     async with running_daemon(store, inbox_sweep_s=0.3):
         await wait_until(lambda: status_is(store, "echo", phase="Idle"))
-        await store._r.xadd(store.keys.inbox("echo"), {"body": "quiet", "sent_at": "0"})
+        await store.conn.r.xadd(store.keys.inbox("echo"), {"body": "quiet", "sent_at": "0"})
 
         async def seen() -> bool:
             state = await state_of(store, "echo", EchoState)
@@ -340,5 +343,5 @@ async def test_when_slots_run_out_the_lowest_priority_idle_agent_is_swapped_out(
         await wait_until(lambda: status_is(store, "urgent", phase="Idle", tasks_succeeded="1"))
         low = await wait_until(lambda: status_is(store, "low", phase="Hibernated"))
         assert "slot needed by urgent" in low["message"]
-        assert (await store.status("high"))["phase"] == "Idle"
+        assert (await store.agents.status("high"))["phase"] == "Idle"
         assert not engine.has_session("low")

@@ -57,7 +57,7 @@ async def test_a_dead_daemons_id_can_be_used_again_at_once(store: Store) -> None
 
 
 async def _listed(store: Store, daemon_id: str, instance: str) -> bool:
-    return (await store.daemons()).get(daemon_id, {}).get("instance") == instance
+    return (await store.heartbeats.daemons()).get(daemon_id, {}).get("instance") == instance
 
 
 async def test_liveness_uses_the_servers_clock_not_a_hosts(store: Store) -> None:
@@ -70,8 +70,8 @@ async def test_liveness_uses_the_servers_clock_not_a_hosts(store: Store) -> None
         try:
             await wait_until(lambda: _sees(d_ahead, "on-time"), within=10)
             await wait_until(lambda: _sees(d, "ahead"), within=10)
-            seen = (await store.daemons())["ahead"]["seen_at"]
-            assert abs(seen - await store.server_time()) < 60
+            seen = (await store.heartbeats.daemons())["ahead"]["seen_at"]
+            assert abs(seen - await store.heartbeats.server_time()) < 60
         finally:
             d_ahead.request_stop()
 
@@ -107,7 +107,7 @@ async def test_an_oserror_while_starting_a_model_does_not_end_the_daemon(
 
 
 async def _fleet_event(store: Store, type_: str) -> bool:
-    return any(e.type == type_ for e in await store.events(None, count=100))
+    return any(e.type == type_ for e in await store.events.read(None, count=100))
 
 
 async def test_a_redis_blip_during_a_respec_restart_delays_it_and_does_not_end_the_daemon(
@@ -116,7 +116,7 @@ async def test_a_redis_blip_during_a_respec_restart_delays_it_and_does_not_end_t
     await apply(store, agent_doc("echo", ECHO, **INBOX))
     async with running_daemon(store) as d:
         await wait_until(lambda: status_is(store, "echo", phase="Idle"), within=10)
-        before = (await store.status("echo"))["spec_hash"]
+        before = (await store.agents.status("echo"))["spec_hash"]
         real = d._start_many
         blips = 0
 
@@ -137,7 +137,7 @@ async def test_a_redis_blip_during_a_respec_restart_delays_it_and_does_not_end_t
 
 
 async def _hash_changed(store: Store, name: str, before: str) -> bool:
-    return (await store.status(name)).get("spec_hash") not in (None, before)
+    return (await store.agents.status(name)).get("spec_hash") not in (None, before)
 
 
 async def test_an_unexpected_runner_error_backs_off_like_a_crash(
@@ -151,7 +151,7 @@ async def test_an_unexpected_runner_error_backs_off_like_a_crash(
     monkeypatch.setattr(AgentRunner, "_catch_up", broken)  # fails as it starts, every time
     async with running_daemon(store):
         await wait_until(lambda: _count(store, "echo", "RunnerError", 3), within=20)
-    events = [e for e in await store.events("echo", count=200) if e.type == "RunnerError"]
+    events = [e for e in await store.events.read("echo", count=200) if e.type == "RunnerError"]
     assert "a bug in the runtime" in events[0].message
     assert "activated again in 1s" in events[0].message
     assert "activated again in 2s" in events[1].message
@@ -162,5 +162,5 @@ async def test_an_unexpected_runner_error_backs_off_like_a_crash(
 
 
 async def _count(store: Store, name: str, type_: str, at_least: int) -> int:
-    n = sum(1 for e in await store.events(name, count=200) if e.type == type_)
+    n = sum(1 for e in await store.events.read(name, count=200) if e.type == type_)
     return n if n >= at_least else 0

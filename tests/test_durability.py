@@ -46,7 +46,7 @@ async def test_500_keyed_messages_survive_two_sigkills_exactly_once(
         # Kill a daemon only once it works: on a loaded machine its start can take
         # longer than sending a third of the messages.
         async def owns() -> bool:
-            statuses = await store.statuses(names)
+            statuses = await store.agents.statuses(names)
             return any(s.get("owner") == daemon_id for s in statuses.values())
 
         await wait_until(owns, within=30, what=f"{daemon_id} to run agents")
@@ -70,7 +70,7 @@ async def test_500_keyed_messages_survive_two_sigkills_exactly_once(
 
         async def all_done() -> bool:
             for agent, msg_id, _ in sent:
-                record = await store.task(agent, f"m-{msg_id}")
+                record = await store.tasks.get(agent, f"m-{msg_id}")
                 if record.get("status") not in ("succeeded", "skipped"):
                     return False
             return True
@@ -80,20 +80,20 @@ async def test_500_keyed_messages_survive_two_sigkills_exactly_once(
 
     succeeded = Counter()
     for agent, msg_id, key in sent:
-        record = await store.task(agent, f"m-{msg_id}")
+        record = await store.tasks.get(agent, f"m-{msg_id}")
         if record["status"] == "succeeded":
             succeeded[key] += 1
     assert len(succeeded) == MESSAGES
     assert set(succeeded.values()) == {1}, [k for k, n in succeeded.items() if n != 1]
     handled = 0
     for agent in names:
-        assert await store.inbox_depth(agent) == 0
-        raw = await store.load_state(agent)
+        assert await store.inbox.depth(agent) == 0
+        raw = await store.agents.load_state(agent)
         assert raw is not None
         bodies = msgspec.json.decode(raw, type=EchoState).bodies
         assert len(bodies) == len(set(bodies)), f"{agent} handled a message twice"
         handled += len(bodies)
     assert handled == MESSAGES
     # The kills really interrupted work: the later daemons adopted agents mid-stream.
-    adopted = [e for n in names for e in await store.events(n) if e.type == "Adopted"]
+    adopted = [e for n in names for e in await store.events.read(n) if e.type == "Adopted"]
     assert adopted

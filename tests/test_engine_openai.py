@@ -111,7 +111,7 @@ async def test_a_429_throttles_every_agent_of_the_model_and_every_daemon(store: 
         with pytest.raises(ModelThrottled):
             await other_daemon.generate("c", "another daemon", max_tokens=2)
         assert len(server.behaviour.requests) == calls  # nobody asked the provider again
-        assert await store.model_throttled_until("big") > 0
+        assert await store.models.throttled_until("big") > 0
         await one.aclose()
         await other_daemon.aclose()
 
@@ -210,7 +210,7 @@ async def test_an_agent_whose_model_is_down_is_retried_not_crashed(store: Store)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AGENTOS_TEST_KEY", "sk-secret-value")
         async with running_daemon(store):
-            await store.send("echo", "hello")
+            await store.inbox.send("echo", "hello")
             await wait_until(
                 lambda: _has_event(store, "echo", "InfrastructureError"),
                 within=20,
@@ -218,16 +218,16 @@ async def test_an_agent_whose_model_is_down_is_retried_not_crashed(store: Store)
             )
             with openai_server(port) as server:
                 await wait_until(lambda: status_is(store, "echo", tasks_succeeded="1"), within=40)
-            status = await store.status("echo")
+            status = await store.agents.status("echo")
         assert server.behaviour.authorization[-1] == "Bearer sk-secret-value"
     assert status.get("restarts", "0") == "0"
-    raw = await store.load_state("echo")
+    raw = await store.agents.load_state("echo")
     assert raw is not None
     assert msgspec.json.decode(raw, type=EchoState).replies == [" reply 1"]
-    text = " ".join(f"{e.type} {e.message}" for e in await store.events("echo"))
+    text = " ".join(f"{e.type} {e.message}" for e in await store.events.read("echo"))
     assert "sk-secret-value" not in text
-    assert "sk-secret-value" not in str(await store.models())
+    assert "sk-secret-value" not in str(await store.models.read())
 
 
 async def _has_event(store: Store, name: str, kind: str) -> bool:
-    return any(e.type == kind for e in await store.events(name))
+    return any(e.type == kind for e in await store.events.read(name))

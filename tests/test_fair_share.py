@@ -27,7 +27,7 @@ INBOX = {"triggers": [{"inbox": {}}]}
 
 async def _owners(store: Store, names: list[str]) -> Counter[str]:
     """How many of ``names`` each daemon holds a lease on ("" for the unleased)."""
-    leases = await store.leases(names)
+    leases = await store.leases.read(names)
     return Counter(leases[n].owner if n in leases else "" for n in names)
 
 
@@ -41,7 +41,7 @@ class _NotYet(Counter[str]):
 async def _bodies(store: Store, names: list[str]) -> dict[str, list[str]]:
     out = {}
     for name in names:
-        raw = await store.load_state(name)
+        raw = await store.agents.load_state(name)
         out[name] = [] if raw is None else msgspec.json.decode(raw, type=EchoState).bodies
     return out
 
@@ -82,7 +82,7 @@ async def test_three_daemons_split_300_agents_and_a_drained_one_hands_its_share_
             sent.append((name, await client.send(name, f"before {name}", key=f"b-{name}")))
 
         victim, survivors = "d1", ("d0", "d2")
-        leases = await store.leases(names)
+        leases = await store.leases.read(names)
         handed = [n for n in names if n in leases and leases[n].owner == victim]
         procs[victim].send_signal(signal.SIGTERM)
         # Messages keep coming while the victim drains.
@@ -112,14 +112,14 @@ async def test_three_daemons_split_300_agents_and_a_drained_one_hands_its_share_
     for name in names:
         assert sorted(bodies[name]) == [f"before {name}", f"during {name}"], name
     for name, msg_id in sent:
-        record = await store.task(name, f"m-{msg_id}")
+        record = await store.tasks.get(name, f"m-{msg_id}")
         assert record.get("status") == "succeeded", (name, record)
-        assert await store.inbox_depth(name) == 0
+        assert await store.inbox.depth(name) == 0
     # The victim's agents were let go of gracefully (state saved, lease released) and
     # started by a survivor.
     assert 80 <= len(handed) <= 120
     for name in handed:
-        events = await store.events(name)
+        events = await store.events.read(name)
         stop = [e for e in events if e.type == "Stopped" and e.daemon == victim][-1]
         assert stop.reason == "shutdown"
         later = events[events.index(stop) + 1 :]
@@ -167,13 +167,13 @@ async def test_a_joining_daemon_takes_idle_agents_over_and_leaves_a_running_task
             # The running task was not interrupted: same runner, still in its task.
             assert first.runners.get(holder) is runner
             assert runner.busy
-            assert (await store.leases([holder]))[holder].owner == "first"
+            assert (await store.leases.read([holder]))[holder].owner == "first"
             # Moved: the second daemon holds the lease (its runner may still be opening).
-            leases = await store.leases(names)
+            leases = await store.leases.read(names)
             moved = [n for n in names if n in leases and leases[n].owner == "second"]
             assert moved
             for name in moved:
-                stopped = [e for e in await store.events(name) if e.type == "Stopped"]
+                stopped = [e for e in await store.events.read(name) if e.type == "Stopped"]
                 assert stopped
                 assert stopped[-1].reason == "rebalance", stopped
                 assert "fair share" in stopped[-1].message
@@ -191,10 +191,10 @@ async def test_a_joining_daemon_takes_idle_agents_over_and_leaves_a_running_task
                 return all(bodies[n] == [f"after {n}"] for n in names)
 
             await wait_until(answered, within=20, what="every agent to answer once")
-    record = await store.task(holder, f"m-{hold_id}")
+    record = await store.tasks.get(holder, f"m-{hold_id}")
     assert record["status"] == "succeeded"
-    assert not [e for e in await store.events(holder) if e.reason == "rebalance"], [
+    assert not [e for e in await store.events.read(holder) if e.reason == "rebalance"], [
         e.message for e in await client.events(count=500) if e.type == "Rebalancing"
     ]
     for name, msg_id in sent:
-        assert (await store.task(name, f"m-{msg_id}"))["status"] == "succeeded"
+        assert (await store.tasks.get(name, f"m-{msg_id}"))["status"] == "succeeded"

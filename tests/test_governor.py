@@ -45,7 +45,7 @@ async def admit(
     score: float = 0.0,
     day: str = "2026-11-28",
 ) -> tuple[int, int, str]:
-    r = await store.quota_admit(
+    r = await store.quotas.admit(
         quota_class="std",
         agent=agent,
         call=call,
@@ -64,7 +64,7 @@ async def admit(
 async def settle(
     store: Store, call: str, estimate: int, actual: int, *, limits: Limits = NONE, agent: str = "a"
 ) -> None:
-    await store.quota_settle(
+    await store.quotas.settle(
         quota_class="std",
         agent=agent,
         call=call,
@@ -103,7 +103,7 @@ async def test_settling_returns_unused_tokens_to_the_bucket(store: Store) -> Non
     assert (await admit(store, "c2", 10, limits=lim))[0] == -1
     await settle(store, "c1", 100, 20, limits=lim)  # used 20 of the 100 estimated
     assert (await admit(store, "c2", 80, limits=lim))[:2] == (1, 0)
-    usage = await store.quota_usage({"std": "2026-11-28"})
+    usage = await store.quotas.usage({"std": "2026-11-28"})
     assert usage["std"].day_tokens == 20 + 80
     assert usage["std"].agent_day_tokens == {"a": 100}
 
@@ -123,7 +123,7 @@ async def test_concurrency_slots_queue_and_free(store: Store) -> None:
     status, poll_ms, what = await admit(store, "c2", 10, limits=lim, agent="b")
     assert (status, what) == (0, "class maxConcurrent")
     assert poll_ms > 0
-    usage = (await store.quota_usage({"std": "2026-11-28"}))["std"]
+    usage = (await store.quotas.usage({"std": "2026-11-28"}))["std"]
     assert usage.in_flight == {"a": 1}
     assert usage.queued == ["b"]
     await settle(store, "c1", 10, 10)
@@ -149,7 +149,7 @@ async def test_renewing_keeps_a_long_call_slot(store: Store) -> None:
     async def renewed() -> bool:
         # Every 0.15 s, for one and a half leases.
         nonlocal renewals
-        await store.quota_renew([("c1", ("std", "a"))], lease_s=0.3)
+        await store.quotas.renew([("c1", ("std", "a"))], lease_s=0.3)
         renewals += 1
         return renewals > 3
 
@@ -189,7 +189,7 @@ async def test_budgets_refuse_at_once_until_the_day_ends(store: Store) -> None:
 async def test_agent_seconds_budget(store: Store) -> None:
     lim = Limits(daily_agent_seconds=10)
     assert (await admit(store, "c1", 1, agent_limits=lim))[0] == 1
-    await store.quota_charge_seconds([("std", "a", "2026-11-28", 10.5)])
+    await store.quotas.charge_seconds([("std", "a", "2026-11-28", 10.5)])
     assert (await admit(store, "c2", 1, agent_limits=lim))[:3:2] == (-2, "agent dailyAgentSeconds")
     assert (await admit(store, "c3", 1, agent_limits=lim, agent="b"))[0] == 1
 
@@ -197,9 +197,9 @@ async def test_agent_seconds_budget(store: Store) -> None:
 async def test_a_charge_retried_with_its_op_id_counts_once(store: Store) -> None:
     charge = [("std", "a", "2026-11-28", 6.0), ("std", "b", "2026-11-28", 1.0)]
     for _ in range(3):  # the reply was lost twice; the daemon sends the same charge again
-        await store.quota_charge_seconds(charge, op_id="flush-1")
-    await store.quota_charge_seconds(charge, op_id="flush-2")
-    usage = (await store.quota_usage({"std": "2026-11-28"}))["std"]
+        await store.quotas.charge_seconds(charge, op_id="flush-1")
+    await store.quotas.charge_seconds(charge, op_id="flush-2")
+    usage = (await store.quotas.usage({"std": "2026-11-28"}))["std"]
     assert usage.day_seconds == 14.0
     assert usage.agent_day_seconds == {"a": 12.0, "b": 2.0}
 
@@ -254,7 +254,7 @@ async def test_governor_settles_actual_tokens_even_when_the_call_fails(store: St
 
     with pytest.raises(RuntimeError):
         await failing_call()
-    usage = (await store.quota_usage({"std": datetime.now(ZoneInfo("UTC")).date().isoformat()}))[
+    usage = (await store.quotas.usage({"std": datetime.now(ZoneInfo("UTC")).date().isoformat()}))[
         "std"
     ]
     assert usage.day_tokens == 120
@@ -271,7 +271,7 @@ async def test_governor_concurrency_wait_times_out(store: Store) -> None:
             ):
                 pytest.fail("must not be admitted")
     assert info.value.kind == "concurrency"
-    usage = (await store.quota_usage({"std": "x"}))["std"]
+    usage = (await store.quotas.usage({"std": "x"}))["std"]
     assert usage.queued == []  # gave up its place
 
 

@@ -43,12 +43,12 @@ def today() -> str:
 
 
 async def day_tokens(store: Store) -> int:
-    return (await store.quota_usage({"std": today()}))["std"].day_tokens
+    return (await store.quotas.usage({"std": today()}))["std"].day_tokens
 
 
 async def lease_left_s(store: Store, agent: str) -> float:
     """Seconds until the lease of ``agent``'s (only) concurrency slot runs out."""
-    ((member, until_ms),) = await store._r.zrange(
+    ((member, until_ms),) = await store.conn.r.zrange(
         store.keys.quota("std", "holders"), 0, -1, withscores=True
     )
     assert member.decode().split("|")[0] == agent
@@ -82,13 +82,13 @@ async def test_a_call_cancelled_while_it_waits_for_its_rate_is_refunded(store: S
             scope.cancel()
     assert not entered.is_set()
     assert await day_tokens(store) == 10  # the estimate came back
-    usage = (await store.quota_usage({"std": today()}))["std"]
+    usage = (await store.quotas.usage({"std": today()}))["std"]
     assert usage.in_flight == {}
     assert g.in_flight == {}
 
 
 async def _pacing(store: Store) -> bool:
-    return "a" in (await store.quota_usage({"std": today()}))["std"].pacing
+    return "a" in (await store.quotas.usage({"std": today()}))["std"].pacing
 
 
 async def test_a_call_waiting_for_a_local_turn_keeps_its_slot_lease(store: Store) -> None:
@@ -107,7 +107,7 @@ async def test_a_call_waiting_for_a_local_turn_keeps_its_slot_lease(store: Store
     async with anyio.create_task_group() as tg:
         tg.start_soon(call, "first")
         await wait_until(lambda: _true(order == ["first"]), what="the first call to run")
-        await store._r.delete(store.keys.quota("std", "holders"))  # only the waiting one
+        await store.conn.r.delete(store.keys.quota("std", "holders"))  # only the waiting one
         tg.start_soon(call, "second")
         await wait_until(
             lambda: _true([w.name for w in g.gate.waiting] == ["second"]),

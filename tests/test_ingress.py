@@ -36,12 +36,12 @@ async def test_a_webhook_puts_a_message_in_the_inbox(store: Store) -> None:
     assert r.status_code == 202
     body = r.json()
     assert body["taskId"] == f"m-{body['messageId']}"
-    (msg,) = await store.read_inbox("echo", "reader", count=10) if await _group(store) else []
+    (msg,) = await store.inbox.read("echo", "reader", count=10) if await _group(store) else []
     assert (msg.body, msg.key) == ("deploy done", "d-1")
 
 
 async def _group(store: Store) -> bool:
-    await store.ensure_inbox("echo")
+    await store.inbox.ensure("echo")
     return True
 
 

@@ -33,7 +33,7 @@ async def test_a_replayed_idempotency_key_answers_the_first_task(store: Store) -
     assert (first.status_code, again.status_code) == (202, 202)
     assert again.json()["taskId"] == first.json()["taskId"]
     assert other.json()["taskId"] != first.json()["taskId"]
-    assert await store.inbox_depth("echo") == 2
+    assert await store.inbox.depth("echo") == 2
 
 
 async def test_an_idempotency_key_reused_with_another_body_is_a_conflict(store: Store) -> None:
@@ -47,8 +47,8 @@ async def test_an_idempotency_key_reused_with_another_body_is_a_conflict(store: 
     assert other.json()["error"]["code"] == "conflict"
     assert other.json()["taskId"] == first.json()["taskId"]  # the message the key made
     assert (again.status_code, again.json()["taskId"]) == (202, first.json()["taskId"])
-    await store.ensure_inbox("echo")
-    assert [m.body for m in await store.read_inbox("echo", "c", count=10)] == ["deploy v1"]
+    await store.inbox.ensure("echo")
+    assert [m.body for m in await store.inbox.read("echo", "c", count=10)] == ["deploy v1"]
 
 
 async def test_a_full_inbox_answers_429_with_retry_after(store: Store) -> None:
@@ -59,7 +59,7 @@ async def test_a_full_inbox_answers_429_with_retry_after(store: Store) -> None:
     full = sent[-1]
     assert full.json()["error"]["code"] == "inbox_full"
     assert int(full.headers["retry-after"]) >= 1
-    assert await store.inbox_depth("echo") == 2
+    assert await store.inbox.depth("echo") == 2
 
 
 async def test_events_nobody_waits_for_are_capped_with_a_429(store: Store) -> None:
@@ -88,11 +88,11 @@ async def test_drop_over_http_removes_the_message(store: Store) -> None:
     assert plain.status_code == 415  # a state change takes JSON, as answers do
     assert (dropped.status_code, dropped.json()["droppedFrom"]) == (200, "inbox")
     assert again.status_code == 404
-    assert await store.inbox_depth("echo") == 0
-    record = await store.task("echo", sent["taskId"])
+    assert await store.inbox.depth("echo") == 0
+    record = await store.tasks.get("echo", sent["taskId"])
     assert record["status"] == "dropped"
     assert "ops (http:loopback)" in record["result"]
-    assert [e.type for e in await store.events("echo")][-1] == "Dropped"
+    assert [e.type for e in await store.events.read("echo")][-1] == "Dropped"
 
 
 # ---------------------------------------------------------------------- pages
@@ -186,4 +186,4 @@ async def test_the_daemon_refuses_rebinding_and_logs_a_hang_up_once(
     text = log.read_text()
     assert text.count("hung up") == 1, text
     assert "Traceback" not in text, text
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0

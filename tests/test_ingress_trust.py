@@ -92,8 +92,8 @@ async def test_a_cross_site_or_rebound_request_is_refused_before_anything_happen
         assert r.json()["error"]["code"] == "forbidden"
     assert "deploy?" not in rebound.text
     assert await store.namespace_keys() == before
-    assert await store.inbox_depth("echo") == 0
-    assert (await store.wait_get("echo")).answer is None  # type: ignore[union-attr]
+    assert await store.inbox.depth("echo") == 0
+    assert (await store.waits.get("echo")).answer is None  # type: ignore[union-attr]
     assert [w["task"] for w in ok.json()] == ["m-1-0"]
 
 
@@ -128,7 +128,7 @@ async def test_answers_and_events_take_json_only_messages_any_text(store: Store)
         )
     for r in (form, plain, bare):
         assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type")
-    assert (await store.wait_get("echo")).answer is None  # type: ignore[union-attr]
+    assert (await store.waits.get("echo")).answer is None  # type: ignore[union-attr]
     assert message.status_code == 202
 
 
@@ -205,7 +205,7 @@ async def test_a_declared_length_over_the_agents_limit_is_refused_unread(store: 
     )
     assert (status, body["error"]["code"]) == (413, "too_large")
     assert calls[0] == 0  # not one byte read
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
 
 
 async def test_a_chunked_body_is_read_only_up_to_the_cap(store: Store) -> None:
@@ -233,7 +233,7 @@ async def test_a_message_may_be_as_large_as_its_agent_accepts(store: Store) -> N
         over = await c.post("/v1/agents/echo/messages", content=b"y" * (big + 1))
     assert fits.status_code == 202, fits.text
     assert over.status_code == 413
-    assert await store.inbox_depth("echo") == 1
+    assert await store.inbox.depth("echo") == 1
 
 
 async def test_a_stalled_body_times_out(store: Store) -> None:
@@ -253,7 +253,7 @@ async def test_a_stalled_body_times_out(store: Store) -> None:
             HOST,
         )
     assert status in (408, 413)  # whichever comes first; never a hang
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
 
 
 async def test_a_client_that_hangs_up_mid_body_is_one_quiet_line(
@@ -267,7 +267,7 @@ async def test_a_client_that_hangs_up_mid_body_is_one_quiet_line(
     assert [r.name for r in records] == ["agentos.ingress"], [r.getMessage() for r in records]
     assert records[0].exc_info is None
     assert "hung up" in records[0].getMessage()
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
 
 
 # ---------------------------------------------------------------------- JSON and text
@@ -283,7 +283,7 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(store: Store, depth: int)
         answer = await c.post("/v1/agents/echo/tasks/m-1-0/answer", content=nested, headers=JSON)
     for r in (event, answer):
         assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_json"), r.text
-    assert (await store.wait_get("echo")).answer is None  # type: ignore[union-attr]
+    assert (await store.waits.get("echo")).answer is None  # type: ignore[union-attr]
 
 
 def test_parse_json_bounds_depth() -> None:
@@ -307,5 +307,5 @@ async def test_a_by_with_control_characters_is_refused(store: Store, who: str) -
         named = await c.post("/v1/agents/echo/events/go%0Aforged", json={})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_text")
     assert (named.status_code, named.json()["error"]["code"]) == (400, "bad_text")
-    assert (await store.wait_get("echo")).answer is None  # type: ignore[union-attr]
-    assert [e for e in await store.events("echo") if e.type == "Answered"] == []
+    assert (await store.waits.get("echo")).answer is None  # type: ignore[union-attr]
+    assert [e for e in await store.events.read("echo") if e.type == "Answered"] == []

@@ -308,7 +308,7 @@ def _model_doc(name: str, site: str) -> Any:
 
 
 async def _owner(store: Store, name: str) -> str:
-    leases = await store.leases([name])
+    leases = await store.leases.read([name])
     return leases[name].owner if name in leases else ""
 
 
@@ -377,11 +377,11 @@ async def test_agents_run_only_on_daemons_that_match_and_one_that_matches_none_s
         assert beats["d-a"]["labels"] == {"site": "a"}
         assert beats["d-b"]["labels"] == {"site": "b"}
     # It never ran anywhere, and the others never ran on the daemon that does not match.
-    assert not [e for e in await store.events("nowhere") if e.type in ("Started", "Adopted")]
-    assert not (await store.status("nowhere")).get("owner")
-    assert await store.leases(["nowhere"]) == {}
+    assert not [e for e in await store.events.read("nowhere") if e.type in ("Started", "Adopted")]
+    assert not (await store.agents.status("nowhere")).get("owner")
+    assert await store.leases.read(["nowhere"]) == {}
     for name, daemon in (("on-b", "d-b"), ("uses-local-a", "d-a")):
-        starts = [e for e in await store.events(name) if e.type in ("Started", "Adopted")]
+        starts = [e for e in await store.events.read(name) if e.type in ("Started", "Adopted")]
         assert starts
         assert {e.daemon for e in starts} == {daemon}, starts
 
@@ -409,7 +409,7 @@ async def test_a_respec_or_a_moved_model_hands_a_held_agent_to_a_daemon_that_mat
             lambda: _owned_by(store, "follows-model", "d-b"), what="the model's user to follow it"
         )
         for name, left in (("mover", "d-b"), ("follows-model", "d-a")):
-            events = [e for e in await store.events(name) if e.type == "Unhostable"]
+            events = [e for e in await store.events.read(name) if e.type == "Unhostable"]
             assert events
             assert events[-1].daemon == left, events
             assert "may not host the agent" in events[-1].message
@@ -436,7 +436,7 @@ async def test_agents_pinned_to_one_daemon_all_run_there_past_its_fair_share(
         assert len(pinned_names) > share_limit(len(everyone), 2)
 
         async def all_held() -> dict[str, str] | None:
-            leases = await store.leases(everyone)
+            leases = await store.leases.read(everyone)
             owners = {n: leases[n].owner for n in leases}
             return owners if len(owners) == len(everyone) else None
 
@@ -445,7 +445,7 @@ async def test_agents_pinned_to_one_daemon_all_run_there_past_its_fair_share(
         assert db._pinned_held() >= set(pinned_names)
         assert not da._pinned_held()
     for name in pinned_names:
-        stops = [e for e in await store.events(name) if e.reason == "rebalance"]
+        stops = [e for e in await store.events.read(name) if e.reason == "rebalance"]
         assert not stops, stops
 
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.anyio]
 
 async def ended(store: Store, agent: str, task: str) -> dict[str, str]:
     async def done() -> dict[str, str] | None:
-        record = await store.task(agent, task)
+        record = await store.tasks.get(agent, task)
         return record if record.get("status") in ("succeeded", "failed", "dead") else None
 
     record: dict[str, str] = await wait_until(done, within=30, what=f"task {task} to end")
@@ -33,8 +33,8 @@ async def limited(store: Store, entrypoint: str, limits: dict[str, Any], **spec:
     async with running_daemon(store):
         first = await client.send("runaway", "go")
         record = await ended(store, "runaway", f"m-{first}")
-        events = [e for e in await store.events("runaway") if e.type == "TaskLimitExceeded"]
-        status = await store.status("runaway")
+        events = [e for e in await store.events.read("runaway") if e.type == "TaskLimitExceeded"]
+        status = await store.agents.status("runaway")
     return record, events, status
 
 
@@ -89,7 +89,7 @@ async def test_the_next_task_runs_after_a_limited_one(store: Store) -> None:
         record = await ended(store, "runaway", f"m-{second}")
         await wait_until(lambda: status_is(store, "runaway", phase="Idle"), what="idle")
     assert record["status"] == "succeeded"  # observe found nothing more: not limited
-    assert await store.inbox_depth("runaway") == 0
+    assert await store.inbox.depth("runaway") == 0
 
 
 @pytest.mark.parametrize(

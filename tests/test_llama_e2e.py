@@ -69,11 +69,11 @@ async def test_a_hibernated_agent_wakes_in_a_new_daemon_without_re_prefill(
         )
         second.send_signal(signal.SIGTERM)
         await exited(second, within=20)
-    woke = [e for e in await store.events("reader") if e.type == "Woke"]
-    assert woke, [(e.type, e.message) for e in await store.events("reader")]
+    woke = [e for e in await store.events.read("reader") if e.type == "Woke"]
+    assert woke, [(e.type, e.message) for e in await store.events.read("reader")]
     assert woke[-1].reason == "restore", woke[-1].message
     assert woke[-1].daemon == "second"
-    raw = await store.load_state("reader")
+    raw = await store.agents.load_state("reader")
     assert raw is not None
     state = msgspec.json.decode(raw, type=ReaderState)
 

@@ -163,13 +163,13 @@ async def test_hibernated_in_one_daemon_woken_in_another_with_its_kv(
         entry = second.models.get("local")
         assert entry is not None
         assert entry.engine is not server_one.engine
-    woke = [e for e in await store.events("chatter") if e.type == "Woke"]
+    woke = [e for e in await store.events.read("chatter") if e.type == "Woke"]
     assert woke
     assert woke[-1].reason == "restore", [
-        (e.type, e.message) for e in await store.events("chatter")
+        (e.type, e.message) for e in await store.events.read("chatter")
     ]
     assert woke[-1].daemon == "second"
-    raw = await store.load_state("chatter")
+    raw = await store.agents.load_state("chatter")
     assert raw is not None
     log = msgspec.json.decode(raw, type=CallLog)
     assert saved - 3 <= log.cached[1] <= saved, (saved, log)
@@ -225,7 +225,7 @@ async def test_server_killed_mid_call_retries_the_task(
             )
             revived = start(port)
             await wait_until(lambda: status_is(store, "chatter", tasks_succeeded="1"), within=120)
-        status = await store.status("chatter")
+        status = await store.agents.status("chatter")
         assert status.get("restarts", "0") == "0"
         assert status.get("consecutive_failures", "0") == "0"
     finally:
@@ -267,4 +267,4 @@ async def test_usage_by_model_equals_the_servers_own_counts(
 
 
 async def _event(store: Store, name: str, kind: str) -> bool:
-    return any(e.type == kind for e in await store.events(name))
+    return any(e.type == kind for e in await store.events.read(name))

@@ -89,7 +89,7 @@ async def test_logs_prints_follows_and_selects(
         await client.send("other", "elsewhere")
 
         async def both() -> bool:
-            return bool(await store.logs("other"))
+            return bool(await store.logs.read("other"))
 
         await wait_until(both, within=30, what="the other agent's log")
     printed = await cli(env, "logs", "scribe")

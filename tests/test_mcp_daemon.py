@@ -150,12 +150,12 @@ async def test_a_server_killed_mid_call_retries_the_task_without_running_the_cal
     async with running_daemon(store):
         msg = await Client(store).send("caller", 'fx.crash {"name": "x"}; fx.add {"a": 1, "b": 1}')
         record = await finished(store, "caller", f"m-{msg}")
-        status = await store.status("caller")
+        status = await store.agents.status("caller")
     assert record["status"] == "succeeded", record
     assert record["result"].startswith("interrupted: outcome unknown (fx.crash was running")
     assert record["result"].endswith("\n2")
     assert ran(tmp_path) == ["crash x"]  # not run again by the retry
-    events = [e for e in await store.events("caller") if e.type == "InfrastructureError"]
+    events = [e for e in await store.events.read("caller") if e.type == "InfrastructureError"]
     assert events, "the retry says why"
     assert "tool server 'fx'" in events[0].message
     assert status.get("phase") != "Failed"
@@ -171,11 +171,11 @@ async def test_a_server_that_does_not_start_parks_the_task_with_an_event_naming_
         msg = await Client(store).send("caller", 'fx.echo {"text": "a"}')
 
         async def parked() -> list[Any]:
-            return [e for e in await store.events("caller") if e.type == "InfrastructureError"]
+            return [e for e in await store.events.read("caller") if e.type == "InfrastructureError"]
 
         (event, *_) = await wait_until(parked, within=30, what="an infrastructure event")
-        record = await store.task("caller", f"m-{msg}")
-        status = await store.status("caller")
+        record = await store.tasks.get("caller", f"m-{msg}")
+        status = await store.agents.status("caller")
     assert "tool server 'fx'" in event.message
     assert "could not start" in event.message
     assert record["status"] == "retrying"

@@ -124,7 +124,7 @@ def _model(name: str, url: str, credentials: dict[str, Any], served: str = "good
 
 async def _everything_in_redis(store: Store) -> bytes:
     """Every key of the test's Redis and its value, whatever its type, as one blob."""
-    r = store._r
+    r = store.conn.r
     out = []
     async for key in r.scan_iter(count=500):
         kind = await r.type(key)
@@ -213,18 +213,18 @@ async def test_a_refused_key_parks_the_agent_says_why_and_a_fixed_key_file_resum
             agent_doc("asker", "tests.fixture_agents:Echo", model="remote", config={"llm": True}),
         )
         async with running_daemon(store) as daemon:
-            await store.send("asker", "hello")
+            await store.inbox.send("asker", "hello")
 
             async def parked() -> list[dict[str, str]]:
-                tasks = await store.tasks("asker", count=5)
+                tasks = await store.tasks.recent("asker", count=5)
                 return [t for t in tasks if t.get("status") in ("parked", "retrying")]
 
             (task,) = await wait_until(parked, within=15, what="the task parked")
             assert "model remote misconfigured: HTTP 401" in task["error"]
-            status = await store.status("asker")
+            status = await store.agents.status("asker")
             assert status.get("phase") != "Failed"
             assert "model remote misconfigured: HTTP 401" in status.get("message", "")
-            events = [e.message for e in await store.events("asker")]
+            events = [e.message for e in await store.events.read("asker")]
             assert any("model remote misconfigured: HTTP 401" in m for m in events), events
             condition = daemon.models.describe()["remote"]["condition"]
             assert condition["type"] == "ModelMisconfigured"
@@ -256,7 +256,7 @@ async def test_a_refused_key_parks_the_agent_says_why_and_a_fixed_key_file_resum
             )
             assert RIGHT in up.seen
             assert daemon.models.describe()["remote"]["condition"] is None
-            status = await store.status("asker")
+            status = await store.agents.status("asker")
             assert status.get("restarts", "0") == "0", status  # never a crash
         stored = await _everything_in_redis(store)
     assert WRONG.encode() not in stored
@@ -277,16 +277,16 @@ async def test_a_wrong_model_name_parks_the_agent_and_re_applying_the_model_resu
             agent_doc("asker", "tests.fixture_agents:Echo", model="remote", config={"llm": True}),
         )
         async with running_daemon(store) as daemon:
-            await store.send("asker", "hello")
+            await store.inbox.send("asker", "hello")
 
             async def parked() -> list[dict[str, str]]:
-                tasks = await store.tasks("asker", count=5)
+                tasks = await store.tasks.recent("asker", count=5)
                 return [t for t in tasks if t.get("status") in ("parked", "retrying")]
 
             (task,) = await wait_until(parked, within=15, what="the task parked")
             assert "model remote misconfigured: HTTP 404" in task["error"]
             assert "does not exist" in task["error"]
-            assert (await store.status("asker")).get("phase") != "Failed"
+            assert (await store.agents.status("asker")).get("phase") != "Failed"
 
             await apply(store, _model("remote", url, {"file": str(key_file)}, served="good"))
             await wait_until(
@@ -295,7 +295,7 @@ async def test_a_wrong_model_name_parks_the_agent_and_re_applying_the_model_resu
                 what="the task to succeed once the Model names the right model",
             )
             assert daemon.models.describe()["remote"]["condition"] is None
-            assert (await store.status("asker")).get("restarts", "0") == "0"
+            assert (await store.agents.status("asker")).get("restarts", "0") == "0"
 
 
 async def test_a_model_that_cannot_start_parks_its_agents_with_the_reason_and_starts_once_fixed(
@@ -309,16 +309,16 @@ async def test_a_model_that_cannot_start_parks_its_agents_with_the_reason_and_st
             agent_doc("asker", "tests.fixture_agents:Echo", model="keyless", config={"llm": True}),
         )
         async with running_daemon(store) as daemon:
-            await store.send("asker", "hello")
+            await store.inbox.send("asker", "hello")
 
             async def parked() -> list[dict[str, str]]:
-                tasks = await store.tasks("asker", count=5)
+                tasks = await store.tasks.recent("asker", count=5)
                 return [t for t in tasks if t.get("status") in ("parked", "retrying")]
 
             (task,) = await wait_until(parked, within=15, what="the task parked")
             assert "model keyless misconfigured" in task["error"]
             assert "AGENTOS_TEST_UNSET_KEY" in task["error"]
-            status = await store.status("asker")
+            status = await store.agents.status("asker")
             assert status.get("phase") not in ("Pending", "Failed"), status
             assert "AGENTOS_TEST_UNSET_KEY" in status.get("message", "")
             described = await Client(store).describe("asker")

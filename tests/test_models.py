@@ -117,7 +117,7 @@ async def test_apply_refuses_unknown_models_and_fallbacks(store: Store) -> None:
     broken = policy_doc(_model(engine="sim", fallback="nowhere"))
     with pytest.raises(SpecError, match='unknown fallback model "nowhere"'):
         await client.apply([broken])
-    assert await store.models() == {}
+    assert await store.models.read() == {}
     changes = await client.apply([policy_doc(_model(engine="sim")), agent])
     assert {(c.kind, c.name, c.action) for c in changes} == {
         ("Model", "big", "created"),
@@ -203,13 +203,13 @@ async def test_a_down_model_falls_back_when_the_agent_allows_it(store: Store) ->
             ),
         )
         async with running_daemon(store, metering_flush_s=0.1):
-            await store.send("keen", "hello")
-            await store.send("strict", "hello")
+            await store.inbox.send("keen", "hello")
+            await store.inbox.send("strict", "hello")
             await wait_until(lambda: status_is(store, "keen", tasks_succeeded="1"), within=30)
             await wait_until(lambda: _event(store, "strict", "InfrastructureError"), within=30)
         served = {r["user"] for r in backup.behaviour.requests}
     assert served == {"keen.fallback"}
-    raw = await store.load_state("keen")
+    raw = await store.agents.load_state("keen")
     assert raw is not None
     assert msgspec.json.decode(raw, type=EchoState).replies == [" reply 1"]
     rows = {r.model: r for r in await Client(store).usage_by_model()}
@@ -218,7 +218,7 @@ async def test_a_down_model_falls_back_when_the_agent_allows_it(store: Store) ->
 
 
 async def _event(store: Store, name: str, kind: str) -> bool:
-    return any(e.type == kind for e in await store.events(name))
+    return any(e.type == kind for e in await store.events.read(name))
 
 
 @pytest.mark.e2e
@@ -286,8 +286,8 @@ async def test_the_two_model_example_routes_hard_questions_to_the_large_model(
         runnable.append(policy_doc(body))
     await apply(store, *runnable)
     async with running_daemon(store, metering_flush_s=0.1):
-        await store.send("triage", "What is the capital of Italy?")
-        await store.send("triage", "!expert Why is the halting problem undecidable?")
+        await store.inbox.send("triage", "What is the capital of Italy?")
+        await store.inbox.send("triage", "!expert Why is the halting problem undecidable?")
         await wait_until(lambda: status_is(store, "expert", tasks_succeeded="1"), within=30)
         await wait_until(lambda: status_is(store, "triage", tasks_succeeded="2"), within=30)
 
@@ -326,7 +326,7 @@ async def test_a_model_that_cannot_start_is_reported_once_and_names_no_secret(
     )
 
     async def reported() -> list[Any]:
-        return [e for e in await store.events(None) if e.type == "ModelUnavailable"]
+        return [e for e in await store.events.read(None) if e.type == "ModelUnavailable"]
 
     async with running_daemon(store) as daemon:
         (event,) = await wait_until(reported, within=10, what="a ModelUnavailable event")

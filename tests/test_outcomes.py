@@ -119,7 +119,7 @@ async def _run(
 
 async def _usage(store: Store, agent: str) -> dict[str, float]:
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    return (await store.usage([agent], [day])).get((agent, day), {})
+    return (await store.usage.read([agent], [day])).get((agent, day), {})
 
 
 async def _flushed(store: Store, agent: str, tasks: int) -> None:
@@ -205,11 +205,11 @@ async def test_an_evaluator_that_fails_gives_unknown_and_the_agent_goes_on(
         assert outcome["source"] == "evaluator"
         assert error in outcome["error"]
         assert record["status"] == "succeeded"
-    st = await store.status("graded")
+    st = await store.agents.status("graded")
     assert st["phase"] != Phase.FAILED.value
     assert st.get("consecutive_failures", "0") == "0"  # no step toward a crash loop
     assert st["tasks_succeeded"] == "2"
-    events = [e for e in await store.events("graded") if e.type == "EvaluationFailed"]
+    events = [e for e in await store.events.read("graded") if e.type == "EvaluationFailed"]
     assert len(events) == 2
     assert error in events[0].message
     usage = await _usage(store, "graded")
@@ -286,7 +286,7 @@ async def test_eval_judges_again_moves_the_counts_and_is_idempotent(
     again = await client.evaluate_tasks("graded")
     assert [r.changed for r in again.rows] == [False] * 3
     assert await _usage(store, "graded") == after
-    stored = await store.task("graded", records[0]["id"])
+    stored = await store.tasks.get("graded", records[0]["id"])
     assert _outcome(stored)["verdict"] == "fail"
 
     one = await client.evaluate_tasks("graded", task_id=records[0]["id"])
@@ -312,7 +312,7 @@ async def test_eval_refuses_what_it_cannot_judge_and_changes_nothing(store: Stor
     await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
     with pytest.raises(NotFound, match="no task"):
         await client.evaluate_tasks("graded", task_id="m-0-0")
-    assert await store.task("graded", records[0]["id"]) == records[0]
+    assert await store.tasks.get("graded", records[0]["id"]) == records[0]
 
 
 async def test_eval_cli_prints_old_and_new_verdicts_escaped(
@@ -453,10 +453,10 @@ def test_the_meter_credits_the_model_of_the_last_call_and_counts_failures() -> N
 async def test_a_task_of_another_status_is_not_judged_again(store: Store) -> None:
     await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
     (record,) = await _run(store, "graded", ["ok"])
-    ok, why = await store.set_task_outcome(
+    ok, why = await store.tasks.set_outcome(
         "graded", record["id"], outcome="{}", verdict="pass", day="1999-01-01"
     )
     assert (ok, why) == (False, "day")
-    await store._r.hset(store.keys.task("graded", record["id"]), "status", "failed")
+    await store.conn.r.hset(store.keys.task("graded", record["id"]), "status", "failed")
     with pytest.raises(ClientError, match="is failed"):
         await Client(store).evaluate_tasks("graded", task_id=record["id"])

@@ -16,7 +16,7 @@ import pytest
 
 from agentos.client import Client
 from agentos.engine import SimEngine
-from agentos.store import Store
+from agentos.store import Store, Write
 from tests.fixture_agents import GATES, CountState
 from tests.helpers import (
     agent_doc,
@@ -43,7 +43,7 @@ def like_llama(slots: int) -> SimEngine:
 
 async def _all_succeeded(store: Store, names: list[str], n: str = "1") -> bool:
     for name in names:
-        if (await store.status(name)).get("tasks_succeeded") != n:
+        if (await store.agents.status(name)).get("tasks_succeeded") != n:
             return False
     return True
 
@@ -71,9 +71,9 @@ async def test_more_busy_agents_than_slots_all_finish_without_a_restart(
         took = time.monotonic() - started
     assert took < 3 * serial_s
     for name in names:
-        status = await store.status(name)
+        status = await store.agents.status(name)
         assert status["restarts"] == "0", (name, status.get("last_error"))
-        events = {e.type for e in await store.events(name, count=200)}
+        events = {e.type for e in await store.events.read(name, count=200)}
         assert not events & {"BackOff", "Failed", "InfrastructureError"}, (name, events)
         state = await state_of(store, name, CountState)
         assert isinstance(state, CountState)
@@ -82,7 +82,7 @@ async def test_more_busy_agents_than_slots_all_finish_without_a_restart(
 
 async def _all_idle(store: Store, names: list[str]) -> bool:
     for name in names:
-        if (await store.status(name)).get("phase") not in ("Idle", "Hibernated"):
+        if (await store.agents.status(name)).get("phase") not in ("Idle", "Hibernated"):
             return False
     return True
 
@@ -109,7 +109,7 @@ async def test_one_slot_request_hibernates_exactly_one_agent(store: Store) -> No
     hibernated = [
         name
         for name in ("a", "b")
-        for e in await store.events(name)
+        for e in await store.events.read(name)
         if e.type == "Hibernated" and "slot needed by c" in e.reason
     ]
     assert hibernated == ["a"]  # the lowest priority, and only it
@@ -128,9 +128,9 @@ async def test_lease_lost_mid_task_stops_the_agent_and_frees_its_slot(
         await wait_until(lambda: status_is(store, "gated", phase="Running"))
         assert engine.has_session("gated")
         # Another daemon takes the agent while its task runs.
-        lease = (await store.leases(["gated"]))["gated"]
-        assert await store.release_lease("gated", f"{lease.owner}|{lease.token}")
-        assert await store.acquire_lease("gated", "thief", 60_000)
+        lease = (await store.leases.read(["gated"]))["gated"]
+        assert await store.leases.release("gated", f"{lease.owner}|{lease.token}")
+        assert await store.leases.acquire("gated", "thief", 60_000)
         runner = d.runners["gated"]
         GATES.setdefault("gated", anyio.Event()).set()  # the next write finds the lease gone
         await wait_until(lambda: _gone(d, "gated"), what="the runner to stop")
@@ -163,14 +163,16 @@ async def test_an_expired_lease_is_never_rearmed_for_stale_memory(store: Store) 
         old = d1.runners["parity"]
         # The lease "expires" (as when Redis was away longer than a lease); d2 takes the
         # agent, saves a newer state and lets go, all before d1's next renewal.
-        lease = (await store.leases(["parity"]))["parity"]
-        assert await store.release_lease("parity", f"{lease.owner}|{lease.token}")
-        token = await store.acquire_lease("parity", "d2", 3000)
+        lease = (await store.leases.read(["parity"]))["parity"]
+        assert await store.leases.release("parity", f"{lease.owner}|{lease.token}")
+        token = await store.leases.acquire("parity", "d2", 3000)
         assert token
         d2 = f"d2|{token}"
         newer = msgspec.json.encode(CountState(n=4))
-        assert await store.fenced_write("parity", d2, state=newer, status={"owner": "d2"})
-        assert await store.release_lease("parity", d2)
+        assert await store.writes.fenced_write(
+            "parity", d2, Write(status={"owner": "d2"}, state=newer)
+        )
+        assert await store.leases.release("parity", d2)
         await wait_until(lambda: _done(old), what="d1's stale runner to stop")
         assert old.stop_reason is not None
         assert old.stop_reason.value == "lease-lost"
@@ -205,7 +207,7 @@ async def test_a_crashed_agent_gives_its_slot_back(
 
 
 async def _restarted(store: Store, name: str, spec_hash: str) -> bool:
-    status = await store.status(name)
+    status = await store.agents.status(name)
     return status.get("spec_hash") not in (None, spec_hash)
 
 
@@ -218,7 +220,7 @@ async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store
         await client.send("parity", "0")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="1"))
         exports = engine.stats.exports
-        before = (await store.status("parity"))["spec_hash"]
+        before = (await store.agents.status("parity"))["spec_hash"]
         await apply(store, agent_doc("parity", PARITY, priority=60, **keep, **INBOX))
         # The new runner first (its start records the new spec hash): a message sent
         # before the daemon saw the respec would be handled by the old one.
@@ -228,7 +230,7 @@ async def test_a_respec_gives_the_slot_back_and_the_new_runner_restores_it(store
         await client.send("parity", "2")
         await wait_until(lambda: status_is(store, "parity", phase="Idle", tasks_succeeded="2"))
         assert engine.stats.exports == exports + 1
-        woke = [e for e in await store.events("parity") if e.type == "Woke"]
+        woke = [e for e in await store.events.read("parity") if e.type == "Woke"]
         assert woke
         assert woke[-1].reason == "restore"
 
@@ -252,11 +254,11 @@ async def test_a_spent_budget_parks_the_task_without_a_slot_until_the_policy_all
         await client.send("spender", "2")
         await wait_until(lambda: status_is(store, "spender", reason="BudgetExhausted"))
         assert not engine.has_session("spender")
-        tasks = await store.tasks("spender")
+        tasks = await store.tasks.recent("spender")
         assert tasks[0]["status"] == "parked"
-        events = [e.type for e in await store.events("spender")]
+        events = [e.type for e in await store.events.read("spender")]
         assert "BackOff" not in events
-        assert (await store.status("spender"))["restarts"] == "0"
+        assert (await store.agents.status("spender"))["restarts"] == "0"
         # An operator raises the budget: the parked task runs now, not at midnight.
         policy["spec"] = {"classes": {"tiny": {"dailyTokens": 1_000_000}}}
         await apply(store, policy_doc(policy))
@@ -277,8 +279,8 @@ async def test_a_rate_quota_that_cannot_wait_parks_the_task_without_a_slot(store
         await Client(store).send("sipper", "0")
         await wait_until(lambda: status_is(store, "sipper", reason="QuotaExceeded"))
         assert not engine.has_session("sipper")
-        assert (await store.tasks("sipper"))[0]["status"] == "retrying"
-        assert (await store.status("sipper")).get("restarts", "0") == "0"
+        assert (await store.tasks.recent("sipper"))[0]["status"] == "retrying"
+        assert (await store.agents.status("sipper")).get("restarts", "0") == "0"
 
 
 @pytest.mark.parametrize("how", ["delete", "shutdown"])
@@ -329,7 +331,7 @@ async def test_a_hibernated_agent_whose_observe_calls_the_model_wakes_and_sleeps
 
 
 async def _woke_count(store: Store, name: str, n: int) -> bool:
-    return sum(1 for e in await store.events(name, count=100) if e.type == "Woke") >= n
+    return sum(1 for e in await store.events.read(name, count=100) if e.type == "Woke") >= n
 
 
 async def test_a_task_cut_off_by_the_grace_period_gives_its_slot_and_lease_back(
@@ -342,11 +344,11 @@ async def test_a_task_cut_off_by_the_grace_period_gives_its_slot_and_lease_back(
         await Client(store).send("stuck", "go")
         await wait_until(lambda: status_is(store, "stuck", phase="Running"))
     assert not engine.has_session("stuck")
-    assert await store.leases(["stuck"]) == {}
-    status = await store.status("stuck")
+    assert await store.leases.read(["stuck"]) == {}
+    status = await store.agents.status("stuck")
     assert status["owner"] == ""
     assert status["phase"] in ("Hibernated", "Stopped")
-    assert await store.inbox_depth("stuck") == 1  # not acknowledged: it runs again
+    assert await store.inbox.depth("stuck") == 1  # not acknowledged: it runs again
 
 
 async def test_agents_that_never_call_the_model_take_no_slot(store: Store) -> None:

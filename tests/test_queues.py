@@ -34,7 +34,7 @@ from agentos.core.waits import Resolution
 from agentos.store import EventsFull as StoreEventsFull
 from agentos.store import InboxFull as StoreInboxFull
 from agentos.store import SendConflict as StoreSendConflict
-from agentos.store import SendRefused, Store
+from agentos.store import SendRefused, Store, Write
 from agentos.store import inbox as inbox_module
 from agentos.store.waits import BUFFERED_EVENT_BYTES_MAX, BUFFERED_EVENTS_MAX
 from tests.cli_support import cli, show
@@ -48,7 +48,7 @@ CHECK = DEFAULT_MAX_MESSAGE_BYTES
 
 
 async def checked_send(store: Store, name: str, body: str, **kw: Any) -> str:
-    return await store.send(name, body, check_limit=CHECK, **kw)
+    return await store.inbox.send(name, body, check_limit=CHECK, **kw)
 
 
 # ---------------------------------------------------------------------- maxDepth
@@ -79,25 +79,25 @@ async def test_a_send_beyond_max_depth_is_refused_and_nothing_is_enqueued(store:
         await checked_send(store, "echo", "one too many")
     assert (info.value.depth, info.value.limit) == (3, 3)
     assert info.value.retry_after_s > 0
-    assert await store.inbox_depth("echo") == 3
+    assert await store.inbox.depth("echo") == 3
     # An acknowledged message leaves the inbox (acks delete): there is room again.
     held = await held_lease(store, "echo")
-    await store.ensure_inbox("echo")
-    await store.read_inbox("echo", "d1", count=1)
-    assert await store.fenced_write("echo", held, ack_id=ids[0])
+    await store.inbox.ensure("echo")
+    await store.inbox.read("echo", "d1", count=1)
+    assert await store.writes.fenced_write("echo", held, Write(ack_id=ids[0]))
     assert await checked_send(store, "echo", "room again")
-    assert await store.inbox_depth("echo") == 3
+    assert await store.inbox.depth("echo") == 3
 
 
 async def test_the_default_depth_holds_for_agents_applied_without_one(store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO))  # no inbox trigger at all: the default
-    marker = (await store._r.get(store.keys.applied("echo"))).decode()
+    marker = (await store.conn.r.get(store.keys.applied("echo"))).decode()
     assert marker.endswith(f" {INBOX_MAX_DEPTH}")
     # A marker written before maxDepth existed ("hash priority bytes") gets the default.
-    await store._r.set(store.keys.applied("echo"), marker.rsplit(" ", 1)[0])
+    await store.conn.r.set(store.keys.applied("echo"), marker.rsplit(" ", 1)[0])
     stream = store.keys.inbox("echo")
     for start in range(0, INBOX_MAX_DEPTH, 2000):
-        async with store._r.pipeline(transaction=False) as pipe:
+        async with store.conn.r.pipeline(transaction=False) as pipe:
             for i in range(start, start + 2000):
                 pipe.xadd(stream, {"body": str(i)})
             await pipe.execute()
@@ -129,9 +129,9 @@ async def test_a_send_id_with_another_body_is_a_conflict(store: Store) -> None:
     # A sender that gives no digest (an older client) keeps the old at-most-once reply.
     assert await checked_send(store, "echo", "v3", send_id="k1") == first
     # A dedupe entry written before digests existed holds only the id: a replay.
-    await store._r.set(store.keys.sent("echo", "old"), "1-1", ex=60)
+    await store.conn.r.set(store.keys.sent("echo", "old"), "1-1", ex=60)
     assert await checked_send(store, "echo", "v4", send_id="old", digest="ccc") == "1-1"
-    assert await store.inbox_depth("echo") == 1
+    assert await store.inbox.depth("echo") == 1
     client = Client(store)
     again = await client.send("echo", "w1", send_id="k2")
     assert await client.send("echo", "w1", send_id="k2") == again
@@ -162,7 +162,7 @@ async def test_events_nobody_waits_for_are_capped_by_count_and_bytes(store: Stor
 
     async def event(agent: str, name: str, data: Any) -> bool:
         resolution = Resolution("event", data, "test", time.time())
-        return await store.wait_event(agent, name, resolution, now=time.time(), event_id=name)
+        return await store.waits.event(agent, name, resolution, now=time.time(), event_id=name)
 
     for i in range(BUFFERED_EVENTS_MAX):
         assert await event("a", f"e{i}", i) is False
@@ -170,7 +170,7 @@ async def test_events_nobody_waits_for_are_capped_by_count_and_bytes(store: Stor
         await event("a", "one-more", 0)
     assert (count.value.what, count.value.limit) == ("count", BUFFERED_EVENTS_MAX)
     assert await event("a", "e3", "new value") is False  # a kept name is replaced
-    kept = await store._r.hgetall(store.keys.wait_events("a"))
+    kept = await store.conn.r.hgetall(store.keys.wait_events("a"))
     assert len(kept) == BUFFERED_EVENTS_MAX
 
     chunk = "x" * (BUFFERED_EVENT_BYTES_MAX // 4)
@@ -191,30 +191,30 @@ async def test_events_nobody_waits_for_are_capped_by_count_and_bytes(store: Stor
 
 async def test_drop_removes_a_read_message_records_it_and_tells_the_owner(store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
-    await store.ensure_inbox("echo")
+    await store.inbox.ensure("echo")
     poison = await checked_send(store, "echo", "poison")
     other = await checked_send(store, "echo", "fine")
-    await store.read_inbox("echo", "d1", count=10)  # delivered, not acknowledged
+    await store.inbox.read("echo", "d1", count=10)  # delivered, not acknowledged
     await held_lease(store, "echo")
     assert await Client(store).drop("echo", f"m-{poison}", by="ops") == "inbox"
-    assert await store.inbox_depth("echo") == 1
-    pending = await store.read_inbox("echo", "d1", count=10, pending=True)
+    assert await store.inbox.depth("echo") == 1
+    pending = await store.inbox.read("echo", "d1", count=10, pending=True)
     assert [m.id for m in pending] == [other]
-    record = await store.task("echo", f"m-{poison}")
+    record = await store.tasks.get("echo", f"m-{poison}")
     assert (record["status"], record["result"], record["trigger"]) == (
         "dropped",
         "dropped by ops",
         "inbox",
     )
-    assert f"m-{poison}" in [t["id"] for t in await store.tasks("echo")]
-    event = (await store.events("echo"))[-1]
+    assert f"m-{poison}" in [t["id"] for t in await store.tasks.recent("echo")]
+    event = (await store.events.read("echo"))[-1]
     assert (event.type, event.reason) == ("Dropped", "Dropped")
     assert "ops" in event.message
-    assert "Dropped" in [e.type for e in await store.events(None)]
+    assert "Dropped" in [e.type for e in await store.events.read(None)]
 
     async def drop_signalled() -> bool:
         stream = store.keys.signals(store.keys.signal_shard("echo"))
-        entries = await store._r.xrevrange(stream, count=5)
+        entries = await store.conn.r.xrevrange(stream, count=5)
         return any(
             f.get(b"cmd") == b"drop" and f.get(b"task") == f"m-{poison}".encode()
             for _, f in entries
@@ -231,51 +231,53 @@ async def test_a_dead_letter_is_moved_atomically_listed_redriven_and_dropped(
     store: Store,
 ) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
-    await store.ensure_inbox("echo")
+    await store.inbox.ensure("echo")
     client = Client(store)
     msg = await client.send("echo", "poison", key="k-1")
-    await store.read_inbox("echo", "d1", count=1)
+    await store.inbox.read("echo", "d1", count=1)
     stale = await held_lease(store, "echo", "old")
-    await store._r.delete(store.keys.lease("echo"))
+    await store.conn.r.delete(store.keys.lease("echo"))
     held = await held_lease(store, "echo")
     task = f"m-{msg}"
-    moved = await store.dead_letter(
+    moved = await store.poison.dead_letter(
         "echo", stale, msg, task_id=task, attempts=5, error="RuntimeError: boom"
     )
     assert moved == "not-held"
-    assert await store.inbox_depth("echo") == 1
-    moved = await store.dead_letter(
+    assert await store.inbox.depth("echo") == 1
+    moved = await store.poison.dead_letter(
         "echo", held, msg, task_id=task, attempts=5, error="RuntimeError: boom", daemon="d1"
     )
     assert moved == "moved"
-    again = await store.dead_letter("echo", held, msg, task_id=task, attempts=5, error="x")
+    again = await store.poison.dead_letter("echo", held, msg, task_id=task, attempts=5, error="x")
     assert again == "gone"  # a retry after a lost reply changes nothing
-    assert await store.inbox_depth("echo") == 0
-    assert await store.read_inbox("echo", "d1", count=10, pending=True) == []
+    assert await store.inbox.depth("echo") == 0
+    assert await store.inbox.read("echo", "d1", count=10, pending=True) == []
     (letter,) = await client.dead_letters("echo")
     assert (letter["task"], letter["body"], letter["key"]) == (task, "poison", "k-1")
     assert (letter["attempts"], letter["error"]) == ("5", "RuntimeError: boom")
-    record = await store.task("echo", task)
+    record = await store.tasks.get("echo", task)
     assert (record["status"], record["error"]) == ("dead", "RuntimeError: boom")
-    assert (await store.events("echo"))[-1].type == "DeadLettered"
+    assert (await store.events.read("echo"))[-1].type == "DeadLettered"
 
     new = await client.retry_dead("echo", task, by="ops")
     assert new != msg
     assert await client.dead_letters("echo") == []
-    (resent,) = await store.read_inbox("echo", "d1", count=10)
+    (resent,) = await store.inbox.read("echo", "d1", count=10)
     assert (resent.id, resent.body, resent.key) == (new, "poison", "k-1")
-    assert (await store.task("echo", task))["redriven_as"] == f"m-{new}"
-    event = (await store.events("echo"))[-1]
+    assert (await store.tasks.get("echo", task))["redriven_as"] == f"m-{new}"
+    event = (await store.events.read("echo"))[-1]
     assert event.type == "Redriven"
     assert f"m-{new}" in event.message
     with pytest.raises(NotFound, match="not a dead letter"):
         await client.retry_dead("echo", task, by="ops")
 
     # Dead again, then dropped from the dead letters for good.
-    assert await store.dead_letter("echo", held, new, task_id=f"m-{new}", attempts=5, error="e")
+    assert await store.poison.dead_letter(
+        "echo", held, new, task_id=f"m-{new}", attempts=5, error="e"
+    )
     assert await client.drop("echo", f"m-{new}", by="ops") == "dead"
     assert await client.dead_letters("echo") == []
-    assert (await store.task("echo", f"m-{new}"))["status"] == "dropped"
+    assert (await store.tasks.get("echo", f"m-{new}"))["status"] == "dropped"
 
 
 async def test_dead_letters_are_bounded_and_a_redrive_respects_max_depth(
@@ -283,28 +285,32 @@ async def test_dead_letters_are_bounded_and_a_redrive_respects_max_depth(
 ) -> None:
     monkeypatch.setattr(inbox_module, "DEAD_LETTERS_KEPT", 3)
     await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers(2)))
-    await store.ensure_inbox("echo")
+    await store.inbox.ensure("echo")
     held = await held_lease(store, "echo")
     tasks = []
     for i in range(5):
         msg = await checked_send(store, "echo", f"m{i}")
         tasks.append(f"m-{msg}")
-        assert await store.dead_letter("echo", held, msg, task_id=tasks[-1], attempts=1, error="e")
-    letters = await store.dead_letters("echo")
+        assert await store.poison.dead_letter(
+            "echo", held, msg, task_id=tasks[-1], attempts=1, error="e"
+        )
+    letters = await store.poison.dead_letters("echo")
     assert [d["task"] for d in letters] == tasks[:1:-1]  # newest first, the oldest gone
     await checked_send(store, "echo", "a")
     await checked_send(store, "echo", "b")
     with pytest.raises(InboxFull):
         await Client(store).retry_dead("echo", tasks[-1], by="ops")
-    assert len(await store.dead_letters("echo")) == 3
+    assert len(await store.poison.dead_letters("echo")) == 3
 
 
 async def test_deleting_an_agent_removes_its_dead_letters(store: Store) -> None:
     await apply(store, agent_doc("echo", ECHO, triggers=inbox_triggers()))
-    await store.ensure_inbox("echo")
+    await store.inbox.ensure("echo")
     held = await held_lease(store, "echo")
     msg = await checked_send(store, "echo", "m")
-    assert await store.dead_letter("echo", held, msg, task_id=f"m-{msg}", attempts=1, error="e")
+    assert await store.poison.dead_letter(
+        "echo", held, msg, task_id=f"m-{msg}", attempts=1, error="e"
+    )
     assert store.keys.dead("echo") in store.keys.agent_keys("echo")
     assert store.keys.dead_order("echo") in store.keys.agent_keys("echo")
 
@@ -336,7 +342,7 @@ async def test_ctx_send_to_a_missing_agent_is_refused_and_leaves_no_key(
     async with running_daemon(store):
 
         async def finished() -> dict[str, str] | None:
-            record = await store.task("fwd", f"m-{msg}")
+            record = await store.tasks.get("fwd", f"m-{msg}")
             return record if record.get("status") in ("succeeded", "failed") else None
 
         record = await wait_until(finished, within=20, what="the forwarding task")
@@ -364,10 +370,10 @@ async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
     assert full.stderr.startswith('error: the inbox of agent "echo" is full: 1 messages')
 
     task = f"m-{msg.group(1)}"
-    await store.ensure_inbox("echo")
-    await store.read_inbox("echo", "d1", count=1)
+    await store.inbox.ensure("echo")
+    await store.inbox.read("echo", "d1", count=1)
     held = await held_lease(store, "echo")
-    assert await store.dead_letter(
+    assert await store.poison.dead_letter(
         "echo", held, msg.group(1), task_id=task, attempts=5, error="boom\x1b[2J"
     )
     dead = await cli(env, "tasks", "echo", "--dead")
@@ -385,7 +391,7 @@ async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
     dropped = await cli(env, "tasks", "drop", "echo", new.group(1), "--as", "ops")
     assert dropped.returncode == 0, show(dropped)
     assert dropped.stdout == f"task {new.group(1)} of echo dropped (from the inbox)\n"
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
     gone = await cli(env, "tasks", "drop", "echo", new.group(1))
     assert gone.returncode == 1, show(gone)
     assert gone.stderr.startswith("error: task"), show(gone)
@@ -394,7 +400,7 @@ async def test_the_cli_refuses_a_full_inbox_in_one_line_and_handles_poison(
 
     for i in range(BUFFERED_EVENTS_MAX):
         resolution = Resolution("event", i, "test", time.time())
-        await store.wait_event("echo", f"e{i}", resolution, now=time.time(), event_id=str(i))
+        await store.waits.event("echo", f"e{i}", resolution, now=time.time(), event_id=str(i))
     refused = await cli(env, "event", "echo", "one-more", "{}")
     assert refused.returncode == 1, show(refused)
     assert refused.stderr.startswith('error: agent "echo" does not wait for event "one-more"')

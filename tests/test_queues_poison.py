@@ -35,14 +35,14 @@ async def test_a_poison_message_becomes_a_dead_letter_and_the_agent_goes_on(stor
         done = await client.wait_task("picky", f"m-{good}", timeout_s=20)
         assert done["status"] == "succeeded"
         assert done["result"] == "fine"
-        dead = await store.task("picky", f"m-{poison}")
+        dead = await store.tasks.get("picky", f"m-{poison}")
         assert dead["status"] == "dead"
         assert "cannot digest" in dead["error"]
-        status = await store.status("picky")
+        status = await store.agents.status("picky")
         assert status["phase"] != "Failed"
     (letter,) = await client.dead_letters("picky")
     assert letter["body"] == "poison pill"
-    assert await store.inbox_depth("picky") == 0
+    assert await store.inbox.depth("picky") == 0
 
 
 async def test_an_agent_whose_every_message_fails_still_ends_in_a_crash_loop(
@@ -58,14 +58,14 @@ async def test_an_agent_whose_every_message_fails_still_ends_in_a_crash_loop(
         await wait_until(
             lambda: _phase_is(store, "picky", "Failed"), within=20, what="a crash loop"
         )
-    status = await store.status("picky")
+    status = await store.agents.status("picky")
     assert status["reason"] == "CrashLoop"
     dead = {letter["task"] for letter in await client.dead_letters("picky")}
     assert dead == {f"m-{first}", f"m-{second}"}
 
 
 async def _phase_is(store: Store, name: str, phase: str) -> bool:
-    return (await store.status(name)).get("phase") == phase
+    return (await store.agents.status(name)).get("phase") == phase
 
 
 async def test_a_dropped_message_queued_behind_a_running_task_never_runs(store: Store) -> None:
@@ -88,11 +88,11 @@ async def test_a_dropped_message_queued_behind_a_running_task_never_runs(store: 
         GATES["one"].set()
         after = await client.send("gated", "after")
         assert (await client.wait_task("gated", f"m-{after}", timeout_s=20))["result"] == "after"
-    assert (await store.task("gated", f"m-{poison}"))["status"] == "dropped"
+    assert (await store.tasks.get("gated", f"m-{poison}"))["status"] == "dropped"
 
 
 async def _task_status(store: Store, name: str, task: str, status: str) -> bool:
-    return (await store.task(name, task)).get("status") == status
+    return (await store.tasks.get(name, task)).get("status") == status
 
 
 async def _queued(daemon: Any, name: str, task: str, gone: bool = False) -> bool:
@@ -126,5 +126,5 @@ async def test_parked_heartbeats_coalesce_to_one_per_trigger(store: Store) -> No
 
     async with running_daemon(store) as daemon:
         await wait_until(lambda: ten_beats(daemon), within=20, what="ten heartbeats")
-    assert await store.events("beating", count=100)  # its observes were parked
+    assert await store.events.read("beating", count=100)  # its observes were parked
     assert most <= 2  # one per heartbeat trigger, not one per beat

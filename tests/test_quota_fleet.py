@@ -43,7 +43,7 @@ spec:
 
 async def _tat_ahead(store: Store, quota_class: str) -> bool:
     """Whether the class's burst allowance is spent (its GCRA clock runs ahead by it)."""
-    raw = await store._r.get(store.keys.quota(quota_class, "tat"))
+    raw = await store.conn.r.get(store.keys.quota(quota_class, "tat"))
     return raw is not None and int(raw) > (time.time() + BURST_S - 1) * 1_000_000
 
 
@@ -161,7 +161,7 @@ spec:
     async with running_daemon(store, engine, **settings) as daemon:
 
         async def tpm() -> int | None:
-            effective = await store.quota_effective()
+            effective = await store.quotas.effective()
             return None if effective is None else effective["batch"].limits.tokens_per_minute
 
         async def rescaled() -> bool:
@@ -170,7 +170,7 @@ spec:
         first_wait = time.monotonic()
         await wait_until(rescaled, within=20, what="batch to be scaled to 4000 tokens/min")
         fired_at = time.monotonic()
-        _, metrics = await store.quota_state()
+        _, metrics = await store.quotas.state()
         assert metrics["values"]["queue_wait_p95_s"] > 0.5
         # `for: 1s`: the condition had to hold for a second before the change.
         assert fired_at - first_wait >= 1.0

@@ -76,13 +76,14 @@ async def test_daemon_survives_a_redis_outage_longer_than_a_lease(
             except AssertionError:
                 runner = daemon.runners.get("echo")
                 raise AssertionError(
-                    f"status={await store.status('echo')} lease={await store.leases(['echo'])} "
+                    f"status={await store.agents.status('echo')} "
+                    f"lease={await store.leases.read(['echo'])} "
                     f"runner={runner and (runner.phase, runner.busy, runner.lease_value)}"
                 ) from None
             assert "echo" in daemon.runners
-            lease = (await store.leases(["echo"]))["echo"]
+            lease = (await store.leases.read(["echo"]))["echo"]
             assert lease.owner == daemon.id
-        raw = await store.load_state("echo")
+        raw = await store.agents.load_state("echo")
         assert raw is not None
         assert msgspec.json.decode(raw, type=EchoState).bodies == ["before", "after"]
     finally:

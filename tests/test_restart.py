@@ -59,7 +59,7 @@ async def test_an_edited_module_is_loaded_after_apply_without_a_daemon_restart(
     client = Client(store)
     (created,) = await client.apply(load_paths([spec]))
     assert created.action == "created"
-    stored = (await store.agent_specs_of(["greeter"]))["greeter"]["spec"]
+    stored = (await store.specs.agents_of(["greeter"]))["greeter"]["spec"]
     assert stored["codePath"] == str(folder.resolve())
     async with running_daemon(store) as daemon:
         assert await _ask(client, "ada") == "hello ada"
@@ -77,7 +77,7 @@ async def test_an_edited_module_is_loaded_after_apply_without_a_daemon_restart(
         assert "SyntaxError" in events[0].message
         assert "previous code keeps running" in events[0].message
         assert await _ask(client, "ada") == "bonjour ada"
-        assert (await store.status("greeter"))["phase"] != "Failed"
+        assert (await store.agents.status("greeter"))["phase"] != "Failed"
     unchanged = await client.apply(load_paths([spec]))
     assert unchanged[0].action == "unchanged"
 
@@ -92,7 +92,7 @@ async def _restarted_with(daemon: object, name: str, old_hash: object) -> bool:
 
 
 async def _events_of(store: Store, type_: str) -> list[object]:
-    return [e for e in await store.events("greeter") if e.type == type_]
+    return [e for e in await store.events.read("greeter") if e.type == type_]
 
 
 async def test_a_code_path_without_the_module_is_refused_at_apply(tmp_path: Path) -> None:
@@ -122,10 +122,10 @@ async def test_restart_waits_for_the_running_task_and_never_cuts_it(store: Store
         assert not await client.restarted("gated", mark)
         GATES["slow"].set()
         await wait_until(lambda: client.restarted("gated", mark), within=20, what="restart")
-        record = await store.task("gated", f"m-{sent}")
+        record = await store.tasks.get("gated", f"m-{sent}")
         assert (record["status"], record["result"]) == ("succeeded", "gate:slow")
         # The restart came after the task ended: it waited, it did not cut it.
-        events = [e for e in await store.events("gated") if e.type in ("Restarted", "Stopped")]
+        events = [e for e in await store.events.read("gated") if e.type in ("Restarted", "Stopped")]
         assert [e.type for e in events] == ["Restarted"], events
         assert events[0].time >= float(record["finished_at"])
         after = await client.send("gated", "after")
@@ -144,7 +144,7 @@ def _labelled(name: str, team: str) -> Document:
 
 
 async def _task_is(store: Store, name: str, task: str, status: str) -> bool:
-    return (await store.task(name, task)).get("status") == status
+    return (await store.tasks.get(name, task)).get("status") == status
 
 
 async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]) -> None:
@@ -178,7 +178,7 @@ async def test_cli_restart_and_rollout_restart(store: Store, env: dict[str, str]
             bad = await cli(env, *args)
             assert bad.returncode == 2, show(bad)
             assert bad.stderr.count("\n") == 1, show(bad)
-    restarted = [e for e in await store.events("echo-1") if e.type == "Restarted"]
+    restarted = [e for e in await store.events.read("echo-1") if e.type == "Restarted"]
     assert len(restarted) == 1
 
 
@@ -245,14 +245,14 @@ async def test_delete_agent_by_selector_or_names_all_or_nothing(
     partly = await cli(env, "delete", "agent", "b1", "ghost")
     assert partly.returncode == 1, show(partly)
     assert 'agent "ghost" not found' in partly.stderr, show(partly)
-    assert sorted(await store.agent_specs()) == ["a1", "a2", "b1"]  # none deleted
+    assert sorted(await store.specs.agents()) == ["a1", "a2", "b1"]  # none deleted
     for args in (("delete", "agent"), ("delete", "agent", "a1", "-l", "team=a")):
         usage = await cli(env, *args)
         assert usage.returncode == 2, show(usage)
     gone = await cli(env, "delete", "agent", "-l", "team=a")
     assert gone.returncode == 0, show(gone)
     assert gone.stdout.splitlines() == ["agent/a1 deleted", "agent/a2 deleted"]
-    assert sorted(await store.agent_specs()) == ["b1"]
+    assert sorted(await store.specs.agents()) == ["b1"]
     nobody = await cli(env, "delete", "agent", "-l", "team=z")
     assert nobody.returncode == 2, show(nobody)
 

@@ -35,9 +35,9 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
         pytest.skip("MONITOR counts the commands of one server, not of a cluster")
     counts: Counter[str] = Counter()
     shas = {
-        store._fenced.sha: "fenced-write",
-        store._send_once.sha: "send",
-        store._read_fenced.sha: "inbox-read",
+        store.conn.scripts.fenced.sha: "fenced-write",
+        store.conn.scripts.inbox_send.sha: "send",
+        store.conn.scripts.inbox_read.sha: "inbox-read",
     }
     ready = anyio.Event()
     # Marks this test sends through the server: seen in the feed, every command the
@@ -46,7 +46,7 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
     on, off = marks
 
     async def listen() -> None:
-        async with store._r.monitor() as monitor:
+        async with store.conn.r.monitor() as monitor:
             ready.set()
             async for entry in monitor.listen():
                 if entry.get("client_type") == "lua":
@@ -68,11 +68,11 @@ async def watching(store: Store) -> AsyncIterator[Counter[str]]:
         tg.start_soon(listen)
         await ready.wait()
         with anyio.fail_after(10):
-            await store._r.echo(on)
+            await store.conn.r.echo(on)
             await marks[on].wait()  # MONITOR is on before the block's first command
         yield counts
         with anyio.fail_after(10):
-            await store._r.echo(off)
+            await store.conn.r.echo(off)
             await marks[off].wait()  # the last replies' commands are in the feed
         tg.cancel_scope.cancel()
 
@@ -118,7 +118,7 @@ async def test_a_batch_of_messages_costs_one_read_and_one_write_each_plus_two(
                 tg.start_soon(client.send, "echo", f"m{i}")
 
         async def queued() -> bool:
-            return await store.inbox_depth("echo") == messages + 1
+            return await store.inbox.depth("echo") == messages + 1
 
         await wait_until(queued)
         async with watching(store) as counts:

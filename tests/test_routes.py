@@ -220,4 +220,4 @@ async def test_a_route_to_a_missing_model_or_past_every_boundary_is_refused(stor
     )
     with pytest.raises(SpecError, match=r"no candidate keeps data within region:eu"):
         await Client(store).apply([hosted, strict])
-    assert await store.agent_specs() == {}  # nothing applied
+    assert await store.specs.agents() == {}  # nothing applied

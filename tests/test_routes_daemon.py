@@ -45,7 +45,7 @@ async def _sim(daemon: Daemon, model: str) -> SimEngine:
 
 
 async def _events(store: Store, agent: str, kind: str) -> list[Any]:
-    return [e for e in await store.events(agent, count=200) if e.type == kind]
+    return [e for e in await store.events.read(agent, count=200) if e.type == kind]
 
 
 async def test_a_cascade_escalates_when_a_reply_fails_its_check(store: Store) -> None:
@@ -59,7 +59,7 @@ async def test_a_cascade_escalates_when_a_reply_fails_its_check(store: Store) ->
         small, large = await _sim(daemon, "small"), await _sim(daemon, "large")
         small.script("asker", "not json at all", '{"fine": true}')
         large.script("asker.route", '{"answer": 42}')
-        first = await store.send("asker", "what is the answer?")
+        first = await store.inbox.send("asker", "what is the answer?")
         record = await finished(store, "asker", f"m-{first}")
         result = json.loads(record["result"])
         assert result["by"] == "large"
@@ -70,7 +70,7 @@ async def test_a_cascade_escalates_when_a_reply_fails_its_check(store: Store) ->
         assert "not valid JSON" in escalated.message
         # The next task starts on the first candidate again, whose conversation is
         # rebuilt without the rejected reply and with what the large model answered.
-        second = await store.send("asker", "and again?")
+        second = await store.inbox.send("asker", "and again?")
         record = await finished(store, "asker", f"m-{second}")
         assert json.loads(record["result"])["by"] == "small"
         conversation = small.conversation("asker")
@@ -106,7 +106,7 @@ async def test_an_inference_span_names_the_model_that_served_it_and_why(store: S
         small, large = await _sim(daemon, "small"), await _sim(daemon, "large")
         small.script("traced", "no json")
         large.script("traced.route", '{"ok": 1}')
-        msg = await store.send("traced", "q")
+        msg = await store.inbox.send("traced", "q")
         await finished(store, "traced", f"m-{msg}")
     chats = [s for s in exporter.get_finished_spans() if s.name.startswith("chat ")]
     (span,) = chats  # one call of the agent, whatever the route did inside it
@@ -125,10 +125,10 @@ async def test_escalate_moves_the_conversation_and_the_move_is_paid(store: Store
     )
     async with running_daemon(store, metering_flush_s=0.1) as daemon:
         small, large = await _sim(daemon, "small"), await _sim(daemon, "large")
-        easy = await store.send("climber", "an easy one " * 20)
+        easy = await store.inbox.send("climber", "an easy one " * 20)
         record = await finished(store, "climber", f"m-{easy}")
         assert json.loads(record["result"])[:3] == ["small", "small", False]
-        hard = await store.send("climber", "a hard one")
+        hard = await store.inbox.send("climber", "a hard one")
         record = await finished(store, "climber", f"m-{hard}")
         first, second, escalated, second_in = json.loads(record["result"])
         assert (first, second, escalated) == ("small", "large", True)
@@ -140,7 +140,7 @@ async def test_escalate_moves_the_conversation_and_the_move_is_paid(store: Store
 
         async def usage() -> dict[str, float] | None:
             today = time.strftime("%Y-%m-%d", time.gmtime())
-            records = await store.usage(["climber"], [today])
+            records = await store.usage.read(["climber"], [today])
             amounts: dict[str, float] = {}
             for day in records.values():
                 amounts.update(day)
@@ -169,10 +169,10 @@ async def test_a_host_only_agent_parks_rather_than_reach_a_hostedmodel_body(stor
         ),
     )
     async with running_daemon(store) as daemon:
-        msg = await store.send("private", "keep this on the host")
+        msg = await store.inbox.send("private", "keep this on the host")
 
         async def parked() -> dict[str, str] | None:
-            record = await store.task("private", f"m-{msg}")
+            record = await store.tasks.get("private", f"m-{msg}")
             return record if record.get("status") in ("retrying", "parked") else None
 
         record = await wait_until(parked, within=20, what="the task to park")
@@ -181,9 +181,9 @@ async def test_a_host_only_agent_parks_rather_than_reach_a_hostedmodel_body(stor
         assert "large: data boundary any is outside dataClass host" in exhausted.message
         assert "local-small" in exhausted.message
         assert "large" not in daemon.models.entries  # never even started
-        st = await store.status("private")
+        st = await store.agents.status("private")
         assert st.get("reason") == "InfrastructureError"
-        crash = await store.status("private")
+        crash = await store.agents.status("private")
         assert crash.get("restarts", "0") == "0"
 
 
@@ -210,12 +210,12 @@ async def test_a_failed_model_fails_over_and_cools_down(store: Store) -> None:
         # broken holds the session (the first candidate it may serve); small answers in
         # a short-lived session of its own, with the conversation.
         small.script("steady.route", '{"a": 1}', '{"a": 2}')
-        one = await store.send("steady", "first")
+        one = await store.inbox.send("steady", "first")
         record = await finished(store, "steady", f"m-{one}")
         result = json.loads(record["result"])
         assert result["by"] == "small"
         assert "broken: failed this call" in result["why"]
-        two = await store.send("steady", "second")
+        two = await store.inbox.send("steady", "second")
         record = await finished(store, "steady", f"m-{two}")
         assert "broken: cooling down" in json.loads(record["result"])["why"]
         assert daemon.models.route_stats["broken"].cooldown_until > 0
@@ -235,7 +235,7 @@ async def test_a_task_budget_sends_calls_to_the_cheapermodel_body(store: Store) 
     async with running_daemon(store) as daemon:
         small = await _sim(daemon, "small")
         small.script("thrifty.route", '{"cheap": true}')
-        msg = await store.send("thrifty", "a question")
+        msg = await store.inbox.send("thrifty", "a question")
         record = await finished(store, "thrifty", f"m-{msg}")
         result = json.loads(record["result"])
         assert result["by"] == "small"
@@ -257,15 +257,15 @@ async def test_a_class_out_of_daily_money_parks_with_budget_exhausted(store: Sto
         agent_doc("spender", "tests.route_agents:JsonAsker", model="large", quotaClass="paid"),
     )
     async with running_daemon(store):
-        msg = await store.send("spender", "an expensive question")
+        msg = await store.inbox.send("spender", "an expensive question")
 
         async def parked() -> dict[str, str] | None:
-            st = await store.status("spender")
+            st = await store.agents.status("spender")
             return st if st.get("reason") == "BudgetExhausted" else None
 
         st = await wait_until(parked, within=20, what="the class's money to run out")
         assert "dailyCost" in st["message"]
-        record = await store.task("spender", f"m-{msg}")
+        record = await store.tasks.get("spender", f"m-{msg}")
         assert record.get("status") not in ("succeeded", "failed")
         assert st.get("restarts", "0") == "0"
 
@@ -288,7 +288,7 @@ async def test_on_exhausted_fail_raises_to_the_agent(store: Store) -> None:
         ),
     )
     async with running_daemon(store):
-        msg = await store.send("strict", "anything")
+        msg = await store.inbox.send("strict", "anything")
         record = await finished(store, "strict", f"m-{msg}")
         assert record["status"] == "failed"
         assert "RouteExhausted" in record["error"]
@@ -315,9 +315,9 @@ async def test_the_routes_example_escalates_and_keeps_private_data_home(store: S
         local.script("helpdesk", '{"answer": "maybe", "confident": false}')
         hosted.script("helpdesk.route", '{"answer": "Use apiKey: {env: VAR}.", "confident": true}')
         local.script("private-notes", "a summary that is not JSON")
-        easy = await store.send("helpdesk", "How do I reload a Model?")
-        hard = await store.send("helpdesk", "How do I rotate the API key of a Model?")
-        notes = await store.send("private-notes", "Summarise: salaries are reviewed Friday.")
+        easy = await store.inbox.send("helpdesk", "How do I reload a Model?")
+        hard = await store.inbox.send("helpdesk", "How do I rotate the API key of a Model?")
+        notes = await store.inbox.send("private-notes", "Summarise: salaries are reviewed Friday.")
         first = await finished(store, "helpdesk", f"m-{easy}")
         second = await finished(store, "helpdesk", f"m-{hard}")
         private = await finished(store, "private-notes", f"m-{notes}")
@@ -330,7 +330,9 @@ async def test_the_routes_example_escalates_and_keeps_private_data_home(store: S
     assert json.loads(private["outcome"])["verdict"] == "fail"
     assert private["models"] == "local-small"
     assert hosted.stats.chats == 1  # the helpdesk's escalation, nothing of private-notes
-    assert not [e for e in await store.events("private-notes", count=100) if e.type == "Escalated"]
+    assert not [
+        e for e in await store.events.read("private-notes", count=100) if e.type == "Escalated"
+    ]
 
 
 async def test_a_candidate_s_own_fallback_never_carries_data_past_the_class(
@@ -362,10 +364,10 @@ async def test_a_candidate_s_own_fallback_never_carries_data_past_the_class(
     )
     async with running_daemon(store) as daemon:
         large = await _sim(daemon, "large")
-        msg = await store.send("resident", "stay in the EU")
+        msg = await store.inbox.send("resident", "stay in the EU")
 
         async def parked() -> dict[str, str] | None:
-            record = await store.task("resident", f"m-{msg}")
+            record = await store.tasks.get("resident", f"m-{msg}")
             return record if record.get("status") in ("retrying", "parked") else None
 
         record = await wait_until(parked, within=20, what="the task to park")
@@ -385,12 +387,12 @@ async def test_a_spent_task_budget_ends_the_task(store: Store) -> None:
     )
     async with running_daemon(store) as daemon:
         large = await _sim(daemon, "large")
-        msg = await store.send("capped", "too dear")
+        msg = await store.inbox.send("capped", "too dear")
         record = await finished(store, "capped", f"m-{msg}")
         assert record["status"] == "failed"
         assert record["error"].startswith("maxCostPerTask: the task has spent 0 of 0.0001")
         assert large.stats.chats == 0
-        st = await store.status("capped")
+        st = await store.agents.status("capped")
         assert st.get("restarts", "0") == "0"
 
 
@@ -472,7 +474,7 @@ async def test_usage_by_route_matches_the_task_records(store: Store) -> None:
         large.script("pinned", "right", "wrong")
         for agent, n in (("routed-a", 2), ("routed-b", 1), ("pinned", 2)):
             for i in range(n):
-                sent.append((agent, f"m-{await store.send(agent, f'question {i}')}"))
+                sent.append((agent, f"m-{await store.inbox.send(agent, f'question {i}')}"))
         records = [await finished(store, agent, task) for agent, task in sent]
 
         async def counted() -> Any:

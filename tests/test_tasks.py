@@ -17,7 +17,7 @@ TICKER = "tests.fixture_agents:Ticker"
 
 
 async def decode(store: Store, name: str, type_: type) -> object:
-    raw = await store.load_state(name)
+    raw = await store.agents.load_state(name)
     return None if raw is None else msgspec.json.decode(raw, type=type_)
 
 
@@ -40,7 +40,7 @@ async def test_every_message_gets_a_task_record_and_duplicates_are_skipped(store
     state = await decode(store, "echo", EchoState)
     assert isinstance(state, EchoState)
     assert state.bodies == ["pay invoice 7"]
-    assert await store.inbox_depth("echo") == 0
+    assert await store.inbox.depth("echo") == 0
     rows = await client.tasks("echo")
     assert [r["status"] for r in rows if r["trigger"] == "inbox"] == ["skipped", "succeeded"]
 
@@ -56,7 +56,7 @@ async def test_a_failing_task_is_retried_then_recorded_as_failed(store: Store) -
     )
     async with running_daemon(store):
         await wait_until(lambda: status_is(store, "crasher", phase="Failed"))
-    (record,) = await store.tasks("crasher")
+    (record,) = await store.tasks.recent("crasher")
     assert record["status"] == "failed"
     assert record["attempt"] == "2"
     assert "boom" in record["error"]
@@ -76,7 +76,7 @@ async def test_fires_missed_while_no_daemon_ran_follow_catch_up(
     async with running_daemon(store):
         await wait_until(fires, what="a first fire")
     before = len(await fires())
-    stored = await store._r.hget(store.keys.schedule("ticker"), "0")
+    stored = await store.conn.r.hget(store.keys.schedule("ticker"), "0")
     assert stored is not None
     # Three fire times (the stored next one, a second and two seconds later) pass with no
     # daemon: the next daemon's clock starts halfway to the fourth, and stands still
@@ -94,14 +94,14 @@ async def test_fires_missed_while_no_daemon_ran_follow_catch_up(
 
         await wait_until(caught_up, what="the catch-up runs")
         after = len(await fires())
-    missed = [e for e in await store.events("ticker") if e.type == "MissedFires"]
+    missed = [e for e in await store.events.read("ticker") if e.type == "MissedFires"]
     assert missed[0].reason == f"catchUp: {policy}"
     assert "3 fire(s)" in missed[0].message
     assert after - before in (runs, runs + 1) if policy != "all" else after - before >= 3
 
 
 async def _has_event(store: Store, name: str, type_: str) -> bool:
-    return any(e.type == type_ for e in await store.events(name))
+    return any(e.type == type_ for e in await store.events.read(name))
 
 
 async def test_a_restarted_daemon_neither_skips_nor_repeats_a_schedule(store: Store) -> None:
@@ -120,7 +120,7 @@ async def test_a_restarted_daemon_neither_skips_nor_repeats_a_schedule(store: St
         await wait_until(lambda: fired(first + 2), what="two fires after the restart")
     state = await decode(store, "ticker", TickState)
     assert isinstance(state, TickState)
-    tasks = await store.tasks("ticker", count=50)
+    tasks = await store.tasks.recent("ticker", count=50)
     scheduled = sorted(float(t["scheduled_at"]) for t in tasks if t.get("scheduled_at"))
     assert len(scheduled) == len(set(scheduled))  # never the same fire twice
     ran = [t for t in tasks if t["trigger"] == "every" and t["status"] == "succeeded"]
@@ -144,7 +144,7 @@ async def test_fires_during_a_running_task_follow_overlap(
     async def overlapped() -> set[str]:
         # A fire came while a task ran, and was handled per the policy (with skip: the
         # task it overlapped ran to its end, not cancelled).
-        seen = {t["status"] for t in await store.tasks("slow", count=50)}
+        seen = {t["status"] for t in await store.tasks.recent("slow", count=50)}
         if not statuses & seen:
             return set()
         if overlap == "skip" and "succeeded" not in seen:
@@ -156,7 +156,7 @@ async def test_fires_during_a_running_task_follow_overlap(
     assert statuses & seen, seen
     if overlap == "skip":
         assert "cancelled" not in seen
-        assert any(e.type == "FireSkipped" for e in await store.events("slow"))
+        assert any(e.type == "FireSkipped" for e in await store.events.read("slow"))
 
 
 async def test_a_heartbeat_with_nothing_to_do_creates_no_task_and_no_model_call(
@@ -176,8 +176,10 @@ async def test_a_heartbeat_with_nothing_to_do_creates_no_task_and_no_model_call(
         checks = HEARTBEAT_CHECKS["watcher"]
         await wait_until(lambda: HEARTBEAT_CHECKS["watcher"] >= checks + 8, what="eight heartbeats")
         assert engine.stats.generations == generations
-        assert (await store.status("watcher"))["phase"] == "Hibernated"
-        heartbeat_tasks = [t for t in await store.tasks("watcher") if t["trigger"] == "heartbeat"]
+        assert (await store.agents.status("watcher"))["phase"] == "Hibernated"
+        heartbeat_tasks = [
+            t for t in await store.tasks.recent("watcher") if t["trigger"] == "heartbeat"
+        ]
         assert heartbeat_tasks == []
         await Client(store).send("watcher", "2")  # now there is work
 
@@ -214,5 +216,5 @@ async def test_a_task_result_is_json_or_what_the_agent_set(
 
 
 async def _finished(store: Store, name: str, task_id: str) -> dict[str, str] | None:
-    record = await store.task(name, task_id)
+    record = await store.tasks.get(name, task_id)
     return record if record.get("status") == "succeeded" else None

@@ -54,7 +54,7 @@ async def test_a_task_is_one_trace_with_phases_inferences_and_a_tool(
     telemetry, exporter, reader = traced
     await apply(store, agent_doc("scout", RESEARCHER, triggers=[{"inbox": {}}]))
     async with running_daemon(store, SimEngine(), telemetry=telemetry):
-        msg_id = await Client(store).store.send("scout", "find cats", traceparent=TRACEPARENT)
+        msg_id = await Client(store).store.inbox.send("scout", "find cats", traceparent=TRACEPARENT)
         await Client(store).wait_task("scout", f"m-{msg_id}", timeout_s=10)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     root = spans["invoke_agent scout"]
@@ -167,7 +167,7 @@ async def test_usage_matches_the_engines_token_counts_exactly(store: Store) -> N
     assert row.agent_hours > 0
     assert row.cost == pytest.approx(row.tokens_in / 1000 + row.agent_hours * 3.6)
     assert row.cost_per_task == pytest.approx(row.cost / 3)
-    st = await store.status("scout")
+    st = await store.agents.status("scout")
     assert int(st["tokens_in"]) == row.tokens_in
 
 

@@ -177,7 +177,7 @@ async def test_apply_refuses_a_second_prices_policy_and_applies_nothing(store: S
     (issue,) = refused.value.issues
     assert str(issue).startswith("other.yaml:")
     assert "fleet" in issue.message
-    assert set(await store.policies()) == {"fleet"}
+    assert set(await store.specs.policies()) == {"fleet"}
     await client.apply([_policy("fleet", {"a": {}}, FleetPrices(per_agent_hour=1.0))])
 
 
@@ -231,7 +231,7 @@ async def _fleet(store: Store) -> dict[str, list[dict[str, str]]]:
 
         async def counted() -> bool:
             day = time.strftime("%Y-%m-%d", time.gmtime())
-            usage = await store.usage(list(work), [day])
+            usage = await store.usage.read(list(work), [day])
             return all(
                 sum(
                     usage.get((a, day), {}).get(f"tasks_{v}", 0)

@@ -46,14 +46,14 @@ INBOX = {"inbox": {}}
 
 async def released(store: Store, d: Daemon, name: str) -> bool:
     """Hibernated and held by nobody: no runner, no lease, in no held set, in the index."""
-    status = await store.status(name)
+    status = await store.agents.status(name)
     return (
         status.get("phase") == "Hibernated"
         and not status.get("owner")
         and name not in d.runners
-        and await store.leases([name]) == {}
-        and (await store.held_counts([d.id]))[d.id] == 0
-        and name in await store.due_scan()
+        and await store.leases.read([name]) == {}
+        and (await store.waits.held_counts([d.id]))[d.id] == 0
+        and name in await store.waits.due_scan()
     )
 
 
@@ -63,7 +63,7 @@ async def recorded(store: Store, name: str) -> list[str]:
 
 
 async def activations(store: Store, name: str) -> int:
-    return sum(1 for e in await store.events(name) if e.type in ("Started", "Adopted"))
+    return sum(1 for e in await store.events.read(name) if e.type in ("Started", "Adopted"))
 
 
 async def test_a_message_and_a_wake_activate_a_released_agent(store: Store) -> None:
@@ -71,14 +71,14 @@ async def test_a_message_and_a_wake_activate_a_released_agent(store: Store) -> N
     client = Client(store)
     async with running_daemon(store) as d:
         await wait_until(lambda: released(store, d, "rec"), what="rec to be released")
-        assert (await store.due_scan())["rec"] == math.inf  # no time trigger
+        assert (await store.waits.due_scan())["rec"] == math.inf  # no time trigger
         await client.send("rec", "hello")
         await wait_until(lambda: _has(store, "rec", "message:hello"), what="the message task")
         await wait_until(lambda: released(store, d, "rec"), what="rec released again")
         await client.wake("rec")
         await wait_until(lambda: _has(store, "rec", "wake"), what="the wake task")
         await wait_until(lambda: released(store, d, "rec"), what="rec released after the wake")
-        assert "woken" not in await store.status("rec")
+        assert "woken" not in await store.agents.status("rec")
     assert await recorded(store, "rec") == ["message:hello", "wake"]
     assert await activations(store, "rec") == 3  # the start, the message, the wake
 
@@ -99,7 +99,7 @@ async def test_time_triggers_activate_released_agents(store: Store) -> None:
     async with running_daemon(store) as d:
         for name in names:
             await wait_until(lambda n=name: released(store, d, n), what=f"{name} released")
-        due = await store.due_scan()
+        due = await store.waits.due_scan()
         assert all(time.time() < due[n] < time.time() + 3 for n in names), due
         for name, trigger in zip(names, ("heartbeat", "every", "at"), strict=True):
             await wait_until(
@@ -108,7 +108,7 @@ async def test_time_triggers_activate_released_agents(store: Store) -> None:
         for name in names:
             await wait_until(lambda n=name: released(store, d, n), what=f"{name} released again")
     # The one-shot fired once and is done: it waits for nothing any more.
-    assert (await store.due_scan())["once"] == math.inf
+    assert (await store.waits.due_scan())["once"] == math.inf
     assert await recorded(store, "once") == ["at"]
     for name in names:
         assert await activations(store, name) >= 2, name
@@ -124,11 +124,11 @@ async def test_a_wait_deadline_activates_a_released_agent(store: Store, tmp_path
         await Client(store).send("sleeper", "1500ms")
 
         async def waiting() -> bool:
-            status = await store.status("sleeper")
+            status = await store.agents.status("sleeper")
             return status.get("phase") == "Waiting" and "sleeper" not in d.runners
 
         await wait_until(waiting, what="the sleeper to wait, released")
-        assert await store.leases(["sleeper"]) == {}
+        assert await store.leases.read(["sleeper"]) == {}
 
         async def awake() -> bool:
             return "awake" in log.read_text()
@@ -153,7 +153,7 @@ async def test_a_released_schedule_fires_once_per_due_time_across_daemons_and_a_
         await wait_until(lambda: fired(5), what="two more fires")
     async with running_daemon(store, daemon_id="a2"), running_daemon(store, daemon_id="b2"):
         await wait_until(lambda: fired(8), what="three more fires")
-    tasks = await store.tasks("ticker", count=100)
+    tasks = await store.tasks.recent("ticker", count=100)
     ran = [t for t in tasks if t.get("trigger") == "every"]
     scheduled = sorted(float(t["scheduled_at"]) for t in ran)
     assert len(scheduled) == len(set(scheduled)), "a fire ran twice"
@@ -164,7 +164,7 @@ async def test_a_released_schedule_fires_once_per_due_time_across_daemons_and_a_
     state = await state_of(store, "ticker", TickState)
     assert isinstance(state, TickState)
     assert len(state.fires) == len(ran)
-    assert not any(e.type == "MissedFires" for e in await store.events("ticker"))
+    assert not any(e.type == "MissedFires" for e in await store.events.read("ticker"))
     # Released between fires: far more activations than daemon sessions.
     assert await activations(store, "ticker") >= len(ran) // 2
 
@@ -182,7 +182,7 @@ async def test_catch_up_holds_for_a_released_agent(store: Store, policy: str, ru
         await wait_until(fires, what="a first fire")
         await wait_until(lambda: released(store, d, "ticker"), what="the ticker released")
     before = len(await fires())
-    stored = await store._r.hget(store.keys.schedule("ticker"), "0")
+    stored = await store.conn.r.hget(store.keys.schedule("ticker"), "0")
     assert stored is not None
     # Three fire times (that one, a second and two seconds later) pass with no daemon at
     # all: the next daemon's clock starts halfway to the fourth, and stands still until
@@ -200,14 +200,14 @@ async def test_catch_up_holds_for_a_released_agent(store: Store, policy: str, ru
 
         await wait_until(caught_up, what="the catch-up runs")
         after = len(await fires())
-    (missed,) = [e for e in await store.events("ticker") if e.type == "MissedFires"]
+    (missed,) = [e for e in await store.events.read("ticker") if e.type == "MissedFires"]
     assert missed.reason == f"catchUp: {policy}"
     assert "3 fire(s)" in missed.message
     assert after - before in (runs, runs + 1) if policy != "all" else after - before >= 3
 
 
 async def _event(store: Store, name: str, type_: str) -> bool:
-    return any(e.type == type_ for e in await store.events(name))
+    return any(e.type == type_ for e in await store.events.read(name))
 
 
 @pytest.mark.e2e
@@ -233,7 +233,7 @@ async def test_a_killed_daemons_active_agents_are_activated_elsewhere(
     ):
 
         async def split() -> dict[str, int] | None:
-            counts = await store.held_counts(["d0", "d1"])
+            counts = await store.waits.held_counts(["d0", "d1"])
             return counts if sum(counts.values()) == 40 and min(counts.values()) >= 15 else None
 
         await wait_until(split, within=30, what="40 agents shared by the two daemons")
@@ -241,46 +241,46 @@ async def test_a_killed_daemons_active_agents_are_activated_elsewhere(
         async def settled() -> dict[str, object] | None:
             # The share settled, no handover under way: every agent leased, by the
             # daemon its status names, and still split.
-            leases = await store.leases(names)
-            statuses = await store.statuses(names)
+            leases = await store.leases.read(names)
+            statuses = await store.agents.statuses(names)
             if len(leases) != 40 or await split() is None:
                 return None
             same = all(statuses[n].get("owner") == leases[n].owner for n in names)
             return dict(leases) if same else None
 
         await wait_until(settled, within=30, what="the share to settle")
-        leases = await store.leases(names)
+        leases = await store.leases.read(names)
         victim_agents = [n for n in names if leases[n].owner == "d1"]
         d1.send_signal(signal.SIGKILL)
         assert await exited(d1, within=10) is not None
         sent = [(n, await client.send(n, f"after {n}", key=f"k-{n}")) for n in names]
 
         async def taken_over() -> bool:
-            leases = await store.leases(names)
+            leases = await store.leases.read(names)
             return len(leases) == 40 and {i.owner for i in leases.values()} == {"d0"}
 
         await wait_until(taken_over, within=30, what="d0 to hold all 40")
 
         async def handled() -> bool:
             for name in names:
-                raw = await store.load_state(name)
+                raw = await store.agents.load_state(name)
                 bodies = [] if raw is None else msgspec.json.decode(raw, type=EchoState).bodies
                 if f"after {name}" not in bodies:
                     return False
             return True
 
         await wait_until(handled, within=30, what="every message to be handled")
-        lost = [e for e in await store.events(None) if e.type == "DaemonLost"]
+        lost = [e for e in await store.events.read(None) if e.type == "DaemonLost"]
         assert lost
         assert lost[0].reason == "d1"
-        assert await store.holders() == {"d0"}
+        assert await store.waits.holders() == {"d0"}
         d0.send_signal(signal.SIGTERM)
         assert await exited(d0, within=30) == 0, (tmp_path / "d0.log").read_text()
     for name, msg_id in sent:
-        record = await store.task(name, f"m-{msg_id}")
+        record = await store.tasks.get(name, f"m-{msg_id}")
         assert record.get("status") == "succeeded", (name, record)
     for name in victim_agents:  # adopted from the dead daemon
-        assert any(e.type == "Adopted" for e in await store.events(name)), name
+        assert any(e.type == "Adopted" for e in await store.events.read(name)), name
 
 
 async def test_a_thousand_hibernated_agents_cost_redis_nothing(store: Store) -> None:
@@ -292,12 +292,12 @@ async def test_a_thousand_hibernated_agents_cost_redis_nothing(store: Store) -> 
     async with running_daemon(store, lease_ttl_s=15.0, grace_s=5.0, reconcile_interval_s=1.0) as d:
 
         async def all_released() -> bool:
-            phases = {st.get("phase") for st in (await store.statuses(names)).values()}
-            counts = await store.held_counts([d.id])
+            phases = {st.get("phase") for st in (await store.agents.statuses(names)).values()}
+            counts = await store.waits.held_counts([d.id])
             return phases == {"Hibernated"} and not d.runners and counts[d.id] == 0
 
         await wait_until(all_released, within=240, what="every agent to be released")
-        assert await store.due_count() == 1000
+        assert await store.waits.due_count() == 1000
         keys = await store.namespace_keys()
         sample = {f"{{{n}}}" for n in names[::20]}
         per_agent = [k for k in keys if k.split(":")[1] in sample]
@@ -330,47 +330,47 @@ async def test_a_thousand_hibernated_agents_cost_redis_nothing(store: Store) -> 
 async def test_a_send_makes_a_released_agent_due_and_only_a_released_one(store: Store) -> None:
     await apply(store, agent_doc("x", RECORDER, triggers=[INBOX]))
     k = store.keys
-    await store._r.zrem(k.due(k.due_shard("x")), "x")  # as if activated
-    token = await store.acquire_lease("x", "dA", 5000)
-    await store.send("x", "held", send_id="s1")
-    assert "x" not in await store.due_scan()  # held: its daemon is signalled instead
-    assert await store.release_lease("x", f"dA|{token}")
+    await store.conn.r.zrem(k.due(k.due_shard("x")), "x")  # as if activated
+    token = await store.leases.acquire("x", "dA", 5000)
+    await store.inbox.send("x", "held", send_id="s1")
+    assert "x" not in await store.waits.due_scan()  # held: its daemon is signalled instead
+    assert await store.leases.release("x", f"dA|{token}")
     before = time.time()
-    await store.send("x", "released", send_id="s2")
-    assert before <= (await store.due_scan())["x"] <= time.time()
+    await store.inbox.send("x", "released", send_id="s2")
+    assert before <= (await store.waits.due_scan())["x"] <= time.time()
 
 
 async def test_a_release_after_an_unread_message_leaves_the_agent_due_now(store: Store) -> None:
     await apply(store, agent_doc("y", RECORDER, triggers=[INBOX]))
     k = store.keys
-    await store._r.zrem(k.due(k.due_shard("y")), "y")
-    token = await store.acquire_lease("y", "dA", 5000)
-    await store.held_add("dA", ["y"])
-    await store.ensure_inbox("y")
-    await store.send("y", "late", send_id="s1")  # came in before the release, unread
-    assert await store.release_lease("y", f"dA|{token}")
+    await store.conn.r.zrem(k.due(k.due_shard("y")), "y")
+    token = await store.leases.acquire("y", "dA", 5000)
+    await store.waits.held_add("dA", ["y"])
+    await store.inbox.ensure("y")
+    await store.inbox.send("y", "late", send_id="s1")  # came in before the release, unread
+    assert await store.leases.release("y", f"dA|{token}")
     now = time.time()
-    at = await store.due_release("y", "dA", now + 3600, now=now)
+    at = await store.waits.due_release("y", "dA", now + 3600, now=now)
     assert at == now
-    assert (await store.due_scan())["y"] == now
-    assert await store.held_counts(["dA"]) == {"dA": 0}
+    assert (await store.waits.due_scan())["y"] == now
+    assert await store.waits.held_counts(["dA"]) == {"dA": 0}
 
 
 async def test_claims_and_a_dead_daemons_held_set(store: Store) -> None:
     await apply(store, agent_doc("z", RECORDER), agent_doc("w", RECORDER))
     now = time.time()
-    assert sorted(await store.due_claim(["z", "w"], now=now + 1, claim_s=30)) == ["w", "z"]
-    assert await store.due_claim(["z"], now=now + 1, claim_s=30) == []  # claimed already
-    await store.due_now(["w"], now=now + 2)  # a message came meanwhile: the claim moves
-    await store.due_unclaim({"z": now + 31, "w": now + 31})
-    due = await store.due_scan()
+    assert sorted(await store.waits.due_claim(["z", "w"], now=now + 1, claim_s=30)) == ["w", "z"]
+    assert await store.waits.due_claim(["z"], now=now + 1, claim_s=30) == []  # claimed already
+    await store.waits.due_now(["w"], now=now + 2)  # a message came meanwhile: the claim moves
+    await store.waits.due_unclaim({"z": now + 31, "w": now + 31})
+    due = await store.waits.due_scan()
     assert "z" not in due
     assert due["w"] == now + 2
-    await store.held_add("gone", ["z"])
-    assert "gone" in await store.holders()
-    assert await store.recover_held("gone", now=now) == ["z"]
-    assert (await store.due_scan())["z"] == now
-    assert "gone" not in await store.holders()
+    await store.waits.held_add("gone", ["z"])
+    assert "gone" in await store.waits.holders()
+    assert await store.waits.recover_held("gone", now=now) == ["z"]
+    assert (await store.waits.due_scan())["z"] == now
+    assert "gone" not in await store.waits.holders()
 
 
 async def test_the_head_of_the_index_is_read_in_small_pieces(store: Store) -> None:
@@ -379,10 +379,10 @@ async def test_the_head_of_the_index_is_read_in_small_pieces(store: Store) -> No
     shard = k.due_shard(names[0])
     same = [n for n in names if k.due_shard(n) == shard][:12]
     now = time.time()
-    await store._r.zadd(k.due(shard), {n: now - 20 + i for i, n in enumerate(same)})
-    await store._r.zadd(k.due(shard), {"later": now + 3600})
-    peek = await store.due_head(4)  # the earliest four of each shard, due or not
+    await store.conn.r.zadd(k.due(shard), {n: now - 20 + i for i, n in enumerate(same)})
+    await store.conn.r.zadd(k.due(shard), {"later": now + 3600})
+    peek = await store.waits.due_head(4)  # the earliest four of each shard, due or not
     assert [n for n in peek if n in same] == same[:4]
-    due = await store.due_head(4, now=now)  # a full shard is read again for its due ones
+    due = await store.waits.due_head(4, now=now)  # a full shard is read again for its due ones
     assert sorted(n for n in due if n in same) == sorted(same)
     assert "later" not in due

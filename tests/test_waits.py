@@ -39,10 +39,10 @@ def lines(path: Path) -> list[str]:
 
 async def waiting_task(store: Store, name: str) -> str:
     async def parked() -> str | None:
-        st = await store.status(name)
+        st = await store.agents.status(name)
         if st.get("phase") != "Waiting":
             return None
-        wait = await store.wait_get(name)
+        wait = await store.waits.get(name)
         return wait.task_id if wait is not None else None
 
     return str(await wait_until(parked, within=15, what=f"{name} to wait"))
@@ -50,7 +50,7 @@ async def waiting_task(store: Store, name: str) -> str:
 
 async def done(store: Store, name: str, task: str) -> dict[str, str]:
     async def finished() -> dict[str, str] | None:
-        rec = await store.task(name, task)
+        rec = await store.tasks.get(name, task)
         return rec if rec.get("status") in ("succeeded", "failed") else None
 
     return dict(await wait_until(finished, within=15, what=f"task {task} to finish"))
@@ -70,18 +70,18 @@ async def test_ask_parks_releases_and_resumes_with_the_answer(store: Store, tmp_
         task = await waiting_task(store, "appr")
         # Released: no runner, no lease, no engine session.
         await wait_until(lambda: _gone(d, "appr"), what="the runner to end")
-        assert await store.leases(["appr"]) == {}
+        assert await store.leases.read(["appr"]) == {}
         assert not d.engine.has_session("appr")
         (pending,) = await client.pending()
         assert (pending.agent, pending.task_id, pending.choices) == ("appr", task, ("yes", "no"))
-        assert (await store.task("appr", task))["status"] == "waiting"
+        assert (await store.tasks.get("appr", task))["status"] == "waiting"
         with pytest.raises(AnswerRejected) as bad:
             await client.answer("appr", task, choice="maybe", by="op")
         assert bad.value.code == "invalid"
         with pytest.raises(AnswerRejected) as wrong:
             await client.answer("appr", "nope", yes=True, by="op")
         assert wrong.value.code == "not_waiting"
-        assert (await store.wait_get("appr")).answer is None  # nothing changed
+        assert (await store.waits.get("appr")).answer is None  # nothing changed
         await client.answer("appr", task, yes=True, by="alice")
         with pytest.raises(AnswerRejected) as second:
             await client.answer("appr", task, no=True, by="bob")
@@ -91,10 +91,10 @@ async def test_ask_parks_releases_and_resumes_with_the_answer(store: Store, tmp_
     assert record["result"] == "deploy: yes"
     assert record["answered_by"] == "alice"
     assert lines(log) == ["before deploy", "before deploy", "after yes"]
-    assert await store.wait_get("appr") is None
+    assert await store.waits.get("appr") is None
     # Released when the daemon stopped: due only on its next message (no time trigger).
-    assert await store.due_scan() == {"appr": math.inf}
-    types = [e.type for e in await store.events("appr")]
+    assert await store.waits.due_scan() == {"appr": math.inf}
+    types = [e.type for e in await store.events.read("appr")]
     assert "Waiting" in types
     assert "Answered" in types
 
@@ -163,7 +163,7 @@ async def test_answers_and_model_calls_replay_in_order(store: Store, tmp_path: P
 
 
 async def _question_is(store: Store, name: str, question: str) -> bool:
-    wait = await store.wait_get(name)
+    wait = await store.waits.get(name)
     return wait is not None and wait.question == question
 
 
@@ -242,7 +242,7 @@ async def test_a_deadline_fires_on_another_daemon_after_a_restart(
     async with running_daemon(store, daemon_id="second"):
         record = await done(store, "appr", f"m-{msg}")
     assert record["result"] == "deploy: no"
-    (timed_out,) = [e for e in await store.events("appr") if e.type == "WaitTimedOut"]
+    (timed_out,) = [e for e in await store.events.read("appr") if e.type == "WaitTimedOut"]
     assert timed_out.daemon == "second"
     assert lines(log)[-1] == "after no"
 
@@ -268,13 +268,13 @@ async def test_http_answers_need_the_token_and_fit_the_question(
         assert (await c.get("/v1/pending")).status_code == 401
         r = await c.post(url, json={"yes": True})
         assert r.status_code == 401
-        assert (await store.wait_get("appr")).answer is None
+        assert (await store.waits.get("appr")).answer is None
         (listed,) = (await c.get("/v1/pending", headers=auth)).json()
         assert (listed["task"], listed["choices"]) == (task, ["yes", "no"])
         bad = await c.post(url, json={"choice": "later"}, headers=auth)
         assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid")
         assert (await c.post(url, content=b"{", headers={**auth, **JSON})).status_code == 400
-        assert (await store.wait_get("appr")).answer is None
+        assert (await store.waits.get("appr")).answer is None
         ok = await c.post(url, json={"no": True, "by": "carol"}, headers=auth)
         assert ok.status_code == 200
         assert ok.json()["by"] == "carol (http:token)"
@@ -330,8 +330,8 @@ async def _spent(store: Store, d: Daemon, client: Client) -> str:
     await wait_until(lambda: status_is(store, "spender", phase="Waiting", reason="BudgetExhausted"))
     await wait_until(lambda: _gone(d, "spender"), what="the runner to end")
     assert not d.engine.has_session("spender")
-    assert await store.leases(["spender"]) == {}
-    record = await store.task("spender", f"m-{msg}")
+    assert await store.leases.read(["spender"]) == {}
+    record = await store.tasks.get("spender", f"m-{msg}")
     assert (record["status"], record["wait_kind"]) == ("parked", "budget")
     with pytest.raises(AnswerRejected, match="waits for budget"):
         await client.answer("spender", f"m-{msg}", yes=True, by="op")
@@ -358,22 +358,22 @@ async def test_a_spent_budget_parks_the_task_until_the_day_ends(store: Store) ->
     client = Client(store)
     async with clocked_daemon(store, clock) as d:
         task = await _spent(store, d, client)
-        wait = await store.wait_get("spender")
+        wait = await store.waits.get("spender")
         assert wait is not None
         assert wait.deadline == pytest.approx(midnight, abs=1.0)
         # Not activated before the day ends on the daemon's clock (a few index polls:
         # three passes of its keeper, one every third of a lease, span a whole lease).
         passes = d.keeper.passes
         await wait_until(lambda: d.keeper.passes >= passes + 3, what="three keeper passes")
-        still = await store.wait_get("spender")
+        still = await store.waits.get("spender")
         assert still is not None
         assert still.park_id == wait.park_id
-        assert (await store.status("spender"))["phase"] == "Waiting"
+        assert (await store.agents.status("spender"))["phase"] == "Waiting"
         clock[0] = midnight + 1.0  # the next day
         record = await done(store, "spender", task)
     assert record["status"] == "succeeded"
     assert record["wait_outcome"] == "rollover"
-    assert "BudgetRenewed" in [e.type for e in await store.events("spender")]
+    assert "BudgetRenewed" in [e.type for e in await store.events.read("spender")]
 
 
 async def test_a_raised_policy_resumes_a_task_parked_on_its_budget(store: Store) -> None:
@@ -382,7 +382,7 @@ async def test_a_raised_policy_resumes_a_task_parked_on_its_budget(store: Store)
         task = await _spent(store, d, client)
 
         async def warned() -> list[object]:
-            return [e for e in await store.events(None) if e.type == "BudgetWarning"]
+            return [e for e in await store.events.read(None) if e.type == "BudgetWarning"]
 
         (warning,) = await wait_until(warned, what="the budget warning")
         assert warning.reason == "tiny"
@@ -431,7 +431,7 @@ async def test_deleting_a_waiting_agent_forgets_its_wait(store: Store, tmp_path:
         await client.delete_agent("appr")
 
         async def forgotten() -> bool:
-            return await store.wait_get("appr") is None and not await store.due_scan()
+            return await store.waits.get("appr") is None and not await store.waits.due_scan()
 
         await wait_until(forgotten, what="the wait to be purged")
         assert "appr" not in d.runners

@@ -40,7 +40,7 @@ async def test_an_answer_given_with_the_cli_after_a_sigkill_completes_the_task_o
     with spawn(env, tmp_path / "d0.log", "daemon", "--id", "d0", *fast) as d0:
 
         async def waiting() -> bool:
-            return (await store.task("appr", task)).get("status") == "waiting"
+            return (await store.tasks.get("appr", task)).get("status") == "waiting"
 
         await wait_until(waiting, within=30, what="the task to wait")
         d0.send_signal(signal.SIGKILL)
@@ -62,7 +62,7 @@ async def test_an_answer_given_with_the_cli_after_a_sigkill_completes_the_task_o
         assert ok.returncode == 0, show(ok)
 
         async def finished() -> dict[str, str] | None:
-            record = await store.task("appr", task)
+            record = await store.tasks.get("appr", task)
             return record if record.get("status") == "succeeded" else None
 
         record = await wait_until(finished, within=30, what="the task to finish")
@@ -76,8 +76,8 @@ async def test_an_answer_given_with_the_cli_after_a_sigkill_completes_the_task_o
     assert (answer["outcome"], answer["value"], answer["by"]) == ("answered", "yes", "alice")
     # The phase before the wait ran twice, the code after it once.
     assert log.read_text().splitlines() == ["before deploy", "before deploy", "after yes"]
-    assert await store.inbox_depth("appr") == 0
-    succeeded = [e for e in await store.events("appr") if e.type == "Answered"]
+    assert await store.inbox.depth("appr") == 0
+    succeeded = [e for e in await store.events.read("appr") if e.type == "Answered"]
     assert len(succeeded) == 1
 
 
@@ -96,7 +96,7 @@ async def test_a_thousand_waiting_agents_cost_redis_nothing_while_they_wait(stor
     async with running_daemon(store, lease_ttl_s=15.0, grace_s=5.0, reconcile_interval_s=1.0) as d:
 
         async def all_waiting() -> bool:
-            phases = {st.get("phase") for st in (await store.statuses(names)).values()}
+            phases = {st.get("phase") for st in (await store.agents.statuses(names)).values()}
             return phases == {"Waiting"} and not d.runners
 
         await wait_until(all_waiting, within=240, what="every agent to wait")

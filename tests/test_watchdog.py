@@ -53,7 +53,7 @@ def _blocking_line() -> str:
 
 
 async def _events(store: Store, name: str, type_: str) -> list[Any]:
-    return [e for e in await store.events(name, count=200) if e.type == type_]
+    return [e for e in await store.events.read(name, count=200) if e.type == type_]
 
 
 async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_their_leases(
@@ -108,7 +108,7 @@ async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_thei
         async def all_handled() -> bool:
             for n in echoes:
                 for msg_id in sent[n]:
-                    if (await store.task(n, f"m-{msg_id}")).get("status") != "succeeded":
+                    if (await store.tasks.get(n, f"m-{msg_id}")).get("status") != "succeeded":
                         return False
             return True
 
@@ -128,13 +128,13 @@ async def test_a_blocked_loop_is_charged_to_the_blocker_and_the_others_keep_thei
             lambda: _task_with(store, "blocker", f"m-{blocked}", status="succeeded")
         )
         assert 1 <= int(record["attempt"]) <= 2  # started at most crashLoopAfter times
-        status = await store.status("blocker")
+        status = await store.agents.status("blocker")
         assert status["consecutive_failures"] == "1"
         assert not await _events(store, "blocker", "LeaseLost")
 
 
 async def _task_with(store: Store, name: str, task_id: str, **fields: str) -> dict[str, str]:
-    record = await store.task(name, task_id)
+    record = await store.tasks.get(name, task_id)
     return record if all(record.get(k) == v for k, v in fields.items()) else {}
 
 
@@ -160,7 +160,7 @@ async def test_an_agent_that_keeps_blocking_the_loop_ends_in_crash_loop_without_
             lambda: status_is(store, "blocker", phase="Failed", reason="CrashLoop"), within=20
         )
     for msg_id in (first, second):
-        record = await store.task("blocker", f"m-{msg_id}")
+        record = await store.tasks.get("blocker", f"m-{msg_id}")
         assert record["status"] == "succeeded"  # done once, never run again
         assert record["attempt"] == "1"
     assert len(await _events(store, "blocker", "BlockedLoop")) == 2
@@ -190,8 +190,8 @@ async def test_a_task_whose_every_start_is_cut_short_fails_after_crash_loop_afte
         await wait_until(lambda: status_is(store, "stuck", phase="Idle"), within=20)
     assert "started 2 time(s) without finishing" in record["error"]
     assert record["attempt"] == "2"
-    assert await store.inbox_depth("stuck") == 0  # out of the inbox: never redelivered
-    (letter,) = await store.dead_letters("stuck")  # kept, to look at or re-drive
+    assert await store.inbox.depth("stuck") == 0  # out of the inbox: never redelivered
+    (letter,) = await store.poison.dead_letters("stuck")  # kept, to look at or re-drive
     assert letter["task"] == task_id
     (event,) = await _events(store, "stuck", "DeadLettered")
     assert task_id in event.message

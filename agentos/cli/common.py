@@ -183,7 +183,7 @@ def complete_agents(incomplete: str) -> list[str]:
     async def names() -> list[str]:
         with anyio.fail_after(2.0):
             async with await Client.connect(Settings.from_env()) as client:
-                return sorted(await client.store.agent_specs())
+                return sorted(await client.store.specs.agents())
 
     try:
         return [n for n in anyio.run(names) if n.startswith(incomplete)]

@@ -183,10 +183,10 @@ def get(
                 )
                 return
             readers: dict[Kind, Callable[[], Awaitable[Mapping[str, Any]]]] = {
-                Kind.agents: client.store.agent_specs,
-                Kind.models: client.store.models,
-                Kind.toolservers: client.store.toolservers,
-                Kind.policies: client.store.policies,
+                Kind.agents: client.store.specs.agents,
+                Kind.models: client.store.models.read,
+                Kind.toolservers: client.store.specs.toolservers,
+                Kind.policies: client.store.specs.policies,
             }
             keep = _wanted(which, names or [], selector, await readers[which]())
             if which is Kind.agents:
@@ -219,7 +219,7 @@ def ps(
 
     async def go() -> None:
         async with await _client() as client:
-            keep = _wanted(Kind.agents, [], selector, await client.store.agent_specs())
+            keep = _wanted(Kind.agents, [], selector, await client.store.specs.agents())
             agents = [a for a in await client.agents() if keep(a.name)]
             _emit([a.to_dict() for a in agents], output, lambda: _agents_table(agents))
             if not watch:
@@ -228,7 +228,7 @@ def ps(
             seen = {a.name: _watched(a) for a in agents}
             while True:
                 await anyio.sleep(1.0)
-                specs = await client.store.agent_specs()
+                specs = await client.store.specs.agents()
                 keep = _wanted(Kind.agents, [], selector, specs)
                 for a in await client.agents():
                     if keep(a.name) and seen.get(a.name) != _watched(a):

@@ -1,6 +1,6 @@
 """``agentos logs NAME | -l SELECTOR [-f] [--since 10m] [--tail N] [-o json]``.
 
-An agent's log (:mod:`agentos.store.logs`): what its code wrote with ``ctx.log`` and what
+An agent's log (:mod:`agentos.store.logs.read`): what its code wrote with ``ctx.log`` and what
 the runtime logged while it ran, from whichever daemon ran it. Lines are data: they are
 escaped before they reach the terminal. ``-f`` keeps printing new lines; with a selector
 it follows every agent whose labels match.
@@ -95,12 +95,12 @@ async def _follow(
     if len(names) == 1:  # one stream: a blocking read
         (name,) = names
         while True:
-            for entry in await store.logs_after(name, last[name], block_ms=1000):
+            for entry in await store.logs.after(name, last[name], block_ms=1000):
                 out.print(_line(entry, output), markup=False, highlight=False)
                 last[name] = entry.id
     while True:  # several: each looked at in turn (their slots may be on other nodes)
         for name in names:
-            for entry in await store.logs_after(name, last[name]):
+            for entry in await store.logs.after(name, last[name]):
                 out.print(_line(entry, output), markup=False, highlight=False)
                 last[name] = entry.id
         await anyio.sleep(FOLLOW_POLL_S)
@@ -138,7 +138,7 @@ def logs(
             names = await pick_agents(client, [name] if name else [], selector)
             lines: list[LogLine] = []
             for agent in names:
-                lines += await client.store.logs(agent, tail=tail, since=since_at)
+                lines += await client.store.logs.read(agent, tail=tail, since=since_at)
             lines.sort(key=lambda entry: (entry.time, entry.id))
             for entry in lines[-tail:]:
                 out.print(_line(entry, output), markup=False, highlight=False)

@@ -23,9 +23,9 @@ __all__ = ["delete_model", "describe_model", "get_models", "model_details"]
 
 async def model_details(client: Client) -> list[dict[str, Any]]:
     """Every applied Model with what the daemons serving it report, sorted by name."""
-    specs = await client.store.models()
+    specs = await client.store.models.read()
     daemons = await client.daemons()
-    agents = await client.store.agent_specs()
+    agents = await client.store.specs.agents()
     rows = []
     for name in sorted(specs):
         served = {
@@ -171,10 +171,10 @@ def delete_model(name: str) -> None:
 
     async def go() -> None:
         async with await _client() as client:
-            users = model_users(name, await client.store.agent_specs())
+            users = model_users(name, await client.store.specs.agents())
             if users:
                 _fail(f'model "{name}" is used by agents: {", ".join(users)}', 1)
-            if not await client.store.delete("Model", name):
+            if not await client.store.specs.delete("Model", name):
                 raise NotFound(f'model "{name}" not found')
         out.print(f"model/{name} deleted", markup=False)
 

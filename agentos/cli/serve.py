@@ -180,11 +180,11 @@ async def _print_events(client: Client) -> None:
         try:
             if last is None:
                 last = "$"
-                recent = await client.store.events(None, count=1)
+                recent = await client.store.events.read(None, count=1)
                 last = recent[-1].id if recent else "0-0"
             # A log, not a dashboard: on a cluster (16 shards, no blocking read across
             # them) it looks every 2 s, about 13 commands a second instead of 64.
-            events = await client.store.events(
+            events = await client.store.events.read(
                 None, after_id=last, block_ms=5_000, count=500, poll_s=2.0
             )
             if events:

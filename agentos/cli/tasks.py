@@ -203,7 +203,7 @@ async def _settled_status(client: Client, name: str, task: str) -> str:
     status = ""
     with anyio.move_on_after(_CANCEL_WAIT_S):
         while True:
-            status = (await client.store.task(name, task)).get("status", "")
+            status = (await client.store.tasks.get(name, task)).get("status", "")
             if status in DONE:
                 break
             await anyio.sleep(0.1)

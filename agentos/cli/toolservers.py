@@ -31,9 +31,9 @@ def _users(name: str, agents: Mapping[str, Mapping[str, Any]]) -> list[str]:
 async def toolserver_details(client: Client) -> list[dict[str, Any]]:
     """Every applied ToolServer, the agents that use it and the daemons that have it
     open, sorted by name."""
-    specs = await client.store.toolservers()
+    specs = await client.store.specs.toolservers()
     daemons = await client.daemons()
-    agents = await client.store.agent_specs()
+    agents = await client.store.specs.agents()
     rows = []
     for name in sorted(specs):
         open_in = {
@@ -155,10 +155,10 @@ def delete_toolserver(name: str) -> None:
 
     async def go() -> None:
         async with await _client() as client:
-            users = _users(name, await client.store.agent_specs())
+            users = _users(name, await client.store.specs.agents())
             if users:
                 _fail(f'tool server "{name}" is used by agents: {", ".join(users)}', 1)
-            if not await client.store.delete("ToolServer", name):
+            if not await client.store.specs.delete("ToolServer", name):
                 raise NotFound(f'tool server "{name}" not found')
         out.print(f"toolserver/{name} deleted", markup=False)
 

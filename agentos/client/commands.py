@@ -61,7 +61,7 @@ async def send(
     digest = body_digest(body)
     try:
         return await retry(
-            lambda: store.send(
+            lambda: store.inbox.send(
                 name,
                 body,
                 key=key,
@@ -111,7 +111,7 @@ async def drop(name: str, task_id: str, *, store: Store, by: str) -> str:
     (not a message's task, already done, dropped or re-driven).
     """
     await require_agent(name, store=store)
-    where = await store.drop_message(name, task_id, by=by)
+    where = await store.poison.drop(name, task_id, by=by)
     if where is None:
         raise NotFound(
             f'task {task_id} of agent "{name}" has no message to drop (neither waiting '
@@ -129,7 +129,7 @@ async def retry_dead(name: str, task_id: str, *, store: Store, by: str) -> str:
     """
     await require_agent(name, store=store)
     try:
-        message_id = await store.redrive(name, task_id, by=by)
+        message_id = await store.poison.redrive(name, task_id, by=by)
     except SendRefused:
         raise NotFound(f'agent "{name}" not found') from None
     except _StoreInboxFull as e:
@@ -143,7 +143,7 @@ async def dead_letters(name: str, *, store: Store, count: int) -> list[DeadLette
     """The agent's dead letters, newest first: messages whose task failed or was
     interrupted ``crashLoopAfter`` times in a row. Raises :class:`NotFound`."""
     await require_agent(name, store=store)
-    return await store.dead_letters(name, count=count)
+    return await store.poison.dead_letters(name, count=count)
 
 
 # ---------------------------------------------------------------------- daemon signals
@@ -153,11 +153,11 @@ async def hibernate(name: str, *, store: Store) -> bool:
     """Ask the agent's daemon to hibernate (and release) it as soon as it is idle;
     False (nothing asked) when it is hibernated already or no daemon holds it."""
     await require_agent(name, store=store)
-    if (await store.status(name)).get("phase") == "Hibernated":
+    if (await store.agents.status(name)).get("phase") == "Hibernated":
         return False
-    if name not in await store.leases([name]):
+    if name not in await store.leases.read([name]):
         return False
-    await store.signal("hibernate", name)
+    await store.signals.send("hibernate", name)
     return True
 
 
@@ -165,8 +165,8 @@ async def wake(name: str, *, store: Store) -> None:
     """Run a wake task (and retry the agent if it Failed); an agent no daemon holds is
     activated for it by whichever daemon has room."""
     await require_agent(name, store=store)
-    if await store.wake(name, now=time.time()):
-        await store.signal("wake", name)
+    if await store.waits.wake(name, now=time.time()):
+        await store.signals.send("wake", name)
 
 
 async def restart(name: str, *, store: Store, grace_s: float | None) -> str | None:
@@ -176,16 +176,16 @@ async def restart(name: str, *, store: Store, grace_s: float | None) -> str | No
     :func:`restarted`, or None when no daemon holds the agent: there is nothing to
     restart (its next activation loads the applied code)."""
     await require_agent(name, store=store)
-    if name not in await store.leases([name]):
+    if name not in await store.leases.read([name]):
         return None
-    last = await store.events(name, count=1)
+    last = await store.events.read(name, count=1)
     grace = "" if grace_s is None else repr(grace_s)
-    await store.signal("restart", name, grace=grace)
+    await store.signals.send("restart", name, grace=grace)
     return last[-1].id if last else "0-0"
 
 
 async def restarted(name: str, mark: str, *, store: Store) -> bool:
     """Whether the agent's daemon restarted it since ``mark`` (a ``Restarted``
     event: by the restart, or by a respec or a release that came first)."""
-    events = await store.events(name, count=1000, after_id=mark)
+    events = await store.events.read(name, count=1000, after_id=mark)
     return any(e.type == "Restarted" for e in events)

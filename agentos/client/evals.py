@@ -115,7 +115,7 @@ async def evaluate_tasks(
     declares no ``spec.evaluate``, or it cannot be imported here) and
     :class:`ClientError` (``task_id`` did not end normally): nothing is changed then.
     """
-    body = await store.agent_spec(name)
+    body = await store.specs.agent(name)
     if body is None:
         raise NotFound(f'agent "{name}" not found')
     resource = parse_resource(body)
@@ -132,7 +132,7 @@ async def evaluate_tasks(
     except EntrypointError as e:
         raise NoEvaluator(str(e)) from None
     if task_id is not None:
-        record = await store.task(name, task_id)
+        record = await store.tasks.get(name, task_id)
         if not record:
             raise NotFound(f'agent "{name}" has no task "{task_id}"')
         if record.get("status") != "succeeded" or not _counts(record):
@@ -144,7 +144,7 @@ async def evaluate_tasks(
         records = [record]
     else:
         since = None if since_s is None else (time.time() if now is None else now) - since_s
-        records = await store.tasks(name, count=EVAL_MAX_TASKS, since=since)
+        records = await store.tasks.recent(name, count=EVAL_MAX_TASKS, since=since)
     rows: list[EvalRow] = []
     skipped = 0
     for record in reversed(records):  # oldest first
@@ -170,7 +170,7 @@ async def _judge_again(
     own = "" if task.outcome is None else json.dumps(task.outcome.to_dict())
     for _ in range(3):  # its day is read again if a daemon counted it meanwhile
         day = record.get("counted_on") or day_of(_epoch(record))
-        done, why = await store.set_task_outcome(
+        done, why = await store.tasks.set_outcome(
             name,
             task_id,
             outcome=json.dumps(outcome.to_dict()),
@@ -182,7 +182,7 @@ async def _judge_again(
             return EvalRow(task_id, before.verdict if before is not None else None, outcome)
         if why != "day":
             return None
-        record = await store.task(name, task_id)
+        record = await store.tasks.get(name, task_id)
     return None
 
 

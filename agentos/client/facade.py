@@ -91,7 +91,7 @@ class Client:
 
         Raises :class:`NotFound` when no such agent is applied.
         """
-        if not await self.store.delete("Agent", name):
+        if not await self.store.specs.delete("Agent", name):
             raise NotFound(f'agent "{name}" not found')
 
     async def delete_policy(self, name: str) -> None:
@@ -101,11 +101,11 @@ class Client:
 
     async def agent_specs(self) -> dict[str, dict[str, Any]]:
         """Every applied Agent resource by name (canonical form)."""
-        return await self.store.agent_specs()
+        return await self.store.specs.agents()
 
     async def policies(self) -> dict[str, dict[str, Any]]:
         """Every applied QuotaPolicy resource by name (canonical form)."""
-        return await self.store.policies()
+        return await self.store.specs.policies()
 
     # ------------------------------------------------------------------ status
 
@@ -169,7 +169,7 @@ class Client:
 
     async def daemons(self) -> dict[str, dict[str, Any]]:
         """Heartbeats of the daemons serving this namespace."""
-        return await self.store.daemons()
+        return await self.store.heartbeats.daemons()
 
     # ------------------------------------------------------------------ commands
 

@@ -50,9 +50,9 @@ async def apply(
     fleet (:func:`check_fleet`).
     """
     await check_fleet(documents, store=store)
-    stored_agents = await store.agent_specs_of([d.name for d in documents if d.kind == "Agent"])
+    stored_agents = await store.specs.agents_of([d.name for d in documents if d.kind == "Agent"])
     stored_policies = (
-        await store.policies() if any(d.kind == "QuotaPolicy" for d in documents) else {}
+        await store.specs.policies() if any(d.kind == "QuotaPolicy" for d in documents) else {}
     )
     before = {("Agent", n): b for n, b in stored_agents.items()}
     before |= {("QuotaPolicy", n): b for n, b in stored_policies.items()}
@@ -71,7 +71,7 @@ async def apply(
                 inbox_depth(agent) if agent is not None else None,
             )
         )
-    changes = await store.apply(records, dry_run=dry_run)
+    changes = await store.specs.apply(records, dry_run=dry_run)
     by_key = {(d.kind, d.name): b for d, b in zip(documents, bodies, strict=True)}
     return [
         replace(c, fields=tuple(diff_paths(before[(c.kind, c.name)], by_key[(c.kind, c.name)])))
@@ -86,13 +86,13 @@ async def check_fleet(documents: Sequence[Document], *, store: Store) -> None:
     fleet: quota classes, Models, prices, tool servers."""
     agents = {
         name: str(body.get("spec", {}).get("quotaClass", DEFAULT_CLASS))
-        for name, body in (await store.agent_specs()).items()
+        for name, body in (await store.specs.agents()).items()
     }
-    policies = stored_policies(await store.policies())
+    policies = stored_policies(await store.specs.policies())
     issues = fleet_issues(documents, agents, policies)
-    issues += model_issues(documents, await store.models())
+    issues += model_issues(documents, await store.models.read())
     issues += price_issues(documents, policies)
-    issues += toolserver_issues(documents, await store.toolservers())
+    issues += toolserver_issues(documents, await store.specs.toolservers())
     if issues:
         raise SpecError(issues)
 
@@ -100,12 +100,12 @@ async def check_fleet(documents: Sequence[Document], *, store: Store) -> None:
 async def delete_policy(name: str, *, store: Store) -> None:
     """Delete a QuotaPolicy. Raises :class:`NotFound` when there is none by that name,
     :class:`InUse` when agents use one of its classes."""
-    policies = stored_policies(await store.policies())
+    policies = stored_policies(await store.specs.policies())
     policy = policies.get(name)
     if policy is not None:
         users = sorted(
             agent
-            for agent, body in (await store.agent_specs()).items()
+            for agent, body in (await store.specs.agents()).items()
             if body.get("spec", {}).get("quotaClass", DEFAULT_CLASS) in policy.spec.classes
             and body.get("spec", {}).get("quotaClass", DEFAULT_CLASS) != DEFAULT_CLASS
         )
@@ -114,5 +114,5 @@ async def delete_policy(name: str, *, store: Store) -> None:
                 f'policy "{name}" defines quota classes used by agents '
                 f"{', '.join(users)}; move them to another class or delete them first"
             )
-    if not await store.delete("QuotaPolicy", name):
+    if not await store.specs.delete("QuotaPolicy", name):
         raise NotFound(f'policy "{name}" not found')

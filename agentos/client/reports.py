@@ -38,7 +38,7 @@ __all__ = [
 
 async def require_agent(name: str, *, store: Store) -> dict[str, Any]:
     """The applied Agent resource ``name``; raises :class:`NotFound` when there is none."""
-    spec = await store.agent_spec(name)
+    spec = await store.specs.agent(name)
     if spec is None:
         raise NotFound(f'agent "{name}" not found')
     return spec
@@ -48,12 +48,12 @@ async def agents(names: Sequence[str] | None, *, store: Store) -> list[AgentSumm
     """Every applied agent with its status, sorted by name; with ``names``, only
     those (in that order; names not applied are left out), reading only theirs."""
     if names is None:
-        specs = await store.agent_specs()
+        specs = await store.specs.agents()
         names = sorted(specs)
     else:
-        specs = await store.agent_specs_of(names)
+        specs = await store.specs.agents_of(names)
         names = [n for n in names if n in specs]  # deleted since the names were read
-    statuses = await store.statuses(list(names))
+    statuses = await store.agents.statuses(list(names))
     out = []
     for name in names:
         st = statuses.get(name, {})
@@ -84,17 +84,17 @@ async def describe(name: str, *, store: Store, events: int) -> AgentDetail:
 
     Raises :class:`NotFound` when no such agent is applied.
     """
-    spec = await store.agent_spec(name)
+    spec = await store.specs.agent(name)
     if spec is None:
         raise NotFound(f'agent "{name}" not found')
     unplaced = (await unschedulable_agents(store, {name: spec})).get(name)
     return AgentDetail(
         name=name,
         spec=spec,
-        status=mark_unschedulable(await store.status(name), unplaced),
-        events=await store.events(name, count=events),
-        inbox_depth=await store.inbox_depth(name),
-        tasks=await store.tasks(name, count=5),
+        status=mark_unschedulable(await store.agents.status(name), unplaced),
+        events=await store.events.read(name, count=events),
+        inbox_depth=await store.inbox.depth(name),
+        tasks=await store.tasks.recent(name, count=5),
     )
 
 
@@ -102,7 +102,7 @@ async def events(name: str | None, *, store: Store, count: int) -> list[Event]:
     """Recent events of one agent, or of the fleet, oldest first."""
     if name is not None:
         await require_agent(name, store=store)
-    return await store.events(name, count=count)
+    return await store.events.read(name, count=count)
 
 
 async def follow_events(name: str | None, *, store: Store, count: int) -> AsyncIterator[Event]:
@@ -110,11 +110,11 @@ async def follow_events(name: str | None, *, store: Store, count: int) -> AsyncI
     if name is not None:
         await require_agent(name, store=store)
     last = "0-0"
-    for e in await store.events(name, count=count):
+    for e in await store.events.read(name, count=count):
         last = e.id
         yield e
     while True:
-        for e in await store.events(name, after_id=last, block_ms=1000, count=100):
+        for e in await store.events.read(name, after_id=last, block_ms=1000, count=100):
             last = e.id
             yield e
 
@@ -123,10 +123,10 @@ async def tasks(name: str | None, *, store: Store, count: int) -> list[dict[str,
     """Recent task records of one agent, or of every agent, newest first."""
     if name is not None:
         await require_agent(name, store=store)
-        return await store.tasks(name, count=count)
+        return await store.tasks.recent(name, count=count)
     rows: list[dict[str, str]] = []
-    for agent in sorted(await store.agent_specs()):
-        rows += await store.tasks(agent, count=count)
+    for agent in sorted(await store.specs.agents()):
+        rows += await store.tasks.recent(agent, count=count)
     rows.sort(key=lambda t: float(t.get("created_at") or 0), reverse=True)
     return rows[:count]
 
@@ -136,11 +136,11 @@ async def task_view(name: str, task_id: str, *, store: Store) -> dict[str, Any]:
     :func:`agentos.core.taskview.task_view`). Raises :class:`NotFound` for an
     unknown agent, or a task that has no record and no message in the inbox."""
     await require_agent(name, store=store)
-    record = await store.task(name, task_id)
-    wait = await store.wait_get(name) if record.get("status") == "waiting" else None
+    record = await store.tasks.get(name, task_id)
+    wait = await store.waits.get(name) if record.get("status") == "waiting" else None
     status = None
     if not record.get("status") or record.get("status") == "queued":
-        status = await store.status(name)
+        status = await store.agents.status(name)
         if not record and not await _queued(name, task_id, store=store):
             raise NotFound(f'agent "{name}" has no task {task_id}')
     return view_of(name, task_id, record, wait=wait, status=status)
@@ -150,7 +150,7 @@ async def _queued(name: str, task_id: str, *, store: Store) -> bool:
     """Whether a task without a record is a message still in the inbox."""
     if not task_id.startswith("m-"):
         return False
-    return await store.inbox_has(name, task_id[2:])
+    return await store.inbox.has(name, task_id[2:])
 
 
 async def wait_task(
@@ -174,7 +174,7 @@ async def wait_task(
     seen = ""
     with anyio.move_on_after(timeout_s):
         while True:
-            record = await store.task(name, task_id)
+            record = await store.tasks.get(name, task_id)
             state = record.get("status", "")
             if state in DONE:
                 return record

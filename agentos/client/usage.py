@@ -77,17 +77,17 @@ def _route_keys(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 
 async def quotas_now(*, store: Store) -> dict[str, ClassQuota]:
     """The effective limits the evaluator last stored, or the policies' base limits."""
-    effective = await store.quota_effective()
+    effective = await store.quotas.effective()
     if effective is not None:
         return effective
-    return base_quotas(stored_policies(await store.policies()))
+    return base_quotas(stored_policies(await store.specs.policies()))
 
 
 async def quota(*, store: Store, now: float | None) -> dict[str, Any]:
     """Effective limits per class and per agent, usage now, and who is waiting."""
     now = time.time() if now is None else now
     quotas = await quotas_now(store=store)
-    specs = await store.agent_specs()
+    specs = await store.specs.agents()
     members: dict[str, list[tuple[str, int]]] = {}
     for agent, body in sorted(specs.items()):
         spec = body.get("spec", {})
@@ -95,7 +95,7 @@ async def quota(*, store: Store, now: float | None) -> dict[str, Any]:
             (agent, int(spec.get("priority", 50)))
         )
     days = {n: day_window(q.timezone, now)[0] for n, q in quotas.items()}
-    usage = await store.quota_usage(days, now=now)
+    usage = await store.quotas.usage(days, now=now)
     classes = []
     for name in sorted(set(quotas) | set(members)):
         q = quotas.get(name)
@@ -141,7 +141,7 @@ async def quota(*, store: Store, now: float | None) -> dict[str, Any]:
             }
         )
     effective_at = None
-    raw = await store.quota_state()
+    raw = await store.quotas.state()
     if raw[1]:
         effective_at = raw[1].get("at")
     return {"at": now, "evaluatedAt": effective_at, "classes": classes}
@@ -162,13 +162,13 @@ async def explain(
     Returns the evaluation, the metrics used and when they were measured.
     """
     now = time.time() if now is None else now
-    policies = stored_policies(await store.policies())
+    policies = stored_policies(await store.specs.policies())
     for doc in documents:
         if isinstance(doc.resource, QuotaPolicyResource):
             policies[doc.name] = doc.resource
     if name is not None and name not in policies:
         raise NotFound(f'policy "{name}" not found')
-    memory, metrics_doc = await store.quota_state()
+    memory, metrics_doc = await store.quotas.state()
     metrics = {k: float(v) for k, v in metrics_doc.get("values", {}).items()}
     result = evaluate(policies, metrics, now, memory)
     if name is not None:
@@ -181,14 +181,14 @@ async def price_book(*, store: Store) -> PriceBook:
     """The fleet's prices: each applied Model's, and the fleet's on the QuotaPolicy
     that declares ``spec.prices``."""
     models = {}
-    for name, body in (await store.models()).items():
+    for name, body in (await store.models.read()).items():
         try:
             resource = parse_resource(body)
         except SpecError:
             continue
         if isinstance(resource, ModelResource):
             models[name] = resource.spec.prices
-    declared = fleet_prices(stored_policies(await store.policies()))
+    declared = fleet_prices(stored_policies(await store.specs.policies()))
     if declared is None:
         return PriceBook(models)
     if declared[1].default_model is not None:  # the daemons' own engine's, declared once
@@ -199,8 +199,8 @@ async def price_book(*, store: Store) -> PriceBook:
 async def _usage_records(
     since_days: int, now: float | None, *, store: Store
 ) -> tuple[dict[tuple[str, str], dict[str, float]], dict[str, dict[str, Any]]]:
-    specs = await store.agent_specs()
-    return await store.usage(sorted(specs), _days(since_days, now)), specs
+    specs = await store.specs.agents()
+    return await store.usage.read(sorted(specs), _days(since_days, now)), specs
 
 
 async def usage_report(*, store: Store, by: str, since_days: int, now: float | None) -> UsageReport:

@@ -124,14 +124,14 @@ async def unschedulable_agents(
     asking = {n: x for n, x in needs.items() if x is not ANYWHERE}
     if not asking:  # nothing to read when no agent asks anything of its daemon
         return {}
-    heartbeats = await store.daemons()
+    heartbeats = await store.heartbeats.daemons()
     if not heartbeats:
         return {}
-    daemons = live_labels(heartbeats, await store.server_time())
+    daemons = live_labels(heartbeats, await store.heartbeats.server_time())
     if not daemons:
         return {}
     named = any(m != DEFAULT_MODEL for x in asking.values() for m in x.models)
-    models = model_resources(await store.models()) if named else {}
+    models = model_resources(await store.models.read()) if named else {}
     out = {}
     for name, need in asking.items():
         why = unschedulable(daemons, need, models)

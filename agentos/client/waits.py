@@ -33,7 +33,7 @@ async def pending(name: str | None, *, store: Store) -> list[WaitRecord]:
     """Parked waits (of one agent, or of the fleet), oldest first."""
     if name is not None:
         await require_agent(name, store=store)
-    waits = await store.pending_waits([name] if name is not None else None)
+    waits = await store.waits.pending([name] if name is not None else None)
     return sorted(waits, key=lambda w: (w.since, w.agent))
 
 
@@ -59,7 +59,7 @@ async def answer(
     if len(reason) > MAX_REASON_CHARS:
         raise AnswerRejected("invalid", f"a reason has at most {MAX_REASON_CHARS} characters")
     await require_agent(name, store=store)
-    wait = await store.wait_get(name)
+    wait = await store.waits.get(name)
     try:
         value = validate_answer(wait, task_id, yes=yes, no=no, choice=choice, text=text)
     except AnswerError as e:
@@ -74,7 +74,7 @@ async def answer(
     resolution = Resolution("answered", value, by, at, wait.kind.value, reason)
     answer_id = new_op_id()  # one id for every retry: applied once
     result = await retry(
-        lambda: store.wait_answer(wait, resolution, answer_id=answer_id, now=at),
+        lambda: store.waits.answer(wait, resolution, answer_id=answer_id, now=at),
         what=f"answer {name}/{task_id}",
         max_delay_s=0.5,
         attempts=3,
@@ -87,8 +87,8 @@ async def answer(
         raise AnswerRejected(
             "not_waiting", f"task {task_id} asked again meanwhile; look at `agentos pending`"
         )
-    await store.signal("due", name)
-    await store.record_fleet_event(
+    await store.signals.send("due", name)
+    await store.events.record_fleet_event(
         name,
         "Answered",
         wait.kind.value,
@@ -114,28 +114,28 @@ async def cancel_task(name: str, task_id: str, *, store: Store, by: str, reason:
     if len(reason) > MAX_REASON_CHARS:
         raise AnswerRejected("invalid", f"a reason has at most {MAX_REASON_CHARS} characters")
     await require_agent(name, store=store)
-    record = await store.task(name, task_id)
+    record = await store.tasks.get(name, task_id)
     status = record.get("status", "")  # none yet: a message no daemon has read
     if status in DONE:
         raise TaskOver(name, task_id, status)
     if status in ("waiting", "parked"):
-        wait = await store.wait_get(name)
+        wait = await store.waits.get(name)
         if wait is not None and wait.task_id == task_id:
             at = time.time()
             resolution = Resolution("cancelled", None, by, at, wait.kind.value, reason)
-            done = await store.wait_answer(wait, resolution, answer_id=new_op_id(), now=at)
+            done = await store.waits.answer(wait, resolution, answer_id=new_op_id(), now=at)
             if done == 1:
-                await store.signal("due", name)
+                await store.signals.send("due", name)
                 return "waiting"
-    where = await store.drop_message(name, task_id, by=by, cancel=True)
+    where = await store.poison.drop(name, task_id, by=by, cancel=True)
     if where is not None:  # the owner, if it runs the task now, cuts it short
         return "running" if status == "running" else where
     if not record:
         raise NotFound(f'agent "{name}" has no task {task_id}')
     # Running (or a timer's task, queued in its runner): its daemon cuts it short;
     # noted on the record too, so a daemon that takes the agent over ends it.
-    await store.mark_cancel(name, task_id, by)
-    await store.signal("cancel", name, task=task_id, by=by)
+    await store.tasks.mark_cancel(name, task_id, by)
+    await store.signals.send("cancel", name, task=task_id, by=by)
     return "running"
 
 
@@ -157,7 +157,7 @@ async def send_event(
     event_id = new_op_id()
     try:
         answered = await retry(
-            lambda: store.wait_event(name, event, resolution, now=at, event_id=event_id),
+            lambda: store.waits.event(name, event, resolution, now=at, event_id=event_id),
             what=f"event {name}/{event}",
             max_delay_s=0.5,
             attempts=3,
@@ -165,5 +165,5 @@ async def send_event(
     except _StoreEventsFull as e:
         raise EventsFull(e.name, e.event, e.what, e.limit) from None
     if answered:
-        await store.signal("due", name)
+        await store.signals.send("due", name)
     return answered

@@ -156,7 +156,7 @@ class Daemon:
         from agentos.tools.mcp import ToolServerPool
 
         self.tool_servers = tool_servers = ToolServerPool(
-            store.toolservers,
+            store.specs.toolservers,
             idle_s=settings.tool_server_idle_s,
             # A tool call carries its task's trace context (``_meta``, HTTP headers).
             trace_headers=telemetry.trace_headers if telemetry.enabled else None,
@@ -188,7 +188,7 @@ class Daemon:
         # Isolation: this process's nonce (two daemons with one id are refused), the
         # thread that renews our leases and heartbeat, the loop's watchdog.
         self.instance = uuid.uuid4().hex
-        self.keeper = keeper = store.lease_keeper(
+        self.keeper = keeper = store.leases.keeper(
             daemon_id,
             instance=self.instance,
             ttl_ms=int(settings.lease_ttl_s * 1000),
@@ -355,13 +355,13 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.keeper.stop)
         try:
-            if not await self.store.still_held(self.id):
-                await self.store.leave_holders(self.id)
+            if not await self.store.waits.still_held(self.id):
+                await self.store.waits.leave_holders(self.id)
         except StoreError as e:
             log.warning("could not leave the holders: %s", e)
         await self.models.aclose()
         try:
-            await self.store.forget_daemon(self.id)
+            await self.store.heartbeats.forget(self.id)
         except StoreError as e:
             log.warning("could not remove the daemon's heartbeat: %s", e)
         log.info("daemon %s stopped", self.id)
@@ -379,7 +379,7 @@ class Daemon:
                     control.start_soon(self.faults.guarded, what, loop)
 
                 guard("handover", self.heartbeat.handover_loop)
-                for group in self.store.signal_groups():
+                for group in self.store.signals.groups():
                     guard("signals", functools.partial(self._signals_loop, group))
                 guard("reconcile", functools.partial(self.reconciler.run, until_idle))
                 guard("status flush", self.flusher.run)

@@ -127,7 +127,7 @@ class Faults:
         if self.down_since is not None:
             since, until = self.down_since, max(self.down_last, self.down_since)
             self.down_since = None
-            await self.store.record_fleet_event(
+            await self.store.events.record_fleet_event(
                 "",
                 "RedisUnavailable",
                 "unreachable",
@@ -139,7 +139,7 @@ class Faults:
         if self.full_since is None:
             return
         since, until = self.full_since, max(self.full_last, self.full_since)
-        await self.store.record_fleet_event(
+        await self.store.events.record_fleet_event(
             "",
             "RedisFull",
             "maxmemory",

@@ -107,7 +107,7 @@ class Flusher:
                 # one applied before is recognised by its op id.
                 updates = flush.updates
                 for k in range(0, len(updates), 1000):
-                    await self.store.fenced_status_batch(updates[k : k + 1000])
+                    await self.store.writes.fenced_status_batch(updates[k : k + 1000])
                 flush.updates = []
             if flush.seconds:
                 await self.governor.charge_seconds(flush.seconds, op_id=flush.seconds_op)

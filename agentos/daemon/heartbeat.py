@@ -112,7 +112,7 @@ class Heartbeat:
         first: object = None
         while True:
             try:
-                if await self.store.heartbeat(
+                if await self.store.heartbeats.beat(
                     self.id,
                     self.info(),
                     forget_after_s=self.settings.daemon_forget_after_s,
@@ -120,7 +120,7 @@ class Heartbeat:
                     fresh_s=fresh_s,
                 ):
                     return
-                other = (await self.store.daemons()).get(self.id, {})
+                other = (await self.store.heartbeats.daemons()).get(self.id, {})
             except StoreError as e:  # Redis away at the start: wait for it, like every loop
                 self.faults.store_failed("daemon id", e, 1.0)
                 await anyio.sleep(1.0)
@@ -143,14 +143,14 @@ class Heartbeat:
         try:
             if cmd != "released":
                 self.publish_held()  # the keeper's next heartbeat says the same
-                await self.store.heartbeat(
+                await self.store.heartbeats.beat(
                     self.id,
                     self.info(),
                     forget_after_s=self.settings.daemon_forget_after_s,
                     instance=self.instance,
                     fresh_s=self.settings.lease_ttl_s,
                 )
-            await self.store.signal(cmd, "", daemon=self.id)
+            await self.store.signals.send(cmd, "", daemon=self.id)
         except StoreError as e:
             self.faults.store_failed(f"{cmd} signal", e)
 
@@ -173,6 +173,8 @@ class Heartbeat:
         )
         log.info("%s", message)
         try:
-            await self.store.record_fleet_event("", "Rebalancing", "fair share", message, self.id)
+            await self.store.events.record_fleet_event(
+                "", "Rebalancing", "fair share", message, self.id
+            )
         except StoreError as e:
             self.faults.store_failed("rebalance event", e)

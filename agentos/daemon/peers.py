@@ -53,10 +53,10 @@ class Peers:
         """Count the live daemons and their agents (the fair share), activate again the
         agents of daemons that died, and purge what deleted agents left behind."""
         await self._purge_deleted()
-        heartbeats = await self.store.daemons()
+        heartbeats = await self.store.heartbeats.daemons()
         # Heartbeats are stamped with the Redis server's clock: compared with the same
         # clock, another host's (or ours) may be off by any amount.
-        server_now = await self.store.server_time()
+        server_now = await self.store.heartbeats.server_time()
         fresh_s = self.settings.lease_ttl_s
         peers = live_daemons(heartbeats, server_now, me=self.id, fresh_s=fresh_s)
         if peers != self.count:  # the share changed: room for due agents, maybe
@@ -74,32 +74,34 @@ class Peers:
                 self.live.add(daemon_id)
         # What the others hold now (their held sets), not as of their last heartbeat.
         others = sorted(self.live - {self.id})
-        self.fleet_active = sum((await self.store.held_counts(others)).values())
+        self.fleet_active = sum((await self.store.waits.held_counts(others)).values())
         # Not seen for a lease: gone. Its leases may outlive its last heartbeat a little;
         # a claim that finds one still held makes the agent due when it expires.
-        for daemon_id in await self.store.holders() - self.live:
-            names = await self.store.recover_held(daemon_id, now=now)
+        for daemon_id in await self.store.waits.holders() - self.live:
+            names = await self.store.waits.recover_held(daemon_id, now=now)
             if names:
                 message = (
                     f"daemon {daemon_id} is gone (no heartbeat for {fresh_s:.0f}s); "
                     f"{len(names)} agent(s) it held are due again"
                 )
                 log.warning("%s", message)
-                await self.store.record_fleet_event("", "DaemonLost", daemon_id, message, self.id)
+                await self.store.events.record_fleet_event(
+                    "", "DaemonLost", daemon_id, message, self.id
+                )
                 self.activator.nudge()
 
     async def _purge_deleted(self) -> None:
         """Remove the keys of deleted agents whose daemon died before it could."""
         pending = [
             n
-            for n in await self.store.pending_purges()
+            for n in await self.store.specs.pending_purges()
             if n not in self.state.desired and n not in self.state.runners
         ]
         if pending:
-            held = await self.store.leases(pending)
+            held = await self.store.leases.read(pending)
             for name in pending:
                 if name not in held:
-                    await self.store.purge_agent(name)
+                    await self.store.specs.purge_agent(name)
 
     def share(self, agents: int) -> int | None:
         if self.settings.max_agents is None and self.count <= 1:
@@ -126,7 +128,7 @@ class Peers:
         if cap is None and self.count <= 1:
             return Room(total, total)
         others = sorted(self.live - {self.id})
-        self.fleet_active = sum((await self.store.held_counts(others)).values())
+        self.fleet_active = sum((await self.store.waits.held_counts(others)).values())
         limit = self.share(self.fleet_active + len(self.state.runners) + due)
         if limit is None:
             return Room(total, total)

@@ -107,17 +107,17 @@ class Reconciler:
         if self.state.stop.is_set():  # stopping: nothing to start, the runners stop themselves
             return
         if not self._layout_checked:
-            upgraded = await self.store.upgrade_layout()
+            upgraded = await self.store.specs.upgrade_layout()
             if upgraded:
                 log.info("upgraded the fleet's key layout (%d agents)", upgraded)
                 self.activator.nudge()
             self._layout_checked = True
         # Only the agents held here are reconciled (with none there is nothing to read).
-        generation = await self.store.generation() if self.state.runners else self._generation
+        generation = await self.store.specs.generation() if self.state.runners else self._generation
         if generation != self._generation:
             # Only the agents held here: the rest of the fleet is the due index's business.
             names = list(self.state.runners)
-            fresh = await self.store.index_of(names)
+            fresh = await self.store.specs.index_of(names)
             for name in names:
                 if name in fresh:
                     self.state.desired[name] = Desired(name, *fresh[name])

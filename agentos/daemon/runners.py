@@ -87,10 +87,12 @@ class Supervisor:
                 # as it starts would be a hot loop).
                 at = self.clock() + backoff_delay(errors, *RUNNER_ERROR_BACKOFF)
                 await self.faults.until_done(
-                    lambda: self.store.release_lease(name, runner.lease_value), "release"
+                    lambda: self.store.leases.release(name, runner.lease_value), "release"
                 )
                 await self.faults.until_done(
-                    lambda: self.store.due_release(name, self.id, at, now=self.clock(), look=False),
+                    lambda: self.store.waits.due_release(
+                        name, self.id, at, now=self.clock(), look=False
+                    ),
                     "release",
                 )
             elif runner.stop_reason is StopReason.LEASE_LOST:
@@ -120,7 +122,7 @@ class Supervisor:
 
     async def _fleet_event(self, agent: str, type_: str, reason: str, message: str) -> None:
         try:
-            await self.store.record_fleet_event(agent, type_, reason, message, self.id)
+            await self.store.events.record_fleet_event(agent, type_, reason, message, self.id)
         except StoreError as e:
             self.faults.store_failed(f"{type_} event", e)
 
@@ -129,7 +131,7 @@ class Supervisor:
         if runner.lost_why:
             return runner.lost_why
         try:
-            info = (await self.store.leases([runner.name])).get(runner.name)
+            info = (await self.store.leases.read([runner.name])).get(runner.name)
         except StoreError:
             return "it is no longer ours"
         if info is None:
@@ -151,10 +153,14 @@ class Supervisor:
         log.warning("%s: %s", name, message)
         with anyio.CancelScope(shield=True):
             try:
-                await self.store.record_agent_event(name, "LeaseLost", "lease", message, self.id)
+                await self.store.events.record_agent_event(
+                    name, "LeaseLost", "lease", message, self.id
+                )
             except StoreError as e:
                 self.faults.store_failed("LeaseLost event", e)
         await self.faults.until_done(
-            lambda: self.store.due_now([name], now=self.clock()), "release"
+            lambda: self.store.waits.due_now([name], now=self.clock()), "release"
         )
-        await self.faults.until_done(lambda: self.store.held_remove(self.id, [name]), "release")
+        await self.faults.until_done(
+            lambda: self.store.waits.held_remove(self.id, [name]), "release"
+        )

@@ -44,8 +44,8 @@ async def read_signals(
     while True:
         try:
             if last is None:
-                last = await store.last_signal_id(group)
-            batch = await store.read_signals(last, block_ms=1000, group=group)
+                last = await store.signals.last_id(group)
+            batch = await store.signals.read(last, block_ms=1000, group=group)
             delay = 0.1
         except StoreError as e:
             faults.store_failed("signals", e, delay)

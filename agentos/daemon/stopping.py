@@ -107,7 +107,7 @@ class Stopper:
             reason, message = "operator", f"restarted after {waited:.1f}s"
         log.info("%s: %s", name, message)
         try:
-            await self.store.record_agent_event(
+            await self.store.events.record_agent_event(
                 name, "Restarted", reason, f"{message} (daemon {self.id})", self.id
             )
         except StoreError as e:
@@ -134,7 +134,7 @@ class Stopper:
                 await anyio.sleep(delay)
         if name not in self.state.runners:
             await self.faults.until_done(
-                lambda: self.store.due_now([name], now=self.clock()), "release"
+                lambda: self.store.waits.due_now([name], now=self.clock()), "release"
             )
 
     async def stop_all(self, reason: StopReason) -> None:

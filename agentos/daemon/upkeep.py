@@ -92,7 +92,7 @@ class Upkeep:
                         runner.quota_changed()
                 await self.governor.renew()
                 held = sum(1 for name in self.state.runners if self.engine.has_session(name))
-                await self.store.quota_report(
+                await self.store.quotas.report(
                     self.id,
                     self.governor.sample(slots_held=held, slots_total=self.engine.slots),
                 )
@@ -126,11 +126,11 @@ class Upkeep:
             # Once per keeper pass (every other pass of this loop): is our listing intact?
             if passes % 2 == 0:
                 try:
-                    if held and not await self.store.is_holder(self.id):
+                    if held and not await self.store.waits.is_holder(self.id):
                         # Taken for dead (a heartbeat that did not get through for too
                         # long) and recovered by another daemon: list what we hold again.
                         log.warning("listed as gone by another daemon; listing our agents again")
-                        await self.store.held_add(self.id, list(held))
+                        await self.store.waits.held_add(self.id, list(held))
                     await self.faults.store_recovered()
                 except StoreError as e:
                     self.faults.store_failed("lease check", e)
@@ -173,7 +173,7 @@ class Upkeep:
         """Nudge the runners whose inbox holds anything: one read of every inbox's
         length, not one inbox read per agent (10,000 idle agents cost 10 pipelines)."""
         try:
-            lengths = await self.store.inbox_lengths(list(self.state.runners))
+            lengths = await self.store.inbox.lengths(list(self.state.runners))
         except StoreError as e:
             self.faults.store_failed("inbox sweep", e)
             return
@@ -190,7 +190,7 @@ class Upkeep:
             if not names:
                 continue
             try:
-                await self.store.trim_tasks_many(
+                await self.store.tasks.trim_many(
                     names,
                     keep=self.settings.task_retention_count,
                     max_age_s=self.settings.task_retention_s,

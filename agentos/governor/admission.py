@@ -184,9 +184,9 @@ class Governor:
 
         Returns the classes whose limits changed (their parked tasks may be admitted now).
         """
-        effective = await self.store.quota_effective()
+        effective = await self.store.quotas.effective()
         if effective is None:
-            effective = base_quotas(stored_policies(await self.store.policies()))
+            effective = base_quotas(stored_policies(await self.store.specs.policies()))
         changed = (
             {
                 c
@@ -322,7 +322,7 @@ class Governor:
             if queued:
                 # Without Redis the queue entry expires on its own.
                 with anyio.CancelScope(shield=True), contextlib.suppress(StoreError):
-                    await self.store.quota_unqueue(
+                    await self.store.quotas.unqueue(
                         quota_class=quota.name, agent=agent, call=call_id
                     )
 
@@ -347,7 +347,7 @@ class Governor:
                 await anyio.lowlevel.checkpoint()  # let this tick's other callers join
                 del self._open[key]
                 order = sorted(range(len(batch.requests)), key=lambda i: batch.requests[i].score)
-                replies = await self.store.quota_admit_many(
+                replies = await self.store.quotas.admit_many(
                     quota_class=quota.name,
                     limits=quota.limits,
                     day=day,
@@ -385,14 +385,14 @@ class Governor:
         """Extend the concurrency leases of this daemon's running calls (call it more
         often than ``slot_lease_s``; the daemon does, every second)."""
         if self.in_flight:
-            await self.store.quota_renew(list(self.in_flight.items()), lease_s=self.slot_lease_s)
+            await self.store.quotas.renew(list(self.in_flight.items()), lease_s=self.slot_lease_s)
 
     async def _settle(
         self, quota: ClassQuota, agent: str, call_id: str, estimate: int, actual: int
     ) -> None:
         now = self.clock()
         try:
-            await self.store.quota_settle(
+            await self.store.quotas.settle(
                 quota_class=quota.name,
                 agent=agent,
                 call=call_id,
@@ -436,4 +436,4 @@ class Governor:
             q = self.quota_of(quota_class)
             if q is not None and s > 0:
                 charges.append((quota_class, agent, day_window(q.timezone, now)[0], s))
-        await self.store.quota_charge_seconds(charges, op_id=op_id)
+        await self.store.quotas.charge_seconds(charges, op_id=op_id)

@@ -31,10 +31,12 @@ async def warn_budgets(
     if not limits:
         return []
     days = {n: day_window(quotas[n].timezone, now)[0] for n in limits}
-    used = await store.quota_budget_used(days)
+    used = await store.quotas.budget_used(days)
     fired = []
     for w in budget_warnings(limits, {n: (float(t), s) for n, (t, s) in used.items()}, days):
-        if await store.budget_warn_once(w.quota_class, w.day, w.limit):
-            await store.record_fleet_event("", "BudgetWarning", w.quota_class, w.message(), by)
+        if await store.quotas.budget_warn_once(w.quota_class, w.day, w.limit):
+            await store.events.record_fleet_event(
+                "", "BudgetWarning", w.quota_class, w.message(), by
+            )
             fired.append(w)
     return fired

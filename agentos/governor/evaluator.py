@@ -45,12 +45,12 @@ async def fleet_snapshot(
     store: Store, quotas: Mapping[str, ClassQuota], *, max_age_s: float, now: float
 ) -> dict[str, float]:
     """The fleet metrics now: every daemon's fresh samples plus the budget burn rate."""
-    reports = await store.quota_reports(max_age_s=max_age_s)
+    reports = await store.quotas.reports(max_age_s=max_age_s)
     budgets = {n: q for n, q in quotas.items() if q.limits.daily_tokens}
     burns: list[float] = []
     if budgets:
         days = {n: day_window(q.timezone, now) for n, q in budgets.items()}
-        used = await store.quota_budget_used({n: d for n, (d, _) in days.items()})
+        used = await store.quotas.budget_used({n: d for n, (d, _) in days.items()})
         for n, q in budgets.items():
             assert q.limits.daily_tokens is not None
             burns.append(burn_rate(used[n][0], q.limits.daily_tokens, days[n][1]))
@@ -89,7 +89,7 @@ class Evaluator:
         try:
             while True:
                 try:
-                    self.lease = await self.store.quota_evaluator_lease(
+                    self.lease = await self.store.quotas.evaluator_lease(
                         self.daemon_id, int(self.lease_ttl_s * 1000)
                     )
                     if self.lease is not None:
@@ -108,7 +108,7 @@ class Evaluator:
                     anyio.move_on_after(2),
                     contextlib.suppress(StoreError),
                 ):
-                    await self.store.quota_evaluator_release(self.lease)
+                    await self.store.quotas.evaluator_release(self.lease)
 
     async def step(self) -> Evaluation:
         """One evaluation: read, decide (pure), write (fenced by the evaluator lease,
@@ -116,14 +116,14 @@ class Evaluator:
         if self.lease is None:
             raise RuntimeError("Evaluator.step needs the evaluator lease")
         now = self.clock()
-        policies = stored_policies(await self.store.policies())
-        memory, _ = await self.store.quota_state()
-        previous = await self.store.quota_effective() or {}
+        policies = stored_policies(await self.store.specs.policies())
+        memory, _ = await self.store.quotas.state()
+        previous = await self.store.quotas.effective() or {}
         metrics = await fleet_snapshot(
             self.store, previous, max_age_s=max(3 * self.period_s, 5.0), now=now
         )
         result = evaluate(policies, metrics, now, memory)
-        published = await self.store.quota_publish(
+        published = await self.store.quotas.publish(
             lease_value=self.lease,
             quotas=result.quotas,
             memory=result.memory,

@@ -79,9 +79,9 @@ class _Names:
 
     async def after(self, cursor: str) -> list[str]:
         async with self._lock:
-            generation = await self._client.store.generation()
+            generation = await self._client.store.specs.generation()
             if generation != self._generation:
-                self._names = sorted(await self._client.store.desired_index())
+                self._names = sorted(await self._client.store.specs.desired_index())
                 self._generation = generation
             names = self._names
         return names[bisect.bisect_right(names, cursor) :] if cursor else names
@@ -128,7 +128,7 @@ class Endpoints:
     async def send(self, request: Request) -> Response:
         client = self.client
         name = request.path_params["name"]
-        spec = await client.store.agent_spec(name)
+        spec = await client.store.specs.agent(name)
         if spec is None:
             raise NotFound(f'agent "{name}" not found')
         limit = _inbox_limit(spec)
@@ -173,7 +173,7 @@ class Endpoints:
         last = None  # the last agent this page covers
         for i in range(0, len(scanned), 500):
             batch = scanned[i : i + 500]
-            waits = sorted(await self.client.store.pending_waits(batch), key=lambda w: w.agent)
+            waits = sorted(await self.client.store.waits.pending(batch), key=lambda w: w.agent)
             found += waits[: limit - len(found)]
             last = found[-1].agent if len(found) == limit else batch[-1]
             if len(found) == limit:

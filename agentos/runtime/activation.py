@@ -121,7 +121,7 @@ class Activator:
     async def pass_once(self) -> list[str]:
         """Read the index and start the due agents this daemon has room for; returns them."""
         now = self.clock()
-        due = await self.store.due_head(now=now)
+        due = await self.store.waits.due_head(now=now)
         self.loaded = True
         placer = self.placer
         looked = placer is not None and placer.rejects
@@ -141,16 +141,16 @@ class Activator:
             # Held here already (a message sent while we took it, a respec): the runner
             # looks at its inbox; the entry goes unless a wait is parked for the agent.
             held.nudge("message")
-            await self.store.wait_clear(name, "")
+            await self.store.waits.clear(name, "")
             self.due.pop(name, None)
         self.backlog = len(candidates)
         self.full = False
         if not candidates:
             return []
-        index = await self.store.index_of(candidates)
+        index = await self.store.specs.index_of(candidates)
         for name in candidates:
             if name not in index:  # deleted: its wait and due entry go
-                await self.store.purge_waits(name)
+                await self.store.waits.purge(name)
                 self.due.pop(name, None)
         live = [n for n in candidates if n in index]
         judged = Judged(live)
@@ -173,7 +173,7 @@ class Activator:
             # next poll; not at once: that would read the index in a loop.
             self.full = True
             return []
-        claimed: list[str] = await self.store.due_claim(live, now=now, claim_s=self.claim_s)
+        claimed: list[str] = await self.store.waits.due_claim(live, now=now, claim_s=self.claim_s)
         if not claimed:
             return []
         for name in claimed:
@@ -194,12 +194,12 @@ class Activator:
             return 0
         now = self.clock()
         released = 0
-        for w in await self.store.pending_waits():
+        for w in await self.store.waits.pending():
             if w.kind is not WaitKind.BUDGET or w.quota_class not in classes or w.answer:
                 continue
             # One answer id per park: daemons that all see the change release it once.
             resolution = Resolution("released", None, "policy", now)
-            done = await self.store.wait_answer(
+            done = await self.store.waits.answer(
                 w, resolution, answer_id=f"policy:{w.park_id}", now=now
             )
             released += done == 1

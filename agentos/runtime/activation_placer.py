@@ -75,10 +75,10 @@ class Placer:
         """Read the fleet's generation (unless given); when it moved, read the Models
         again and forget which agents may not be hosted here. True when it moved."""
         if generation is None:
-            generation = await self.store.generation()
+            generation = await self.store.specs.generation()
         if generation == self._generation:
             return False
-        self.models = model_resources(await self.store.models())
+        self.models = model_resources(await self.store.models.read())
         self._generation = generation
         self._rejected.clear()
         return True
@@ -120,7 +120,7 @@ class Placer:
         unknown = [n for n, h in index.items() if n not in self._needs or self._needs[n][0] != h]
         resources: dict[str, AgentResource] = {}
         if unknown:
-            bodies = await self.store.agent_specs_of(unknown)
+            bodies = await self.store.specs.agents_of(unknown)
             for name in unknown:
                 resource = _agent(bodies.get(name))
                 if resource is not None:

@@ -180,8 +180,8 @@ class Starter:
     async def _let_go(self, name: str, lease_value: str) -> None:
         """Release an agent just taken and make it due at once, for whoever has room."""
         with contextlib.suppress(StoreError):
-            await self.store.release_lease(name, lease_value)
-            await self.store.due_release(name, self.id, self.clock(), now=self.clock())
+            await self.store.leases.release(name, lease_value)
+            await self.store.waits.due_release(name, self.id, self.clock(), now=self.clock())
 
     async def _start_chunk(
         self,
@@ -193,7 +193,7 @@ class Starter:
         """Start one batch of :meth:`start_many`: name -> spec hash."""
         for name in chunk:
             self.opening.setdefault(name, set())
-        tokens = await self.store.acquire_leases(list(chunk), self.id, ttl_ms)
+        tokens = await self.store.leases.acquire_many(list(chunk), self.id, ttl_ms)
         # Started meanwhile by another pass (the same daemon gets the same lease
         # back): one runner per agent.
         won = [n for n, t in tokens.items() if t and n not in self._running]
@@ -219,11 +219,11 @@ class Starter:
         """The rest of :meth:`_start_chunk` once the leases were asked for: ``won``, the
         agents whose leases we got."""
         # Held before the claim goes: if we die now, our held set brings the agent back.
-        await self.store.held_add(self.id, won)
+        await self.store.waits.held_add(self.id, won)
         await self._settle_claims(tokens, claims)
         resources = await self._resolve(tokens, won, read)
         try:
-            opened = await self.store.open_agents(list(resources), self.id)
+            opened = await self.store.takeover.open_agents(list(resources), self.id)
         except StoreError as e:  # each runner reads its own, with retries
             log.warning("could not read %d agents in one batch: %s", len(resources), e)
             opened = {}
@@ -261,22 +261,22 @@ class Starter:
         if taken and claims:
             # Held by a live daemon (it makes the agent due when it lets go): the claim
             # goes. By a dead one: due again the moment that lease expires.
-            owners = await self.store.leases(taken)
+            owners = await self.store.leases.read(taken)
             live = self._live()
             alive = {n for n in taken if n in owners and owners[n].owner in live}
             drop |= {n: claims[n] for n in alive if n in claims}
             now = self.clock()
-            await self.store.due_defer(
+            await self.store.waits.due_defer(
                 {n: now + o.ttl_ms / 1000 + 0.05 for n, o in owners.items() if n not in alive}
             )
-        await self.store.due_unclaim(drop)
+        await self.store.waits.due_unclaim(drop)
 
     async def _resolve(
         self, tokens: dict[str, int], won: list[str], read: dict[str, AgentResource]
     ) -> dict[str, tuple[AgentResource, ModelEntry]]:
         """The spec and model of each agent of ``won`` that may start here; the others
         are let go of (not hostable here, deleted, or their model cannot serve)."""
-        bodies = await self.store.agent_specs_of([n for n in won if n not in read])
+        bodies = await self.store.specs.agents_of([n for n in won if n not in read])
         if won and not self.placer.loaded:
             # Read once; a later change of a Model is the reconcile's (it lets go of
             # what this daemon may no longer host).
@@ -290,14 +290,14 @@ class Starter:
                 continue
             model = await self._model_of(name, resource)
             if resource is None or model is None:
-                await self.store.release_lease(name, f"{self.id}|{tokens[name]}")
+                await self.store.leases.release(name, f"{self.id}|{tokens[name]}")
                 if resource is not None:  # its model cannot serve: try again in a while
                     retry_at = self.clock() + self.settings.lease_ttl_s
-                    await self.store.due_release(
+                    await self.store.waits.due_release(
                         name, self.id, retry_at, now=self.clock(), look=False
                     )
                 else:
-                    await self.store.held_remove(self.id, [name])
+                    await self.store.waits.held_remove(self.id, [name])
             else:
                 resources[name] = (resource, model)
         return resources
@@ -309,10 +309,10 @@ class Starter:
         self.placer.reject(name)
         self._desired.pop(name, None)
         await self.faults.until_done(
-            lambda: self.store.release_lease(name, f"{self.id}|{token}"), "release"
+            lambda: self.store.leases.release(name, f"{self.id}|{token}"), "release"
         )
         await self.faults.until_done(
-            lambda: self.store.due_release(name, self.id, self.clock(), now=self.clock()),
+            lambda: self.store.waits.due_release(name, self.id, self.clock(), now=self.clock()),
             "release",
         )
         labels = format_labels(self.settings.labels) or "no labels"
@@ -322,7 +322,9 @@ class Starter:
         )
         log.info("%s: %s", clean(name), message)
         try:
-            await self.store.record_agent_event(name, "Unhostable", "placement", message, self.id)
+            await self.store.events.record_agent_event(
+                name, "Unhostable", "placement", message, self.id
+            )
         except StoreError as e:
             self.faults.store_failed("Unhostable event", e)
 
@@ -343,7 +345,7 @@ class Starter:
             if not getattr(e, "repeated", False):
                 log.error("%s: model %s cannot serve: %s", name, resource.spec.route_key, e)
                 with contextlib.suppress(StoreError):
-                    await self.store.record_fleet_event(
+                    await self.store.events.record_fleet_event(
                         name,
                         "ModelUnavailable",
                         resource.spec.route_key,

@@ -130,7 +130,7 @@ class LogShipper:
         if not batch:
             return
         try:
-            await self.store.append_logs(batch)
+            await self.store.logs.append(batch)
         except StoreError as e:
             if not self._failing:  # one warning per outage, not one per batch
                 log.warning("agent logs not stored (Redis: %s); lines are dropped", e)

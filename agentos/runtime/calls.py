@@ -138,7 +138,7 @@ async def send(runner: AgentRunner, agent: str, body: str) -> str:
     send_id = new_op_id()
     try:
         return await runner.writer.call(
-            lambda: runner.store.send(
+            lambda: runner.store.inbox.send(
                 agent, body, send_id=send_id, check_limit=DEFAULT_MAX_MESSAGE_BYTES
             ),
             "send",

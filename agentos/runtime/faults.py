@@ -255,7 +255,7 @@ async def _dead_letter(runner: AgentRunner, task: Task, attempts: int, error: st
     message_id = task.message.id
     await runner.writer.flush()  # a deferred close of the previous task goes first
     moved = await runner.writer.call(
-        lambda: runner.store.dead_letter(
+        lambda: runner.store.poison.dead_letter(
             runner.name,
             runner.lease_value,
             message_id,

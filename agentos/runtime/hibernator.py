@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from agentos.core.hibernation import CostMeter, decide_keep_kv, plan_wake
 from agentos.engine.base import Engine, EngineError
+from agentos.runtime import kvsnapshots
 from agentos.runtime.writer import LeaseLost, Writer
 
 __all__ = ["Hibernator", "Restored", "Saved"]
@@ -65,8 +66,13 @@ class Hibernator:
             prefill_tps=self.meter.prefill_tps,
         )
         saved = await writer.call(
-            lambda: writer.store.save_snapshot(
-                name, writer.lease_value, snapshot, keep_kv=decision.keep, reason=decision.reason
+            lambda: kvsnapshots.save_snapshot(
+                writer.store.snapshots,
+                name,
+                writer.lease_value,
+                snapshot,
+                keep_kv=decision.keep,
+                reason=decision.reason,
             ),
             "save snapshot",
         )
@@ -93,7 +99,9 @@ class Hibernator:
         for a missing or unusable snapshot; the result says which path was taken."""
         name = writer.name
         started = time.perf_counter()
-        loaded = await writer.call(lambda: writer.store.load_snapshot(name), "load snapshot")
+        loaded = await writer.call(
+            lambda: kvsnapshots.load_snapshot(writer.store.snapshots, name), "load snapshot"
+        )
         snapshot = loaded.snapshot
         plan = plan_wake(
             has_kv=snapshot is not None and snapshot.data is not None,

@@ -28,7 +28,7 @@ async def collect(runner: AgentRunner) -> None:
     if "message" in cmds:
         cmds.discard("message")
         new = await runner.writer.call(
-            lambda: runner.store.read_inbox(
+            lambda: runner.store.inbox.read(
                 runner.name, runner.daemon_id, count=_INBOX_BATCH, lease=runner.lease_value
             ),
             "read inbox",

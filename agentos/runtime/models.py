@@ -138,7 +138,7 @@ class ModelPool:
             if found is not None:
                 return found
             try:
-                body = (await self.store.models()).get(name)
+                body = (await self.store.models.read()).get(name)
             except StoreError as e:
                 raise ModelUnavailable(f"cannot read Model {name}: {e}", repeated=False) from e
             made = await self._new_entry(name, body)
@@ -210,7 +210,7 @@ class ModelPool:
             )
         route = spec.route
         try:
-            bodies = await self.store.models()
+            bodies = await self.store.models.read()
         except StoreError as e:
             raise ModelUnavailable(f"cannot read the route's Models: {e}", repeated=False) from e
         self._bodies, self._bodies_at = bodies, self._monotonic()
@@ -322,7 +322,7 @@ class ModelPool:
             found.told.add(agent)
             why = served.condition.reason if served.condition else "its engine did not start"
             try:
-                await self.store.record_fleet_event(
+                await self.store.events.record_fleet_event(
                     agent, "ModelUnavailable", model, f"{why}; its calls park", self.daemon_id
                 )
             except StoreError as e:
@@ -365,7 +365,7 @@ class ModelPool:
         now = self._monotonic()
         if now - self._bodies_at >= _CHECK_S:
             try:
-                self._bodies = await self.store.models()
+                self._bodies = await self.store.models.read()
             except StoreError as e:
                 log.warning("could not read the stored Models: %s", e)
                 return None
@@ -376,7 +376,7 @@ class ModelPool:
         assert found.served is not None
         async with self._lock:
             try:
-                body = (await self.store.models()).get(found.name)
+                body = (await self.store.models.read()).get(found.name)
             except StoreError as e:
                 log.warning("model %s: cannot read its Model to rebuild it: %s", found.name, e)
                 return

@@ -67,11 +67,11 @@ class StoreThrottleBoard:
 
     async def throttled_until(self, model: str) -> float:
         """Until when ``model`` is throttled (epoch seconds, 0: not)."""
-        return await self.store.model_throttled_until(model)
+        return await self.store.models.throttled_until(model)
 
     async def throttle(self, model: str, until: float) -> None:
         """Record the throttle for every daemon."""
-        await self.store.model_throttle(model, until)
+        await self.store.models.throttle(model, until)
 
 
 @dataclass(slots=True)

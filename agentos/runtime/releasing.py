@@ -134,7 +134,7 @@ async def _into_index(runner: AgentRunner, at: float, *, look: bool = True) -> N
     for the daemon's held set to be recovered."""
     await _until_done(
         runner,
-        lambda: runner.store.due_release(
+        lambda: runner.store.waits.due_release(
             runner.name, runner.daemon_id, at, now=runner.clock(), look=look
         ),
     )
@@ -148,7 +148,7 @@ async def complete_release(runner: AgentRunner) -> None:
     due = runner.state.release_due
     if due is None:
         return
-    await _until_done(runner, lambda: runner.store.release_lease(runner.name, runner.lease_value))
+    await _until_done(runner, lambda: runner.store.leases.release(runner.name, runner.lease_value))
     await _into_index(runner, due)
 
 
@@ -232,11 +232,11 @@ async def finish(runner: AgentRunner, reason: StopReason) -> None:
     if reason is StopReason.DELETE:
         runner.session.drop()
         await runner.writer.call(
-            lambda: runner.store.release_lease(runner.name, runner.lease_value), "release"
+            lambda: runner.store.leases.release(runner.name, runner.lease_value), "release"
         )
-        await runner.writer.call(lambda: runner.store.purge_agent(runner.name), "purge")
+        await runner.writer.call(lambda: runner.store.specs.purge_agent(runner.name), "purge")
         await runner.writer.call(
-            lambda: runner.store.held_remove(runner.daemon_id, [runner.name]), "release"
+            lambda: runner.store.waits.held_remove(runner.daemon_id, [runner.name]), "release"
         )
         return
     # Hand the next owner (or the respecced runner) a KV snapshot, so it wakes

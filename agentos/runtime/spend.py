@@ -88,7 +88,7 @@ class ClassSpend:
             self._read_at = now
             try:
                 if now - self._limits_at >= _POLICIES_S:
-                    raw = await self.store.policies()
+                    raw = await self.store.specs.policies()
                     self._limits = _daily_costs(raw)
                     self.default_prices = _default_prices(raw)
                     self._limits_at = now
@@ -97,13 +97,13 @@ class ClassSpend:
                     return
                 pending, self._pending = self._pending, {}
                 try:
-                    await self.store.quota_add_cost(pending)
+                    await self.store.quotas.add_cost(pending)
                 except BaseException:  # a Redis error, a cancel: not lost, written next time
                     for key, amount in pending.items():
                         self._pending[key] = self._pending.get(key, 0.0) + amount
                     raise
                 days = {c: day_window(tz, self.clock())[0] for c, (_, tz) in self._limits.items()}
-                self._spent = await self.store.quota_cost_used(days)
+                self._spent = await self.store.quotas.cost_used(days)
             except StoreError as e:
                 log.warning("could not read or write the classes' daily cost: %s", e)
 

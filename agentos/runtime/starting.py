@@ -118,7 +118,7 @@ async def start(runner: AgentRunner) -> None:
 async def _open(runner: AgentRunner) -> AgentSnapshot:
     """What the daemon did not read for this runner: the agent, read now."""
     snapshot: AgentSnapshot = await runner.writer.call(
-        lambda: runner.store.open_agent(runner.name, runner.daemon_id), "open"
+        lambda: runner.store.takeover.open_agent(runner.name, runner.daemon_id), "open"
     )
     return snapshot
 
@@ -166,7 +166,9 @@ async def instantiate(runner: AgentRunner, raw: bytes | None = None, *, read: bo
     assert cls is not None
     assert codec is not None
     if raw is None and not read:
-        raw = await runner.writer.call(lambda: runner.store.load_state(runner.name), "load state")
+        raw = await runner.writer.call(
+            lambda: runner.store.agents.load_state(runner.name), "load state"
+        )
     try:
         state = codec.decode(raw) if raw is not None else codec.new()
     except Exception as e:

@@ -106,7 +106,7 @@ async def _run(runner: AgentRunner, task: Task) -> None:
         if must_wake(runner):
             key = m.key
             done = await runner.writer.call(
-                lambda: runner.store.idempotency_done(runner.name, key), "idempotency"
+                lambda: runner.store.tasks.idempotency_done(runner.name, key), "idempotency"
             )
             if done:
                 await runner.writer.write(

@@ -84,13 +84,13 @@ async def _send_event(runner: AgentRunner, agent: str, event: str, data: Any) ->
     resolution = Resolution("event", data, f"agent:{runner.name}", runner.clock())
     event_id = new_op_id()
     answered: bool = await runner.writer.call(
-        lambda: runner.store.wait_event(
+        lambda: runner.store.waits.event(
             agent, event, resolution, now=runner.clock(), event_id=event_id
         ),
         "send event",
     )
     if answered:
-        await runner.writer.call(lambda: runner.store.signal("due", agent), "signal")
+        await runner.writer.call(lambda: runner.store.signals.send("due", agent), "signal")
     return answered
 
 
@@ -137,7 +137,7 @@ async def _wait_durably(
     calls = list(runner.ctx._waits.made)
     taken = runner.ctx.message_taken and runner.state.unacked is None  # acked in an earlier step
     await runner.writer.call(
-        lambda: runner.store.wait_park(record, provisional_at=now + PARK_GRACE_S), "park"
+        lambda: runner.store.waits.put(record, provisional_at=now + PARK_GRACE_S), "park"
     )
     saved = await give_back_slot(runner)
     runner.state.unacked = None  # stays pending: the resumed task is the same task
@@ -192,11 +192,13 @@ async def _wait_durably(
     )
     runner._apply_released(f"task {task.id} {what}")
     try:
-        answered = await runner.writer.call(lambda: runner.store.wait_arm(record, now=now), "arm")
+        answered = await runner.writer.call(lambda: runner.store.waits.arm(record, now=now), "arm")
         if answered:
-            await runner.writer.call(lambda: runner.store.signal("due", runner.name), "signal")
+            await runner.writer.call(
+                lambda: runner.store.signals.send("due", runner.name), "signal"
+            )
         await runner.writer.call(
-            lambda: runner.store.held_remove(runner.daemon_id, [runner.name]), "release"
+            lambda: runner.store.waits.held_remove(runner.daemon_id, [runner.name]), "release"
         )
     except StoreError as e:  # the provisional due time activates it anyway
         log.warning(
@@ -214,12 +216,14 @@ async def resume_wait(runner: AgentRunner, snapshot: AgentSnapshot, *, fresh: bo
             task.resume = Resumed.from_record(prior)
     # Read with the open (after the lease was taken); again only after a re-arm.
     if fresh:
-        wait = await runner.writer.call(lambda: runner.store.wait_get(runner.name), "read wait")
+        wait = await runner.writer.call(lambda: runner.store.waits.get(runner.name), "read wait")
     else:
         wait = WaitRecord.from_fields(snapshot.wait) if snapshot.wait else None
     if wait is None:
         return True
-    record = await runner.writer.call(lambda: runner.store.task(runner.name, wait.task_id), "task")
+    record = await runner.writer.call(
+        lambda: runner.store.tasks.get(runner.name, wait.task_id), "task"
+    )
     recorded = json.loads(record.get("answers") or "[]") if record else []
     action = on_activation(
         wait,
@@ -230,20 +234,20 @@ async def resume_wait(runner: AgentRunner, snapshot: AgentSnapshot, *, fresh: bo
     if isinstance(action, Discard):
         log.info("%s: dropping a wait: %s", runner.name, action.why)
         await runner.writer.call(
-            lambda: runner.store.wait_clear(runner.name, wait.park_id), "clear"
+            lambda: runner.store.waits.clear(runner.name, wait.park_id), "clear"
         )
         return True
     if isinstance(action, Repark):
         armed = await runner.writer.call(
-            lambda: runner.store.wait_arm(wait, now=runner.clock()), "arm"
+            lambda: runner.store.waits.arm(wait, now=runner.clock()), "arm"
         )
         if armed:  # answered meanwhile after all
             return await resume_wait(runner, snapshot, fresh=True)
         await runner.writer.call(
-            lambda: runner.store.release_lease(runner.name, runner.lease_value), "release"
+            lambda: runner.store.leases.release(runner.name, runner.lease_value), "release"
         )
         await runner.writer.call(
-            lambda: runner.store.held_remove(runner.daemon_id, [runner.name]), "release"
+            lambda: runner.store.waits.held_remove(runner.daemon_id, [runner.name]), "release"
         )
         runner._apply_released(f"task {wait.task_id} still waits")
         return False
@@ -306,7 +310,7 @@ async def _resume(
             ),
         )
     )
-    await runner.writer.call(lambda: runner.store.wait_clear(runner.name, wait.park_id), "clear")
+    await runner.writer.call(lambda: runner.store.waits.clear(runner.name, wait.park_id), "clear")
     attrs: dict[str, Any] = {
         "gen_ai.agent.name": runner.name,
         "agentos.task.id": wait.task_id,

@@ -20,16 +20,12 @@ values they take and return are in :mod:`~agentos.store.records`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
 from redis import exceptions as rexc
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from agentos.store import legacy_kv, transition
 from agentos.store.agents import Agents
 from agentos.store.clusterclient import AgentosCluster
 from agentos.store.conn import Conn
@@ -124,19 +120,6 @@ __all__ = [
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-_F = TypeVar("_F")
-
-
-class _Moved(Generic[_F]):
-    """TODO(#26 sweep): an old flat name's type, for the type checker only."""
-
-    def __init__(self, get: Callable[[Store], _F]) -> None:
-        self._get = get
-
-    def __get__(self, obj: Store, owner: type[Store]) -> _F:
-        return self._get(obj)
-
-
 class Store:
     """Async access to one agentos namespace on one Redis server or one Redis Cluster:
     the shared connection, the repositories over it, and its lifecycle.
@@ -149,9 +132,6 @@ class Store:
     ) -> None:
         conn = Conn(client, keys, display_url, cluster=cluster)
         self.conn = conn
-        # TODO(#26 sweep): tests read and write through the raw client; they should
-        # use ``store.conn.r``.
-        self._r = conn.r
         self.specs = Specs(conn)
         self.writes = Writes(conn)
         self.agents = Agents(conn)
@@ -293,7 +273,7 @@ class Store:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        await self._r.aclose()
+        await self.conn.r.aclose()
 
     async def __aenter__(self) -> Store:
         return self
@@ -310,10 +290,10 @@ class Store:
         """Calls per command since the server started (``INFO commandstats``; commands a
         script runs count too). For benchmarks and tests that pin round trips."""
         if not self.cluster:
-            info = await self._r.info("commandstats")
+            info = await self.conn.r.info("commandstats")
             return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
         # Summed over the masters (a replica's replication stream is not a client call).
-        per_node = await self._r.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
+        per_node = await self.conn.r.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
         total: dict[str, int] = {}
         for info in per_node.values():
             for k, v in info.items():
@@ -325,14 +305,14 @@ class Store:
     async def memory_used(self) -> int:
         """Bytes the server holds (``used_memory``; summed over a cluster's masters)."""
         if not self.cluster:
-            return int((await self._r.info("memory"))["used_memory"])
-        per_node = await self._r.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            return int((await self.conn.r.info("memory"))["used_memory"])
+        per_node = await self.conn.r.info("memory", target_nodes=RedisCluster.PRIMARIES)
         return sum(int(info["used_memory"]) for info in per_node.values())
 
     @translate
     async def key_idle_s(self, key: str) -> int:
         """Seconds since any command last read or wrote ``key`` (``OBJECT IDLETIME``)."""
-        return int(await self._r.object("idletime", key))
+        return int(await self.conn.r.object("idletime", key))
 
     # ---------------------------------------------------------------- namespace
 
@@ -340,148 +320,18 @@ class Store:
     async def namespace_keys(self) -> list[str]:
         """Every key of this namespace (for tests and `agentos` diagnostics)."""
         return sorted(
-            [_s(k) async for k in self._r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)]
+            [
+                _s(k)
+                async for k in self.conn.r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)
+            ]
         )
 
     @translate
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace; returns how many. For tests and resets."""
-        keys = [k async for k in self._r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)]
+        keys = [
+            k async for k in self.conn.r.scan_iter(match=f"{self.keys.namespace}:*", count=1000)
+        ]
         for i in range(0, len(keys), 500):
-            await self._r.delete(*keys[i : i + 500])
+            await self.conn.r.delete(*keys[i : i + 500])
         return len(keys)
-
-    # ---------------------------------------------------------------- TODO(#26 sweep)
-    # The old flat names, for the type checker: each is what ``__getattr__`` returns.
-    if TYPE_CHECKING:
-        acquire_lease = _Moved(lambda s: s.leases.acquire_lease)
-        acquire_leases = _Moved(lambda s: s.leases.acquire_leases)
-        agent_spec = _Moved(lambda s: s.specs.agent_spec)
-        agent_specs = _Moved(lambda s: s.specs.agent_specs)
-        agent_specs_of = _Moved(lambda s: s.specs.agent_specs_of)
-        append_logs = _Moved(lambda s: s.logs.append_logs)
-        apply = _Moved(lambda s: s.specs.apply)
-        budget_warn_once = _Moved(lambda s: s.quotas.budget_warn_once)
-        claim_inbox = _Moved(lambda s: s.inbox.claim_inbox)
-        daemons = _Moved(lambda s: s.heartbeats.daemons)
-        dead_letter = _Moved(lambda s: s.poison.dead_letter)
-        dead_letters = _Moved(lambda s: s.poison.dead_letters)
-        delete = _Moved(lambda s: s.specs.delete)
-        desired_index = _Moved(lambda s: s.specs.desired_index)
-        drop_message = _Moved(lambda s: s.poison.drop_message)
-        due_claim = _Moved(lambda s: s.waits.due_claim)
-        due_count = _Moved(lambda s: s.waits.due_count)
-        due_defer = _Moved(lambda s: s.waits.due_defer)
-        due_head = _Moved(lambda s: s.waits.due_head)
-        due_now = _Moved(lambda s: s.waits.due_now)
-        due_release = _Moved(lambda s: s.waits.due_release)
-        due_scan = _Moved(lambda s: s.waits.due_scan)
-        due_unclaim = _Moved(lambda s: s.waits.due_unclaim)
-        ensure_inbox = _Moved(lambda s: s.inbox.ensure_inbox)
-        fenced_status_batch = _Moved(lambda s: s.writes.fenced_status_batch)
-        forget_daemon = _Moved(lambda s: s.heartbeats.forget_daemon)
-        generation = _Moved(lambda s: s.specs.generation)
-        heartbeat = _Moved(lambda s: s.heartbeats.heartbeat)
-        held_add = _Moved(lambda s: s.waits.held_add)
-        held_counts = _Moved(lambda s: s.waits.held_counts)
-        held_remove = _Moved(lambda s: s.waits.held_remove)
-        holders = _Moved(lambda s: s.waits.holders)
-        idempotency_done = _Moved(lambda s: s.tasks.idempotency_done)
-        inbox_depth = _Moved(lambda s: s.inbox.inbox_depth)
-        inbox_has = _Moved(lambda s: s.inbox.inbox_has)
-        inbox_lengths = _Moved(lambda s: s.inbox.inbox_lengths)
-        index_of = _Moved(lambda s: s.specs.index_of)
-        is_holder = _Moved(lambda s: s.waits.is_holder)
-        last_signal_id = _Moved(lambda s: s.signals.last_signal_id)
-        lease_keeper = _Moved(lambda s: s.leases.lease_keeper)
-        leave_holders = _Moved(lambda s: s.waits.leave_holders)
-        load_state = _Moved(lambda s: s.agents.load_state)
-        logs_after = _Moved(lambda s: s.logs.logs_after)
-        mark_cancel = _Moved(lambda s: s.tasks.mark_cancel)
-        model_throttle = _Moved(lambda s: s.models.model_throttle)
-        model_throttled_until = _Moved(lambda s: s.models.model_throttled_until)
-        open_agent = _Moved(lambda s: s.takeover.open_agent)
-        open_agents = _Moved(lambda s: s.takeover.open_agents)
-        pending_purges = _Moved(lambda s: s.specs.pending_purges)
-        pending_waits = _Moved(lambda s: s.waits.pending_waits)
-        policies = _Moved(lambda s: s.specs.policies)
-        purge_agent = _Moved(lambda s: s.specs.purge_agent)
-        purge_waits = _Moved(lambda s: s.waits.purge_waits)
-        quota_add_cost = _Moved(lambda s: s.quotas.quota_add_cost)
-        quota_admit = _Moved(lambda s: s.quotas.quota_admit)
-        quota_admit_many = _Moved(lambda s: s.quotas.quota_admit_many)
-        quota_budget_used = _Moved(lambda s: s.quotas.quota_budget_used)
-        quota_charge_seconds = _Moved(lambda s: s.quotas.quota_charge_seconds)
-        quota_cost_used = _Moved(lambda s: s.quotas.quota_cost_used)
-        quota_effective = _Moved(lambda s: s.quotas.quota_effective)
-        quota_evaluator_lease = _Moved(lambda s: s.quotas.quota_evaluator_lease)
-        quota_evaluator_release = _Moved(lambda s: s.quotas.quota_evaluator_release)
-        quota_publish = _Moved(lambda s: s.quotas.quota_publish)
-        quota_renew = _Moved(lambda s: s.quotas.quota_renew)
-        quota_report = _Moved(lambda s: s.quotas.quota_report)
-        quota_reports = _Moved(lambda s: s.quotas.quota_reports)
-        quota_settle = _Moved(lambda s: s.quotas.quota_settle)
-        quota_state = _Moved(lambda s: s.quotas.quota_state)
-        quota_unqueue = _Moved(lambda s: s.quotas.quota_unqueue)
-        quota_usage = _Moved(lambda s: s.quotas.quota_usage)
-        read_inbox = _Moved(lambda s: s.inbox.read_inbox)
-        read_signals = _Moved(lambda s: s.signals.read_signals)
-        record_agent_event = _Moved(lambda s: s.events.record_agent_event)
-        record_fleet_event = _Moved(lambda s: s.events.record_fleet_event)
-        recover_held = _Moved(lambda s: s.waits.recover_held)
-        redrive = _Moved(lambda s: s.poison.redrive)
-        release_lease = _Moved(lambda s: s.leases.release_lease)
-        renew_leases = _Moved(lambda s: s.leases.renew_leases)
-        send = _Moved(lambda s: s.inbox.send)
-        server_time = _Moved(lambda s: s.heartbeats.server_time)
-        set_task_outcome = _Moved(lambda s: s.tasks.set_task_outcome)
-        signal = _Moved(lambda s: s.signals.signal)
-        signal_groups = _Moved(lambda s: s.signals.signal_groups)
-        snapshot_manifest = _Moved(lambda s: s.snapshots.manifest)
-        status = _Moved(lambda s: s.agents.status)
-        statuses = _Moved(lambda s: s.agents.statuses)
-        still_held = _Moved(lambda s: s.waits.still_held)
-        task = _Moved(lambda s: s.tasks.task)
-        toolservers = _Moved(lambda s: s.specs.toolservers)
-        trim_tasks = _Moved(lambda s: s.tasks.trim_tasks)
-        trim_tasks_many = _Moved(lambda s: s.tasks.trim_tasks_many)
-        upgrade_layout = _Moved(lambda s: s.specs.upgrade_layout)
-        wait_answer = _Moved(lambda s: s.waits.wait_answer)
-        wait_arm = _Moved(lambda s: s.waits.wait_arm)
-        wait_clear = _Moved(lambda s: s.waits.wait_clear)
-        wait_event = _Moved(lambda s: s.waits.wait_event)
-        wait_get = _Moved(lambda s: s.waits.wait_get)
-        wait_park = _Moved(lambda s: s.waits.wait_park)
-        wake = _Moved(lambda s: s.waits.wake)
-        fenced_write = _Moved(lambda s: transition.FencedWriteFields(s.writes))
-
-    async def save_snapshot(
-        self,
-        name: str,
-        lease_value: str,
-        snapshot: legacy_kv.KVSnapshot,
-        *,
-        keep_kv: bool,
-        reason: str = "",
-    ) -> SavedSnapshot | None:
-        """Old call: :func:`agentos.store.legacy_kv.save_snapshot` (``store.snapshots.save``)."""
-        return await legacy_kv.save_snapshot(
-            self.snapshots, name, lease_value, snapshot, keep_kv=keep_kv, reason=reason
-        )
-
-    async def load_snapshot(self, name: str) -> legacy_kv.LoadedKV:
-        """Old call: :func:`agentos.store.legacy_kv.load_snapshot` (``store.snapshots.load``)."""
-        return await legacy_kv.load_snapshot(self.snapshots, name)
-
-    def __getattr__(self, name: str) -> Any:
-        """Old flat method names, forwarded to the repository that owns them now
-        (:data:`agentos.store.transition.MOVED`)."""
-        if name == "fenced_write":  # its fields as keywords: one Write now
-            return transition.FencedWriteFields(self.writes)
-        if name in transition.SCRIPTS:  # tests name the scripts' SHAs by the old names
-            return getattr(self.conn.scripts, transition.SCRIPTS[name])
-        moved = transition.MOVED.get(name)
-        if moved is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        repo, method = moved
-        return getattr(self.__dict__[repo], method)

@@ -110,9 +110,6 @@ class Events:
                 raise StoreError(str(e)) from None
         return [_event(cursor, fields, "") for cursor, _, _, fields in entries]
 
-    # TODO(#26 sweep): ``store.events(...)`` reads until the call sites say ``.read``.
-    __call__ = read
-
     @translate
     async def record_agent_event(
         self, agent: str, type_: str, reason: str, message: str, daemon: str

@@ -30,7 +30,7 @@ class Heartbeats:
         self._heartbeat = conn.scripts.heartbeat
 
     @translate
-    async def heartbeat(
+    async def beat(
         self,
         daemon_id: str,
         info: Mapping[str, object],
@@ -68,7 +68,7 @@ class Heartbeats:
         return int(seconds) + int(micros) / 1_000_000
 
     @translate
-    async def forget_daemon(self, daemon_id: str) -> None:
+    async def forget(self, daemon_id: str) -> None:
         """Remove a daemon's heartbeat on clean exit."""
         await self._r.hdel(self.keys.daemons, daemon_id)
 

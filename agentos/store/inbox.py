@@ -121,7 +121,7 @@ class Inbox:
         return _s(value)
 
     @translate
-    async def ensure_inbox(self, name: str) -> None:
+    async def ensure(self, name: str) -> None:
         """Create the inbox stream and its consumer group if missing."""
         try:
             await self._r.xgroup_create(self.keys.inbox(name), INBOX_GROUP, id="0", mkstream=True)
@@ -130,7 +130,7 @@ class Inbox:
                 raise
 
     @translate
-    async def claim_inbox(self, name: str, consumer: str) -> int:
+    async def claim(self, name: str, consumer: str) -> int:
         """Take over every pending message of the inbox (its earlier reader is gone).
 
         Only the lease holder calls this, so every pending entry belongs to a dead or
@@ -154,7 +154,7 @@ class Inbox:
                 return claimed
 
     @translate
-    async def read_inbox(
+    async def read(
         self,
         name: str,
         consumer: str,
@@ -187,7 +187,7 @@ class Inbox:
         )
 
     @translate
-    async def inbox_lengths(self, names: Sequence[str]) -> dict[str, int]:
+    async def lengths(self, names: Sequence[str]) -> dict[str, int]:
         """Entries in each agent's inbox (unacknowledged messages: acks delete them), in
         one pipeline per 1,000 agents."""
         out: dict[str, int] = {}
@@ -200,7 +200,7 @@ class Inbox:
         return out
 
     @translate
-    async def inbox_depth(self, name: str) -> int:
+    async def depth(self, name: str) -> int:
         """Messages not yet acknowledged (pending + not yet delivered): the inbox's
         length, since every ack deletes its entry (and so does a drop or a move to the
         dead letters). The same count a checked send compares with ``maxDepth``; the
@@ -209,7 +209,7 @@ class Inbox:
         return int(await self._r.xlen(self.keys.inbox(name)))
 
     @translate
-    async def inbox_has(self, name: str, message_id: str) -> bool:
+    async def has(self, name: str, message_id: str) -> bool:
         """Whether message ``message_id`` is still in the agent's inbox (not yet done)."""
         try:
             found = await self._r.xrange(self.keys.inbox(name), message_id, message_id, count=1)

@@ -36,17 +36,17 @@ class Leases:
         self._release = conn.scripts.lease_release
 
     @translate
-    async def acquire_lease(self, name: str, daemon_id: str, ttl_ms: int) -> int:
+    async def acquire(self, name: str, daemon_id: str, ttl_ms: int) -> int:
         """Take (or extend our own) lease on an agent. Returns the fencing token, 0 if taken."""
         k = self.keys
         token = await self._acquire(keys=[k.lease(name), k.fence(name)], args=[daemon_id, ttl_ms])
         return int(token)
 
     @translate
-    async def acquire_leases(
+    async def acquire_many(
         self, names: Sequence[str], daemon_id: str, ttl_ms: int
     ) -> dict[str, int]:
-        """:meth:`acquire_lease` for many agents in one pipeline; returns the tokens (0 = taken)."""
+        """:meth:`acquire` for many agents in one pipeline; returns the tokens (0 = taken)."""
         if not names:
             return {}
         k = self.keys
@@ -55,9 +55,7 @@ class Leases:
         return {name: int(t) for name, t in zip(names, tokens, strict=True)}
 
     @translate
-    async def renew_leases(
-        self, held: Mapping[str, str], ttl_ms: int
-    ) -> dict[str, bool | StoreError]:
+    async def renew(self, held: Mapping[str, str], ttl_ms: int) -> dict[str, bool | StoreError]:
         """Extend many leases in one pipeline; ``held`` maps agent -> "daemon|token".
 
         Returns agent -> whether the lease is still ours, or the error that left it
@@ -80,7 +78,7 @@ class Leases:
         return out
 
     @translate
-    async def release_lease(self, name: str, value: str) -> bool:
+    async def release(self, name: str, value: str) -> bool:
         """Give up a lease we hold. Returns False when it was no longer ours."""
         return bool(await self._release(keys=[self.keys.lease(name)], args=[value]))
 
@@ -104,10 +102,7 @@ class Leases:
             out[name] = LeaseInfo(owner, int(token or 0), int(ttl))
         return out
 
-    # TODO(#26 sweep): ``store.leases(...)`` reads until the call sites say ``.read``.
-    __call__ = read
-
-    def lease_keeper(
+    def keeper(
         self, daemon_id: str, *, instance: str, ttl_ms: int, every_s: float, forget_after_s: float
     ) -> LeaseKeeper:
         """A :class:`~agentos.store.keeper.LeaseKeeper` for this store's server: leases

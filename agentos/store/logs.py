@@ -78,7 +78,7 @@ class Logs:
         self.keys = conn.keys
 
     @translate
-    async def append_logs(self, lines: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
+    async def append(self, lines: Mapping[str, Sequence[Mapping[str, str]]]) -> None:
         """Append each agent's lines (fields: time, level, logger, message, task, daemon)
         to its log, in one round trip per Redis node."""
         if not lines:
@@ -107,11 +107,8 @@ class Logs:
         entries = await self._r.xrevrange(key, "+", start, count=tail)
         return [_line(agent, i, f) for i, f in reversed(entries)]
 
-    # TODO(#26 sweep): ``store.logs(...)`` reads until the call sites say ``.read``.
-    __call__ = read
-
     @translate
-    async def logs_after(
+    async def after(
         self, agent: str, cursor: str, *, block_ms: int | None = None, count: int = 500
     ) -> list[LogLine]:
         """Lines after ``cursor`` (a line's id, or ``$``-like ``0-0``), waiting up to

@@ -40,16 +40,13 @@ class Models:
             out[_s(n)] = body
         return out
 
-    # TODO(#26 sweep): ``store.models()`` reads until the call sites say ``.read``.
-    __call__ = read
-
     @translate
-    async def model_throttle(self, model: str, until: float) -> None:
+    async def throttle(self, model: str, until: float) -> None:
         """Record that ``model`` is throttled until ``until`` (epoch s; never shortened)."""
         await self._throttle_script(keys=[self.keys.model_throttle], args=[model, repr(until)])
 
     @translate
-    async def model_throttled_until(self, model: str) -> float:
+    async def throttled_until(self, model: str) -> float:
         """Until when ``model`` is throttled (epoch seconds; 0 when it is not)."""
         raw = await self._r.hget(self.keys.model_throttle, model)
         until = float(raw) if raw else 0.0

@@ -115,7 +115,7 @@ class Poison:
         return "moved" if code == 1 else "not-held" if code == 0 else "gone"
 
     @translate
-    async def drop_message(
+    async def drop(
         self,
         name: str,
         task_id: str,

@@ -118,7 +118,7 @@ class Quotas:
     # ------------------------------------------------------------------ admission
 
     @translate
-    async def quota_admit(
+    async def admit(
         self,
         *,
         quota_class: str,
@@ -134,7 +134,7 @@ class Quotas:
         day_left_s: float,
     ) -> AdmitReply:
         """One admission attempt (see ``quota_admit.lua``)."""
-        (reply,) = await self.quota_admit_many(
+        (reply,) = await self.admit_many(
             quota_class=quota_class,
             limits=limits,
             day=day,
@@ -145,7 +145,7 @@ class Quotas:
         return reply
 
     @translate
-    async def quota_admit_many(
+    async def admit_many(
         self,
         *,
         quota_class: str,
@@ -191,7 +191,7 @@ class Quotas:
         ]
 
     @translate
-    async def quota_settle(
+    async def settle(
         self,
         *,
         quota_class: str,
@@ -233,9 +233,7 @@ class Quotas:
         )
 
     @translate
-    async def quota_renew(
-        self, calls: Sequence[tuple[str, tuple[str, str]]], *, lease_s: float
-    ) -> None:
+    async def renew(self, calls: Sequence[tuple[str, tuple[str, str]]], *, lease_s: float) -> None:
         """Extend admitted calls' concurrency leases (waiting or running; never shortened):
         (call id, (class, agent)) each."""
         q = self.keys.quota
@@ -249,7 +247,7 @@ class Quotas:
         raise_first(await run_many(self._r, self._q_renew, batch))
 
     @translate
-    async def quota_unqueue(self, *, quota_class: str, agent: str, call: str) -> None:
+    async def unqueue(self, *, quota_class: str, agent: str, call: str) -> None:
         """Leave the class's waiting queue (the caller gave up)."""
         q = self.keys.quota
         member = f"{agent}|{call}"
@@ -259,7 +257,7 @@ class Quotas:
             await pipe.execute()
 
     @translate
-    async def quota_charge_seconds(
+    async def charge_seconds(
         self, charges: Sequence[tuple[str, str, str, float]], *, op_id: str | None = None
     ) -> None:
         """Add active agent-seconds to daily budgets: (class, agent, day, seconds) each.
@@ -285,7 +283,7 @@ class Quotas:
     # ------------------------------------------------------------------ reading usage
 
     @translate
-    async def quota_usage(
+    async def usage(
         self, days: Mapping[str, str], *, now: float | None = None
     ) -> dict[str, ClassUsage]:
         """What each class in ``days`` (class -> its current budget day) is using now."""
@@ -341,7 +339,7 @@ class Quotas:
     # ------------------------------------------------------------------ fleet documents
 
     @translate
-    async def quota_effective(self) -> dict[str, ClassQuota] | None:
+    async def effective(self) -> dict[str, ClassQuota] | None:
         """The effective limits the evaluator last wrote, or None before it first ran."""
         raw = await self._r.get(self.keys.quota_effective)
         if raw is None:
@@ -350,7 +348,7 @@ class Quotas:
         return {name: ClassQuota.from_json(body) for name, body in data["classes"].items()}
 
     @translate
-    async def quota_state(self) -> tuple[dict[str, RuleMemory], dict[str, Any]]:
+    async def state(self) -> tuple[dict[str, RuleMemory], dict[str, Any]]:
         """The rules' memory and the fleet metrics the evaluator last used (with ``at``)."""
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.quota_memory)
@@ -360,7 +358,7 @@ class Quotas:
         return memory, json.loads(metrics_raw or "{}")
 
     @translate
-    async def quota_publish(
+    async def publish(
         self,
         *,
         lease_value: str,
@@ -401,7 +399,7 @@ class Quotas:
         return bool(ok)
 
     @translate
-    async def quota_evaluator_lease(self, daemon_id: str, ttl_ms: int) -> str | None:
+    async def evaluator_lease(self, daemon_id: str, ttl_ms: int) -> str | None:
         """Take or extend the evaluator lease; returns its value ("daemon|token") or None."""
         k = self.keys
         token = int(
@@ -410,12 +408,12 @@ class Quotas:
         return f"{daemon_id}|{token}" if token else None
 
     @translate
-    async def quota_evaluator_release(self, value: str) -> None:
+    async def evaluator_release(self, value: str) -> None:
         """Give the evaluator lease up (at shutdown), if it is still ours."""
         await self._release(keys=[self.keys.quota_lease], args=[value])
 
     @translate
-    async def quota_report(self, daemon_id: str, sample: Mapping[str, Any]) -> None:
+    async def report(self, daemon_id: str, sample: Mapping[str, Any]) -> None:
         """Publish this daemon's recent inference samples for the evaluator."""
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.quota_metrics, daemon_id, json.dumps(dict(sample)))
@@ -424,7 +422,7 @@ class Quotas:
             await pipe.execute()
 
     @translate
-    async def quota_reports(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
+    async def reports(self, *, max_age_s: float) -> dict[str, dict[str, Any]]:
         """Every daemon's published samples younger than ``max_age_s``; stale ones are removed."""
         raw = await self._r.hgetall(self.keys.quota_metrics)
         now = time.time()
@@ -441,7 +439,7 @@ class Quotas:
         return fresh
 
     @translate
-    async def quota_budget_used(self, days: Mapping[str, str]) -> dict[str, tuple[int, float]]:
+    async def budget_used(self, days: Mapping[str, str]) -> dict[str, tuple[int, float]]:
         """Class -> (tokens, agent-seconds) used on its current day."""
         classes = list(days)
         async with self._r.pipeline(transaction=False) as pipe:
@@ -453,7 +451,7 @@ class Quotas:
         }
 
     @translate
-    async def quota_add_cost(self, costs: Mapping[tuple[str, str], float]) -> None:
+    async def add_cost(self, costs: Mapping[tuple[str, str], float]) -> None:
         """Add money spent to classes' budget days: (class, day) -> amount (the ``cost``
         field of the day's counters, beside its tokens and seconds)."""
         if not costs:
@@ -466,7 +464,7 @@ class Quotas:
             await pipe.execute()
 
     @translate
-    async def quota_cost_used(self, days: Mapping[str, str]) -> dict[str, float]:
+    async def cost_used(self, days: Mapping[str, str]) -> dict[str, float]:
         """Class -> money spent on its current day (``days``: class -> that day)."""
         classes = list(days)
         async with self._r.pipeline(transaction=False) as pipe:

@@ -27,24 +27,24 @@ class Signals:
         self.cluster = conn.cluster
 
     @translate
-    async def signal(self, cmd: str, agent: str, **fields: str) -> None:
+    async def send(self, cmd: str, agent: str, **fields: str) -> None:
         """Nudge the daemons: ``cmd`` is wake, hibernate, message, applied or deleted."""
         await steps.signal(self.conn, cmd, agent, **fields)
 
-    def signal_groups(self) -> list[tuple[str, ...]]:
+    def groups(self) -> list[tuple[str, ...]]:
         """The signal shards a daemon reads, grouped by what one blocking read may cover:
         all of them on one Redis, one each on a cluster (one reader per group)."""
         streams_ = self.keys.signal_streams()
         return [tuple(streams_)] if not self.cluster else [(s,) for s in streams_]
 
     @translate
-    async def last_signal_id(self, group: Sequence[str] | None = None) -> str:
+    async def last_id(self, group: Sequence[str] | None = None) -> str:
         """A cursor at the newest signal of ``group`` (default: every shard): where a new
         reader starts."""
         return await streams.latest(self._r, group or self.keys.signal_streams())
 
     @translate
-    async def read_signals(
+    async def read(
         self,
         after_id: str,
         *,

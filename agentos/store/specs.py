@@ -343,13 +343,13 @@ class Specs:
         return out
 
     @translate
-    async def agent_spec(self, name: str) -> dict[str, Any] | None:
+    async def agent(self, name: str) -> dict[str, Any] | None:
         """The stored canonical Agent resource, or None when not applied."""
         raw = await self._r.hget(self.keys.specs, name)
         return json.loads(raw) if raw else None
 
     @translate
-    async def agent_specs(self) -> dict[str, dict[str, Any]]:
+    async def agents(self) -> dict[str, dict[str, Any]]:
         """Every stored Agent resource by name."""
         raw = await self._r.hgetall(self.keys.specs)
         return {_s(n): json.loads(v) for n, v in raw.items()}
@@ -377,7 +377,7 @@ class Specs:
         return out
 
     @translate
-    async def agent_specs_of(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    async def agents_of(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Stored Agent resources of ``names`` (missing ones are left out)."""
         if not names:
             return {}

@@ -82,7 +82,7 @@ class Takeover:
                 raise created
             claimed = len(claim[1])
             if _s(claim[0]) != "0-0":  # more than one batch pending: rare, finish the job
-                claimed += await self._inbox.claim_inbox(name, consumer)
+                claimed += await self._inbox.claim(name, consumer)
                 pending = await self._r.xreadgroup(
                     INBOX_GROUP, consumer, {k.inbox(name): "0"}, count=10_000
                 )

@@ -71,7 +71,7 @@ class Tasks:
         return await self._task_records(name, [_s(i) for i in ids])
 
     @translate
-    async def set_task_outcome(
+    async def set_outcome(
         self,
         name: str,
         task_id: str,
@@ -100,7 +100,7 @@ class Tasks:
         return bool(int(reply[0])), _s(reply[1])
 
     @translate
-    async def task(self, name: str, task_id: str) -> dict[str, str]:
+    async def get(self, name: str, task_id: str) -> dict[str, str]:
         """One task record (empty when unknown)."""
         raw = await self._r.hgetall(self.keys.task(name, task_id))
         return {_s(a): _s(b) for a, b in raw.items()}
@@ -125,14 +125,14 @@ class Tasks:
         return await self._r.zscore(self.keys.idempotency(name), key) is not None
 
     @translate
-    async def trim_tasks(self, name: str, *, keep: int, max_age_s: float) -> int:
+    async def trim(self, name: str, *, keep: int, max_age_s: float) -> int:
         """Drop task records beyond the newest ``keep`` or older than ``max_age_s``, and
         idempotency keys older than ``max_age_s``. Returns how many records went."""
-        return await self.trim_tasks_many([name], keep=keep, max_age_s=max_age_s)
+        return await self.trim_many([name], keep=keep, max_age_s=max_age_s)
 
     @translate
-    async def trim_tasks_many(self, names: Sequence[str], *, keep: int, max_age_s: float) -> int:
-        """:meth:`trim_tasks` for many agents in two pipelines per 500 agents; also forgets
+    async def trim_many(self, names: Sequence[str], *, keep: int, max_age_s: float) -> int:
+        """:meth:`trim` for many agents in two pipelines per 500 agents; also forgets
         usage days past the usage retention. Returns how many task records went."""
         k = self.keys
         removed = 0
@@ -164,6 +164,3 @@ class Tasks:
                         pipe.srem(k.usage_days(name), *gone)
                 await pipe.execute()
         return removed
-
-    # TODO(#26 sweep): ``store.tasks(...)`` reads until the call sites say ``.recent``.
-    __call__ = recent

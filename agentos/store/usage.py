@@ -41,6 +41,3 @@ class Usage:
             for pair, h in zip(pairs, raw, strict=True)
             if h
         }
-
-    # TODO(#26 sweep): ``store.usage(...)`` reads until the call sites say ``.read``.
-    __call__ = read

@@ -101,9 +101,9 @@ class Waits:
         return k.wait(name), k.due(k.due_shard(name))
 
     @translate
-    async def wait_park(self, record: WaitRecord, *, provisional_at: float) -> bool:
+    async def put(self, record: WaitRecord, *, provisional_at: float) -> bool:
         """Write ``record`` and make its agent due at ``provisional_at`` (the fenced park
-        follows, then :meth:`wait_arm`). Returns True when a buffered event answered it."""
+        follows, then :meth:`arm`). Returns True when a buffered event answered it."""
         wait, due = self._wait_keys(record.agent)
         args: list[str] = [record.agent, _score(provisional_at), record.kind.value, record.question]
         for f, v in record.to_fields().items():
@@ -112,7 +112,7 @@ class Waits:
         return bool(await script(keys=[wait, due, self.keys.wait_events(record.agent)], args=args))
 
     @translate
-    async def wait_arm(self, record: WaitRecord, *, now: float) -> bool:
+    async def arm(self, record: WaitRecord, *, now: float) -> bool:
         """After the park committed: due at the deadline, or now if already answered.
         Returns True when it is answered (the caller signals the daemons)."""
         wait, due = self._wait_keys(record.agent)
@@ -123,7 +123,7 @@ class Waits:
         return int(reply) == 1
 
     @translate
-    async def wait_get(self, name: str) -> WaitRecord | None:
+    async def get(self, name: str) -> WaitRecord | None:
         """The agent's parked wait, or None."""
         raw = await self._r.hgetall(self.keys.wait(name))
         if not raw:
@@ -131,7 +131,7 @@ class Waits:
         return WaitRecord.from_fields({_s(a): _s(b) for a, b in raw.items()})
 
     @translate
-    async def wait_answer(
+    async def answer(
         self, record: WaitRecord, resolution: Resolution, *, answer_id: str, now: float
     ) -> int:
         """Record ``resolution`` as the answer of ``record`` (as read and validated), once.
@@ -155,7 +155,7 @@ class Waits:
         )
 
     @translate
-    async def wait_event(
+    async def event(
         self, name: str, event: str, resolution: Resolution, *, now: float, event_id: str
     ) -> bool:
         """Deliver ``event`` to agent ``name``: True when it answered the agent's wait,
@@ -188,7 +188,7 @@ class Waits:
         return verdict == 1
 
     @translate
-    async def wait_clear(self, name: str, park_id: str) -> bool:
+    async def clear(self, name: str, park_id: str) -> bool:
         """Remove the agent's wait (if it is still ``park_id``) and its due entry."""
         wait, due = self._wait_keys(name)
         return bool(await self._wait_scripts["clear"](keys=[wait, due], args=[name, park_id]))
@@ -392,7 +392,7 @@ class Waits:
         return [n for n, ok in zip(names, replies, strict=True) if int(ok)]
 
     @translate
-    async def pending_waits(self, names: Sequence[str] | None = None) -> list[WaitRecord]:
+    async def pending(self, names: Sequence[str] | None = None) -> list[WaitRecord]:
         """The parked waits of ``names`` (default: every agent in the due index)."""
         if names is None:
             names = sorted(await self.due_scan())
@@ -405,6 +405,6 @@ class Waits:
             out += [WaitRecord.from_fields({_s(a): _s(b) for a, b in h.items()}) for h in raw if h]
         return out
 
-    async def purge_waits(self, name: str) -> None:
+    async def purge(self, name: str) -> None:
         """Forget a deleted agent's wait, buffered events and due entry."""
         await steps.purge_waits(self.conn, name)

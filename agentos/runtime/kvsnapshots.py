@@ -1,11 +1,8 @@
-"""TODO(#26 sweep): the engine-typed snapshot calls, until their callers move.
+"""The engine's :class:`~agentos.engine.base.KVSnapshot` to the store's bytes and header, and back.
 
-The :mod:`~agentos.store.snapshots` repository takes and returns bytes plus a
-header / manifest and imports nothing of :mod:`agentos.engine`. The old
-``Store.save_snapshot`` / ``Store.load_snapshot`` took and returned a
-:class:`~agentos.engine.base.KVSnapshot`; these adapters keep them working. This is the
-only store module that imports the engine: it belongs in the runtime
-(``agentos/runtime/hibernator.py``), and goes once the callers use the repository.
+The :mod:`~agentos.store.snapshots` repository takes and returns bytes plus a header /
+manifest and imports nothing of :mod:`agentos.engine`, so the store never depends on an
+engine's types; the hibernator (and the snapshot tests) save and load through here.
 """
 
 from __future__ import annotations
