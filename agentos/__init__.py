@@ -2,7 +2,7 @@
 
 Agent authors subclass :class:`Agent` and write async ``observe / plan / act /
 learn``; programs operate a fleet through :class:`Client`. The names below are the
-public surface (pinned by ``tests/test_public_api.py``); everything else may change.
+public surface (pinned by ``tests/unit/sdk/test_public_api.py``); everything else may change.
 """
 
 from agentos.client import Client, ClientError, MessageTooLarge, NotFound

@@ -42,7 +42,8 @@ AGENTS = 20
 SENDERS = 50
 MESSAGES = int(os.environ.get("BENCH_DISPATCH_MESSAGES", "5000"))
 REPEATS = int(os.environ.get("BENCH_DISPATCH_REPEATS", "2"))
-# Round trips per message, counted from the code and pinned by tests/test_round_trips.py:
+# Round trips per message, counted from the code and pinned by
+# tests/integration/store/test_round_trips.py:
 # the send is one script; an awake agent's lone message costs the daemon one XREADGROUP
 # and two fenced writes (start with the idempotency check inside; close with the step's
 # state and ack); a batch of n read together costs one read, one write of the queued

@@ -1,5 +1,5 @@
 """Quota policies, rules and a timeline runner shared by the policy tests
-(tests/test_policy*.py)."""
+(tests/unit/core/test_policy*.py)."""
 
 import json
 from collections.abc import Mapping

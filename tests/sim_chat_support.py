@@ -1,5 +1,5 @@
 """Tools, turns and a chat helper shared by the SimEngine.chat tests
-(tests/test_sim_chat*.py)."""
+(tests/unit/engine/test_sim_chat*.py)."""
 
 from __future__ import annotations
 

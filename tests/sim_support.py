@@ -1,4 +1,4 @@
-"""The SimEngine helpers and prompts shared by its tests (tests/test_engine_sim*.py)."""
+"""The SimEngine helpers and prompts shared by its tests (tests/unit/engine/test_engine_sim*.py)."""
 
 from __future__ import annotations
 

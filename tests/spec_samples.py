@@ -1,4 +1,4 @@
-"""Spec texts and a helper shared by the spec tests (tests/test_spec*.py)."""
+"""Spec texts and a helper shared by the spec tests (tests/unit/core/test_spec*.py)."""
 
 import pytest
 

@@ -17,7 +17,7 @@ import agentos
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def readme_block(first_line: str) -> str:

@@ -335,7 +335,10 @@ async def test_ctx_send_to_a_missing_agent_is_refused_and_leaves_no_key(
     await apply(
         store,
         agent_doc(
-            "fwd", "tests.test_queues:Forwarder", triggers=inbox_triggers(), config={"to": "nobody"}
+            "fwd",
+            "tests.system.cli.test_queues:Forwarder",
+            triggers=inbox_triggers(),
+            config={"to": "nobody"},
         ),
     )
     msg = await Client(store).send("fwd", "hello")

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.anyio
 
 ECHO = "tests.fixture_agents:Echo"
 INBOX: dict[str, Any] = {"triggers": [{"inbox": {}}]}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _model(name: str, **spec: Any) -> ModelResource:

@@ -24,7 +24,7 @@ from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until
 
 pytestmark = [pytest.mark.anyio]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "operator" / "operator.yaml"
 
 

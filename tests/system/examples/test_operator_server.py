@@ -33,7 +33,7 @@ from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.anyio]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TOOLS = {"list_files", "read_file", "write_file", "run", "sleep", "touch_counter"}
 CALL_S = 20.0
 

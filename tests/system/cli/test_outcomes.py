@@ -1,7 +1,7 @@
 """Task outcomes: ctx.succeed / ctx.fail, evaluators and their faults, the trace, `agentos eval`.
 
 The agents and evaluators the daemon runs here are defined in this module (entrypoints
-``tests.test_outcomes:NAME``); the CLI's `agentos eval` imports them in its own process.
+``tests.system.cli.test_outcomes:NAME``); the CLI's `agentos eval` imports them in its own process.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tests.helpers import agent_doc, apply, finished, running_daemon, wait_until
 
 pytestmark = pytest.mark.anyio
 
-GRADED = "tests.test_outcomes:Graded"
+GRADED = "tests.system.cli.test_outcomes:Graded"
 STRICT_ENV = "AGENTOS_TEST_JUDGE_STRICT"
 RELEASE = threading.Event()  # lets the stuck evaluator's abandoned thread end
 
@@ -165,7 +165,7 @@ async def test_ctx_succeed_and_fail_are_recorded_and_counted(store: Store) -> No
 
 
 async def test_the_evaluators_verdict_is_recorded_and_wins(store: Store) -> None:
-    evaluate = {"entrypoint": "tests.test_outcomes:judge_words"}
+    evaluate = {"entrypoint": "tests.system.cli.test_outcomes:judge_words"}
     await apply(store, _graded(evaluate=evaluate))
     agreed, overruled = await _run(store, "graded", ["ok fine", "ok but wrong"])
 
@@ -185,11 +185,11 @@ async def test_the_evaluators_verdict_is_recorded_and_wins(store: Store) -> None
 @pytest.mark.parametrize(
     ("entrypoint", "error"),
     [
-        ("tests.test_outcomes:judge_raises", "raised RuntimeError: judge exploded"),
-        ("tests.test_outcomes:judge_stuck", "timed out after 200ms"),
-        ("tests.test_outcomes:judge_garbage", "returned no verdict"),
-        ("tests.test_outcomes:judge_coroutine", "declare it `async def`"),
-        ("tests.test_outcomes:no_such_judge", "has no function 'no_such_judge'"),
+        ("tests.system.cli.test_outcomes:judge_raises", "raised RuntimeError: judge exploded"),
+        ("tests.system.cli.test_outcomes:judge_stuck", "timed out after 200ms"),
+        ("tests.system.cli.test_outcomes:judge_garbage", "returned no verdict"),
+        ("tests.system.cli.test_outcomes:judge_coroutine", "declare it `async def`"),
+        ("tests.system.cli.test_outcomes:no_such_judge", "has no function 'no_such_judge'"),
         ("tests.no_such_module:judge", "cannot import 'tests.no_such_module'"),
     ],
 )
@@ -221,7 +221,9 @@ async def test_the_verdict_is_an_evaluation_event_on_the_tasks_span(store: Store
     telemetry = Telemetry.from_env(
         "none-but-tests", env={}, span_processors=(SimpleSpanProcessor(spans),)
     )
-    await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_async"}))
+    await apply(
+        store, _graded(evaluate={"entrypoint": "tests.system.cli.test_outcomes:judge_async"})
+    )
     await apply(store, _graded("self", config={}))
     client = Client(store)
     async with running_daemon(store, SimEngine(), telemetry=telemetry):
@@ -236,7 +238,7 @@ async def test_the_verdict_is_an_evaluation_event_on_the_tasks_span(store: Store
                     event.attributes or {}
                 )
     assert events["graded"] == {
-        "gen_ai.evaluation.name": "tests.test_outcomes:judge_async",
+        "gen_ai.evaluation.name": "tests.system.cli.test_outcomes:judge_async",
         "gen_ai.evaluation.score.label": "pass",
         "gen_ai.evaluation.score.value": 0.75,
     }
@@ -256,7 +258,7 @@ async def test_eval_judges_again_moves_the_counts_and_is_idempotent(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(STRICT_ENV, raising=False)
-    evaluate = {"entrypoint": "tests.test_outcomes:judge_strict"}
+    evaluate = {"entrypoint": "tests.system.cli.test_outcomes:judge_strict"}
     await apply(store, _graded(evaluate=evaluate, config={"llm": True}))
     records = await _run(store, "graded", ["one", "two", "three"])
     assert {_outcome(r)["verdict"] for r in records} == {"pass"}
@@ -309,7 +311,9 @@ async def test_eval_refuses_what_it_cannot_judge_and_changes_nothing(store: Stor
         await client.evaluate_tasks("judged")
     with pytest.raises(NotFound):
         await client.evaluate_tasks("nobody")
-    await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
+    await apply(
+        store, _graded(evaluate={"entrypoint": "tests.system.cli.test_outcomes:judge_strict"})
+    )
     with pytest.raises(NotFound, match="no task"):
         await client.evaluate_tasks("graded", task_id="m-0-0")
     assert await store.tasks.get("graded", records[0]["id"]) == records[0]
@@ -319,7 +323,9 @@ async def test_eval_cli_prints_old_and_new_verdicts_escaped(
     store: Store,
     env: dict[str, str],
 ) -> None:
-    await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
+    await apply(
+        store, _graded(evaluate={"entrypoint": "tests.system.cli.test_outcomes:judge_strict"})
+    )
     (record,) = await _run(store, "graded", ["ok"])
     strict = {**env, STRICT_ENV: "1"}
     table = await cli(strict, "eval", "graded")
@@ -352,7 +358,9 @@ async def test_eval_cli_escapes_the_evaluators_error(
     store: Store,
     env: dict[str, str],
 ) -> None:
-    await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_raises"}))
+    await apply(
+        store, _graded(evaluate={"entrypoint": "tests.system.cli.test_outcomes:judge_raises"})
+    )
     await _run(store, "graded", ["ok"])
     proc = await cli(env, "eval", "graded")
     assert proc.returncode == 0, show(proc)
@@ -401,7 +409,7 @@ async def test_judge_contains_every_failure() -> None:
 
 
 async def test_an_evaluator_that_cannot_load_is_unknown_not_an_error() -> None:
-    evaluator = Evaluator(Evaluate(entrypoint="tests.test_outcomes:nothing_here"))
+    evaluator = Evaluator(Evaluate(entrypoint="tests.system.cli.test_outcomes:nothing_here"))
     outcome = await evaluator.judge(_task())
     assert outcome.verdict == "unknown"
     assert "has no function 'nothing_here'" in str(outcome.error)
@@ -451,7 +459,9 @@ def test_the_meter_credits_the_model_of_the_last_call_and_counts_failures() -> N
 
 
 async def test_a_task_of_another_status_is_not_judged_again(store: Store) -> None:
-    await apply(store, _graded(evaluate={"entrypoint": "tests.test_outcomes:judge_strict"}))
+    await apply(
+        store, _graded(evaluate={"entrypoint": "tests.system.cli.test_outcomes:judge_strict"})
+    )
     (record,) = await _run(store, "graded", ["ok"])
     ok, why = await store.tasks.set_outcome(
         "graded", record["id"], outcome="{}", verdict="pass", day="1999-01-01"

@@ -23,7 +23,7 @@ from tests.helpers import agent_doc, apply, policy_doc, running_daemon, status_i
 from tests.openai_server import openai_server
 
 pytestmark = pytest.mark.anyio
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "models" / "two-models.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "models" / "two-models.yaml"
 
 
 def _model(name: str = "big", **spec: Any) -> dict[str, Any]:
@@ -334,7 +334,7 @@ async def test_a_model_that_cannot_start_is_reported_once_and_names_no_secret(
             await daemon._reconcile_once()
         assert len(await reported()) == 1
         # The agent runs on a stand-in engine: its model calls park with the reason, and
-        # fixing the credential rebuilds the engine (tests/test_model_faults.py).
+        # fixing the credential rebuilds the engine (tests/system/cli/test_model_faults.py).
         condition = daemon.models.describe()["keyless"]["condition"]
         assert condition is not None
         assert "AGENTOS_ABSENT_KEY" in condition["reason"]

@@ -38,7 +38,7 @@ from agentos.core.spec import canonical, load_paths
 from agentos.ingress import build_app, is_loopback
 from agentos.telemetry import Telemetry
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "ops" / "k8s"
 # The oldest version the manifests support (policy/v1 PDBs, Job TTLs and everything else
 # used are older), and the newest the validator knows.

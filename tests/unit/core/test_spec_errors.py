@@ -304,7 +304,7 @@ def test_all_issues_of_a_document_are_reported_together() -> None:
     ]
 
 
-def test_yaml_error_stops_the_file_but_keeps_earlierissues_of() -> None:
+def test_yaml_error_stops_the_file_but_keeps_earlier_issues() -> None:
     text = AGENT_HEAD.replace("name: a", "name: A") + "---\nkey: [unclosed\n"
     assert [(i.line, i.path) for i in issues_of(text)] == [(3, "metadata.name"), (8, "")]
 

@@ -25,7 +25,7 @@ from examples.inbox_assistant import MAX_ANSWERS, AssistantState, InboxAssistant
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[3]
 
 
 @pytest.fixture

@@ -150,7 +150,7 @@ async def test_escalate_moves_the_conversation_and_the_move_is_paid(store: Store
         assert amounts["model:large:calls"] == 1
 
 
-async def test_a_host_only_agent_parks_rather_than_reach_a_hostedmodel_body(store: Store) -> None:
+async def test_a_host_only_agent_parks_rather_than_reach_a_hosted_model(store: Store) -> None:
     local = model_body(
         "local-small",
         engine="openai",
@@ -221,7 +221,7 @@ async def test_a_failed_model_fails_over_and_cools_down(store: Store) -> None:
         assert daemon.models.route_stats["broken"].cooldown_until > 0
 
 
-async def test_a_task_budget_sends_calls_to_the_cheapermodel_body(store: Store) -> None:
+async def test_a_task_budget_sends_calls_to_the_cheaper_model(store: Store) -> None:
     await apply(
         store,
         policy_doc(SMALL),
@@ -301,7 +301,7 @@ async def test_the_routes_example_escalates_and_keeps_private_data_home(store: S
     from agentos.core.spec import load_paths
 
     docs = []
-    for doc in load_paths([Path(__file__).parent.parent / "examples" / "routes"]):
+    for doc in load_paths([Path(__file__).parents[3] / "examples" / "routes"]):
         body = doc.canonical()
         if doc.kind == "Model" and body["spec"]["engine"] != "sim":  # no server to start
             body["spec"] = {**body["spec"], "engine": "sim"}

@@ -22,8 +22,8 @@ from tests.helpers import agent_doc, apply, running_daemon, status_is, wait_unti
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_tiers]
 
-BLOCKER = "tests.test_watchdog:Blocker"
-STUCK = "tests.test_watchdog:Stuck"
+BLOCKER = "tests.integration.runtime.test_watchdog:Blocker"
+STUCK = "tests.integration.runtime.test_watchdog:Stuck"
 ECHO = "tests.fixture_agents:Echo"
 INBOX = {"triggers": [{"inbox": {}}]}
 
@@ -49,7 +49,7 @@ class Stuck(agentos.Agent):
 def _blocking_line() -> str:
     lines, first = inspect.getsourcelines(Blocker.act)
     offset = next(i for i, line in enumerate(lines) if "Event().wait" in line)
-    return f"tests/test_watchdog.py:{first + offset}"
+    return f"tests/integration/runtime/test_watchdog.py:{first + offset}"
 
 
 async def _events(store: Store, name: str, type_: str) -> list[Any]:
@@ -203,7 +203,7 @@ def test_the_watchdog_names_the_agents_own_frame_not_the_runtimes() -> None:
     stall, line = locate(frame, mark), frame.f_lineno
     assert stall.agent == "blocker"
     # path/module.py:LINE, from the module's dotted name (pytest imports this file as
-    # test_watchdog; the daemon, by its entrypoint, as tests.test_watchdog).
+    # test_watchdog; the daemon, by its entrypoint, as tests.integration.runtime.test_watchdog).
     assert stall.where == f"{__name__.replace('.', '/')}.py:{line}"
     # Without an agent frame on the stack (agentos's own code blocked): nobody is charged.
     assert locate(frame, Mark("other", "someone_else.agent")).agent is None

@@ -27,7 +27,7 @@ from tests.helpers import agent_doc, apply, finished, running_daemon
 
 pytestmark = [pytest.mark.anyio]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUTS = {"call": "5s", "connect": "20s"}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-OPS = Path(__file__).resolve().parent.parent / "ops"
+OPS = Path(__file__).resolve().parents[3] / "ops"
 
 
 def test_collector_pipelines_use_defined_components() -> None:

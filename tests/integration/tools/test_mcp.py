@@ -30,7 +30,7 @@ from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.anyio]
 
-ROOT = str(Path(__file__).resolve().parent.parent)
+ROOT = str(Path(__file__).resolve().parents[3])
 
 
 def server_body(name: str, *args: str, **spec: Any) -> dict[str, Any]:

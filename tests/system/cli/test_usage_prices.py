@@ -36,7 +36,7 @@ from tests.helpers import agent_doc, apply, finished, policy_doc, running_daemon
 
 pytestmark = pytest.mark.anyio
 
-GRADED = "tests.test_outcomes:Graded"
+GRADED = "tests.system.cli.test_outcomes:Graded"
 DAY = "2026-12-01"
 SMALL = ModelPrices(input=0.001, cached_input=0.0005, output=0.002)
 LARGE = ModelPrices(input=0.01, output=0.03)
