@@ -43,7 +43,7 @@ async def hibernate(runner: AgentRunner, why: str, *, release: bool = False) -> 
     in the same write (see :func:`release_hibernated`)."""
     with runner.telemetry.span("agentos.hibernate", **{"gen_ai.agent.name": runner.name}) as span:
         started = time.perf_counter()
-        runner.hibernate_requested = None
+        runner.state.hibernate_requested = None
         # Without an engine session nothing slow comes before the next write: the
         # Hibernating phase rides with it.
         await runner.set_phase(
@@ -150,6 +150,7 @@ async def complete_release(runner: AgentRunner) -> None:
         return
     await _until_done(runner, lambda: runner.store.leases.release(runner.name, runner.lease_value))
     await _into_index(runner, due)
+    runner.state.released = True
 
 
 async def _until_done(runner: AgentRunner, op: Callable[[], Awaitable[object]]) -> None:
@@ -173,8 +174,9 @@ async def _until_done(runner: AgentRunner, op: Callable[[], Awaitable[object]]) 
 async def fail(runner: AgentRunner, reason: str, message: str, tb: str) -> None:
     """The agent is ``Failed`` (its slot given back): nothing runs until an operator
     wakes it (:func:`agentos.runtime.faults.recover`)."""
-    saved = await give_back_slot(runner) if runner.agent is not None else {}
     runner._apply_failed()
+    saved = await give_back_slot(runner) if runner.agent is not None else {}
+    runner.move(PhaseEvent.FAIL)
     await runner.writer.write(
         Write(
             status={

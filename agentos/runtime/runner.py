@@ -355,9 +355,9 @@ class AgentRunner:
         self.state.stop_reason = StopReason.LEASE_LOST
 
     def _apply_failed(self) -> None:
-        """``Failed``: nothing runs until an operator wakes the agent."""
+        """``Failed``: nothing runs until an operator wakes the agent (the phase follows,
+        once the slot is given back)."""
         self.state.failed = True
-        self._apply_phase(PhaseEvent.FAIL)
 
     def _apply_recovered(self) -> None:
         self.state.failed = False
@@ -455,8 +455,10 @@ class AgentRunner:
             self.arbiter.unregister(self.name)
             # Cut short while releasing the agent (cancelled past the grace period, or
             # the stop's own time limit): the release is finished here, shielded.
-            await releasing.complete_release(self)
-            self.done.set()
+            try:
+                await releasing.complete_release(self)
+            finally:
+                self.done.set()
 
     async def _catch_up(self) -> None:
         """Fires that passed while no daemon ran the agent, per each trigger's catchUp."""

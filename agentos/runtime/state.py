@@ -86,3 +86,8 @@ class View(Generic[_V]):
         if runner is None:
             return self
         return cast(_V, getattr(runner.state, self.name))
+
+    def __set__(self, runner: _HasState, value: object) -> None:
+        # Without a setter, an assignment would hide the state's field behind a plain
+        # attribute of the runner: the state changes through it, by name.
+        raise AttributeError(f"{self.name} is the runner's state: set runner.state.{self.name}")

@@ -474,7 +474,6 @@ class Quotas:
         return {c: float(r or 0) for c, r in zip(classes, raw, strict=True)}
 
     @translate
-    @translate
     async def budget_warn_once(self, quota_class: str, day: str, limit: str) -> bool:
         """True the first time it is asked for (class, day, limit); kept two days."""
         key = self.keys.quota(quota_class, f"warned:{day}:{limit}")

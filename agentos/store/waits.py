@@ -243,6 +243,7 @@ class Waits:
                 pipe.zcard(k.due(shard))
             return sum(int(n) for n in await pipe.execute())
 
+    @translate
     async def due_now(self, names: Sequence[str], *, now: float, new: bool = False) -> None:
         """Make released agents due at ``now`` (never later than they already are) and
         nudge the daemons. With ``new`` only agents not in the index yet are added
@@ -405,6 +406,7 @@ class Waits:
             out += [WaitRecord.from_fields({_s(a): _s(b) for a, b in h.items()}) for h in raw if h]
         return out
 
+    @translate
     async def purge(self, name: str) -> None:
         """Forget a deleted agent's wait, buffered events and due entry."""
         await steps.purge_waits(self.conn, name)
