@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # whose CPU reports AMX crashed (general protection fault in libggml-cpu) on these VMs.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install run run-models test lint format bench clean
+.PHONY: install run run-models test test-unit lint format bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ run-models: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The pure tier alone (no server, no model): seconds, for the edit-test loop.
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
