@@ -113,12 +113,13 @@ async def _poll(
     with anyio.move_on_after(within):
         while True:
             try:
-                last = check()
-                if inspect.isawaitable(last):
-                    last = await last
+                value = check()
+                if inspect.isawaitable(value):
+                    value = await value  # cut here by the deadline: ``last`` stays a value
             except StoreUnavailable as e:
                 last = e
             else:
+                last = value
                 if bool(last) is until:
                     return True, last
             await anyio.sleep(every)  # the one polling interval of the test suite
