@@ -100,7 +100,9 @@ def _daemon(url: str, namespace: str, daemon_id: str) -> subprocess.Popen[bytes]
     args = ["daemon", "--engine", "sim", "--grace", "5s", "--id", daemon_id]
     return subprocess.Popen(
         [sys.executable, "-m", "agentos.cli", *args],
-        cwd=HERE,
+        # From the repository root: in bench/, bench/mcp.py would stand in for the mcp
+        # package the daemon imports.
+        cwd=HERE.parent,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -153,7 +155,7 @@ def _exit_code(procs: list[subprocess.Popen[bytes]]) -> int | None:
 
 
 async def busy(url: str, daemons: int) -> dict[str, float | int | None]:
-    async with _fleet(url, "busy", "_agents:Noop", BUSY, daemons) as (store, names, procs):
+    async with _fleet(url, "busy", "bench._agents:Noop", BUSY, daemons) as (store, names, procs):
         startup_s = await _wait_started(store, names, {"Running"}, 300)
         await anyio.sleep(2)  # let every agent reach its steady state
         before, t0 = await _steps(store, names), time.perf_counter()
@@ -172,7 +174,7 @@ async def busy(url: str, daemons: int) -> dict[str, float | int | None]:
 
 
 async def idle(url: str, daemons: int) -> dict[str, float | int | None]:
-    async with _fleet(url, "idle", "_agents:Dormant", IDLE, daemons) as (store, names, procs):
+    async with _fleet(url, "idle", "bench._agents:Dormant", IDLE, daemons) as (store, names, procs):
         startup_s = await _wait_started(store, names, {"Idle"}, 600)
         await anyio.sleep(3)
         spread = await _owners(store, names)

@@ -54,7 +54,7 @@ ROUND_TRIPS = {"send": 1, "daemon_one_message": 3, "daemon_batch_of_n": "n + 3"}
 def _docs(count: int) -> str:
     return "".join(
         f"---\napiVersion: agentos/v1\nkind: Agent\nmetadata: {{name: inbox-{i}}}\n"
-        "spec: {entrypoint: '_agents:Inbox', triggers: [{inbox: {}}],"
+        "spec: {entrypoint: 'bench._agents:Inbox', triggers: [{inbox: {}}],"
         " hibernation: {idleAfter: 1h}}\n"
         for i in range(count)
     )
@@ -106,7 +106,9 @@ def _daemon(url: str, namespace: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "AGENTOS_REDIS_URL": url, "AGENTOS_NAMESPACE": namespace}
     return subprocess.Popen(
         [sys.executable, "-m", "agentos.cli", "daemon", "--engine", "sim", "--grace", "5s"],
-        cwd=HERE,
+        # From the repository root: in bench/, bench/mcp.py would stand in for the mcp
+        # package the daemon imports.
+        cwd=HERE.parent,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -46,7 +46,7 @@ from agentos.core.chat import ToolCall  # noqa: E402
 from agentos.core.waits import WaitLog  # noqa: E402
 from agentos.runtime.toolcalls import LedgerWriter  # noqa: E402
 from agentos.runtime.writer import Writer  # noqa: E402
-from agentos.store import Store, TaskWrite  # noqa: E402
+from agentos.store import Store, TaskWrite, Write  # noqa: E402
 from agentos.tools import Ledger, Toolbox  # noqa: E402
 from agentos.tools.mcp import ToolServerPool, server_tool  # noqa: E402
 
@@ -107,7 +107,9 @@ async def _with_redis(workspace: Path, url: str) -> float:
         writer = Writer(
             store, "bench", f"bench-daemon|{token}", daemon_id="bench-daemon", clock=time.time
         )
-        await writer.write(task=TaskWrite("t1", {"status": "running"}, created_at=time.time()))
+        await writer.write(
+            Write(tasks=[TaskWrite("t1", {"status": "running"}, created_at=time.time())])
+        )
 
         def durable(log: WaitLog) -> Ledger:
             return Ledger(log, LedgerWriter(writer, log, lambda: "t1").persist)
