@@ -65,7 +65,7 @@ NAMESPACE = "bench-scale"
 def _docs(count: int) -> str:
     return "".join(
         f"---\napiVersion: agentos/v1\nkind: Agent\nmetadata: {{name: s-{i}}}\n"
-        "spec: {entrypoint: '_agents:Inbox', triggers: [{heartbeat: 1h}, {inbox: {}}],"
+        "spec: {entrypoint: 'bench._agents:Inbox', triggers: [{heartbeat: 1h}, {inbox: {}}],"
         " hibernation: {idleAfter: 1s}}\n"
         for i in range(count)
     )
